@@ -1,0 +1,61 @@
+"""Errors a user can act on.
+
+Every failure that comes from the user's data, config or paths is raised as an
+:class:`LmtuneError` (or a subclass). The CLI prints these as one clear message
+and exits non-zero, never with a traceback. Anything else is a bug in lmtune.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class LmtuneError(Exception):
+    """An error caused by input the user controls, with where it happened.
+
+    ``file``/``line``/``field`` are optional coordinates; ``hint`` says what to do.
+    """
+
+    exit_code = 2
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | Path | None = None,
+        line: int | None = None,
+        field: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        self.message = message
+        self.file = str(file) if file is not None else None
+        self.line = line
+        self.field = field
+        self.hint = hint
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = ""
+        if self.file is not None:
+            where = self.file + (f":{self.line}" if self.line is not None else "") + ": "
+        elif self.line is not None:
+            where = f"line {self.line}: "
+        field = f"field '{self.field}': " if self.field is not None else ""
+        hint = f"\n  hint: {self.hint}" if self.hint else ""
+        return f"{where}{field}{self.message}{hint}"
+
+
+class ConfigError(LmtuneError):
+    """The config (file or overrides) is invalid; names the offending key."""
+
+
+class DataError(LmtuneError):
+    """A data file is missing, unreadable or holds a bad record."""
+
+
+class ModelError(LmtuneError):
+    """A model path/name cannot be loaded or does not fit the task."""
+
+
+class RunError(LmtuneError):
+    """A run folder is missing, incomplete, or would be overwritten."""
