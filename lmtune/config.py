@@ -1,0 +1,353 @@
+"""The config schema: typed, validated, documented settings for a run.
+
+YAML holds data only; this module gives it meaning. Every field carries its
+help text (``lmtune config --help`` style listings are generated from it), and
+an impossible combination fails here, at load time, with a sentence that names
+the keys, before any model or data is touched.
+
+Overrides from the command line use dotted keys (``--train.epochs 1``) and are
+applied to the raw mapping before validation, so they get the same checks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lmtune.errors import ConfigError
+
+# Metrics where a smaller value is better; everything else is maximised.
+_LOWER_IS_BETTER = {"loss", "perplexity", "eval_loss"}
+
+
+class _Section(BaseModel):
+    """Base for config sections: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(_Section):
+    """Which pretrained model to start from."""
+
+    name: str = Field(
+        "minilm",
+        description="A bundled model name (see `lmtune models`) or a local model folder "
+        "(config.json + safetensors weights + tokenizer).",
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run Python code shipped with the model folder. Off unless you trust its source."
+    )
+    allow_pickle: bool = Field(
+        False,
+        description="Allow loading pickled `.bin` weights. Pickle can run arbitrary code: only for files you made.",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, about 30% slower."
+    )
+
+
+class DataConfig(_Section):
+    """Where the data is, which columns mean what, and how it is split and tokenised."""
+
+    train: str = Field(
+        ...,
+        description="Training data: a file (csv, tsv, json, jsonl, parquet, txt), a folder saved by "
+        "`datasets.save_to_disk`, or a bundled data set such as `bundled:rotten_tomatoes`.",
+    )
+    validation: str | None = Field(
+        None, description="Validation data; when absent, a stratified split of `train` of size `validation_size`."
+    )
+    test: str | None = Field(
+        None, description="Test data; when absent, a stratified split of `train` of size `test_size`."
+    )
+    format: Literal["auto", "csv", "tsv", "json", "jsonl", "parquet", "text", "hf"] = Field(
+        "auto", description="File format; `auto` decides from the file extension."
+    )
+    encoding: str = Field("utf-8", description="Text encoding of csv/tsv/json/jsonl/txt files.")
+    text_column: str = Field("text", description="Column holding the input text.")
+    text_pair_column: str | None = Field(
+        None, description="Optional second text column (sentence pairs: NLI, paraphrase, QA relevance)."
+    )
+    label_column: str = Field("label", description="Column holding the label (string or integer).")
+    multi_label: bool = Field(
+        False, description="Each example may carry several labels (a list column, or see `label_delimiter`)."
+    )
+    label_delimiter: str | None = Field(
+        None, description="Split a string label on this delimiter into several labels (implies multi_label)."
+    )
+    labels: list[str] | None = Field(
+        None,
+        description="The label set in a fixed order. Default: sorted labels seen in training.",
+    )
+    validation_size: float = Field(0.1, gt=0, lt=1, description="Fraction of `train` held out for validation.")
+    test_size: float = Field(0.1, gt=0, lt=1, description="Fraction of `train` held out for test.")
+    split_seed: int = Field(42, description="Seed of the stratified split.")
+    max_length: int = Field(128, ge=8, description="Tokens per example; longer inputs are truncated (counted).")
+    empty_text: Literal["skip", "error"] = Field(
+        "skip",
+        description="A row whose text is empty or missing: `skip` it (count and line numbers are logged) "
+        "or stop with an `error`.",
+    )
+    deduplicate: bool = Field(
+        True, description="Drop exact duplicate (text, label) rows, and test rows whose text also occurs in train."
+    )
+    max_samples: int | None = Field(
+        None, ge=1, description="Use at most this many examples per split (quick experiments)."
+    )
+    cache: bool = Field(True, description="Cache tokenised data on disk, keyed by a hash of data and settings.")
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> DataConfig:
+        if self.validation is None and self.test is None and self.validation_size + self.test_size >= 0.9:
+            raise ValueError(
+                "data.validation_size + data.test_size must leave at least 10% of data.train for training"
+            )
+        if self.label_delimiter is not None and not self.multi_label:
+            self.multi_label = True
+        return self
+
+
+class MethodConfig(_Section):
+    """How the weights are trained: all of them, some of them, or low-rank adapters."""
+
+    name: Literal["full", "freeze", "lora"] = Field(
+        "full",
+        description="`full`: train every weight. `freeze`: train the task head (and the last "
+        "`unfrozen_layers` blocks) only. `lora`: train low-rank adapters (peft) and the head.",
+    )
+    unfrozen_layers: int = Field(0, ge=0, description="With `freeze`: also train this many top transformer blocks.")
+    r: int = Field(8, ge=1, description="LoRA rank.")
+    alpha: float = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA branch.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt (e.g. [query, value]) or `all-linear`."
+    )
+    merge: bool = Field(True, description="Merge LoRA weights into `model/` at the end (the adapter is kept too).")
+
+
+class TrainConfig(_Section):
+    """The training loop's settings."""
+
+    epochs: float = Field(3.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(32, ge=1, description="Examples per micro-batch per process.")
+    eval_batch_size: int | None = Field(None, ge=1, description="Examples per evaluation batch (default 2x batch_size).")
+    gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate (AdamW).")
+    head_learning_rate: float | None = Field(
+        None, gt=0, description="Learning rate for the newly initialised task head (default: learning_rate)."
+    )
+    weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled weight decay (not on biases/norms).")
+    warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Fraction of steps for linear warmup.")
+    warmup_steps: int | None = Field(None, ge=0, description="Warmup steps; overrides warmup_ratio.")
+    schedule: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "linear", description="Learning-rate schedule after warmup."
+    )
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm (null: no clipping).")
+    seed: int = Field(42, description="Seed for initialisation, shuffling and dropout.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="`auto`: bf16 autocast where it is faster and supported (measured once on CPU), "
+        "fp16 on GPUs without bf16, else fp32.",
+    )
+    group_by_length: bool = Field(
+        True, description="Batch examples of similar length together (less padding, several times faster)."
+    )
+    eval_every: int | None = Field(
+        None, ge=1, description="Evaluate every N optimizer steps (default: at the end of each epoch)."
+    )
+    save_every: int | None = Field(
+        None, ge=1, description="Write a resumable checkpoint every N steps (default: at every evaluation)."
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="Resumable checkpoints kept (oldest deleted first).")
+    metric: str | None = Field(
+        None, description="Validation metric that picks the best checkpoint (default: the task's, e.g. accuracy)."
+    )
+    greater_is_better: bool | None = Field(None, description="Direction of `metric` (default: inferred from its name).")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many evaluations without improvement of `metric`."
+    )
+    log_every: int = Field(10, ge=1, description="Log training loss every N optimizer steps.")
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list, description="Also log metrics to these Accelerate trackers."
+    )
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+
+    def resolved_metric(self, task_default: str) -> tuple[str, bool]:
+        """The metric that selects checkpoints and its direction."""
+        metric = self.metric or task_default
+        greater = self.greater_is_better
+        if greater is None:
+            greater = metric not in _LOWER_IS_BETTER
+        return metric, greater
+
+
+class Config(_Section):
+    """A whole run: task, model, data, method, training settings and where results go."""
+
+    task: str = Field("classification", description="Task name (see `lmtune tasks`).")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    baselines: list[str] = Field(
+        default_factory=lambda: ["majority", "tfidf_logreg"],
+        description="Cheap baselines trained and scored on the same split, shown beside the fine-tuned model.",
+    )
+    output_dir: str = Field("runs/run", description="The run folder.")
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_from_string(cls, value: Any) -> Any:
+        # `model: minilm` is shorthand for `model: {name: minilm}`.
+        if isinstance(value, str):
+            return {"name": value}
+        return value
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        from lmtune.tasks import TASKS
+
+        if value not in TASKS:
+            raise ValueError(f"unknown task '{value}'; known tasks: {', '.join(sorted(TASKS))}")
+        return value
+
+    @field_validator("baselines")
+    @classmethod
+    def _known_baselines(cls, value: list[str]) -> list[str]:
+        from lmtune.evaluate.baselines import BASELINES
+
+        unknown = [b for b in value if b not in BASELINES]
+        if unknown:
+            raise ValueError(f"unknown baseline(s) {unknown}; known: {', '.join(sorted(BASELINES))}")
+        return value
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, as YAML would hold it."""
+        return self.model_dump(mode="json")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overrides and error messages
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys_at(e["loc"][:-1])
+            lines.append(f"unknown key '{key}'" + (f"; allowed here: {', '.join(allowed)}" if allowed else ""))
+        elif e["type"] == "missing":
+            lines.append(f"missing required key '{key}'")
+        else:
+            msg = e["msg"]
+            if msg.startswith("Value error, "):
+                msg = msg[len("Value error, ") :]
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+            lines.append(f"'{key}': {msg}{shown}")
+    return f"invalid config {source}:\n  " + "\n  ".join(lines)
+
+
+def _allowed_keys_at(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return sorted(model.model_fields)
+
+
+def parse_value(text: str) -> Any:
+    """Parse a command-line override value the way YAML would (``1`` -> int, ``null`` -> None)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys (``train.epochs``) in a raw config mapping; returns the same mapping."""
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = {}
+                node[part] = child
+            elif isinstance(child, str) and part == "model" and i == 0:
+                # `model: minilm` then `--model.trust_remote_code true`
+                child = {"name": child}
+                node[part] = child
+            elif not isinstance(child, dict):
+                raise ConfigError(f"cannot set '{dotted}': '{'.'.join(parts[: i + 1])}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def parse_override_args(args: list[str]) -> dict[str, Any]:
+    """Turn ``["--train.epochs", "1", "--method.name=lora"]`` into ``{"train.epochs": 1, ...}``."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) <= 2:
+            raise ConfigError(f"unexpected argument '{arg}'; overrides look like --section.key value")
+        key = arg[2:]
+        if "=" in key:
+            key, text = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override '{arg}' needs a value")
+            text = args[i + 1]
+            i += 2
+        out[key.replace("-", "_") if "." not in key else key] = parse_value(text)
+    return out
+
+
+def load_config(
+    source: str | Path | dict[str, Any], overrides: dict[str, Any] | None = None
+) -> Config:
+    """Load and validate a config from a YAML file or a mapping, applying dotted overrides.
+
+    Raises :class:`ConfigError` naming every bad key; nothing is loaded before this passes.
+    """
+    if isinstance(source, dict):
+        raw = dict(source)
+        name = "(mapping)"
+    else:
+        path = Path(source)
+        name = str(path)
+        if not path.is_file():
+            raise ConfigError("config file not found", file=path)
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = mark.line + 1 if mark is not None else None
+            raise ConfigError(f"not valid YAML: {getattr(exc, 'problem', exc)}", file=path, line=line) from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"not UTF-8 text (byte {exc.start})", file=path) from None
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError("a config must be a mapping of sections (task, model, data, ...)", file=path)
+    raw = apply_overrides(raw, overrides or {})
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, name)) from None
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (data only)."""
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")

@@ -1,0 +1,1 @@
+"""Evaluation: classification metrics, cheap baselines, plots and the Markdown report."""

@@ -1,0 +1,115 @@
+"""``report.md`` of a run: what was trained, how well it does against its starting point and
+cheap baselines, how training went, and how to reproduce it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lmtune.config import Config
+from lmtune.evaluate.plots import plot_metric_comparison, plot_training_curves
+from lmtune.evaluate.report import Bold, Report
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*.safetensors")) if path.is_dir() else 0
+
+
+def write_report(run_dir: Path, cfg: Config, task: Any, data: Any, metrics: dict[str, Any],
+                 baselines: dict[str, Any], model_info: dict[str, Any]) -> Path:
+    """Compose and write ``report.md`` (with PNG plots under ``plots/``)."""
+    summary = metrics["summary"]
+    metric, _ = cfg.train.resolved_metric(task.default_metric)
+    split = "test" if "test" in metrics else "validation"
+    main_metric = "accuracy" if cfg.task == "classification" else metric
+    r = Report(f"lmtune run: {run_dir.name}")
+    r.paragraph(
+        f"Task **{cfg.task}**; model `{cfg.model.name}` with **{cfg.method.name}** fine-tuning; "
+        f"data `{cfg.data.train}`. {summary['steps']} optimizer steps in {summary['train_seconds']:.0f} s "
+        f"({summary['train_tokens_per_second']:,.0f} real tokens/s, precision {summary['precision']}, "
+        f"{summary['num_processes']} process(es)); best checkpoint at step {summary['best_step']} by "
+        f"validation {metric}."
+    )
+
+    # --- the comparison table: the fine-tuned model against its starting point and the baselines
+    r.heading(f"Results on the {split} split")
+    test = metrics.get(split, {})
+    start = metrics.get("starting_point", {}).get(split, {})
+    eval_ms = summary.get("eval_ms_per_example", {}).get(split)
+    model_bytes = _dir_size(run_dir / "model")
+    header = ["model", "accuracy", "macro F1", "weighted F1", "train time (s)", "size (MB)", "latency (ms/example)"]
+    rows: list[list[Any]] = [[
+        Bold(f"fine-tuned {cfg.model.name} ({cfg.method.name})"), Bold(test.get("accuracy")),
+        Bold(test.get("macro_f1")), test.get("weighted_f1"), summary["train_seconds"], model_bytes / 1e6, eval_ms,
+    ]]
+    if start:
+        rows.append([f"{cfg.model.name} before fine-tuning (new head)", start.get("accuracy"), start.get("macro_f1"),
+                     start.get("weighted_f1"), 0.0, model_bytes / 1e6, eval_ms])
+    comparison = [(f"fine-tuned {cfg.model.name}", float(test.get(main_metric, 0.0)))]
+    if start:
+        comparison.append((f"{cfg.model.name} untrained", float(start.get(main_metric, 0.0))))
+    for name, b in baselines.items():
+        bm = b["metrics"].get(split, {})
+        rows.append([f"baseline: {name}", bm.get("accuracy"), bm.get("macro_f1"), bm.get("weighted_f1"),
+                     b["train_seconds"], b["size_bytes"] / 1e6, b["predict_ms_per_example"]])
+        comparison.append((f"baseline: {name}", float(bm.get(main_metric, 0.0))))
+    r.table(header, rows)
+    notes = [f"{split} examples: {test.get('num_examples', '–')}. Latency is batched evaluation time per example "
+             "on this machine (the fine-tuned model's includes tokenisation)."]
+    for name, b in baselines.items():
+        notes.append(f"`{name}`: {b['description']}")
+    r.bullets(notes)
+    if test:
+        plot_metric_comparison(comparison, run_dir / "plots" / "comparison.png", metric=main_metric)
+        r.image("plots/comparison.png", f"{main_metric} by model")
+
+    # --- every split's headline metrics
+    r.heading("Metrics per split")
+    keys = [k for k in ("accuracy", "macro_f1", "weighted_f1", "micro_f1", "roc_auc", "loss") if k in test]
+    split_rows = [[s, *[metrics[s].get(k) for k in keys]] for s in ("validation", "test") if s in metrics]
+    r.table(["split", *keys], split_rows)
+
+    # --- training curves
+    r.heading("Training")
+    records = _read_jsonl(run_dir / "metrics.jsonl")
+    plot_training_curves(records, run_dir / "plots" / "training_curves.png", metric=metric)
+    r.image("plots/training_curves.png", "training and validation curves")
+    r.bullets([
+        f"trainable parameters: {summary['trainable_parameters']:,} of {summary['total_parameters']:,} "
+        f"({100 * summary['trainable_fraction']:.2f}%)",
+        f"batch {cfg.train.batch_size} x accumulation {cfg.train.gradient_accumulation}, learning rate "
+        f"{cfg.train.learning_rate:g} ({cfg.train.schedule}, warmup {cfg.train.warmup_steps or cfg.train.warmup_ratio}),"
+        f" {'length-grouped' if cfg.train.group_by_length else 'random'} batches, dynamic padding",
+        f"stopped early: {summary['stopped_early']}",
+        f"saved model: {model_info.get('saved_as')}; reload check: "
+        + (f"max logit difference {model_info['reload_check']['max_abs_logit_diff']:.1e} on "
+           f"{model_info['reload_check']['examples']} examples" if model_info.get("reload_check") else "not run"),
+    ])
+
+    task.report_sections(r, run_dir, metrics, data)
+
+    # --- data
+    r.heading("Data")
+    info = data.info
+    data_rows = []
+    for s in ("train", "validation", "test"):
+        i = info.get(s, {})
+        data_rows.append([s, i.get("examples"), i.get("tokens"), i.get("truncated", 0), i.get("skipped_empty", 0),
+                          i.get("duplicates_removed", 0) + i.get("duplicates_removed_before_split", 0),
+                          str(i.get("source", ""))])
+    r.table(["split", "examples", "tokens", "truncated", "skipped (empty)", "duplicates removed", "source"], data_rows)
+    counts = info.get("train", {}).get("label_counts", {})
+    if counts:
+        r.paragraph("Training label counts: " + ", ".join(f"`{k}` {v:,}" for k, v in
+                                                         sorted(counts.items(), key=lambda kv: -kv[1])[:30]))
+
+    r.heading("Reproduce")
+    r.code(f"lmtune train {run_dir}/config.yaml --output_dir {run_dir}-again", "bash")
+    return r.write(run_dir / "report.md")

@@ -1,0 +1,104 @@
+"""Training methods: which weights learn. Full fine-tuning, freezing, LoRA (peft).
+
+A method takes the task's model and returns the model to train, marking the
+newly initialised head as trainable in every case (a frozen random head would
+learn nothing).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmtune.config import MethodConfig
+from lmtune.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+def _transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList | None:
+    """The longest ModuleList in the model: its stack of transformer blocks."""
+    best: torch.nn.ModuleList | None = None
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and (best is None or len(module) > len(best)):
+            best = module
+    return best
+
+
+def apply_method(
+    model: torch.nn.Module, method: MethodConfig, head_names: set[str], *, peft_task_type: str
+) -> torch.nn.Module:
+    """Prepare ``model`` for ``method``; ``head_names`` are the new modules that always train."""
+    if method.name == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if method.name == "freeze":
+        for name, p in model.named_parameters():
+            p.requires_grad_(any(part in head_names for part in name.split(".")))
+        if method.unfrozen_layers:
+            blocks = _transformer_blocks(model)
+            if blocks is None:
+                raise ConfigError("method.unfrozen_layers: this model has no stack of blocks to unfreeze")
+            if method.unfrozen_layers > len(blocks):
+                raise ConfigError(f"method.unfrozen_layers {method.unfrozen_layers} exceeds the model's "
+                                  f"{len(blocks)} blocks")
+            for block in list(blocks)[-method.unfrozen_layers :]:
+                for p in block.parameters():
+                    p.requires_grad_(True)
+        return model
+    if method.name == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            task_type=peft_task_type,
+            r=method.r,
+            lora_alpha=method.alpha,
+            lora_dropout=method.dropout,
+            target_modules=method.target_modules,
+            # The head is trained fully and saved with the adapter, never adapted itself.
+            modules_to_save=sorted(head_names),
+            exclude_modules=sorted(head_names),
+        )
+        try:
+            return get_peft_model(model, lora)
+        except ValueError as exc:
+            raise ConfigError(f"method.target_modules: {exc}") from None
+    raise ConfigError(f"unknown method.name '{method.name}'")
+
+
+def save_final_model(model: torch.nn.Module, folder: Path, adapter_folder: Path | None, merge: bool) -> str:
+    """Write the trained model as safetensors; LoRA is saved as an adapter and (by default) merged.
+
+    Returns how it was saved: ``full``, ``merged`` or ``adapter``.
+    """
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        if adapter_folder is not None:
+            model.save_pretrained(adapter_folder, safe_serialization=True)
+        if merge:
+            merged = model.merge_and_unload()
+            merged.save_pretrained(folder, safe_serialization=True)
+            return "merged"
+        model.save_pretrained(folder, safe_serialization=True)
+        return "adapter"
+    model.save_pretrained(folder, safe_serialization=True)
+    return "full"
+
+
+def describe(model: torch.nn.Module) -> dict[str, Any]:
+    """Parameter counts for logs and the report."""
+    trainable, total = count_parameters(model)
+    return {"trainable_parameters": trainable, "total_parameters": total,
+            "trainable_fraction": trainable / max(total, 1)}

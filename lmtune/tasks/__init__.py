@@ -1,0 +1,11 @@
+"""Tasks: one module per application, registered by name (see ``base.Task``)."""
+
+from lmtune.tasks.base import TASKS, Task, TaskData, register_task
+from lmtune.tasks import classification  # noqa: F401  (registers itself)
+
+__all__ = ["TASKS", "Task", "TaskData", "get_task", "register_task"]
+
+
+def get_task(name: str) -> type:
+    """The task class registered under ``name``."""
+    return TASKS[name]

@@ -1,0 +1,609 @@
+"""Text classification (and sentiment): single-label or multi-label, single texts or pairs.
+
+Data: a text column (optionally a second text column for pairs) and a label
+column holding strings or integers; multi-label as a list column or a delimited
+string. The label set and its order are saved with the model (``id2label`` in
+``config.json``), so ``AutoModelForSequenceClassification`` loads it as is.
+
+Works for encoders (BERT-style, ``[CLS]`` pooling) and decoders (Llama-style
+sequence-classification head on the last real token; the pad token is set so the
+model can find it).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+from lmtune.config import Config
+from lmtune.data.features import PaddingCollator, cached_features, digest_records, features_cache_key
+from lmtune.data.readers import Table, read_table
+from lmtune.errors import ConfigError, DataError, ModelError
+from lmtune.tasks.base import TaskData, register_task
+
+log = logging.getLogger(__name__)
+
+# Multi-label decisions: a label is on when its sigmoid probability passes this.
+MULTI_LABEL_THRESHOLD = 0.5
+# Lines listed in a log message about skipped rows (the count is always exact).
+_SHOW_LINES = 20
+
+
+def _is_blank(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value)) or (
+        isinstance(value, str) and not value.strip()
+    )
+
+
+def _label_key(value: Any) -> str:
+    """Labels are kept as strings; integral numbers lose a trailing `.0` (pandas/parquet floats)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def _sort_labels(labels: set[str]) -> list[str]:
+    """Numeric labels in numeric order (2 before 10), others alphabetically."""
+    try:
+        return sorted(labels, key=lambda x: float(x))
+    except ValueError:
+        return sorted(labels)
+
+
+@register_task
+class ClassificationTask:
+    """Sequence classification: one label (softmax) or several (sigmoid) per text or text pair."""
+
+    name: ClassVar[str] = "classification"
+    default_metric: ClassVar[str] = "accuracy"
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.data_cfg = config.data
+
+    # ------------------------------------------------------------------------------ tokenizer
+    def load_tokenizer(self, model_path: Path) -> Any:
+        """The model's tokenizer, right-padded, with a pad token (decoders often lack one)."""
+        try:
+            tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=self.config.model.trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot load a tokenizer: {exc}", file=model_path) from None
+        tok.padding_side = "right"
+        if tok.pad_token is None:
+            if tok.eos_token is None:
+                raise ModelError("the tokenizer has neither a pad nor an eos token", file=model_path)
+            # Safe here: classification never trains on eos, and the head reads the last
+            # non-pad token, which is the last text token because we add no eos.
+            tok.pad_token = tok.eos_token
+        return tok
+
+    # ------------------------------------------------------------------------------ data
+    def _records(self, table: Table, split: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Validated records ``{text, pair, labels, line}`` of one table, and what was skipped."""
+        d = self.data_cfg
+        texts = table.column(d.text_column)
+        pairs = table.column(d.text_pair_column) if d.text_pair_column else [None] * len(table)
+        labels = table.column(d.label_column)
+        kind = table.location_kind
+        out: list[dict[str, Any]] = []
+        skipped: list[int] = []
+        for text, pair, label, line in zip(texts, pairs, labels, table.lines, strict=True):
+            for field, value in ((d.text_column, text), (d.text_pair_column, pair)):
+                if field is not None and value is not None and not isinstance(value, str):
+                    if isinstance(value, (int, float)) and not _is_blank(value):
+                        continue
+                    raise DataError(f"expected text, found {type(value).__name__}", file=table.source,
+                                    line=line, field=field)
+            blank_text = _is_blank(text) or (d.text_pair_column is not None and _is_blank(pair))
+            blank_label = _is_blank(label) or (isinstance(label, list) and not label and not d.multi_label)
+            if blank_text or blank_label:
+                what = d.label_column if blank_label and not blank_text else d.text_column
+                if d.empty_text == "error":
+                    raise DataError(f"empty {kind} value", file=table.source, line=line, field=what,
+                                    hint="set data.empty_text: skip to drop such rows (they are counted)")
+                skipped.append(line)
+                continue
+            out.append({
+                "text": str(text),
+                "pair": None if pair is None else str(pair),
+                "labels": self._parse_labels(label, table.source, line),
+                "line": line,
+            })
+        if skipped:
+            shown = ", ".join(map(str, skipped[:_SHOW_LINES])) + (" ..." if len(skipped) > _SHOW_LINES else "")
+            log.warning("%s: skipped %d %s(s) with empty text or label (%s %s)", table.source, len(skipped),
+                        kind, kind + "s", shown)
+        return out, {"skipped_empty": len(skipped), "skipped_lines": skipped[:1000]}
+
+    def _parse_labels(self, value: Any, source: str, line: int) -> list[str]:
+        d = self.data_cfg
+        if d.multi_label:
+            if isinstance(value, list):
+                items = value
+            elif isinstance(value, str) and d.label_delimiter:
+                items = value.split(d.label_delimiter)
+            elif isinstance(value, str):
+                items = [value]
+            else:
+                items = [value]
+            keys = [_label_key(v) for v in items if not _is_blank(v)]
+            return sorted(set(keys))
+        if isinstance(value, (list, dict)):
+            raise DataError(f"a single label was expected, found a {type(value).__name__}", file=source,
+                            line=line, field=d.label_column,
+                            hint="for several labels per example set data.multi_label: true")
+        return [_label_key(value)]
+
+    def _read_split(self, source: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        table = read_table(source, format=self.data_cfg.format, encoding=self.data_cfg.encoding)
+        records, info = self._records(table, source)
+        if not records:
+            raise DataError("no usable rows (all had empty text or label)", file=source)
+        info["rows_read"] = len(table)
+        info["source"] = source
+        return records, info
+
+    def _split(self, records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+        """Seeded, stratified split of one record list into train/validation/test as configured."""
+        from sklearn.model_selection import train_test_split
+
+        d = self.data_cfg
+        want = [s for s, given in (("validation", d.validation), ("test", d.test)) if given is None]
+        sizes = {"validation": d.validation_size, "test": d.test_size}
+        out: dict[str, list[dict[str, Any]]] = {}
+        rest = records
+        remaining = 1.0
+        for split in want:
+            frac = sizes[split] / remaining
+            strat = [r["labels"][0] for r in rest] if not d.multi_label else None
+            if strat is not None and min(Counter(strat).values()) < 2:
+                log.warning("a label has fewer than 2 examples: %s split is not stratified", split)
+                strat = None
+            try:
+                rest, held = train_test_split(rest, test_size=frac, random_state=d.split_seed, stratify=strat)
+            except ValueError as exc:
+                raise DataError(f"cannot split {len(rest)} rows into a {split} set: {exc}",
+                                file=d.train, hint="give more data or explicit validation/test files") from None
+            out[split] = held
+            remaining -= sizes[split]
+        out["train"] = rest
+        return out
+
+    def _dedupe(self, splits: dict[str, list[dict[str, Any]]], info: dict[str, Any]) -> None:
+        """Drop duplicate texts in train, and evaluation rows whose text also occurs in train (leakage)."""
+        key = lambda r: (r["text"], r["pair"])  # noqa: E731
+        seen: dict[tuple[Any, Any], list[str]] = {}
+        kept, dupes, conflicts = [], 0, 0
+        for r in splits["train"]:
+            k = key(r)
+            if k in seen:
+                dupes += 1
+                conflicts += seen[k] != r["labels"]
+                continue
+            seen[k] = r["labels"]
+            kept.append(r)
+        splits["train"] = kept
+        info["train"]["duplicates_removed"] = dupes
+        info["train"]["conflicting_duplicates"] = conflicts
+        for split in ("validation", "test"):
+            rows = splits.get(split, [])
+            inner: set[tuple[Any, Any]] = set()
+            clean = []
+            for r in rows:
+                k = key(r)
+                if k in seen or k in inner:
+                    continue
+                inner.add(k)
+                clean.append(r)
+            info[split]["duplicates_removed"] = len(rows) - len(clean)
+            splits[split] = clean
+
+    def prepare(self, tokenizer: Any) -> TaskData:
+        """Read, validate, deduplicate, split, check labels and tokenise (cached)."""
+        d = self.data_cfg
+        self._check_max_length(tokenizer)
+        train_records, train_info = self._read_split(d.train)
+        info: dict[str, Any] = {"train": train_info}
+        given: dict[str, list[dict[str, Any]]] = {}
+        for split, source in (("validation", d.validation), ("test", d.test)):
+            if source is not None:
+                given[split], info[split] = self._read_split(source)
+        if d.deduplicate:
+            # Dedupe before splitting so one text never lands on both sides of the split.
+            seen: set[tuple[Any, Any]] = set()
+            unique = []
+            for r in train_records:
+                k = (r["text"], r["pair"])
+                if k not in seen:
+                    seen.add(k)
+                    unique.append(r)
+            info["train"]["duplicates_removed_before_split"] = len(train_records) - len(unique)
+            train_records = unique
+        splits = self._split(train_records)
+        for split in ("validation", "test"):
+            if split in given:
+                splits[split] = given[split]
+            else:
+                info[split] = {"source": f"{d.train} (split {d.validation_size if split == 'validation' else d.test_size:g})"}
+        if d.deduplicate:
+            self._dedupe(splits, info)
+        if d.max_samples:
+            rng = random.Random(d.split_seed)
+            for split, rows in splits.items():
+                if len(rows) > d.max_samples:
+                    splits[split] = rng.sample(rows, d.max_samples)
+        label_names = self._label_names(splits, info)
+        index = {name: i for i, name in enumerate(label_names)}
+        for split, rows in splits.items():
+            if split == "train":
+                continue
+            for r in rows:
+                unknown = [lab for lab in r["labels"] if lab not in index]
+                if unknown:
+                    source = info[split].get("source", d.train)
+                    raise DataError(
+                        f"label '{unknown[0]}' never occurs in training data; known labels: {', '.join(label_names)}",
+                        file=source, line=r["line"], field=d.label_column,
+                        hint="add examples of it to training data, or list it in data.labels",
+                    )
+        features: dict[str, Any] = {}
+        lengths: dict[str, list[int]] = {}
+        texts: dict[str, list[str]] = {}
+        inputs: dict[str, tuple[list[str], list[str] | None]] = {}
+        targets: dict[str, np.ndarray] = {}
+        for split, rows in splits.items():
+            ds, truncated = self._tokenize(rows, tokenizer, index, label_names)
+            features[split] = ds
+            lengths[split] = ds.lengths
+            texts[split] = [r["text"] if r["pair"] is None else f"{r['text']} [SEP] {r['pair']}" for r in rows]
+            inputs[split] = ([r["text"] for r in rows], [r["pair"] for r in rows] if d.text_pair_column else None)
+            targets[split] = self._targets(rows, index)
+            info[split]["examples"] = len(rows)
+            info[split]["truncated"] = truncated
+            info[split]["label_counts"] = dict(Counter(lab for r in rows for lab in r["labels"]))
+            info[split]["tokens"] = int(sum(lengths[split]))
+            if truncated:
+                log.warning("%s: %d of %d examples are longer than data.max_length %d and were truncated",
+                            split, truncated, len(rows), d.max_length)
+        info["labels"] = label_names
+        info["multi_label"] = d.multi_label
+        return TaskData(splits=features, lengths=lengths, info=info,
+                        extra={"texts": texts, "inputs": inputs, "targets": targets})
+
+    def _label_names(self, splits: dict[str, list[dict[str, Any]]], info: dict[str, Any]) -> list[str]:
+        d = self.data_cfg
+        seen = {lab for r in splits["train"] for lab in r["labels"]}
+        if d.labels is not None:
+            names = [str(x) for x in d.labels]
+            extra = seen - set(names)
+            if extra:
+                raise DataError(f"training data has labels not listed in data.labels: {sorted(extra)[:10]}",
+                                file=d.train, field=d.label_column)
+        else:
+            names = _sort_labels(seen)
+        if len(seen) < 2 and not d.multi_label:
+            raise DataError(
+                f"training data holds a single class ({next(iter(seen))!r}); a classifier needs at least two",
+                file=d.train, field=d.label_column,
+                hint=f"check data.label_column (now '{d.label_column}') and the split",
+            )
+        return names
+
+    def _targets(self, rows: list[dict[str, Any]], index: dict[str, int]) -> np.ndarray:
+        if self.data_cfg.multi_label:
+            y = np.zeros((len(rows), len(index)), dtype=np.int64)  # (N, L) 0/1
+            for i, r in enumerate(rows):
+                for lab in r["labels"]:
+                    y[i, index[lab]] = 1
+            return y
+        return np.array([index[r["labels"][0]] for r in rows], dtype=np.int64)  # (N,)
+
+    def _check_max_length(self, tokenizer: Any) -> None:
+        limit = tokenizer.model_max_length
+        if limit and limit < 10**6 and self.data_cfg.max_length > limit:
+            raise ConfigError(
+                f"data.max_length {self.data_cfg.max_length} is larger than the model allows ({limit} tokens)",
+                hint=f"set --data.max_length {limit} or less",
+            )
+
+    def _tokenize(
+        self, rows: list[dict[str, Any]], tokenizer: Any, index: dict[str, int], label_names: list[str]
+    ) -> tuple[Any, int]:
+        d = self.data_cfg
+        settings = {"max_length": d.max_length, "multi_label": d.multi_label, "labels": label_names}
+        records = [(r["text"], r["pair"], r["labels"]) for r in rows]
+        key = features_cache_key(self.name, digest_records(records), tokenizer, settings)
+        targets = self._targets(rows, index)
+        stats = {"truncated": 0}
+
+        def build() -> dict[str, list[Any]]:
+            texts = [r["text"] for r in rows]
+            pairs = [r["pair"] for r in rows] if d.text_pair_column else None
+            full = tokenizer(texts, pairs, truncation=False, verbose=False)["input_ids"]
+            enc = tokenizer(texts, pairs, truncation=True, max_length=d.max_length)
+            stats["truncated"] = sum(len(f) > d.max_length for f in full)
+            out: dict[str, list[Any]] = {
+                "input_ids": enc["input_ids"],
+                "length": [len(x) for x in enc["input_ids"]],
+                "index": list(range(len(rows))),
+                "full_length": [len(f) for f in full],
+            }
+            if "token_type_ids" in enc:
+                out["token_type_ids"] = enc["token_type_ids"]
+            out["labels"] = targets.astype(np.float32).tolist() if d.multi_label else targets.tolist()
+            return out
+
+        ds, hit = cached_features(key, build, use_cache=d.cache)
+        if hit:
+            stats["truncated"] = int(sum(fl > d.max_length for fl in ds["full_length"]))
+            log.info("tokenised features read from cache (%s)", key[:12])
+        ds = ds.remove_columns(["full_length"])
+        ds.set_format(columns=[c for c in ds.column_names if c != "length"])
+        # `length` stays readable through ds["length"] below; format only hides it from batches.
+        lengths = ds.with_format(None)["length"]
+        ds = _WithLength(ds, lengths)
+        return ds, stats["truncated"]
+
+    # ------------------------------------------------------------------------------ model
+    def build_model(self, model_path: Path, data: TaskData, tokenizer: Any) -> torch.nn.Module:
+        """The pretrained model with a freshly initialised classification head (float32)."""
+        labels = data.info["labels"]
+        try:
+            cfg = AutoConfig.from_pretrained(model_path, trust_remote_code=self.config.model.trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot read the model config: {exc}", file=model_path) from None
+        cfg.num_labels = len(labels)
+        cfg.id2label = dict(enumerate(labels))
+        cfg.label2id = {name: i for i, name in enumerate(labels)}
+        cfg.problem_type = "multi_label_classification" if self.data_cfg.multi_label else "single_label_classification"
+        cfg.pad_token_id = tokenizer.pad_token_id
+        max_pos = getattr(cfg, "max_position_embeddings", None)
+        if max_pos and self.data_cfg.max_length > max_pos:
+            raise ConfigError(f"data.max_length {self.data_cfg.max_length} is larger than the model's "
+                              f"{max_pos} positions", hint=f"set --data.max_length {max_pos} or less")
+        try:
+            model, loading = AutoModelForSequenceClassification.from_pretrained(
+                model_path, config=cfg, dtype=torch.float32, output_loading_info=True,
+                trust_remote_code=self.config.model.trust_remote_code,
+                use_safetensors=not self.config.model.allow_pickle or None,
+            )
+        except ValueError as exc:
+            raise ModelError(f"this model cannot be loaded for sequence classification: {exc}",
+                             file=model_path) from None
+        # Modules the checkpoint did not provide are new: the method must train them (LoRA's
+        # modules_to_save), and they may get their own learning rate.
+        self.new_modules = sorted({k.rsplit(".", 2)[0] if k.count(".") >= 2 else k.split(".")[0]
+                                   for k in loading["missing_keys"]})
+        if self.config.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        return model
+
+    def head_module_names(self, model: torch.nn.Module) -> set[str]:
+        """Last-level names of modules that are new (the head), e.g. {'classifier'} or {'score'}."""
+        names = {m.split(".")[-1] for m in getattr(self, "new_modules", [])}
+        return names or {n for n, _ in model.named_children() if n != model.base_model_prefix}
+
+    # ------------------------------------------------------------------------------ batches and loss
+    def collator(self, tokenizer: Any) -> PaddingCollator:
+        """Dynamic padding to the longest example of each batch."""
+        return PaddingCollator(
+            {"input_ids": tokenizer.pad_token_id, "token_type_ids": 0},
+            padding_side="right",
+            pad_to_multiple_of=8 if torch.cuda.is_available() else None,
+            float_fields=["labels"] if self.data_cfg.multi_label else (),
+        )
+
+    def num_items(self, batch: dict[str, torch.Tensor]) -> int:
+        """One item per example."""
+        return int(batch["labels"].shape[0])
+
+    @staticmethod
+    def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+
+    def _logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**self._inputs(batch)).logits.float()  # (B, L)
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed cross-entropy (single-label) or summed per-example mean BCE (multi-label)."""
+        logits = self._logits(model, batch)
+        if self.data_cfg.multi_label:
+            return F.binary_cross_entropy_with_logits(logits, batch["labels"], reduction="none").mean(-1).sum()
+        return F.cross_entropy(logits, batch["labels"], reduction="sum")
+
+    # ------------------------------------------------------------------------------ evaluation
+    def evaluate(
+        self, model: torch.nn.Module, loader: Any, accelerator: Any, split: str, data: TaskData
+    ) -> dict[str, Any]:
+        """Accuracy, F1 (macro/weighted/micro), per-class scores, confusion matrix and loss."""
+        from lmtune.evaluate.metrics import classification_metrics
+
+        all_logits, all_labels = [], []
+        for batch in loader:
+            logits = self._logits(model, batch)
+            logits, labels = accelerator.gather_for_metrics((logits, batch["labels"]))
+            all_logits.append(logits.cpu())
+            all_labels.append(labels.cpu())
+        logits = torch.cat(all_logits)
+        labels = torch.cat(all_labels)
+        names = data.info["labels"]
+        if self.data_cfg.multi_label:
+            loss = F.binary_cross_entropy_with_logits(logits, labels.float()).item()
+            probs = torch.sigmoid(logits).numpy()
+            pred = (probs >= MULTI_LABEL_THRESHOLD).astype(np.int64)
+            metrics = classification_metrics(labels.numpy().astype(np.int64), pred, names, probs=probs,
+                                             multi_label=True)
+        else:
+            loss = F.cross_entropy(logits, labels).item()
+            probs = torch.softmax(logits, -1).numpy()
+            metrics = classification_metrics(labels.numpy(), probs.argmax(-1), names, probs=probs)
+        metrics["loss"] = loss
+        return metrics
+
+    # ------------------------------------------------------------------------------ baselines
+    def run_baselines(self, data: TaskData) -> dict[str, Any]:
+        """The configured cheap baselines, trained on the same train split, scored on the others."""
+        from lmtune.evaluate.baselines import run_baselines
+
+        texts, targets = data.extra["texts"], data.extra["targets"]
+        eval_sets = {s: (texts[s], targets[s]) for s in ("validation", "test") if s in texts and len(texts[s])}
+        return run_baselines(self.config.baselines, texts["train"], targets["train"], eval_sets,
+                             data.info["labels"], multi_label=self.data_cfg.multi_label, seed=self.config.train.seed)
+
+    # ------------------------------------------------------------------------------ saving and report
+    def save_model_extras(self, folder: Path, data: TaskData) -> dict[str, Any]:
+        """Label map and input columns for ``lmtune.json`` (config.json already carries id2label)."""
+        d = self.data_cfg
+        return {
+            "labels": data.info["labels"],
+            "multi_label": d.multi_label,
+            "threshold": MULTI_LABEL_THRESHOLD if d.multi_label else None,
+            "text_column": d.text_column,
+            "text_pair_column": d.text_pair_column,
+            "label_column": d.label_column,
+            "label_delimiter": d.label_delimiter,
+            "max_length": d.max_length,
+        }
+
+    def report_sections(self, report: Any, run_dir: Path, metrics: dict[str, Any], data: TaskData) -> None:
+        """Per-class table and confusion matrices."""
+        from lmtune.evaluate.plots import plot_confusion_matrix
+
+        names = data.info["labels"]
+        for split in ("test", "validation"):
+            m = metrics.get(split)
+            if not m:
+                continue
+            report.heading(f"Per-class scores ({split})", 3)
+            rows = [[name, s["precision"], s["recall"], s["f1"], s["support"]] for name, s in m["per_class"].items()]
+            report.table(["label", "precision", "recall", "F1", "support"], rows)
+            if "confusion_matrix" in m:
+                rel = f"plots/confusion_{split}.png"
+                plot_confusion_matrix(m["confusion_matrix"], names, run_dir / rel, title=f"Confusion matrix ({split})")
+                report.image(rel, f"confusion matrix, {split}")
+            break
+
+
+class _WithLength:
+    """A features Dataset whose batches omit `length`, with the lengths kept at hand.
+
+    Supports ``__getitems__`` so a DataLoader fetches a whole batch from Arrow in one call.
+    """
+
+    def __init__(self, ds: Any, lengths: list[int]) -> None:
+        self.ds = ds
+        self.lengths = lengths
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.ds[i]
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        cols = self.ds[indices]
+        keys = list(cols)
+        return [dict(zip(keys, vals, strict=True)) for vals in zip(*cols.values(), strict=True)]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.ds, name)
+
+    def column(self, name: str) -> list[Any]:
+        """A whole column (including hidden ones)."""
+        return self.ds.with_format(None)[name]
+
+
+class ClassificationPredictor:
+    """Batched prediction with a saved classification model folder (plain transformers files)."""
+
+    def __init__(self, model_dir: Path, meta: dict[str, Any], *, device: str | None = None) -> None:
+        self.meta = meta
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32)
+        self.model.to(self.device).eval()
+        self.labels: list[str] = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
+        self.multi_label = bool(meta.get("multi_label"))
+        self.threshold = float(meta.get("threshold") or MULTI_LABEL_THRESHOLD)
+        self.max_length = int(meta.get("max_length") or 512)
+
+    def probabilities(
+        self, texts: list[str], pairs: list[str] | None = None, *, batch_size: int = 64, progress: Any = None
+    ) -> np.ndarray:
+        """Class probabilities (N, L) in input order; batches are length-sorted for speed."""
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
+        bar = progress.add_task("predict", total=len(texts)) if progress is not None else None
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                enc = self.tokenizer(
+                    [texts[i] for i in idx], [pairs[i] for i in idx] if pairs else None,
+                    truncation=True, max_length=self.max_length, padding=True, return_tensors="pt",
+                ).to(self.device)
+                logits = self.model(**enc).logits.float()
+                probs = torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, -1)
+                out[idx] = probs.cpu().numpy()
+                if progress is not None:
+                    progress.update(bar, advance=len(idx))
+        return out
+
+    def decode(self, probs: np.ndarray) -> list[dict[str, Any]]:
+        """Per-row results: label(s), score and the full probability map."""
+        rows = []
+        for p in probs:
+            entry: dict[str, Any] = {"probabilities": {n: float(v) for n, v in zip(self.labels, p, strict=True)}}
+            if self.multi_label:
+                entry["labels"] = [n for n, v in zip(self.labels, p, strict=True) if v >= self.threshold]
+            else:
+                k = int(p.argmax())
+                entry["label"] = self.labels[k]
+                entry["score"] = float(p[k])
+            rows.append(entry)
+        return rows
+
+    def targets(self, labels: list[Any], source: str, lines: list[int]) -> np.ndarray:
+        """Label values from a file as indices (N,) or a 0/1 matrix (N, L); unknown labels are errors."""
+        index = {n: i for i, n in enumerate(self.labels)}
+        delim = self.meta.get("label_delimiter")
+        if self.multi_label:
+            y = np.zeros((len(labels), len(self.labels)), dtype=np.int64)
+        else:
+            y = np.zeros(len(labels), dtype=np.int64)
+        for row, (value, line) in enumerate(zip(labels, lines, strict=True)):
+            if self.multi_label:
+                items = value if isinstance(value, list) else (value.split(delim) if delim and isinstance(value, str)
+                                                              else [value])
+                keys = [_label_key(v) for v in items if not _is_blank(v)]
+            else:
+                keys = [_label_key(value)]
+            for key in keys:
+                if key not in index:
+                    raise DataError(f"label '{key}' is not one the model knows ({', '.join(self.labels)})",
+                                    file=source, line=line, field=self.meta.get("label_column"))
+                if self.multi_label:
+                    y[row, index[key]] = 1
+                else:
+                    y[row] = index[key]
+        return y
+
+    def metrics(self, y_true: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
+        """The same metrics as training's evaluation."""
+        from lmtune.evaluate.metrics import classification_metrics
+
+        if self.multi_label:
+            pred = (probs >= self.threshold).astype(np.int64)
+            return classification_metrics(y_true, pred, self.labels, probs=probs, multi_label=True)
+        m = classification_metrics(y_true, probs.argmax(-1), self.labels, probs=probs)
+        m["loss"] = float(-np.log(np.clip(probs[np.arange(len(y_true)), y_true], 1e-12, 1.0)).mean())
+        return m

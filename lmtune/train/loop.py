@@ -1,0 +1,381 @@
+"""The one training loop, for every task and method, on Accelerate.
+
+Phases: ``setup`` (optimizer, schedule, data loaders, Accelerate) -> ``fit``
+(optimizer steps with periodic evaluation, best-checkpoint tracking, early
+stopping, checkpoints) -> ``restore_best``. Tasks plug in through the
+:class:`~lmtune.tasks.base.Task` protocol; nothing here knows what a label is.
+
+Loss normalisation. The task returns the *sum* of per-item losses of a
+micro-batch and says how many items (examples, or target tokens) it holds. One
+optimizer step covers ``gradient_accumulation`` micro-batches on every process;
+the loop counts the items of the whole step first, then back-propagates
+``loss_sum * world_size / items_in_step`` for each micro-batch. DDP averages
+gradients over processes, so the result is exactly the gradient of the mean
+loss over the whole global batch, however it is split (batch 8 x accumulation 1
+equals batch 4 x accumulation 2; tested).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import get_scheduler
+
+from lmtune.config import Config
+from lmtune.data.features import LengthGroupedBatchSampler, SortedBatchSampler
+from lmtune.errors import LmtuneError
+from lmtune.tasks.base import Task, TaskData
+from lmtune.train import checkpoint as ckpt
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(LmtuneError):
+    """Training cannot go on (non-finite loss, ...)."""
+
+
+@dataclass
+class LoopState:
+    """Where the loop is; saved in every checkpoint so a resumed run continues exactly."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch (0-based)
+    batch_in_epoch: int = 0  # micro-batches of the current epoch already consumed (per process)
+    best_metric: float | None = None
+    best_step: int | None = None
+    best_checkpoint: str | None = None
+    evals_without_improvement: int = 0
+    tokens_seen: int = 0  # real (non-pad) training tokens, all processes
+    train_seconds: float = 0.0
+    stopped_early: bool = False
+
+
+class MetricsLog:
+    """Appends one JSON object per line to ``metrics.jsonl`` (main process only) and to trackers."""
+
+    def __init__(self, path: Path, accelerator: Any) -> None:
+        self.path = path
+        self.accelerator = accelerator
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Log one record, e.g. ``{"step": 10, "split": "train", "loss": 0.4}``."""
+        if self.accelerator.is_main_process:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record, default=float) + "\n")
+        scalars = {
+            f"{record.get('split', 'train')}/{k}": v
+            for k, v in record.items()
+            if isinstance(v, (int, float)) and k not in ("step", "epoch")
+        }
+        if scalars and self.accelerator.trackers:
+            self.accelerator.log(scalars, step=record.get("step"))
+
+
+def _param_groups(model: torch.nn.Module, config: Config, head_names: set[str]) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases and norms; optional own learning rate for the new head."""
+    t = config.train
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias")
+        is_head = any(part in head_names for part in name.split("."))
+        groups.setdefault((no_decay, is_head), []).append(p)
+    out = []
+    for (no_decay, is_head), params in groups.items():
+        lr = t.head_learning_rate if (is_head and t.head_learning_rate) else t.learning_rate
+        out.append({"params": params, "weight_decay": 0.0 if no_decay else t.weight_decay, "lr": lr})
+    if not out:
+        raise TrainingError("no trainable parameters: check method.name and method.target_modules")
+    return out
+
+
+class TrainingLoop:
+    """Trains ``model`` on ``data`` for ``task`` according to ``config.train``."""
+
+    def __init__(
+        self,
+        *,
+        task: Task,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        data: TaskData,
+        config: Config,
+        run_dir: Path,
+        accelerator: Any,
+        metrics_log: MetricsLog,
+        head_names: set[str] | None = None,
+    ) -> None:
+        self.task = task
+        self.model = model
+        self.tokenizer = tokenizer
+        self.data = data
+        self.config = config
+        self.run_dir = run_dir
+        self.accelerator = accelerator
+        self.metrics_log = metrics_log
+        self.head_names = head_names or set()
+        self.state = LoopState()
+        self.checkpoint_dir = run_dir / "checkpoints"
+        self.metric, self.greater_is_better = config.train.resolved_metric(task.default_metric)
+
+    # ----------------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        """Build optimizer, schedule and loaders, and hand them to Accelerate."""
+        t = self.config.train
+        collate = self.task.collator(self.tokenizer)
+        self.train_sampler = LengthGroupedBatchSampler(
+            self.data.lengths["train"],
+            t.batch_size,
+            seed=t.seed,
+            group_by_length=t.group_by_length,
+        )
+        # A private generator: DataLoader iterators otherwise draw from the global RNG,
+        # which would shift dropout masks between a resumed and an uninterrupted run.
+        train_loader = DataLoader(
+            self.data.splits["train"],
+            batch_sampler=self.train_sampler,
+            collate_fn=collate,
+            num_workers=t.num_workers,
+            generator=torch.Generator().manual_seed(t.seed),
+        )
+        eval_bs = t.eval_batch_size or 2 * t.batch_size
+        self.eval_loaders: dict[str, DataLoader] = {}
+        for split in ("validation", "test"):
+            if split in self.data.splits and len(self.data.splits[split]):
+                loader = DataLoader(
+                    self.data.splits[split],
+                    batch_sampler=SortedBatchSampler(self.data.lengths[split], eval_bs),
+                    collate_fn=collate,
+                    num_workers=t.num_workers,
+                )
+                self.eval_loaders[split] = self.accelerator.prepare_data_loader(loader)
+
+        optimizer = torch.optim.AdamW(_param_groups(self.model, self.config, self.head_names), lr=t.learning_rate)
+        self.model, self.optimizer, self.train_loader = self.accelerator.prepare(self.model, optimizer, train_loader)
+
+        self.steps_per_epoch = max(1, math.ceil(len(self.train_loader) / t.gradient_accumulation))
+        self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * self.steps_per_epoch))
+        warmup = t.warmup_steps if t.warmup_steps is not None else int(round(t.warmup_ratio * self.total_steps))
+        # Not prepared by Accelerate on purpose: it would step once per process; we step once per update.
+        self.scheduler = get_scheduler(
+            t.schedule, self.optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps
+        )
+        self.accelerator.register_for_checkpointing(self.scheduler)
+
+    # ----------------------------------------------------------------------------- resume
+    def resume(self, path: Path) -> None:
+        """Restore model, optimizer, schedule, RNG and data position from a checkpoint."""
+        if not ckpt.is_complete(path):
+            raise TrainingError(f"not a complete checkpoint: {path}")
+        self.accelerator.load_state(str(path))
+        self.state = LoopState(**ckpt.read_state(path)["loop"])
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.state.step, self.state.epoch,
+                 self.state.batch_in_epoch)
+
+    # ----------------------------------------------------------------------------- fit
+    def _micro_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Micro-batches from the current data position onwards, across epochs.
+
+        ``state.batch_in_epoch`` counts what was handed out; the epoch number moves on
+        lazily when the next batch is asked for, so a checkpoint taken right at an
+        epoch's end resumes into the next epoch.
+        """
+        while True:
+            if self.state.batch_in_epoch >= len(self.train_loader):
+                self.state.epoch += 1
+                self.state.batch_in_epoch = 0
+            self.train_sampler.set_epoch(self.state.epoch)
+            loader = self.train_loader
+            if self.state.batch_in_epoch:
+                loader = self.accelerator.skip_first_batches(self.train_loader, self.state.batch_in_epoch)
+            for batch in loader:
+                self.state.batch_in_epoch += 1
+                yield batch
+
+    def fit(self, progress: Any = None) -> LoopState:
+        """Run optimizer steps until ``total_steps`` or early stopping; returns the final state."""
+        t = self.config.train
+        acc = self.accelerator
+        self.model.train()
+        stream = self._micro_batches()
+        window = {"loss": 0.0, "items": 0.0, "tokens": 0, "steps": 0, "start": time.perf_counter()}
+        task_bar = progress.add_task("train", total=self.total_steps, completed=self.state.step) if progress else None
+        epoch_len = len(self.train_loader)
+        while self.state.step < self.total_steps:
+            step_start = time.perf_counter()
+            micro: list[dict[str, torch.Tensor]] = []
+            # A step ends early at an epoch's end (a short final step, as mainstream trainers do).
+            while len(micro) < t.gradient_accumulation:
+                micro.append(next(stream))
+                if self.state.batch_in_epoch >= epoch_len:
+                    break
+            epoch_end = self.state.batch_in_epoch >= epoch_len
+            counts = torch.tensor([float(self.task.num_items(b)) for b in micro], device=acc.device)
+            total_items = acc.reduce(counts.sum(), reduction="sum").item()
+            if total_items == 0:
+                raise TrainingError(f"step {self.state.step + 1}: no items carry loss in this batch")
+            step_loss = torch.zeros((), device=acc.device)
+            tokens = 0
+            for i, batch in enumerate(micro):
+                last = i == len(micro) - 1
+                ctx = acc.no_sync(self.model) if not last else _nullcontext()
+                with ctx:
+                    loss_sum = self.task.loss(self.model, batch)
+                    acc.backward(loss_sum * acc.num_processes / total_items)
+                step_loss += loss_sum.detach().float()
+                tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+            step_loss = acc.reduce(step_loss, reduction="sum")
+            if not torch.isfinite(step_loss):
+                raise TrainingError(
+                    f"loss is {step_loss.item()} at step {self.state.step + 1} (epoch {self.state.epoch}); "
+                    "lower train.learning_rate or check the data",
+                )
+            grad_norm = None
+            if t.max_grad_norm is not None:
+                grad_norm = acc.clip_grad_norm_(self.model.parameters(), t.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state.step += 1
+            tokens_all = int(acc.reduce(torch.tensor(tokens, device=acc.device), reduction="sum").item())
+            self.state.tokens_seen += tokens_all
+            self.state.train_seconds += time.perf_counter() - step_start
+
+            window["loss"] += step_loss.item()
+            window["items"] += total_items
+            window["tokens"] += tokens_all
+            window["steps"] += 1
+            if progress is not None:
+                progress.update(task_bar, advance=1, loss=step_loss.item() / total_items,
+                                lr=self.scheduler.get_last_lr()[0])
+            if self.state.step % t.log_every == 0 or self.state.step == self.total_steps:
+                elapsed = time.perf_counter() - window["start"]
+                record = {
+                    "step": self.state.step,
+                    "epoch": round(self._epoch_float(), 4),
+                    "split": "train",
+                    "loss": window["loss"] / max(window["items"], 1.0),
+                    "learning_rate": self.scheduler.get_last_lr()[0],
+                    "tokens_per_second": window["tokens"] / max(elapsed, 1e-9),
+                }
+                if grad_norm is not None:
+                    record["grad_norm"] = float(grad_norm)
+                self.metrics_log.write(record)
+                if progress is not None:
+                    progress.update(task_bar, tok_s=record["tokens_per_second"])
+                log.debug("step %d loss %.4f", self.state.step, record["loss"])
+                window = {"loss": 0.0, "items": 0.0, "tokens": 0, "steps": 0, "start": time.perf_counter()}
+
+            last_step = self.state.step == self.total_steps
+            if t.eval_every is None:
+                due_eval = epoch_end
+            else:
+                due_eval = self.state.step % t.eval_every == 0
+            due_eval = due_eval or last_step
+            if t.save_every is None:
+                due_save = due_eval
+            else:
+                due_save = self.state.step % t.save_every == 0 or last_step
+            saved = False
+            if due_eval:
+                improved = self._evaluate_and_track()
+                if improved:
+                    self._save()
+                    saved = True
+                if (
+                    t.early_stopping_patience is not None
+                    and self.state.evals_without_improvement >= t.early_stopping_patience
+                ):
+                    log.info("early stopping at step %d: %s did not improve for %d evaluations",
+                             self.state.step, self.metric, t.early_stopping_patience)
+                    self.state.stopped_early = True
+                    if not saved:
+                        self._save()
+                    break
+            if due_save and not saved:
+                self._save()
+        return self.state
+
+    def _epoch_float(self) -> float:
+        return self.state.epoch + self.state.batch_in_epoch / max(len(self.train_loader), 1)
+
+    # ----------------------------------------------------------------------------- validate
+    def evaluate(self, split: str) -> dict[str, Any]:
+        """Task metrics on ``split`` (model put back in train mode afterwards)."""
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                metrics = self.task.evaluate(self.model, self.eval_loaders[split], self.accelerator, split, self.data)
+        finally:
+            self.model.train()
+        return metrics
+
+    def _evaluate_and_track(self) -> bool:
+        if "validation" not in self.eval_loaders:
+            return False
+        start = time.perf_counter()
+        metrics = self.evaluate("validation")
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        self.metrics_log.write(
+            {"step": self.state.step, "epoch": round(self._epoch_float(), 4), "split": "validation", **scalars,
+             "eval_seconds": time.perf_counter() - start}
+        )
+        value = metrics.get(self.metric)
+        if value is None:
+            raise TrainingError(
+                f"train.metric '{self.metric}' is not computed by task '{self.task.name}'; "
+                f"available: {', '.join(sorted(scalars))}"
+            )
+        best = self.state.best_metric
+        improved = best is None or (value > best if self.greater_is_better else value < best)
+        log.info("step %d validation %s", self.state.step,
+                 ", ".join(f"{k} {v:.4f}" for k, v in scalars.items() if k in (self.metric, "loss", "accuracy")))
+        if improved:
+            self.state.best_metric = float(value)
+            self.state.best_step = self.state.step
+            self.state.evals_without_improvement = 0
+        else:
+            self.state.evals_without_improvement += 1
+        return improved
+
+    # ----------------------------------------------------------------------------- save
+    def _save(self) -> None:
+        name = ckpt.checkpoint_name(self.state.step)
+        if self.state.best_step == self.state.step:
+            self.state.best_checkpoint = name
+        payload = {"loop": asdict(self.state), "metric": self.metric, "greater_is_better": self.greater_is_better}
+        ckpt.save_checkpoint(self.accelerator, self.checkpoint_dir, self.state.step, payload)
+        if self.accelerator.is_main_process:
+            protect = {self.state.best_checkpoint} if self.state.best_checkpoint else set()
+            ckpt.prune_checkpoints(self.checkpoint_dir, self.config.train.keep_checkpoints, protect)
+        self.accelerator.wait_for_everyone()
+
+    def restore_best(self) -> int | None:
+        """Load the best checkpoint's weights into the model; returns its step (None if none)."""
+        if self.state.best_checkpoint is None:
+            return None
+        path = self.checkpoint_dir / self.state.best_checkpoint
+        if self.state.best_step != self.state.step:
+            state = self.state
+            self.accelerator.load_state(str(path))
+            self.state = state  # keep the final loop state; only weights (and optimizer) go back
+            log.info("restored best checkpoint %s (%s %.4f)", path.name, self.metric, self.state.best_metric)
+        return self.state.best_step
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None

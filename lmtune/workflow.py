@@ -1,0 +1,382 @@
+"""The train workflow: config -> data -> model -> loop -> evaluation -> report -> model folder.
+
+``train()`` is the one function behind ``lmtune train`` and ``lmtune.train``.
+Its phases are plain functions below, so each can be read (and tested) alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmtune import __version__
+from lmtune.config import Config, load_config, save_config
+from lmtune.data.features import save_json_atomic
+from lmtune.errors import RunError
+from lmtune.run import Run
+from lmtune.train import checkpoint as ckpt
+
+log = logging.getLogger("lmtune")
+
+RUN_FILE = "run.json"
+
+
+# ------------------------------------------------------------------------------------------ logging
+def quiet_libraries() -> None:
+    """Silence third-party progress bars and load reports that would bury lmtune's own output."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def run_logging(run_dir: Path, main_process: bool) -> Iterator[None]:
+    """Log lmtune's messages to the console (rich) and to ``train.log`` in the run folder."""
+    from rich.logging import RichHandler
+
+    handlers: list[logging.Handler] = []
+    if main_process:
+        console = RichHandler(show_path=False, markup=False, rich_tracebacks=False, log_time_format="[%X]")
+        console.setLevel(logging.INFO)
+        handlers.append(console)
+        file = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+        file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        file.setLevel(logging.DEBUG)
+        handlers.append(file)
+    old_level = log.level
+    log.setLevel(logging.DEBUG)
+    for h in handlers:
+        log.addHandler(h)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            log.removeHandler(h)
+            h.close()
+        log.setLevel(old_level)
+
+
+def make_progress(enabled: bool) -> Any:
+    """A rich progress bar with loss, learning rate, tokens/s, elapsed time and ETA."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class StatsColumn(ProgressColumn):
+        """Loss, learning rate and throughput, shown once the loop has reported them."""
+
+        def render(self, task: Any) -> Text:
+            f = task.fields
+            parts = []
+            if "loss" in f:
+                parts.append(f"loss {f['loss']:.4f}")
+            if "lr" in f:
+                parts.append(f"lr {f['lr']:.2e}")
+            if "tok_s" in f:
+                parts.append(f"{f['tok_s']:,.0f} tok/s")
+            elif task.speed:
+                parts.append(f"{task.speed:,.1f} it/s")
+            return Text("  ".join(parts))
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        StatsColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        refresh_per_second=2,
+    )
+
+
+# ------------------------------------------------------------------------------------------ run folder
+def prepare_run_dir(config: Config, *, resume: bool | str | Path, overwrite: bool) -> tuple[Path, Path | None]:
+    """Create or check the run folder; returns it and the checkpoint to resume from (if any).
+
+    Never deletes anything silently: a folder holding a run is only replaced with
+    ``overwrite``, and a folder that is not an lmtune run is never deleted.
+    """
+    run_dir = Path(config.output_dir)
+    if resume:
+        if isinstance(resume, (str, Path)) and not isinstance(resume, bool):
+            path = Path(resume)
+            if path.is_dir() and ckpt.is_complete(path):
+                return run_dir, path
+            found = ckpt.latest_checkpoint(path / "checkpoints")
+            if found is None:
+                raise RunError("no complete checkpoint to resume from", file=path)
+            return path if (path / RUN_FILE).is_file() else run_dir, found
+        found = ckpt.latest_checkpoint(run_dir / "checkpoints")
+        if found is None:
+            raise RunError("no complete checkpoint to resume from", file=run_dir / "checkpoints",
+                           hint="start the run without --resume")
+        return run_dir, found
+    if run_dir.exists() and any(run_dir.iterdir()):
+        status = _read_status(run_dir)
+        if status is None:
+            raise RunError("output folder is not empty and does not hold an lmtune run; refusing to touch it",
+                           file=run_dir, hint="choose another output_dir")
+        if not overwrite:
+            what = "a finished run" if status == "complete" else f"an unfinished run (status: {status})"
+            hint = "pass --overwrite to replace it" + ("" if status == "complete" else ", or --resume to continue it")
+            raise RunError(f"output folder already holds {what}", file=run_dir, hint=hint)
+        log.warning("--overwrite: removing the previous run in %s", run_dir)
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir, None
+
+
+def _read_status(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8")).get("status")
+    except (OSError, ValueError):
+        return None
+
+
+def _write_run_file(run_dir: Path, **fields: Any) -> None:
+    path = run_dir / RUN_FILE
+    current: dict[str, Any] = {}
+    if path.is_file():
+        with contextlib.suppress(ValueError):
+            current = json.loads(path.read_text(encoding="utf-8"))
+    current.update(fields)
+    save_json_atomic(path, current)
+
+
+# ------------------------------------------------------------------------------------------ train
+def train(
+    config: Config | str | Path | dict[str, Any],
+    *,
+    overrides: dict[str, Any] | None = None,
+    resume: bool | str | Path = False,
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> Run:
+    """Fine-tune, evaluate and save a model as ``config`` says; returns the finished run.
+
+    Phases: setup (run folder, data, model, method) -> fit (the training loop) ->
+    validate (best checkpoint on validation and test, baselines, starting point) ->
+    save (model folder with model card, report).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from lmtune.models.methods import apply_method, describe
+    from lmtune.models.registry import resolve_model
+    from lmtune.tasks import get_task
+    from lmtune.train.loop import MetricsLog, TrainingLoop
+    from lmtune.train.precision import resolve_precision
+
+    cfg = config if isinstance(config, Config) else load_config(config, overrides)
+    if isinstance(config, Config) and overrides:
+        cfg = load_config(config.to_dict(), overrides)
+    quiet_libraries()
+    run_dir, resume_from = prepare_run_dir(cfg, resume=resume, overwrite=overwrite)
+    started = time.perf_counter()
+
+    probe = Accelerator(cpu=not torch.cuda.is_available())
+    precision = resolve_precision(cfg.train.precision, probe.device)
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=precision,
+        log_with=list(cfg.train.trackers) or None,
+        project_dir=str(run_dir),
+    )
+    with run_logging(run_dir, accelerator.is_main_process):
+        try:
+            set_seed(cfg.train.seed)
+            if accelerator.is_main_process:
+                save_config(cfg, run_dir / "config.yaml")
+                if resume_from is None:
+                    _write_run_file(run_dir, status="running", task=cfg.task, lmtune_version=__version__,
+                                    started_at=_now(), model=cfg.model.name, method=cfg.method.name)
+                else:
+                    _write_run_file(run_dir, status="running", resumed_at=_now(), resumed_from=str(resume_from))
+            log.info("run folder %s; device %s; precision %s", run_dir, accelerator.device,
+                     "fp32" if precision == "no" else precision)
+            task = get_task(cfg.task)(cfg)
+            model_path = resolve_model(cfg.model.name, allow_pickle=cfg.model.allow_pickle)
+            tokenizer = task.load_tokenizer(model_path)
+            with accelerator.main_process_first():
+                data = task.prepare(tokenizer)
+            log.info("data: %s", ", ".join(f"{s} {len(d)}" for s, d in data.splits.items()))
+            model = task.build_model(model_path, data, tokenizer)
+            head = task.head_module_names(model)
+            model = apply_method(model, cfg.method, head, peft_task_type=_PEFT_TASK[cfg.task])
+            params = describe(model)
+            log.info("model %s, method %s: %s of %s parameters trainable", cfg.model.name, cfg.method.name,
+                     f"{params['trainable_parameters']:,}", f"{params['total_parameters']:,}")
+            if cfg.train.trackers:
+                accelerator.init_trackers("lmtune", config=_flat(cfg.to_dict()))
+            loop = TrainingLoop(task=task, model=model, tokenizer=tokenizer, data=data, config=cfg,
+                                run_dir=run_dir, accelerator=accelerator,
+                                metrics_log=MetricsLog(run_dir / "metrics.jsonl", accelerator), head_names=head)
+            loop.setup()
+            starting = _starting_point(loop, run_dir, accelerator, resume_from is not None)
+            if resume_from is not None:
+                loop.resume(resume_from)
+            log.info("training: %d steps (%d per epoch), batch %d x accumulation %d x %d process(es)",
+                     loop.total_steps, loop.steps_per_epoch, cfg.train.batch_size,
+                     cfg.train.gradient_accumulation, accelerator.num_processes)
+            with make_progress(show_progress and accelerator.is_main_process) as progress:
+                state = loop.fit(progress)
+            best_step = loop.restore_best()
+            final: dict[str, Any] = {}
+            eval_seconds: dict[str, float] = {}
+            for split in loop.eval_loaders:
+                t0 = time.perf_counter()
+                final[split] = loop.evaluate(split)
+                eval_seconds[split] = time.perf_counter() - t0
+            baselines = task.run_baselines(data) if hasattr(task, "run_baselines") and cfg.baselines else {}
+            if accelerator.is_main_process:
+                summary = {
+                    "best_step": best_step, "steps": state.step, "stopped_early": state.stopped_early,
+                    "train_seconds": state.train_seconds, "tokens_seen": state.tokens_seen,
+                    "train_tokens_per_second": state.tokens_seen / max(state.train_seconds, 1e-9),
+                    "precision": "fp32" if precision == "no" else precision,
+                    "num_processes": accelerator.num_processes, **params,
+                    "eval_ms_per_example": {s: 1000 * eval_seconds[s] / max(len(data.splits[s]), 1)
+                                            for s in eval_seconds},
+                }
+                metrics = {**final, "starting_point": starting, "summary": summary}
+                save_json_atomic(run_dir / "metrics.json", metrics)
+                save_json_atomic(run_dir / "baselines.json", baselines)
+                save_json_atomic(run_dir / "data.json", data.info)
+                model_info = _save_model(loop, task, tokenizer, data, cfg, run_dir, metrics, model_path)
+                from lmtune.evaluate.run_report import write_report
+
+                write_report(run_dir, cfg, task, data, metrics, baselines, model_info)
+                _write_run_file(run_dir, status="complete", finished_at=_now(),
+                                wall_seconds=time.perf_counter() - started)
+            accelerator.wait_for_everyone()
+            accelerator.end_training()
+        except BaseException as exc:
+            if accelerator.is_main_process and (run_dir / RUN_FILE).exists():
+                status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+                _write_run_file(run_dir, status=status, error=str(exc)[:2000], failed_at=_now())
+            raise
+    return Run.load(run_dir)
+
+
+_PEFT_TASK = {"classification": "SEQ_CLS"}
+
+
+def _starting_point(loop: Any, run_dir: Path, accelerator: Any, resuming: bool) -> dict[str, Any]:
+    """Metrics of the untrained model (pretrained body, new head) on the evaluation splits.
+
+    Computed once before training (read back on resume): the report puts the tuned model beside
+    its starting point. Evaluation draws no random numbers, so training is unaffected.
+    """
+    path = run_dir / "starting_point.json"
+    if resuming and path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    split = "test" if "test" in loop.eval_loaders else "validation"
+    if split not in loop.eval_loaders:
+        return {}
+    with torch.random.fork_rng(devices=[]):
+        metrics = {split: loop.evaluate(split)}
+    if accelerator.is_main_process:
+        save_json_atomic(path, metrics)
+    return metrics
+
+
+def _save_model(loop: Any, task: Any, tokenizer: Any, data: Any, cfg: Config, run_dir: Path,
+                metrics: dict[str, Any], base_path: Path) -> dict[str, Any]:
+    """Write ``model/`` (safetensors, tokenizer, lmtune.json, model card), check it reloads identically."""
+    from lmtune.models.card import write_model_card
+    from lmtune.models.methods import save_final_model
+
+    model = loop.accelerator.unwrap_model(loop.model)
+    model.eval()
+    tmp = run_dir / ".model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    adapter_dir = run_dir / "adapter" if cfg.method.name == "lora" else None
+    probe_batch = _probe_batch(loop)
+    with torch.no_grad():
+        before = task._logits(model, probe_batch) if probe_batch is not None else None  # noqa: SLF001
+    saved_as = save_final_model(model, tmp, adapter_dir, cfg.method.merge)
+    tokenizer.save_pretrained(tmp)
+    meta = {
+        "lmtune_version": __version__,
+        "task": cfg.task,
+        "base_model": cfg.model.name,
+        "base_model_path": str(base_path),
+        "method": cfg.method.name,
+        "saved_as": saved_as,
+        **task.save_model_extras(tmp, data),
+    }
+    save_json_atomic(tmp / "lmtune.json", meta)
+    write_model_card(tmp, cfg, meta, metrics, data.info)
+    final = run_dir / "model"
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    check = {}
+    if before is not None and saved_as != "adapter":
+        check = _verify_saved(final, task, probe_batch, before)
+    return {**meta, "reload_check": check}
+
+
+def _probe_batch(loop: Any) -> dict[str, torch.Tensor] | None:
+    loader = loop.eval_loaders.get("validation") or loop.eval_loaders.get("test")
+    if loader is None:
+        return None
+    batch = next(iter(loader))
+    return {k: v[:16] for k, v in batch.items()}
+
+
+def _verify_saved(folder: Path, task: Any, batch: dict[str, torch.Tensor], before: torch.Tensor) -> dict[str, Any]:
+    """Reload the saved model with plain transformers and compare logits with the in-memory model."""
+    from transformers import AutoModelForSequenceClassification
+
+    reloaded = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32)
+    reloaded.eval()
+    with torch.no_grad():
+        after = task._logits(reloaded, {k: v.cpu() for k, v in batch.items()})  # noqa: SLF001
+    diff = float((after - before.cpu()).abs().max())
+    tolerance = 1e-3
+    if diff > tolerance:
+        raise RunError(f"the saved model's logits differ from the trained model's by {diff:.2e} "
+                       f"(tolerance {tolerance:g}); the model folder is not trustworthy", file=folder)
+    log.info("saved model reloads with plain transformers; max logit difference %.1e", diff)
+    return {"max_abs_logit_diff": diff, "tolerance": tolerance, "examples": int(before.shape[0])}
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

