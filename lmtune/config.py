@@ -11,6 +11,7 @@ applied to the raw mapping before validation, so they get the same checks.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -92,7 +93,9 @@ class DataConfig(_Section):
         "or stop with an `error`.",
     )
     deduplicate: bool = Field(
-        True, description="Drop exact duplicate (text, label) rows, and test rows whose text also occurs in train."
+        True,
+        description="Keep one row per distinct text (the first; rows whose label disagrees are counted), and drop "
+        "validation/test rows whose text also occurs in train (leakage).",
     )
     max_samples: int | None = Field(
         None, ge=1, description="Use at most this many examples per split (quick experiments)."
@@ -322,7 +325,7 @@ def load_config(
     Raises :class:`ConfigError` naming every bad key; nothing is loaded before this passes.
     """
     if isinstance(source, dict):
-        raw = dict(source)
+        raw = copy.deepcopy(source)  # overrides must not change the caller's mapping
         name = "(mapping)"
     else:
         path = Path(source)

@@ -24,7 +24,7 @@ from lmtune.config import Config, load_config, save_config
 from lmtune.data.features import save_json_atomic
 from lmtune.errors import RunError
 from lmtune.run import Run
-from lmtune.train import checkpoint as ckpt
+from lmtune.training import checkpoint as ckpt
 
 log = logging.getLogger("lmtune")
 
@@ -190,8 +190,8 @@ def train(
     from lmtune.models.methods import apply_method, describe
     from lmtune.models.registry import resolve_model
     from lmtune.tasks import get_task
-    from lmtune.train.loop import MetricsLog, TrainingLoop
-    from lmtune.train.precision import resolve_precision
+    from lmtune.training.loop import MetricsLog, TrainingLoop
+    from lmtune.training.precision import resolve_precision
 
     cfg = config if isinstance(config, Config) else load_config(config, overrides)
     if isinstance(config, Config) and overrides:

@@ -100,6 +100,11 @@ def _pickle_only(folder: Path) -> None:
     (folder / "pytorch_model.bin").write_bytes(b"\x80\x04")
 
 
+def _gguf_only(folder: Path) -> None:
+    _config(folder)
+    (folder / "m.gguf").write_bytes(b"")
+
+
 def _sharded(missing: bool) -> Callable[[Path], None]:
     def make(folder: Path) -> None:
         _config(folder)
@@ -135,7 +140,7 @@ FOLDER_CASES: list[tuple[str, Callable[[Path], None], bool, str | None]] = [
     ("bad_json", lambda f: _config(f, '{"model_type": '), False, "config.json is not valid JSON"),
     ("no_model_type", lambda f: _config(f, {"hidden_size": 32}), False, "config.json has no model_type"),
     ("no_weights", _config, False, "no weights in model folder"),
-    ("gguf_only", lambda f: (_config(f), (f / "m.gguf").write_bytes(b""))[0], False, "found m.gguf"),
+    ("gguf_only", _gguf_only, False, "found m.gguf"),
     (
         "pickle_refused",
         _pickle_only,

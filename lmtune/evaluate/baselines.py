@@ -19,7 +19,7 @@ from sklearn.multiclass import OneVsRestClassifier
 from lmtune.errors import ConfigError, DataError
 from lmtune.evaluate.metrics import classification_metrics
 
-# Multi-label decisions: a label is predicted when its probability exceeds this.
+# Multi-label decisions: a label is predicted when its probability reaches this (as in the task).
 MULTI_LABEL_THRESHOLD = 0.5
 
 
@@ -32,7 +32,8 @@ class Baseline:
     """
 
     name: ClassVar[str]
-    description: ClassVar[str]
+    # One line for the report; an instance may refine it to describe its own settings.
+    description: str
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
@@ -62,7 +63,7 @@ class MajorityBaseline(Baseline):
         """Store the training label frequencies."""
         y = np.asarray(labels)
         if multi_label:
-            # (L,) fraction of training examples carrying each label; > 0.5 means "predict it".
+            # (L,) fraction of training examples carrying each label; >= 0.5 means "predict it".
             self.prior = y.astype(np.float64).mean(axis=0)
         else:
             # The class prior as the probability row: its argmax is the majority class (the
@@ -83,8 +84,10 @@ class TfidfLogRegBaseline(Baseline):
 
     The character n-grams (``char_wb``, within word boundaries) carry sub-word cues, morphology and
     misspellings, and they are what makes text without spaces (Chinese, Japanese) usable at all:
-    the word analyzer sees a whole CJK sentence as one token. On Rotten Tomatoes snippets they
-    add about 2-3 points of accuracy over word n-grams alone at under 3x the fit time.
+    the word analyzer sees a whole CJK sentence as one token. On Rotten Tomatoes snippets (10k
+    training sentences) they add about 2 points of test accuracy over word n-grams alone (0.794
+    vs 0.778) for about 3-4x the fit time (some 6 s of CPU instead of 2). C=4 was picked on that
+    data's validation split; a larger C changed accuracy by under half a point.
     """
 
     name = "tfidf_logreg"
@@ -97,8 +100,16 @@ class TfidfLogRegBaseline(Baseline):
         self, seed: int = 0, *, C: float = 4.0, features: tuple[str, ...] = ("word", "char")
     ) -> None:
         super().__init__(seed)
+        unknown = set(features) - {"word", "char"}
+        if not features or unknown:
+            raise ValueError(f"features must be a non-empty subset of ('word', 'char'), got {features}")
         self.C = C
         self.features = features
+        parts = {"word": "word 1-2-grams", "char": "character 2-5-grams"}
+        self.description = (
+            f"TF-IDF of {' plus '.join(parts[f] for f in features)} (sublinear tf), "
+            f"logistic regression (C={C:g}; one-vs-rest for multi-label)."
+        )
 
     def _vectorizers(self) -> list[TfidfVectorizer]:
         common: dict[str, Any] = {"sublinear_tf": True, "min_df": 1, "max_features": 200_000}
@@ -195,9 +206,9 @@ BASELINES: dict[str, type[Baseline]] = {
 
 
 def predict_labels(probs: np.ndarray, multi_label: bool) -> np.ndarray:
-    """Turn (N, L) probabilities into predictions: argmax (N,), or 0/1 (N, L) above the threshold."""
+    """Turn (N, L) probabilities into predictions: argmax (N,), or 0/1 (N, L) at or above the threshold."""
     if multi_label:
-        return (probs > MULTI_LABEL_THRESHOLD).astype(int)
+        return (probs >= MULTI_LABEL_THRESHOLD).astype(int)
     return probs.argmax(axis=1)
 
 

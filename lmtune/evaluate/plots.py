@@ -114,7 +114,7 @@ def plot_training_curves(records: list[dict[str, Any]], path: Path, *, metric: s
     """
     train = [r for r in records if r.get("split") == "train"]
     eval_splits = list(
-        dict.fromkeys(r.get("split") for r in records if r.get("split") not in (None, "train"))
+        dict.fromkeys(str(r["split"]) for r in records if r.get("split") not in (None, "train"))
     )
     eval_rows = {s: [r for r in records if r.get("split") == s] for s in eval_splits}
     with _figure(ncols=3, figsize=(15, 4.2)) as (fig, (ax_loss, ax_metric, ax_lr)):

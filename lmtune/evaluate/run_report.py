@@ -22,8 +22,15 @@ def _dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*.safetensors")) if path.is_dir() else 0
 
 
-def write_report(run_dir: Path, cfg: Config, task: Any, data: Any, metrics: dict[str, Any],
-                 baselines: dict[str, Any], model_info: dict[str, Any]) -> Path:
+def write_report(
+    run_dir: Path,
+    cfg: Config,
+    task: Any,
+    data: Any,
+    metrics: dict[str, Any],
+    baselines: dict[str, Any],
+    model_info: dict[str, Any],
+) -> Path:
     """Compose and write ``report.md`` (with PNG plots under ``plots/``)."""
     summary = metrics["summary"]
     metric, _ = cfg.train.resolved_metric(task.default_metric)
@@ -44,25 +51,60 @@ def write_report(run_dir: Path, cfg: Config, task: Any, data: Any, metrics: dict
     start = metrics.get("starting_point", {}).get(split, {})
     eval_ms = summary.get("eval_ms_per_example", {}).get(split)
     model_bytes = _dir_size(run_dir / "model")
-    header = ["model", "accuracy", "macro F1", "weighted F1", "train time (s)", "size (MB)", "latency (ms/example)"]
-    rows: list[list[Any]] = [[
-        Bold(f"fine-tuned {cfg.model.name} ({cfg.method.name})"), Bold(test.get("accuracy")),
-        Bold(test.get("macro_f1")), test.get("weighted_f1"), summary["train_seconds"], model_bytes / 1e6, eval_ms,
-    ]]
+    header = [
+        "model",
+        "accuracy",
+        "macro F1",
+        "weighted F1",
+        "train time (s)",
+        "size (MB)",
+        "latency (ms/example)",
+    ]
+    rows: list[list[Any]] = [
+        [
+            Bold(f"fine-tuned {cfg.model.name} ({cfg.method.name})"),
+            Bold(test.get("accuracy")),
+            Bold(test.get("macro_f1")),
+            test.get("weighted_f1"),
+            summary["train_seconds"],
+            model_bytes / 1e6,
+            eval_ms,
+        ]
+    ]
     if start:
-        rows.append([f"{cfg.model.name} before fine-tuning (new head)", start.get("accuracy"), start.get("macro_f1"),
-                     start.get("weighted_f1"), 0.0, model_bytes / 1e6, eval_ms])
+        rows.append(
+            [
+                f"{cfg.model.name} before fine-tuning (new head)",
+                start.get("accuracy"),
+                start.get("macro_f1"),
+                start.get("weighted_f1"),
+                0.0,
+                model_bytes / 1e6,
+                eval_ms,
+            ]
+        )
     comparison = [(f"fine-tuned {cfg.model.name}", float(test.get(main_metric, 0.0)))]
     if start:
         comparison.append((f"{cfg.model.name} untrained", float(start.get(main_metric, 0.0))))
     for name, b in baselines.items():
         bm = b["metrics"].get(split, {})
-        rows.append([f"baseline: {name}", bm.get("accuracy"), bm.get("macro_f1"), bm.get("weighted_f1"),
-                     b["train_seconds"], b["size_bytes"] / 1e6, b["predict_ms_per_example"]])
+        rows.append(
+            [
+                f"baseline: {name}",
+                bm.get("accuracy"),
+                bm.get("macro_f1"),
+                bm.get("weighted_f1"),
+                b["train_seconds"],
+                b["size_bytes"] / 1e6,
+                b["predict_ms_per_example"],
+            ]
+        )
         comparison.append((f"baseline: {name}", float(bm.get(main_metric, 0.0))))
     r.table(header, rows)
-    notes = [f"{split} examples: {test.get('num_examples', '–')}. Latency is batched evaluation time per example "
-             "on this machine (the fine-tuned model's includes tokenisation)."]
+    notes = [
+        f"{split} examples: {test.get('num_examples', '–')}. Latency is batched evaluation time per example "
+        "on this machine (the fine-tuned model's includes tokenisation)."
+    ]
     for name, b in baselines.items():
         notes.append(f"`{name}`: {b['description']}")
     r.bullets(notes)
@@ -81,17 +123,23 @@ def write_report(run_dir: Path, cfg: Config, task: Any, data: Any, metrics: dict
     records = _read_jsonl(run_dir / "metrics.jsonl")
     plot_training_curves(records, run_dir / "plots" / "training_curves.png", metric=metric)
     r.image("plots/training_curves.png", "training and validation curves")
-    r.bullets([
-        f"trainable parameters: {summary['trainable_parameters']:,} of {summary['total_parameters']:,} "
-        f"({100 * summary['trainable_fraction']:.2f}%)",
-        f"batch {cfg.train.batch_size} x accumulation {cfg.train.gradient_accumulation}, learning rate "
-        f"{cfg.train.learning_rate:g} ({cfg.train.schedule}, warmup {cfg.train.warmup_steps or cfg.train.warmup_ratio}),"
-        f" {'length-grouped' if cfg.train.group_by_length else 'random'} batches, dynamic padding",
-        f"stopped early: {summary['stopped_early']}",
-        f"saved model: {model_info.get('saved_as')}; reload check: "
-        + (f"max logit difference {model_info['reload_check']['max_abs_logit_diff']:.1e} on "
-           f"{model_info['reload_check']['examples']} examples" if model_info.get("reload_check") else "not run"),
-    ])
+    r.bullets(
+        [
+            f"trainable parameters: {summary['trainable_parameters']:,} of {summary['total_parameters']:,} "
+            f"({100 * summary['trainable_fraction']:.2f}%)",
+            f"batch {cfg.train.batch_size} x accumulation {cfg.train.gradient_accumulation}, learning rate "
+            f"{cfg.train.learning_rate:g} ({cfg.train.schedule}, warmup {cfg.train.warmup_steps or cfg.train.warmup_ratio}),"
+            f" {'length-grouped' if cfg.train.group_by_length else 'random'} batches, dynamic padding",
+            f"stopped early: {summary['stopped_early']}",
+            f"saved model: {model_info.get('saved_as')}; reload check: "
+            + (
+                f"max logit difference {model_info['reload_check']['max_abs_logit_diff']:.1e} on "
+                f"{model_info['reload_check']['examples']} examples"
+                if model_info.get("reload_check")
+                else "not run"
+            ),
+        ]
+    )
 
     task.report_sections(r, run_dir, metrics, data)
 
@@ -101,14 +149,27 @@ def write_report(run_dir: Path, cfg: Config, task: Any, data: Any, metrics: dict
     data_rows = []
     for s in ("train", "validation", "test"):
         i = info.get(s, {})
-        data_rows.append([s, i.get("examples"), i.get("tokens"), i.get("truncated", 0), i.get("skipped_empty", 0),
-                          i.get("duplicates_removed", 0) + i.get("duplicates_removed_before_split", 0),
-                          str(i.get("source", ""))])
-    r.table(["split", "examples", "tokens", "truncated", "skipped (empty)", "duplicates removed", "source"], data_rows)
+        data_rows.append(
+            [
+                s,
+                i.get("examples"),
+                i.get("tokens"),
+                i.get("truncated", 0),
+                i.get("skipped_empty", 0),
+                i.get("duplicates_removed", 0) + i.get("duplicates_removed_before_split", 0),
+                str(i.get("source", "")),
+            ]
+        )
+    r.table(
+        ["split", "examples", "tokens", "truncated", "skipped (empty)", "duplicates removed", "source"],
+        data_rows,
+    )
     counts = info.get("train", {}).get("label_counts", {})
     if counts:
-        r.paragraph("Training label counts: " + ", ".join(f"`{k}` {v:,}" for k, v in
-                                                         sorted(counts.items(), key=lambda kv: -kv[1])[:30]))
+        r.paragraph(
+            "Training label counts: "
+            + ", ".join(f"`{k}` {v:,}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])[:30])
+        )
 
     r.heading("Reproduce")
     r.code(f"lmtune train {run_dir}/config.yaml --output_dir {run_dir}-again", "bash")

@@ -220,14 +220,22 @@ class ClassificationTask:
                 given[split], info[split] = self._read_split(source)
         if d.deduplicate:
             # Dedupe before splitting so one text never lands on both sides of the split.
-            seen: set[tuple[Any, Any]] = set()
+            # Same text twice: the first row's label is kept; rows that disagree are counted.
+            first_labels: dict[tuple[Any, Any], list[str]] = {}
             unique = []
+            conflicts = 0
             for r in train_records:
                 k = (r["text"], r["pair"])
-                if k not in seen:
-                    seen.add(k)
-                    unique.append(r)
+                if k in first_labels:
+                    conflicts += first_labels[k] != r["labels"]
+                    continue
+                first_labels[k] = r["labels"]
+                unique.append(r)
             info["train"]["duplicates_removed_before_split"] = len(train_records) - len(unique)
+            info["train"]["conflicting_duplicates_before_split"] = conflicts
+            if conflicts:
+                log.warning("%s: %d repeated texts carry a different label than their first occurrence; "
+                            "the first label is kept", d.train, conflicts)
             train_records = unique
         splits = self._split(train_records)
         for split in ("validation", "test"):

@@ -34,7 +34,7 @@ from lmtune.config import Config
 from lmtune.data.features import LengthGroupedBatchSampler, SortedBatchSampler
 from lmtune.errors import LmtuneError
 from lmtune.tasks.base import Task, TaskData
-from lmtune.train import checkpoint as ckpt
+from lmtune.training import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +53,16 @@ class LoopState:
     best_metric: float | None = None
     best_step: int | None = None
     best_checkpoint: str | None = None
+    best_loss: float | None = None  # validation loss at the best step (breaks ties)
     evals_without_improvement: int = 0
     tokens_seen: int = 0  # real (non-pad) training tokens, all processes
     train_seconds: float = 0.0
     stopped_early: bool = False
+    # The open logging window (sums since the last train log row), so a resumed run logs
+    # exactly what the uninterrupted one does.
+    window_loss: float = 0.0
+    window_items: float = 0.0
+    window_tokens: int = 0
 
 
 class MetricsLog:
@@ -97,6 +103,15 @@ def _param_groups(model: torch.nn.Module, config: Config, head_names: set[str]) 
     if not out:
         raise TrainingError("no trainable parameters: check method.name and method.target_modules")
     return out
+
+
+def _adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
+    """AdamW, fused into one kernel where torch has it (CPU and CUDA): several times faster
+    than the per-tensor loop on big embedding tables, same arithmetic."""
+    try:
+        return torch.optim.AdamW(groups, lr=lr, fused=True)
+    except (RuntimeError, ValueError, TypeError):
+        return torch.optim.AdamW(groups, lr=lr)
 
 
 class TrainingLoop:
@@ -160,7 +175,7 @@ class TrainingLoop:
                 )
                 self.eval_loaders[split] = self.accelerator.prepare_data_loader(loader)
 
-        optimizer = torch.optim.AdamW(_param_groups(self.model, self.config, self.head_names), lr=t.learning_rate)
+        optimizer = _adamw(_param_groups(self.model, self.config, self.head_names), t.learning_rate)
         self.model, self.optimizer, self.train_loader = self.accelerator.prepare(self.model, optimizer, train_loader)
 
         self.steps_per_epoch = max(1, math.ceil(len(self.train_loader) / t.gradient_accumulation))
@@ -208,7 +223,7 @@ class TrainingLoop:
         acc = self.accelerator
         self.model.train()
         stream = self._micro_batches()
-        window = {"loss": 0.0, "items": 0.0, "tokens": 0, "steps": 0, "start": time.perf_counter()}
+        window_start = time.perf_counter()
         task_bar = progress.add_task("train", total=self.total_steps, completed=self.state.step) if progress else None
         epoch_len = len(self.train_loader)
         while self.state.step < self.total_steps:
@@ -251,22 +266,22 @@ class TrainingLoop:
             self.state.tokens_seen += tokens_all
             self.state.train_seconds += time.perf_counter() - step_start
 
-            window["loss"] += step_loss.item()
-            window["items"] += total_items
-            window["tokens"] += tokens_all
-            window["steps"] += 1
+            st = self.state
+            st.window_loss += step_loss.item()
+            st.window_items += total_items
+            st.window_tokens += tokens_all
             if progress is not None:
                 progress.update(task_bar, advance=1, loss=step_loss.item() / total_items,
                                 lr=self.scheduler.get_last_lr()[0])
             if self.state.step % t.log_every == 0 or self.state.step == self.total_steps:
-                elapsed = time.perf_counter() - window["start"]
+                elapsed = time.perf_counter() - window_start
                 record = {
                     "step": self.state.step,
                     "epoch": round(self._epoch_float(), 4),
                     "split": "train",
-                    "loss": window["loss"] / max(window["items"], 1.0),
+                    "loss": st.window_loss / max(st.window_items, 1.0),
                     "learning_rate": self.scheduler.get_last_lr()[0],
-                    "tokens_per_second": window["tokens"] / max(elapsed, 1e-9),
+                    "tokens_per_second": st.window_tokens / max(elapsed, 1e-9),
                 }
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)
@@ -274,7 +289,8 @@ class TrainingLoop:
                 if progress is not None:
                     progress.update(task_bar, tok_s=record["tokens_per_second"])
                 log.debug("step %d loss %.4f", self.state.step, record["loss"])
-                window = {"loss": 0.0, "items": 0.0, "tokens": 0, "steps": 0, "start": time.perf_counter()}
+                st.window_loss, st.window_items, st.window_tokens = 0.0, 0.0, 0
+                window_start = time.perf_counter()
 
             last_step = self.state.step == self.total_steps
             if t.eval_every is None:
@@ -338,11 +354,15 @@ class TrainingLoop:
             )
         best = self.state.best_metric
         improved = best is None or (value > best if self.greater_is_better else value < best)
+        if not improved and value == best and self.metric != "loss" and "loss" in metrics:
+            # A tie on a coarse metric (accuracy on a small set) goes to the lower loss.
+            improved = self.state.best_loss is None or metrics["loss"] < self.state.best_loss
         log.info("step %d validation %s", self.state.step,
                  ", ".join(f"{k} {v:.4f}" for k, v in scalars.items() if k in (self.metric, "loss", "accuracy")))
         if improved:
             self.state.best_metric = float(value)
             self.state.best_step = self.state.step
+            self.state.best_loss = float(metrics["loss"]) if "loss" in metrics else None
             self.state.evals_without_improvement = 0
         else:
             self.state.evals_without_improvement += 1

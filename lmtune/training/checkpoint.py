@@ -93,12 +93,12 @@ def save_checkpoint(accelerator: Any, folder: Path, step: int, state: dict[str, 
 
 
 def prune_checkpoints(folder: Path, keep: int, protect: set[str]) -> None:
-    """Delete the oldest checkpoints beyond ``keep``, never those named in ``protect``."""
+    """Keep the newest ``keep`` checkpoints and those named in ``protect``; delete the rest."""
     found = list_checkpoints(folder)
-    removable = [p for p in found if p.name not in protect]
-    excess = len(found) - keep
-    for path in removable[: max(excess, 0)]:
-        shutil.rmtree(path, ignore_errors=True)
+    keep_names = {p.name for p in found[-keep:]} | protect  # the newest `keep`, plus the best
+    for path in found:
+        if path.name not in keep_names:
+            shutil.rmtree(path, ignore_errors=True)
     for stale in folder.glob(".tmp-step-*"):  # leftovers of a crash mid-write
         shutil.rmtree(stale, ignore_errors=True)
 

@@ -1,0 +1,42 @@
+"""Test setup: offline, a private lmtune cache per session, and shared tiny-model fixtures."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    # Tests must not read or fill the user's cache; slow tests that want the converted
+    # SmolLM2 set LMTUNE_CACHE themselves.
+    if "LMTUNE_TEST_KEEP_CACHE" not in os.environ:
+        os.environ["LMTUNE_CACHE"] = str(tmp_path_factory.mktemp("lmtune-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from helpers import tiny_bert
+
+    return tiny_bert(tmp_path_factory.mktemp("tiny-bert"), dropout=0.1)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_nodrop_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from helpers import tiny_bert
+
+    return tiny_bert(tmp_path_factory.mktemp("tiny-bert-nodrop"), dropout=0.0)
+
+
+@pytest.fixture(scope="session")
+def sentiment_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from helpers import sentiment_rows, write_csv
+
+    return write_csv(tmp_path_factory.mktemp("data") / "sentiment.csv", sentiment_rows(480))

@@ -1,0 +1,84 @@
+"""The config schema: defaults, overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lmtune.config import Config, load_config, parse_override_args, save_config
+from lmtune.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml")) + sorted((ROOT / "lmtune" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_shipped_config_validates(path: Path) -> None:
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+
+
+def test_model_shorthand_and_defaults() -> None:
+    cfg = load_config({"model": "minilm", "data": {"train": "x.csv"}})
+    assert cfg.model.name == "minilm"
+    assert cfg.task == "classification"
+    assert cfg.train.resolved_metric("accuracy") == ("accuracy", True)
+    assert cfg.train.model_copy(update={"metric": "loss"}).resolved_metric("accuracy") == ("loss", False)
+
+
+def test_overrides_parse_like_yaml() -> None:
+    got = parse_override_args(["--train.epochs", "1", "--method.name=lora", "--data.labels", "[a, b]",
+                               "--train.max_grad_norm", "null", "--output_dir", "runs/x"])
+    assert got == {"train.epochs": 1, "method.name": "lora", "data.labels": ["a", "b"],
+                   "train.max_grad_norm": None, "output_dir": "runs/x"}
+    cfg = load_config({"model": "minilm", "data": {"train": "x.csv"}}, got)
+    assert cfg.train.epochs == 1 and cfg.method.name == "lora" and cfg.train.max_grad_norm is None
+    # a nested key under the string shorthand
+    cfg = load_config({"model": "minilm", "data": {"train": "x.csv"}}, {"model.trust_remote_code": True})
+    assert cfg.model.name == "minilm" and cfg.model.trust_remote_code
+
+
+@pytest.mark.parametrize(
+    ("raw", "overrides", "expected"),
+    [
+        ({"data": {"train": "x"}}, {"train.epoch": 1}, ["unknown key 'train.epoch'", "allowed here:", "epochs"]),
+        ({"data": {"train": "x"}, "trian": {}}, {}, ["unknown key 'trian'", "train"]),
+        ({"data": {"train": "x"}}, {"train.batch_size": "many"}, ["'train.batch_size'", "integer", "many"]),
+        ({"data": {"train": "x"}}, {"method.name": "adapter"}, ["'method.name'", "full", "lora"]),
+        ({"data": {"train": "x"}}, {"train.precision": "fp8"}, ["'train.precision'", "bf16"]),
+        ({}, {}, ["missing required key 'data'"]),
+        ({"data": {}}, {}, ["missing required key 'data.train'"]),
+        ({"data": {"train": "x"}, "task": "telepathy"}, {}, ["unknown task 'telepathy'", "classification"]),
+        ({"data": {"train": "x"}}, {"train.learning_rate": -1}, ["'train.learning_rate'", "greater than 0"]),
+        ({"data": {"train": "x", "validation_size": 0.5, "test_size": 0.5}}, {}, ["at least 10%"]),
+        ({"data": {"train": "x"}, "baselines": ["magic"]}, {}, ["unknown baseline", "tfidf_logreg"]),
+    ],
+)
+def test_bad_config_names_the_key(raw: dict, overrides: dict, expected: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(raw, overrides)
+    for fragment in expected:
+        assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("task: [unclosed\n", "not valid YAML"), ("- a\n- b\n", "must be a mapping"), (b"\xff\xfe\x00", "not UTF-8")],
+)
+def test_bad_yaml_file(tmp_path: Path, text: str | bytes, expected: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ConfigError, match=expected):
+        load_config(path)
+
+
+def test_override_into_non_section_fails() -> None:
+    with pytest.raises(ConfigError, match="not a section"):
+        load_config({"data": {"train": "x"}, "output_dir": "y"}, {"output_dir.sub": 1})
+
+
+def test_resolved_config_round_trips(tmp_path: Path) -> None:
+    cfg = load_config({"model": "minilm", "data": {"train": "x.csv"}}, {"method.name": "lora", "method.r": 4})
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg

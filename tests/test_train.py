@@ -1,0 +1,197 @@
+"""The training loop end to end on tiny models: it learns, methods differ as they should, and
+equivalent settings give equal results (accumulation, resume)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lmtune
+from lmtune.training import checkpoint as ckpt
+from lmtune.training.loop import TrainingLoop
+
+
+def _config(model: Path, train_file: Path, out: Path, **sections: dict[str, Any]) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "task": "classification",
+        "model": str(model),
+        "data": {"train": str(train_file), "max_length": 32},
+        "train": {"epochs": 3, "batch_size": 16, "learning_rate": 2e-3, "log_every": 5, "precision": "fp32"},
+        "output_dir": str(out),
+    }
+    for key, values in sections.items():
+        cfg.setdefault(key, {}).update(values)
+    return cfg
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_full_fine_tuning_learns_and_writes_a_complete_run(tiny_bert_dir: Path, sentiment_csv: Path,
+                                                          tmp_path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    run = lmtune.train(_config(tiny_bert_dir, sentiment_csv, tmp_path / "run"), show_progress=False)
+    m = run.metrics
+    # it learned: far above the starting point and chance, and the training loss fell
+    assert m["test"]["accuracy"] >= 0.9
+    assert m["starting_point"]["test"]["accuracy"] <= 0.7
+    train_rows = [r for r in _jsonl(run.path / "metrics.jsonl") if r["split"] == "train"]
+    assert train_rows[-1]["loss"] < 0.75 * train_rows[0]["loss"]
+    assert {"accuracy", "macro_f1", "loss", "per_class", "confusion_matrix"} <= set(m["test"])
+    assert set(m["test"]["per_class"]) == {"neg", "pos"}
+    # the report links plots that exist, and shows the baselines
+    report = (run.path / "report.md").read_text()
+    for png in ("plots/training_curves.png", "plots/confusion_test.png", "plots/comparison.png"):
+        assert png in report and (run.path / png).stat().st_size > 1000
+    assert "baseline: tfidf_logreg" in report and "baseline: majority" in report
+    # model/ is a plain transformers folder with the label map; weights changed from the start
+    model = AutoModelForSequenceClassification.from_pretrained(run.model_dir)
+    assert model.config.id2label == {0: "neg", 1: "pos"}
+    start = load_file(str(tiny_bert_dir / "model.safetensors"))
+    after = load_file(str(run.model_dir / "model.safetensors"))
+    key = "bert.encoder.layer.0.attention.self.query.weight"
+    assert not torch.equal(start[key.removeprefix("bert.")], after[key])
+    assert (run.model_dir / "README.md").read_text().startswith("---")
+    assert json.loads((run.path / "run.json").read_text())["status"] == "complete"
+    # predictions from the Python API agree with the test metrics' direction
+    preds = run.predict(["great wonderful brilliant film", "dull awful boring plot"])
+    assert [p["label"] for p in preds] == ["pos", "neg"]
+
+
+@pytest.mark.parametrize(
+    ("method", "check"),
+    [
+        ("freeze", lambda names: names and all("classifier" in n for n in names)),
+        ("lora", lambda names: any("lora_" in n for n in names) and any("classifier" in n for n in names)
+         and not any("lora_" not in n and "classifier" not in n for n in names)),
+    ],
+)
+def test_methods_train_what_they_should(method: str, check: Any, tiny_bert_dir: Path, sentiment_csv: Path,
+                                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, list[str]] = {}
+    original = TrainingLoop.setup
+
+    def spy(self: TrainingLoop) -> None:
+        seen["trainable"] = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        original(self)
+
+    monkeypatch.setattr(TrainingLoop, "setup", spy)
+    cfg = _config(tiny_bert_dir, sentiment_csv, tmp_path / "run", method={"name": method})
+    cfg["train"]["learning_rate"] = 5e-3
+    run = lmtune.train(cfg, show_progress=False)
+    assert check(seen["trainable"])
+    rows = [r for r in _jsonl(run.path / "metrics.jsonl") if r["split"] == "train"]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    if method == "lora":
+        from transformers import AutoModelForSequenceClassification
+
+        assert (run.path / "adapter" / "adapter_config.json").is_file()
+        # merged into a plain model: no peft needed to load it, and no lora weights left
+        merged = AutoModelForSequenceClassification.from_pretrained(run.model_dir)
+        assert not any("lora" in n for n, _ in merged.named_parameters())
+        assert run.metrics["summary"]["trainable_fraction"] < 0.5
+
+
+def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "model" / "model.safetensors"))
+
+
+def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst <= atol, f"weights differ by {worst}"
+
+
+def test_accumulation_equals_bigger_batch(tiny_bert_nodrop_dir: Path, sentiment_csv: Path, tmp_path: Path) -> None:
+    """batch 8 x accumulation 1 == batch 4 x accumulation 2 (no dropout, same example order)."""
+    runs = []
+    for bs, acc in ((8, 1), (4, 2)):
+        cfg = _config(tiny_bert_nodrop_dir, sentiment_csv, tmp_path / f"b{bs}a{acc}",
+                      train={"batch_size": bs, "gradient_accumulation": acc, "max_steps": 12, "group_by_length": False,
+                             "eval_every": 100, "learning_rate": 1e-3})
+        cfg["baselines"] = []
+        runs.append(lmtune.train(cfg, show_progress=False))
+    a, b = (_final_weights(r.path) for r in runs)
+    _assert_same_weights(a, b, atol=2e-6)
+    # and the weights did move: the invariant is not vacuous
+    assert runs[0].metrics["summary"]["steps"] == 12
+
+
+class _Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_resume_equals_uninterrupted(method: str, tiny_bert_dir: Path, sentiment_csv: Path, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kill after a checkpoint mid-epoch, resume: bit-identical weights to the uninterrupted run (dropout on)."""
+    train = {"max_steps": 20, "save_every": 7, "eval_every": 10, "batch_size": 16, "keep_checkpoints": 5}
+
+    def cfg(name: str) -> dict[str, Any]:
+        c = _config(tiny_bert_dir, sentiment_csv, tmp_path / name, train=train, method={"name": method})
+        c["baselines"] = []
+        return c
+
+    whole = lmtune.train(cfg("whole"), show_progress=False)
+
+    original = ckpt.save_checkpoint
+
+    def crash_after_step_14(acc: Any, folder: Path, step: int, state: dict) -> Path:
+        path = original(acc, folder, step, state)
+        if step == 14:
+            raise _Crash
+        return path
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", crash_after_step_14)
+    with pytest.raises(_Crash):
+        lmtune.train(cfg("broken"), show_progress=False)
+    monkeypatch.setattr(ckpt, "save_checkpoint", original)
+    assert json.loads((tmp_path / "broken" / "run.json").read_text())["status"] == "failed"
+    resumed = lmtune.train(cfg("broken"), resume=True, show_progress=False)
+    assert resumed.metrics["summary"]["steps"] == 20
+    _assert_same_weights(_final_weights(whole.path), _final_weights(resumed.path), atol=0.0)
+    # the logged training losses after the resume point match the uninterrupted ones exactly
+    tail = lambda p: [r["loss"] for r in _jsonl(p / "metrics.jsonl") if r["split"] == "train" and r["step"] > 14]  # noqa: E731
+    assert tail(whole.path) == tail(resumed.path)
+
+
+def test_multi_label_text_pairs_and_integer_labels(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    from helpers import NEGATIVE, POSITIVE, write_csv
+
+    import random
+
+    rng = random.Random(0)
+    rows = []
+    for i in range(300):
+        tags = []
+        words = [rng.choice(["the", "a", "film", "was"]) for _ in range(4)]
+        if i % 2:
+            words.append(rng.choice(POSITIVE))
+            tags.append("pos")
+        if i % 3 == 0:
+            words.append("music")
+            tags.append("music")
+        rows.append({"text": " ".join(words), "tags": ";".join(tags), "pair": "context", "stars": i % 2})
+    data = write_csv(tmp_path / "ml.csv", rows)
+    cfg = _config(tiny_bert_dir, data, tmp_path / "ml", data={"label_column": "tags", "label_delimiter": ";",
+                                                             "text_pair_column": "pair"},
+                  train={"epochs": 6, "learning_rate": 3e-3})
+    cfg["baselines"] = ["majority"]
+    run = lmtune.train(cfg, show_progress=False)
+    assert run.meta["multi_label"] and run.meta["labels"] == ["music", "pos"]
+    assert run.metrics["test"]["micro_f1"] > 0.8
+    out = run.predict(["the film was brilliant music"], ["context"])
+    assert set(out[0]["labels"]) == {"music", "pos"}
+    # integer labels become a label set in numeric order
+    cfg2 = _config(tiny_bert_dir, data, tmp_path / "int", data={"label_column": "stars"}, train={"epochs": 1})
+    cfg2["baselines"] = []
+    run2 = lmtune.train(cfg2, show_progress=False)
+    assert run2.meta["labels"] == ["0", "1"]
+    del NEGATIVE
