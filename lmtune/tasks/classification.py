@@ -105,7 +105,8 @@ class ClassificationTask:
                     raise DataError(f"expected text, found {type(value).__name__}", file=table.source,
                                     line=line, field=field)
             blank_text = _is_blank(text) or (d.text_pair_column is not None and _is_blank(pair))
-            blank_label = _is_blank(label) or (isinstance(label, list) and not label and not d.multi_label)
+            # Multi-label: an empty label set is a real answer ("none of these"), not a missing value.
+            blank_label = not d.multi_label and (_is_blank(label) or (isinstance(label, list) and not label))
             if blank_text or blank_label:
                 what = d.label_column if blank_label and not blank_text else d.text_column
                 if d.empty_text == "error":
@@ -128,7 +129,9 @@ class ClassificationTask:
     def _parse_labels(self, value: Any, source: str, line: int) -> list[str]:
         d = self.data_cfg
         if d.multi_label:
-            if isinstance(value, list):
+            if _is_blank(value):
+                items = []
+            elif isinstance(value, list):
                 items = value
             elif isinstance(value, str) and d.label_delimiter:
                 items = value.split(d.label_delimiter)

