@@ -319,7 +319,7 @@ def _save_model(loop: Any, task: Any, tokenizer: Any, data: Any, cfg: Config, ru
     adapter_dir = run_dir / "adapter" if cfg.method.name == "lora" else None
     probe_batch = _probe_batch(loop)
     with torch.no_grad():
-        before = task._logits(model, probe_batch) if probe_batch is not None else None  # noqa: SLF001
+        before = task._logits(model, probe_batch) if probe_batch is not None else None
     saved_as = save_final_model(model, tmp, adapter_dir, cfg.method.merge)
     tokenizer.save_pretrained(tmp)
     meta = {
@@ -337,7 +337,7 @@ def _save_model(loop: Any, task: Any, tokenizer: Any, data: Any, cfg: Config, ru
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     check = {}
-    if before is not None and saved_as != "adapter":
+    if before is not None and probe_batch is not None and saved_as != "adapter":
         check = _verify_saved(final, task, probe_batch, before)
     return {**meta, "reload_check": check}
 
@@ -357,7 +357,7 @@ def _verify_saved(folder: Path, task: Any, batch: dict[str, torch.Tensor], befor
     reloaded = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32)
     reloaded.eval()
     with torch.no_grad():
-        after = task._logits(reloaded, {k: v.cpu() for k, v in batch.items()})  # noqa: SLF001
+        after = task._logits(reloaded, {k: v.cpu() for k, v in batch.items()})
     diff = float((after - before.cpu()).abs().max())
     tolerance = 1e-3
     if diff > tolerance:

@@ -7,7 +7,13 @@ import random
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 POSITIVE = ["great", "wonderful", "brilliant", "moving", "delightful", "superb", "charming", "funny", "sharp", "warm"]
 NEGATIVE = ["dull", "awful", "boring", "tedious", "clumsy", "bland", "messy", "lifeless", "stale", "weak"]

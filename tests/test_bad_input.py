@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 import yaml
-
 from helpers import sentiment_rows, write_csv
+
 from lmtune.cli import main
 
 

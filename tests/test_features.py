@@ -74,9 +74,8 @@ def test_collator_pads_and_masks(side: str) -> None:
 
 def test_feature_cache_hits_second_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LMTUNE_CACHE", str(tmp_path))
-    from transformers import AutoTokenizer
-
     from helpers import minilm_path
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(minilm_path())
     calls = []

@@ -34,7 +34,7 @@ def write_model_card(folder: Path, cfg: Config, meta: dict[str, Any], metrics: d
         }],
     }
     summary = metrics.get("summary", {})
-    start = next(iter(metrics.get("starting_point", {}).values()), {})
+    start: dict[str, Any] = next(iter(metrics.get("starting_point", {}).values()), {})
     labels = meta.get("labels") or []
     lines = [
         "---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).strip(), "---", "",

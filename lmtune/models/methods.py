@@ -63,7 +63,7 @@ def apply_method(
         lora = LoraConfig(
             task_type=peft_task_type,
             r=method.r,
-            lora_alpha=method.alpha,
+            lora_alpha=method.alpha,  # type: ignore[arg-type]  # peft scales by alpha/r; a float is fine
             lora_dropout=method.dropout,
             target_modules=method.target_modules,
             # The head is trained fully and saved with the adapter, never adapted itself.
@@ -86,14 +86,14 @@ def save_final_model(model: torch.nn.Module, folder: Path, adapter_folder: Path 
 
     if isinstance(model, PeftModel):
         if adapter_folder is not None:
-            model.save_pretrained(adapter_folder, safe_serialization=True)
+            model.save_pretrained(str(adapter_folder), safe_serialization=True)
         if merge:
             merged = model.merge_and_unload()
             merged.save_pretrained(folder, safe_serialization=True)
             return "merged"
-        model.save_pretrained(folder, safe_serialization=True)
+        model.save_pretrained(str(folder), safe_serialization=True)
         return "adapter"
-    model.save_pretrained(folder, safe_serialization=True)
+    model.save_pretrained(folder, safe_serialization=True)  # type: ignore[operator]
     return "full"
 
 

@@ -95,5 +95,5 @@ TASKS: dict[str, type] = {}
 
 def register_task(cls: type) -> type:
     """Class decorator: make a task available under ``cls.name``."""
-    TASKS[cls.name] = cls
+    TASKS[cls.name] = cls  # type: ignore[attr-defined]
     return cls

@@ -587,10 +587,8 @@ class ClassificationPredictor:
         """Label values from a file as indices (N,) or a 0/1 matrix (N, L); unknown labels are errors."""
         index = {n: i for i, n in enumerate(self.labels)}
         delim = self.meta.get("label_delimiter")
-        if self.multi_label:
-            y = np.zeros((len(labels), len(self.labels)), dtype=np.int64)
-        else:
-            y = np.zeros(len(labels), dtype=np.int64)
+        shape = (len(labels), len(self.labels)) if self.multi_label else (len(labels),)
+        y: np.ndarray = np.zeros(shape, dtype=np.int64)
         for row, (value, line) in enumerate(zip(labels, lines, strict=True)):
             if self.multi_label:
                 items = value if isinstance(value, list) else (value.split(delim) if delim and isinstance(value, str)

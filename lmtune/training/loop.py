@@ -180,7 +180,7 @@ class TrainingLoop:
 
         self.steps_per_epoch = max(1, math.ceil(len(self.train_loader) / t.gradient_accumulation))
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * self.steps_per_epoch))
-        warmup = t.warmup_steps if t.warmup_steps is not None else int(round(t.warmup_ratio * self.total_steps))
+        warmup = t.warmup_steps if t.warmup_steps is not None else round(t.warmup_ratio * self.total_steps)
         # Not prepared by Accelerate on purpose: it would step once per process; we step once per update.
         self.scheduler = get_scheduler(
             t.schedule, self.optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps
@@ -293,15 +293,10 @@ class TrainingLoop:
                 window_start = time.perf_counter()
 
             last_step = self.state.step == self.total_steps
-            if t.eval_every is None:
-                due_eval = epoch_end
-            else:
-                due_eval = self.state.step % t.eval_every == 0
-            due_eval = due_eval or last_step
-            if t.save_every is None:
-                due_save = due_eval
-            else:
-                due_save = self.state.step % t.save_every == 0 or last_step
+            # Default cadence: evaluate at each epoch's end, save whenever evaluating.
+            regular_eval = epoch_end if t.eval_every is None else self.state.step % t.eval_every == 0
+            due_eval = regular_eval or last_step
+            due_save = due_eval if t.save_every is None else (self.state.step % t.save_every == 0 or last_step)
             saved = False
             if due_eval:
                 improved = self._evaluate_and_track()

@@ -10,6 +10,7 @@ speed, not what is stored.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -70,10 +71,8 @@ def cpu_bf16_speedup() -> float:
     except RuntimeError:  # no bf16 kernels at all
         speedup = 0.0
     known[key] = speedup
-    try:
+    with contextlib.suppress(OSError):  # a read-only cache only costs a re-measure next time
         store.write_text(json.dumps(known, indent=1), encoding="utf-8")
-    except OSError:
-        pass
     return speedup
 
 
