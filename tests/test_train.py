@@ -132,7 +132,9 @@ class _Crash(Exception):
 def test_resume_equals_uninterrupted(method: str, tiny_bert_dir: Path, sentiment_csv: Path, tmp_path: Path,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Kill after a checkpoint mid-epoch, resume: bit-identical weights to the uninterrupted run (dropout on)."""
-    train = {"max_steps": 20, "save_every": 7, "eval_every": 10, "batch_size": 16, "keep_checkpoints": 5}
+    # 12 steps per epoch: the crash at step 14 lands inside the second epoch, so the resumed run
+    # must rebuild that epoch's shuffled, length-grouped order and skip its first two batches.
+    train = {"max_steps": 20, "save_every": 7, "eval_every": 10, "batch_size": 32, "keep_checkpoints": 5}
 
     def cfg(name: str) -> dict[str, Any]:
         c = _config(tiny_bert_dir, sentiment_csv, tmp_path / name, train=train, method={"name": method})
@@ -202,3 +204,29 @@ def test_multi_label_text_pairs_and_integer_labels(tiny_bert_dir: Path, tmp_path
     cfg2["baselines"] = []
     run2 = lmtune.train(cfg2, show_progress=False)
     assert run2.meta["labels"] == ["0", "1"]
+
+
+def test_early_stopping_and_tensorboard(tiny_bert_dir: Path, sentiment_csv: Path, tmp_path: Path) -> None:
+    """Patience counts evaluations without improvement; metrics also reach TensorBoard."""
+    # "higher validation loss is better" while training lowers it: no evaluation after the first improves.
+    cfg = _config(tiny_bert_dir, sentiment_csv, tmp_path / "es",
+                  train={"max_steps": 40, "eval_every": 4, "metric": "loss", "greater_is_better": True,
+                         "early_stopping_patience": 2, "trackers": ["tensorboard"]})
+    cfg["baselines"] = []
+    run = lmtune.train(cfg, show_progress=False)
+    summary = run.metrics["summary"]
+    evals = [r for r in _jsonl(run.path / "metrics.jsonl") if r["split"] == "validation"]
+    # replay the rule on the logged validation losses: stop at the 2nd evaluation in a row without a new maximum
+    best, misses, stop_at, best_at = None, 0, None, None
+    for r in evals:
+        if best is None or r["loss"] > best:
+            best, misses, best_at = r["loss"], 0, r["step"]
+        else:
+            misses += 1
+            if misses == 2:
+                stop_at = r["step"]
+                break
+    assert stop_at is not None and stop_at < 40
+    assert summary["stopped_early"] and summary["steps"] == stop_at == evals[-1]["step"]
+    assert summary["best_step"] == best_at
+    assert list(run.path.rglob("events.out.tfevents.*"))

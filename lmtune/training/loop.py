@@ -209,10 +209,14 @@ class TrainingLoop:
             if self.state.batch_in_epoch >= len(self.train_loader):
                 self.state.epoch += 1
                 self.state.batch_in_epoch = 0
-            self.train_sampler.set_epoch(self.state.epoch)
             loader = self.train_loader
             if self.state.batch_in_epoch:
                 loader = self.accelerator.skip_first_batches(self.train_loader, self.state.batch_in_epoch)
+            # Accelerate's loaders re-seed the sampler from their own iteration counter at every
+            # __iter__ (which restarts at 0 in a resumed process, and in a skip-loader): set both.
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(self.state.epoch)
+            self.train_sampler.set_epoch(self.state.epoch)
             for batch in loader:
                 self.state.batch_in_epoch += 1
                 yield batch
