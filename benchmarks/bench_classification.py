@@ -10,6 +10,13 @@ steps, batch 32, max_length 128, learning rate 5e-5, seed 42:
     trainer_grouped   Trainer, dynamic padding + train_sampling_strategy="group_by_length", fp32
     trainer_bf16      Trainer, dynamic padding + group_by_length + bf16 autocast (the issue's "best")
 
+and, on request only (``--variants``), a diagnostic:
+
+    trainer_same_batches  Trainer, dynamic padding, fp32, fed exactly lmtune's batches in lmtune's order
+                          (lmtune's LengthGroupedBatchSampler): isolates the training loop from the
+                          sampler, since over a few dozen steps the two samplers pick batches of
+                          different average length (HF walks each mega-batch longest first)
+
 Each variant runs in its own subprocess (peak RSS per variant from ``os.wait4``), variants alternate
 across repeats (v1..v5, v1..v5, ...), and the first ``--warmup`` optimizer steps are excluded from timing.
 Timing and token counts are taken the same way for every variant, outside the code under test:
@@ -40,7 +47,8 @@ from pathlib import Path
 from typing import Any
 
 VARIANTS = ("lmtune", "trainer_default", "trainer_dynamic", "trainer_grouped", "trainer_bf16")
-TRAINER_VARIANTS = VARIANTS[1:]
+DIAGNOSTIC_VARIANTS = ("trainer_same_batches",)
+TRAINER_VARIANTS = (*VARIANTS[1:], *DIAGNOSTIC_VARIANTS)
 SEED = 42
 BATCH_SIZE = 32
 MAX_LENGTH = 128
@@ -111,6 +119,8 @@ def steady_state(times: list[float], tokens: list[int], warmup: int, start: floa
     }
     out["tokens_per_second"] = sum(tokens[warmup:steps]) / max(out["timed_seconds"], 1e-9)
     out["whole_tokens_per_second"] = sum(tokens[:steps]) / max(out["whole_seconds"], 1e-9)
+    out["step_seconds"] = [b - a for a, b in zip([start, *times[:-1]], times, strict=True)]
+    out["step_tokens"] = tokens[:steps]
     return out
 
 
@@ -226,6 +236,7 @@ def child_lmtune(workdir: Path, steps: int, warmup: int, profile: bool) -> dict[
         "steps": len(times),
         "real_tokens": sum(tokens[: len(times)]),
         "padded_tokens": sum(padded[: len(times)]),
+        "step_padded": padded[: len(times)],
         **steady_state(times, tokens, warmup, marks["fit_start"]),
         "final_loss": train_rows[-1]["loss"],
         "train_phase_peak_rss_kib": marks.get("train_phase_peak_rss_kib"),
@@ -303,6 +314,29 @@ def child_trainer(workdir: Path, variant: str, steps: int, warmup: int) -> dict[
                 losses.append(float(logs["loss"]))
 
     grouped = variant in ("trainer_grouped", "trainer_bf16")
+    trainer_class = Trainer
+    if variant == "trainer_same_batches":
+        from torch.utils.data import Sampler
+
+        from lmtune.data.features import LengthGroupedBatchSampler
+
+        # lmtune's batches (same lengths, seed, epoch 0), flattened: the Trainer cuts them back into
+        # the same batches of BATCH_SIZE. lmtune reads the same CSV rows in the same order.
+        batches = LengthGroupedBatchSampler([len(x) for x in data["input_ids"]], BATCH_SIZE, seed=SEED).batches()
+        order = [i for batch in batches for i in batch]
+
+        class FixedOrder(Sampler[int]):
+            def __iter__(self) -> Any:
+                return iter(order)
+
+            def __len__(self) -> int:
+                return len(order)
+
+        class SameBatchesTrainer(Trainer):
+            def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+                return FixedOrder()
+
+        trainer_class = SameBatchesTrainer
     args = TrainingArguments(
         output_dir=str(Path(tempfile.mkdtemp(prefix="trainer-", dir=workdir))),
         max_steps=steps,
@@ -323,7 +357,7 @@ def child_trainer(workdir: Path, variant: str, steps: int, warmup: int) -> dict[
         use_cpu=True,
         disable_tqdm=True,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collator,
+    trainer = trainer_class(model=model, args=args, train_dataset=data, data_collator=collator,
                       processing_class=tokenizer, callbacks=[Timing()])
     wall = time.perf_counter()
     trainer.train()
@@ -332,6 +366,7 @@ def child_trainer(workdir: Path, variant: str, steps: int, warmup: int) -> dict[
         "steps": len(times),
         "real_tokens": sum(tokens[: len(times)]),
         "padded_tokens": sum(padded[: len(times)]),
+        "step_padded": padded[: len(times)],
         **steady_state(times, tokens, warmup, marks["start"]),
         "final_loss": losses[-1] if losses else None,
         "train_phase_peak_rss_kib": marks.get("train_phase_peak_rss_kib"),
@@ -398,6 +433,7 @@ def run_child(argv: list[str], workdir: Path, threads: int | None) -> dict[str, 
         raise SystemExit(f"child {argv} failed with exit code {code}; log {log_path}:\n{tail}")
     result = json.loads(result_path.read_text(encoding="utf-8"))
     result["peak_rss_kib"] = usage.ru_maxrss  # KiB on Linux; this child only (wait4)
+    result["minor_page_faults"] = usage.ru_minflt  # the allocator's cost shows here (whole process)
     result["process_wall_seconds"] = wall
     result["log"] = str(log_path)
     return result
@@ -423,7 +459,10 @@ def summarise(runs: list[dict[str, Any]], peaks: list[dict[str, Any]]) -> dict[s
             "tokens_per_second": spread([r["tokens_per_second"] for r in rs]),
             "whole_run_tokens_per_second": spread([r["whole_tokens_per_second"] for r in rs]),
             "pad_fraction": statistics.median(1 - r["real_tokens"] / r["padded_tokens"] for r in rs),
+            "real_tokens_per_timed_step": statistics.median(
+                sum(r["step_tokens"][-r["steps_timed"] :]) / r["steps_timed"] for r in rs),
             "peak_rss_gib": spread([r["peak_rss_kib"] / 2**20 for r in rs]),
+            "minor_page_faults": statistics.median(r["minor_page_faults"] for r in rs),
             "train_phase_peak_rss_gib": spread([r["train_phase_peak_rss_kib"] / 2**20 for r in rs]),
             "final_loss": spread([r["final_loss"] for r in rs if r["final_loss"] is not None]),
             "precision": rs[0]["precision"],
@@ -481,7 +520,7 @@ def print_table(summary: dict[str, Any]) -> None:
     print()
     print(f"{'variant':<16} {'steps':>7} {'real tokens/s median (min-max)':>32} {'pad':>5} "
           f"{'peak RSS GiB':>13} {'train RSS':>10} {'final loss':>10} {'lmtune x':>9} {'paired x':>9}")
-    for name in VARIANTS:
+    for name in VARIANTS + DIAGNOSTIC_VARIANTS:
         if name not in v:
             continue
         s = v[name]
@@ -535,7 +574,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="first optimizer steps excluded from timing")
     p.add_argument("--repeats", type=int, default=3, help="rounds over the variants (alternating)")
     p.add_argument("--examples", type=int, default=4000, help="training sentences (first N of a seeded shuffle)")
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", choices=VARIANTS + DIAGNOSTIC_VARIANTS, default=list(VARIANTS),
+                   help="trainer_same_batches (diagnostic, not run by default): the Trainer on lmtune's batches")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads in every child (default: torch's, one per core). On a shared 2-core "
                    "machine 1 thread can be faster: an OpenMP barrier waits for a thread that shares a core")

@@ -200,8 +200,13 @@ def train(
     run_dir, resume_from = prepare_run_dir(cfg, resume=resume, overwrite=overwrite)
     started = time.perf_counter()
 
-    probe = Accelerator(cpu=not torch.cuda.is_available())
-    precision = resolve_precision(cfg.train.precision, probe.device)
+    precision = resolve_precision(cfg.train.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    # Several runs in one process (notebooks, tests) may differ in precision: Accelerate keeps its
+    # settings in a singleton, so clear them (the distributed set-up, PartialState, is kept).
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=precision,
