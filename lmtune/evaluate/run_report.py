@@ -36,6 +36,7 @@ def write_report(
     metric, _ = cfg.train.resolved_metric(task.default_metric)
     split = "test" if "test" in metrics else "validation"
     main_metric = "accuracy" if cfg.task == "classification" else metric
+    model_name = Path(cfg.model.name).name or cfg.model.name  # a local folder shows as its last part
     r = Report(f"lmtune run: {run_dir.name}")
     r.paragraph(
         f"Task **{cfg.task}**; model `{cfg.model.name}` with **{cfg.method.name}** fine-tuning; "
@@ -62,7 +63,7 @@ def write_report(
     ]
     rows: list[list[Any]] = [
         [
-            Bold(f"fine-tuned {cfg.model.name} ({cfg.method.name})"),
+            Bold(f"fine-tuned {model_name} ({cfg.method.name})"),
             Bold(test.get("accuracy")),
             Bold(test.get("macro_f1")),
             test.get("weighted_f1"),
@@ -74,7 +75,7 @@ def write_report(
     if start:
         rows.append(
             [
-                f"{cfg.model.name} before fine-tuning (new head)",
+                f"{model_name} before fine-tuning (new head)",
                 start.get("accuracy"),
                 start.get("macro_f1"),
                 start.get("weighted_f1"),
@@ -83,9 +84,9 @@ def write_report(
                 eval_ms,
             ]
         )
-    comparison = [(f"fine-tuned {cfg.model.name}", float(test.get(main_metric, 0.0)))]
+    comparison = [(f"fine-tuned {model_name}", float(test.get(main_metric, 0.0)))]
     if start:
-        comparison.append((f"{cfg.model.name} untrained", float(start.get(main_metric, 0.0))))
+        comparison.append((f"{model_name} untrained", float(start.get(main_metric, 0.0))))
     for name, b in baselines.items():
         bm = b["metrics"].get(split, {})
         rows.append(
