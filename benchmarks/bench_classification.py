@@ -563,7 +563,7 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         pass
     return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "torch_threads": torch.get_num_threads()}
+            "transformers": transformers.__version__}
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -654,7 +654,7 @@ def main(argv: list[str] | None = None) -> None:
         "settings": {"steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
                      "bf16_steps": args.bf16_steps, "bf16_warmup": args.bf16_warmup,
                      "bf16_repeats": args.bf16_repeats, "batch_size": BATCH_SIZE, "max_length": MAX_LENGTH,
-                     "learning_rate": LEARNING_RATE, "seed": SEED, **data_info},
+                     "learning_rate": LEARNING_RATE, "seed": SEED, "threads": args.threads, **data_info},
         "machine": {**machine_info(), "load_average_before": load_before, "load_average_after": load_after},
         "total_seconds": time.time() - started,
         **summary,

@@ -85,7 +85,9 @@ class Run:
         texts = table.column(text_column)
         pairs = table.column(pair_column) if pair_column else None
         for values, col in ((texts, text_column), (pairs, pair_column)):
-            for v, line in zip(values or [], table.lines, strict=True):
+            if values is None:
+                continue
+            for v, line in zip(values, table.lines, strict=True):
                 if v is None or (isinstance(v, float) and np.isnan(v)):
                     raise DataError("empty text", file=table.source, line=line, field=col)
         return table, [str(t) for t in texts], [str(t) for t in pairs] if pairs else None

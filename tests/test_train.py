@@ -63,6 +63,21 @@ def test_full_fine_tuning_learns_and_writes_a_complete_run(tiny_bert_dir: Path, 
     # predictions from the Python API agree with the test metrics' direction
     preds = run.predict(["great wonderful brilliant film", "dull awful boring plot"])
     assert [p["label"] for p in preds] == ["pos", "neg"]
+    # files in, files out: eval on a labelled file, predict to CSV and JSONL (input order kept)
+    from helpers import write_csv
+
+    sample = write_csv(tmp_path / "sample.csv", [{"text": "dull awful boring plot", "label": "neg"},
+                                                 {"text": "great wonderful brilliant film", "label": "pos"}])
+    assert run.evaluate(sample)["accuracy"] == 1.0
+    for name in ("p.csv", "p.jsonl"):
+        assert run.predict_file(sample, tmp_path / name, show_progress=False) == 2
+    import csv as _csv
+
+    rows = list(_csv.DictReader((tmp_path / "p.csv").open()))
+    assert [r["label"] for r in rows] == ["neg", "pos"] and float(rows[0]["prob_neg"]) > 0.5
+    lines = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [x["label"] for x in lines] == ["neg", "pos"] and lines[1]["text"] == "great wonderful brilliant film"
+    assert run.evaluate()["test"]["accuracy"] == pytest.approx(m["test"]["accuracy"])
 
 
 @pytest.mark.parametrize(

@@ -104,7 +104,7 @@ def write_report(
     r.table(header, rows)
     notes = [
         f"{split} examples: {test.get('num_examples', '–')}. Latency is batched evaluation time per example "
-        "on this machine (the fine-tuned model's includes tokenisation)."
+        "on this machine, over pre-tokenised, length-sorted batches (baselines: vectorising included)."
     ]
     for name, b in baselines.items():
         notes.append(f"`{name}`: {b['description']}")
