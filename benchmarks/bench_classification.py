@@ -26,7 +26,7 @@ in the collator, lmtune: where the task computes the loss). lmtune's own figures
 summary, ``metrics.jsonl`` windows) are reported beside them as a cross-check.
 
     python benchmarks/bench_classification.py --steps 60 --repeats 3 --examples 4000 --out results.json
-    python benchmarks/bench_classification.py --quick          # a ~2 minute check that everything runs
+    python benchmarks/bench_classification.py --quick --threads 1   # a ~3.5 minute check that every variant runs
     python benchmarks/bench_classification.py --profile        # one lmtune run under cProfile + torch.profiler
 """
 
@@ -518,7 +518,7 @@ def print_table(summary: dict[str, Any]) -> None:
     """The results as a plain-text table on stdout."""
     v, ratios = summary["variants"], summary["ratios"]
     print()
-    print(f"{'variant':<16} {'steps':>7} {'real tokens/s median (min-max)':>32} {'pad':>5} "
+    print(f"{'variant':<20} {'steps':>7} {'real tokens/s median (min-max)':>32} {'pad':>5} "
           f"{'peak RSS GiB':>13} {'train RSS':>10} {'final loss':>10} {'lmtune x':>9} {'paired x':>9}")
     for name in VARIANTS + DIAGNOSTIC_VARIANTS:
         if name not in v:
@@ -526,7 +526,7 @@ def print_table(summary: dict[str, Any]) -> None:
         s = v[name]
         t = s["tokens_per_second"]
         r = ratios.get(name, {})
-        print(f"{name:<16} {s['steps_timed']:>3}/{s['steps']:<3} "
+        print(f"{name:<20} {s['steps_timed']:>3}/{s['steps']:<3} "
               f"{t['median']:>12,.0f} ({t['min']:,.0f}-{t['max']:,.0f}){'':>6} {s['pad_fraction']:>5.2f} "
               f"{s['peak_rss_gib']['median']:>13.2f} {s['train_phase_peak_rss_gib']['median']:>10.2f} "
               f"{s['final_loss']['median']:>10.4f} "

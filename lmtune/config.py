@@ -137,7 +137,7 @@ class TrainConfig(_Section):
     epochs: float = Field(3.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
     batch_size: int = Field(32, ge=1, description="Examples per micro-batch per process.")
-    eval_batch_size: int | None = Field(None, ge=1, description="Examples per evaluation batch (default 2x batch_size).")
+    eval_batch_size: int | None = Field(None, ge=1, description="Examples per evaluation batch (default: batch_size).")
     gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate (AdamW).")
     head_learning_rate: float | None = Field(
@@ -178,6 +178,10 @@ class TrainConfig(_Section):
         default_factory=list, description="Also log metrics to these Accelerate trackers."
     )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    num_threads: int | None = Field(
+        None, ge=1, description="CPU threads for torch (default: torch's choice, one per core). Set 1 when "
+        "other jobs share the cores: oversubscribed threads run several times slower.",
+    )
 
     def resolved_metric(self, task_default: str) -> tuple[str, bool]:
         """The metric that selects checkpoints and its direction."""

@@ -197,6 +197,8 @@ def train(
     if isinstance(config, Config) and overrides:
         cfg = load_config(config.to_dict(), overrides)
     quiet_libraries()
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
     run_dir, resume_from = prepare_run_dir(cfg, resume=resume, overwrite=overwrite)
     started = time.perf_counter()
 
@@ -223,8 +225,8 @@ def train(
                                     started_at=_now(), model=cfg.model.name, method=cfg.method.name)
                 else:
                     _write_run_file(run_dir, status="running", resumed_at=_now(), resumed_from=str(resume_from))
-            log.info("run folder %s; device %s; precision %s", run_dir, accelerator.device,
-                     "fp32" if precision == "no" else precision)
+            log.info("run folder %s; device %s (%d threads); precision %s", run_dir, accelerator.device,
+                     torch.get_num_threads(), "fp32" if precision == "no" else precision)
             task = get_task(cfg.task)(cfg)
             model_path = resolve_model(cfg.model.name, allow_pickle=cfg.model.allow_pickle)
             tokenizer = task.load_tokenizer(model_path)

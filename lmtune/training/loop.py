@@ -163,7 +163,9 @@ class TrainingLoop:
             num_workers=t.num_workers,
             generator=torch.Generator().manual_seed(t.seed),
         )
-        eval_bs = t.eval_batch_size or 2 * t.batch_size
+        # Same size as training by default: larger eval buffers fragment the heap and raise the
+        # training peak (measured +165 MiB on MiniLM; BENCHMARKS.md).
+        eval_bs = t.eval_batch_size or t.batch_size
         self.eval_loaders: dict[str, DataLoader] = {}
         for split in ("validation", "test"):
             if split in self.data.splits and len(self.data.splits[split]):
