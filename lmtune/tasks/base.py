@@ -58,6 +58,10 @@ class Task(Protocol):
         """The pretrained model with this task's head, in float32 (autocast handles precision)."""
         ...
 
+    def head_module_names(self, model: torch.nn.Module) -> set[str]:
+        """Names of the modules the checkpoint did not provide (the new head): always trained."""
+        ...
+
     def collator(self, tokenizer: Any) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
         """Turns a list of features into a padded batch of tensors."""
         ...

@@ -529,10 +529,6 @@ class _WithLength:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.ds, name)
 
-    def column(self, name: str) -> list[Any]:
-        """A whole column (including hidden ones)."""
-        return self.ds.with_format(None)[name]
-
 
 class ClassificationPredictor:
     """Batched prediction with a saved classification model folder (plain transformers files)."""
