@@ -151,7 +151,7 @@ def _split_facts(
         # Rows with empty text/label are dropped while reading a file; a split cut out of
         # train has none of its own (they are counted under train).
         "skipped_empty": info.get("skipped_empty"),
-        "duplicates_removed": int(info.get("duplicates_removed", 0)) + int(info.get("duplicates_removed_before_split", 0)),
+        "duplicates_removed": int(info.get("duplicates_removed", 0)),
         "conflicting_duplicates": int(info.get("conflicting_duplicates", 0)),
         "label_counts": counts,
         # Multi-label: the share of examples carrying each label (may sum past 100).

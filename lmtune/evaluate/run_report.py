@@ -157,7 +157,7 @@ def write_report(
                 i.get("tokens"),
                 i.get("truncated", 0),
                 i.get("skipped_empty", 0),
-                i.get("duplicates_removed", 0) + i.get("duplicates_removed_before_split", 0),
+                i.get("duplicates_removed", 0),
                 str(i.get("source", "")),
             ]
         )

@@ -52,6 +52,22 @@ def _label_key(value: Any) -> str:
     return str(value).strip()
 
 
+def label_keys(value: Any, *, multi_label: bool, delimiter: str | None) -> list[str]:
+    """A raw label cell as label names: one for single-label, zero or more for multi-label
+    (a list, or a string split on ``delimiter``); blanks are no labels."""
+    if not multi_label:
+        return [_label_key(value)]
+    if _is_blank(value):
+        items = []
+    elif isinstance(value, list):
+        items = value
+    elif isinstance(value, str) and delimiter:
+        items = value.split(delimiter)
+    else:
+        items = [value]
+    return [_label_key(v) for v in items if not _is_blank(v)]
+
+
 def _sort_labels(labels: set[str]) -> list[str]:
     """Numeric labels in numeric order (2 before 10), others alphabetically."""
     try:
@@ -128,24 +144,12 @@ class ClassificationTask:
 
     def _parse_labels(self, value: Any, source: str, line: int) -> list[str]:
         d = self.data_cfg
-        if d.multi_label:
-            if _is_blank(value):
-                items = []
-            elif isinstance(value, list):
-                items = value
-            elif isinstance(value, str) and d.label_delimiter:
-                items = value.split(d.label_delimiter)
-            elif isinstance(value, str):
-                items = [value]
-            else:
-                items = [value]
-            keys = [_label_key(v) for v in items if not _is_blank(v)]
-            return sorted(set(keys))
-        if isinstance(value, (list, dict)):
+        if not d.multi_label and isinstance(value, (list, dict)):
             raise DataError(f"a single label was expected, found a {type(value).__name__}", file=source,
                             line=line, field=d.label_column,
                             hint="for several labels per example set data.multi_label: true")
-        return [_label_key(value)]
+        keys = label_keys(value, multi_label=d.multi_label, delimiter=d.label_delimiter)
+        return sorted(set(keys)) if d.multi_label else keys
 
     def _read_split(self, source: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         table = read_table(source, format=self.data_cfg.format, encoding=self.data_cfg.encoding)
@@ -182,29 +186,40 @@ class ClassificationTask:
         out["train"] = rest
         return out
 
-    def _dedupe(self, splits: dict[str, list[dict[str, Any]]], info: dict[str, Any]) -> None:
-        """Drop duplicate texts in train, and evaluation rows whose text also occurs in train (leakage)."""
-        key = lambda r: (r["text"], r["pair"])  # noqa: E731
-        seen: dict[tuple[Any, Any], list[str]] = {}
-        kept, dupes, conflicts = [], 0, 0
-        for r in splits["train"]:
-            k = key(r)
-            if k in seen:
-                dupes += 1
-                conflicts += seen[k] != r["labels"]
+    @staticmethod
+    def _dedupe_train(records: list[dict[str, Any]], info: dict[str, Any]) -> list[dict[str, Any]]:
+        """One row per distinct (text, pair): the first row's label is kept, disagreeing rows counted.
+
+        Done before splitting, so one text never lands on both sides of the split.
+        """
+        first_labels: dict[tuple[Any, Any], list[str]] = {}
+        unique = []
+        conflicts = 0
+        for r in records:
+            k = (r["text"], r["pair"])
+            if k in first_labels:
+                conflicts += first_labels[k] != r["labels"]
                 continue
-            seen[k] = r["labels"]
-            kept.append(r)
-        splits["train"] = kept
-        info["train"]["duplicates_removed"] = dupes
-        info["train"]["conflicting_duplicates"] = conflicts
+            first_labels[k] = r["labels"]
+            unique.append(r)
+        info["duplicates_removed"] = len(records) - len(unique)
+        info["conflicting_duplicates"] = conflicts
+        if conflicts:
+            log.warning("%s: %d repeated texts carry a different label than their first occurrence; "
+                        "the first label is kept", info.get("source"), conflicts)
+        return unique
+
+    @staticmethod
+    def _drop_leakage(splits: dict[str, list[dict[str, Any]]], info: dict[str, Any]) -> None:
+        """Drop evaluation rows whose text occurs in train, or earlier in the same split."""
+        train_keys = {(r["text"], r["pair"]) for r in splits["train"]}
         for split in ("validation", "test"):
             rows = splits.get(split, [])
             inner: set[tuple[Any, Any]] = set()
             clean = []
             for r in rows:
-                k = key(r)
-                if k in seen or k in inner:
+                k = (r["text"], r["pair"])
+                if k in train_keys or k in inner:
                     continue
                 inner.add(k)
                 clean.append(r)
@@ -222,24 +237,7 @@ class ClassificationTask:
             if source is not None:
                 given[split], info[split] = self._read_split(source)
         if d.deduplicate:
-            # Dedupe before splitting so one text never lands on both sides of the split.
-            # Same text twice: the first row's label is kept; rows that disagree are counted.
-            first_labels: dict[tuple[Any, Any], list[str]] = {}
-            unique = []
-            conflicts = 0
-            for r in train_records:
-                k = (r["text"], r["pair"])
-                if k in first_labels:
-                    conflicts += first_labels[k] != r["labels"]
-                    continue
-                first_labels[k] = r["labels"]
-                unique.append(r)
-            info["train"]["duplicates_removed_before_split"] = len(train_records) - len(unique)
-            info["train"]["conflicting_duplicates_before_split"] = conflicts
-            if conflicts:
-                log.warning("%s: %d repeated texts carry a different label than their first occurrence; "
-                            "the first label is kept", d.train, conflicts)
-            train_records = unique
+            train_records = self._dedupe_train(train_records, info["train"])
         splits = self._split(train_records)
         for split in ("validation", "test"):
             if split in given:
@@ -247,7 +245,7 @@ class ClassificationTask:
             else:
                 info[split] = {"source": f"{d.train} (split {d.validation_size if split == 'validation' else d.test_size:g})"}
         if d.deduplicate:
-            self._dedupe(splits, info)
+            self._drop_leakage(splits, info)
         if d.max_samples:
             rng = random.Random(d.split_seed)
             for split, rows in splits.items():
@@ -273,12 +271,12 @@ class ClassificationTask:
         inputs: dict[str, tuple[list[str], list[str] | None]] = {}
         targets: dict[str, np.ndarray] = {}
         for split, rows in splits.items():
-            ds, truncated = self._tokenize(rows, tokenizer, index, label_names)
+            targets[split] = self._targets(rows, index)
+            ds, truncated = self._tokenize(rows, tokenizer, targets[split], label_names)
             features[split] = ds
             lengths[split] = ds.lengths
             texts[split] = [r["text"] if r["pair"] is None else f"{r['text']} [SEP] {r['pair']}" for r in rows]
             inputs[split] = ([r["text"] for r in rows], [r["pair"] for r in rows] if d.text_pair_column else None)
-            targets[split] = self._targets(rows, index)
             info[split]["examples"] = len(rows)
             info[split]["truncated"] = truncated
             info[split]["label_counts"] = dict(Counter(lab for r in rows for lab in r["labels"]))
@@ -328,13 +326,12 @@ class ClassificationTask:
             )
 
     def _tokenize(
-        self, rows: list[dict[str, Any]], tokenizer: Any, index: dict[str, int], label_names: list[str]
+        self, rows: list[dict[str, Any]], tokenizer: Any, targets: np.ndarray, label_names: list[str]
     ) -> tuple[Any, int]:
         d = self.data_cfg
         settings = {"max_length": d.max_length, "multi_label": d.multi_label, "labels": label_names}
         records = [(r["text"], r["pair"], r["labels"]) for r in rows]
         key = features_cache_key(self.name, digest_records(records), tokenizer, settings)
-        targets = self._targets(rows, index)
         stats = {"truncated": 0}
 
         def build() -> dict[str, list[Any]]:
@@ -582,16 +579,10 @@ class ClassificationPredictor:
     def targets(self, labels: list[Any], source: str, lines: list[int]) -> np.ndarray:
         """Label values from a file as indices (N,) or a 0/1 matrix (N, L); unknown labels are errors."""
         index = {n: i for i, n in enumerate(self.labels)}
-        delim = self.meta.get("label_delimiter")
         shape = (len(labels), len(self.labels)) if self.multi_label else (len(labels),)
         y: np.ndarray = np.zeros(shape, dtype=np.int64)
         for row, (value, line) in enumerate(zip(labels, lines, strict=True)):
-            if self.multi_label:
-                items = value if isinstance(value, list) else (value.split(delim) if delim and isinstance(value, str)
-                                                              else [value])
-                keys = [_label_key(v) for v in items if not _is_blank(v)]
-            else:
-                keys = [_label_key(value)]
+            keys = label_keys(value, multi_label=self.multi_label, delimiter=self.meta.get("label_delimiter"))
             for key in keys:
                 if key not in index:
                     raise DataError(f"label '{key}' is not one the model knows ({', '.join(self.labels)})",
