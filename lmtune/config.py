@@ -48,6 +48,32 @@ class ModelConfig(_Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass: less memory, about 30% slower."
     )
+    init: Literal["pretrained", "scratch"] = Field(
+        "pretrained",
+        description="`pretrained`: start from the weights of `name`. `scratch`: a new randomly initialised "
+        "decoder of the size below (causal_lm only); `name` then only lends its tokenizer, unless "
+        "`tokenizer` says otherwise.",
+    )
+    architecture: Literal["llama", "gpt2"] = Field("llama", description="With init: scratch, the model family.")
+    layers: int = Field(4, ge=1, description="With init: scratch, transformer blocks.")
+    hidden_size: int = Field(256, ge=8, description="With init: scratch, model width.")
+    heads: int = Field(4, ge=1, description="With init: scratch, attention heads (hidden_size must divide by it).")
+    intermediate_size: int | None = Field(
+        None, ge=8, description="With init: scratch, MLP width (default: 4 x hidden_size for gpt2, 8/3 x for llama)."
+    )
+    context_length: int = Field(512, ge=8, description="With init: scratch, positions the model supports.")
+    tokenizer: str | None = Field(
+        None,
+        description="With init: scratch, where the tokenizer comes from: a bundled model name or folder "
+        "(default: `name`), or `train` to train a byte-level BPE tokenizer on the training text.",
+    )
+    vocab_size: int = Field(8000, ge=300, description="With tokenizer: train, the vocabulary size.")
+
+    @model_validator(mode="after")
+    def _check_scratch(self) -> ModelConfig:
+        if self.init == "scratch" and self.hidden_size % self.heads:
+            raise ValueError(f"model.hidden_size {self.hidden_size} must be divisible by model.heads {self.heads}")
+        return self
 
 
 class DataConfig(_Section):
@@ -101,6 +127,36 @@ class DataConfig(_Section):
         None, ge=1, description="Use at most this many examples per split (quick experiments)."
     )
     cache: bool = Field(True, description="Cache tokenised data on disk, keyed by a hash of data and settings.")
+    # ---- generative tasks (causal_lm, sft)
+    chat_format: Literal["auto", "alpaca", "sharegpt", "openai"] = Field(
+        "auto",
+        description="sft: record layout. `alpaca`: instruction/input/output; `sharegpt`: conversations of "
+        "{from, value}; `openai`: messages of {role, content}. `auto` detects it from the first records.",
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="sft: your names for the standard fields, e.g. {instruction: question, output: answer} or "
+        "{messages: dialog}. Keys: messages, conversations, instruction, input, output, system.",
+    )
+    train_on: Literal["assistant", "last_assistant", "all"] = Field(
+        "assistant",
+        description="sft: which tokens carry loss: every assistant turn (default), only the final one, or all tokens.",
+    )
+    too_long: Literal["skip", "truncate_left"] = Field(
+        "skip",
+        description="sft: an example longer than max_length is skipped (counted), or its prompt is cut from the "
+        "left so the response still fits (examples whose response alone does not fit are skipped).",
+    )
+    packing: bool | None = Field(
+        None,
+        description="Pack several examples into each row of max_length tokens, with no attention across "
+        "examples (per-example position ids). Default: on for causal_lm, off for sft.",
+    )
+    document_split: Literal["file", "paragraph", "line"] = Field(
+        "paragraph",
+        description="causal_lm with a plain-text file: one document per file, per blank-line-separated "
+        "paragraph, or per line. Tabular files: one document per row of text_column.",
+    )
 
     @model_validator(mode="after")
     def _check_sizes(self) -> DataConfig:
@@ -116,10 +172,11 @@ class DataConfig(_Section):
 class MethodConfig(_Section):
     """How the weights are trained: all of them, some of them, or low-rank adapters."""
 
-    name: Literal["full", "freeze", "lora"] = Field(
+    name: Literal["full", "freeze", "lora", "qlora"] = Field(
         "full",
         description="`full`: train every weight. `freeze`: train the task head (and the last "
-        "`unfrozen_layers` blocks) only. `lora`: train low-rank adapters (peft) and the head.",
+        "`unfrozen_layers` blocks) only. `lora`: train low-rank adapters (peft) and the head. "
+        "`qlora`: LoRA on a 4-bit quantised base model (bitsandbytes; needs a CUDA GPU).",
     )
     unfrozen_layers: int = Field(0, ge=0, description="With `freeze`: also train this many top transformer blocks.")
     r: int = Field(8, ge=1, description="LoRA rank.")
@@ -129,6 +186,26 @@ class MethodConfig(_Section):
         "all-linear", description="Module names to adapt (e.g. [query, value]) or `all-linear`."
     )
     merge: bool = Field(True, description="Merge LoRA weights into `model/` at the end (the adapter is kept too).")
+
+
+class GenerationConfig(_Section):
+    """How text is generated: in evaluation of generative tasks, `lmtune predict` and `lmtune chat`."""
+
+    max_new_tokens: int = Field(128, ge=1, description="Most tokens generated per answer.")
+    do_sample: bool = Field(False, description="Sample (temperature, top_p) instead of greedy decoding.")
+    temperature: float = Field(0.7, gt=0, description="Sampling temperature (with do_sample).")
+    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling mass (with do_sample).")
+    repetition_penalty: float = Field(1.0, gt=0, description="Penalty on repeated tokens (1.0: none).")
+    stop: list[str] = Field(default_factory=list, description="Strings that end an answer (not included in it).")
+    batch_size: int = Field(16, ge=1, description="Prompts generated together (left-padded, with KV cache).")
+    eval_examples: int | None = Field(
+        200, ge=1, description="Examples of each evaluation split scored by generation (null: all)."
+    )
+    eval_during_training: bool = Field(
+        False, description="Also generate and score at every validation during training (slower); "
+        "the final evaluation always does.",
+    )
+    seed: int = Field(0, description="Seed for sampling.")
 
 
 class TrainConfig(_Section):
@@ -200,6 +277,7 @@ class Config(_Section):
     data: DataConfig
     method: MethodConfig = Field(default_factory=MethodConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
     baselines: list[str] = Field(
         default_factory=lambda: ["majority", "tfidf_logreg"],
         description="Cheap baselines trained and scored on the same split, shown beside the fine-tuned model.",
@@ -232,6 +310,20 @@ class Config(_Section):
         if unknown:
             raise ValueError(f"unknown baseline(s) {unknown}; known: {', '.join(sorted(BASELINES))}")
         return value
+
+    @model_validator(mode="after")
+    def _check_task_settings(self) -> Config:
+        generative = self.task in ("causal_lm", "sft")
+        if generative and "baselines" not in self.model_fields_set:
+            # The default baselines classify; generative tasks compare against the starting model instead.
+            self.baselines = []
+        if generative and self.baselines:
+            raise ValueError(f"baselines {self.baselines} are classifiers; task '{self.task}' has none "
+                             "(its report compares the tuned model with the starting model)")
+        if self.model.init == "scratch" and self.task != "causal_lm":
+            raise ValueError(f"model.init: scratch is for task causal_lm (language-model pre-training), "
+                             f"not '{self.task}'")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data, as YAML would hold it."""

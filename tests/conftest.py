@@ -40,3 +40,19 @@ def sentiment_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from helpers import sentiment_rows, write_csv
 
     return write_csv(tmp_path_factory.mktemp("data") / "sentiment.csv", sentiment_rows(480))
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2's real tokenizer (ChatML, eos == pad == <|im_end|>): the EOS-masking trap in a small folder."""
+    from helpers import smollm2_tokenizer
+
+    return smollm2_tokenizer(tmp_path_factory.mktemp("smollm2-tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_llama_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir: Path) -> Path:
+    """A tiny random Llama causal LM (2 layers, hidden 32) with SmolLM2's tokenizer."""
+    from helpers import tiny_chat_llama
+
+    return tiny_chat_llama(tmp_path_factory.mktemp("tiny-chat-llama"), smollm2_tokenizer_dir)

