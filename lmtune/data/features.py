@@ -250,6 +250,31 @@ class PaddingCollator:
         return out
 
 
+class FeatureDataset:
+    """A features Dataset whose batches omit `length`, with the lengths kept at hand.
+
+    Supports ``__getitems__`` so a DataLoader fetches a whole batch from Arrow in one call.
+    """
+
+    def __init__(self, ds: Any, lengths: list[int]) -> None:
+        self.ds = ds
+        self.lengths = lengths
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.ds[i]
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        cols = self.ds[indices]
+        keys = list(cols)
+        return [dict(zip(keys, vals, strict=True)) for vals in zip(*cols.values(), strict=True)]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.ds, name)
+
+
 def save_json_atomic(path: Path, data: Any) -> None:
     """Write JSON through a temporary file and a rename: readers never see half a file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

@@ -1,6 +1,6 @@
 """Tasks: one module per application, registered by name (see ``base.Task``)."""
 
-from lmtune.tasks import classification  # noqa: F401  (registers itself)
+from lmtune.tasks import causal_lm, classification, sft  # noqa: F401  (each registers itself)
 from lmtune.tasks.base import TASKS, Task, TaskData, register_task
 
 __all__ = ["TASKS", "Task", "TaskData", "get_task", "register_task"]

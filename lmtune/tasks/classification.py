@@ -24,7 +24,13 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from lmtune.config import Config
-from lmtune.data.features import PaddingCollator, cached_features, digest_records, features_cache_key
+from lmtune.data.features import (
+    FeatureDataset,
+    PaddingCollator,
+    cached_features,
+    digest_records,
+    features_cache_key,
+)
 from lmtune.data.readers import Table, read_table
 from lmtune.errors import ConfigError, DataError, ModelError
 from lmtune.tasks.base import TaskData, register_task
@@ -359,7 +365,7 @@ class ClassificationTask:
         ds.set_format(columns=[c for c in ds.column_names if c != "length"])
         # `length` stays readable through ds["length"] below; format only hides it from batches.
         lengths = ds.with_format(None)["length"]
-        ds = _WithLength(ds, lengths)
+        ds = FeatureDataset(ds, lengths)
         return ds, stats["truncated"]
 
     # ------------------------------------------------------------------------------ model
@@ -500,31 +506,6 @@ class ClassificationTask:
                 plot_confusion_matrix(m["confusion_matrix"], names, run_dir / rel, title=f"Confusion matrix ({split})")
                 report.image(rel, f"confusion matrix, {split}")
             break
-
-
-class _WithLength:
-    """A features Dataset whose batches omit `length`, with the lengths kept at hand.
-
-    Supports ``__getitems__`` so a DataLoader fetches a whole batch from Arrow in one call.
-    """
-
-    def __init__(self, ds: Any, lengths: list[int]) -> None:
-        self.ds = ds
-        self.lengths = lengths
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.ds[i]
-
-    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
-        cols = self.ds[indices]
-        keys = list(cols)
-        return [dict(zip(keys, vals, strict=True)) for vals in zip(*cols.values(), strict=True)]
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.ds, name)
 
 
 class ClassificationPredictor:

@@ -254,7 +254,7 @@ class TrainingLoop:
                     loss_sum = self.task.loss(self.model, batch)
                     acc.backward(loss_sum * acc.num_processes / total_items)
                 step_loss += loss_sum.detach().float()
-                tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+                tokens += _real_tokens(batch)
             step_loss = acc.reduce(step_loss, reduction="sum")
             if not torch.isfinite(step_loss):
                 raise TrainingError(
@@ -392,6 +392,15 @@ class TrainingLoop:
             self.state = state  # keep the final loop state; only weights (and optimizer) go back
             log.info("restored best checkpoint %s (%s %.4f)", path.name, self.metric, self.state.best_metric)
         return self.state.best_step
+
+
+def _real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Non-pad tokens of a batch: packed batches say so; padded ones have an attention mask."""
+    if "num_real_tokens" in batch:
+        return int(batch["num_real_tokens"].sum())
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int(batch["input_ids"].numel()) if "input_ids" in batch else 0
 
 
 class _nullcontext:

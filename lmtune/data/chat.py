@@ -1,0 +1,566 @@
+"""Chat data: records -> validated conversations -> token ids with a loss mask.
+
+Three record layouts are understood (``FORMATS``):
+
+- ``alpaca``: ``instruction`` and ``output`` (``input`` and ``system`` optional);
+- ``sharegpt``: ``conversations``, a list of ``{"from": ..., "value": ...}``;
+- ``openai``: ``messages``, a list of ``{"role": ..., "content": ...}``.
+
+Users may name the columns differently (``data.columns``: standard key -> their column name).
+Every record becomes ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``: an optional
+system message, then user/assistant turns alternating, ending with an assistant turn.
+
+A conversation is rendered with the tokenizer's own chat template (the text the model will see at
+inference) and tokenised once. Which tokens carry loss is decided by characters, not by token ids:
+each assistant turn's character span is found by rendering prefixes of the conversation, and a token
+carries loss when its characters lie inside such a span. The span ends after the template's
+end-of-turn marker, so the EOS token is a label even when the pad token is the EOS token (SmolLM2);
+labels are never masked by comparing ids with ``pad_token_id``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from lmtune.errors import ConfigError, DataError, ModelError
+
+if TYPE_CHECKING:
+    from rich.text import Text
+    from transformers import PreTrainedTokenizerBase
+
+FORMATS = ("alpaca", "sharegpt", "openai")
+STANDARD_KEYS = ("messages", "conversations", "instruction", "input", "output", "system")
+TRAIN_ON = ("assistant", "last_assistant", "all")
+TOO_LONG = ("skip", "truncate_left")
+# The problems check_rendered reports (fixed sentences, so they can be counted over a data set).
+NO_LOSS = "no token carries loss"
+NO_EOS = "a target does not end with an end-of-turn/EOS token"
+DOUBLE_BOS = "starts with two BOS tokens"
+IGNORE_INDEX = -100  # label of a token that carries no loss (torch's cross_entropy default)
+
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+    "model": "assistant",
+}
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+# Tokens that end an assistant turn in common templates: ChatML, Llama 3, Gemma, Phi-3.
+END_OF_TURN_TOKENS = (IM_END, "<|eot_id|>", "<end_of_turn>", "<|end|>")
+
+# ChatML, as SmolLM2/Qwen write it, but without a default system prompt: a conversation without a
+# system message is rendered without one.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_REQUIRED = {"alpaca": ("instruction", "output"), "sharegpt": ("conversations",), "openai": ("messages",)}
+_MESSAGE_KEYS = {"sharegpt": ("from", "value"), "openai": ("role", "content")}
+# How many non-empty records detect_format looks at.
+_DETECT_ROWS = 20
+
+
+@dataclass
+class RenderedExample:
+    """One conversation as the model sees it in training.
+
+    ``labels[i]`` is ``input_ids[i]`` where that token carries loss, else ``IGNORE_INDEX`` (-100);
+    the causal shift happens in the loss. ``text`` is the rendered text of the kept tokens.
+    """
+
+    input_ids: list[int]
+    labels: list[int]
+    prompt_tokens: int
+    truncated_tokens: int
+    text: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Records -> messages
+
+
+def detect_format(rows: list[dict[str, Any]], columns: dict[str, str], source: str) -> str:
+    """The chat layout of ``rows`` ("alpaca", "sharegpt" or "openai"), judged on the first non-empty rows.
+
+    ``columns`` maps standard keys to the user's column names; unmapped keys use their standard name.
+    A format matches when one of the rows looked at holds all of its required keys (values are
+    checked later, per record, by :func:`to_messages`). No match, or more than one, is a DataError.
+    """
+    _check_columns(columns)
+    sample = [row for row in rows if any(not _is_empty(value) for value in row.values())][:_DETECT_ROWS]
+    if not sample:
+        raise DataError("no records: every record is empty", file=source)
+    matches = [
+        fmt
+        for fmt in FORMATS
+        if any(all(not _is_empty(row.get(_column(columns, key))) for key in _REQUIRED[fmt]) for row in sample)
+    ]
+    if len(matches) == 1:
+        return matches[0]
+    found = list(dict.fromkeys(key for row in sample for key, value in row.items() if not _is_empty(value)))
+    found_text = ", ".join(repr(key) for key in found) or "none"
+    if matches:
+        raise DataError(
+            f"the records fit several chat formats ({', '.join(matches)}); keys found: {found_text}",
+            file=source,
+            hint="set data.chat_format to the one you mean",
+        )
+    tried = "; ".join(
+        f"{fmt} needs {' and '.join(_describe_key(columns, key) for key in _REQUIRED[fmt])}"
+        for fmt in FORMATS
+    )
+    raise DataError(
+        f"cannot tell the chat format: tried {tried}; keys found: {found_text}",
+        file=source,
+        hint="name your columns in data.columns, e.g. {instruction: question, output: answer} or "
+        "{messages: dialog}, or set data.chat_format",
+    )
+
+
+def to_messages(
+    row: dict[str, Any], fmt: str, columns: dict[str, str], *, source: str, line: int
+) -> list[dict[str, str]]:
+    """One record as validated messages ``[{"role": ..., "content": ...}, ...]``.
+
+    Roles are normalised to system/user/assistant. The result holds an optional system message
+    first, then user and assistant turns alternating, starting with a user turn and ending with a
+    non-blank assistant turn. Any problem is a DataError naming ``source``, ``line`` and the column;
+    messages are counted from 1 ("message 3 (index 2)").
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown chat format {fmt!r}; expected one of {FORMATS}")
+    if fmt == "alpaca":
+        return _alpaca_messages(row, columns, source, line)
+    column = _column(columns, "messages" if fmt == "openai" else "conversations")
+
+    def fail(message: str, hint: str | None = None) -> DataError:
+        return DataError(message, file=source, line=line, field=column, hint=hint)
+
+    value = row.get(column)
+    if not isinstance(value, list):
+        hint = None
+        if isinstance(value, str) and value.lstrip().startswith("["):
+            hint = (
+                "the conversation is JSON text (from a CSV cell?): store it as a list, e.g. in a .jsonl file"
+            )
+        elif value is None and column not in row:
+            hint = f"the record has the keys {_keys(row)}; name the column in data.columns"
+        raise fail(f"expected a list of messages, found {_type_name(value)}", hint)
+    if not value:
+        raise fail("the conversation has no messages")
+    role_key, content_key = _MESSAGE_KEYS[fmt]
+    messages = []
+    for index, item in enumerate(value):
+        where = f"message {index + 1} (index {index})"
+        if not isinstance(item, dict):
+            raise fail(f"{where} is {_type_name(item)}, not an object with '{role_key}' and '{content_key}'")
+        missing = [key for key in (role_key, content_key) if key not in item]
+        if missing:
+            other = "openai" if fmt == "sharegpt" else "sharegpt"
+            hint = None
+            if all(key in item for key in _MESSAGE_KEYS[other]):
+                hint = f"these messages look like the {other} layout: set data.chat_format: {other}"
+            raise fail(
+                f"{where} lacks the key{'s' if len(missing) > 1 else ''} {' and '.join(repr(k) for k in missing)}; "
+                f"it has {_keys(item)}",
+                hint,
+            )
+        raw_role = item[role_key]
+        role = _normalise_role(raw_role, fmt)
+        if role is None:
+            known = ", ".join(SHAREGPT_ROLES if fmt == "sharegpt" else ROLES)
+            raise fail(
+                f"{where} has the unknown role {raw_role!r}; known roles: {known}",
+                "only plain system/user/assistant conversations are supported (no tool or function turns)",
+            )
+        content = _content_text(item[content_key], fmt)
+        if content is None:
+            raise fail(
+                f"{where}: '{content_key}' must be a string, found {_type_name(item[content_key])}",
+                'openai content may also be a list of {"type": "text", "text": ...} parts'
+                if fmt == "openai"
+                else None,
+            )
+        messages.append({"role": role, "content": content})
+    _check_turns(messages, fail)
+    return messages
+
+
+def _alpaca_messages(
+    row: dict[str, Any], columns: dict[str, str], source: str, line: int
+) -> list[dict[str, str]]:
+    def text(key: str, *, required: bool) -> str:
+        column = _column(columns, key)
+        value = row.get(column)
+        if value is None and not required:
+            return ""
+        if not isinstance(value, str):
+            hint = None
+            if value is None and column not in row:
+                hint = f"the record has the keys {_keys(row)}; name the column in data.columns"
+            raise DataError(
+                f"expected a string, found {_type_name(value)}",
+                file=source,
+                line=line,
+                field=column,
+                hint=hint,
+            )
+        if required and not value.strip():
+            role = "assistant" if key == "output" else "user"
+            raise DataError(f"the {role} content is empty", file=source, line=line, field=column)
+        return value
+
+    instruction = text("instruction", required=True)
+    extra = text("input", required=False)
+    output = text("output", required=True)
+    system = text("system", required=False)
+    messages = [{"role": "system", "content": system}] if system.strip() else []
+    user = instruction + "\n\n" + extra if extra.strip() else instruction
+    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    return messages
+
+
+def _check_turns(messages: list[dict[str, str]], fail: Any) -> None:
+    """System only first, then user/assistant alternating from user, ending with assistant, none blank."""
+    expected = "user"
+    for index, message in enumerate(messages):
+        role = message["role"]
+        where = f"message {index + 1} (index {index})"
+        if role == "system":
+            if index > 0:
+                raise fail(f"{where} is 'system': a system message is only allowed first")
+            continue
+        if role != expected:
+            if expected == "user" and (index == 0 or messages[index - 1]["role"] == "system"):
+                raise fail(f"{where} is {role!r}: the conversation must start with a user message")
+            previous = messages[index - 1]["role"]
+            raise fail(f"{where} is {role!r} after {previous!r}: turns must alternate user/assistant")
+        if not message["content"].strip():
+            raise fail(f"{where}: the {role} content is empty")
+        expected = "assistant" if role == "user" else "user"
+    last = messages[-1]["role"]
+    if last != "assistant":
+        count = len(messages)
+        raise fail(
+            f"the conversation must end with an assistant message; the last, message {count} "
+            f"(index {count - 1}), is {last!r}"
+        )
+
+
+def _normalise_role(role: Any, fmt: str) -> str | None:
+    if not isinstance(role, str):
+        return None
+    name = role.strip().lower()
+    if fmt == "sharegpt":
+        return SHAREGPT_ROLES.get(name)
+    return name if name in ROLES else None
+
+
+def _content_text(content: Any, fmt: str) -> str | None:
+    """The content as a string; openai text parts are joined. None when it is not text."""
+    if isinstance(content, str):
+        return content
+    if fmt != "openai" or not isinstance(content, list):
+        return None
+    texts = []
+    for part in content:
+        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+            return None
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _check_columns(columns: dict[str, str]) -> None:
+    for key, name in columns.items():
+        if key not in STANDARD_KEYS:
+            hint = (
+                f"did you mean {{{name}: {key}}}? (standard key: your column)"
+                if name in STANDARD_KEYS
+                else None
+            )
+            raise ConfigError(
+                f"unknown key {key!r}; the keys are {', '.join(STANDARD_KEYS)}",
+                field="data.columns",
+                hint=hint,
+            )
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"the column name for {key!r} must be a non-empty string", field="data.columns")
+
+
+def _column(columns: dict[str, str], key: str) -> str:
+    return columns.get(key, key)
+
+
+def _describe_key(columns: dict[str, str], key: str) -> str:
+    column = _column(columns, key)
+    return repr(column) if column == key else f"{column!r} (for {key})"
+
+
+def _is_empty(value: Any) -> bool:
+    return value is None or (isinstance(value, str | list | dict) and len(value) == 0)
+
+
+def _keys(mapping: dict[str, Any]) -> str:
+    present = [key for key, value in mapping.items() if value is not None] if mapping else []
+    return ", ".join(repr(key) for key in present) or "no keys"
+
+
+def _type_name(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number" if isinstance(value, int | float) else type(value).__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer set-up
+
+
+def ensure_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Give a tokenizer without a chat template the ChatML :data:`DEFAULT_CHAT_TEMPLATE`.
+
+    A tokenizer that has a template is left alone. Otherwise the template is set and, where the
+    vocabulary lacks them, ``<|im_start|>`` and ``<|im_end|>`` are added as special tokens (never
+    split, skipped by ``decode(skip_special_tokens=True)``); a tokenizer without an EOS token gets
+    ``<|im_end|>`` as its EOS, so generation stops at the end of a turn.
+
+    Returns True when tokens were added: the caller MUST then grow the model's embeddings
+    (``model.resize_token_embeddings(len(tokenizer))``), or the new ids index past the table.
+    """
+    if tokenizer.chat_template:
+        return False
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    vocab = tokenizer.get_vocab()
+    missing = [token for token in (IM_START, IM_END) if token not in vocab]
+    added = 0
+    if missing:
+        added = tokenizer.add_special_tokens(
+            {"extra_special_tokens": missing}, replace_extra_special_tokens=False
+        )
+    if tokenizer.eos_token is None:
+        tokenizer.eos_token = IM_END
+    return added > 0
+
+
+def end_of_turn_ids(
+    tokenizer: PreTrainedTokenizerBase, model_generation_eos: int | list[int] | None = None
+) -> set[int]:
+    """Token ids that end an assistant turn.
+
+    The tokenizer's EOS, the model's generation EOS ids (pass ``model.generation_config.eos_token_id``)
+    and whichever of ``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``, ``<|end|>`` the vocabulary holds.
+    """
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    if isinstance(model_generation_eos, int):
+        ids.add(model_generation_eos)
+    elif model_generation_eos is not None:
+        ids.update(int(i) for i in model_generation_eos)
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[token] for token in END_OF_TURN_TOKENS if token in vocab)
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+def render_conversation(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[dict[str, str]],
+    *,
+    train_on: str = "assistant",
+    max_length: int,
+    too_long: str = "skip",
+) -> RenderedExample | None:
+    """Render ``messages`` with the tokenizer's chat template; token ids plus labels.
+
+    ``train_on``: ``"assistant"`` (every assistant turn carries loss), ``"last_assistant"`` (only the
+    final one) or ``"all"`` (every token). Each assistant turn's span runs from the end of the
+    generation prompt to the end of the turn as the template writes it, end-of-turn marker included.
+
+    Longer than ``max_length`` tokens: ``too_long="skip"`` returns None; ``"truncate_left"`` drops
+    prompt tokens from the start (keeping a leading BOS) so that everything from the first
+    loss-carrying token on fits, and returns None when even that does not fit.
+
+    A template that does not render conversations incrementally (a prefix of the conversation is
+    not rendered as a prefix of the whole) raises a DataError unless ``train_on="all"``.
+    """
+    if train_on not in TRAIN_ON:
+        raise ValueError(f"train_on must be one of {TRAIN_ON}, not {train_on!r}")
+    if too_long not in TOO_LONG:
+        raise ValueError(f"too_long must be one of {TOO_LONG}, not {too_long!r}")
+    messages = list(messages)
+    text = _render(tokenizer, messages, add_generation_prompt=False)
+    spans = _loss_spans(tokenizer, messages, text, train_on)
+    try:
+        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:
+        raise ModelError(
+            f"the tokenizer ({type(tokenizer).__name__}) cannot report character offsets",
+            hint="use a model whose tokenizer has a tokenizer.json (a fast tokenizer)",
+        ) from None
+    input_ids: list[int] = list(encoding["input_ids"])
+    offsets: list[tuple[int, int]] = [tuple(pair) for pair in encoding["offset_mapping"]]
+    labels = _labels(input_ids, offsets, spans)
+    first_loss = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+    if len(input_ids) <= max_length:
+        return RenderedExample(input_ids, labels, first_loss, 0, text)
+    if too_long == "skip":
+        return None
+    # Keep a leading BOS: the model has only ever seen sequences that start with it.
+    keep = 1 if tokenizer.bos_token_id is not None and input_ids[0] == tokenizer.bos_token_id else 0
+    cut = len(input_ids) - max_length
+    if keep + cut > first_loss:
+        return None
+    start = keep + cut
+    kept_text = text[: offsets[0][1]] if keep else ""
+    return RenderedExample(
+        input_ids=input_ids[:keep] + input_ids[start:],
+        labels=labels[:keep] + labels[start:],
+        prompt_tokens=first_loss - cut,
+        truncated_tokens=cut,
+        text=kept_text + text[offsets[start][0] :],
+    )
+
+
+def _render(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], *, add_generation_prompt: bool
+) -> str:
+    if not tokenizer.chat_template:
+        raise ModelError(
+            "the tokenizer has no chat template", hint="lmtune.data.chat.ensure_chat_template gives it ChatML"
+        )
+    import jinja2
+
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except jinja2.TemplateError as exc:
+        raise DataError(
+            f"the model's chat template refused the conversation: {exc}",
+            hint="some templates reject system messages or other role orders; adapt the data to the model",
+        ) from None
+    if not isinstance(text, str):  # a list when given a batch; we never pass one
+        raise TypeError(f"apply_chat_template returned {type(text).__name__}, expected str")
+    return text
+
+
+def _loss_spans(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], text: str, train_on: str
+) -> list[tuple[int, int]]:
+    """Character spans of ``text`` that carry loss, in order."""
+    if train_on == "all":
+        return [(0, len(text))]
+    turns = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+    if train_on == "last_assistant":
+        turns = turns[-1:]
+    spans = []
+    for i in turns:
+        prompt = _render(tokenizer, messages[:i], add_generation_prompt=True)
+        # The full render is the render of the whole conversation: reuse it for the last turn.
+        turn = (
+            text
+            if i == len(messages) - 1
+            else _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        )
+        if not (text.startswith(turn) and turn.startswith(prompt)):
+            raise DataError(
+                "the chat template does not render conversations incrementally: rendering the first "
+                f"{i + 1} messages does not give the start of the whole conversation's text, so the "
+                "assistant turns cannot be located",
+                hint="use a model or chat template that renders each message in place (e.g. ChatML), "
+                "or set data.train_on: all",
+            )
+        spans.append((len(prompt), len(turn)))
+    return spans
+
+
+def _labels(input_ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """A token's id where its characters lie inside a span, else IGNORE_INDEX; one pass (both are in order)."""
+    labels = [IGNORE_INDEX] * len(input_ids)
+    span = 0
+    for position, (start, end) in enumerate(offsets):
+        while span < len(spans) and spans[span][1] < end:
+            span += 1
+        if span == len(spans):
+            break
+        if spans[span][0] <= start:
+            labels[position] = input_ids[position]
+    return labels
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks and display
+
+
+def check_rendered(
+    tokenizer: PreTrainedTokenizerBase, example: RenderedExample, eos_ids: set[int]
+) -> list[str]:
+    """Problems with a rendered example that would train the model wrongly (empty when it is sound).
+
+    Each contiguous run of loss-carrying tokens must end with a token of ``eos_ids`` (whitespace
+    tokens after it, such as ChatML's newline, are allowed), or the model never learns to stop.
+    The problems are the fixed sentences :data:`NO_LOSS`, :data:`NO_EOS` and :data:`DOUBLE_BOS`
+    (each at most once), so callers can count them over many examples.
+    """
+    problems = []
+    labels = example.labels
+    if all(label == IGNORE_INDEX for label in labels):
+        problems.append(NO_LOSS)
+    for start, end in _loss_runs(labels):
+        last = end - 1
+        while last > start and labels[last] not in eos_ids and not _decode(tokenizer, [labels[last]]).strip():
+            last -= 1
+        if labels[last] not in eos_ids:
+            problems.append(NO_EOS)
+            break
+    bos = tokenizer.bos_token_id
+    if bos is not None and example.input_ids[:2] == [bos, bos]:
+        problems.append(DOUBLE_BOS)
+    return problems
+
+
+def _decode(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
+    return str(tokenizer.decode(ids, clean_up_tokenization_spaces=False))
+
+
+def _loss_runs(labels: list[int]) -> Iterable[tuple[int, int]]:
+    """(start, end) of each run of loss-carrying positions, end exclusive."""
+    start = None
+    for position, label in enumerate([*labels, IGNORE_INDEX]):
+        if label != IGNORE_INDEX and start is None:
+            start = position
+        elif label == IGNORE_INDEX and start is not None:
+            yield start, position
+            start = None
+
+
+def format_conversation_for_display(tokenizer: PreTrainedTokenizerBase, example: RenderedExample) -> Text:
+    """The example's tokens as rich text: loss-carrying tokens on a green background, the rest dim."""
+    from rich.text import Text
+
+    shown = Text()
+    # Decode runs of equal loss status together: a character split over byte-level tokens decodes whole.
+    position = 0
+    while position < len(example.input_ids):
+        loss = example.labels[position] != IGNORE_INDEX
+        end = position
+        while end < len(example.input_ids) and (example.labels[end] != IGNORE_INDEX) == loss:
+            end += 1
+        piece = _decode(tokenizer, example.input_ids[position:end])
+        shown.append(piece, style="black on green" if loss else "dim")
+        position = end
+    return shown

@@ -1,0 +1,358 @@
+"""Batched text generation for causal LMs: evaluation of generative tasks, ``lmtune predict``, ``lmtune chat``.
+
+Prompts are already-rendered texts (for chat models, rendered by :func:`chat_prompt`). :func:`generate`
+sorts them by token length (longest first), left-pads each batch and runs ``model.generate`` with an
+attention mask and the KV cache; transformers derives position ids from the mask
+(``cumsum(mask) - 1``), so a prompt's greedy answer does not depend on the batch it lands in. An answer
+ends at an EOS token, at the first of ``settings.stop`` (cut from the text; a stopping criterion halts
+that row as soon as its text holds one) or after ``max_new_tokens`` tokens.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+from lmtune.errors import ModelError
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
+    from lmtune.config import GenerationConfig
+
+
+@dataclass
+class GenerationSettings:
+    """How answers are generated (mirrors :class:`lmtune.config.GenerationConfig`)."""
+
+    max_new_tokens: int = 128
+    """Most tokens generated per answer."""
+    do_sample: bool = False
+    """Sample (temperature, top_p) instead of greedy decoding."""
+    temperature: float = 0.7
+    """Sampling temperature (with do_sample)."""
+    top_p: float = 0.9
+    """Nucleus sampling mass (with do_sample); no top-k cut is applied."""
+    repetition_penalty: float = 1.0
+    """Penalty on repeated tokens (1.0: none)."""
+    stop: list[str] = field(default_factory=list)
+    """Strings that end an answer (not included in it)."""
+    batch_size: int = 16
+    """Prompts generated together."""
+    seed: int = 0
+    """Seed for sampling."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
+            raise ValueError(
+                f"need temperature > 0, 0 < top_p <= 1, repetition_penalty > 0; got {self.temperature}, "
+                f"{self.top_p}, {self.repetition_penalty}"
+            )
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must not be empty")
+
+    @classmethod
+    def from_config(cls, cfg: GenerationConfig) -> GenerationSettings:
+        """The settings of a validated ``generation`` config section."""
+        return cls(
+            max_new_tokens=cfg.max_new_tokens,
+            do_sample=cfg.do_sample,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            repetition_penalty=cfg.repetition_penalty,
+            stop=list(cfg.stop),
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+        )
+
+
+def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """Render chat ``messages`` ({"role", "content"} dicts) with the tokenizer's template, ready for the answer."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelError(
+            "the tokenizer has no chat template, so chat messages cannot be turned into a prompt",
+            hint="use a chat/instruct model (e.g. 'smollm2'), set tokenizer.chat_template, "
+            "or pass plain text prompts instead of messages",
+        )
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if not isinstance(prompt, str):  # only a misbehaving custom tokenizer gets here
+        raise ModelError(f"the chat template rendered {type(prompt).__name__}, not text")
+    return prompt
+
+
+def _eos_ids(model: Any, tokenizer: Any, eos_token_ids: list[int] | None) -> list[int]:
+    """EOS ids: the caller's, else the model's generation config (int or list), else the tokenizer's."""
+    if eos_token_ids:
+        return list(eos_token_ids)
+    gen_config = getattr(model, "generation_config", None)
+    configured = getattr(gen_config, "eos_token_id", None)
+    if configured is None:
+        configured = tokenizer.eos_token_id
+    if configured is None:
+        return []
+    return [int(configured)] if isinstance(configured, int) else [int(i) for i in configured]
+
+
+def _encode(tokenizer: Any, prompt: str) -> list[int]:
+    # A chat template may write the BOS itself; letting the tokenizer add another would give two.
+    bos = getattr(tokenizer, "bos_token", None)
+    add_special = not (bos and prompt.startswith(bos))
+    ids: list[int] = tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
+    return ids
+
+
+def _find_stop(text: str, stop: Sequence[str]) -> int | None:
+    """Index of the earliest stop string in ``text``, or None."""
+    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _rng_devices(device: torch.device) -> list[int]:
+    return [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+
+
+class _StopOnStrings(StoppingCriteria):
+    """Ends a row once its generated text holds a stop string; records after how many new tokens.
+
+    Also ends every row when :meth:`cancel` is called (a chat client that stopped reading). Rows that
+    already emitted an EOS are left alone (generate pads them from then on).
+    """
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str], prompt_length: int, eos_ids: Sequence[int]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = list(stop)
+        self.prompt_length = prompt_length
+        self.eos_ids = set(eos_ids)
+        # A stop string ends in the newest token (earlier steps were checked), so decoding a tail long
+        # enough to hold the longest stop string suffices; 4 tokens per character covers byte-level
+        # tokens of 4-byte UTF-8 characters.
+        self.window = 4 * max((len(s) for s in self.stop), default=0) + 8
+        self.stopped_at: dict[int, int] = {}  # row -> new tokens generated when its stop string appeared
+        self._finished: set[int] = set()
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """Make the next call end every row."""
+        self._cancelled.set()
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        batch_size = input_ids.shape[0]
+        if self._cancelled.is_set():
+            return torch.ones(batch_size, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
+        new_tokens = input_ids[:, self.prompt_length :].tolist()  # (B, generated so far)
+        done = [False] * batch_size
+        for row, tokens in enumerate(new_tokens):
+            if row in self._finished or not tokens:
+                done[row] = row in self._finished
+                continue
+            if tokens[-1] in self.eos_ids:
+                self._finished.add(row)
+                continue
+            if self.stop:
+                tail = self.tokenizer.decode(tokens[-self.window :], skip_special_tokens=True)
+                if _find_stop(tail, self.stop) is not None:
+                    self.stopped_at[row] = len(tokens)
+                    self._finished.add(row)
+                    done[row] = True
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
+
+
+def _generate_kwargs(settings: GenerationSettings, eos_ids: list[int], pad_id: int) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": settings.max_new_tokens,
+        "do_sample": settings.do_sample,
+        "repetition_penalty": settings.repetition_penalty,
+        "eos_token_id": eos_ids or None,
+        "pad_token_id": pad_id,
+        "use_cache": True,
+    }
+    if settings.do_sample:
+        # top_k=0 switches off transformers' default top-k 50: the settings name temperature and top_p only.
+        kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
+    return kwargs
+
+
+def _pad_id(tokenizer: Any, eos_ids: list[int]) -> int:
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    if eos_ids:
+        return eos_ids[0]
+    raise ModelError("the tokenizer has neither a pad token nor an EOS token, so prompts cannot be batched",
+                     hint="set tokenizer.pad_token (the EOS token is the usual choice)")
+
+
+def _finish(
+    tokenizer: Any, tokens: list[int], stopped_at: int | None, eos_ids: set[int], stop: Sequence[str]
+) -> tuple[str, str, int]:
+    """(text, finish_reason, completion_tokens) of one row's generated tokens (which may end in padding)."""
+    reason = "length"
+    if stopped_at is not None:
+        tokens, reason = tokens[:stopped_at], "stop"
+        completion = stopped_at
+    else:
+        eos_at = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
+        if eos_at is not None:
+            tokens, reason = tokens[:eos_at], "stop"
+            completion = eos_at + 1  # the EOS was generated too
+        else:
+            completion = len(tokens)
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    cut = _find_stop(text, stop)
+    if cut is not None:
+        text, reason = text[:cut], "stop"
+    return text, reason, completion
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    settings: GenerationSettings,
+    *,
+    progress: Progress | None = None,
+    eos_token_ids: list[int] | None = None,
+) -> list[dict[str, Any]]:
+    """Generate one answer per prompt, in batches; results come back in input order.
+
+    Each result is ``{"text", "finish_reason", "prompt_tokens", "completion_tokens"}``: ``text`` is the
+    decoded new tokens without special tokens, cut before the first stop string; ``finish_reason`` is
+    ``"stop"`` (EOS or stop string) or ``"length"`` (``max_new_tokens`` reached); ``completion_tokens``
+    counts the tokens generated for the answer, the EOS or the token that completed a stop string
+    included. EOS ids are ``eos_token_ids``, else the model's generation config's, else the tokenizer's.
+
+    The model is put in eval mode (and back in train mode afterwards if it was). Sampling is seeded with
+    ``settings.seed`` on a forked RNG, so the caller's random state is untouched; greedy decoding is
+    deterministic and gives the same answers whatever the batch size. With ``progress`` (a rich
+    ``Progress``) a task "generate" advances per prompt.
+    """
+    if not prompts:
+        return []
+    eos_ids = _eos_ids(model, tokenizer, eos_token_ids)
+    pad_id = _pad_id(tokenizer, eos_ids)
+    encoded = [_encode(tokenizer, p) for p in prompts]
+    for i, ids in enumerate(encoded):
+        if not ids:
+            raise ValueError(f"generate: prompt {i} is empty (no tokens)")
+    # Longest first: the first batch shows at once whether the longest prompts fit in memory, and
+    # length-sorted batches carry little padding. sorted() is stable, so ties keep input order.
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    device = next(model.parameters()).device
+    kwargs = _generate_kwargs(settings, eos_ids, pad_id)
+    results: list[dict[str, Any] | None] = [None] * len(prompts)
+    task = progress.add_task("generate", total=len(prompts)) if progress is not None else None
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), torch.random.fork_rng(devices=_rng_devices(device)):
+            torch.manual_seed(settings.seed)
+            for start in range(0, len(order), settings.batch_size):
+                rows = order[start : start + settings.batch_size]
+                width = len(encoded[rows[0]])
+                input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
+                attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T), 0 on left padding
+                for b, i in enumerate(rows):
+                    n = len(encoded[i])
+                    input_ids[b, width - n :] = torch.tensor(encoded[i])
+                    attention_mask[b, width - n :] = 1
+                criterion = _StopOnStrings(tokenizer, settings.stop, width, eos_ids)
+                out = model.generate(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    stopping_criteria=StoppingCriteriaList([criterion]) if settings.stop else None,
+                    **kwargs,
+                )  # (B, T + new)
+                for b, i in enumerate(rows):
+                    text, reason, completion = _finish(
+                        tokenizer, out[b, width:].tolist(), criterion.stopped_at.get(b), set(eos_ids), settings.stop
+                    )
+                    results[i] = {"text": text, "finish_reason": reason, "prompt_tokens": len(encoded[i]),
+                                  "completion_tokens": completion}
+                if progress is not None and task is not None:
+                    progress.advance(task, len(rows))
+    finally:
+        if was_training:
+            model.train()
+    return [r for r in results if r is not None]
+
+
+def stream_chat(
+    model: Any,
+    tokenizer: Any,
+    messages: list[dict[str, str]],
+    settings: GenerationSettings,
+    *,
+    eos_token_ids: list[int] | None = None,
+) -> Iterator[str]:
+    """Stream the answer to chat ``messages`` as text pieces, as they are generated.
+
+    The pieces join to what :func:`generate` returns for the same prompt: decoding stops at EOS, and
+    text that might begin a stop string is held back until it is clear it does not; the answer ends
+    before the first stop string. Generation runs in a thread (``TextIteratorStreamer``); closing the
+    iterator early stops it. ``settings.batch_size`` is not used.
+    """
+    prompt_ids = _encode(tokenizer, chat_prompt(tokenizer, messages))
+    eos_ids = _eos_ids(model, tokenizer, eos_token_ids)
+    pad_id = _pad_id(tokenizer, eos_ids)
+    device = next(model.parameters()).device
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    criterion = _StopOnStrings(tokenizer, settings.stop, len(prompt_ids), eos_ids)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            # inference_mode is per thread, so it is entered here, not by the caller.
+            with torch.inference_mode(), torch.random.fork_rng(devices=_rng_devices(device)):
+                torch.manual_seed(settings.seed)
+                model.generate(
+                    input_ids=torch.tensor([prompt_ids], device=device),
+                    attention_mask=torch.ones((1, len(prompt_ids)), dtype=torch.long, device=device),
+                    stopping_criteria=StoppingCriteriaList([criterion]),
+                    streamer=streamer,
+                    **_generate_kwargs(settings, eos_ids, pad_id),
+                )
+        except BaseException as exc:  # handed to the reading thread, which re-raises it
+            errors.append(exc)
+            streamer.end()  # unblock the reader
+
+    was_training = model.training
+    model.eval()
+    thread = threading.Thread(target=run, name="lmtune-stream-chat", daemon=True)
+    thread.start()
+    longest_stop = max((len(s) for s in settings.stop), default=0)
+    text = ""  # everything decoded so far
+    sent = 0  # how much of it has been yielded
+    try:
+        for piece in streamer:
+            text += piece
+            cut = _find_stop(text, settings.stop)
+            if cut is not None:
+                if cut > sent:
+                    yield text[sent:cut]
+                return
+            # Hold back a tail that could still grow into a stop string.
+            safe = len(text)
+            for k in range(min(longest_stop - 1, len(text)), 0, -1):
+                if any(s.startswith(text[-k:]) for s in settings.stop):
+                    safe = len(text) - k
+                    break
+            if safe > sent:
+                yield text[sent:safe]
+                sent = safe
+        if errors:
+            raise errors[0]
+        if len(text) > sent:
+            yield text[sent:]
+    finally:
+        criterion.cancel()
+        thread.join()
+        if was_training:
+            model.train()

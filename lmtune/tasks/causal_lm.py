@@ -1,0 +1,283 @@
+"""Language-model training on raw text: continued pre-training of a decoder, or a small one from scratch.
+
+Data: plain-text files (one document per file, paragraph or line: ``data.document_split``) or a
+text column of any table (one document per row). Each document is tokenised, ended with EOS (and
+begun with BOS when the tokenizer uses one), and the documents are packed into rows of
+``data.max_length`` tokens with no attention across document boundaries (see
+:mod:`lmtune.data.packing`). Evaluation reports the mean next-token loss and perplexity on
+held-out documents.
+
+``model.init: scratch`` builds a fresh Llama- or GPT-2-shaped decoder of the configured size; its
+tokenizer comes from a bundled model or folder, or is trained on the training text (byte-level
+BPE with ``tokenizers``, cached by a hash of the text and the vocabulary size).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, ClassVar
+
+from lmtune.config import Config
+from lmtune.data.features import FeatureDataset, cached_features, digest_records, features_cache_key
+from lmtune.data.packing import pack_stream
+from lmtune.data.readers import detect_format, read_table
+from lmtune.errors import ConfigError, DataError
+from lmtune.paths import cache_dir
+from lmtune.tasks.base import TaskData, register_task
+from lmtune.tasks.decoder import DecoderTask, adds_bos, load_decoder_tokenizer
+
+log = logging.getLogger(__name__)
+
+# The special token of a tokenizer trained on the corpus: ends (and pads) every document.
+END_OF_TEXT = "<|endoftext|>"
+
+
+@register_task
+class CausalLMTask(DecoderTask):
+    """Next-token prediction on documents, packed into fixed-length rows."""
+
+    name: ClassVar[str] = "causal_lm"
+    default_metric: ClassVar[str] = "loss"
+    headline_metrics: ClassVar[list[tuple[str, str]]] = [("perplexity", "perplexity"), ("loss", "loss")]
+    comparison_metric: ClassVar[str] = "perplexity"
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        if config.model.init == "scratch" and config.method.name != "full":
+            raise ConfigError(f"method.name '{config.method.name}': a model trained from scratch has no pretrained "
+                              "weights to keep; use method.name: full")
+        self._docs: dict[str, tuple[list[str], dict[str, Any]]] = {}
+
+    @property
+    def packing(self) -> bool:
+        """On unless ``data.packing: false``."""
+        return True if self.data_cfg.packing is None else self.data_cfg.packing
+
+    # ------------------------------------------------------------------------------ model source
+    def model_path(self) -> Path | None:
+        """The folder whose weights (pretrained) or tokenizer (scratch) are used; None for a trained tokenizer."""
+        from lmtune.models.registry import resolve_model
+
+        m = self.config.model
+        source = m.name if m.init == "pretrained" else (m.tokenizer or m.name)
+        if source == "train":
+            return None
+        return resolve_model(source, allow_pickle=m.allow_pickle)
+
+    def load_tokenizer(self, model_path: Path | None) -> Any:
+        """The model's tokenizer, or one trained on the training documents (init: scratch, tokenizer: train)."""
+        if model_path is None:
+            self.tokenizer = self._trained_tokenizer()
+        else:
+            self.tokenizer = load_decoder_tokenizer(model_path, trust_remote_code=self.config.model.trust_remote_code)
+        return self.tokenizer
+
+    def _trained_tokenizer(self) -> Any:
+        """A byte-level BPE tokenizer trained on the training documents, cached by their hash."""
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        from transformers import PreTrainedTokenizerFast
+
+        docs = self._documents("train")
+        vocab = self.config.model.vocab_size
+        digest = hashlib.sha256(f"bpe-v1:{vocab}\n{digest_records(docs)}".encode()).hexdigest()[:24]
+        folder = cache_dir("tokenizers") / digest
+        if (folder / "tokenizer.json").is_file():
+            log.info("tokenizer trained on this text read from cache (%s)", digest[:12])
+            return load_decoder_tokenizer(folder)
+        log.info("training a byte-level BPE tokenizer (vocabulary %d) on %d documents", vocab, len(docs))
+        bpe = Tokenizer(models.BPE())
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        bpe.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=[END_OF_TEXT], show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        bpe.train_from_iterator(docs, trainer=trainer)
+        tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=END_OF_TEXT, pad_token=END_OF_TEXT,
+                                      bos_token=END_OF_TEXT, model_max_length=self.config.model.context_length)
+        tmp = folder.with_name(f".{digest}.tmp-{os.getpid()}")
+        tok.save_pretrained(tmp)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process trained the same tokenizer first; theirs is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+        return load_decoder_tokenizer(folder)
+
+    # ------------------------------------------------------------------------------ data
+    def _read_documents(self, source: str) -> tuple[list[str], dict[str, Any]]:
+        """Documents of one source, and facts about reading it."""
+        d = self.data_cfg
+        table = read_table(source, format=d.format, encoding=d.encoding)
+        fmt = d.format
+        if fmt == "auto" and not source.startswith("bundled:"):
+            fmt = detect_format(Path(source))
+        skipped = 0
+        if fmt == "text" and d.document_split != "line":
+            # Lines arrive without the blank ones; a jump in line numbers is a paragraph break.
+            docs: list[str] = []
+            current: list[str] = []
+            last = None
+            for row, line in zip(table.rows, table.lines, strict=True):
+                if last is not None and line != last + 1 and d.document_split == "paragraph":
+                    docs.append("\n".join(current))
+                    current = []
+                elif last is not None and line != last + 1:
+                    current.append("")  # keep the paragraph break inside a whole-file document
+                current.append(row["text"])
+                last = line
+            if current:
+                docs.append("\n".join(current))
+        else:
+            docs = []
+            for value, line in zip(table.column(d.text_column), table.lines, strict=True):
+                if value is None or (isinstance(value, str) and not value.strip()):
+                    if d.empty_text == "error":
+                        raise DataError("empty text", file=source, line=line, field=d.text_column,
+                                        hint="set data.empty_text: skip to drop such rows (they are counted)")
+                    skipped += 1
+                    continue
+                if not isinstance(value, str):
+                    raise DataError(f"expected text, found {type(value).__name__}", file=source, line=line,
+                                    field=d.text_column)
+                docs.append(value)
+        if not docs:
+            raise DataError("no text to train on", file=source)
+        return docs, {"source": source, "rows_read": len(table), "skipped_empty": skipped}
+
+    def _documents(self, split: str) -> list[str]:
+        """The documents of ``split`` after reading, de-duplication and splitting (computed once)."""
+        if not self._docs:
+            self._docs = self._split_documents()
+        return self._docs[split][0] if split in self._docs else []
+
+    def _split_documents(self) -> dict[str, tuple[list[str], dict[str, Any]]]:
+        d = self.data_cfg
+        train, train_info = self._read_documents(d.train)
+        if d.deduplicate:
+            unique = list(dict.fromkeys(train))
+            train_info["duplicates_removed"] = len(train) - len(unique)
+            train = unique
+        out: dict[str, tuple[list[str], dict[str, Any]]] = {}
+        given = {s: src for s, src in (("validation", d.validation), ("test", d.test)) if src}
+        wanted = [s for s in ("validation", "test") if s not in given]
+        if wanted:
+            order = list(range(len(train)))
+            random.Random(d.split_seed).shuffle(order)
+            sizes = {"validation": d.validation_size, "test": d.test_size}
+            counts = {s: max(1, round(sizes[s] * len(train))) for s in wanted}
+            if sum(counts.values()) >= len(train):
+                raise DataError(f"{len(train)} document(s) are too few to hold out {' and '.join(wanted)} text",
+                                file=d.train, hint="give data.validation (and data.test) files, or "
+                                "data.document_split: paragraph for a long text file")
+            start = 0
+            for s in wanted:
+                picked = sorted(order[start : start + counts[s]])
+                start += counts[s]
+                out[s] = ([train[i] for i in picked], {"source": f"{d.train} (split {sizes[s]:g})"})
+            rest = sorted(order[start:])
+            train = [train[i] for i in rest]
+        for s, src in given.items():
+            out[s] = self._read_documents(src)
+        if d.deduplicate:
+            seen = set(train)
+            for s in ("validation", "test"):
+                if s in out:
+                    docs, info = out[s]
+                    clean = [x for x in dict.fromkeys(docs) if x not in seen]
+                    info["duplicates_removed"] = len(docs) - len(clean)
+                    out[s] = (clean, info)
+        out["train"] = (train, train_info)
+        if d.max_samples:
+            rng = random.Random(d.split_seed)
+            for s, (docs, info) in out.items():
+                if len(docs) > d.max_samples:
+                    out[s] = (rng.sample(docs, d.max_samples), info)
+        return out
+
+    def prepare(self, tokenizer: Any) -> TaskData:
+        """Tokenise every split's documents and pack them into rows (cached)."""
+        self._documents("train")
+        info: dict[str, Any] = {}
+        splits: dict[str, Any] = {}
+        lengths: dict[str, list[int]] = {}
+        for split in ("train", "validation", "test"):
+            if split not in self._docs or not self._docs[split][0]:
+                continue
+            docs, split_info = self._docs[split]
+            ds, facts = self._features(docs, tokenizer)
+            splits[split] = ds
+            lengths[split] = ds.lengths
+            info[split] = {**split_info, **facts}
+        return TaskData(splits=splits, lengths=lengths, info=info,
+                        extra={"documents": {s: v[0] for s, v in self._docs.items()}})
+
+    def _features(self, docs: list[str], tokenizer: Any) -> tuple[FeatureDataset, dict[str, Any]]:
+        d = self.data_cfg
+        bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
+        eos = [tokenizer.eos_token_id]
+        settings = {"max_length": d.max_length, "packing": self.packing, "bos": bos, "eos": eos}
+        key = features_cache_key(self.name, digest_records(docs), tokenizer, settings)
+        facts: dict[str, Any] = {}
+
+        def build() -> dict[str, list[Any]]:
+            ids = tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]
+            seqs = [bos + x + eos for x in ids]
+            if self.packing:
+                rows = pack_stream(((s, s) for s in seqs), d.max_length)
+            else:  # one document per row, long documents cut into several rows
+                rows = []
+                for s in seqs:
+                    for i in range(0, len(s), d.max_length):
+                        piece = s[i : i + d.max_length]
+                        rows.append({"input_ids": piece, "labels": piece, "segments": 1})
+            return {
+                "input_ids": [r["input_ids"] for r in rows],
+                "labels": [r["labels"] for r in rows],
+                **({"position_ids": [r["position_ids"] for r in rows]} if self.packing else {}),
+                "segments": [r["segments"] for r in rows],
+                "length": [len(r["input_ids"]) for r in rows],
+            }
+
+        ds, hit = cached_features(key, build, use_cache=d.cache)
+        if hit:
+            log.info("tokenised features read from cache (%s)", key[:12])
+        plain = ds.with_format(None)
+        row_lengths = plain["length"]
+        segments = plain["segments"]
+        facts.update({
+            "examples": len(docs),
+            "documents": len(docs),
+            "rows": len(ds),
+            "tokens": int(sum(row_lengths)),
+            "pieces": int(sum(segments)),
+            # A document cut across rows (or into several rows) loses context at the cut.
+            "documents_split_across_rows": int(sum(segments) - len(docs)),
+        })
+        ds.set_format(columns=[c for c in ds.column_names if c not in ("length", "segments")])
+        return FeatureDataset(ds, row_lengths), facts
+
+    # ------------------------------------------------------------------------------ evaluation
+    def evaluate(self, model: Any, loader: Any, accelerator: Any, split: str, data: TaskData) -> dict[str, Any]:
+        """Mean next-token loss and perplexity on held-out documents."""
+        return self.loss_metrics(model, loader, accelerator)
+
+    def save_model_extras(self, folder: Path, data: TaskData) -> dict[str, Any]:
+        """Generation config and the data settings."""
+        extra = self.write_generation_config(folder, self.tokenizer)
+        return {"max_length": self.data_cfg.max_length, "packing": self.packing,
+                "init": self.config.model.init, **extra}
+
+    def report_sections(self, report: Any, run_dir: Path, metrics: dict[str, Any], data: TaskData) -> None:
+        """Perplexity before and after, per split."""
+        start = metrics.get("starting_point", {})
+        rows = []
+        for split in ("validation", "test"):
+            if split in metrics:
+                before = start.get(split, {}).get("perplexity")
+                rows.append([split, before, metrics[split]["perplexity"], metrics[split]["target_tokens"]])
+        if rows:
+            report.heading("Perplexity", 3)
+            report.table(["split", "starting model", "trained model", "target tokens"], rows)

@@ -1,0 +1,212 @@
+"""What the decoder tasks (causal_lm, sft) share: tokenizer, model, batches, loss, loss-based metrics.
+
+Both train a causal LM on ``(input_ids, labels)`` sequences where ``labels`` is -100 on tokens
+that carry no loss. Loss masks are decided when examples are built (from the chat template or
+the document boundaries), never by comparing token ids with the pad id: SmolLM2 pads with its
+EOS token, and a mask by id would hide every EOS from training, so the tuned model would never
+stop. Padding is told apart by position (the attention mask, or the packed row's tail).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from lmtune.config import Config
+from lmtune.data.features import PaddingCollator
+from lmtune.data.packing import IGNORE_INDEX, PackedCollator
+from lmtune.errors import ConfigError, ModelError
+from lmtune.tasks.base import TaskData
+
+log = logging.getLogger(__name__)
+
+
+def load_decoder_tokenizer(path: Path, *, trust_remote_code: bool = False) -> Any:
+    """A decoder's tokenizer, right-padded, with a pad token (its EOS when it has none)."""
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load a tokenizer: {exc}", file=path) from None
+    tok.padding_side = "right"
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ModelError("the tokenizer has neither a pad nor an eos token", file=path)
+        # Safe: labels are masked by position, never by id (see the module docstring).
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer puts a BOS token in front of plain text by itself."""
+    if tokenizer.bos_token_id is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def eos_ids(tokenizer: Any, model: Any = None) -> list[int]:
+    """Every token id that ends generation: the tokenizer's EOS and the model's generation EOS ids."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(gen, int):
+        ids.add(gen)
+    elif isinstance(gen, (list, tuple)):
+        ids.update(int(i) for i in gen)
+    return sorted(ids)
+
+
+def scratch_config(config: Config, tokenizer: Any) -> Any:
+    """A fresh decoder config of the size ``config.model`` asks for (init: scratch)."""
+    m = config.model
+    common = {
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "tie_word_embeddings": True,
+    }
+    if m.architecture == "gpt2":
+        return AutoConfig.for_model(
+            "gpt2", n_embd=m.hidden_size, n_layer=m.layers, n_head=m.heads, n_positions=m.context_length,
+            n_inner=m.intermediate_size or 4 * m.hidden_size, **common,
+        )
+    inner = m.intermediate_size or 32 * math.ceil(8 * m.hidden_size / 3 / 32)
+    return AutoConfig.for_model(
+        "llama", hidden_size=m.hidden_size, num_hidden_layers=m.layers, num_attention_heads=m.heads,
+        num_key_value_heads=m.heads, intermediate_size=inner, max_position_embeddings=m.context_length,
+        **common,
+    )
+
+
+class DecoderCollator:
+    """Batches of packed rows (features carry ``position_ids``) or of single sequences (right-padded,
+    labels padded with -100, attention mask); a split may be packed while another is not."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.packed = PackedCollator(pad_token_id)
+        self.padded = PaddingCollator({"input_ids": pad_token_id, "labels": IGNORE_INDEX}, padding_side="right")
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return self.packed(features) if "position_ids" in features[0] else self.padded(features)
+
+
+class DecoderTask:
+    """Shared behaviour of the decoder tasks; subclasses add data preparation and reports."""
+
+    name: ClassVar[str] = "decoder"
+    default_metric: ClassVar[str] = "loss"
+    model_class: ClassVar[Any] = AutoModelForCausalLM
+    peft_task_type: ClassVar[str] = "CAUSAL_LM"
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.data_cfg = config.data
+        self.tokenizer: Any = None  # set by load_tokenizer
+        self.phase = "training"
+
+    @property
+    def packing(self) -> bool:
+        """Whether training rows are packed (the config says, else the task's default)."""
+        raise NotImplementedError
+
+    def evaluation_phase(self, phase: str) -> None:
+        """``training`` (cheap: loss only) or ``final`` (also what is slow, e.g. generation)."""
+        self.phase = phase
+
+    # ------------------------------------------------------------------------------ model
+    def build_model(self, model_path: Path | None, data: TaskData, tokenizer: Any) -> torch.nn.Module:
+        """The pretrained decoder (or a fresh one for init: scratch) in float32."""
+        m = self.config.model
+        if m.init == "scratch":
+            cfg = scratch_config(self.config, tokenizer)
+            torch.manual_seed(self.config.train.seed)
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+            log.info("new %s model from scratch: %d layers, hidden %d, %d heads, vocabulary %d",
+                     m.architecture, m.layers, m.hidden_size, m.heads, len(tokenizer))
+        else:
+            assert model_path is not None
+            try:
+                model = AutoModelForCausalLM.from_pretrained(
+                    model_path, dtype=torch.float32, trust_remote_code=m.trust_remote_code,
+                    use_safetensors=not m.allow_pickle or None,
+                )
+            except ValueError as exc:
+                raise ModelError(f"this model cannot be loaded as a causal language model: {exc}",
+                                 file=model_path) from None
+        positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+        if positions and self.data_cfg.max_length > positions:
+            raise ConfigError(f"data.max_length {self.data_cfg.max_length} is larger than the model's {positions} "
+                              "positions", hint=f"set --data.max_length {positions} or less")
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            # New tokens (a chat template's markers): their embedding rows start as the mean of the others.
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        if m.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.config.use_cache = False
+        return model
+
+    def head_module_names(self, model: torch.nn.Module) -> set[str]:
+        """A language model has no new head."""
+        return set()
+
+    # ------------------------------------------------------------------------------ batches and loss
+    def collator(self, tokenizer: Any) -> DecoderCollator:
+        """Packed rows (position ids restart per sequence, no mask) or right-padded batches."""
+        return DecoderCollator(tokenizer.pad_token_id)
+
+    def num_items(self, batch: dict[str, torch.Tensor]) -> int:
+        """Target tokens: labels that are not -100, after the one-token shift."""
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    @staticmethod
+    def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+
+    def _logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**self._inputs(batch), use_cache=False).logits.float()  # (B, T, vocab)
+
+    def _loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = model(**self._inputs(batch), use_cache=False).logits  # (B, T, vocab)
+        # Position t predicts token t+1.
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed next-token cross-entropy over the target tokens of the micro-batch."""
+        return self._loss_sum(model, batch)
+
+    def loss_metrics(self, model: torch.nn.Module, loader: Any, accelerator: Any) -> dict[str, Any]:
+        """Mean target-token loss and perplexity over one split, gathered across processes."""
+        total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # (loss sum, tokens)
+        for batch in loader:
+            total[0] += self._loss_sum(model, batch).double()
+            total[1] += self.num_items(batch)
+        total = accelerator.reduce(total, reduction="sum")
+        loss = float(total[0] / total[1].clamp(min=1))
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "target_tokens": int(total[1])}
+
+    # ------------------------------------------------------------------------------ saving
+    def write_generation_config(self, folder: Path, tokenizer: Any, model: Any = None) -> dict[str, Any]:
+        """``generation_config.json`` that stops at every end-of-turn token, with lmtune's defaults."""
+        g = self.config.generation
+        stop = eos_ids(tokenizer, model)
+        gen = GenerationConfig(
+            eos_token_id=stop if len(stop) > 1 else (stop[0] if stop else None),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            max_new_tokens=g.max_new_tokens,
+            do_sample=g.do_sample,
+            **({"temperature": g.temperature, "top_p": g.top_p} if g.do_sample else {}),
+            repetition_penalty=g.repetition_penalty,
+        )
+        gen.save_pretrained(folder)
+        return {"eos_token_ids": stop}

@@ -1,0 +1,349 @@
+"""Instruction and chat fine-tuning (supervised fine-tuning, SFT) of a decoder.
+
+Data: alpaca (instruction/input/output), sharegpt (conversations of from/value) or OpenAI
+messages (role/content, system prompts, several turns), detected from the records or set with
+``data.chat_format``; ``data.columns`` maps other column names. Every conversation is validated
+(roles alternate, no empty answer, known roles) with errors that name file, line and field.
+
+Conversations are rendered by the model's own chat template (a ChatML default when it has none),
+exactly as inference renders them; the template is saved with the model. Loss falls on assistant
+tokens only by default, always including the end-of-turn token the model must learn to stop at
+(also when pad and EOS are the same token). Optional packing of whole conversations into rows.
+
+Evaluation: loss and perplexity on the assistant tokens of held-out conversations, and at the
+end (or every validation, if asked) batched generation from the held-out prompts scored against
+the reference answers (exact match, token F1, ROUGE-L, chrF, BLEU), for the starting model and
+the tuned one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any, ClassVar
+
+from lmtune.config import Config
+from lmtune.data.features import FeatureDataset, cached_features, digest_records, features_cache_key
+from lmtune.data.packing import pack_whole
+from lmtune.data.readers import read_table
+from lmtune.errors import DataError
+from lmtune.tasks.base import TaskData, register_task
+from lmtune.tasks.decoder import DecoderTask, load_decoder_tokenizer
+
+log = logging.getLogger(__name__)
+
+_SHOW_LINES = 20
+# Example generations kept per split for the report.
+_EXAMPLES_KEPT = 6
+
+
+@register_task
+class SFTTask(DecoderTask):
+    """Supervised fine-tuning on conversations, loss on the assistant's turns."""
+
+    name: ClassVar[str] = "sft"
+    default_metric: ClassVar[str] = "loss"
+    headline_metrics: ClassVar[list[tuple[str, str]]] = [
+        ("token_f1", "token F1"), ("rouge_l", "ROUGE-L"), ("chrf", "chrF"), ("exact_match", "exact match"),
+        ("stopped_fraction", "stops by itself"), ("loss", "loss"),
+    ]
+    comparison_metric: ClassVar[str] = "rouge_l"
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.chat_template_source = "model"
+        self.vocab_grew = False
+
+    @property
+    def packing(self) -> bool:
+        """Off unless ``data.packing: true``."""
+        return bool(self.data_cfg.packing)
+
+    # ------------------------------------------------------------------------------ tokenizer
+    def load_tokenizer(self, model_path: Path | None) -> Any:
+        """The model's tokenizer with a chat template (ChatML added when the model has none)."""
+        from lmtune.data.chat import ensure_chat_template
+
+        assert model_path is not None
+        tok = load_decoder_tokenizer(model_path, trust_remote_code=self.config.model.trust_remote_code)
+        had_template = bool(tok.chat_template)
+        self.vocab_grew = ensure_chat_template(tok)
+        if not had_template:
+            self.chat_template_source = "default"
+            log.warning("the model has no chat template; using lmtune's ChatML default%s (saved with the model)",
+                        " and adding its <|im_start|>/<|im_end|> tokens" if self.vocab_grew else "")
+        self.tokenizer = tok
+        return tok
+
+    def new_token_ids(self) -> list[int]:
+        """Ids of tokens added to the vocabulary (their embeddings must be trained)."""
+        if not self.vocab_grew:
+            return []
+        return [int(self.tokenizer.convert_tokens_to_ids(t)) for t in ("<|im_start|>", "<|im_end|>")]
+
+    # ------------------------------------------------------------------------------ data
+    def _read_conversations(self, source: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Validated conversations ``{messages, line}`` of one source, and facts about it."""
+        from lmtune.data.chat import detect_format, to_messages
+
+        d = self.data_cfg
+        table = read_table(source, format=d.format, encoding=d.encoding)
+        fmt = d.chat_format if d.chat_format != "auto" else detect_format(table.rows, d.columns, source)
+        records = [
+            {"messages": to_messages(row, fmt, d.columns, source=source, line=line), "line": line}
+            for row, line in zip(table.rows, table.lines, strict=True)
+        ]
+        if not records:
+            raise DataError("no conversations", file=source)
+        return records, {"source": source, "rows_read": len(table), "chat_format": fmt}
+
+    def _splits(self) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
+        d = self.data_cfg
+        train, train_info = self._read_conversations(d.train)
+        info: dict[str, Any] = {"train": train_info}
+
+        def key(r: dict[str, Any]) -> str:
+            return json.dumps(r["messages"], ensure_ascii=False, sort_keys=True)
+
+        if d.deduplicate:
+            unique = list({key(r): r for r in reversed(train)}.values())[::-1]  # first occurrence wins
+            train_info["duplicates_removed"] = len(train) - len(unique)
+            train = unique
+        splits: dict[str, list[dict[str, Any]]] = {}
+        given = {s: src for s, src in (("validation", d.validation), ("test", d.test)) if src}
+        wanted = [s for s in ("validation", "test") if s not in given]
+        if wanted:
+            order = list(range(len(train)))
+            random.Random(d.split_seed).shuffle(order)
+            sizes = {"validation": d.validation_size, "test": d.test_size}
+            counts = {s: max(1, round(sizes[s] * len(train))) for s in wanted}
+            if sum(counts.values()) >= len(train):
+                raise DataError(f"{len(train)} conversation(s) are too few to hold out {' and '.join(wanted)} data",
+                                file=d.train, hint="give data.validation and data.test files, or more data")
+            start = 0
+            for s in wanted:
+                splits[s] = [train[i] for i in sorted(order[start : start + counts[s]])]
+                info[s] = {"source": f"{d.train} (split {sizes[s]:g})"}
+                start += counts[s]
+            train = [train[i] for i in sorted(order[start:])]
+        for s, src in given.items():
+            splits[s], info[s] = self._read_conversations(src)
+        if d.deduplicate:
+            seen = {key(r) for r in train}
+            for s in ("validation", "test"):
+                if s in splits:
+                    rows = splits[s]
+                    clean = [r for r in {key(r): r for r in reversed(rows)}.values() if key(r) not in seen][::-1]
+                    info[s]["duplicates_removed"] = len(rows) - len(clean)
+                    splits[s] = clean
+        splits["train"] = train
+        if d.max_samples:
+            rng = random.Random(d.split_seed)
+            for s, rows in splits.items():
+                if len(rows) > d.max_samples:
+                    splits[s] = sorted(rng.sample(rows, d.max_samples), key=lambda r: r["line"])
+        return splits, info
+
+    def render(self, records: list[dict[str, Any]], tokenizer: Any) -> tuple[list[Any], list[int]]:
+        """Rendered examples (None where too long and skipped) and the lines of the skipped ones."""
+        from lmtune.data.chat import render_conversation
+
+        d = self.data_cfg
+        out = []
+        skipped = []
+        for r in records:
+            ex = render_conversation(tokenizer, r["messages"], train_on=d.train_on, max_length=d.max_length,
+                                     too_long=d.too_long)
+            out.append(ex)
+            if ex is None:
+                skipped.append(r["line"])
+        return out, skipped
+
+    def preflight(self, examples: list[Any], tokenizer: Any, source: str) -> dict[str, Any]:
+        """Checks on rendered examples; raises on a definite error, returns counts of each problem."""
+        from lmtune.data.chat import check_rendered, end_of_turn_ids
+
+        eos = end_of_turn_ids(tokenizer)
+        problems: dict[str, int] = {}
+        for ex in examples:
+            for p in check_rendered(tokenizer, ex, eos):
+                problems[p] = problems.get(p, 0) + 1
+        n = max(len(examples), 1)
+        for problem, count in problems.items():
+            definite = "BOS" in problem or count == n
+            msg = f"{count} of {len(examples)} training examples: {problem}"
+            if definite:
+                raise DataError(
+                    f"pre-flight check failed: {msg}", file=source,
+                    hint="run `lmtune data inspect CONFIG` to see the examples as the model sees them"
+                    + ("; the chat template must end each assistant turn with an EOS token "
+                       f"({', '.join(tokenizer.convert_ids_to_tokens(sorted(eos)))}) or the model never learns to stop"
+                       if "end" in problem else ""),
+                )
+            log.warning("pre-flight: %s", msg)
+        return problems
+
+    def prepare(self, tokenizer: Any) -> TaskData:
+        """Read, validate, split, render with the chat template, check, and tokenise (cached)."""
+        from lmtune.generation import chat_prompt
+
+        d = self.data_cfg
+        splits, info = self._splits()
+        features: dict[str, Any] = {}
+        lengths: dict[str, list[int]] = {}
+        prompts: dict[str, list[str]] = {}
+        references: dict[str, list[str]] = {}
+        for split, records in splits.items():
+            rendered, skipped = self.render(records, tokenizer)
+            kept = [(r, ex) for r, ex in zip(records, rendered, strict=True) if ex is not None]
+            if skipped:
+                shown = ", ".join(map(str, skipped[:_SHOW_LINES])) + (" ..." if len(skipped) > _SHOW_LINES else "")
+                log.warning("%s: %d of %d conversations are longer than data.max_length %d and were skipped "
+                            "(lines %s)%s", split, len(skipped), len(records), d.max_length, shown,
+                            "" if d.too_long == "truncate_left" else "; data.too_long: truncate_left keeps them")
+            if not kept:
+                raise DataError(f"no {split} conversation fits data.max_length {d.max_length}",
+                                file=info[split].get("source", d.train), hint="raise data.max_length")
+            examples = [ex for _, ex in kept]
+            if split == "train":
+                info["preflight"] = self.preflight(examples, tokenizer, d.train)
+            ds, lens = self._features(examples, tokenizer, packed=self.packing and split == "train")
+            features[split] = ds
+            lengths[split] = lens
+            info[split].update({
+                "examples": len(kept),
+                "skipped_too_long": len(skipped),
+                "skipped_lines": skipped[:1000],
+                "truncated": sum(ex.truncated_tokens > 0 for ex in examples),
+                "tokens": sum(len(ex.input_ids) for ex in examples),
+                "target_tokens": sum(sum(t != -100 for t in ex.labels) for ex in examples),
+                "turns": sum(len(r["messages"]) for r, _ in kept),
+            })
+            if split != "train":
+                limit = self.config.generation.eval_examples or len(kept)
+                prompts[split] = [chat_prompt(tokenizer, r["messages"][:-1]) for r, _ in kept[:limit]]
+                references[split] = [r["messages"][-1]["content"] for r, _ in kept[:limit]]
+        info["chat_template"] = self.chat_template_source
+        return TaskData(splits=features, lengths=lengths, info=info,
+                        extra={"prompts": prompts, "references": references})
+
+    def _features(self, examples: list[Any], tokenizer: Any, *, packed: bool) -> tuple[FeatureDataset, list[int]]:
+        seqs = [(ex.input_ids, ex.labels) for ex in examples]
+        key = features_cache_key(self.name, digest_records(seqs), tokenizer,
+                                 {"packed": packed, "max_length": self.data_cfg.max_length})
+
+        def build() -> dict[str, list[Any]]:
+            if packed:
+                rows, _ = pack_whole(seqs, self.data_cfg.max_length)
+                return {"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows],
+                        "position_ids": [r["position_ids"] for r in rows],
+                        "length": [len(r["input_ids"]) for r in rows]}
+            return {"input_ids": [s[0] for s in seqs], "labels": [s[1] for s in seqs],
+                    "length": [len(s[0]) for s in seqs]}
+
+        ds, hit = cached_features(key, build, use_cache=self.data_cfg.cache)
+        if hit:
+            log.info("tokenised features read from cache (%s)", key[:12])
+        lens = ds.with_format(None)["length"]
+        ds.set_format(columns=[c for c in ds.column_names if c != "length"])
+        if packed:
+            log.info("packed %d conversations into %d rows of up to %d tokens (%.0f%% filled)", len(seqs), len(ds),
+                     self.data_cfg.max_length, 100 * sum(lens) / max(len(ds) * self.data_cfg.max_length, 1))
+        return FeatureDataset(ds, lens), lens
+
+    # ------------------------------------------------------------------------------ evaluation
+    def evaluate(self, model: Any, loader: Any, accelerator: Any, split: str, data: TaskData) -> dict[str, Any]:
+        """Loss/perplexity on assistant tokens; generation scores at the final evaluation (or always, if set)."""
+        metrics = self.loss_metrics(model, loader, accelerator)
+        if self.phase == "final" or self.config.generation.eval_during_training:
+            prompts = data.extra["prompts"].get(split, [])
+            if prompts:
+                metrics.update(self.generation_scores(accelerator.unwrap_model(model), accelerator, prompts,
+                                                      data.extra["references"][split]))
+        return metrics
+
+    def generation_scores(self, model: Any, accelerator: Any, prompts: list[str],
+                          references: list[str]) -> dict[str, Any]:
+        """Generate answers to ``prompts`` (split across processes) and score them against ``references``."""
+        from accelerate.utils import gather_object
+
+        from lmtune.data.chat import end_of_turn_ids
+        from lmtune.evaluate.text_metrics import generation_metrics
+        from lmtune.generation import GenerationSettings, generate
+
+        settings = GenerationSettings.from_config(self.config.generation)
+        stop_ids = sorted(end_of_turn_ids(self.tokenizer, getattr(model.generation_config, "eos_token_id", None)))
+        indexed = list(enumerate(prompts))
+        with accelerator.split_between_processes(indexed) as mine:
+            outs = generate(model, self.tokenizer, [p for _, p in mine], settings, eos_token_ids=stop_ids)
+            local = [(i, o) for (i, _), o in zip(mine, outs, strict=True)]
+        results = [o for _, o in sorted(gather_object(local), key=lambda x: x[0])] if accelerator.num_processes > 1 \
+            else [o for _, o in local]
+        texts = [r["text"].strip() for r in results]
+        scores = generation_metrics(texts, references)
+        scores["stopped_fraction"] = sum(r["finish_reason"] == "stop" for r in results) / len(results)
+        scores["generated_examples"] = len(results)
+        scores["examples"] = [
+            {"prompt": p, "reference": ref, "generated": t, "finish_reason": r["finish_reason"]}
+            for p, ref, t, r in list(zip(prompts, references, texts, results, strict=True))[:_EXAMPLES_KEPT]
+        ]
+        return scores
+
+    # ------------------------------------------------------------------------------ saving and report
+    def save_model_extras(self, folder: Path, data: TaskData) -> dict[str, Any]:
+        """Generation config stopping at the end-of-turn token; chat settings for ``lmtune.json``."""
+        from lmtune.data.chat import end_of_turn_ids
+
+        from transformers import GenerationConfig
+
+        extra = self.write_generation_config(folder, self.tokenizer)
+        stop = sorted(set(extra["eos_token_ids"]) | end_of_turn_ids(self.tokenizer))
+        gen = GenerationConfig.from_pretrained(folder)
+        gen.eos_token_id = stop if len(stop) > 1 else stop[0]
+        gen.save_pretrained(folder)
+        return {"eos_token_ids": stop, "chat_template": self.chat_template_source, "train_on": self.data_cfg.train_on,
+                "max_length": self.data_cfg.max_length, "packing": self.packing,
+                "chat_format": data.info["train"].get("chat_format")}
+
+    def report_sections(self, report: Any, run_dir: Path, metrics: dict[str, Any], data: TaskData) -> None:
+        """Generation scores before and after, and example answers side by side."""
+        start = metrics.get("starting_point", {})
+        split = "test" if "test" in metrics else "validation"
+        tuned, base = metrics.get(split, {}), start.get(split, {})
+        if "rouge_l" not in tuned:
+            return
+        report.heading(f"Generation on the {split} split", 3)
+        keys = ["exact_match", "token_f1", "rouge_l", "chrf", "bleu", "stopped_fraction", "mean_generated_words",
+                "loss", "perplexity"]
+        report.table(["metric", "starting model", "tuned model"],
+                     [[k, base.get(k), tuned.get(k)] for k in keys if k in tuned])
+        report.paragraph(f"{tuned.get('generated_examples')} held-out prompts, {self.config.generation.max_new_tokens} "
+                         f"new tokens at most, {'sampled' if self.config.generation.do_sample else 'greedy'}. "
+                         "`stopped_fraction`: answers that ended with the end-of-turn token (not cut by the limit).")
+        before = {e["prompt"]: e for e in base.get("examples", [])}
+        rows = []
+        for e in tuned.get("examples", []):
+            b = before.get(e["prompt"], {})
+            rows.append([_last_user(e["prompt"]), e["reference"], b.get("generated", "–"), e["generated"]])
+        if rows:
+            report.heading("Example answers", 3)
+            report.table(["prompt", "reference", "starting model", "tuned model"], [[_cell(c) for c in r] for r in rows])
+
+
+def _last_user(prompt: str) -> str:
+    """The last user message of a rendered ChatML-like prompt, for display (the whole prompt otherwise)."""
+    marker = "user\n"
+    i = prompt.rfind(marker)
+    if i < 0:
+        return prompt[-200:]
+    text = prompt[i + len(marker):]
+    for end in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
+        text = text.split(end)[0]
+    return text.strip()
+
+
+def _cell(text: str, limit: int = 160) -> str:
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
