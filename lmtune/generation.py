@@ -117,7 +117,11 @@ def _find_stop(text: str, stop: Sequence[str]) -> int | None:
 
 
 def _rng_devices(device: torch.device) -> list[int]:
-    return [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    return (
+        [device.index if device.index is not None else torch.cuda.current_device()]
+        if device.type == "cuda"
+        else []
+    )
 
 
 class _StopOnStrings(StoppingCriteria):
@@ -127,7 +131,9 @@ class _StopOnStrings(StoppingCriteria):
     already emitted an EOS are left alone (generate pads them from then on).
     """
 
-    def __init__(self, tokenizer: Any, stop: Sequence[str], prompt_length: int, eos_ids: Sequence[int]) -> None:
+    def __init__(
+        self, tokenizer: Any, stop: Sequence[str], prompt_length: int, eos_ids: Sequence[int]
+    ) -> None:
         self.tokenizer = tokenizer
         self.stop = list(stop)
         self.prompt_length = prompt_length
@@ -151,8 +157,8 @@ class _StopOnStrings(StoppingCriteria):
         new_tokens = input_ids[:, self.prompt_length :].tolist()  # (B, generated so far)
         done = [False] * batch_size
         for row, tokens in enumerate(new_tokens):
-            if row in self._finished or not tokens:
-                done[row] = row in self._finished
+            if row in self._finished:
+                done[row] = True
                 continue
             if tokens[-1] in self.eos_ids:
                 self._finished.add(row)
@@ -164,6 +170,26 @@ class _StopOnStrings(StoppingCriteria):
                     self._finished.add(row)
                     done[row] = True
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
+
+
+class _AnswerStreamer(TextIteratorStreamer):
+    """A ``TextIteratorStreamer`` that leaves EOS tokens out of the text, as :func:`generate` does.
+
+    ``skip_special_tokens`` alone is not enough: an EOS id passed by the caller may be an ordinary token.
+    """
+
+    def __init__(self, tokenizer: Any, eos_ids: Sequence[int]) -> None:
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.eos_ids = set(eos_ids)
+
+    def put(self, value: torch.Tensor) -> None:
+        """Receive the prompt (first call) or new tokens, shape (1, n) or (n,)."""
+        if self.next_tokens_are_prompt:
+            super().put(value)
+            return
+        kept = [t for t in value.reshape(-1).tolist() if t not in self.eos_ids]
+        if kept:
+            super().put(torch.tensor(kept))
 
 
 def _generate_kwargs(settings: GenerationSettings, eos_ids: list[int], pad_id: int) -> dict[str, Any]:
@@ -186,8 +212,10 @@ def _pad_id(tokenizer: Any, eos_ids: list[int]) -> int:
         return int(tokenizer.pad_token_id)
     if eos_ids:
         return eos_ids[0]
-    raise ModelError("the tokenizer has neither a pad token nor an EOS token, so prompts cannot be batched",
-                     hint="set tokenizer.pad_token (the EOS token is the usual choice)")
+    raise ModelError(
+        "the tokenizer has neither a pad token nor an EOS token, so prompts cannot be batched",
+        hint="set tokenizer.pad_token (the EOS token is the usual choice)",
+    )
 
 
 def _finish(
@@ -258,7 +286,9 @@ def generate(
                 rows = order[start : start + settings.batch_size]
                 width = len(encoded[rows[0]])
                 input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
-                attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T), 0 on left padding
+                attention_mask = torch.zeros(
+                    (len(rows), width), dtype=torch.long
+                )  # (B, T), 0 on left padding
                 for b, i in enumerate(rows):
                     n = len(encoded[i])
                     input_ids[b, width - n :] = torch.tensor(encoded[i])
@@ -272,10 +302,18 @@ def generate(
                 )  # (B, T + new)
                 for b, i in enumerate(rows):
                     text, reason, completion = _finish(
-                        tokenizer, out[b, width:].tolist(), criterion.stopped_at.get(b), set(eos_ids), settings.stop
+                        tokenizer,
+                        out[b, width:].tolist(),
+                        criterion.stopped_at.get(b),
+                        set(eos_ids),
+                        settings.stop,
                     )
-                    results[i] = {"text": text, "finish_reason": reason, "prompt_tokens": len(encoded[i]),
-                                  "completion_tokens": completion}
+                    results[i] = {
+                        "text": text,
+                        "finish_reason": reason,
+                        "prompt_tokens": len(encoded[i]),
+                        "completion_tokens": completion,
+                    }
                 if progress is not None and task is not None:
                     progress.advance(task, len(rows))
     finally:
@@ -303,7 +341,7 @@ def stream_chat(
     eos_ids = _eos_ids(model, tokenizer, eos_token_ids)
     pad_id = _pad_id(tokenizer, eos_ids)
     device = next(model.parameters()).device
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer = _AnswerStreamer(tokenizer, eos_ids)
     criterion = _StopOnStrings(tokenizer, settings.stop, len(prompt_ids), eos_ids)
     errors: list[BaseException] = []
 

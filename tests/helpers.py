@@ -115,3 +115,21 @@ def tiny_chat_llama(folder: Path, tokenizer_dir: Path, *, seed: int = 0, dropout
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+ADJECTIVES = ["small", "old", "quiet", "bright", "green", "heavy", "young", "clever"]
+NOUNS = ["cat", "river", "garden", "teacher", "window", "horse", "letter", "village"]
+VERBS = ["watched", "followed", "painted", "visited", "carried", "found"]
+
+
+def story_text(paragraphs: int, seed: int = 0) -> str:
+    """Paragraphs of simple templated sentences (a learnable language), separated by blank lines."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(paragraphs):
+        sentences = []
+        for _ in range(rng.randint(2, 5)):
+            a, b = rng.sample(NOUNS, 2)
+            sentences.append(f"The {rng.choice(ADJECTIVES)} {a} {rng.choice(VERBS)} the {rng.choice(ADJECTIVES)} {b}.")
+        out.append(" ".join(sentences))
+    return "\n\n".join(out) + "\n"

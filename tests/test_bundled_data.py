@@ -203,7 +203,9 @@ def austen(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, lis
     """The converted novels (one conversion for the module), or a skip that says how to install them."""
     dataset = BUNDLED_DATA["janeausten"]
     if not dataset.is_installed():
-        pytest.skip(f"Debian's r-cran-janeaustenr is not installed; install it with: {dataset.install_command}")
+        pytest.skip(
+            f"Debian's r-cran-janeaustenr is not installed; install it with: {dataset.install_command}"
+        )
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LMTUNE_CACHE", str(tmp_path_factory.mktemp("cache")))
         path = resolve_bundled_data("janeausten")
@@ -224,7 +226,9 @@ def test_janeausten(austen: tuple[Path, list[dict[str, Any]]]) -> None:
         "must be in want of a wife."
     )
     assert first["Emma"].startswith("Emma Woodhouse, handsome, clever, and rich")
-    assert first["Sense and Sensibility"].startswith("The family of Dashwood had long been settled in Sussex.")
+    assert first["Sense and Sensibility"].startswith(
+        "The family of Dashwood had long been settled in Sussex."
+    )
     texts = [r["text"] for r in records]
     assert all(t == t.strip() and "\n" not in t and t for t in texts)
     assert not any(t.lower().startswith("chapter ") and len(t) < 15 for t in texts)  # headings left out
@@ -274,9 +278,20 @@ def test_janeausten_not_installed(cache: Path, monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_austen_paragraphs() -> None:
-    lines = ["TITLE", "", "By Someone", "", "", "CHAPTER I", "", "First line", "  second line ", ""]
+    lines: list[str | None] = [
+        "TITLE",
+        "",
+        "By Someone",
+        "",
+        "",
+        "CHAPTER I",
+        "",
+        "First line",
+        " second ",
+        "",
+    ]
     lines += [None, "* * * * *", "", "Chapter 2.", "", "Last words.", "", "THE END", "", "Editor's note."]
-    assert list(austen_paragraphs(lines)) == ["First line second line", "Last words."]
+    assert list(austen_paragraphs(lines)) == ["First line second", "Last words."]
 
 
 @pytest.mark.parametrize(
@@ -307,7 +322,7 @@ def test_lazyload_record_damaged() -> None:
 
 def test_list_datasets(cache: Path) -> None:
     rows = {row["name"]: row for row in list_datasets()}
-    assert list(rows)[0] == "rotten_tomatoes"
+    assert next(iter(rows)) == "rotten_tomatoes"
     assert {"chatterbot", "chatterbot_spanish", "chatterbot_yoruba", "janeausten"} <= set(rows)
     assert len(rows) == 1 + 28 + 1
     assert rows["chatterbot"]["installed"] and rows["chatterbot"]["path"] is None

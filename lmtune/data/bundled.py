@@ -26,7 +26,7 @@ import sys
 import uuid
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
@@ -112,13 +112,14 @@ CHATTERBOT_LANGUAGES = (
     "spanish", "swedish", "tamil", "telugu", "thai", "traditionalchinese", "turkish", "ukrainian", "urdu",
     "yoruba",
 )  # fmt: skip
+_LANGUAGE_NAMES = {"traditionalchinese": "Traditional Chinese"}  # for descriptions; others: capitalised
 
 
 def _turn_text(value: Any) -> str | None:
     """One conversation entry as text: strings stripped, other YAML scalars stringified, else None."""
     if isinstance(value, str):
         text = value.strip()
-    elif isinstance(value, bool):  # before int: bool is an int; YAML reads a bare yes/no as one
+    elif isinstance(value, bool):  # before int (bool is an int); YAML 1.1 reads bare yes/no/on/off as bools
         text = "yes" if value else "no"
     elif isinstance(value, (int, float, date, datetime)):
         text = value.isoformat() if isinstance(value, (date, datetime)) else str(value)
@@ -186,8 +187,8 @@ def _write_chatterbot(source: Path, out: Path) -> None:
 def _chatterbot(language: str) -> BundledDataset:
     return BundledDataset(
         name="chatterbot" if language == "english" else f"chatterbot_{language}",
-        description=f"ChatterBot corpus: {language.capitalize()} question-answer conversations "
-        "(some multi-turn) with a topic each; chat fine-tuning",
+        description=f"ChatterBot corpus: {_LANGUAGE_NAMES.get(language, language.capitalize())} question-answer "
+        "conversations (some multi-turn) with a topic each; chat fine-tuning",
         package="chatterbot-corpus",
         task="sft",
         columns=("messages", "topic"),
@@ -300,7 +301,7 @@ def read_r_lazyload(rdx: Path) -> dict[str, Any]:
     return values
 
 
-def austen_paragraphs(lines: list[str | None]) -> Iterator[str]:
+def austen_paragraphs(lines: Sequence[str | None]) -> Iterator[str]:
     """The prose paragraphs of one novel given as its lines (``None`` for an R NA counts as blank).
 
     Lines are stripped and joined with a space; blank lines separate paragraphs. Front matter before the

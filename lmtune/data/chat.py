@@ -20,7 +20,7 @@ labels are never masked by comparing ids with ``pad_token_id``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -141,6 +141,7 @@ def to_messages(
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown chat format {fmt!r}; expected one of {FORMATS}")
+    _check_columns(columns)
     if fmt == "alpaca":
         return _alpaca_messages(row, columns, source, line)
     column = _column(columns, "messages" if fmt == "openai" else "conversations")
@@ -232,7 +233,7 @@ def _alpaca_messages(
     return messages
 
 
-def _check_turns(messages: list[dict[str, str]], fail: Any) -> None:
+def _check_turns(messages: list[dict[str, str]], fail: Callable[[str], DataError]) -> None:
     """System only first, then user/assistant alternating from user, ending with assistant, none blank."""
     expected = "user"
     for index, message in enumerate(messages):

@@ -129,7 +129,9 @@ def generation_metrics(predictions: list[str], references: list[str]) -> dict[st
         raise ValueError("generation_metrics: no predictions to score")
     n = len(predictions)
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True, tokenizer=UnicodeRougeTokenizer())
-    rouge_l = sum(scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references))
+    rouge_l = sum(
+        scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references, strict=True)
+    )
     word_counter = UnicodeRougeTokenizer(use_stemmer=False)
     tokenize = _bleu_tokenizer(predictions + references)
     return {
