@@ -320,6 +320,9 @@ class Config(_Section):
         if generative and self.baselines:
             raise ValueError(f"baselines {self.baselines} are classifiers; task '{self.task}' has none "
                              "(its report compares the tuned model with the starting model)")
+        if generative and self.method.name == "freeze" and not self.method.unfrozen_layers:
+            raise ValueError("method.name freeze on a language model trains nothing unless some blocks are "
+                             "unfrozen: set method.unfrozen_layers (e.g. 2)")
         if self.model.init == "scratch" and self.task != "causal_lm":
             raise ValueError(f"model.init: scratch is for task causal_lm (language-model pre-training), "
                              f"not '{self.task}'")
@@ -348,7 +351,7 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
             if msg.startswith("Value error, "):
                 msg = msg[len("Value error, ") :]
             got = e.get("input")
-            shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+            shown = f" (got {got!r})" if isinstance(got, (str, int, float, bool, list)) else ""
             lines.append(f"'{key}': {msg}{shown}")
     return f"invalid config {source}:\n  " + "\n  ".join(lines)
 

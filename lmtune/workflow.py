@@ -187,7 +187,7 @@ def train(
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from lmtune.models.methods import apply_method, describe
+    from lmtune.models.methods import apply_method, check_method_supported, describe
     from lmtune.models.registry import resolve_model
     from lmtune.tasks import get_task
     from lmtune.training.loop import MetricsLog, TrainingLoop
@@ -196,6 +196,7 @@ def train(
     cfg = config if isinstance(config, Config) else load_config(config, overrides)
     if isinstance(config, Config) and overrides:
         cfg = load_config(config.to_dict(), overrides)
+    check_method_supported(cfg.method, cfg.task)
     quiet_libraries()
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
@@ -238,7 +239,8 @@ def train(
             model = task.build_model(model_path, data, tokenizer)
             head = task.head_module_names(model)
             model = apply_method(model, cfg.method, head,
-                                 peft_task_type=getattr(task, "peft_task_type", _PEFT_TASK.get(cfg.task, "")))
+                                 peft_task_type=getattr(task, "peft_task_type", _PEFT_TASK.get(cfg.task, "")),
+                                 new_token_ids=task.new_token_ids() if hasattr(task, "new_token_ids") else None)
             params = describe(model)
             log.info("model %s, method %s: %s of %s parameters trainable", cfg.model.name, cfg.method.name,
                      f"{params['trainable_parameters']:,}", f"{params['total_parameters']:,}")
@@ -337,11 +339,12 @@ def _save_model(loop: Any, task: Any, tokenizer: Any, data: Any, cfg: Config, ru
     model.eval()
     tmp = run_dir / ".model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    adapter_dir = run_dir / "adapter" if cfg.method.name == "lora" else None
+    adapter_dir = run_dir / "adapter" if cfg.method.name in ("lora", "qlora") else None
     probe_batch = _probe_batch(loop)
     with torch.no_grad():
         before = task._logits(model, probe_batch) if probe_batch is not None else None
-    saved_as = save_final_model(model, tmp, adapter_dir, cfg.method.merge)
+    saved_as = save_final_model(model, tmp, adapter_dir, cfg.method.merge, base_path=base_path,
+                                quantized=cfg.method.name == "qlora")
     tokenizer.save_pretrained(tmp)
     meta = {
         "lmtune_version": __version__,

@@ -35,7 +35,8 @@ def write_report(
     summary = metrics["summary"]
     metric, _ = cfg.train.resolved_metric(task.default_metric)
     split = "test" if "test" in metrics else "validation"
-    main_metric = "accuracy" if cfg.task == "classification" else metric
+    main_metric = getattr(task, "comparison_metric", metric)
+    headline: list[tuple[str, str]] = getattr(task, "headline_metrics", [(metric, metric)])
     model_name = Path(cfg.model.name).name or cfg.model.name  # a local folder shows as its last part
     r = Report(f"lmtune run: {run_dir.name}")
     r.paragraph(
@@ -52,70 +53,43 @@ def write_report(
     start = metrics.get("starting_point", {}).get(split, {})
     eval_ms = summary.get("eval_ms_per_example", {}).get(split)
     model_bytes = _dir_size(run_dir / "model")
-    header = [
-        "model",
-        "accuracy",
-        "macro F1",
-        "weighted F1",
-        "train time (s)",
-        "size (MB)",
-        "latency (ms/example)",
-    ]
+    present = [(k, label) for k, label in headline if k in test]
+    header = ["model", *[label for _, label in present], "train time (s)", "size (MB)", "latency (ms/example)"]
     rows: list[list[Any]] = [
-        [
-            Bold(f"fine-tuned {model_name} ({cfg.method.name})"),
-            Bold(test.get("accuracy")),
-            Bold(test.get("macro_f1")),
-            test.get("weighted_f1"),
-            summary["train_seconds"],
-            model_bytes / 1e6,
-            eval_ms,
-        ]
+        [Bold(f"fine-tuned {model_name} ({cfg.method.name})"),
+         *[Bold(test.get(k)) if i < 2 else test.get(k) for i, (k, _) in enumerate(present)],
+         summary["train_seconds"], model_bytes / 1e6, eval_ms]
     ]
+    starting_name = f"{model_name} before fine-tuning" + (" (new head)" if cfg.task == "classification" else "")
+    if cfg.model.init == "scratch":
+        starting_name = "the same model at random initialisation"
     if start:
-        rows.append(
-            [
-                f"{model_name} before fine-tuning (new head)",
-                start.get("accuracy"),
-                start.get("macro_f1"),
-                start.get("weighted_f1"),
-                0.0,
-                model_bytes / 1e6,
-                eval_ms,
-            ]
-        )
+        rows.append([starting_name, *[start.get(k) for k, _ in present], 0.0, model_bytes / 1e6, eval_ms])
     comparison = [(f"fine-tuned {model_name}", float(test.get(main_metric, 0.0)))]
     if start:
-        comparison.append((f"{model_name} untrained", float(start.get(main_metric, 0.0))))
+        comparison.append((f"{model_name} untrained" if cfg.task == "classification" else starting_name,
+                           float(start.get(main_metric, 0.0))))
     for name, b in baselines.items():
         bm = b["metrics"].get(split, {})
-        rows.append(
-            [
-                f"baseline: {name}",
-                bm.get("accuracy"),
-                bm.get("macro_f1"),
-                bm.get("weighted_f1"),
-                b["train_seconds"],
-                b["size_bytes"] / 1e6,
-                b["predict_ms_per_example"],
-            ]
-        )
+        rows.append([f"baseline: {name}", *[bm.get(k) for k, _ in present], b["train_seconds"],
+                     b["size_bytes"] / 1e6, b["predict_ms_per_example"]])
         comparison.append((f"baseline: {name}", float(bm.get(main_metric, 0.0))))
     r.table(header, rows)
     notes = [
-        f"{split} examples: {test.get('num_examples', '–')}. Latency is batched evaluation time per example "
+        f"{split} examples: {test.get('num_examples', data.info.get(split, {}).get('examples', '–'))}. Latency is batched evaluation time per example "
         "on this machine, over pre-tokenised, length-sorted batches (baselines: vectorising included)."
     ]
     for name, b in baselines.items():
         notes.append(f"`{name}`: {b['description']}")
     r.bullets(notes)
-    if test:
+    if test and main_metric in test:
         plot_metric_comparison(comparison, run_dir / "plots" / "comparison.png", metric=main_metric)
         r.image("plots/comparison.png", f"{main_metric} by model")
 
     # --- every split's headline metrics
     r.heading("Metrics per split")
-    keys = [k for k in ("accuracy", "macro_f1", "weighted_f1", "micro_f1", "roc_auc", "loss") if k in test]
+    keys = list(dict.fromkeys([k for k, _ in present] + [k for k in ("micro_f1", "roc_auc", "loss", "perplexity")
+                                                            if k in test]))
     split_rows = [[s, *[metrics[s].get(k) for k in keys]] for s in ("validation", "test") if s in metrics]
     r.table(["split", *keys], split_rows)
 
@@ -130,7 +104,8 @@ def write_report(
             f"({100 * summary['trainable_fraction']:.2f}%)",
             f"batch {cfg.train.batch_size} x accumulation {cfg.train.gradient_accumulation}, learning rate "
             f"{cfg.train.learning_rate:g} ({cfg.train.schedule}, warmup {cfg.train.warmup_steps or cfg.train.warmup_ratio}),"
-            f" {'length-grouped' if cfg.train.group_by_length else 'random'} batches, dynamic padding",
+            f" {'length-grouped' if cfg.train.group_by_length else 'random'} batches, "
+            + ("packed rows (no attention across examples)" if getattr(task, "packing", False) else "dynamic padding"),
             f"stopped early: {summary['stopped_early']}",
             f"saved model: {model_info.get('saved_as')}; reload check: "
             + (
@@ -156,13 +131,13 @@ def write_report(
                 i.get("examples"),
                 i.get("tokens"),
                 i.get("truncated", 0),
-                i.get("skipped_empty", 0),
+                i.get("skipped_empty", 0) + i.get("skipped_too_long", 0),
                 i.get("duplicates_removed", 0),
                 str(i.get("source", "")),
             ]
         )
     r.table(
-        ["split", "examples", "tokens", "truncated", "skipped (empty)", "duplicates removed", "source"],
+        ["split", "examples", "tokens", "truncated", "skipped (empty or too long)", "duplicates removed", "source"],
         data_rows,
     )
     counts = info.get("train", {}).get("label_counts", {})

@@ -14,22 +14,49 @@ def _fmt(x: Any) -> str:
     return f"{x:.4f}" if isinstance(x, float) else str(x)
 
 
+_PIPELINE = {"classification": "text-classification", "sft": "text-generation", "causal_lm": "text-generation"}
+_CARD_METRICS = {
+    "classification": ("accuracy", "macro_f1", "weighted_f1", "loss"),
+    "sft": ("exact_match", "token_f1", "rouge_l", "chrf", "bleu", "stopped_fraction", "loss", "perplexity"),
+    "causal_lm": ("perplexity", "loss"),
+}
+
+
+def _usage(cfg: Config, name: str) -> list[str]:
+    if cfg.task == "sft":
+        return [
+            "from transformers import pipeline", "",
+            f'chat = pipeline("text-generation", model="{name}")',
+            'messages = [{"role": "user", "content": "Hello!"}]',
+            'print(chat(messages, max_new_tokens=128)[0]["generated_text"][-1]["content"])',
+        ]
+    if cfg.task == "causal_lm":
+        return [
+            "from transformers import pipeline", "",
+            f'generate = pipeline("text-generation", model="{name}")',
+            'print(generate("It is a truth universally acknowledged", max_new_tokens=50)[0]["generated_text"])',
+        ]
+    return ["from transformers import pipeline", "",
+            f'clf = pipeline("text-classification", model="{name}")', 'clf("an example sentence")']
+
+
 def write_model_card(folder: Path, cfg: Config, meta: dict[str, Any], metrics: dict[str, Any],
                      data_info: dict[str, Any]) -> Path:
     """Write ``README.md``: what the model is, how it was trained, how well it does, how to use it."""
     test = metrics.get("test") or metrics.get("validation") or {}
     split = "test" if metrics.get("test") else "validation"
+    keys = _CARD_METRICS.get(cfg.task, ("loss",))
     front = {
         "library_name": "transformers",
-        "pipeline_tag": "text-classification" if cfg.task == "classification" else cfg.task,
+        "pipeline_tag": _PIPELINE.get(cfg.task, cfg.task),
         "base_model": meta.get("base_model"),
         "tags": ["lmtune", cfg.task, cfg.method.name],
         "model-index": [{
             "name": Path(cfg.output_dir).name,
             "results": [{
-                "task": {"type": "text-classification" if cfg.task == "classification" else cfg.task},
+                "task": {"type": _PIPELINE.get(cfg.task, cfg.task)},
                 "dataset": {"name": str(cfg.data.train), "type": "custom", "split": split},
-                "metrics": [{"type": k, "value": float(test[k])} for k in ("accuracy", "macro_f1") if k in test],
+                "metrics": [{"type": k, "value": float(test[k])} for k in keys[:3] if k in test],
             }],
         }],
     }
@@ -45,26 +72,31 @@ def write_model_card(folder: Path, cfg: Config, meta: dict[str, Any], metrics: d
         "## Results", "",
         f"| metric ({split}) | this model | starting point |", "|---|---|---|",
     ]
-    for k in ("accuracy", "macro_f1", "weighted_f1", "loss"):
+    for k in keys:
         if k in test:
             lines.append(f"| {k} | {_fmt(test[k])} | {_fmt(start.get(k, '–'))} |")
     lines += [
         "", "## Training", "",
         f"- data: `{cfg.data.train}`; train/validation/test examples: "
         + ", ".join(str(data_info.get(s, {}).get("examples", "–")) for s in ("train", "validation", "test")),
-        f"- labels ({len(labels)}): " + ", ".join(f"`{x}`" for x in labels[:50]),
+        *([f"- labels ({len(labels)}): " + ", ".join(f"`{x}`" for x in labels[:50])] if labels else []),
+        *([f"- chat template: {'the base model' + chr(39) + 's own' if meta.get('chat_template') == 'model' else 'lmtune default (ChatML)'}; "
+           f"loss on {meta.get('train_on')} tokens; generation stops at token ids {meta.get('eos_token_ids')}"]
+          if cfg.task == "sft" else []),
         f"- max length {cfg.data.max_length} tokens; {summary.get('steps', '–')} optimizer steps, "
         f"batch {cfg.train.batch_size} x accumulation {cfg.train.gradient_accumulation}, "
         f"learning rate {cfg.train.learning_rate:g} ({cfg.train.schedule}), precision {summary.get('precision', '–')}",
         f"- trainable parameters: {summary.get('trainable_parameters', 0):,} of {summary.get('total_parameters', 0):,}",
         "", "## Use", "", "```python",
-        "from transformers import pipeline",
-        f'clf = pipeline("text-classification", model="{folder.name if folder.name != ".model.tmp" else "model"}")',
-        'clf("an example sentence")', "```", "",
-        "or `lmtune predict RUN --input texts.csv --output predictions.csv`.", "",
+        *_usage(cfg, folder.name if folder.name != ".model.tmp" else "model"), "```", "",
+        "or `lmtune predict RUN --input FILE --output predictions.jsonl`"
+        + (" and `lmtune chat RUN`" if cfg.task == "sft" else "") + ".", "",
         "## Limitations", "",
         "Scores hold for data like the training data; check on your own examples before relying on it.",
-        "The labels come from the training file: the model cannot predict a label it never saw.", "",
+        "The labels come from the training file: the model cannot predict a label it never saw."
+        if cfg.task == "classification" else
+        "A small model tuned on little data repeats its training data's style and facts, and can state wrong "
+        "things fluently.", "",
     ]
     path = folder / "README.md"
     path.write_text("\n".join(lines), encoding="utf-8")

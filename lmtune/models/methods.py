@@ -35,15 +35,49 @@ def _transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList | None:
     return best
 
 
+def check_method_supported(method: MethodConfig, task: str) -> None:
+    """Fail before anything loads when the method cannot run here (QLoRA without a CUDA GPU)."""
+    if method.name != "qlora":
+        return
+    if task not in ("sft", "causal_lm"):
+        raise ConfigError(f"method.name qlora is for decoder tasks (sft, causal_lm), not '{task}'; use lora")
+    if not torch.cuda.is_available():
+        raise ConfigError("method.name qlora quantises the base model to 4 bits with bitsandbytes, which needs a "
+                          "CUDA GPU; this machine has none", hint="use method.name: lora (same adapters, "
+                          "base model kept in full precision)")
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("method.name qlora needs the bitsandbytes package", hint="pip install bitsandbytes")
+
+
+def quantization_config(method: MethodConfig) -> Any:
+    """The 4-bit NF4 loading config of QLoRA (double quantisation, bf16 compute), or None."""
+    if method.name != "qlora":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
 def apply_method(
-    model: torch.nn.Module, method: MethodConfig, head_names: set[str], *, peft_task_type: str
+    model: torch.nn.Module, method: MethodConfig, head_names: set[str], *, peft_task_type: str,
+    new_token_ids: list[int] | None = None,
 ) -> torch.nn.Module:
-    """Prepare ``model`` for ``method``; ``head_names`` are the new modules that always train."""
+    """Prepare ``model`` for ``method``; ``head_names`` are the new modules that always train.
+
+    ``new_token_ids`` are tokens added to the vocabulary (a chat template's markers): their
+    embedding rows start untrained, so LoRA trains exactly those rows too (peft's trainable tokens).
+    """
     if method.name == "full":
         for p in model.parameters():
             p.requires_grad_(True)
         return model
     if method.name == "freeze":
+        if new_token_ids:
+            log.warning("method freeze: the %d tokens added to the vocabulary keep their initial embeddings; "
+                        "use method lora or full to train them", len(new_token_ids))
         for name, p in model.named_parameters():
             p.requires_grad_(any(part in head_names for part in name.split(".")))
         if method.unfrozen_layers:
@@ -57,8 +91,13 @@ def apply_method(
                 for p in block.parameters():
                     p.requires_grad_(True)
         return model
-    if method.name == "lora":
+    if method.name in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
+
+        if method.name == "qlora":
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
         lora = LoraConfig(
             task_type=peft_task_type,
@@ -69,6 +108,7 @@ def apply_method(
             # The head is trained fully and saved with the adapter, never adapted itself.
             modules_to_save=sorted(head_names),
             exclude_modules=sorted(head_names),
+            trainable_token_indices=list(new_token_ids) if new_token_ids else None,
         )
         try:
             return get_peft_model(model, lora)
@@ -77,16 +117,26 @@ def apply_method(
     raise ConfigError(f"unknown method.name '{method.name}'")
 
 
-def save_final_model(model: torch.nn.Module, folder: Path, adapter_folder: Path | None, merge: bool) -> str:
+def save_final_model(model: torch.nn.Module, folder: Path, adapter_folder: Path | None, merge: bool,
+                     *, base_path: Path | None = None, quantized: bool = False) -> str:
     """Write the trained model as safetensors; LoRA is saved as an adapter and (by default) merged.
 
-    Returns how it was saved: ``full``, ``merged`` or ``adapter``.
+    A QLoRA adapter is merged into the base model reloaded in float32 (merging into 4-bit
+    weights would round the update away). Returns how it was saved: ``full``, ``merged`` or ``adapter``.
     """
     from peft import PeftModel
 
     if isinstance(model, PeftModel):
         if adapter_folder is not None:
             model.save_pretrained(str(adapter_folder), safe_serialization=True)
+        if merge and quantized:
+            from transformers import AutoModelForCausalLM
+
+            assert adapter_folder is not None and base_path is not None
+            base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, use_safetensors=True)
+            PeftModel.from_pretrained(base, str(adapter_folder)).merge_and_unload().save_pretrained(
+                folder, safe_serialization=True)
+            return "merged"
         if merge:
             merged = model.merge_and_unload()
             merged.save_pretrained(folder, safe_serialization=True)

@@ -88,6 +88,10 @@ class ClassificationTask:
 
     name: ClassVar[str] = "classification"
     default_metric: ClassVar[str] = "accuracy"
+    # Columns of the report's comparison table, and the metric of its bar chart.
+    headline_metrics: ClassVar[list[tuple[str, str]]] = [
+        ("accuracy", "accuracy"), ("macro_f1", "macro F1"), ("weighted_f1", "weighted F1")]
+    comparison_metric: ClassVar[str] = "accuracy"
 
     def __init__(self, config: Config) -> None:
         self.config = config

@@ -132,11 +132,16 @@ class DecoderTask:
             log.info("new %s model from scratch: %d layers, hidden %d, %d heads, vocabulary %d",
                      m.architecture, m.layers, m.hidden_size, m.heads, len(tokenizer))
         else:
+            from lmtune.models.methods import quantization_config
+
             assert model_path is not None
+            quant = quantization_config(self.config.method)
             try:
                 model = AutoModelForCausalLM.from_pretrained(
-                    model_path, dtype=torch.float32, trust_remote_code=m.trust_remote_code,
-                    use_safetensors=not m.allow_pickle or None,
+                    model_path, dtype=torch.bfloat16 if quant else torch.float32,
+                    trust_remote_code=m.trust_remote_code, use_safetensors=not m.allow_pickle or None,
+                    **({"quantization_config": quant, "device_map": {"": torch.cuda.current_device()}}
+                       if quant else {}),
                 )
             except ValueError as exc:
                 raise ModelError(f"this model cannot be loaded as a causal language model: {exc}",
