@@ -6,6 +6,9 @@ every number here is what ``lmtune train`` would get: split sizes, rows dropped,
 label balance and the trivial majority-class accuracy, token lengths and what
 ``data.max_length`` truncates, and the padding cost of the configured batching.
 Errors the user can fix arrive as lmtune errors from the task and are not caught.
+
+This module covers classification; the decoder tasks (``sft``, ``causal_lm``) are in
+:mod:`lmtune.inspect_generative`, dispatched from :func:`inspect_data` and :func:`render`.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ TRUNCATION_WARN_FRACTION = 0.05
 # Suggest a smaller data.max_length when train's p99 length is below this fraction of it.
 SHORT_P99_FRACTION = 0.5
 SPLIT_ORDER = ("train", "validation", "test")
+# Tasks whose report comes from lmtune.inspect_generative.
+GENERATIVE_TASKS = ("sft", "causal_lm")
 
 
 def inspect_data(
@@ -50,6 +55,9 @@ def inspect_data(
     tokens included), ``truncated``, ``tokens`` (as the model sees them), ``tokens_dropped``),
     ``majority_class``, ``padding``, ``suggestions``, ``examples`` and ``warnings`` (what
     data preparation logged).
+
+    Tasks ``sft`` and ``causal_lm`` return the keys described in
+    :func:`lmtune.inspect_generative.inspect_sft` and :func:`~lmtune.inspect_generative.inspect_causal_lm`.
     """
     from lmtune.models.registry import resolve_model
     from lmtune.tasks import get_task
@@ -63,10 +71,14 @@ def inspect_data(
         cfg = load_config(copy.deepcopy(config) if isinstance(config, dict) else config, overrides)
         source = None if isinstance(config, dict) else str(config)
     quiet_libraries()
+    if cfg.task in GENERATIVE_TASKS:
+        from lmtune.inspect_generative import inspect_generative
+
+        return inspect_generative(cfg, source, examples=examples)
     task = get_task(cfg.task)(cfg)
     model_path = resolve_model(cfg.model.name, allow_pickle=cfg.model.allow_pickle)
     tokenizer = task.load_tokenizer(model_path)
-    with _collect_warnings() as warnings:
+    with collect_warnings() as warnings:
         data = task.prepare(tokenizer)
 
     d, t = cfg.data, cfg.train
@@ -76,7 +88,7 @@ def inspect_data(
     lengths = {split: [int(n) for n in data.lengths[split]] for split in data.splits}
     splits: dict[str, Any] = {}
     full_lengths: dict[str, list[int]] = {}
-    for split in sorted(data.splits, key=_split_rank):
+    for split in sorted(data.splits, key=split_rank):
         full = _untruncated_lengths(tokenizer, *data.extra["inputs"][split])
         full_lengths[split] = full
         splits[split] = _split_facts(data.info[split], lengths[split], full, labels, d.max_length)
@@ -126,7 +138,8 @@ def inspect_config(config_path: Path, console: Console, *, examples: int = 3) ->
 # ------------------------------------------------------------------------------------------ facts
 
 
-def _split_rank(split: str) -> int:
+def split_rank(split: str) -> int:
+    """Sort key putting train, validation, test first, in that order."""
     return SPLIT_ORDER.index(split) if split in SPLIT_ORDER else len(SPLIT_ORDER)
 
 
@@ -158,7 +171,7 @@ def _split_facts(
         "label_percent": {name: 100 * _ratio(c, n) for name, c in counts.items()},
         "imbalance_ratio": ratio,
         "imbalanced": n > 0 and (ratio is None or ratio > IMBALANCE_RATIO),
-        "lengths": _length_stats(full),
+        "lengths": length_stats(full),
         "truncated": int(truncated),
         "truncated_percent": 100 * _ratio(truncated, n),
         "tokens": int(sum(lengths)),
@@ -173,14 +186,18 @@ def _untruncated_lengths(tokenizer: Any, texts: list[str], pairs: list[str] | No
     return [len(ids) for ids in tokenizer(texts, pairs, truncation=False, verbose=False)["input_ids"]]
 
 
-def _length_stats(lengths: Sequence[int]) -> dict[str, float] | None:
-    """min / median / p90 / p99 / max / mean; percentiles are observed lengths (q% are at most it)."""
+def length_stats(lengths: Sequence[int], percentiles: Sequence[int] = (90, 99)) -> dict[str, float] | None:
+    """min / median / p<q> for each of ``percentiles`` / max / mean; None for no lengths.
+
+    Percentiles are observed lengths (q% of the values are at most it).
+    """
     if not len(lengths):
         return None
     a = np.asarray(lengths)
-    p50, p90, p99 = np.percentile(a, [50, 90, 99], method="inverted_cdf")
-    return {"min": int(a.min()), "median": int(p50), "p90": int(p90), "p99": int(p99), "max": int(a.max()),
-            "mean": round(float(a.mean()), 1)}
+    qs = np.percentile(a, [50, *percentiles], method="inverted_cdf")
+    return {"min": int(a.min()), "median": int(qs[0]), **{f"p{q}": int(v) for q, v in zip(percentiles, qs[1:],
+                                                                                          strict=True)},
+            "max": int(a.max()), "mean": round(float(a.mean()), 1)}
 
 
 def _padding_costs(
@@ -221,7 +238,8 @@ def _position_limit(model_path: Path, tokenizer: Any) -> int | None:
     return min(limits) if limits else None
 
 
-def _round_up(n: int, multiple: int = 8) -> int:
+def round_up(n: int, multiple: int = 8) -> int:
+    """``n`` rounded up to a multiple of ``multiple`` (at least one multiple)."""
     return max(multiple, -(-n // multiple) * multiple)
 
 
@@ -235,7 +253,7 @@ def _suggestions(
     stats = train["lengths"]
     for split, facts in report["splits"].items():
         if facts["truncated_percent"] > 100 * TRUNCATION_WARN_FRACTION:
-            want = _round_up(stats["p99"]) if stats else max_length
+            want = round_up(stats["p99"]) if stats else max_length
             if limit is not None:
                 want = min(want, limit)
             if want > max_length:
@@ -248,7 +266,7 @@ def _suggestions(
                            "inputs are lost (put the important part first)")
             break
     if stats and stats["p99"] < SHORT_P99_FRACTION * max_length:
-        want = _round_up(stats["p99"])
+        want = round_up(stats["p99"])
         widest = min(stats["max"], max_length)
         # With per-batch padding only the widest batch feels max_length; suggest a cut only where it bites.
         if want < 0.8 * widest:
@@ -295,25 +313,27 @@ def _examples(
 
 
 class _ListHandler(logging.Handler):
-    def __init__(self, sink: list[str]) -> None:
+    def __init__(self, sink: list[str], skip: Sequence[str]) -> None:
         super().__init__(logging.WARNING)
         self.sink = sink
+        self.skip = skip
 
     def emit(self, record: logging.LogRecord) -> None:
-        # Truncation has its own columns in the report; the task's warning about it would repeat them.
-        if "truncated" not in str(record.msg):
+        if not any(part in str(record.msg) for part in self.skip):
             self.sink.append(record.getMessage())
 
 
 @contextlib.contextmanager
-def _collect_warnings() -> Iterator[list[str]]:
+def collect_warnings(skip: Sequence[str] = ("truncated",)) -> Iterator[list[str]]:
     """Keep lmtune's warnings (skipped rows, unstratified splits) for the report instead of stderr.
 
+    Warnings whose message template contains one of ``skip`` are dropped: the report has its own
+    columns for them (truncation, by default) and the warning would repeat them.
     Records still propagate to handlers the application configured; only Python's last-resort
     printing to stderr is avoided, since a handler now exists.
     """
     messages: list[str] = []
-    handler = _ListHandler(messages)
+    handler = _ListHandler(messages, skip)
     logger = logging.getLogger("lmtune")
     logger.addHandler(handler)
     try:
@@ -330,6 +350,12 @@ def render(report: dict[str, Any], console: Console) -> None:
     from rich.panel import Panel
     from rich.table import Table
     from rich.text import Text
+
+    if report["task"] in GENERATIVE_TASKS:
+        from lmtune.inspect_generative import render_generative
+
+        render_generative(report, console)
+        return
 
     splits = report["splits"]
     console.print(Text.assemble(
