@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+Row = dict[str, Any]  # input_ids, labels, position_ids: list[int]; segments: int
+
 IGNORE_INDEX = -100
 
 
@@ -38,14 +40,14 @@ def _segment(ids: Sequence[int], labels: Sequence[int]) -> tuple[list[int], list
 
 def pack_stream(
     sequences: Iterable[tuple[Sequence[int], Sequence[int]]], row_length: int, *, keep_last: bool = True
-) -> list[dict[str, list[int]]]:
+) -> list[Row]:
     """Concatenate ``(input_ids, labels)`` sequences and cut them into rows of ``row_length``.
 
     A sequence cut by a row boundary continues in the next row as a new segment (positions from
     0). ``keep_last`` keeps a final, shorter row. Returns rows with ``input_ids``, ``labels``,
     ``position_ids`` and ``segments`` (how many sequence pieces the row holds).
     """
-    rows: list[dict[str, list[int]]] = []
+    rows: list[Row] = []
     cur_ids: list[int] = []
     cur_lab: list[int] = []
     cur_pos: list[int] = []
@@ -75,7 +77,7 @@ def pack_stream(
 
 def pack_whole(
     sequences: Sequence[tuple[Sequence[int], Sequence[int]]], row_length: int
-) -> tuple[list[dict[str, list[int]]], list[list[int]]]:
+) -> tuple[list[Row], list[list[int]]]:
     """Place whole sequences into rows of at most ``row_length`` tokens (first-fit decreasing).
 
     Every sequence must fit a row (callers skip or truncate longer ones first). Returns the rows
@@ -102,10 +104,10 @@ def pack_whole(
         lab: list[int] = []
         pos: list[int] = []
         for i in members:
-            a, b, c = _segment(*sequences[i])
-            ids += a
-            lab += b
-            pos += c
+            seg_ids, seg_lab, seg_pos = _segment(*sequences[i])
+            ids += seg_ids
+            lab += seg_lab
+            pos += seg_pos
         rows.append({"input_ids": ids, "labels": lab, "position_ids": pos, "segments": len(members)})
     return rows, bins
 

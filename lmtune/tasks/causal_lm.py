@@ -111,7 +111,7 @@ class CausalLMTask(DecoderTask):
         """Documents of one source, and facts about reading it."""
         d = self.data_cfg
         table = read_table(source, format=d.format, encoding=d.encoding)
-        fmt = d.format
+        fmt: str = d.format
         if fmt == "auto" and not source.startswith("bundled:"):
             fmt = detect_format(Path(source))
         skipped = 0
@@ -223,6 +223,7 @@ class CausalLMTask(DecoderTask):
         facts: dict[str, Any] = {}
 
         def build() -> dict[str, list[Any]]:
+            rows: list[dict[str, Any]]
             ids = tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]
             seqs = [bos + x + eos for x in ids]
             if self.packing:

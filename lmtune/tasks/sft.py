@@ -282,7 +282,7 @@ class SFTTask(DecoderTask):
         results = [o for _, o in sorted(gather_object(local), key=lambda x: x[0])] if accelerator.num_processes > 1 \
             else [o for _, o in local]
         texts = [r["text"].strip() for r in results]
-        scores = generation_metrics(texts, references)
+        scores: dict[str, Any] = dict(generation_metrics(texts, references))
         scores["stopped_fraction"] = sum(r["finish_reason"] == "stop" for r in results) / len(results)
         scores["generated_examples"] = len(results)
         scores["examples"] = [
@@ -294,9 +294,9 @@ class SFTTask(DecoderTask):
     # ------------------------------------------------------------------------------ saving and report
     def save_model_extras(self, folder: Path, data: TaskData) -> dict[str, Any]:
         """Generation config stopping at the end-of-turn token; chat settings for ``lmtune.json``."""
-        from lmtune.data.chat import end_of_turn_ids
-
         from transformers import GenerationConfig
+
+        from lmtune.data.chat import end_of_turn_ids
 
         extra = self.write_generation_config(folder, self.tokenizer)
         stop = sorted(set(extra["eos_token_ids"]) | end_of_turn_ids(self.tokenizer))
