@@ -6,6 +6,9 @@ Python API (the CLI is a thin layer over these):
     run = lmtune.train("examples/classification.yaml", overrides={"train.epochs": 1})
     run.metrics["test"]["accuracy"]
     run.predict(["a gripping, beautifully shot film"])
+
+    chat = lmtune.train("examples/sft_chatterbot_smollm2_lora.yaml")
+    chat.chat([{"role": "user", "content": "Hello!"}])["text"]
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from lmtune.config import Config
     from lmtune.run import Run
 
 
@@ -25,6 +29,13 @@ def train(config: Any, **kwargs: Any) -> Run:
     return _train(config, **kwargs)
 
 
+def load_config(source: Any, overrides: dict[str, Any] | None = None) -> Config:
+    """Load and validate a config (YAML path or mapping) with dotted overrides; see ``lmtune.config``."""
+    from lmtune.config import load_config as _load
+
+    return _load(source, overrides)
+
+
 def load_run(path: Any) -> Run:
     """Open a finished run folder (or a bare model folder) to evaluate or predict."""
     from lmtune.run import Run
@@ -32,4 +43,4 @@ def load_run(path: Any) -> Run:
     return Run.load(path)
 
 
-__all__ = ["__version__", "load_run", "train"]
+__all__ = ["__version__", "load_config", "load_run", "train"]

@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from lmtune.errors import ConfigError, LmtuneError
+from lmtune.errors import ConfigError, LmtuneError, RunError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune a pretrained language model for one job, prove it with evaluation, use it.")
@@ -82,68 +82,206 @@ def demo(
     _print_results(run)
 
 
+# Metrics shown for each kind of run, in this order, where present: (key, header).
+_CLASSIFICATION_COLUMNS = [("accuracy", "accuracy"), ("macro_f1", "macro F1")]
+_GENERATIVE_METRICS = ["loss", "perplexity", "exact_match", "token_f1", "rouge_l", "chrf", "stopped_fraction"]
+
+
 def _print_results(run: Any) -> None:
     metrics = run.metrics
     summary = metrics.get("summary", {})
     split = "test" if "test" in metrics else "validation"
-    table = Table(title=f"{split} results ({run.path})")
-    for col in ("model", "accuracy", "macro F1"):
-        table.add_column(col, justify="left" if col == "model" else "right")
     m = metrics.get(split, {})
-    table.add_row(f"fine-tuned {run.meta.get('base_model')} ({run.meta.get('method')})",
-                  f"{m.get('accuracy', float('nan')):.4f}", f"{m.get('macro_f1', float('nan')):.4f}", style="bold")
+    columns = (_CLASSIFICATION_COLUMNS if not run.generative
+               else [(k, k) for k in _GENERATIVE_METRICS if k in m])
+    table = Table(title=f"{split} results ({run.path})")
+    table.add_column("model")
+    for _, header in columns:
+        table.add_column(header, justify="right")
+
+    def cells(values: dict[str, Any]) -> list[str]:
+        return [_fmt(values.get(key)) for key, _ in columns]
+
+    table.add_row(f"fine-tuned {run.meta.get('base_model')} ({run.meta.get('method')})", *cells(m), style="bold")
     start = metrics.get("starting_point", {}).get(split)
     if start:
-        table.add_row("before fine-tuning", f"{start['accuracy']:.4f}", f"{start['macro_f1']:.4f}")
+        table.add_row("before fine-tuning", *cells(start))
     bl_file = run.path / "baselines.json"
     if bl_file.is_file():
         for name, b in json.loads(bl_file.read_text(encoding="utf-8")).items():
-            bm = b["metrics"].get(split, {})
-            table.add_row(f"baseline: {name}", f"{bm.get('accuracy', float('nan')):.4f}",
-                          f"{bm.get('macro_f1', float('nan')):.4f}")
+            table.add_row(f"baseline: {name}", *cells(b["metrics"].get(split, {})))
     console.print(table)
     console.print(f"trained {summary.get('steps')} steps in {summary.get('train_seconds', 0):.0f} s; "
                   f"report: {run.path / 'report.md'}; model: {run.model_dir}")
 
 
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "–"
+
+
 @app.command("eval")
 def evaluate(
     run: Path = typer.Argument(..., help="A run folder or an lmtune model folder."),
-    data: Path | None = typer.Option(None, "--data", help="A labelled file (default: the run's own splits)."),
+    data: Path | None = typer.Option(None, "--data", help="A file in the training format: labelled rows "
+                                     "(classification), chat records (sft) or text (causal_lm). Default: the run's "
+                                     "own validation and test splits."),
     output: Path | None = typer.Option(None, help="Also write the metrics as JSON here."),
-    batch_size: int = typer.Option(64, min=1),
+    batch_size: int | None = typer.Option(None, min=1, help="Examples per batch (default: 64 for classification, "
+                                          "the run's evaluation batch size for generative runs)."),
 ) -> None:
-    """Evaluate a trained model on its test split or on a labelled file."""
+    """Evaluate a trained model on its own splits or on a file."""
     from lmtune.run import Run
 
-    metrics = Run.load(run).evaluate(data, batch_size=batch_size)
+    loaded = Run.load(run)
+    metrics = loaded.evaluate(data, batch_size=batch_size)
     per_split = metrics if data is None else {"data": metrics}
     table = Table(title=f"evaluation of {run}")
-    table.add_column("split")
-    for k in ("accuracy", "macro_f1", "weighted_f1", "loss"):
-        table.add_column(k, justify="right")
-    for split, m in per_split.items():
-        table.add_row(split, *[f"{m[k]:.4f}" if k in m else "–" for k in ("accuracy", "macro_f1", "weighted_f1", "loss")])
+    if loaded.generative:
+        # One row per metric: a generative run has more metrics than fit side by side.
+        table.add_column("metric")
+        for split in per_split:
+            table.add_column(split, justify="right")
+        for key in _GENERATIVE_METRICS:
+            if any(key in m for m in per_split.values()):
+                table.add_row(key, *[_fmt(m.get(key)) for m in per_split.values()])
+    else:
+        keys = ("accuracy", "macro_f1", "weighted_f1", "loss")
+        table.add_column("split")
+        for k in keys:
+            table.add_column(k, justify="right")
+        for split, m in per_split.items():
+            table.add_row(split, *[_fmt(m.get(k)) for k in keys])
     console.print(table)
     if output:
-        output.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        output.write_text(json.dumps(metrics, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+
+
+# Generation options shared by predict and chat (None: the run's `generation` config section decides).
+_MAX_NEW_TOKENS = typer.Option(None, "--max-new-tokens", min=1, help="Most tokens generated per answer.")
+_TEMPERATURE = typer.Option(None, "--temperature", help="Sampling temperature (with --sample).")
+_TOP_P = typer.Option(None, "--top-p", help="Nucleus sampling mass (with --sample).")
+_SAMPLE = typer.Option(None, "--sample/--greedy", help="Sample, or decode greedily (default: the run's config).")
 
 
 @app.command()
 def predict(
     run: Path = typer.Argument(..., help="A run folder or an lmtune model folder."),
-    input: Path = typer.Option(..., "--input", "-i", help="csv/tsv/json/jsonl/parquet/txt with a text column."),
-    output: Path = typer.Option(..., "--output", "-o", help="Where predictions go (.csv, .tsv or .jsonl)."),
-    text_column: str | None = typer.Option(None, help="Text column (default: the one used in training)."),
-    batch_size: int = typer.Option(64, min=1),
+    input: Path = typer.Option(..., "--input", "-i", help="csv/tsv/json/jsonl/parquet/txt: a text column "
+                               "(classification), a 'prompt' column (sft, causal_lm) or a 'messages' column (sft)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Where the results go (.csv, .tsv or .jsonl)."),
+    text_column: str | None = typer.Option(None, help="Text or prompt column (default: the one used in "
+                                           "training; 'prompt' for generative runs)."),
+    batch_size: int | None = typer.Option(None, min=1, help="Rows per batch (default: 64 for classification, "
+                                          "generation.batch_size for generative runs)."),
+    max_new_tokens: int | None = _MAX_NEW_TOKENS,
+    temperature: float | None = _TEMPERATURE,
+    top_p: float | None = _TOP_P,
+    do_sample: bool | None = _SAMPLE,
+    stop: list[str] | None = typer.Option(None, "--stop", help="A string that ends an answer (repeatable)."),
+    seed: int | None = typer.Option(None, help="Seed for sampling."),
     progress: bool = typer.Option(True, help="Show the progress bar."),
 ) -> None:
-    """Predict a label and probabilities for every row of a file."""
+    """Predict a label for every row of a file (classification), or generate an answer (sft, causal_lm)."""
     from lmtune.run import Run
 
-    n = Run.load(run).predict_file(input, output, text_column=text_column, batch_size=batch_size,
-                                   show_progress=progress)
-    console.print(f"wrote {n} predictions to {output}")
+    loaded = Run.load(run)
+    n = loaded.predict_file(input, output, text_column=text_column, batch_size=batch_size, show_progress=progress,
+                            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                            do_sample=do_sample, stop=stop, seed=seed)
+    console.print(f"wrote {n} {'answers' if loaded.generative else 'predictions'} to {output}")
+
+
+_CHAT_HELP = "/reset clears the history, /system TEXT sets the system prompt, /exit (or Ctrl-D) ends"
+
+
+@app.command()
+def chat(
+    run: Path = typer.Argument(..., help="An sft run folder or model folder."),
+    system: str | None = typer.Option(None, help="System prompt."),
+    max_new_tokens: int | None = _MAX_NEW_TOKENS,
+    temperature: float | None = _TEMPERATURE,
+    top_p: float | None = _TOP_P,
+    do_sample: bool | None = _SAMPLE,
+) -> None:
+    """Chat with a chat (sft) model in the terminal; answers stream as they are generated."""
+    from lmtune.run import Run
+
+    session = Run.load(run).chat_session(system=system, max_new_tokens=max_new_tokens, temperature=temperature,
+                                         top_p=top_p, do_sample=do_sample)
+    console.print(f"chatting with {run}; {_CHAT_HELP}", highlight=False)
+    told_about_context = False
+    while True:
+        try:
+            line = input("you> ")
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D, Ctrl-C
+            typer.echo()
+            break
+        text = line.strip()
+        if not text:
+            continue
+        command, _, rest = text.partition(" ")
+        if command in ("/exit", "/quit"):
+            break
+        if command == "/reset":
+            session.reset()
+            console.print("history cleared", style="dim")
+            continue
+        if command == "/system":
+            session.set_system(rest)
+            console.print(f"system prompt {'set' if session.system else 'removed'}", style="dim")
+            continue
+        if command == "/help" or (command[1:].isalpha() and command.startswith("/")):
+            # "/help", or a mistyped command; "/etc/hosts?" is a message
+            unknown = "" if command == "/help" else f"unknown command {command}; "
+            console.print(f"{unknown}{_CHAT_HELP}", style="dim", highlight=False)
+            continue
+        try:
+            dropped = session.ask(line)
+        except LmtuneError as exc:
+            err_console.print(f"error: {exc}", highlight=False, markup=False)
+            continue
+        if dropped and not told_about_context:
+            console.print(f"(the conversation no longer fits the model's {session.budget} tokens: the oldest "
+                          "turns are dropped from now on)", style="dim", highlight=False)
+            told_about_context = True
+        typer.echo("model> ", nl=False)
+        stream = session.answer()
+        try:
+            for piece in stream:
+                typer.echo(piece, nl=False)
+        except KeyboardInterrupt:
+            stream.close()
+            typer.echo(" [stopped]", nl=False)
+        typer.echo()
+
+
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="A run folder or an lmtune model folder."),
+    format: str = typer.Option("merged", "--format", help="merged: one standalone transformers folder "
+                               "(a LoRA adapter folded into the weights)."),
+    output: Path = typer.Option(..., "--output", "-o", help="The folder to write."),
+    tolerance: float = typer.Option(1e-4, min=0, help="Largest logit difference allowed between the exported "
+                                    "model and the model as trained."),
+    overwrite: bool = typer.Option(False, help="Replace an earlier export at --output."),
+) -> None:
+    """Export a run's model as a standalone folder, checked against the model as trained."""
+    available = ("merged",)
+    if format == "onnx":
+        raise RunError("ONNX export is not implemented in this version; available formats: "
+                       + ", ".join(available), hint="`--format merged` writes a folder that transformers (and "
+                       "tools that convert transformers models) load")
+    if format not in available:
+        raise RunError(f"unknown export format '{format}'; available formats: {', '.join(available)}")
+    from lmtune.models.export import export_merged
+    from lmtune.workflow import quiet_libraries
+
+    quiet_libraries()
+    result = export_merged(run, output, tolerance=tolerance, overwrite=overwrite)
+    console.print(f"exported to {result.folder}", highlight=False)
+    console.print(f"max logit difference {result.max_abs_logit_diff:.2e} over {result.prompts} prompts "
+                  f"(tolerance {result.tolerance:g}; reference: "
+                  f"{'base model + adapter' if result.source == 'adapter' else 'the run model'})", highlight=False)
 
 
 @app.command()
@@ -156,6 +294,25 @@ def models() -> None:
         table.add_column(col)
     for m in list_models():
         table.add_row(m["name"], m["architecture"], m["params"], m["hf_id"], "yes" if m["installed"] else "no")
+    console.print(table)
+
+
+@data_app.command("list")
+def data_list() -> None:
+    """List the bundled data sets (use one as data.train: bundled:NAME)."""
+    from lmtune.data.bundled import list_datasets
+
+    wide = console.width >= 120  # descriptions only fit beside the rest on a wide terminal
+    table = Table(title="bundled data sets (data.train: bundled:NAME)")
+    table.add_column("name", no_wrap=True)
+    table.add_column("task", no_wrap=True)
+    table.add_column("package", overflow="fold")
+    table.add_column("installed", no_wrap=True)
+    if wide:
+        table.add_column("description")
+    for d in list_datasets():
+        table.add_row(d["name"], d["task"], d["package"], "yes" if d["installed"] else "no",
+                      *([d["description"]] if wide else []))
     console.print(table)
 
 
@@ -183,7 +340,8 @@ def main() -> None:
         err_console.print(Text.assemble((f"{kind}: ", "bold red"), str(exc)), highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        err_console.print("interrupted; resume with `lmtune train CONFIG --resume`")
+        training = len(sys.argv) > 1 and sys.argv[1] == "train"
+        err_console.print("interrupted" + ("; resume with `lmtune train CONFIG --resume`" if training else ""))
         sys.exit(130)
 
 

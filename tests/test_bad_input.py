@@ -151,3 +151,75 @@ def test_bad_commands(args: list[str], fragments: list[str], tmp_path: Path, tin
     assert code == 2 and "Traceback" not in out
     for fragment in fragments:
         assert fragment in " ".join(out.split())
+
+
+def _chat_line(*turns: tuple[str, str]) -> dict[str, Any]:
+    return {"messages": [{"role": r, "content": c} for r, c in turns]}
+
+
+_CHAT_OK = [_chat_line(("user", f"hello {i}"), ("assistant", f"hi {i}")) for i in range(30)]
+
+CHAT_CASES: list[tuple[str, Any, dict[str, Any], list[str]]] = [
+    # (case id, bad record (placed on line 5), extra data settings, fragments the message must hold)
+    ("roles do not alternate", _chat_line(("user", "a"), ("user", "b"), ("assistant", "c")), {},
+     ["c.jsonl:5", "messages", "'user' after 'user'"]),
+    ("empty assistant turn", _chat_line(("user", "a"), ("assistant", "  ")), {}, ["c.jsonl:5", "empty"]),
+    ("unknown role", _chat_line(("user", "a"), ("robot", "b")), {}, ["c.jsonl:5", "robot"]),
+    ("ends with the user", _chat_line(("user", "a"), ("assistant", "b"), ("user", "c")), {},
+     ["c.jsonl:5", "assistant"]),
+    ("record of another format", {"question": "a", "reply": "b"}, {}, ["c.jsonl:5", "messages"]),
+]
+
+
+@pytest.mark.parametrize(("case", "bad", "extra", "fragments"), CHAT_CASES, ids=[c[0] for c in CHAT_CASES])
+def test_bad_chat_data_gives_a_clear_error(case: str, bad: dict[str, Any], extra: dict[str, Any],
+                                           fragments: list[str], tmp_path: Path, tiny_chat_llama_dir: Path,
+                                           monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = list(_CHAT_OK)
+    rows[4] = bad
+    data = tmp_path / "c.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    cfg = {"task": "sft", "model": str(tiny_chat_llama_dir), "data": {"train": str(data), "max_length": 64, **extra},
+           "train": {"max_steps": 1}, "output_dir": str(tmp_path / "run")}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    code, out = _run_cli(["train", str(path), "--no-progress"], monkeypatch, capsys)
+    flat = " ".join(out.split())
+    assert code == 2 and "Traceback" not in out, flat
+    for fragment in fragments:
+        assert fragment in flat, f"{fragment!r} not in {flat!r}"
+
+
+def test_unknown_chat_format_lists_what_was_tried(tmp_path: Path, tiny_chat_llama_dir: Path,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps({"q": f"a{i}", "a": "b"}) + "\n" for i in range(10)), encoding="utf-8")
+    cfg = {"task": "sft", "model": str(tiny_chat_llama_dir), "data": {"train": str(data)},
+           "output_dir": str(tmp_path / "run")}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    code, out = _run_cli(["train", str(path)], monkeypatch, capsys)
+    flat = " ".join(out.split())
+    assert code == 2 and "Traceback" not in out
+    for fragment in ("alpaca", "sharegpt", "openai", "'q'", "'a'"):
+        assert fragment in flat, f"{fragment!r} not in {flat!r}"
+
+
+def test_conversations_longer_than_max_length_are_skipped_or_cut(tmp_path: Path, tiny_chat_llama_dir: Path) -> None:
+    from lmtune.config import load_config
+    from lmtune.tasks.sft import SFTTask
+
+    rows = list(_CHAT_OK) + [_chat_line(("user", "word " * 200), ("assistant", "short")) for _ in range(1)]
+    data = tmp_path / "c.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    infos = {}
+    for mode in ("skip", "truncate_left"):
+        cfg = load_config({"task": "sft", "model": str(tiny_chat_llama_dir),
+                           "data": {"train": str(data), "max_length": 64, "too_long": mode,
+                                    "validation": str(data), "test": str(data), "deduplicate": False}})
+        task = SFTTask(cfg)
+        infos[mode] = task.prepare(task.load_tokenizer(tiny_chat_llama_dir)).info["train"]
+    assert infos["skip"]["skipped_too_long"] == 1 and infos["skip"]["examples"] == 30
+    assert infos["skip"]["skipped_lines"] == [31]
+    assert infos["truncate_left"]["skipped_too_long"] == 0 and infos["truncate_left"]["truncated"] == 1

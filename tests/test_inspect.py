@@ -150,3 +150,257 @@ def test_cli_reports_a_data_error_in_one_line(tiny_bert_dir: Path, sentiment_csv
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "review" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------ decoder tasks
+# SmolLM2's real tokenizer (ChatML, a default system prompt, pad == eos == <|im_end|>) on a tiny Llama.
+
+CAPITALS = {"France": "Paris", "Spain": "Madrid", "Peru": "Lima", "Japan": "Tokyo"}
+# ChatML that forgets <|im_end|> after the assistant's content: the model would never learn to stop.
+NO_EOS_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] }}"
+    "{% if message['role'] != 'assistant' %}{{ '<|im_end|>' }}{% endif %}{{ '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _qa(question: str, answer: str) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+def _capital_rows(n: int, start: int = 0) -> list[dict[str, Any]]:
+    countries = list(CAPITALS)
+    return [_qa(f"Capital of {countries[i % 4]}? ({i})", CAPITALS[countries[i % 4]]) for i in range(start, start + n)]
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _rendered_length(tok: Any, messages: list[dict[str, str]]) -> int:
+    """Tokens of a conversation rendered whole by the chat template (counted independently of lmtune)."""
+    return len(tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"])
+
+
+def _sft_config(model_dir: Path, train: Path, **data: Any) -> dict[str, Any]:
+    return {"task": "sft", "model": str(model_dir), "data": {"train": str(train), "max_length": 96, **data},
+            "train": {"batch_size": 8}}
+
+
+def _check_row(report: dict[str, Any], starts: str) -> dict[str, Any]:
+    rows = [c for c in report["checks"] if c["check"].startswith(starts)]
+    assert len(rows) == 1, [c["check"] for c in report["checks"]]
+    return rows[0]
+
+
+@pytest.fixture(scope="module")
+def chat_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("chat")
+    rows = _capital_rows(60)
+    alpaca = [{"instruction": f"Name the capital of {c}. ({i})", "output": CAPITALS[c]}
+              for i, c in enumerate(list(CAPITALS) * 3)][:10]
+    return {"train": _write_jsonl(folder / "train.jsonl", rows + rows[:3]),  # 3 exact duplicates
+            "test": _write_jsonl(folder / "test.jsonl", alpaca)}
+
+
+@pytest.fixture(scope="module")
+def sft_report(tiny_chat_llama_dir: Path, chat_files: dict[str, Path]) -> dict[str, Any]:
+    return inspect_data(_sft_config(tiny_chat_llama_dir, chat_files["train"], test=str(chat_files["test"])),
+                        examples=2)
+
+
+def test_sft_report_counts_conversations_and_rendered_lengths(sft_report: dict[str, Any],
+                                                              tiny_chat_llama_dir: Path) -> None:
+    splits = sft_report["splits"]
+    assert list(splits) == ["train", "validation", "test"]
+    assert [(s["chat_format"], s["chat_format_detected"]) for s in splits.values()] == [
+        ("openai", True), ("openai", False), ("alpaca", True)]
+    assert splits["train"]["duplicates_removed"] == 3
+    assert splits["train"]["conversations"] + splits["validation"]["conversations"] == 60
+    assert splits["test"]["conversations"] == 10
+    for facts in splits.values():
+        assert facts["turns"] == 2 * facts["conversations"] == 2 * facts["assistant_turns"]
+        assert facts["examples"] == facts["conversations"] and facts["too_long"]["examples"] == 0
+    tok = AutoTokenizer.from_pretrained(tiny_chat_llama_dir)
+    full = [_rendered_length(tok, r["messages"]) for r in _capital_rows(60)]
+    cut = [splits[s]["lengths"] for s in ("train", "validation")]
+    assert min(s["min"] for s in cut) == min(full) and max(s["max"] for s in cut) == max(full)
+    assert sft_report["chat_template"] == "model" and sft_report["vocab_grew"] is False
+    json.dumps(sft_report)  # the whole report is plain data
+
+
+def test_sft_checks_pass_and_name_the_eos_token_that_is_also_pad(sft_report: dict[str, Any]) -> None:
+    from lmtune.inspect_generative import PAD_IS_EOS_NOTE
+
+    assert sft_report["end_of_turn_tokens"] == ["<|im_end|>"] and sft_report["pad_is_eos"]
+    eos = _check_row(sft_report, "every target ends with an end-of-turn token")
+    assert "<|im_end|>" in eos["check"] and PAD_IS_EOS_NOTE in eos["detail"]
+    assert (eos["status"], eos["count"], eos["total"]) == ("ok", 0, sft_report["splits"]["train"]["examples"])
+    assert _check_row(sft_report, "no example starts with two BOS")["status"] == "ok"
+    assert _check_row(sft_report, "every example has loss tokens")["status"] == "ok"
+    assert all(c["status"] == "ok" for c in sft_report["checks"]) and sft_report["errors"] == []
+
+
+def test_sft_examples_highlight_the_assistant_answer(sft_report: dict[str, Any], tiny_chat_llama_dir: Path) -> None:
+    from rich.text import Text
+
+    tok = AutoTokenizer.from_pretrained(tiny_chat_llama_dir)
+    assert len(sft_report["examples"]) == 2
+    for ex in sft_report["examples"]:
+        assert ex["text"].startswith("<|im_start|>system\n")
+        [target] = ex["targets"]  # one assistant turn, its end-of-turn token and newline included
+        answer = target.removesuffix("<|im_end|>\n")
+        assert answer in CAPITALS.values() and f"assistant\n{target}" in ex["text"]
+        assert ex["target_tokens"] == len(tok(target, add_special_tokens=False)["input_ids"])
+        shown = Text.from_markup(ex["markup"])
+        assert shown.plain == ex["text"]
+        highlighted = [shown.plain[s.start : s.end] for s in shown.spans if "green" in str(s.style)]
+        assert highlighted == [target]
+
+
+def test_template_without_eos_is_an_error_row_not_an_exception(
+    tiny_chat_llama_dir: Path, chat_files: dict[str, Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    from lmtune.config import load_config
+    from lmtune.errors import DataError
+    from lmtune.tasks.sft import SFTTask
+
+    model = tmp_path / "no-eos-model"
+    shutil.copytree(tiny_chat_llama_dir, model)
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.chat_template = NO_EOS_TEMPLATE
+    tok.save_pretrained(model)
+    cfg = _sft_config(model, chat_files["train"], test=str(chat_files["test"]))
+    got = inspect_data(cfg, examples=1)
+    n = got["splits"]["train"]["examples"]
+    eos = _check_row(got, "every target ends with an end-of-turn token")
+    assert (eos["status"], eos["count"], eos["total"]) == ("error", n, n)
+    assert _check_row(got, "no example starts with two BOS")["status"] == "ok"
+    [error] = got["errors"]
+    assert f"{n} of {n} training examples" in error and "<|im_end|>" in error
+    assert got["examples"][0]["targets"][0] in {f"{c}\n" for c in CAPITALS.values()}
+    # The error row is exactly what `train` stops at.
+    task = SFTTask(load_config(cfg))
+    with pytest.raises(DataError) as err:
+        task.prepare(task.load_tokenizer(model))
+    assert str(err.value) == error
+
+
+@pytest.mark.parametrize("too_long", ["skip", "truncate_left"])
+def test_too_long_conversations_are_counted_as_training_would_treat_them(
+    too_long: str, tiny_chat_llama_dir: Path, chat_files: dict[str, Path], tmp_path: Path
+) -> None:
+    from lmtune.config import load_config
+    from lmtune.tasks.sft import SFTTask
+
+    short = _capital_rows(20)
+    long_prompts = [_qa(" ".join(f"word{i}" for _ in range(20 + 7 * i)), "Paris") for i in range(4)]
+    long_answers = [_qa(f"Tell me a story ({i})", " ".join(["story"] * (70 + 9 * i))) for i in range(3)]
+    rows = short + long_prompts + long_answers
+    train = _write_jsonl(tmp_path / "long.jsonl", rows)
+    valid = _write_jsonl(tmp_path / "valid.jsonl", _capital_rows(5, start=100))
+    cfg = _sft_config(tiny_chat_llama_dir, train, validation=str(valid), test=str(chat_files["test"]),
+                      max_length=64, too_long=too_long)
+    got = inspect_data(cfg, examples=0)
+
+    tok = AutoTokenizer.from_pretrained(tiny_chat_llama_dir)
+    full = [_rendered_length(tok, r["messages"]) for r in rows]
+    excess = [n - 64 for n in full if n > 64]
+    prompt_excess = [_rendered_length(tok, r["messages"]) - 64 for r in long_prompts]
+    assert all(n <= 64 for n in full[:20]) and len(excess) == 7  # the long rows, and only they, exceed 64
+    facts = got["splits"]["train"]
+    tl = facts["too_long"]
+    assert facts["conversations"] == 27 and facts["lengths"]["max"] == max(full)
+    assert (tl["examples"], tl["excess_max"], tl["excess_mean"]) == (7, max(excess), round(sum(excess) / 7, 1))
+    fit = _check_row(got, "train: conversations fit")
+    if too_long == "skip":
+        assert (tl["skipped"], tl["truncated"], tl["tokens_cut"], tl["truncate_left_keeps"]) == (7, 0, 0, 4)
+        assert any("truncate_left would keep 4 of the 7" in tip for tip in got["suggestions"])
+    else:  # a long prompt is cut from the left; a long answer cannot be
+        assert (tl["skipped"], tl["truncated"], tl["tokens_cut"]) == (3, 4, sum(prompt_excess))
+        assert tl["truncate_left_keeps"] is None
+    assert facts["examples"] == 27 - tl["skipped"]
+    assert (fit["status"], fit["count"], fit["total"]) == ("warning", tl["skipped"], 27)
+    # The same counts as training's own data preparation.
+    task = SFTTask(load_config(cfg))
+    info = task.prepare(task.load_tokenizer(tiny_chat_llama_dir)).info["train"]
+    assert (info["skipped_too_long"], info["truncated"], info["examples"]) == (
+        tl["skipped"], tl["truncated"], facts["examples"])
+    assert info["target_tokens"] == facts["target_tokens"]["total"] and info["tokens"] == facts["tokens"]
+
+
+def test_a_bad_record_still_raises_naming_its_line(tiny_chat_llama_dir: Path, tmp_path: Path) -> None:
+    from lmtune.errors import DataError
+
+    rows = _capital_rows(30)
+    rows[4] = {"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}]}
+    with pytest.raises(DataError) as err:
+        inspect_data(_sft_config(tiny_chat_llama_dir, _write_jsonl(tmp_path / "bad.jsonl", rows)), examples=0)
+    assert "bad.jsonl:5" in str(err.value) and "tool" in str(err.value)
+
+
+def test_causal_lm_report_counts_documents_rows_and_shows_their_beginnings(
+    tiny_chat_llama_dir: Path, tmp_path: Path
+) -> None:
+    from helpers import story_text
+
+    text = story_text(40)
+    path = tmp_path / "stories.txt"
+    path.write_text(text, encoding="utf-8")
+    cfg = {"task": "causal_lm", "model": str(tiny_chat_llama_dir), "data": {"train": str(path), "max_length": 64}}
+    got = inspect_data(cfg, examples=2)
+    json.dumps(got)
+
+    tok = AutoTokenizer.from_pretrained(tiny_chat_llama_dir)
+    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+    # SmolLM2 puts no BOS before plain text: a document is its tokens and EOS.
+    lengths = [len(tok(p, add_special_tokens=False)["input_ids"]) + 1 for p in paragraphs]
+    splits = got["splits"]
+    assert got["bos_token"] is None and got["eos_token"] == "<|im_end|>" and got["packing"]
+    assert sum(s["documents"] for s in splits.values()) == 40
+    assert sum(s["tokens"] for s in splits.values()) == sum(lengths)
+    assert min(s["lengths"]["min"] for s in splits.values()) == min(lengths)
+    assert max(s["lengths"]["max"] for s in splits.values()) == max(lengths)
+    for s in splits.values():
+        assert s["rows"] == -(-s["tokens"] // 64)  # packed: every row full but the last
+        assert s["fill"] == pytest.approx(s["tokens"] / (s["rows"] * 64))
+        assert 0 < s["documents_split_across_rows"] < s["documents"] and s["missing_eos"] == 0
+    eos = _check_row(got, "every document ends with EOS")
+    assert (eos["status"], eos["count"], eos["total"]) == ("ok", 0, 40) and "pad == eos" in eos["detail"]
+    assert got["errors"] == []
+    first, second = got["examples"]
+    assert (first["row"], first["position"]) == (0, 0)
+    assert second["position"] == first["tokens"] and second["document"] == 1
+    for ex in (first, second):  # short documents: shown whole, EOS included
+        assert ex["shown_tokens"] == ex["tokens"] and ex["text"].endswith("<|im_end|>")
+        assert ex["text"].removesuffix("<|im_end|>") in paragraphs
+
+    unpacked = inspect_data(cfg, overrides={"data.packing": False, "data.max_length": 32}, examples=1)
+    train = unpacked["splits"]["train"]
+    assert train["rows"] == train["documents"] + train["documents_split_across_rows"]
+    assert train["longer_than_max_length"] == train["documents_split_across_rows"] > 0
+    fit = _check_row(unpacked, "train documents fit data.max_length 32")
+    assert (fit["status"], fit["count"]) == ("warning", train["longer_than_max_length"])
+
+
+def test_cli_inspects_an_sft_config(tiny_chat_llama_dir: Path, chat_files: dict[str, Path], tmp_path: Path,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from rich.console import Console
+    from typer.testing import CliRunner
+
+    from lmtune import cli
+
+    monkeypatch.setattr(cli, "console", Console(width=80))  # an 80-column terminal, whatever $COLUMNS says
+    cfg = tmp_path / "sft.yaml"
+    cfg.write_text(yaml.safe_dump(_sft_config(tiny_chat_llama_dir, chat_files["train"])), encoding="utf-8")
+    result = CliRunner().invoke(cli.app, ["data", "inspect", str(cfg), "--examples", "1"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    for text in ("conversations", "tokens per conversation", "longer than data.max_length", "checks",
+                 "every target ends with an", "<|im_end|>", "pad == eos", "legend", "train example 1", "Capital of"):
+        assert text in out, text
+    assert any(f"{city}<|im_end|>" in out for city in CAPITALS.values())  # the answer, as rendered
+    assert max(len(line) for line in out.splitlines()) <= 80
