@@ -169,8 +169,14 @@ def child_hf(workdir: Path, model_dir: Path, variant: str, steps: int, warmup: i
     """One Trainer or SFTTrainer run on the pre-tokenised conversations."""
     import torch
     from datasets import Dataset
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
-                              TrainerCallback, TrainingArguments)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
     from transformers.utils import logging as hf_logging
 
     torch.set_num_threads(threads)

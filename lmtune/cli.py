@@ -92,24 +92,33 @@ def _print_results(run: Any) -> None:
     summary = metrics.get("summary", {})
     split = "test" if "test" in metrics else "validation"
     m = metrics.get(split, {})
-    columns = (_CLASSIFICATION_COLUMNS if not run.generative
-               else [(k, k) for k in _GENERATIVE_METRICS if k in m])
-    table = Table(title=f"{split} results ({run.path})")
-    table.add_column("model")
-    for _, header in columns:
-        table.add_column(header, justify="right")
-
-    def cells(values: dict[str, Any]) -> list[str]:
-        return [_fmt(values.get(key)) for key, _ in columns]
-
-    table.add_row(f"fine-tuned {run.meta.get('base_model')} ({run.meta.get('method')})", *cells(m), style="bold")
     start = metrics.get("starting_point", {}).get(split)
-    if start:
-        table.add_row("before fine-tuning", *cells(start))
-    bl_file = run.path / "baselines.json"
-    if bl_file.is_file():
-        for name, b in json.loads(bl_file.read_text(encoding="utf-8")).items():
-            table.add_row(f"baseline: {name}", *cells(b["metrics"].get(split, {})))
+    table = Table(title=f"{split} results ({run.path})")
+    tuned = f"fine-tuned {run.meta.get('base_model')} ({run.meta.get('method')})"
+    if run.generative:
+        # One row per metric, the tuned model beside its starting point (more metrics than fit side by side).
+        table.add_column("metric")
+        if start:
+            table.add_column("before fine-tuning", justify="right")
+        table.add_column(tuned, justify="right")
+        for key in _GENERATIVE_METRICS:
+            if key in m:
+                table.add_row(key, *([_fmt(start.get(key))] if start else []), _fmt(m[key]))
+    else:
+        table.add_column("model")
+        for _, header in _CLASSIFICATION_COLUMNS:
+            table.add_column(header, justify="right")
+
+        def cells(values: dict[str, Any]) -> list[str]:
+            return [_fmt(values.get(key)) for key, _ in _CLASSIFICATION_COLUMNS]
+
+        table.add_row(tuned, *cells(m), style="bold")
+        if start:
+            table.add_row("before fine-tuning", *cells(start))
+        bl_file = run.path / "baselines.json"
+        if bl_file.is_file():
+            for name, b in json.loads(bl_file.read_text(encoding="utf-8")).items():
+                table.add_row(f"baseline: {name}", *cells(b["metrics"].get(split, {})))
     console.print(table)
     console.print(f"trained {summary.get('steps')} steps in {summary.get('train_seconds', 0):.0f} s; "
                   f"report: {run.path / 'report.md'}; model: {run.model_dir}")

@@ -239,9 +239,9 @@ def _sft_checks(
     task: SFTTask, tokenizer: Any, train: list[RenderedExample], eos: set[int]
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """The pre-flight checks of the kept train examples, each counted, none stopping the others."""
-    from lmtune.data.chat import DOUBLE_BOS, NO_EOS, NO_LOSS, check_rendered
+    from lmtune.data.chat import DOUBLE_BOS, NO_EOS, NO_LOSS
 
-    problems = Counter(p for ex in train for p in check_rendered(tokenizer, ex, eos))
+    problems = Counter(task.preflight_problems(train, tokenizer))
     raised: DataError | None = None
     try:
         task.preflight(train, tokenizer, task.data_cfg.train)
@@ -263,9 +263,8 @@ def _sft_checks(
             status = OK
         elif raised is not None and problem in str(raised):
             status = ERROR
-        # SFTTask.preflight's rule (it raises on the first such problem only): a BOS problem in any
-        # example, any other problem in every example.
-        elif "BOS" in problem or count == n:
+        # preflight raises on the first definite problem only; the others are shown too.
+        elif task.is_definite(problem, count, n):
             status = ERROR
             errors.append(f"pre-flight check failed: {count} of {n} training examples: {problem}")
         else:

@@ -161,8 +161,9 @@ class SFTTask(DecoderTask):
                 skipped.append(r["line"])
         return out, skipped
 
-    def preflight(self, examples: list[Any], tokenizer: Any, source: str) -> dict[str, Any]:
-        """Checks on rendered examples; raises on a definite error, returns counts of each problem."""
+    @staticmethod
+    def preflight_problems(examples: list[Any], tokenizer: Any) -> dict[str, int]:
+        """How many rendered examples show each pre-flight problem (no EOS at a target's end, ...)."""
         from lmtune.data.chat import check_rendered, end_of_turn_ids
 
         eos = end_of_turn_ids(tokenizer)
@@ -170,14 +171,25 @@ class SFTTask(DecoderTask):
         for ex in examples:
             for p in check_rendered(tokenizer, ex, eos):
                 problems[p] = problems.get(p, 0) + 1
-        n = max(len(examples), 1)
+        return problems
+
+    @staticmethod
+    def is_definite(problem: str, count: int, total: int) -> bool:
+        """A problem that stops training: any double BOS, or any other problem in every example."""
+        return "BOS" in problem or count == total
+
+    def preflight(self, examples: list[Any], tokenizer: Any, source: str) -> dict[str, int]:
+        """Checks on rendered examples; raises on a definite error, returns counts of each problem."""
+        from lmtune.data.chat import end_of_turn_ids
+
+        problems = self.preflight_problems(examples, tokenizer)
         for problem, count in problems.items():
-            definite = "BOS" in problem or count == n
             msg = f"{count} of {len(examples)} training examples: {problem}"
-            if definite:
+            if self.is_definite(problem, count, len(examples)):
+                eos = end_of_turn_ids(tokenizer)
                 raise DataError(
                     f"pre-flight check failed: {msg}", file=source,
-                    hint="run `lmtune data inspect CONFIG` to see the examples as the model sees them"
+                    hint="`lmtune data inspect CONFIG` shows every check and the examples as the model sees them"
                     + ("; the chat template must end each assistant turn with an EOS token "
                        f"({', '.join(tokenizer.convert_ids_to_tokens(sorted(eos)))}) or the model never learns to stop"
                        if "end" in problem else ""),
