@@ -503,7 +503,7 @@ class TextGenerator:
         return generate(self.model, self.tokenizer, rendered, settings, progress=progress,
                         eos_token_ids=self.eos_token_ids)
 
-    def stream(self, messages: list[dict[str, str]], settings: GenerationSettings) -> Iterator[str]:
+    def stream(self, messages: list[dict[str, str]], settings: GenerationSettings) -> Generator[str, None, None]:
         """:func:`lmtune.generation.stream_chat`: the answer to ``messages`` in pieces, as generated."""
         from lmtune import generation
 
@@ -599,14 +599,16 @@ class ChatSession:
         user, self._pending = self._pending, None
         pieces: list[str] = []
         failed = False
+        stream = self.generator.stream(self.messages([user]), self.settings)
         try:
-            for piece in self.generator.stream(self.messages([user]), self.settings):
+            for piece in stream:
                 pieces.append(piece)
                 yield piece
         except Exception:
             failed = True
             raise
         finally:
+            stream.close()  # stops the generation thread when the reader stopped early
             if not failed:
                 self.history += [user, {"role": "assistant", "content": "".join(pieces).strip()}]
 
