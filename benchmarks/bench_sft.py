@@ -6,16 +6,21 @@ assistant tokens, end-of-turn token included) for the same number of optimizer s
 max_length 256, fp32, AdamW lr 5e-5 with 6% linear warm-up, weight decay 0.01, clipping 1.0, seed 42.
 
     trainer_padded   transformers Trainer on lmtune's rendered token ids and labels, DataCollatorForSeq2Seq
-                     (pad to the longest in the batch, labels -100 on pads), group_by_length sampler
+                     (pad to the longest in the batch, labels -100 on pads), fed lmtune's length-grouped batches
     trl_sft          TRL SFTTrainer on the same pre-tokenised ``input_ids`` + ``assistant_masks`` (TRL turns
-                     the mask into labels), its own padding collator, group_by_length sampler, no packing
+                     the mask into labels), its own padding collator, lmtune's batches, no packing
     trl_sft_packed   the same with ``packing=True`` (TRL's default "bfd" strategy: best-fit-decreasing rows of
                      <= max_length, which turns on padding-free batches: each batch is one flattened row with
-                     position ids restarting per conversation and no attention mask)
+                     position ids restarting per conversation and no attention mask), TRL's random sampler
     lmtune_padded    ``lmtune.train``, task sft, data.packing false (length-grouped, dynamically padded batches)
     lmtune_packed    ``lmtune.train``, task sft, data.packing true (first-fit-decreasing rows of <= max_length)
 
-and, on request (``--variants``), ``trainer_random``: the Trainer as above with its default random sampler.
+The padded Trainer and TRL runs get exactly lmtune's batches (its LengthGroupedBatchSampler, same seed), so
+the three padded variants train on the same batches in the same order and their step-1 losses must agree.
+On request (``--variants``), the Trainer with its own samplers, as users run it:
+
+    trainer_grouped  train_sampling_strategy="group_by_length" (each mega-batch of 400 walked longest first)
+    trainer_random   the default random order
 
 Each variant runs in its own subprocess with the same torch thread count (``--threads``); variants alternate
 across repeats. Timing is taken the same way for every variant, outside the code under test: a timestamp at
@@ -45,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 VARIANTS = ("trainer_padded", "trl_sft", "trl_sft_packed", "lmtune_padded", "lmtune_packed")
-EXTRA_VARIANTS = ("trainer_random",)
+EXTRA_VARIANTS = ("trainer_grouped", "trainer_random")
 BASELINE = "trainer_padded"
 SEED = 42
 BATCH_SIZE = 8
@@ -196,6 +201,15 @@ def child_hf(workdir: Path, model_dir: Path, variant: str, steps: int, warmup: i
             if logs and "loss" in logs:
                 losses.append(float(logs["loss"]))
 
+    order = None
+    if variant in ("trainer_padded", "trl_sft"):
+        from lmtune.data.features import LengthGroupedBatchSampler
+
+        # lmtune's batches (epoch 0, same seed and lengths; it reads the same conversations in the same
+        # order), flattened: the Trainer cuts them back into the same batches of BATCH_SIZE.
+        batches = LengthGroupedBatchSampler([len(r["input_ids"]) for r in rows], BATCH_SIZE, seed=SEED).batches()
+        order = [i for batch in batches for i in batch]
+
     def counting(cls: type) -> type:
         class Counting(cls):  # type: ignore[misc, valid-type]
             def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
@@ -203,6 +217,9 @@ def child_hf(workdir: Path, model_dir: Path, variant: str, steps: int, warmup: i
                 mask = inputs.get("attention_mask")
                 log.batch(int(mask.sum()) if mask is not None else ids.numel(), ids.numel())
                 return super().training_step(model, inputs, *args, **kwargs)
+
+            def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+                return order if order is not None else super()._get_train_sampler(train_dataset)
         return Counting
 
     common = dict(
@@ -211,7 +228,7 @@ def child_hf(workdir: Path, model_dir: Path, variant: str, steps: int, warmup: i
         warmup_steps=round(WARMUP_RATIO * steps), lr_scheduler_type="linear", max_grad_norm=1.0, seed=SEED,
         bf16=False, eval_strategy="no", save_strategy="no", logging_steps=1, report_to="none",
         dataloader_num_workers=0, use_cpu=True, disable_tqdm=True,
-        train_sampling_strategy="random" if variant in ("trainer_random", "trl_sft_packed") else "group_by_length",
+        train_sampling_strategy="group_by_length" if variant == "trainer_grouped" else "random",
     )
     if variant.startswith("trainer"):
         data = Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows],

@@ -245,7 +245,7 @@ def chat(
             console.print(f"{unknown}{_CHAT_HELP}", style="dim", highlight=False)
             continue
         try:
-            dropped = session.ask(line)
+            dropped = session.ask(text)
         except LmtuneError as exc:
             err_console.print(f"error: {exc}", highlight=False, markup=False)
             continue

@@ -13,7 +13,7 @@ import csv
 import dataclasses
 import json
 import logging
-from collections.abc import Generator, Iterator
+from collections.abc import Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict, cast
 
@@ -507,8 +507,9 @@ class TextGenerator:
         """:func:`lmtune.generation.stream_chat`: the answer to ``messages`` in pieces, as generated."""
         from lmtune import generation
 
-        return generation.stream_chat(self.model, self.tokenizer, messages, settings,
-                                      eos_token_ids=self.eos_token_ids)
+        stream = generation.stream_chat(self.model, self.tokenizer, messages, settings,
+                                        eos_token_ids=self.eos_token_ids)
+        return cast("Generator[str, None, None]", stream)  # a generator function; closing it stops generation
 
 
 def _load_causal_lm(model_dir: Path, meta: dict[str, Any]) -> Any:
@@ -563,7 +564,8 @@ class ChatSession:
     def _with_system(self, turns: list[dict[str, str]]) -> list[dict[str, str]]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + turns
 
-    def _tokens(self, turns: list[dict[str, str]]) -> int:
+    def prompt_tokens(self, turns: list[dict[str, str]]) -> int:
+        """Tokens of the rendered prompt for ``turns`` after the system message."""
         from lmtune.generation import chat_prompt
 
         return self.generator.count_tokens(chat_prompt(self.generator.tokenizer, self._with_system(turns)))
@@ -579,10 +581,10 @@ class ChatSession:
         user = {"role": "user", "content": text}
         history = list(self.history)
         dropped = 0
-        while history and self._tokens([*history, user]) > self.budget:
+        while history and self.prompt_tokens([*history, user]) > self.budget:
             del history[:2]  # the oldest exchange: a user message and its answer
             dropped += 1
-        tokens = self._tokens([*history, user])
+        tokens = self.prompt_tokens([*history, user])
         if tokens > self.budget:
             raise DataError(f"the message is too long: the prompt would be {tokens} tokens, the model takes "
                             f"{self.budget}", hint="send a shorter message" + (" or a shorter /system prompt"

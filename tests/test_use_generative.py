@@ -8,6 +8,7 @@ newlines, which would make "same text" checks hold trivially.
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import sys
@@ -206,8 +207,6 @@ def test_predict_file_with_prompts_and_with_messages(sft_run: Run, lm_run: Run, 
     txt = tmp_path / "starts.txt"
     txt.write_text("The small cat\nThe old river\n", encoding="utf-8")
     lm_run.predict_file(txt, tmp_path / "out.csv", show_progress=False, max_new_tokens=3)
-    import csv
-
     with (tmp_path / "out.csv").open(encoding="utf-8", newline="") as f:
         table = list(csv.DictReader(f))
     assert [r["text"] for r in table] == ["The small cat", "The old river"]
@@ -308,14 +307,17 @@ def test_chat_cli_drops_the_oldest_turns_to_fit(sft_run: Run, tmp_path: Path,
     meta["max_length"] = 70  # the default system prompt (~20 tokens) plus two or three short exchanges
     (model / "lmtune.json").write_text(json.dumps(meta))
     messages = [f"message number {i}" for i in range(6)]
-    result = CliRunner().invoke(app, ["chat", str(model)], input="\n".join(messages) + "\n")
+    huge = "word " * 100  # does not fit even alone: refused, and the chat goes on
+    result = CliRunner().invoke(app, ["chat", str(model)],
+                                input="\n".join([*messages[:3], huge, *messages[3:]]) + "\n")
     assert result.exit_code == 0, result.output
     assert _flat(result.output).count("oldest turns are dropped") == 1
+    assert "the message is too long" in result.output
     assert len(stream_spy) == 6
     session = Run.load(model).chat_session()
     for call, text in zip(stream_spy, messages, strict=True):
         assert call[-1] == {"role": "user", "content": text}
-        assert session._tokens(call) <= 70
+        assert session.prompt_tokens(call) <= 70  # no --system: the calls hold user/assistant turns only
     assert stream_spy[-1][0]["content"] != messages[0]  # the first exchange was dropped
 
 
