@@ -38,6 +38,7 @@ during the timed steps (lmtune's starting-point and final evaluation, export and
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -166,7 +167,7 @@ class StepLog:
                 "tokens_per_second": sum(self.tokens[warmup:n]) / seconds,
                 "real_tokens": sum(self.tokens[:n]), "slot_tokens": sum(self.slots[:n]),
                 "step_tokens": self.tokens[:n], "step_slots": self.slots[:n],
-                "step_seconds": [b - a for a, b in zip(self.times, self.times[1:])],
+                "step_seconds": [b - a for a, b in itertools.pairwise(self.times)],
                 "train_rss_kib": self.train_rss_kib}
 
 
@@ -301,7 +302,7 @@ def child_lmtune(workdir: Path, model_dir: Path, variant: str, steps: int, warmu
     out = log.result(warmup)
     # lmtune's own figure: its metrics.jsonl rows (one per step) after warm-up; a row's seconds are its
     # tokens (counted above, same batches) over its logged tokens_per_second.
-    own_seconds = sum(t / r["tokens_per_second"] for t, r in zip(out["step_tokens"][warmup:], train[warmup:]))
+    own_seconds = sum(t / r["tokens_per_second"] for t, r in zip(out["step_tokens"][warmup:], train[warmup:], strict=True))
     return {**out, "first_loss": train[0]["loss"], "losses": [r["loss"] for r in train],
             "lmtune_own_tokens_per_second": sum(out["step_tokens"][warmup:]) / own_seconds,
             "threads": torch.get_num_threads()}
@@ -370,8 +371,8 @@ def markdown_table(summary: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=40, help="optimizer steps per run (warm-up included)")
-    p.add_argument("--warmup-steps", type=int, default=5, help="first steps excluded from timing")
+    p.add_argument("--steps", type=int, default=24, help="optimizer steps per run (warm-up included)")
+    p.add_argument("--warmup-steps", type=int, default=4, help="first steps excluded from timing")
     p.add_argument("--repeats", type=int, default=3, help="rounds over the variants (alternating)")
     p.add_argument("--threads", type=int, default=2, help="torch threads in every child (OMP_NUM_THREADS too)")
     p.add_argument("--model", choices=("small", "smollm2"), default="small",

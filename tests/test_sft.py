@@ -71,14 +71,16 @@ def test_sft_learns_answers_and_to_stop(tmp_path, tiny_chat_llama_dir):
     assert run.meta["eos_token_ids"] == [tok.eos_token_id]
 
 
-@pytest.mark.parametrize("method", ["lora", "freeze"])
+@pytest.mark.parametrize("method", ["lora", "freeze", "lora+checkpointing"])
 def test_sft_methods_train(tmp_path, tiny_chat_llama_dir, method):
-    over = {"method.name": method} if method == "lora" else {"method.name": method, "method.unfrozen_layers": 1}
     cfg = _config(tmp_path, tiny_chat_llama_dir, **{"train.max_steps": 6})
-    cfg["method"] = {"name": method, **({"unfrozen_layers": 1} if method == "freeze" else {})}
+    name = method.split("+")[0]
+    cfg["method"] = {"name": name, **({"unfrozen_layers": 1} if name == "freeze" else {})}
+    if method.endswith("checkpointing"):
+        cfg["model"] = {"name": str(tiny_chat_llama_dir), "gradient_checkpointing": True}
     run = lmtune.train(cfg, show_progress=False)
     assert run.metrics["test"]["loss"] < run.metrics["starting_point"]["test"]["loss"]
-    assert over
+    assert run.metrics["summary"]["trainable_parameters"] < run.metrics["summary"]["total_parameters"]
 
 
 def test_packed_sft_trains(tmp_path, tiny_chat_llama_dir):
