@@ -30,9 +30,9 @@ lmtune: where its task computes the loss). Real tokens/s = real tokens of the st
 / time from the end of the last warm-up step to the end of the last step. No evaluation or saving happens
 during the timed steps (lmtune's starting-point and final evaluation, export and report are before or after).
 
-    python benchmarks/bench_sft.py --output sft.json            # the full measurement (about 25 min, 2 cores)
+    python benchmarks/bench_sft.py --output sft.json            # the full measurement (est. ~25 min, quiet 2 cores)
     python benchmarks/bench_sft.py --quick --threads 1          # checks that every variant runs
-    python benchmarks/bench_sft.py --model smollm2 --steps 20   # the real SmolLM2-135M instead
+    python benchmarks/bench_sft.py --model smollm2 --steps 12 --warmup-steps 2   # the real SmolLM2-135M
 """
 
 from __future__ import annotations
@@ -424,11 +424,15 @@ def main(argv: list[str] | None = None) -> None:
                   f"{run['peak_rss_kib'] / 2**20:.2f} GiB, first-step loss {run['first_loss']}, "
                   f"{run['process_seconds']:.0f}s", file=sys.stderr)
     summary = summarise(runs)
+    table = markdown_table(summary)
     print()
-    print(markdown_table(summary))
+    print(table)
     for name, s in summary.items():
         if "lmtune_own_tokens_per_second" in s:
             print(f"{name}: lmtune's own metrics.jsonl after warm-up: {s['lmtune_own_tokens_per_second']:,.0f} tokens/s")
+    padded = {summary[v]["first_loss"] for v in ("trainer_padded", "trl_sft", "lmtune_padded") if v in summary}
+    if len(padded) > 1:  # same weights, same first batch: only float summation order may differ
+        print(f"step-1 loss of the padded variants (same batch): spread {max(padded) - min(padded):.2e}")
     load_after = os.getloadavg()
     print(f"\nload average before {load_before[0]:.2f}, after {load_after[0]:.2f}; total {time.time() - started:.0f}s")
     if args.output:
@@ -442,7 +446,8 @@ def main(argv: list[str] | None = None) -> None:
                                "max_length": MAX_LENGTH, "learning_rate": LEARNING_RATE, "seed": SEED, **data},
                   "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                                "trl": trl.__version__},
-                  "load_average": [load_before[0], load_after[0]], "summary": summary, "runs": runs}
+                  "load_average": [load_before[0], load_after[0]], "table": table, "summary": summary,
+                  "runs": runs}
         args.output.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
         print(f"results written to {args.output}")
 

@@ -184,9 +184,11 @@ class DecoderTask:
 
     def _loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = model(**self._inputs(batch), use_cache=False).logits  # (B, T, vocab)
-        # Position t predicts token t+1.
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
+        # Position t predicts token t+1: shift the labels, not the logits (slicing the logits would copy
+        # the biggest tensor of the step, and its gradient).
+        targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction="sum")
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed next-token cross-entropy over the target tokens of the micro-batch."""
