@@ -45,6 +45,8 @@ def quiet_libraries() -> None:
     datasets.utils.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     logging.getLogger("accelerate").setLevel(logging.WARNING)
+    # "Removed shared tensor ... while saving": tied embeddings are saved once, as intended.
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
     # peft asks transformers with a name deprecated in 5.x; nothing for a user to act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
 
