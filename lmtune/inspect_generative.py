@@ -542,7 +542,7 @@ def _render_checks(report: dict[str, Any], console: Console) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title="checks (error: `lmtune train` would stop)", title_justify="left")
+    table = Table(title="pre-flight checks (an `error` row would stop `lmtune train`)", title_justify="left")
     table.add_column("check", overflow="fold", ratio=3)
     table.add_column("status")
     table.add_column("count", justify="right")
