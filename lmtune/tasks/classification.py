@@ -403,7 +403,7 @@ class ClassificationTask:
         self.new_modules = sorted({k.rsplit(".", 2)[0] if k.count(".") >= 2 else k.split(".")[0]
                                    for k in loading["missing_keys"]})
         if self.config.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         return model
 
     def head_module_names(self, model: torch.nn.Module) -> set[str]:

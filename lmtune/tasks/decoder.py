@@ -155,7 +155,7 @@ class DecoderTask:
             model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
         model.config.pad_token_id = tokenizer.pad_token_id
         if m.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
             if self.config.method.name in ("lora", "qlora"):
                 # Frozen embeddings give checkpointed blocks inputs without grad: make them carry one.
