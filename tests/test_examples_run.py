@@ -31,6 +31,12 @@ def test_example_config_runs(path: Path, tmp_path: Path, monkeypatch: pytest.Mon
                  "answer": str(2 * i)} for i in range(40)]
         (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         overrides["data.train"] = str(tmp_path / "qa.jsonl")
+    if cfg.data.train == "data/tickets.csv":  # the multi-label example, also a user's own file
+        tags = ["billing", "urgent", "login", "refund"]
+        lines = ["text,tags"] + [f"ticket {i} about {tags[i % 4]} and {tags[(i * 3) % 4]},"
+                                 f"{tags[i % 4]};{tags[(i * 3) % 4]}" for i in range(80)]
+        (tmp_path / "tickets.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        overrides["data.train"] = str(tmp_path / "tickets.csv")
     if cfg.model.init == "scratch":
         overrides["model.vocab_size"] = 500
     run = lmtune.train(path, overrides=overrides, show_progress=False)
