@@ -104,9 +104,9 @@ def write_data(workdir: Path, model_dir: Path, steps: int, repeat: int | None) -
     """
     from lmtune.data.bundled import resolve_bundled_data
     from lmtune.data.chat import ensure_chat_template, render_conversation
-    from lmtune.tasks.decoder import load_decoder_tokenizer
+    from lmtune.models.registry import load_padded_tokenizer
 
-    tok = load_decoder_tokenizer(model_dir)
+    tok = load_padded_tokenizer(model_dir)
     if ensure_chat_template(tok):
         raise SystemExit("the model's tokenizer lacks ChatML tokens; every variant would need its embeddings grown")
     rows = [json.loads(line) for line in resolve_bundled_data("chatterbot").read_text(encoding="utf-8").splitlines()]

@@ -418,13 +418,13 @@ class TextGenerator:
 
     def __init__(self, model_dir: Path, meta: dict[str, Any], *, device: str | None = None) -> None:
         from lmtune.data.chat import end_of_turn_ids
-        from lmtune.tasks.decoder import load_decoder_tokenizer
+        from lmtune.models.registry import load_padded_tokenizer
         from lmtune.workflow import quiet_libraries
 
         quiet_libraries()
         self.task = str(meta.get("task"))
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.tokenizer = load_decoder_tokenizer(model_dir)
+        self.tokenizer = load_padded_tokenizer(model_dir)
         self.model = _load_causal_lm(model_dir, meta).to(self.device).eval()
         eos = {int(i) for i in meta.get("eos_token_ids") or []}
         if self.task == "sft":

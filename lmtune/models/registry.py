@@ -431,3 +431,24 @@ def _fix_chat_tokenizer(tokenizer: Any, config: Any) -> list[str]:
             fixes.append(f"config.{attr}: {getattr(config, attr)} -> {getattr(tokenizer, attr)}")
             setattr(config, attr, getattr(tokenizer, attr))
     return fixes
+
+
+def load_padded_tokenizer(path: Path, *, trust_remote_code: bool = False) -> Any:
+    """A model's tokenizer, right-padded, with a pad token (its EOS when it has none).
+
+    Padding with EOS is safe in lmtune: padding is masked by position (attention mask, packed row
+    tails), never by token id, so a classifier reads the last text token and a decoder still
+    learns its EOS as a target.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load a tokenizer: {exc}", file=path) from None
+    tok.padding_side = "right"
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ModelError("the tokenizer has neither a pad nor an eos token", file=path)
+        tok.pad_token = tok.eos_token
+    return tok

@@ -27,9 +27,10 @@ from lmtune.data.features import FeatureDataset, cached_features, digest_records
 from lmtune.data.packing import pack_stream
 from lmtune.data.readers import detect_format, read_table
 from lmtune.errors import ConfigError, DataError
+from lmtune.models.registry import load_padded_tokenizer
 from lmtune.paths import cache_dir
 from lmtune.tasks.base import TaskData, register_task
-from lmtune.tasks.decoder import DecoderTask, adds_bos, load_decoder_tokenizer
+from lmtune.tasks.decoder import DecoderTask, adds_bos, first_occurrences, holdout_indices
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class CausalLMTask(DecoderTask):
         if model_path is None:
             self.tokenizer = self._trained_tokenizer()
         else:
-            self.tokenizer = load_decoder_tokenizer(model_path, trust_remote_code=self.config.model.trust_remote_code)
+            self.tokenizer = load_padded_tokenizer(model_path, trust_remote_code=self.config.model.trust_remote_code)
         return self.tokenizer
 
     def _trained_tokenizer(self) -> Any:
@@ -88,7 +89,7 @@ class CausalLMTask(DecoderTask):
         folder = cache_dir("tokenizers") / digest
         if (folder / "tokenizer.json").is_file():
             log.info("tokenizer trained on this text read from cache (%s)", digest[:12])
-            return load_decoder_tokenizer(folder)
+            return load_padded_tokenizer(folder)
         log.info("training a byte-level BPE tokenizer (vocabulary %d) on %d documents", vocab, len(docs))
         bpe = Tokenizer(models.BPE())
         bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -104,7 +105,7 @@ class CausalLMTask(DecoderTask):
             os.replace(tmp, folder)
         except OSError:  # another process trained the same tokenizer first; theirs is identical
             shutil.rmtree(tmp, ignore_errors=True)
-        return load_decoder_tokenizer(folder)
+        return load_padded_tokenizer(folder)
 
     # ------------------------------------------------------------------------------ data
     def _read_documents(self, source: str) -> tuple[list[str], dict[str, Any]]:
@@ -157,28 +158,21 @@ class CausalLMTask(DecoderTask):
         d = self.data_cfg
         train, train_info = self._read_documents(d.train)
         if d.deduplicate:
-            unique = list(dict.fromkeys(train))
+            unique = first_occurrences(train, str)
             train_info["duplicates_removed"] = len(train) - len(unique)
             train = unique
         out: dict[str, tuple[list[str], dict[str, Any]]] = {}
         given = {s: src for s, src in (("validation", d.validation), ("test", d.test)) if src}
-        wanted = [s for s in ("validation", "test") if s not in given]
-        if wanted:
-            order = list(range(len(train)))
-            random.Random(d.split_seed).shuffle(order)
-            sizes = {"validation": d.validation_size, "test": d.test_size}
-            counts = {s: max(1, round(sizes[s] * len(train))) for s in wanted}
-            if sum(counts.values()) >= len(train):
-                raise DataError(f"{len(train)} document(s) are too few to hold out {' and '.join(wanted)} text",
+        sizes = {s: size for s, size in (("validation", d.validation_size), ("test", d.test_size)) if s not in given}
+        if sizes:
+            held = holdout_indices(len(train), sizes, d.split_seed)
+            if held is None:
+                raise DataError(f"{len(train)} document(s) are too few to hold out {' and '.join(sizes)} text",
                                 file=d.train, hint="give data.validation (and data.test) files, or "
                                 "data.document_split: paragraph for a long text file")
-            start = 0
-            for s in wanted:
-                picked = sorted(order[start : start + counts[s]])
-                start += counts[s]
-                out[s] = ([train[i] for i in picked], {"source": f"{d.train} (split {sizes[s]:g})"})
-            rest = sorted(order[start:])
-            train = [train[i] for i in rest]
+            for s in sizes:
+                out[s] = ([train[i] for i in held[s]], {"source": f"{d.train} (split {sizes[s]:g})"})
+            train = [train[i] for i in held["train"]]
         for s, src in given.items():
             out[s] = self._read_documents(src)
         if d.deduplicate:
@@ -186,7 +180,7 @@ class CausalLMTask(DecoderTask):
             for s in ("validation", "test"):
                 if s in out:
                     docs, info = out[s]
-                    clean = [x for x in dict.fromkeys(docs) if x not in seen]
+                    clean = [x for x in first_occurrences(docs, str) if x not in seen]
                     info["duplicates_removed"] = len(docs) - len(clean)
                     out[s] = (clean, info)
         out["train"] = (train, train_info)
@@ -267,9 +261,10 @@ class CausalLMTask(DecoderTask):
 
     def save_model_extras(self, folder: Path, data: TaskData) -> dict[str, Any]:
         """Generation config and the data settings."""
-        extra = self.write_generation_config(folder, self.tokenizer)
+        stop = [] if self.tokenizer.eos_token_id is None else [int(self.tokenizer.eos_token_id)]
+        self.write_generation_config(folder, self.tokenizer, stop)
         return {"max_length": self.data_cfg.max_length, "packing": self.packing,
-                "init": self.config.model.init, **extra}
+                "init": self.config.model.init, "eos_token_ids": stop}
 
     def report_sections(self, report: Any, run_dir: Path, metrics: dict[str, Any], data: TaskData) -> None:
         """Perplexity before and after, per split."""

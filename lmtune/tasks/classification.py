@@ -99,19 +99,14 @@ class ClassificationTask:
 
     # ------------------------------------------------------------------------------ tokenizer
     def load_tokenizer(self, model_path: Path) -> Any:
-        """The model's tokenizer, right-padded, with a pad token (decoders often lack one)."""
-        try:
-            tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=self.config.model.trust_remote_code)
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"cannot load a tokenizer: {exc}", file=model_path) from None
-        tok.padding_side = "right"
-        if tok.pad_token is None:
-            if tok.eos_token is None:
-                raise ModelError("the tokenizer has neither a pad nor an eos token", file=model_path)
-            # Safe here: classification never trains on eos, and the head reads the last
-            # non-pad token, which is the last text token because we add no eos.
-            tok.pad_token = tok.eos_token
-        return tok
+        """The model's tokenizer, right-padded, with a pad token (decoders often lack one).
+
+        Padding with EOS is safe here: classification adds no EOS, and the head reads the last
+        non-pad token, which is the last text token.
+        """
+        from lmtune.models.registry import load_padded_tokenizer
+
+        return load_padded_tokenizer(model_path, trust_remote_code=self.config.model.trust_remote_code)
 
     # ------------------------------------------------------------------------------ data
     def _records(self, table: Table, split: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:

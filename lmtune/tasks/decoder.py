@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import logging
 import math
+import random
+from collections.abc import Callable, Hashable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from lmtune.config import Config
 from lmtune.data.features import PaddingCollator
@@ -26,20 +28,7 @@ from lmtune.tasks.base import TaskData
 
 log = logging.getLogger(__name__)
 
-
-def load_decoder_tokenizer(path: Path, *, trust_remote_code: bool = False) -> Any:
-    """A decoder's tokenizer, right-padded, with a pad token (its EOS when it has none)."""
-    try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load a tokenizer: {exc}", file=path) from None
-    tok.padding_side = "right"
-    if tok.pad_token is None:
-        if tok.eos_token is None:
-            raise ModelError("the tokenizer has neither a pad nor an eos token", file=path)
-        # Safe: labels are masked by position, never by id (see the module docstring).
-        tok.pad_token = tok.eos_token
-    return tok
+T = TypeVar("T")
 
 
 def adds_bos(tokenizer: Any) -> bool:
@@ -50,17 +39,33 @@ def adds_bos(tokenizer: Any) -> bool:
     return bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
-def eos_ids(tokenizer: Any, model: Any = None) -> list[int]:
-    """Every token id that ends generation: the tokenizer's EOS and the model's generation EOS ids."""
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(gen, int):
-        ids.add(gen)
-    elif isinstance(gen, (list, tuple)):
-        ids.update(int(i) for i in gen)
-    return sorted(ids)
+def holdout_indices(n: int, fractions: dict[str, float], seed: int) -> dict[str, list[int]] | None:
+    """A seeded random hold-out of ``n`` items: sorted indices per split in ``fractions`` (at least one
+    each) and under ``"train"`` the rest; None when ``n`` is too small to leave any for training."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    counts = {s: max(1, round(f * n)) for s, f in fractions.items()}
+    if sum(counts.values()) >= n:
+        return None
+    out: dict[str, list[int]] = {}
+    start = 0
+    for split, count in counts.items():
+        out[split] = sorted(order[start : start + count])
+        start += count
+    out["train"] = sorted(order[start:])
+    return out
+
+
+def first_occurrences(items: list[T], key: Callable[[T], Hashable]) -> list[T]:
+    """``items`` without repeats (same ``key``), first occurrence kept, order kept."""
+    seen: set[Hashable] = set()
+    out = []
+    for item in items:
+        k = key(item)
+        if k not in seen:
+            seen.add(k)
+            out.append(item)
+    return out
 
 
 def scratch_config(config: Config, tokenizer: Any) -> Any:
@@ -205,10 +210,9 @@ class DecoderTask:
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "target_tokens": int(total[1])}
 
     # ------------------------------------------------------------------------------ saving
-    def write_generation_config(self, folder: Path, tokenizer: Any, model: Any = None) -> dict[str, Any]:
-        """``generation_config.json`` that stops at every end-of-turn token, with lmtune's defaults."""
+    def write_generation_config(self, folder: Path, tokenizer: Any, stop: list[int]) -> None:
+        """``generation_config.json`` that stops at the ``stop`` token ids, with lmtune's defaults."""
         g = self.config.generation
-        stop = eos_ids(tokenizer, model)
         gen = GenerationConfig(
             eos_token_id=stop if len(stop) > 1 else (stop[0] if stop else None),
             pad_token_id=tokenizer.pad_token_id,
@@ -219,4 +223,3 @@ class DecoderTask:
             repetition_penalty=g.repetition_penalty,
         )
         gen.save_pretrained(folder)
-        return {"eos_token_ids": stop}

@@ -29,8 +29,9 @@ from lmtune.data.features import FeatureDataset, cached_features, digest_records
 from lmtune.data.packing import pack_whole
 from lmtune.data.readers import read_table
 from lmtune.errors import DataError
+from lmtune.models.registry import load_padded_tokenizer
 from lmtune.tasks.base import TaskData, register_task
-from lmtune.tasks.decoder import DecoderTask, load_decoder_tokenizer
+from lmtune.tasks.decoder import DecoderTask, first_occurrences, holdout_indices
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class SFTTask(DecoderTask):
         from lmtune.data.chat import ensure_chat_template
 
         assert model_path is not None
-        tok = load_decoder_tokenizer(model_path, trust_remote_code=self.config.model.trust_remote_code)
+        tok = load_padded_tokenizer(model_path, trust_remote_code=self.config.model.trust_remote_code)
         had_template = bool(tok.chat_template)
         self.vocab_grew = ensure_chat_template(tok)
         if not had_template:
@@ -108,26 +109,21 @@ class SFTTask(DecoderTask):
             return json.dumps(r["messages"], ensure_ascii=False, sort_keys=True)
 
         if d.deduplicate:
-            unique = list({key(r): r for r in reversed(train)}.values())[::-1]  # first occurrence wins
+            unique = first_occurrences(train, key)
             train_info["duplicates_removed"] = len(train) - len(unique)
             train = unique
         splits: dict[str, list[dict[str, Any]]] = {}
         given = {s: src for s, src in (("validation", d.validation), ("test", d.test)) if src}
-        wanted = [s for s in ("validation", "test") if s not in given]
-        if wanted:
-            order = list(range(len(train)))
-            random.Random(d.split_seed).shuffle(order)
-            sizes = {"validation": d.validation_size, "test": d.test_size}
-            counts = {s: max(1, round(sizes[s] * len(train))) for s in wanted}
-            if sum(counts.values()) >= len(train):
-                raise DataError(f"{len(train)} conversation(s) are too few to hold out {' and '.join(wanted)} data",
+        sizes = {s: size for s, size in (("validation", d.validation_size), ("test", d.test_size)) if s not in given}
+        if sizes:
+            held = holdout_indices(len(train), sizes, d.split_seed)
+            if held is None:
+                raise DataError(f"{len(train)} conversation(s) are too few to hold out {' and '.join(sizes)} data",
                                 file=d.train, hint="give data.validation and data.test files, or more data")
-            start = 0
-            for s in wanted:
-                splits[s] = [train[i] for i in sorted(order[start : start + counts[s]])]
+            for s in sizes:
+                splits[s] = [train[i] for i in held[s]]
                 info[s] = {"source": f"{d.train} (split {sizes[s]:g})"}
-                start += counts[s]
-            train = [train[i] for i in sorted(order[start:])]
+            train = [train[i] for i in held["train"]]
         for s, src in given.items():
             splits[s], info[s] = self._read_conversations(src)
         if d.deduplicate:
@@ -135,7 +131,7 @@ class SFTTask(DecoderTask):
             for s in ("validation", "test"):
                 if s in splits:
                     rows = splits[s]
-                    clean = [r for r in {key(r): r for r in reversed(rows)}.values() if key(r) not in seen][::-1]
+                    clean = [r for r in first_occurrences(rows, key) if key(r) not in seen]
                     info[s]["duplicates_removed"] = len(rows) - len(clean)
                     splits[s] = clean
         splits["train"] = train
@@ -306,15 +302,10 @@ class SFTTask(DecoderTask):
     # ------------------------------------------------------------------------------ saving and report
     def save_model_extras(self, folder: Path, data: TaskData) -> dict[str, Any]:
         """Generation config stopping at the end-of-turn token; chat settings for ``lmtune.json``."""
-        from transformers import GenerationConfig
-
         from lmtune.data.chat import end_of_turn_ids
 
-        extra = self.write_generation_config(folder, self.tokenizer)
-        stop = sorted(set(extra["eos_token_ids"]) | end_of_turn_ids(self.tokenizer))
-        gen = GenerationConfig.from_pretrained(folder)
-        gen.eos_token_id = stop if len(stop) > 1 else stop[0]
-        gen.save_pretrained(folder)
+        stop = sorted(end_of_turn_ids(self.tokenizer))  # the tokenizer's EOS and the template's end-of-turn
+        self.write_generation_config(folder, self.tokenizer, stop)
         return {"eos_token_ids": stop, "chat_template": self.chat_template_source, "train_on": self.data_cfg.train_on,
                 "max_length": self.data_cfg.max_length, "packing": self.packing,
                 "chat_format": data.info["train"].get("chat_format")}
