@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import random
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -133,3 +134,17 @@ def story_text(paragraphs: int, seed: int = 0) -> str:
             sentences.append(f"The {rng.choice(ADJECTIVES)} {a} {rng.choice(VERBS)} the {rng.choice(ADJECTIVES)} {b}.")
         out.append(" ".join(sentences))
     return "\n\n".join(out) + "\n"
+
+
+def run_cli(args: list[str], monkeypatch: Any) -> int:
+    """Run ``lmtune ARGS`` in this process as a user would; returns the exit code."""
+    import sys
+
+    from lmtune.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["lmtune", *args])
+    try:
+        main()
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0

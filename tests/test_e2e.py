@@ -4,28 +4,17 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-from lmtune.cli import main
-
-
-def _cli(args: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
-    monkeypatch.setattr(sys, "argv", ["lmtune", *args])
-    try:
-        main()
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
+from helpers import run_cli
 
 
 @pytest.mark.slow
 def test_minilm_on_rotten_tomatoes_beats_its_baselines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """MiniLM fine-tuned on a third of the bundled reviews: train, eval, predict through the CLI."""
     run = tmp_path / "rt"
-    code = _cli(["train", "lmtune/configs/demo.yaml", "--output_dir", str(run), "--data.max_samples", "4000",
+    code = run_cli(["train", "lmtune/configs/demo.yaml", "--output_dir", str(run), "--data.max_samples", "4000",
                  "--train.epochs", "1", "--train.eval_every", "60", "--no-progress"], monkeypatch)
     assert code == 0
     metrics = json.loads((run / "metrics.json").read_text())
@@ -41,10 +30,10 @@ def test_minilm_on_rotten_tomatoes_beats_its_baselines(tmp_path: Path, monkeypat
         w.writerow(["text", "label"])
         w.writerow(["A warm, funny and beautifully acted film.", "fresh"])
         w.writerow(["A tedious, lifeless mess that goes nowhere.", "rotten"])
-    assert _cli(["eval", str(run), "--data", str(sample), "--output", str(tmp_path / "e.json")], monkeypatch) == 0
+    assert run_cli(["eval", str(run), "--data", str(sample), "--output", str(tmp_path / "e.json")], monkeypatch) == 0
     assert json.loads((tmp_path / "e.json").read_text())["accuracy"] == 1.0
     for out in ("p.csv", "p.jsonl"):
-        assert _cli(["predict", str(run), "-i", str(sample), "-o", str(tmp_path / out), "--no-progress"],
+        assert run_cli(["predict", str(run), "-i", str(sample), "-o", str(tmp_path / out), "--no-progress"],
                     monkeypatch) == 0
     rows = list(csv.DictReader((tmp_path / "p.csv").open()))
     assert [r["label"] for r in rows] == ["fresh", "rotten"] and "prob_fresh" in rows[0]

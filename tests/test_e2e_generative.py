@@ -8,29 +8,19 @@ whose logits match.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_cli
 
 import lmtune
-from lmtune.cli import main
-
-
-def _cli(args: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
-    monkeypatch.setattr(sys, "argv", ["lmtune", *args])
-    try:
-        main()
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 @pytest.mark.slow
 def test_smollm2_lora_sft_on_chatterbot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LMTUNE_CACHE", str(Path.home() / ".cache" / "lmtune"))  # the converted SmolLM2, once
     run_dir = tmp_path / "chat"
-    code = _cli(["train", "examples/sft_chatterbot_smollm2_lora.yaml", "--output_dir", str(run_dir),
+    code = run_cli(["train", "examples/sft_chatterbot_smollm2_lora.yaml", "--output_dir", str(run_dir),
                  "--data.max_samples", "600", "--train.epochs", "1", "--train.eval_every", "1000",
                  "--generation.eval_examples", "40", "--generation.max_new_tokens", "40", "--no-progress"],
                 monkeypatch)
@@ -46,6 +36,6 @@ def test_smollm2_lora_sft_on_chatterbot(tmp_path: Path, monkeypatch: pytest.Monk
     run = lmtune.load_run(run_dir)
     answer = run.chat([{"role": "user", "content": "Do you like books?"}], max_new_tokens=40)
     assert answer["finish_reason"] == "stop" and answer["text"].strip()
-    assert _cli(["export", str(run_dir), "--format", "merged", "--output", str(tmp_path / "merged")], monkeypatch) == 0
+    assert run_cli(["export", str(run_dir), "--format", "merged", "--output", str(tmp_path / "merged")], monkeypatch) == 0
     exported = json.loads((tmp_path / "merged" / "export.json").read_text())
     assert exported["max_abs_logit_diff"] <= exported["tolerance"]
