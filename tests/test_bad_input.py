@@ -206,7 +206,8 @@ def test_unknown_chat_format_lists_what_was_tried(tmp_path: Path, tiny_chat_llam
         assert fragment in flat, f"{fragment!r} not in {flat!r}"
 
 
-def test_conversations_longer_than_max_length_are_skipped_or_cut(tmp_path: Path, tiny_chat_llama_dir: Path) -> None:
+def test_conversations_longer_than_max_length_are_skipped_or_cut(tmp_path: Path, tiny_chat_llama_dir: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
     from lmtune.config import load_config
     from lmtune.tasks.sft import SFTTask
 
@@ -222,4 +223,7 @@ def test_conversations_longer_than_max_length_are_skipped_or_cut(tmp_path: Path,
         infos[mode] = task.prepare(task.load_tokenizer(tiny_chat_llama_dir)).info["train"]
     assert infos["skip"]["skipped_too_long"] == 1 and infos["skip"]["examples"] == 30
     assert infos["skip"]["skipped_lines"] == [31]
+    # reported with the count, the limit, the line and the setting that keeps them
+    assert "train: 1 of 31 conversations are longer than data.max_length 64 and were skipped (lines 31)" in caplog.text
+    assert "data.too_long: truncate_left keeps them" in caplog.text
     assert infos["truncate_left"]["skipped_too_long"] == 0 and infos["truncate_left"]["truncated"] == 1
