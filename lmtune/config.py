@@ -314,11 +314,15 @@ class Config(_Section):
     @model_validator(mode="after")
     def _check_task_settings(self) -> Config:
         generative = self.task in ("causal_lm", "sft")
-        if generative and "baselines" not in self.model_fields_set:
-            # The default baselines classify; generative tasks compare against the starting model instead.
+        if self.task != "classification" and "baselines" not in self.model_fields_set:
+            # The default baselines classify texts; other tasks compare against the starting model (and
+            # name their own baselines, where they have any).
             self.baselines = []
-        if generative and self.baselines:
-            raise ValueError(f"baselines {self.baselines} are classifiers; task '{self.task}' has none "
+        from lmtune.evaluate.baselines import baselines_for_task
+
+        wrong = [b for b in self.baselines if self.task not in baselines_for_task(b)]
+        if wrong:
+            raise ValueError(f"baselines {wrong} do not apply to task '{self.task}' "
                              "(its report compares the tuned model with the starting model)")
         if generative and self.method.name == "freeze" and not self.method.unfrozen_layers:
             raise ValueError("method.name freeze on a language model trains nothing unless some blocks are "

@@ -99,11 +99,16 @@ class Run:
             if self.generative:
                 raise RunError(f"a '{self.task}' model generates text; it has no label predictor",
                                hint="use run.generate(prompts), run.chat(messages) or run.generator()")
-            if self.task != "classification":
-                raise RunError(f"prediction for task '{self.task}' is not available in this version")
-            from lmtune.tasks.classification import ClassificationPredictor
+            if self.task == "classification":
+                from lmtune.tasks.classification import ClassificationPredictor
 
-            self._predictor = ClassificationPredictor(self.model_dir, self.meta)
+                self._predictor = ClassificationPredictor(self.model_dir, self.meta)
+            else:
+                from lmtune.tasks import PREDICTORS
+
+                if self.task not in PREDICTORS:
+                    raise RunError(f"prediction for task '{self.task}' is not available in this version")
+                self._predictor = PREDICTORS[self.task](self.model_dir, self.meta)
         return self._predictor
 
     def generator(self) -> TextGenerator:
@@ -144,12 +149,21 @@ class Run:
 
     # ------------------------------------------------------------------------------------ predict
     def predict(
-        self, texts: str | list[str], pairs: list[str] | None = None, *, batch_size: int = 64
+        self, texts: Any, pairs: list[str] | None = None, *, batch_size: int = 64
     ) -> list[dict[str, Any]]:
-        """Predict labels and probabilities for texts (and optional second texts)."""
-        single = isinstance(texts, str)
-        items = [texts] if isinstance(texts, str) else list(texts)
+        """Predict for each input: labels and probabilities (classification: texts and optional second
+        texts), or the task's own answer (NER: entities of each text; QA: the answer span for each
+        ``{"question", "context"}``; seq2seq: the generated target of each source text).
+
+        A single input (a string, or one mapping) gives a one-element list.
+        """
+        single = isinstance(texts, (str, dict))
+        items = [texts] if single else list(texts)
         p = self.predictor()
+        if self.task != "classification":
+            if pairs is not None:
+                raise RunError(f"second texts (pairs) are for classification runs; this run's task is '{self.task}'")
+            return list(p.predict(items, batch_size=batch_size))
         out = p.decode(p.probabilities(items, pairs, batch_size=batch_size))
         return out[:1] if single else out
 
@@ -194,6 +208,9 @@ class Run:
         from lmtune.workflow import make_progress, quiet_libraries
 
         quiet_libraries()
+        if self.task != "classification":
+            return self._predict_task_file(source, output, text_column=text_column, batch_size=batch_size,
+                                           show_progress=show_progress)
         table, texts, pairs = self._read_inputs(source, text_column, pair_column)
         p = self.predictor()
         with make_progress(show_progress) as progress:
@@ -219,6 +236,44 @@ class Run:
                                     + [f"{res['probabilities'][n]:.6f}" for n in p.labels])
         else:
             raise DataError("output must end in .csv, .tsv or .jsonl", file=out)
+        tmp.replace(out)
+        return len(results)
+
+    def _predict_task_file(self, source: str | Path, output: str | Path, *, text_column: str | None,
+                           batch_size: int | None, show_progress: bool) -> int:
+        """Predictions of a registered task predictor (NER, QA, seq2seq) for every row of ``source``.
+
+        Each output row is the input row plus the predictor's fields; in CSV/TSV a field holding a list
+        or mapping (entities, say) is written as JSON text.
+        """
+        from lmtune.data.readers import read_table
+        from lmtune.workflow import make_progress
+
+        out = Path(output)
+        if out.suffix.lower() not in _JSONL_SUFFIXES + _DELIMITED_SUFFIXES:
+            raise DataError("output must end in .csv, .tsv or .jsonl", file=out)
+        table = read_table(source)
+        p = self.predictor()
+        columns = {"text": text_column} if text_column else None
+        with make_progress(show_progress) as progress:
+            results = p.predict_table(table, columns=columns, batch_size=batch_size or 32, progress=progress)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        if out.suffix.lower() in _JSONL_SUFFIXES:
+            with tmp.open("w", encoding="utf-8") as f:
+                for row, res in zip(table.rows, results, strict=True):
+                    f.write(json.dumps({**row, **res}, ensure_ascii=False, default=str) + "\n")
+        else:
+            delim = "\t" if out.suffix.lower() == ".tsv" else ","
+            extra = [k for k in (results[0] if results else {}) if k not in table.columns]
+            with tmp.open("w", encoding="utf-8", newline="") as f:
+                writer = csv.writer(f, delimiter=delim)
+                writer.writerow(table.columns + extra)
+                for row, res in zip(table.rows, results, strict=True):
+                    cells = [res.get(k) for k in extra]
+                    writer.writerow([row.get(c) for c in table.columns]
+                                    + [json.dumps(c, ensure_ascii=False) if isinstance(c, (list, dict)) else c
+                                       for c in cells])
         tmp.replace(out)
         return len(results)
 
@@ -334,8 +389,8 @@ class Run:
         from lmtune.workflow import quiet_libraries
 
         quiet_libraries()
-        if self.generative:
-            return self._evaluate_generative(data, batch_size)
+        if self.task != "classification":
+            return self._evaluate_with_task(data, batch_size)
         p = self.predictor()
         batch_size = batch_size or 64
         if data is not None:
@@ -360,8 +415,9 @@ class Run:
                                        p.probabilities(texts, pairs, batch_size=batch_size))
         return out
 
-    def _evaluate_generative(self, data: str | Path | None, batch_size: int | None) -> dict[str, Any]:
-        """The task's own evaluation (as at the end of training) on rebuilt splits or on ``data``."""
+    def _evaluate_with_task(self, data: str | Path | None, batch_size: int | None) -> dict[str, Any]:
+        """The task's own evaluation (as at the end of training) of the saved model, on the run's rebuilt
+        splits or on ``data`` (a file in the training format). Used by every task but classification."""
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState, GradientState
         from torch.utils.data import DataLoader
@@ -383,25 +439,27 @@ class Run:
             cfg = load_config({"task": self.task, "model": str(self.model_dir)}, overrides)
         else:
             raise RunError("a bare model folder has no validation or test split; pass --data FILE", file=self.path)
-        g = self.generator()
+        loaded: Any = self.generator() if self.generative else self.predictor()
         task = get_task(cfg.task)(cfg)
-        task.tokenizer = g.tokenizer  # what load_tokenizer would set: the saved one, chat template included
-        prepared = task.prepare(g.tokenizer)
-        task.evaluation_phase("final")  # generation scores too, not only the loss
+        task.tokenizer = loaded.tokenizer  # what load_tokenizer would set: the saved one (chat template ...)
+        prepared = task.prepare(loaded.tokenizer)
+        if hasattr(task, "evaluation_phase"):
+            task.evaluation_phase("final")  # generation scores too, not only the loss
         # Accelerate keeps its settings in a process-wide singleton (see workflow.train).
         AcceleratorState._reset_state()
         GradientState._reset_state()
-        accelerator = Accelerator(cpu=g.device.type != "cuda")
+        device = next(loaded.model.parameters()).device
+        accelerator = Accelerator(cpu=device.type != "cuda")
         size = batch_size or cfg.train.eval_batch_size or cfg.train.batch_size
         splits = ["test"] if data is not None else ["validation", "test"]
         out: dict[str, Any] = {}
         for split in splits:
             if split not in prepared.splits or not len(prepared.splits[split]):
                 continue
-            loader = DataLoader(prepared.splits[split], collate_fn=task.collator(g.tokenizer),
+            loader = DataLoader(prepared.splits[split], collate_fn=task.collator(loaded.tokenizer),
                                 batch_sampler=SortedBatchSampler(prepared.lengths[split], size))
             with torch.no_grad():
-                out[split] = task.evaluate(g.model, accelerator.prepare_data_loader(loader), accelerator, split,
+                out[split] = task.evaluate(loaded.model, accelerator.prepare_data_loader(loader), accelerator, split,
                                            prepared)
         if data is not None:
             return {"data": str(data), **out["test"]}

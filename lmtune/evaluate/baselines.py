@@ -205,6 +205,11 @@ BASELINES: dict[str, type[Baseline]] = {
 }
 
 
+def baselines_for_task(name: str) -> tuple[str, ...]:
+    """The tasks a registered baseline applies to (a class's ``tasks``; text classifiers by default)."""
+    return tuple(getattr(BASELINES[name], "tasks", ("classification",)))
+
+
 def predict_labels(probs: np.ndarray, multi_label: bool) -> np.ndarray:
     """Turn (N, L) probabilities into predictions: argmax (N,), or 0/1 (N, L) at or above the threshold."""
     if multi_label:

@@ -1,9 +1,9 @@
 """Tasks: one module per application, registered by name (see ``base.Task``)."""
 
 from lmtune.tasks import causal_lm, classification, sft  # noqa: F401  (each registers itself)
-from lmtune.tasks.base import TASKS, Task, TaskData, register_task
+from lmtune.tasks.base import PREDICTORS, TASKS, Task, TaskData, register_predictor, register_task
 
-__all__ = ["TASKS", "Task", "TaskData", "get_task", "register_task"]
+__all__ = ["PREDICTORS", "TASKS", "Task", "TaskData", "get_task", "register_predictor", "register_task"]
 
 
 def get_task(name: str) -> type:

@@ -101,3 +101,27 @@ def register_task(cls: type) -> type:
     """Class decorator: make a task available under ``cls.name``."""
     TASKS[cls.name] = cls  # type: ignore[attr-defined]
     return cls
+
+
+# Predictors: how a saved model folder of a task answers new inputs (``Run.predict``, ``lmtune predict``,
+# ``lmtune serve``). A predictor class is built as ``cls(model_dir, meta, device=None)`` and has
+#   ``model``, ``tokenizer``                      the loaded model (eval mode) and its tokenizer;
+#   ``predict(items, *, batch_size=...)``         one JSON-ready dict per input item, in input order
+#                                                 (items are the task's inputs: texts, {question,
+#                                                 context} mappings, source texts ...);
+#   ``predict_table(table, *, columns=None, batch_size=..., progress=None)``
+#                                                 the same for the rows of a ``readers.Table``, reading the
+#                                                 columns named in ``lmtune.json`` (or ``columns``); bad
+#                                                 cells raise DataError naming file, line and field.
+# Classification keeps its own richer interface (probabilities/decode) and is wired in ``run.py``.
+PREDICTORS: dict[str, Callable[..., Any]] = {}
+
+
+def register_predictor(task_name: str) -> Callable[[type], type]:
+    """Class decorator: the predictor used for model folders of task ``task_name``."""
+
+    def wrap(cls: type) -> type:
+        PREDICTORS[task_name] = cls
+        return cls
+
+    return wrap
