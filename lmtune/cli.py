@@ -22,6 +22,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Fine-tune a pretrained language model for one job, prove it with evaluation, use it.")
 data_app = typer.Typer(no_args_is_help=True, help="Look at data before training on it.")
 app.add_typer(data_app, name="data")
+embeddings_app = typer.Typer(no_args_is_help=True, help="Word embeddings: train word2vec, look at vectors.")
+app.add_typer(embeddings_app, name="embeddings")
 console = Console()
 err_console = Console(stderr=True)
 
@@ -84,6 +86,8 @@ def demo(
 
 # Metrics shown for each kind of run, in this order, where present: (key, header).
 _CLASSIFICATION_COLUMNS = [("accuracy", "accuracy"), ("macro_f1", "macro F1")]
+# Other label-free tasks' columns (default: classification's).
+_TASK_COLUMNS: dict[str, list[tuple[str, str]]] = {"question_answering": [("exact_match", "exact match"), ("f1", "F1")]}
 _GENERATIVE_METRICS = ["loss", "perplexity", "exact_match", "token_f1", "rouge_l", "chrf", "stopped_fraction"]
 
 
@@ -106,11 +110,12 @@ def _print_results(run: Any) -> None:
                 table.add_row(key, *([_fmt(start.get(key))] if start else []), _fmt(m[key]))
     else:
         table.add_column("model")
-        for _, header in _CLASSIFICATION_COLUMNS:
+        columns = _TASK_COLUMNS.get(run.task, _CLASSIFICATION_COLUMNS)
+        for _, header in columns:
             table.add_column(header, justify="right")
 
         def cells(values: dict[str, Any]) -> list[str]:
-            return [_fmt(values.get(key)) for key, _ in _CLASSIFICATION_COLUMNS]
+            return [_fmt(values.get(key)) for key, _ in columns]
 
         table.add_row(tuned, *cells(m), style="bold")
         if start:
@@ -126,6 +131,12 @@ def _print_results(run: Any) -> None:
 
 def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) else "–"
+
+
+# Columns of `lmtune eval`'s table for tasks whose metrics are not classification's.
+_EVAL_KEYS: dict[str, tuple[str, ...]] = {"question_answering": ("exact_match", "f1", "has_answer_f1", "no_answer_f1",
+                                                                 "loss")}
+_EVAL_KEYS["token_classification"] = ("f1", "precision", "recall", "macro_f1", "token_accuracy", "loss")
 
 
 @app.command("eval")
@@ -154,7 +165,7 @@ def evaluate(
             if any(key in m for m in per_split.values()):
                 table.add_row(key, *[_fmt(m.get(key)) for m in per_split.values()])
     else:
-        keys = ("accuracy", "macro_f1", "weighted_f1", "loss")
+        keys = _EVAL_KEYS.get(loaded.task, ("accuracy", "macro_f1", "weighted_f1", "loss"))
         table.add_column("split")
         for k in keys:
             table.add_column(k, justify="right")
@@ -190,7 +201,8 @@ def predict(
     seed: int | None = typer.Option(None, help="Seed for sampling."),
     progress: bool = typer.Option(True, help="Show the progress bar."),
 ) -> None:
-    """Predict a label for every row of a file (classification), or generate an answer (sft, causal_lm)."""
+    """Predict a label for every row of a file (classification), or generate an answer (sft, causal_lm;
+    seq2seq takes the generation options too)."""
     from lmtune.run import Run
 
     loaded = Run.load(run)
@@ -268,29 +280,76 @@ def chat(
 def export(
     run: Path = typer.Argument(..., help="A run folder or an lmtune model folder."),
     format: str = typer.Option("merged", "--format", help="merged: one standalone transformers folder "
-                               "(a LoRA adapter folded into the weights)."),
+                               "(a LoRA adapter folded into the weights); onnx: model.onnx + tokenizer "
+                               "(classifiers), checked with onnxruntime."),
     output: Path = typer.Option(..., "--output", "-o", help="The folder to write."),
-    tolerance: float = typer.Option(1e-3, min=0, help="Largest logit difference allowed between the exported "
-                                    "model and the model as trained."),
+    tolerance: float | None = typer.Option(None, min=0, help="Largest logit difference allowed between the "
+                                           "exported model and the model as trained (default: 1e-3 merged, "
+                                           "1e-4 onnx)."),
     overwrite: bool = typer.Option(False, help="Replace an earlier export at --output."),
 ) -> None:
     """Export a run's model as a standalone folder, checked against the model as trained."""
-    available = ("merged",)
-    if format == "onnx":
-        raise RunError("ONNX export is not implemented in this version; available formats: "
-                       + ", ".join(available), hint="`--format merged` writes a folder that transformers (and "
-                       "tools that convert transformers models) load")
+    available = ("merged", "onnx")
     if format not in available:
         raise RunError(f"unknown export format '{format}'; available formats: {', '.join(available)}")
-    from lmtune.models.export import export_merged
     from lmtune.workflow import quiet_libraries
 
     quiet_libraries()
-    result = export_merged(run, output, tolerance=tolerance, overwrite=overwrite)
+    if format == "onnx":
+        from lmtune.models.export_onnx import DEFAULT_TOLERANCE as ONNX_TOLERANCE
+        from lmtune.models.export_onnx import export_onnx
+
+        onnx_result = export_onnx(run, output, tolerance=ONNX_TOLERANCE if tolerance is None else tolerance,
+                                  overwrite=overwrite)
+        console.print(f"exported to {onnx_result.folder / 'model.onnx'} (opset {onnx_result.opset}, dynamic batch "
+                      "and sequence axes)", highlight=False)
+        console.print(f"max logit difference vs PyTorch {onnx_result.max_abs_logit_diff:.2e} over "
+                      f"{onnx_result.texts} texts in batches of {onnx_result.batch_sizes} (onnxruntime; tolerance "
+                      f"{onnx_result.tolerance:g})", highlight=False)
+        return
+    from lmtune.models.export import DEFAULT_TOLERANCE, export_merged
+
+    result = export_merged(run, output, tolerance=DEFAULT_TOLERANCE if tolerance is None else tolerance,
+                           overwrite=overwrite)
     console.print(f"exported to {result.folder}", highlight=False)
     console.print(f"max logit difference {result.max_abs_logit_diff:.2e} over {result.prompts} prompts "
                   f"(tolerance {result.tolerance:g}; reference: "
                   f"{'base model + adapter' if result.source == 'adapter' else 'the run model'})", highlight=False)
+
+
+@app.command()
+def serve(
+    run: Path = typer.Argument(..., help="A run folder or an lmtune model folder."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default; 0.0.0.0 exposes the "
+                             "model to the network: use --api-key)."),
+    port: int = typer.Option(8000, min=0, max=65535, help="TCP port."),
+    api_key: str | None = typer.Option(None, "--api-key", envvar="LMTUNE_API_KEY", show_envvar=True,
+                                       help="Require 'Authorization: Bearer KEY' on every endpoint but /health."),
+    max_batch_size: int = typer.Option(16, min=1, help="Most prompts/texts run together on the model."),
+    batch_wait_ms: float = typer.Option(5.0, min=0, max=1000, help="How long a request waits for others to "
+                                        "batch with."),
+    max_tokens_limit: int = typer.Option(1024, min=1, help="Largest max_tokens a request may ask for."),
+    max_items: int = typer.Option(64, min=1, help="Most prompts or texts in one request."),
+    max_n: int = typer.Option(8, min=1, help="Largest n (answers per prompt) a request may ask for."),
+    max_body_bytes: int = typer.Option(1_000_000, min=1024, help="Largest request body (bytes)."),
+    model_name: str | None = typer.Option(None, help="Model id in /v1/models (default: the run folder's name)."),
+) -> None:
+    """Serve a run's model over HTTP: OpenAI-compatible chat/completions (sft, causal_lm), /v1/classify and
+    task endpoints, /metrics, and a web page at /."""
+    from lmtune.serve import ServeOptions
+    from lmtune.serve.app import serve as run_server
+    from lmtune.workflow import quiet_libraries
+
+    quiet_libraries()
+    options = ServeOptions(host=host, port=port, api_key=api_key or None, max_batch_size=max_batch_size,
+                           batch_wait_ms=batch_wait_ms, max_tokens_limit=max_tokens_limit, max_items=max_items,
+                           max_n=max_n, max_body_bytes=max_body_bytes, model_name=model_name)
+    console.print(f"serving {run} on http://{host}:{port}/ ({'API key required' if options.api_key else 'no API key'})",
+                  highlight=False)
+    if not options.loopback and options.api_key is None:
+        err_console.print(f"warning: {host} is reachable from other machines and no API key is set: anyone who "
+                          "can reach it can use the model (--api-key or LMTUNE_API_KEY)", highlight=False)
+    run_server(run, options)
 
 
 @app.command()
@@ -334,6 +393,58 @@ def data_inspect(
     from lmtune.inspect import inspect_config
 
     inspect_config(config, console, examples=examples)
+
+
+@embeddings_app.command("train")
+def embeddings_train(
+    source: Path = typer.Argument(..., help="A text file (one sentence per line; .gz ok) or a run config "
+                                  "(its data.train text column)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for vectors.safetensors + vocab.json."),
+    method: str = typer.Option("cbow", help="cbow or skipgram."),
+    dim: int = typer.Option(100, min=1, help="Vector size."),
+    window: int = typer.Option(5, min=1, help="Context words on each side."),
+    min_count: int = typer.Option(2, min=1, help="Ignore words seen fewer times."),
+    epochs: int = typer.Option(5, min=1, help="Passes over the corpus."),
+    seed: int = typer.Option(0, help="Random seed (one worker thread: same seed, same vectors)."),
+) -> None:
+    """Train word2vec (gensim) on a corpus; saved as safetensors + JSON, never pickle."""
+    from lmtune.models.embeddings import train_from_source
+
+    if method not in ("cbow", "skipgram"):
+        raise ConfigError(f"--method must be cbow or skipgram, not '{method}'")
+    vectors = train_from_source(source, output, method=method, dim=dim, window=window,  # type: ignore[arg-type]
+                                min_count=min_count, epochs=epochs, seed=seed)
+    console.print(f"{len(vectors):,} words x {vectors.dim} dims ({method}, {vectors.info['tokens']:,} tokens, "
+                  f"{vectors.info['train_seconds']:.1f} s) -> {output}", highlight=False)
+
+
+@embeddings_app.command("neighbors")
+def embeddings_neighbors(
+    vectors: Path = typer.Argument(..., help="A folder from `lmtune embeddings train`, or a word2vec/GloVe file."),
+    word: str = typer.Argument(..., help="The word to look up."),
+    k: int = typer.Option(10, "-k", min=1, help="How many neighbours."),
+) -> None:
+    """The words closest to WORD by cosine similarity."""
+    from lmtune.models.embeddings import open_vectors
+
+    table = Table(title=f"nearest to '{word}'")
+    table.add_column("word")
+    table.add_column("cosine", justify="right")
+    for other, sim in open_vectors(vectors).neighbors(word, k):
+        table.add_row(other, f"{sim:.4f}")
+    console.print(table)
+
+
+@embeddings_app.command("info")
+def embeddings_info(
+    vectors: Path = typer.Argument(..., help="A folder from `lmtune embeddings train`, or a word2vec/GloVe file."),
+) -> None:
+    """Size, training settings and the most frequent words of a set of word vectors."""
+    from lmtune.models.embeddings import describe, open_vectors
+
+    for key, value in describe(open_vectors(vectors)).items():
+        shown = ", ".join(map(str, value)) if isinstance(value, list) else value
+        console.print(f"[bold]{key}[/bold]: {shown}", highlight=False)
 
 
 def main() -> None:

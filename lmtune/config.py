@@ -68,6 +68,15 @@ class ModelConfig(_Section):
         "(default: `name`), or `train` to train a byte-level BPE tokenizer on the training text.",
     )
     vocab_size: int = Field(8000, ge=300, description="With tokenizer: train, the vocabulary size.")
+    # ---- seq2seq
+    seq2seq: Literal["auto", "encoder_decoder", "decoder"] = Field(
+        "auto",
+        description="seq2seq: the route. `encoder_decoder`: an encoder-decoder model (T5, BART, ...); an "
+        "encoder-only model (BERT, e.g. `minilm`) is warm-started into one (EncoderDecoderModel, encoder and "
+        "decoder both from `name`, new cross-attention). `decoder`: a decoder-only model answers an "
+        "instruction prompt (data.prompt_template) in its chat template. `auto`: encoder_decoder for "
+        "encoder-decoder and encoder-only models, decoder for causal LMs.",
+    )
 
     @model_validator(mode="after")
     def _check_scratch(self) -> ModelConfig:
@@ -90,8 +99,9 @@ class DataConfig(_Section):
     test: str | None = Field(
         None, description="Test data; when absent, a stratified split of `train` of size `test_size`."
     )
-    format: Literal["auto", "csv", "tsv", "json", "jsonl", "parquet", "text", "hf"] = Field(
-        "auto", description="File format; `auto` decides from the file extension."
+    format: Literal["auto", "csv", "tsv", "json", "jsonl", "parquet", "text", "hf", "conll"] = Field(
+        "auto", description="File format; `auto` decides from the file extension (.conll/.bio/.iob: `conll`, "
+        "one token per line, blank lines between sentences)."
     )
     encoding: str = Field("utf-8", description="Text encoding of csv/tsv/json/jsonl/txt files.")
     text_column: str = Field("text", description="Column holding the input text.")
@@ -157,6 +167,85 @@ class DataConfig(_Section):
         description="causal_lm with a plain-text file: one document per file, per blank-line-separated "
         "paragraph, or per line. Tabular files: one document per row of text_column.",
     )
+    # ---- question_answering
+    question_column: str = Field("question", description="question_answering: column holding the question.")
+    context_column: str = Field("context", description="question_answering: column holding the context passage.")
+    answers_column: str = Field(
+        "answers", description="question_answering: column of answers: {text: [...], answer_start: [...]} (as in "
+        "SQuAD on the HF hub), a list of {text, answer_start}, or JSON text of either. SQuAD-format JSON files "
+        "({data: [{paragraphs: [{context, qas}]}]}) are recognised without column settings.",
+    )
+    answer_text_column: str = Field(
+        "answer_text", description="question_answering: used when there is no answers column: the answer text "
+        "(a string or a list).")
+    answer_start_column: str = Field(
+        "answer_start", description="question_answering: with answer_text_column, the answer's character offset "
+        "in the context (missing: the first occurrence of the text is used).")
+    id_column: str = Field("id", description="question_answering: optional question id column.")
+    allow_unanswerable: bool = Field(
+        False, description="question_answering: keep questions without an answer (SQuAD 2.0 `is_impossible`, or "
+        "no answers): the model learns to point at [CLS] and predicts an empty answer.",
+    )
+    doc_stride: int | None = Field(
+        None, ge=0, description="question_answering: tokens of overlap between the windows a long context is cut "
+        "into (default: a quarter of max_length).",
+    )
+    max_answer_length: int = Field(30, ge=1, description="question_answering: longest answer predicted, in tokens.")
+    n_best_size: int = Field(20, ge=1, description="question_answering: start/end candidates paired per window.")
+    null_score_diff_threshold: float | Literal["auto"] = Field(
+        0.0, description="question_answering with allow_unanswerable: answer empty when the [CLS] score exceeds "
+        "the best span's by more than this; `auto`: the value that maximises F1 on validation (final evaluation).",
+    )
+    # ---- seq2seq
+    source_column: str = Field("source", description="seq2seq: column holding the input text (document, sentence).")
+    target_column: str = Field("target", description="seq2seq: column holding the output text (summary, translation).")
+    seq2seq_task: Literal["summarization", "translation"] = Field(
+        "summarization",
+        description="seq2seq: the kind of job; it picks the metrics (ROUGE-1/2/L/Lsum for summarization, "
+        "sacreBLEU and chrF for translation) and the default prompt of the decoder route.",
+    )
+    source_language: str | None = Field(None, description="seq2seq translation: the source language (e.g. English).")
+    target_language: str | None = Field(None, description="seq2seq translation: the target language (e.g. Italian).")
+    prompt_template: str | None = Field(
+        None,
+        description="seq2seq, decoder route: the user message, with `{source}` (and `{source_language}`, "
+        "`{target_language}`). Default: `Summarize:\\n{source}` or "
+        "`Translate from {source_language} to {target_language}:\\n{source}`.",
+    )
+    system_prompt: str | None = Field(None, description="seq2seq, decoder route: an optional system message.")
+    max_target_length: int = Field(
+        128, ge=4, description="seq2seq, encoder-decoder route: tokens per target; longer ones are truncated (counted)."
+    )
+
+    # ---- token_classification
+    tokens_column: str = Field(
+        "tokens", description="token_classification: column holding each sentence's words (a list, or text "
+        "split on whitespace).")
+    tags_column: str = Field(
+        "tags", description="token_classification: column holding one tag per word (BIO/BIOES: B-PER, I-PER, O).")
+    spans_column: str = Field(
+        "spans", description="token_classification: with `text_column` instead of tokens and tags, the entities "
+        "as character spans [{start, end, label}] (end exclusive).")
+    conll_token_column: int = Field(0, description="token_classification, CoNLL files: the column of the words.")
+    conll_tag_column: int = Field(-1, description="token_classification, CoNLL files: the column of the tags "
+                                  "(-1: the last).")
+    tag_scheme: Literal["auto", "bio", "bioes"] = Field(
+        "auto", description="token_classification: the scheme the model is trained in. Each file's own scheme is "
+        "detected (BIOES if it has E-/S- tags) and converted; `auto`: that of the training file.")
+    entity_types: list[str] | None = Field(
+        None, description="token_classification: the entity types in a fixed order (default: those of the "
+        "training data, sorted).")
+    word_split: Literal["auto", "whitespace", "punctuation", "chars"] = Field(
+        "auto", description="token_classification: how raw text is cut into words (text + spans data, and "
+        "prediction on raw text): on whitespace, words and punctuation apart, or every character (Chinese). "
+        "`auto`: guessed from the training words; saved with the model.")
+    label_all_subtokens: bool = Field(
+        False, description="token_classification: give every sub-token of a word its label (B- becomes I- after "
+        "the first) instead of the first sub-token only. Evaluation reads first sub-tokens either way.")
+    extend_vocabulary: int = Field(
+        0, ge=0, description="token_classification: add up to this many of the most frequent training words the "
+        "tokenizer can only read as its unknown token to its vocabulary (new embeddings start at the mean one; "
+        "saved with the model). MiniLM reads about 60% of Chinese characters as [UNK].")
 
     @model_validator(mode="after")
     def _check_sizes(self) -> DataConfig:
@@ -206,6 +295,12 @@ class GenerationConfig(_Section):
         "the final evaluation always does.",
     )
     seed: int = Field(0, description="Seed for sampling.")
+    # ---- seq2seq (also used by sft/causal_lm generation)
+    num_beams: int = Field(1, ge=1, description="Beam search width (1: greedy or sampling).")
+    length_penalty: float = Field(
+        1.0, description="With beam search: exponent on the length in a beam's score (> 1 favours longer outputs)."
+    )
+    no_repeat_ngram_size: int = Field(0, ge=0, description="Never repeat an n-gram of this size (0: off).")
 
 
 class TrainConfig(_Section):
@@ -269,6 +364,47 @@ class TrainConfig(_Section):
         return metric, greater
 
 
+# ---- neural baselines
+class BaselineConfig(_Section):
+    """The neural baselines: `model: baseline:NAME` (cnn_lstm, bilstm, gru, transformer), or NAME listed in
+    `baselines` to train it beside the fine-tuned model (a sub-run under RUN/baselines/NAME)."""
+
+    embedding_dim: int = Field(100, ge=4, description="Word embedding size (pretrained vectors bring their own).")
+    hidden_size: int = Field(70, ge=1, description="LSTM/GRU units (cnn_lstm: the LSTM after the convolution).")
+    conv_filters: int = Field(64, ge=1, description="cnn_lstm: Conv1D filters.")
+    kernel_size: int = Field(5, ge=1, description="cnn_lstm: Conv1D kernel width (odd keeps it centred).")
+    pool_size: int = Field(4, ge=1, description="cnn_lstm: MaxPooling1D size.")
+    rnn_layers: int = Field(1, ge=1, description="Stacked LSTM/GRU layers.")
+    transformer_layers: int = Field(2, ge=1, description="transformer: encoder layers.")
+    heads: int = Field(4, ge=1, description="transformer: attention heads.")
+    dropout: float = Field(0.2, ge=0, lt=1, description="Dropout on embeddings and before the classifier.")
+    vocab_min_count: int = Field(2, ge=1, description="Words seen fewer times in the training split map to [UNK].")
+    max_vocab: int = Field(30000, ge=10, description="Most frequent training words kept in the vocabulary.")
+    lowercase: bool = Field(True, description="Lower-case words (tokenizer and word2vec).")
+    embeddings: str = Field(
+        "random", description="Embedding start: `random`, `word2vec` (trained on the training texts first), or a "
+        "path: pretrained vectors (word2vec text/binary, GloVe text, optionally .gz) or a folder from "
+        "`lmtune embeddings train`.",
+    )
+    freeze_embeddings: bool = Field(False, description="Keep the (pretrained) embedding table fixed.")
+    word2vec_method: Literal["cbow", "skipgram"] = Field("cbow", description="With embeddings: word2vec.")
+    word2vec_window: int = Field(5, ge=1, description="With embeddings: word2vec, the context window.")
+    word2vec_epochs: int = Field(5, ge=1, description="With embeddings: word2vec, passes over the texts.")
+    epochs: float = Field(3.0, gt=0, description="Training passes of a baseline sub-run; also train.epochs' "
+                          "default when model is baseline:NAME.")
+    batch_size: int = Field(64, ge=1, description="Batch size of a baseline sub-run (and train.batch_size's "
+                            "default with model: baseline:NAME).")
+    learning_rate: float = Field(1e-3, gt=0, description="Learning rate of a baseline sub-run (and "
+                                 "train.learning_rate's default with model: baseline:NAME).")
+
+    @field_validator("embeddings")
+    @classmethod
+    def _embeddings_exist(cls, value: str) -> str:
+        if value not in ("random", "word2vec") and not Path(value).expanduser().exists():
+            raise ValueError(f"'{value}' is neither random, word2vec nor an existing vectors file or folder")
+        return value
+
+
 class Config(_Section):
     """A whole run: task, model, data, method, training settings and where results go."""
 
@@ -280,8 +416,11 @@ class Config(_Section):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     baselines: list[str] = Field(
         default_factory=lambda: ["majority", "tfidf_logreg"],
-        description="Cheap baselines trained and scored on the same split, shown beside the fine-tuned model.",
+        description="Cheap baselines trained and scored on the same split, shown beside the fine-tuned model: "
+        "majority, tfidf_logreg, and the neural cnn_lstm, bilstm, gru, transformer (each a sub-run on the same "
+        "training loop, with the `baseline` settings).",
     )
+    baseline: BaselineConfig = Field(default_factory=BaselineConfig)
     output_dir: str = Field("runs/run", description="The run folder.")
 
     @field_validator("model", mode="before")
@@ -304,11 +443,11 @@ class Config(_Section):
     @field_validator("baselines")
     @classmethod
     def _known_baselines(cls, value: list[str]) -> list[str]:
-        from lmtune.evaluate.baselines import BASELINES
+        from lmtune.evaluate.baselines import known_baselines
 
-        unknown = [b for b in value if b not in BASELINES]
+        unknown = [b for b in value if b not in known_baselines()]
         if unknown:
-            raise ValueError(f"unknown baseline(s) {unknown}; known: {', '.join(sorted(BASELINES))}")
+            raise ValueError(f"unknown baseline(s) {unknown}; known: {', '.join(known_baselines())}")
         return value
 
     @model_validator(mode="after")
@@ -327,9 +466,37 @@ class Config(_Section):
         if generative and self.method.name == "freeze" and not self.method.unfrozen_layers:
             raise ValueError("method.name freeze on a language model trains nothing unless some blocks are "
                              "unfrozen: set method.unfrozen_layers (e.g. 2)")
+        if self.task == "seq2seq":
+            from lmtune.tasks.seq2seq import check_seq2seq_config
+
+            check_seq2seq_config(self)
         if self.model.init == "scratch" and self.task != "causal_lm":
             raise ValueError(f"model.init: scratch is for task causal_lm (language-model pre-training), "
                              f"not '{self.task}'")
+        return self
+
+    # ---- neural baselines
+    @model_validator(mode="after")
+    def _check_baseline_model(self) -> Config:
+        name = self.model.name
+        if not name.startswith("baseline:"):
+            return self
+        from lmtune.models.neural_baselines import ARCHITECTURES
+
+        arch = name.removeprefix("baseline:")
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"model.name '{name}': unknown neural baseline; choose baseline:{', baseline:'.join(ARCHITECTURES)}")
+        if self.task != "classification":
+            raise ValueError(f"model.name '{name}' is a text classifier: use it with task classification, not '{self.task}'")
+        if self.method.name in ("lora", "qlora"):
+            raise ValueError(f"method.name {self.method.name} adapts a pretrained transformer; model.name '{name}' is a "
+                             "small network trained from scratch: use method.name full")
+        if self.model.init != "pretrained":
+            raise ValueError(f"model.init scratch does not apply to model.name '{name}' (it always starts untrained)")
+        # Unset training settings take the baseline's own (an LSTM from scratch wants lr ~1e-3, not 5e-5).
+        for key in ("learning_rate", "batch_size", "epochs"):
+            if key not in self.train.model_fields_set:
+                setattr(self.train, key, getattr(self.baseline, key))
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -46,6 +46,12 @@ class GenerationSettings:
     """Prompts generated together."""
     seed: int = 0
     """Seed for sampling."""
+    num_beams: int = 1
+    """Beam search width (1: greedy or sampling)."""
+    length_penalty: float = 1.0
+    """With beam search: exponent on the length in a beam's score."""
+    no_repeat_ngram_size: int = 0
+    """Never repeat an n-gram of this size (0: off)."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -59,6 +65,9 @@ class GenerationSettings:
             )
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        if self.num_beams < 1 or self.no_repeat_ngram_size < 0:
+            raise ValueError(f"need num_beams >= 1 and no_repeat_ngram_size >= 0; got {self.num_beams}, "
+                             f"{self.no_repeat_ngram_size}")
 
     @classmethod
     def from_config(cls, cfg: GenerationConfig) -> GenerationSettings:
@@ -72,6 +81,9 @@ class GenerationSettings:
             stop=list(cfg.stop),
             batch_size=cfg.batch_size,
             seed=cfg.seed,
+            num_beams=cfg.num_beams,
+            length_penalty=cfg.length_penalty,
+            no_repeat_ngram_size=cfg.no_repeat_ngram_size,
         )
 
 
@@ -181,13 +193,20 @@ class _AnswerStreamer(TextIteratorStreamer):
     def __init__(self, tokenizer: Any, eos_ids: Sequence[int]) -> None:
         super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
         self.eos_ids = set(eos_ids)
+        self.generated = 0  # new tokens received, up to and including the first EOS
+        self.saw_eos = False
 
     def put(self, value: torch.Tensor) -> None:
         """Receive the prompt (first call) or new tokens, shape (1, n) or (n,)."""
         if self.next_tokens_are_prompt:
             super().put(value)
             return
-        kept = [t for t in value.reshape(-1).tolist() if t not in self.eos_ids]
+        tokens = value.reshape(-1).tolist()
+        for t in tokens:
+            if not self.saw_eos:
+                self.generated += 1
+                self.saw_eos = t in self.eos_ids
+        kept = [t for t in tokens if t not in self.eos_ids]
         if kept:
             super().put(torch.tensor(kept))
 
@@ -201,6 +220,10 @@ def _generate_kwargs(settings: GenerationSettings, eos_ids: list[int], pad_id: i
         "pad_token_id": pad_id,
         "use_cache": True,
     }
+    if settings.num_beams > 1:
+        kwargs.update(num_beams=settings.num_beams, length_penalty=settings.length_penalty)
+    if settings.no_repeat_ngram_size:
+        kwargs["no_repeat_ngram_size"] = settings.no_repeat_ngram_size
     if settings.do_sample:
         # top_k=0 switches off transformers' default top-k 50: the settings name temperature and top_p only.
         kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
@@ -329,15 +352,35 @@ def stream_chat(
     settings: GenerationSettings,
     *,
     eos_token_ids: list[int] | None = None,
+    info: dict[str, Any] | None = None,
 ) -> Iterator[str]:
     """Stream the answer to chat ``messages`` as text pieces, as they are generated.
 
     The pieces join to what :func:`generate` returns for the same prompt: decoding stops at EOS, and
     text that might begin a stop string is held back until it is clear it does not; the answer ends
     before the first stop string. Generation runs in a thread (``TextIteratorStreamer``); closing the
-    iterator early stops it. ``settings.batch_size`` is not used.
+    iterator early stops it. ``settings.batch_size`` is not used. ``info``: see :func:`stream_text`.
     """
-    prompt_ids = _encode(tokenizer, chat_prompt(tokenizer, messages))
+    return stream_text(model, tokenizer, chat_prompt(tokenizer, messages), settings,
+                       eos_token_ids=eos_token_ids, info=info)
+
+
+def stream_text(
+    model: Any,
+    tokenizer: Any,
+    prompt: str,
+    settings: GenerationSettings,
+    *,
+    eos_token_ids: list[int] | None = None,
+    info: dict[str, Any] | None = None,
+) -> Iterator[str]:
+    """Stream the continuation of an already-rendered ``prompt`` as text pieces (see :func:`stream_chat`).
+
+    When the stream ends (also when it is closed early), ``info`` (if given) receives what
+    :func:`generate` reports besides the text: ``finish_reason`` ("stop" or "length"),
+    ``prompt_tokens`` and ``completion_tokens`` (counted the same way).
+    """
+    prompt_ids = _encode(tokenizer, prompt)
     eos_ids = _eos_ids(model, tokenizer, eos_token_ids)
     pad_id = _pad_id(tokenizer, eos_ids)
     device = next(model.parameters()).device
@@ -363,7 +406,7 @@ def stream_chat(
 
     was_training = model.training
     model.eval()
-    thread = threading.Thread(target=run, name="lmtune-stream-chat", daemon=True)
+    thread = threading.Thread(target=run, name="lmtune-stream", daemon=True)
     thread.start()
     longest_stop = max((len(s) for s in settings.stop), default=0)
     text = ""  # everything decoded so far
@@ -394,3 +437,15 @@ def stream_chat(
         thread.join()
         if was_training:
             model.train()
+        if info is not None:
+            # Counted as generate's _finish counts: up to the token completing a stop string, else up
+            # to and including the EOS, else every token generated (max_new_tokens: "length").
+            stopped = criterion.stopped_at.get(0)
+            if stopped is not None:
+                reason, completion = "stop", stopped
+            elif streamer.saw_eos:
+                reason, completion = "stop", streamer.generated
+            else:
+                cut_by_stop = _find_stop(text, settings.stop) is not None
+                reason, completion = ("stop" if cut_by_stop else "length"), streamer.generated
+            info.update(finish_reason=reason, prompt_tokens=len(prompt_ids), completion_tokens=completion)

@@ -76,10 +76,22 @@ def inspect_data(
 
         return inspect_generative(cfg, source, examples=examples)
     task = get_task(cfg.task)(cfg)
-    model_path = resolve_model(cfg.model.name, allow_pickle=cfg.model.allow_pickle)
+    # A task may have no model folder (a neural baseline builds its tokenizer from the data).
+    model_path = (task.model_path() if hasattr(task, "model_path")
+                  else resolve_model(cfg.model.name, allow_pickle=cfg.model.allow_pickle))
     tokenizer = task.load_tokenizer(model_path)
     with collect_warnings() as warnings:
         data = task.prepare(tokenizer)
+    if hasattr(task, "inspect_facts"):  # a task with its own facts per split (question_answering: windows ...)
+        facts = task.inspect_facts(data)
+        # Optional: run-wide facts, suggestions and rendered examples (token_classification, seq2seq).
+        details = task.inspect_details(data, facts, examples=examples) if hasattr(task, "inspect_details") else {}
+        # Keys starting with "_" are numbers the task keeps for its suggestions, not table rows.
+        facts = {s: {k: v for k, v in facts[s].items() if not k.startswith("_")} for s in sorted(facts, key=split_rank)}
+        return {"config": source, "task": cfg.task, "model": cfg.model.name, "max_length": cfg.data.max_length,
+                "batch_size": cfg.train.batch_size, "facts": facts, "summary": details.get("summary", {}),
+                "suggestions": details.get("suggestions", []), "examples": details.get("examples", []),
+                "warnings": warnings}
 
     d, t = cfg.data, cfg.train
     labels: list[str] = list(data.info["labels"])
@@ -111,7 +123,7 @@ def inspect_data(
         "config": source,
         "task": cfg.task,
         "model": cfg.model.name,
-        "model_path": str(model_path),
+        "model_path": None if model_path is None else str(model_path),
         "max_length": d.max_length,
         "batch_size": t.batch_size,
         "max_samples": d.max_samples,
@@ -226,13 +238,15 @@ def _padding_costs(
     return out
 
 
-def _position_limit(model_path: Path, tokenizer: Any) -> int | None:
+def _position_limit(model_path: Path | None, tokenizer: Any) -> int | None:
     """The most tokens the model takes: its tokenizer's limit or its position embeddings, if known."""
     limits = []
     if tokenizer.model_max_length and tokenizer.model_max_length < 10**6:
         limits.append(int(tokenizer.model_max_length))
+    # No model folder (a neural baseline built from the data): the tokenizer's limit is the one.
     with contextlib.suppress(OSError, ValueError, AttributeError):
-        positions = json.loads((model_path / "config.json").read_text(encoding="utf-8")).get("max_position_embeddings")
+        config = json.loads((model_path / "config.json").read_text(encoding="utf-8")) if model_path else {}
+        positions = config.get("max_position_embeddings")
         if isinstance(positions, int) and positions > 0:
             limits.append(positions)
     return min(limits) if limits else None
@@ -345,6 +359,38 @@ def collect_warnings(skip: Sequence[str] = ("truncated",)) -> Iterator[list[str]
 # ------------------------------------------------------------------------------------------ rendering
 
 
+def _render_facts(report: dict[str, Any], console: Console) -> None:
+    """A task's own facts (``inspect_facts``): the run-wide summary, one row per fact and one column per
+    split, then the warnings, suggestions and examples (``inspect_details``)."""
+    from rich.panel import Panel
+    from rich.table import Table
+    from rich.text import Text
+
+    console.print(f"[bold]data inspect[/bold] {report['config'] or ''}\ntask {report['task']}, model "
+                  f"{report['model']}, data.max_length {report['max_length']}", highlight=False)
+    for key, value in report.get("summary", {}).items():
+        console.print(Text.assemble((f"{key}: ", "bold"), str(value)), highlight=False)
+    facts: dict[str, dict[str, Any]] = report["facts"]
+    table = Table(title="splits", title_justify="left")
+    table.add_column("")
+    for split in facts:
+        table.add_column(split, justify="right")
+    for key in dict.fromkeys(k for f in facts.values() for k in f):
+        table.add_row(key.replace("_", " "), *[str(f.get(key, "–")) for f in facts.values()])
+    console.print(table)
+    for w in report.get("warnings", []):
+        console.print(f"[yellow]warning[/yellow] {w}", highlight=False)
+    for tip in report.get("suggestions", []):
+        console.print(Text.assemble(("suggestion: ", "bold yellow"), tip))
+    examples = report.get("examples", [])
+    if examples and examples[0].get("legend"):
+        console.print(Text(f"legend: {examples[0]['legend']}", style="dim"))
+    for ex in examples:
+        body = Text.from_markup(ex["markup"]) if "markup" in ex else Text(ex["body"])
+        console.print(Panel(body, title=Text(ex["title"]), title_align="left", subtitle=ex.get("subtitle"),
+                            subtitle_align="right"))
+
+
 def render(report: dict[str, Any], console: Console) -> None:
     """Print an :func:`inspect_data` report as tables that fit an 80-column terminal."""
     from rich.panel import Panel
@@ -355,6 +401,9 @@ def render(report: dict[str, Any], console: Console) -> None:
         from lmtune.inspect_generative import render_generative
 
         render_generative(report, console)
+        return
+    if "facts" in report:
+        _render_facts(report, console)
         return
 
     splits = report["splits"]

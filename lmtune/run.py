@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("lmtune")
 
 GENERATIVE_TASKS = ("sft", "causal_lm")
+# Task predictors that generate text: predict_file passes generation overrides to their predict_table.
+GENERATING_PREDICTORS = ("seq2seq",)
 # Columns a generation file's rows gain (predict_file).
 GENERATED_COLUMNS = ("generated", "finish_reason", "prompt_tokens", "completion_tokens")
 _JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -202,15 +204,15 @@ class Run:
             return self._generate_file(source, output, text_column=text_column, batch_size=batch_size,
                                        show_progress=show_progress, overrides=generation)
         given = sorted(k for k, v in generation.items() if v is not None)
-        if given:
+        if given and self.task not in GENERATING_PREDICTORS:
             raise RunError(f"generation settings ({', '.join(given)}) apply to text-generating runs (sft, "
-                           f"causal_lm); this run's task is '{self.task}'")
+                           f"causal_lm, {', '.join(GENERATING_PREDICTORS)}); this run's task is '{self.task}'")
         from lmtune.workflow import make_progress, quiet_libraries
 
         quiet_libraries()
         if self.task != "classification":
             return self._predict_task_file(source, output, text_column=text_column, batch_size=batch_size,
-                                           show_progress=show_progress)
+                                           show_progress=show_progress, overrides=generation)
         table, texts, pairs = self._read_inputs(source, text_column, pair_column)
         p = self.predictor()
         with make_progress(show_progress) as progress:
@@ -240,11 +242,14 @@ class Run:
         return len(results)
 
     def _predict_task_file(self, source: str | Path, output: str | Path, *, text_column: str | None,
-                           batch_size: int | None, show_progress: bool) -> int:
+                           batch_size: int | None, show_progress: bool,
+                           overrides: GenerationOverrides | None = None) -> int:
         """Predictions of a registered task predictor (NER, QA, seq2seq) for every row of ``source``.
 
-        Each output row is the input row plus the predictor's fields; in CSV/TSV a field holding a list
-        or mapping (entities, say) is written as JSON text.
+        Each output row is the input row plus the predictor's fields; a field named like an input column
+        (NER's ``tags`` beside gold ``tags``) is written as ``predicted_<name>``, the input column kept. In
+        CSV/TSV a field holding a list or mapping (entities, say) is written as JSON text. ``overrides``
+        (seq2seq) change the generation settings saved with the model.
         """
         from lmtune.data.readers import read_table
         from lmtune.workflow import make_progress
@@ -255,8 +260,20 @@ class Run:
         table = read_table(source)
         p = self.predictor()
         columns = {"text": text_column} if text_column else None
+        extra_args: dict[str, Any] = {}
+        changes = {k: v for k, v in (overrides or {}).items() if v is not None}
+        if changes:
+            if "stop" in changes:
+                changes["stop"] = list(changes["stop"])
+            try:
+                extra_args["settings"] = dataclasses.replace(p.settings, **changes)
+            except ValueError as exc:
+                raise ConfigError(f"generation settings: {exc}") from None
         with make_progress(show_progress) as progress:
-            results = p.predict_table(table, columns=columns, batch_size=batch_size or 32, progress=progress)
+            results = p.predict_table(table, columns=columns, batch_size=batch_size or 32, progress=progress,
+                                      **extra_args)
+        taken = set(table.columns)
+        results = [{(f"predicted_{k}" if k in taken else k): v for k, v in res.items()} for res in results]
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.tmp")
         if out.suffix.lower() in _JSONL_SUFFIXES:
@@ -442,6 +459,9 @@ class Run:
         loaded: Any = self.generator() if self.generative else self.predictor()
         task = get_task(cfg.task)(cfg)
         task.tokenizer = loaded.tokenizer  # what load_tokenizer would set: the saved one (chat template ...)
+        task.saved_meta = self.meta  # the trained model's own settings (label set, tag scheme ...) win
+        if hasattr(task, "load_model_meta"):
+            task.load_model_meta(self.meta)  # settings decided at training time (QA: the no-answer threshold)
         prepared = task.prepare(loaded.tokenizer)
         if hasattr(task, "evaluation_phase"):
             task.evaluation_phase("final")  # generation scores too, not only the loss

@@ -56,3 +56,19 @@ def tiny_chat_llama_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokeni
     from helpers import tiny_chat_llama
 
     return tiny_chat_llama(tmp_path_factory.mktemp("tiny-chat-llama"), smollm2_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def serve_sft_run(tmp_path_factory: pytest.TempPathFactory, tiny_chat_llama_dir: Path) -> object:
+    """A tiny sft LoRA run for the server tests (tests/serve_helpers.py), trained once per session."""
+    from serve_helpers import train_sft_run
+
+    return train_sft_run(tmp_path_factory.mktemp("serve-sft"), tiny_chat_llama_dir)
+
+
+@pytest.fixture(scope="session")
+def serve_classifier_run(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> object:
+    """A tiny BERT classifier run for the server tests, trained once per session."""
+    from serve_helpers import train_classifier_run
+
+    return train_classifier_run(tmp_path_factory.mktemp("serve-clf"), tiny_bert_dir)

@@ -135,9 +135,11 @@ def test_result_fields_are_complete_and_json_serialisable(sentiment_results) -> 
             "train_seconds",
             "predict_ms_per_example",
             "size_bytes",
+            "parameters",
             "metrics",
         }
         assert entry["train_seconds"] >= 0 and entry["predict_ms_per_example"] >= 0
+        assert isinstance(entry["parameters"], int) and entry["parameters"] > 0
         assert isinstance(entry["size_bytes"], int) and entry["size_bytes"] > 0
     assert results["tfidf_logreg"]["size_bytes"] > 100 * results["majority"]["size_bytes"]
     json.dumps(results)

@@ -324,7 +324,10 @@ def test_list_datasets(cache: Path) -> None:
     rows = {row["name"]: row for row in list_datasets()}
     assert next(iter(rows)) == "rotten_tomatoes"
     assert {"chatterbot", "chatterbot_spanish", "chatterbot_yoruba", "janeausten"} <= set(rows)
-    assert len(rows) == 1 + 28 + 1
+    # rotten_tomatoes, chatterbot x 28 languages, janeausten, chatterbot_en_* x 6 (seq2seq), chatterbot_qa,
+    # peoples_daily (NER)
+    assert len(rows) == 1 + 28 + 1 + 6 + 1 + 1
+    assert rows["chatterbot_qa"]["task"] == "question_answering"
     assert rows["chatterbot"]["installed"] and rows["chatterbot"]["path"] is None
     resolve_bundled_data("chatterbot")
     assert next(r for r in list_datasets() if r["name"] == "chatterbot")["path"] == str(

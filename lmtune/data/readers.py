@@ -23,9 +23,10 @@ from typing import Any, NoReturn
 
 from lmtune.errors import DataError
 
-FORMATS = ("auto", "csv", "tsv", "json", "jsonl", "parquet", "text", "hf")
+FORMATS = ("auto", "csv", "tsv", "json", "jsonl", "parquet", "text", "hf", "conll")
 _EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".json": "json", ".jsonl": "jsonl"}
 _EXTENSIONS |= {".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet", ".txt": "text", ".text": "text"}
+_EXTENSIONS |= {".conll": "conll", ".bio": "conll", ".iob": "conll"}  # token-per-line files (data/conll.py)
 _DECOMPRESSORS = {".gz": gzip.decompress, ".bz2": bz2.decompress, ".xz": lzma.decompress}
 _HF_MARKERS = ("dataset_info.json", "state.json")
 _HF_DICT_MARKER = "dataset_dict.json"
@@ -106,6 +107,10 @@ def read_table(source: str | Path, *, format: str = "auto", encoding: str = "utf
         return _read_jsonl(text, display)
     if fmt == "json":
         return _read_json(text, display)
+    if fmt == "conll":
+        from lmtune.data.conll import parse_conll
+
+        return parse_conll(text, display)
     return _read_text(text, display)
 
 

@@ -50,6 +50,10 @@ class Baseline:
         """Approximate size of the fitted parameters, in bytes."""
         raise NotImplementedError
 
+    def num_parameters(self) -> int:
+        """Learned numbers (coefficients, intercepts, priors); vocabularies are not counted."""
+        raise NotImplementedError
+
 
 class MajorityBaseline(Baseline):
     """Predicts the most frequent training class (multi-label: each label's majority value)."""
@@ -77,6 +81,10 @@ class MajorityBaseline(Baseline):
     def size_bytes(self) -> int:
         """Bytes of the stored prior."""
         return int(self.prior.nbytes)
+
+    def num_parameters(self) -> int:
+        """The prior's entries."""
+        return int(self.prior.size)
 
 
 class TfidfLogRegBaseline(Baseline):
@@ -198,15 +206,43 @@ class TfidfLogRegBaseline(Baseline):
                     total += np.asarray(value).nbytes
         return int(total)
 
+    def num_parameters(self) -> int:
+        """Coefficients and intercepts of the fitted classifier(s)."""
+        estimators = self.model.estimators_ if self.multi_label else [self.model]
+        return int(sum(np.asarray(getattr(e, a)).size for e in estimators for a in ("coef_", "intercept_")
+                       if getattr(e, a, None) is not None))
+
 
 BASELINES: dict[str, type[Baseline]] = {
     MajorityBaseline.name: MajorityBaseline,
     TfidfLogRegBaseline.name: TfidfLogRegBaseline,
 }
 
+# Neural baselines (lmtune.models.neural_baselines): not fitted here but trained as sub-runs of the main
+# run, on the same workflow and training loop (lmtune.evaluate.comparison); their names are valid in
+# Config.baselines all the same.
+SUBRUN_BASELINES: dict[str, str] = {
+    "cnn_lstm": "Word embeddings -> Conv1D(64, 5, relu) -> MaxPool1D(4) -> LSTM(70) -> Dense.",
+    "bilstm": "Word embeddings -> bidirectional LSTM -> Dense.",
+    "gru": "Word embeddings -> GRU -> Dense.",
+    "transformer": "Word embeddings + positions -> 2-layer Transformer encoder -> mean pool -> Dense.",
+}
+
+
+def known_baselines() -> list[str]:
+    """Every name ``Config.baselines`` accepts."""
+    return sorted(BASELINES) + list(SUBRUN_BASELINES)
+
+
+def is_subrun_baseline(name: str) -> bool:
+    """Whether baseline ``name`` trains as a sub-run of the workflow (the neural ones)."""
+    return name in SUBRUN_BASELINES
+
 
 def baselines_for_task(name: str) -> tuple[str, ...]:
     """The tasks a registered baseline applies to (a class's ``tasks``; text classifiers by default)."""
+    if name in SUBRUN_BASELINES:
+        return ("classification",)
     return tuple(getattr(BASELINES[name], "tasks", ("classification",)))
 
 
@@ -226,16 +262,23 @@ def run_baselines(
     *,
     multi_label: bool = False,
     seed: int = 0,
+    latency_texts: list[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Fit each named baseline on the training split and score it on every evaluation split.
 
     ``train_labels`` and the labels in ``eval_sets`` (``{split: (texts, labels)}``) are class
     indices (N,) for single-label and 0/1 indicators (N, L) for multi-label. Returns
-    ``{name: {"description", "train_seconds", "predict_ms_per_example", "size_bytes",
+    ``{name: {"description", "train_seconds", "predict_ms_per_example", "size_bytes", "parameters",
     "metrics": {split: classification_metrics(...)}}}``, all JSON-serialisable.
     ``predict_ms_per_example`` is the wall time of ``predict_proba`` over all evaluation splits
-    divided by their total size.
+    divided by their total size; with ``latency_texts``, over those texts instead (after a warm-up
+    call on a few of them), so several models can be timed on the same inputs.
     """
+    neural = [n for n in names if n in SUBRUN_BASELINES]
+    if neural:
+        raise ConfigError(f"baseline(s) {', '.join(neural)} train on the training loop as sub-runs of lmtune.train, "
+                          "not in run_baselines", hint="list them in a config's baselines, or train one with "
+                          f"model: baseline:{neural[0]}")
     unknown = [n for n in names if n not in BASELINES]
     if unknown:
         raise ConfigError(
@@ -265,11 +308,17 @@ def run_baselines(
             metrics[split] = classification_metrics(
                 labels, predict_labels(probs, multi_label), label_names, probs=probs, multi_label=multi_label
             )
+        if latency_texts:
+            baseline.predict_proba(latency_texts[:8])  # warm-up
+            start = time.perf_counter()
+            baseline.predict_proba(latency_texts)
+            predict_seconds, predicted = time.perf_counter() - start, len(latency_texts)
         results[name] = {
             "description": baseline.description,
             "train_seconds": float(train_seconds),
             "predict_ms_per_example": float(1000.0 * predict_seconds / max(predicted, 1)),
             "size_bytes": int(baseline.size_bytes()),
+            "parameters": int(baseline.num_parameters()),
             "metrics": metrics,
         }
     return results

@@ -9,7 +9,7 @@ from typing import Any
 
 from lmtune.config import Config
 from lmtune.evaluate.plots import plot_metric_comparison, plot_training_curves
-from lmtune.evaluate.report import Bold, Report
+from lmtune.evaluate.report import Report
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -35,9 +35,7 @@ def write_report(
     summary = metrics["summary"]
     metric, _ = cfg.train.resolved_metric(task.default_metric)
     split = "test" if "test" in metrics else "validation"
-    main_metric = getattr(task, "comparison_metric", metric)
     headline: list[tuple[str, str]] = getattr(task, "headline_metrics", [(metric, metric)])
-    model_name = Path(cfg.model.name).name or cfg.model.name  # a local folder shows as its last part
     r = Report(f"lmtune run: {run_dir.name}")
     r.paragraph(
         f"Task **{cfg.task}**; model `{cfg.model.name}` with **{cfg.method.name}** fine-tuning; "
@@ -48,41 +46,31 @@ def write_report(
     )
 
     # --- the comparison table: the fine-tuned model against its starting point and the baselines
+    from lmtune.evaluate.comparison import comparison_rows, table_cells, write_comparison
+
     r.heading(f"Results on the {split} split")
     test = metrics.get(split, {})
-    start = metrics.get("starting_point", {}).get(split, {})
-    eval_ms = summary.get("eval_ms_per_example", {}).get(split)
-    model_bytes = _dir_size(run_dir / "model")
     present = [(k, label) for k, label in headline if k in test]
-    header = ["model", *[label for _, label in present], "train time (s)", "size (MB)", "latency (ms/example)"]
-    rows: list[list[Any]] = [
-        [Bold(f"fine-tuned {model_name} ({cfg.method.name})"),
-         *[Bold(test.get(k)) if i < 2 else test.get(k) for i, (k, _) in enumerate(present)],
-         summary["train_seconds"], model_bytes / 1e6, eval_ms]
-    ]
-    starting_name = f"{model_name} before fine-tuning" + (" (new head)" if cfg.task == "classification" else "")
-    if cfg.model.init == "scratch":
-        starting_name = "the same model at random initialisation"
-    if start:
-        rows.append([starting_name, *[start.get(k) for k, _ in present], 0.0, model_bytes / 1e6, eval_ms])
-    comparison = [(f"fine-tuned {model_name}", float(test.get(main_metric, 0.0)))]
-    if start:
-        comparison.append((f"{model_name} untrained" if cfg.task == "classification" else starting_name,
-                           float(start.get(main_metric, 0.0))))
-    for name, b in baselines.items():
-        bm = b["metrics"].get(split, {})
-        rows.append([f"baseline: {name}", *[bm.get(k) for k, _ in present], b["train_seconds"],
-                     b["size_bytes"] / 1e6, b["predict_ms_per_example"]])
-        comparison.append((f"baseline: {name}", float(bm.get(main_metric, 0.0))))
-    r.table(header, rows)
+    rows, main_metric = comparison_rows(cfg, task, metrics, baselines, split, _dir_size(run_dir / "model"))
+    write_comparison(run_dir, rows, split, main_metric)
+    header, cells = table_cells(rows, present)
+    r.table(header, cells)
+    if "predict_ms_per_example" in summary:
+        latency = ("milliseconds per example to predict the same raw texts (the first of the split, tokenising "
+                   "or vectorising included, after a warm-up) on this machine")
+    else:
+        latency = "batched evaluation time per example on this machine, over pre-tokenised, length-sorted batches"
     notes = [
-        f"{split} examples: {test.get('num_examples', data.info.get(split, {}).get('examples', '–'))}. Latency is batched evaluation time per example "
-        "on this machine, over pre-tokenised, length-sorted batches (baselines: vectorising included)."
+        f"{split} examples: {test.get('num_examples', data.info.get(split, {}).get('examples', '–'))}; sorted by "
+        f"{main_metric}, the best value of each column in bold. Latency: {latency}. Train time: the training "
+        "loop (neural baselines: plus the word2vec training of their embeddings), or the baseline's fit."
     ]
     for name, b in baselines.items():
-        notes.append(f"`{name}`: {b['description']}")
+        run_link = f" (run folder `{b['run']}`)" if b.get("run") else ""
+        notes.append(f"`{name}`: {b['description']}{run_link}" + (f" Failed: {b['error']}" if "error" in b else ""))
     r.bullets(notes)
     if test and main_metric in test:
+        comparison = [(row["name"].replace("baseline: ", ""), row["metrics"].get(main_metric)) for row in rows]
         plot_metric_comparison(comparison, run_dir / "plots" / "comparison.png", metric=main_metric)
         r.image("plots/comparison.png", f"{main_metric} by model")
 

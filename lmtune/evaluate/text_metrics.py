@@ -143,3 +143,50 @@ def generation_metrics(predictions: list[str], references: list[str]) -> dict[st
         "mean_generated_words": sum(len(word_counter.tokenize(p)) for p in predictions) / n,
         "empty_predictions": sum(1 for p in predictions if not p.strip()),
     }
+
+
+def squad_scores(
+    predictions: list[str], golds: list[list[str]], *, null_score_diffs: list[float | None] | None = None,
+    best_non_null: list[str] | None = None,
+) -> dict[str, float]:
+    """Exact match and F1 over questions as the official SQuAD v2.0 script computes them (v1.1 when every
+    question has an answer), on a **0-1** scale (the script prints them x100).
+
+    ``golds[i]`` are the reference answers of question ``i`` (empty: unanswerable); references that
+    normalise to nothing are ignored and a question left without one counts as unanswerable, whose only
+    correct prediction is the empty string. A question scores the max over its references. Returns
+    ``exact_match``, ``f1``, ``num_examples`` and, when some questions are unanswerable, the
+    ``has_answer_*`` / ``no_answer_*`` split. Given ``null_score_diffs`` (null score minus best span score)
+    and ``best_non_null`` (the best non-empty span) per question, also the official ``best_exact_match`` /
+    ``best_f1`` with the thresholds that reach them (answer empty when the diff exceeds the threshold).
+    """
+    if len(predictions) != len(golds):
+        raise ValueError(f"squad_scores: {len(predictions)} predictions but {len(golds)} questions")
+    refs = [[g for g in gold if normalize_answer(g)] or [""] for gold in golds]
+    has_answer = [ref != [""] for ref in refs]
+    em = [max(exact_match(p, r) for r in ref) for p, ref in zip(predictions, refs, strict=True)]
+    f1 = [max(token_f1(p, r) for r in ref) for p, ref in zip(predictions, refs, strict=True)]
+    n = len(predictions)
+    out: dict[str, float] = {"exact_match": sum(em) / max(n, 1), "f1": sum(f1) / max(n, 1), "num_examples": n}
+    if not all(has_answer):
+        for name, keep in (("has_answer", True), ("no_answer", False)):
+            idx = [i for i in range(n) if has_answer[i] == keep]
+            out[f"{name}_examples"] = len(idx)
+            out[f"{name}_exact_match"] = sum(em[i] for i in idx) / max(len(idx), 1)
+            out[f"{name}_f1"] = sum(f1[i] for i in idx) / max(len(idx), 1)
+    if null_score_diffs is not None and best_non_null is not None and n:
+        # find_best_thresh: start from "every answer empty" and switch questions to their best span in
+        # order of rising null-score difference; keep the best running total.
+        for key, score in (("exact_match", exact_match), ("f1", token_f1)):
+            span_scores = [max(score(b, r) for r in ref) for b, ref in zip(best_non_null, refs, strict=True)]
+            current = best = float(sum(not h for h in has_answer))
+            threshold = 0.0
+            order = sorted((i for i in range(n) if null_score_diffs[i] is not None),
+                           key=lambda i: float(null_score_diffs[i]))  # type: ignore[arg-type]
+            for i in order:
+                current += span_scores[i] if has_answer[i] else (-1.0 if best_non_null[i] else 0.0)
+                if current > best:
+                    best, threshold = current, float(null_score_diffs[i])  # type: ignore[arg-type]
+            out[f"best_{key}"] = best / n
+            out[f"best_{key}_threshold"] = threshold
+    return out

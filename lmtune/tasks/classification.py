@@ -33,6 +33,7 @@ from lmtune.data.features import (
 )
 from lmtune.data.readers import Table, read_table
 from lmtune.errors import ConfigError, DataError, ModelError
+from lmtune.models import neural_baselines  # registers the lmtune_baseline model type with transformers
 from lmtune.tasks.base import TaskData, register_task
 
 log = logging.getLogger(__name__)
@@ -96,15 +97,33 @@ class ClassificationTask:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.data_cfg = config.data
+        # `model: baseline:NAME`: a word-level network built from the training data (no folder).
+        self.baseline = neural_baselines.baseline_architecture(config.model.name)
+        self._splits: tuple[dict[str, list[dict[str, Any]]], dict[str, Any]] | None = None
+        self.embedding_info: dict[str, Any] = {}
+
+    def model_path(self) -> Path | None:
+        """The pretrained model's folder; None for a neural baseline, which has none."""
+        from lmtune.models.registry import resolve_model
+
+        if self.baseline:
+            return None
+        return resolve_model(self.config.model.name, allow_pickle=self.config.model.allow_pickle)
 
     # ------------------------------------------------------------------------------ tokenizer
-    def load_tokenizer(self, model_path: Path) -> Any:
+    def load_tokenizer(self, model_path: Path | None) -> Any:
         """The model's tokenizer, right-padded, with a pad token (decoders often lack one).
 
         Padding with EOS is safe here: classification adds no EOS, and the head reads the last
-        non-pad token, which is the last text token.
+        non-pad token, which is the last text token. A neural baseline gets a word-level tokenizer
+        whose vocabulary comes from the training split (read and split here, reused by ``prepare``).
         """
         from lmtune.models.registry import load_padded_tokenizer
+
+        if self.baseline or model_path is None:
+            splits, _ = self._split_records()
+            texts = [t for r in splits["train"] for t in (r["text"], r["pair"]) if t is not None]
+            return neural_baselines.build_tokenizer(texts, self.config.baseline, self.data_cfg.max_length)
 
         return load_padded_tokenizer(model_path, trust_remote_code=self.config.model.trust_remote_code)
 
@@ -231,10 +250,11 @@ class ClassificationTask:
             info[split]["duplicates_removed"] = len(rows) - len(clean)
             splits[split] = clean
 
-    def prepare(self, tokenizer: Any) -> TaskData:
-        """Read, validate, deduplicate, split, check labels and tokenise (cached)."""
+    def _split_records(self) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
+        """Read, validate, deduplicate and split the configured data (once per task object)."""
+        if self._splits is not None:
+            return self._splits
         d = self.data_cfg
-        self._check_max_length(tokenizer)
         train_records, train_info = self._read_split(d.train)
         info: dict[str, Any] = {"train": train_info}
         given: dict[str, list[dict[str, Any]]] = {}
@@ -256,6 +276,14 @@ class ClassificationTask:
             for split, rows in splits.items():
                 if len(rows) > d.max_samples:
                     splits[split] = rng.sample(rows, d.max_samples)
+        self._splits = (splits, info)
+        return self._splits
+
+    def prepare(self, tokenizer: Any) -> TaskData:
+        """Read, validate, deduplicate, split, check labels and tokenise (cached)."""
+        d = self.data_cfg
+        self._check_max_length(tokenizer)
+        splits, info = self._split_records()
         label_names = self._label_names(splits, info)
         index = {name: i for i, name in enumerate(label_names)}
         for split, rows in splits.items():
@@ -368,9 +396,16 @@ class ClassificationTask:
         return ds, stats["truncated"]
 
     # ------------------------------------------------------------------------------ model
-    def build_model(self, model_path: Path, data: TaskData, tokenizer: Any) -> torch.nn.Module:
+    def build_model(self, model_path: Path | None, data: TaskData, tokenizer: Any) -> torch.nn.Module:
         """The pretrained model with a freshly initialised classification head (float32)."""
         labels = data.info["labels"]
+        if self.baseline:
+            model, self.embedding_info = neural_baselines.build_model(
+                self.baseline, self.config.baseline, tokenizer, data.extra["texts"]["train"], labels,
+                multi_label=self.data_cfg.multi_label, max_length=self.data_cfg.max_length, seed=self.config.train.seed)
+            self.new_modules = ["classifier"]
+            return model
+        assert model_path is not None
         try:
             cfg = AutoConfig.from_pretrained(model_path, trust_remote_code=self.config.model.trust_remote_code)
         except (OSError, ValueError) as exc:
@@ -466,12 +501,23 @@ class ClassificationTask:
     # ------------------------------------------------------------------------------ baselines
     def run_baselines(self, data: TaskData) -> dict[str, Any]:
         """The configured cheap baselines, trained on the same train split, scored on the others."""
-        from lmtune.evaluate.baselines import run_baselines
+        from lmtune.evaluate.baselines import is_subrun_baseline, run_baselines
+        from lmtune.evaluate.comparison import latency_inputs
 
         texts, targets = data.extra["texts"], data.extra["targets"]
         eval_sets = {s: (texts[s], targets[s]) for s in ("validation", "test") if s in texts and len(texts[s])}
-        return run_baselines(self.config.baselines, texts["train"], targets["train"], eval_sets,
-                             data.info["labels"], multi_label=self.data_cfg.multi_label, seed=self.config.train.seed)
+        # Neural baselines train as sub-runs (compare_with_baselines), after the model is saved.
+        names = [n for n in self.config.baselines if not is_subrun_baseline(n)]
+        return run_baselines(names, texts["train"], targets["train"], eval_sets, data.info["labels"],
+                             multi_label=self.data_cfg.multi_label, seed=self.config.train.seed,
+                             latency_texts=latency_inputs(data)[2])
+
+    def compare_with_baselines(self, data: TaskData, run_dir: Path, metrics: dict[str, Any] | None) -> dict[str, Any]:
+        """After the model is saved: the neural baselines as sub-runs on the same split, and every model's
+        prediction latency on the same texts (``metrics`` is None on processes other than the main one)."""
+        from lmtune.evaluate.comparison import compare
+
+        return compare(self.config, data, run_dir, metrics)
 
     # ------------------------------------------------------------------------------ saving and report
     def save_model_extras(self, folder: Path, data: TaskData) -> dict[str, Any]:
@@ -486,6 +532,7 @@ class ClassificationTask:
             "label_column": d.label_column,
             "label_delimiter": d.label_delimiter,
             "max_length": d.max_length,
+            **({"embeddings": self.embedding_info} if self.embedding_info else {}),
         }
 
     def report_sections(self, report: Any, run_dir: Path, metrics: dict[str, Any], data: TaskData) -> None:

@@ -278,7 +278,6 @@ class SFTTask(DecoderTask):
         from accelerate.utils import gather_object
 
         from lmtune.data.chat import end_of_turn_ids
-        from lmtune.evaluate.text_metrics import generation_metrics
         from lmtune.generation import GenerationSettings, generate
 
         settings = GenerationSettings.from_config(self.config.generation)
@@ -290,7 +289,7 @@ class SFTTask(DecoderTask):
         results = [o for _, o in sorted(gather_object(local), key=lambda x: x[0])] if accelerator.num_processes > 1 \
             else [o for _, o in local]
         texts = [r["text"].strip() for r in results]
-        scores: dict[str, Any] = dict(generation_metrics(texts, references))
+        scores: dict[str, Any] = dict(self.text_scores(texts, references))
         scores["stopped_fraction"] = sum(r["finish_reason"] == "stop" for r in results) / len(results)
         scores["generated_examples"] = len(results)
         scores["examples"] = [
@@ -298,6 +297,12 @@ class SFTTask(DecoderTask):
             for p, ref, t, r in list(zip(prompts, references, texts, results, strict=True))[:_EXAMPLES_KEPT]
         ]
         return scores
+
+    def text_scores(self, texts: list[str], references: list[str]) -> dict[str, float]:
+        """Scores of generated ``texts`` against ``references`` (a subclass may score differently)."""
+        from lmtune.evaluate.text_metrics import generation_metrics
+
+        return generation_metrics(texts, references)
 
     # ------------------------------------------------------------------------------ saving and report
     def save_model_extras(self, folder: Path, data: TaskData) -> dict[str, Any]:

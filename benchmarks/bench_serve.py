@@ -1,0 +1,250 @@
+"""Load test of ``lmtune serve`` on loopback: throughput and latency with dynamic batching vs one at a time.
+
+Serves one sft run (``lmtune serve`` in a subprocess, 127.0.0.1 only) and measures, with the same chat
+request shape (greedy, ``max_tokens`` new tokens, prompts from the bundled chatterbot questions):
+
+    one_at_a_time   a single client, each request sent when the previous answer arrived
+    concurrent      ``--requests`` requests from ``--clients`` concurrent clients (keep-alive connections)
+    unbatched       (``--unbatched``) the same concurrent clients (``--unbatched-requests`` requests) against a
+                    server started with --max-batch-size 1: concurrency without batching
+
+It reports requests/s, generated tokens/s, p50/p90/p99 latency, errors, and the batch sizes the server
+ran (its /metrics). The load is bounded in count and time: each phase stops after its requests or after
+``--max-seconds``, whichever comes first. The model is a ~28M-parameter Llama (SmolLM2's tokenizer, as
+``bench_sft.py`` builds it) tuned for two steps on the chatterbot conversations, or ``--model smollm2``.
+
+    python benchmarks/bench_serve.py --output serve.json                 # the BENCHMARKS.md measurement
+    python benchmarks/bench_serve.py --requests 100 --clients 16 --sequential 10   # a quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_sft import build_model  # the same ~28M Llama with SmolLM2's tokenizer
+
+HOST = "127.0.0.1"  # loopback only, ever
+
+
+def train_run(workdir: Path, model: str) -> Path:
+    """An sft run to serve: two LoRA-free steps on the bundled English chatterbot conversations."""
+    import lmtune
+
+    run_dir = workdir / "run"
+    if (run_dir / "model" / "lmtune.json").is_file():
+        return run_dir
+    model_dir = build_model(workdir, model)
+    cfg = {"task": "sft", "model": str(model_dir), "data": {"train": "bundled:chatterbot", "max_length": 256},
+           "train": {"max_steps": 2, "batch_size": 8, "precision": "fp32"},
+           "generation": {"eval_examples": 4, "max_new_tokens": 16}, "baselines": [], "output_dir": str(run_dir)}
+    lmtune.train(cfg, overwrite=True, show_progress=False)
+    return run_dir
+
+
+def prompts() -> list[str]:
+    """User questions of the bundled chatterbot conversations (first turns), in file order."""
+    from lmtune.data.bundled import resolve_bundled_data
+
+    out = []
+    for line in resolve_bundled_data("chatterbot").read_text(encoding="utf-8").splitlines():
+        first = json.loads(line)["messages"][0]
+        if first["role"] == "user" and first["content"].strip():
+            out.append(first["content"])
+    return out
+
+
+class Server:
+    """``lmtune serve RUN`` in a subprocess on a free loopback port."""
+
+    def __init__(self, run_dir: Path, log: Path, *, max_batch_size: int, batch_wait_ms: float) -> None:
+        with socket.socket() as s:
+            s.bind((HOST, 0))
+            self.port = s.getsockname()[1]
+        self.log = log
+        with log.open("w") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "lmtune", "serve", str(run_dir), "--host", HOST, "--port", str(self.port),
+                 "--max-batch-size", str(max_batch_size), "--batch-wait-ms", str(batch_wait_ms)],
+                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "LMTUNE_API_KEY": ""})
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if _call(self.port, "GET", "/health", None)[0] == 200:
+                    return
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the server did not start:\n{log.read_text()}")
+            time.sleep(0.25)
+
+    def metrics(self) -> dict[str, float]:
+        """The batching counters of /metrics."""
+        _, body = _call(self.port, "GET", "/metrics", None)
+        out = {}
+        for line in body.decode().splitlines():
+            if line.startswith(("lmtune_batches_total ", "lmtune_batched_requests_total ", "lmtune_batch_requests_max ")):
+                name, value = line.split(" ")
+                out[name] = float(value)
+        return out
+
+    def stop(self) -> None:
+        """Stop the server."""
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+
+def _call(port: int, method: str, path: str, body: Any, conn: http.client.HTTPConnection | None = None,
+          ) -> tuple[int, bytes]:
+    own = conn is None
+    conn = conn or http.client.HTTPConnection(HOST, port, timeout=600)
+    try:
+        data = json.dumps(body).encode() if body is not None else None
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        if own:
+            conn.close()
+
+
+def load(port: int, questions: list[str], *, requests: int, clients: int, max_tokens: int,
+         max_seconds: float) -> dict[str, Any]:
+    """Send ``requests`` chat requests from ``clients`` threads (each with its own keep-alive connection)."""
+    lock = threading.Lock()
+    next_index = [0]
+    latencies: list[float] = []
+    tokens: list[int] = []
+    errors: list[str] = []
+    deadline = time.monotonic() + max_seconds
+
+    def client() -> None:
+        conn = http.client.HTTPConnection(HOST, port, timeout=600)
+        try:
+            while True:
+                with lock:
+                    i = next_index[0]
+                    if i >= requests or time.monotonic() > deadline:
+                        return
+                    next_index[0] += 1
+                body = {"model": "m", "messages": [{"role": "user", "content": questions[i % len(questions)]}],
+                        "max_tokens": max_tokens, "temperature": 0}
+                started = time.perf_counter()
+                try:
+                    status, data = _call(port, "POST", "/v1/chat/completions", body, conn)
+                except OSError as exc:
+                    with lock:
+                        errors.append(f"{type(exc).__name__}: {exc}")
+                    conn.close()
+                    conn = http.client.HTTPConnection(HOST, port, timeout=600)
+                    continue
+                seconds = time.perf_counter() - started
+                with lock:
+                    if status != 200:
+                        errors.append(f"{status}: {data[:200]!r}")
+                    else:
+                        latencies.append(seconds)
+                        tokens.append(json.loads(data)["usage"]["completion_tokens"])
+        finally:
+            conn.close()
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    ordered = sorted(latencies)
+
+    def pct(q: float) -> float:
+        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
+
+    return {"requests": len(latencies), "errors": len(errors), "error_examples": errors[:5], "clients": clients,
+            "seconds": elapsed, "requests_per_s": len(latencies) / elapsed, "tokens_per_s": sum(tokens) / elapsed,
+            "completion_tokens": sum(tokens), "latency_p50_s": pct(0.5), "latency_p90_s": pct(0.9),
+            "latency_p99_s": pct(0.99), "latency_mean_s": statistics.fmean(latencies) if latencies else None,
+            "stopped_by_time": len(latencies) + len(errors) < requests}
+
+
+def phase(server: Server, name: str, questions: list[str], **kwargs: Any) -> dict[str, Any]:
+    """One load phase, with the server's batch counters over it."""
+    before = server.metrics()
+    result = load(server.port, questions, **kwargs)
+    after = server.metrics()
+    batches = after["lmtune_batches_total"] - before["lmtune_batches_total"]
+    batched = after["lmtune_batched_requests_total"] - before["lmtune_batched_requests_total"]
+    result.update(phase=name, batches=batches, mean_batch_requests=batched / batches if batches else None,
+                  max_batch_requests=after["lmtune_batch_requests_max"])
+    print(f"{name:>14}: {result['requests']} requests ({result['errors']} errors) in {result['seconds']:.1f} s: "
+          f"{result['requests_per_s']:.2f} req/s, {result['tokens_per_s']:.0f} tok/s, p50 "
+          f"{result['latency_p50_s']:.3f} s, p99 {result['latency_p99_s']:.3f} s, mean batch "
+          f"{result['mean_batch_requests'] or 0:.1f} requests", flush=True)
+    return result
+
+
+def main() -> None:
+    """Run the phases and print / save the figures."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--requests", type=int, default=500, help="Requests of the concurrent phase.")
+    p.add_argument("--clients", type=int, default=32, help="Concurrent clients.")
+    p.add_argument("--sequential", type=int, default=40, help="Requests of the one-at-a-time phase.")
+    p.add_argument("--max-tokens", type=int, default=16, help="max_tokens of every request (greedy).")
+    p.add_argument("--max-batch-size", type=int, default=32, help="The server's --max-batch-size.")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="The server's --batch-wait-ms.")
+    p.add_argument("--max-seconds", type=float, default=600, help="Time cap of each phase.")
+    p.add_argument("--unbatched", action="store_true", help="Also run the concurrent load with --max-batch-size 1.")
+    p.add_argument("--unbatched-requests", type=int, default=100, help="Requests of the unbatched phase.")
+    p.add_argument("--model", choices=("small", "smollm2"), default="small")
+    p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the server.")
+    p.add_argument("--workdir", type=Path, default=None, help="Keep the run and the server logs here.")
+    p.add_argument("--output", type=Path, default=None, help="Write the results as JSON here.")
+    args = p.parse_args()
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="lmtune-bench-serve-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    run_dir = train_run(workdir, args.model)
+    questions = prompts()
+    results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "load_average_start": os.getloadavg()}
+    common = {"max_tokens": args.max_tokens, "max_seconds": args.max_seconds}
+    server = Server(run_dir, workdir / "serve.log", max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms)
+    try:
+        load(server.port, questions, requests=8, clients=4, **common)  # warm-up (first calls allocate)
+        results["one_at_a_time"] = phase(server, "one_at_a_time", questions, requests=args.sequential, clients=1,
+                                         **common)
+        results["concurrent"] = phase(server, "concurrent", questions, requests=args.requests, clients=args.clients,
+                                      **common)
+    finally:
+        server.stop()
+    if args.unbatched:
+        server = Server(run_dir, workdir / "serve-unbatched.log", max_batch_size=1, batch_wait_ms=0)
+        try:
+            load(server.port, questions, requests=4, clients=2, **common)
+            results["unbatched"] = phase(server, "unbatched", questions, requests=args.unbatched_requests,
+                                         clients=args.clients, **common)
+        finally:
+            server.stop()
+    results["load_average_end"] = os.getloadavg()
+    speedup = results["concurrent"]["requests_per_s"] / results["one_at_a_time"]["requests_per_s"]
+    results["throughput_vs_one_at_a_time"] = speedup
+    print(f"throughput under load: {speedup:.1f}x the one-at-a-time rate; load average "
+          f"{results['load_average_start'][0]:.1f} -> {results['load_average_end'][0]:.1f}")
+    if args.output:
+        args.output.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

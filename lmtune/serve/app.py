@@ -1,0 +1,586 @@
+"""``lmtune serve``: a FastAPI app serving one run's model, OpenAI-compatible for generative runs.
+
+Endpoints (all answer errors in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``):
+
+- generative runs (sft, causal_lm): ``POST /v1/chat/completions`` (sft: the model's own chat
+  template), ``POST /v1/completions`` (raw-text continuation), both with ``stream: true`` as
+  server-sent events; ``GET /v1/models``.
+- classifiers: ``POST /v1/classify``; other tasks: ``POST /v1/predict`` and the task's own path
+  (``/v1/ner``, ``/v1/qa``, ``/v1/generate``), through the task's registered predictor.
+- ``GET /health`` (never needs the key), ``GET /metrics`` (Prometheus text), ``GET /v1/run`` and
+  ``GET /v1/run/plots/NAME`` (the run view of the page), ``GET /`` (the page, ``static/``).
+
+Concurrent requests are batched on the model (``lmtune.serve.batching``); streamed answers run alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Message, Receive, Scope, Send
+
+from lmtune.errors import LmtuneError
+from lmtune.run import Run, validate_prompt_messages
+from lmtune.serve.engine import Engine, ServeOptions
+from lmtune.serve.metrics import RequestMetrics
+from lmtune.serve.schemas import (
+    UNSUPPORTED,
+    ChatCompletionRequest,
+    ClassifyRequest,
+    CompletionRequest,
+    PredictRequest,
+)
+
+log = logging.getLogger("lmtune")
+
+STATIC_DIR = Path(__file__).parent / "static"
+# Task -> its own endpoint besides /v1/predict.
+TASK_PATHS = {"token_classification": "/v1/ner", "question_answering": "/v1/qa", "seq2seq": "/v1/generate"}
+# Reachable without the API key: liveness, and the page's code (it holds no run data; everything the
+# page shows comes from endpoints that need the key, which the page asks for).
+PUBLIC_PATHS = ("/health", "/", "/favicon.ico")
+PUBLIC_PREFIXES = ("/static/",)
+MAX_STOP_STRINGS = 4
+
+
+class APIError(Exception):
+    """An answer in OpenAI's error shape."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict[str, Any]:
+        """``{"error": {...}}``."""
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        """As a JSON response."""
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+def _from_lmtune(exc: LmtuneError, param: str | None = None) -> APIError:
+    text = exc.message + (f" ({exc.hint})" if exc.hint else "")
+    return APIError(400, text, param=param or exc.field)
+
+
+# ------------------------------------------------------------------------------------------ middleware
+class Gate:
+    """Pure ASGI middleware in front of the app: API key, request body size, request metrics.
+
+    The body is read here (up to the limit) and replayed to the app, so an oversized body gets 413
+    before any handler runs, whatever its Content-Length claims.
+    """
+
+    def __init__(self, app: Any, *, options: ServeOptions, metrics: RequestMetrics, known_paths: set[str]) -> None:
+        self.app = app
+        self.options = options
+        self.metrics = metrics
+        self.known_paths = known_paths  # fixed paths: a label even when no route ran (401, 413)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_recording(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            error = self._check_key(scope)
+            if error is None:
+                receive, error = await self._read_body(scope, receive)
+            if error is not None:
+                await error.response()(scope, receive, send_recording)
+            else:
+                await self.app(scope, receive, send_recording)
+        finally:
+            route = scope.get("route")
+            endpoint = str(getattr(route, "path", None) or "")
+            if not endpoint:
+                path = str(scope.get("path", ""))
+                endpoint = path if path in self.known_paths else "other"
+            self.metrics.record(endpoint, status["code"], time.perf_counter() - started)
+
+    def _check_key(self, scope: Scope) -> APIError | None:
+        key = self.options.api_key
+        path = scope.get("path", "")
+        if key is None or path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES):
+            return None
+        given = ""
+        for name, value in scope.get("headers", []):
+            if name == b"authorization":
+                given = value.decode("latin-1")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), key.encode()):
+            what = "no API key was given" if not given else "the API key is not valid"
+            return APIError(401, f"{what}: send the header 'Authorization: Bearer KEY'", code="invalid_api_key")
+        return None
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> tuple[Receive, APIError | None]:
+        if scope.get("method") not in ("POST", "PUT", "PATCH"):
+            return receive, None
+        limit = self.options.max_body_bytes
+        too_big = APIError(413, f"the request body is larger than the server's limit of {limit} bytes",
+                           code="request_too_large")
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                return receive, too_big
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return receive, too_big
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # waits for the client's disconnect (streaming responses listen for it)
+
+        return replay, None
+
+
+# ------------------------------------------------------------------------------------------ app
+def create_app(run: Run | str | Path, options: ServeOptions | None = None) -> FastAPI:
+    """The app serving ``run`` (a run folder or an lmtune model folder); the model loads here."""
+    options = options or ServeOptions()
+    if not isinstance(run, Run):
+        run = Run.load(run)
+    engine = Engine(run, options)
+    metrics = RequestMetrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await engine.start()
+        try:
+            yield
+        finally:
+            await engine.stop()
+
+    app = FastAPI(title="lmtune", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine = engine
+    app.state.metrics = metrics
+    _install_error_handlers(app)
+    api = _Api(engine, options)
+
+    app.get("/health")(api.health)
+    app.get("/metrics")(lambda: PlainTextResponse(metrics.prometheus(engine.batcher.stats),
+                                                  media_type="text/plain; version=0.0.4"))
+    app.get("/v1/models")(api.models)
+    app.get("/v1/run")(api.run_view)
+    app.get("/v1/run/plots/{name}")(api.plot)
+    app.post("/v1/chat/completions")(api.chat_completions)
+    app.post("/v1/completions")(api.completions)
+    app.post("/v1/classify")(api.classify)
+    app.post("/v1/predict")(api.predict)
+    for path in sorted(set(TASK_PATHS.values())):
+        app.post(path)(api.task_predict)
+    app.get("/")(lambda: FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"}))
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    known = {path for r in app.routes if "{" not in (path := getattr(r, "path", "{"))}
+    app.add_middleware(Gate, options=options, metrics=metrics, known_paths=known)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(LmtuneError)
+    async def lmtune_error(request: Request, exc: LmtuneError) -> JSONResponse:
+        return _from_lmtune(exc).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        # pydantic names the union member it tried in the location ("prompt.str", "content.list[...]"):
+        # the parameter is the path of field names and list indices only.
+        loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_type_tag(p)]
+        if first.get("type") == "json_invalid":
+            return APIError(400, f"the request body is not valid JSON: {first.get('msg', '')}".rstrip(": "),
+                            code="invalid_json").response()
+        param = ".".join(loc) or None
+        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg", "invalid request"))
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+        return APIError(400, message, param=param, code="invalid_value").response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return APIError(exc.status_code, message, code=code).response()
+
+    @app.exception_handler(Exception)
+    async def crash(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("error serving %s %s", request.method, request.url.path)
+        return APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").response()
+
+
+class _Api:
+    """The request handlers (bound to one engine)."""
+
+    def __init__(self, engine: Engine, options: ServeOptions) -> None:
+        self.engine = engine
+        self.options = options
+        self.run = engine.run
+
+    # ------------------------------------------------------------------------------------ info
+    def endpoints(self) -> list[str]:
+        """The POST endpoints this model answers."""
+        if self.engine.generative:
+            chat = self.engine.task == "sft" and self.engine.loaded.has_chat_template
+            return (["/v1/chat/completions"] if chat else []) + ["/v1/completions"]
+        if self.engine.task == "classification":
+            return ["/v1/classify", "/v1/predict"]
+        return ["/v1/predict"] + ([TASK_PATHS[self.engine.task]] if self.engine.task in TASK_PATHS else [])
+
+    async def health(self) -> dict[str, Any]:
+        """Liveness: the model is loaded and the server answers."""
+        return {"status": "ok", "model": self.engine.model_id, "task": self.engine.task}
+
+    async def models(self) -> dict[str, Any]:
+        """``GET /v1/models``: the one model served."""
+        created = int(self.run.model_dir.stat().st_mtime)
+        return {"object": "list", "data": [{"id": self.engine.model_id, "object": "model", "created": created,
+                                            "owned_by": "lmtune", "task": self.engine.task}]}
+
+    async def run_view(self) -> JSONResponse:
+        """What the page shows about the run: task, limits, config, metrics and the plot names."""
+        path = self.run.path
+        config_text = ""
+        config_file = path / "config.yaml"
+        if config_file.is_file():
+            config_text = config_file.read_text(encoding="utf-8")
+        g = self.engine.loaded
+        view = {
+            "model": self.engine.model_id, "task": self.engine.task, "generative": self.engine.generative,
+            "chat": "/v1/chat/completions" in self.endpoints(), "endpoints": self.endpoints(),
+            "labels": list(getattr(g, "labels", []) or []),
+            "meta": {k: v for k, v in self.run.meta.items() if k not in ("base_model_path",)},
+            "config": config_text, "metrics": self.run.metrics, "plots": sorted(self._plots()),
+            "limits": {"max_tokens": self.options.max_tokens_limit, "n": self.options.max_n,
+                       "items": self.options.max_items, "body_bytes": self.options.max_body_bytes},
+        }
+        return JSONResponse(_finite(view))
+
+    def _plots(self) -> dict[str, Path]:
+        folder = self.run.path / "plots"
+        if not folder.is_dir():
+            return {}
+        root = folder.resolve()
+        out = {}
+        for f in folder.iterdir():
+            # Only regular PNG files that really live in plots/ (a symlink out of it is not served).
+            if f.suffix.lower() == ".png" and f.is_file() and f.resolve().parent == root:
+                out[f.name] = f.resolve()
+        return out
+
+    async def plot(self, name: str) -> FileResponse:
+        """One PNG of the run's ``plots/`` folder, by its exact file name (nothing else is reachable)."""
+        plots = self._plots()
+        if name not in plots:
+            raise APIError(404, f"no plot named {name!r} in this run", param="name", code="not_found")
+        return FileResponse(plots[name], media_type="image/png")
+
+    # ------------------------------------------------------------------------------------ helpers
+    def _require(self, endpoint: str) -> None:
+        if endpoint not in self.endpoints():
+            why = ""
+            if endpoint == "/v1/chat/completions" and self.engine.generative:
+                why = (" (it was trained on raw text: use /v1/completions)" if self.engine.task == "causal_lm"
+                       else " (its tokenizer has no chat template)")
+            raise APIError(404, f"{endpoint} is not served for this model: it is a '{self.engine.task}' model"
+                           f"{why}; it serves {', '.join(self.endpoints())}", code="unsupported_endpoint")
+
+    def _check_supported(self, body: Any) -> None:
+        for name, defaults in UNSUPPORTED.items():
+            if name in type(body).model_fields and getattr(body, name) not in defaults:
+                raise APIError(400, f"{name} is not supported by this server", param=name,
+                               code="unsupported_parameter")
+
+    def _settings(self, body: Any, max_tokens: int | None) -> tuple[Any, bool]:
+        """Generation settings of a request (the run's ``generation`` section where it says nothing),
+        and whether it must run alone (sampling with the caller's seed)."""
+        limit = self.options.max_tokens_limit
+        if max_tokens is not None and max_tokens > limit:
+            raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {limit}",
+                           param="max_tokens", code="invalid_value")
+        if body.n > self.options.max_n:
+            raise APIError(400, f"n is {body.n}; this server allows at most {self.options.max_n}", param="n",
+                           code="invalid_value")
+        stop = [body.stop] if isinstance(body.stop, str) else body.stop
+        if stop is not None and (len(stop) > MAX_STOP_STRINGS or any(not s for s in stop)):
+            raise APIError(400, f"stop must be up to {MAX_STOP_STRINGS} non-empty strings", param="stop",
+                           code="invalid_value")
+        overrides: dict[str, Any] = {"stop": stop, "seed": body.seed, "top_p": body.top_p}
+        if body.temperature is not None:
+            overrides["do_sample"] = body.temperature > 0
+            if body.temperature > 0:
+                overrides["temperature"] = body.temperature
+        if body.top_p == 0:  # the limit of nucleus sampling: the single most likely token
+            overrides["do_sample"], overrides["top_p"] = False, None
+        settings = self.run.generation_settings(max_new_tokens=max_tokens, **overrides)
+        if max_tokens is None and settings.max_new_tokens > limit:
+            settings = dataclasses.replace(settings, max_new_tokens=limit)
+        return settings, bool(settings.do_sample and body.seed is not None)
+
+    def _check_length(self, rendered: list[str], settings: Any) -> None:
+        g = self.engine.loaded
+        too_long = g.check_lengths(rendered, settings.max_new_tokens, raise_error=False)
+        if too_long:
+            i, tokens = too_long[0]
+            raise APIError(400, f"prompt {i + 1}: {g.too_long_message(tokens, settings.max_new_tokens)}",
+                           param="messages" if len(rendered) == 1 else "prompt", code="context_length_exceeded")
+
+    async def _answers(self, rendered: list[str], settings: Any, n: int, alone: bool) -> list[dict[str, Any]]:
+        """n answers per prompt, prompt-major (OpenAI's choice order). Greedy answers are computed once
+        and repeated: greedy decoding gives the same answer every time."""
+        if settings.do_sample:
+            results = await self.engine.generate([p for p in rendered for _ in range(n)], settings, alone=alone)
+            return results
+        once = await self.engine.generate(rendered, settings)
+        return [r for r in once for _ in range(n)]
+
+    @staticmethod
+    def _usage(results: list[dict[str, Any]], n: int) -> dict[str, int]:
+        prompt = sum(r["prompt_tokens"] for r in results[::n])  # the prompt is counted once, not per answer
+        completion = sum(r["completion_tokens"] for r in results)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    # ------------------------------------------------------------------------------------ generation
+    async def chat_completions(self, body: ChatCompletionRequest) -> Any:
+        """``POST /v1/chat/completions``: the assistant's answer(s), rendered with the model's chat template."""
+        from lmtune.generation import chat_prompt
+
+        self._require("/v1/chat/completions")
+        self._check_supported(body)
+        messages = []
+        for i, m in enumerate(body.messages):
+            content = m.content
+            if isinstance(content, list):
+                if any(part.type != "text" or part.text is None for part in content):
+                    raise APIError(400, "only text content parts are supported", param=f"messages.{i}.content")
+                content = "".join(part.text or "" for part in content)
+            messages.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
+        try:
+            conversation = validate_prompt_messages(messages, source="request", line=None, field="messages")
+        except LmtuneError as exc:
+            raise APIError(400, exc.message, param="messages", code="invalid_value") from None
+        settings, alone = self._settings(body, body.max_completion_tokens or body.max_tokens)
+        rendered = chat_prompt(self.engine.loaded.tokenizer, conversation)
+        self._check_length([rendered], settings)
+        ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if body.stream:
+            if body.n != 1:
+                raise APIError(400, "stream with n > 1 is not supported", param="n", code="unsupported_parameter")
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return self._sse(self._chat_chunks(ident, created, rendered, settings, include_usage))
+        results = await self._answers([rendered], settings, body.n, alone)
+        return {
+            "id": ident, "object": "chat.completion", "created": created, "model": self.engine.model_id,
+            "system_fingerprint": None,
+            "choices": [{"index": j, "message": {"role": "assistant", "content": r["text"]}, "logprobs": None,
+                         "finish_reason": r["finish_reason"]} for j, r in enumerate(results)],
+            "usage": self._usage(results, body.n),
+        }
+
+    async def _chat_chunks(self, ident: str, created: int, rendered: str, settings: Any,
+                           include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+        def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+            return {"id": ident, "object": "chat.completion.chunk", "created": created,
+                    "model": self.engine.model_id, "system_fingerprint": None,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+        info: dict[str, Any] = {}
+        yield chunk({"role": "assistant", "content": ""}, None)
+        async for piece in self.engine.stream(rendered, settings, info):
+            yield chunk({"content": piece}, None)
+        yield chunk({}, info.get("finish_reason", "stop"))
+        if include_usage:
+            yield {"id": ident, "object": "chat.completion.chunk", "created": created, "model": self.engine.model_id,
+                   "choices": [], "usage": self._usage([info], 1)}
+
+    async def completions(self, body: CompletionRequest) -> Any:
+        """``POST /v1/completions``: continuations of raw-text prompts (no chat template is applied)."""
+        self._require("/v1/completions")
+        self._check_supported(body)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+        if not prompts:
+            raise APIError(400, "prompt is an empty list", param="prompt", code="invalid_value")
+        if len(prompts) > self.options.max_items:
+            raise APIError(400, f"{len(prompts)} prompts in one request; this server allows at most "
+                           f"{self.options.max_items}", param="prompt", code="invalid_value")
+        for i, p in enumerate(prompts):
+            if not p.strip():
+                raise APIError(400, f"prompt {i + 1} is empty", param="prompt", code="invalid_value")
+        settings, alone = self._settings(body, body.max_tokens)
+        self._check_length(prompts, settings)
+        ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if body.stream:
+            if body.n != 1 or len(prompts) != 1:
+                raise APIError(400, "stream needs one prompt and n = 1", param="n" if body.n != 1 else "prompt",
+                               code="unsupported_parameter")
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return self._sse(self._completion_chunks(ident, created, prompts[0], settings, include_usage))
+        results = await self._answers(prompts, settings, body.n, alone)
+        return {
+            "id": ident, "object": "text_completion", "created": created, "model": self.engine.model_id,
+            "system_fingerprint": None,
+            "choices": [{"index": j, "text": r["text"], "logprobs": None, "finish_reason": r["finish_reason"]}
+                        for j, r in enumerate(results)],
+            "usage": self._usage(results, body.n),
+        }
+
+    async def _completion_chunks(self, ident: str, created: int, prompt: str, settings: Any,
+                                 include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+        def chunk(text: str, finish: str | None) -> dict[str, Any]:
+            return {"id": ident, "object": "text_completion", "created": created, "model": self.engine.model_id,
+                    "system_fingerprint": None,
+                    "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+
+        info: dict[str, Any] = {}
+        async for piece in self.engine.stream(prompt, settings, info):
+            yield chunk(piece, None)
+        yield chunk("", info.get("finish_reason", "stop"))
+        if include_usage:
+            yield {"id": ident, "object": "text_completion", "created": created, "model": self.engine.model_id,
+                   "choices": [], "usage": self._usage([info], 1)}
+
+    @staticmethod
+    def _sse(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+        async def events() -> AsyncIterator[str]:
+            try:
+                async for c in chunks:
+                    yield f"data: {json.dumps(c, ensure_ascii=False)}\n\n"
+            except LmtuneError as exc:  # the answer has begun: the error travels as an event
+                yield f"data: {json.dumps(_from_lmtune(exc).body(), ensure_ascii=False)}\n\n"
+            except Exception as exc:
+                log.exception("error while streaming")
+                err = APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
+                yield f"data: {json.dumps(err.body(), ensure_ascii=False)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # ------------------------------------------------------------------------------------ tasks
+    def _items(self, value: Any, name: str) -> list[Any]:
+        items = value if isinstance(value, list) else [value]
+        if not items:
+            raise APIError(400, f"{name} is an empty list", param=name, code="invalid_value")
+        if len(items) > self.options.max_items:
+            raise APIError(400, f"{len(items)} items in one request; this server allows at most "
+                           f"{self.options.max_items}", param=name, code="invalid_value")
+        return items
+
+    async def classify(self, body: ClassifyRequest) -> dict[str, Any]:
+        """``POST /v1/classify``: label(s), score and probabilities per text."""
+        self._require("/v1/classify")
+        texts = self._items(body.input, "input")
+        pairs = None
+        if body.text_pair is not None:
+            pairs = [body.text_pair] if isinstance(body.text_pair, str) else list(body.text_pair)
+            if len(pairs) != len(texts):
+                raise APIError(400, f"text_pair has {len(pairs)} texts for {len(texts)} inputs", param="text_pair",
+                               code="invalid_value")
+        results = await self.engine.classify(texts, pairs)
+        return {"object": "list", "model": self.engine.model_id,
+                "data": [{"index": i, **r} for i, r in enumerate(results)]}
+
+    async def predict(self, body: PredictRequest) -> dict[str, Any]:
+        """``POST /v1/predict``: the task's answer per item (labels, entities, answer spans, texts)."""
+        self._require("/v1/predict")
+        items = self._items(body.input, "input")
+        if self.engine.task == "classification":
+            if not all(isinstance(t, str) for t in items):
+                raise APIError(400, "a classifier takes texts (strings)", param="input", code="invalid_value")
+            results = await self.engine.classify(items, None)
+        else:
+            self._check_items(items)
+            results = await self.engine.predict(items)
+        return {"object": "list", "model": self.engine.model_id, "task": self.engine.task,
+                "data": [{"index": i, **r} for i, r in enumerate(results)]}
+
+    async def task_predict(self, request: Request, body: PredictRequest) -> dict[str, Any]:
+        """``POST /v1/ner``, ``/v1/qa``, ``/v1/generate``: :meth:`predict` under the task's own name."""
+        self._require(request.url.path)
+        return await self.predict(body)
+
+    def _check_items(self, items: list[Any]) -> None:
+        """The input shape the known tasks take (other tasks' predictors check their own)."""
+        task = self.engine.task
+        for i, item in enumerate(items):
+            if task == "question_answering":
+                ok = isinstance(item, dict) and all(isinstance(item.get(k), str) for k in ("question", "context"))
+                if not ok:
+                    raise APIError(400, f"item {i + 1}: a QA item is {{\"question\": str, \"context\": str}}",
+                                   param="input", code="invalid_value")
+            elif task in ("token_classification", "seq2seq") and not isinstance(item, str):
+                raise APIError(400, f"item {i + 1}: a '{task}' model takes texts (strings)", param="input",
+                               code="invalid_value")
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "json-or-python"}
+
+
+def _is_type_tag(part: Any) -> bool:
+    return isinstance(part, str) and (part in _TYPE_TAGS or any(c in part for c in "[]-"))
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with NaN/inf floats as None (JSON has no NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def serve(run: str | Path, options: ServeOptions) -> None:
+    """Load ``run`` and serve it with uvicorn until interrupted."""
+    import uvicorn
+
+    app = create_app(run, options)
+    uvicorn.run(app, host=options.host, port=options.port, log_level="info", access_log=False,
+                timeout_graceful_shutdown=5)
+
+
+__all__ = ["APIError", "ServeOptions", "create_app", "serve"]

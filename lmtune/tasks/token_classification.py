@@ -1,0 +1,745 @@
+"""Token classification (named-entity recognition and other span tagging): one tag per word.
+
+Data: CoNLL-style files (a token per line, tag column last by default; :mod:`lmtune.data.conll`), or
+records with a ``tokens`` list and a ``tags`` list, or a ``text`` with character ``spans``
+(``[{start, end, label}]``). Tags are BIO (IOB2) or BIOES; each file's scheme is detected, validated and
+read into entity spans, which are written out in the scheme the model trains on (``data.tag_scheme``),
+so files in different schemes mix consistently. The label set (``O`` + every scheme prefix per entity
+type) is saved in ``config.json``'s ``id2label``.
+
+Words are split into sub-tokens by a fast tokenizer (``is_split_into_words``); ``word_ids()`` puts each
+word's label on its first sub-token, the rest get -100 (or the word's label, ``data.label_all_subtokens``).
+Evaluation reads the first sub-token of every word and scores entities with seqeval (conlleval rules).
+
+Prediction on raw text cuts it into words the way the training data was cut (``word_split``, saved with
+the model: whitespace, words and punctuation, or characters for Chinese) and returns entities with
+character offsets into the text; long texts are tagged in windows that fit the model, not truncated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any, ClassVar, cast
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForTokenClassification, AutoTokenizer
+
+from lmtune.config import Config
+from lmtune.data import tagging
+from lmtune.data.conll import COLUMNS as CONLL_COLUMNS
+from lmtune.data.conll import pick_columns
+from lmtune.data.features import (
+    FeatureDataset,
+    PaddingCollator,
+    cached_features,
+    digest_records,
+    features_cache_key,
+)
+from lmtune.data.readers import Table, read_table
+from lmtune.errors import ConfigError, DataError, ModelError
+from lmtune.tasks.base import TaskData, register_predictor, register_task
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100
+_SHOW_LINES = 20
+
+
+def entity_metrics(gold: list[list[str]], pred: list[list[str]], entity_types: list[str]) -> dict[str, Any]:
+    """Entity-level precision / recall / F1 (micro and macro over types, seqeval's conlleval rules), per
+    entity type, and word-level tag accuracy."""
+    from seqeval.metrics import classification_report
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # seqeval warns for a type never predicted; zero_division covers it
+        report = classification_report(gold, pred, output_dict=True, zero_division=0)
+    per_type = {}
+    for kind in sorted(set(entity_types) | {k for k in report if not k.endswith(" avg")}):
+        s = report.get(kind, {"precision": 0.0, "recall": 0.0, "f1-score": 0.0, "support": 0})
+        per_type[kind] = {"precision": float(s["precision"]), "recall": float(s["recall"]),
+                          "f1": float(s["f1-score"]), "support": int(s["support"])}
+    micro = report.get("micro avg", {"precision": 0.0, "recall": 0.0, "f1-score": 0.0})
+    words = sum(len(g) for g in gold)
+    correct = sum(a == b for g, p in zip(gold, pred, strict=True) for a, b in zip(g, p, strict=True))
+    with_support = [s["f1"] for s in per_type.values() if s["support"]]
+    return {
+        "f1": float(micro["f1-score"]), "precision": float(micro["precision"]), "recall": float(micro["recall"]),
+        "macro_f1": float(np.mean(with_support)) if with_support else 0.0,
+        "token_accuracy": correct / max(words, 1),
+        "num_examples": len(gold), "num_words": words,
+        "num_entities": sum(s["support"] for s in per_type.values()),
+        "per_type": per_type,
+    }
+
+
+def entities_from_tags(tags: list[str]) -> list[tuple[str, int, int]]:
+    """Entity spans ``(type, first, last)`` (word indices, inclusive) read the way the metrics read them."""
+    from seqeval.metrics.sequence_labeling import get_entities
+
+    return [(kind, first, last) for kind, first, last in get_entities(tags)]
+
+
+@register_task
+class TokenClassificationTask:
+    """One tag per word (NER): entity spans in BIO or BIOES, scored at the entity level."""
+
+    name: ClassVar[str] = "token_classification"
+    default_metric: ClassVar[str] = "f1"
+    headline_metrics: ClassVar[list[tuple[str, str]]] = [
+        ("f1", "entity F1"), ("precision", "precision"), ("recall", "recall"), ("token_accuracy", "tag accuracy")]
+    comparison_metric: ClassVar[str] = "f1"
+    peft_task_type: ClassVar[str] = "TOKEN_CLS"
+    model_class = AutoModelForTokenClassification
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.data_cfg = config.data
+        # lmtune.json of a trained model (Run.evaluate sets it): its labels, scheme and word split win.
+        self.saved_meta: dict[str, Any] | None = None
+        self.word_split: str | None = None
+        self.added_tokens: list[str] = []
+        self.tokenizer: Any = None
+
+    # ------------------------------------------------------------------------------ tokenizer
+    def load_tokenizer(self, model_path: Path) -> Any:
+        """The model's fast tokenizer (``word_ids()`` needs one), right-padded, with a pad token."""
+        from lmtune.models.registry import load_padded_tokenizer
+
+        tok = load_padded_tokenizer(model_path, trust_remote_code=self.config.model.trust_remote_code)
+        if not tok.is_fast:
+            raise ModelError("token classification needs a fast (Rust) tokenizer to map sub-tokens to words; "
+                             f"this model has {type(tok).__name__}", file=model_path,
+                             hint="save the model with a tokenizer.json (AutoTokenizer(..., use_fast=True))")
+        self.tokenizer = tok
+        return tok
+
+    def _extend_vocabulary(self, tokenizer: Any, rows: list[dict[str, Any]]) -> list[str]:
+        """Add the most frequent training words (seen twice or more) that the tokenizer reads as nothing but
+        its unknown token, up to ``data.extend_vocabulary`` of them; returns them."""
+        unk = tokenizer.unk_token_id
+        if unk is None:
+            return []
+        counts = Counter(w for r in rows for w in r["words"])
+        words = [w for w, n in counts.most_common() if n >= 2]
+        ids = tokenizer(words, add_special_tokens=False)["input_ids"] if words else []
+        unknown = [w for w, i in zip(words, ids, strict=True) if i and all(t == unk for t in i)]
+        chosen = unknown[: self.data_cfg.extend_vocabulary]
+        if chosen:
+            tokenizer.add_tokens(chosen)
+            log.info("added %d training words the tokenizer read as %s to its vocabulary (%s ...)", len(chosen),
+                     tokenizer.unk_token, " ".join(chosen[:10]))
+        return chosen
+
+    def new_token_ids(self) -> list[int]:
+        """Ids of the words added to the vocabulary (LoRA trains their embedding rows)."""
+        if not self.added_tokens or self.tokenizer is None:
+            return []
+        return [int(i) for i in self.tokenizer.convert_tokens_to_ids(self.added_tokens)]
+
+    # ------------------------------------------------------------------------------ reading
+    def _sentences(self, table: Table) -> tuple[list[Any], list[Any], str]:
+        """(tokens or texts, tags or spans, kind) of every row: kind is "tags" or "spans"."""
+        d = self.data_cfg
+        if table.columns == list(CONLL_COLUMNS):
+            tokens, tags = pick_columns(table, d.conll_token_column, d.conll_tag_column)
+            if any(t is None for t in tags):
+                line = table.lines[[t is None for t in tags].index(True)]
+                raise DataError("this CoNLL sentence has one column: no tags to learn from", file=table.source,
+                                line=line, hint="put the tag in the last column (or set data.conll_tag_column)")
+            return tokens, tags, "tags"
+        if d.tokens_column in table.columns:
+            return table.column(d.tokens_column), table.column(d.tags_column), "tags"
+        if d.text_column in table.columns and d.spans_column in table.columns:
+            return table.column(d.text_column), table.column(d.spans_column), "spans"
+        raise DataError(
+            f"needs a '{d.tokens_column}' and a '{d.tags_column}' column (or '{d.text_column}' and "
+            f"'{d.spans_column}'); the columns are: {', '.join(repr(c) for c in table.columns)}",
+            file=table.source, hint="name yours with data.tokens_column / data.tags_column (data.spans_column)")
+
+    def _read_split(self, source: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Validated records ``{words, spans, line}`` of one file, and facts about it."""
+        d = self.data_cfg
+        table = read_table(source, format=d.format, encoding=d.encoding)
+        firsts, seconds, kind = self._sentences(table)
+        info: dict[str, Any] = {"source": source, "rows_read": len(table)}
+        if kind == "spans":
+            records, skipped = self._span_records(table, firsts, seconds)
+            info["input_format"] = "text + spans"
+        else:
+            records, skipped, scheme, repaired = self._tag_records(table, firsts, seconds)
+            info["input_format"] = "tokens + tags"
+            info["input_scheme"] = scheme
+            if repaired:
+                info["entities_starting_with_I"] = repaired
+                log.info("%s: %d entities start with I- (IOB1 style); read as new entities (IOB2)", source, repaired)
+        if skipped:
+            shown = ", ".join(map(str, skipped[:_SHOW_LINES])) + (" ..." if len(skipped) > _SHOW_LINES else "")
+            log.warning("%s: skipped %d empty sentence(s) (lines %s)", source, len(skipped), shown)
+        info["skipped_empty"] = len(skipped)
+        if not records:
+            raise DataError("no usable sentences (all were empty)", file=source)
+        return records, info
+
+    def _empty(self, table: Table, line: int, field: str, skipped: list[int]) -> None:
+        if self.data_cfg.empty_text == "error":
+            raise DataError("empty sentence (no words)", file=table.source, line=line, field=field,
+                            hint="set data.empty_text: skip to drop such rows (they are counted)")
+        skipped.append(line)
+
+    def _tag_records(self, table: Table, tokens: list[Any], tags: list[Any]
+                     ) -> tuple[list[dict[str, Any]], list[int], str, int]:
+        d = self.data_cfg
+        conll = table.columns == list(CONLL_COLUMNS)
+        word_lists = [_as_list(t, table.source, line, d.tokens_column) for t, line in zip(tokens, table.lines, strict=True)]
+        tag_lists = [_as_list(t, table.source, line, d.tags_column) for t, line in zip(tags, table.lines, strict=True)]
+        scheme = tagging.detect_scheme([t for ts in tag_lists for t in ts])
+        records: list[dict[str, Any]] = []
+        skipped: list[int] = []
+        repaired = 0
+        for words, ts, line in zip(word_lists, tag_lists, table.lines, strict=True):
+            if not words and not ts:
+                self._empty(table, line, d.tokens_column, skipped)
+                continue
+            if len(words) != len(ts):
+                raise DataError(f"{len(words)} token(s) but {len(ts)} tag(s)", file=table.source, line=line,
+                                field=d.tags_column, hint="every token needs exactly one tag")
+            try:
+                spans, n = tagging.tags_to_spans(ts, scheme)
+            except tagging.TagError as exc:
+                raise DataError(str(exc), file=table.source, line=line + exc.word if conll else line,
+                                field=d.tags_column) from None
+            repaired += n
+            records.append({"words": words, "spans": spans, "line": line})
+        return records, skipped, scheme, repaired
+
+    def _span_records(self, table: Table, texts: list[Any], spans: list[Any]) -> tuple[list[dict[str, Any]], list[int]]:
+        d = self.data_cfg
+        if self.word_split is None:
+            self.word_split = self._configured_split() or _guess_text_split(
+                [t for t in texts if isinstance(t, str)])
+        records: list[dict[str, Any]] = []
+        skipped: list[int] = []
+        for text, value, line in zip(texts, spans, table.lines, strict=True):
+            if text is None or (isinstance(text, str) and not text.strip()):
+                self._empty(table, line, d.text_column, skipped)
+                continue
+            if not isinstance(text, str):
+                raise DataError(f"expected text, found {type(text).__name__}", file=table.source, line=line,
+                                field=d.text_column)
+            if isinstance(value, str):
+                try:
+                    value = json.loads(value) if value.strip() else []
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"the spans are not valid JSON: {exc.msg}", file=table.source, line=line,
+                                    field=d.spans_column) from None
+            if value is None:
+                value = []
+            if not isinstance(value, list):
+                raise DataError(f"expected a list of spans, found {type(value).__name__}", file=table.source,
+                                line=line, field=d.spans_column)
+            words = tagging.split_words(text, self.word_split)
+            try:
+                word_spans = tagging.char_spans_to_word_spans(value, words, text)
+            except ValueError as exc:
+                raise DataError(str(exc), file=table.source, line=line, field=d.spans_column) from None
+            records.append({"words": [w for w, _, _ in words], "spans": word_spans, "line": line})
+        return records, skipped
+
+    def _configured_split(self) -> str | None:
+        if self.saved_meta and self.saved_meta.get("word_split"):
+            return str(self.saved_meta["word_split"])
+        return None if self.data_cfg.word_split == "auto" else self.data_cfg.word_split
+
+    # ------------------------------------------------------------------------------ splits
+    def _split(self, records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+        """Seeded random split of one record list into train/validation/test as configured."""
+        d = self.data_cfg
+        rng = random.Random(d.split_seed)
+        order = list(range(len(records)))
+        rng.shuffle(order)
+        out: dict[str, list[dict[str, Any]]] = {}
+        start = 0
+        for split, given, size in (("validation", d.validation, d.validation_size), ("test", d.test, d.test_size)):
+            if given is None:
+                n = max(1, round(size * len(records)))
+                if len(records) - start - n < 1:
+                    raise DataError(f"cannot split {len(records)} sentences into a {split} set", file=d.train,
+                                    hint="give more data or explicit validation/test files")
+                out[split] = [records[i] for i in sorted(order[start:start + n])]
+                start += n
+        out["train"] = [records[i] for i in sorted(order[start:])]
+        return out
+
+    @staticmethod
+    def _dedupe(splits: dict[str, list[dict[str, Any]]], info: dict[str, Any]) -> None:
+        """One training sentence per distinct word sequence (the first); evaluation sentences that also occur
+        in train (or earlier in their split) are dropped, so no sentence is scored that was trained on."""
+        seen: set[tuple[str, ...]] = set()
+        for split in ("train", "validation", "test"):
+            rows = splits.get(split)
+            if rows is None:
+                continue
+            inner: set[tuple[str, ...]] = set()
+            clean = []
+            for r in rows:
+                key = tuple(r["words"])
+                if key in seen or key in inner:
+                    continue
+                inner.add(key)
+                clean.append(r)
+            info[split]["duplicates_removed"] = len(rows) - len(clean)
+            splits[split] = clean
+            if split == "train":
+                seen = inner
+
+    def prepare(self, tokenizer: Any) -> TaskData:
+        """Read, validate, split, de-duplicate, convert tags to the training scheme and tokenise (cached)."""
+        d = self.data_cfg
+        meta = self.saved_meta or {}
+        limit = tokenizer.model_max_length
+        if limit and limit < 10**6 and d.max_length > limit:
+            raise ConfigError(f"data.max_length {d.max_length} is larger than the model allows ({limit} tokens)",
+                              hint=f"set --data.max_length {limit} or less")
+        self.word_split = self._configured_split()
+        train_records, train_info = self._read_split(d.train)
+        info: dict[str, Any] = {"train": train_info}
+        given: dict[str, list[dict[str, Any]]] = {}
+        for split, source in (("validation", d.validation), ("test", d.test)):
+            if source is not None:
+                given[split], info[split] = self._read_split(source)
+        splits = self._split(train_records) if len(given) < 2 else {"train": train_records}
+        for split in ("validation", "test"):
+            if split in given:
+                splits[split] = given[split]
+            else:
+                size = d.validation_size if split == "validation" else d.test_size
+                info[split] = {"source": f"{d.train} (split {size:g})"}
+        if d.deduplicate:
+            self._dedupe(splits, info)
+        if d.max_samples:
+            rng = random.Random(d.split_seed)
+            for split, rows in splits.items():
+                if len(rows) > d.max_samples:
+                    splits[split] = sorted(rng.sample(rows, d.max_samples), key=lambda r: r["line"])
+        if self.word_split is None:
+            self.word_split = tagging.guess_word_split([r["words"] for r in splits["train"]])
+        types = self._entity_types(splits, info)
+        if d.extend_vocabulary and not meta:
+            self.added_tokens = self._extend_vocabulary(tokenizer, splits["train"])
+            info["added_tokens"] = len(self.added_tokens)
+        scheme = meta.get("tag_scheme") or (d.tag_scheme if d.tag_scheme != "auto"
+                                             else train_info.get("input_scheme", "bio"))
+        labels = list(meta["labels"]) if meta.get("labels") else tagging.label_set(types, scheme)
+        features: dict[str, Any] = {}
+        lengths: dict[str, list[int]] = {}
+        for split, rows in splits.items():
+            ds, stats = self._tokenize(rows, tokenizer, labels, scheme)
+            features[split] = ds
+            lengths[split] = ds.lengths
+            info[split].update(stats)
+            info[split]["examples"] = len(rows)
+            info[split]["words"] = sum(len(r["words"]) for r in rows)
+            info[split]["label_counts"] = dict(Counter(kind for r in rows for kind, _, _ in r["spans"]))
+            info[split]["tokens"] = int(sum(lengths[split]))
+            if stats["truncated"]:
+                log.warning("%s: %d of %d sentences are longer than data.max_length %d tokens; their last %d "
+                            "word(s) are cut off (not trained on, not scored)", split, stats["truncated"],
+                            len(rows), d.max_length, stats["truncated_words"])
+        info.update({"labels": labels, "entity_types": types, "tag_scheme": scheme, "word_split": self.word_split,
+                     "label_all_subtokens": d.label_all_subtokens})
+        log.info("entity types %s; tags in %s; words split by %s", ", ".join(types), scheme.upper(), self.word_split)
+        # The records (words, entity spans, line) stay with the features for `lmtune data inspect`.
+        return TaskData(splits=features, lengths=lengths, info=info, extra={"records": splits})
+
+    def inspect_facts(self, data: TaskData) -> dict[str, dict[str, Any]]:
+        """Per split, for ``lmtune data inspect`` (:mod:`lmtune.inspect_tasks`): sentences, sub-tokens and the
+        unknown-token share, entities per type, repairs, what data.max_length cuts."""
+        from lmtune.inspect_tasks import token_classification_facts
+
+        return token_classification_facts(self, data)
+
+    def inspect_details(self, data: TaskData, facts: dict[str, dict[str, Any]], *, examples: int = 3
+                        ) -> dict[str, Any]:
+        """Scheme, label set and vocabulary extension, suggestions, and rendered train sentences."""
+        from lmtune.inspect_tasks import token_classification_details
+
+        return token_classification_details(self, data, facts, examples)
+
+    def _entity_types(self, splits: dict[str, list[dict[str, Any]]], info: dict[str, Any]) -> list[str]:
+        d = self.data_cfg
+        seen = sorted({kind for r in splits["train"] for kind, _, _ in r["spans"]})
+        meta = self.saved_meta or {}
+        if meta.get("entity_types"):
+            types = list(meta["entity_types"])
+        elif d.entity_types is not None:
+            types = [str(t) for t in d.entity_types]
+            extra = sorted(set(seen) - set(types))
+            if extra:
+                raise DataError(f"training data has entity types not listed in data.entity_types: {extra[:10]}",
+                                file=d.train, field=d.tags_column)
+        else:
+            types = seen
+        if not types:
+            raise DataError("the training data holds no entities (every tag is O): nothing to learn",
+                            file=d.train, field=d.tags_column)
+        known = set(types)
+        for split in ("train", "validation", "test"):
+            for r in splits.get(split, []):
+                unknown = [kind for kind, _, _ in r["spans"] if kind not in known]
+                if unknown:
+                    raise DataError(f"entity type '{unknown[0]}' is not one the model has ({', '.join(types)})",
+                                    file=info[split].get("source", d.train), line=r["line"], field=d.tags_column,
+                                    hint="add examples of it to the training data, or list it in data.entity_types")
+        return types
+
+    # ------------------------------------------------------------------------------ features
+    def _tokenize(self, rows: list[dict[str, Any]], tokenizer: Any, labels: list[str], scheme: str
+                  ) -> tuple[FeatureDataset, dict[str, int]]:
+        d = self.data_cfg
+        settings = {"max_length": d.max_length, "labels": labels, "scheme": scheme,
+                    "all_subtokens": d.label_all_subtokens}
+        key = features_cache_key(self.name, digest_records([(r["words"], r["spans"]) for r in rows]), tokenizer,
+                                 settings)
+        index = {name: i for i, name in enumerate(labels)}
+        continuation = [index[tagging.continuation_tag(name)] for name in labels]
+
+        def build() -> dict[str, list[Any]]:
+            words = [r["words"] for r in rows]
+            full = tokenizer(words, is_split_into_words=True, truncation=False, verbose=False)
+            enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=d.max_length)
+            out: dict[str, list[Any]] = {"input_ids": enc["input_ids"], "labels": [], "word_labels": [],
+                                         "length": [len(x) for x in enc["input_ids"]], "index": list(range(len(rows))),
+                                         "full_length": [len(x) for x in full["input_ids"]],
+                                         "words_cut": [], "words_untokenized": []}
+            if "token_type_ids" in enc:
+                out["token_type_ids"] = enc["token_type_ids"]
+            for i, r in enumerate(rows):
+                tags = tagging.spans_to_tags(r["spans"], len(r["words"]), scheme)
+                ids = enc.word_ids(i)
+                lab, first = tagging.align_labels(ids, [index[t] for t in tags], all_subtokens=d.label_all_subtokens,
+                                                  continuation=continuation)
+                out["labels"].append(lab)
+                out["word_labels"].append(first)
+                tokenized = {w for w in full.word_ids(i) if w is not None}
+                out["words_cut"].append(len(tokenized) - len({w for w in ids if w is not None}))
+                out["words_untokenized"].append(len(r["words"]) - len(tokenized))
+            return out
+
+        ds, hit = cached_features(key, build, use_cache=d.cache)
+        if hit:
+            log.info("tokenised features read from cache (%s)", key[:12])
+        plain = ds.with_format(None)
+        stats = {"truncated": int(sum(n > d.max_length for n in plain["full_length"])),
+                 "truncated_words": int(sum(plain["words_cut"])),
+                 "words_without_tokens": int(sum(plain["words_untokenized"]))}
+        lengths = plain["length"]
+        ds = ds.remove_columns(["full_length", "words_cut", "words_untokenized"])
+        ds.set_format(columns=[c for c in ds.column_names if c != "length"])
+        return FeatureDataset(ds, lengths), stats
+
+    # ------------------------------------------------------------------------------ model
+    def build_model(self, model_path: Path, data: TaskData, tokenizer: Any) -> torch.nn.Module:
+        """The pretrained body with a new token-classification head (float32)."""
+        labels = data.info["labels"]
+        trust = self.config.model.trust_remote_code
+        try:
+            cfg = AutoConfig.from_pretrained(model_path, trust_remote_code=trust)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot read the model config: {exc}", file=model_path) from None
+        cfg.num_labels = len(labels)
+        cfg.id2label = dict(enumerate(labels))
+        cfg.label2id = {name: i for i, name in enumerate(labels)}
+        cfg.pad_token_id = tokenizer.pad_token_id
+        max_pos = getattr(cfg, "max_position_embeddings", None)
+        if max_pos and self.data_cfg.max_length > max_pos:
+            raise ConfigError(f"data.max_length {self.data_cfg.max_length} is larger than the model's {max_pos} "
+                              "positions", hint=f"set --data.max_length {max_pos} or less")
+        try:
+            model, loading = AutoModelForTokenClassification.from_pretrained(
+                model_path, config=cfg, dtype=torch.float32, output_loading_info=True, trust_remote_code=trust,
+                use_safetensors=not self.config.model.allow_pickle or None)
+        except ValueError as exc:
+            raise ModelError(f"this model cannot be loaded for token classification: {exc}", file=model_path) from None
+        self.new_modules = sorted({k.rsplit(".", 2)[0] if k.count(".") >= 2 else k.split(".")[0]
+                                   for k in loading["missing_keys"]})
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            # Words added by data.extend_vocabulary: new rows start at the mean embedding.
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        if self.config.model.gradient_checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        return model
+
+    def head_module_names(self, model: torch.nn.Module) -> set[str]:
+        """Last-level names of the new modules (the head), e.g. {'classifier'} or {'score'}; with words added
+        to the vocabulary (full or freeze fine-tuning) also the input embeddings, whose new rows start from
+        the mean: they train with the head (and its ``train.head_learning_rate``). LoRA trains those rows
+        through peft's trainable tokens instead (:meth:`new_token_ids`)."""
+        names = {m.split(".")[-1] for m in getattr(self, "new_modules", [])}
+        names = names or {n for n, _ in model.named_children() if n != model.base_model_prefix}
+        if self.added_tokens and self.config.method.name in ("full", "freeze"):
+            embeddings = cast(Any, model).get_input_embeddings()  # a transformers model
+            names |= {n.split(".")[-1] for n, m in model.named_modules() if m is embeddings}
+        return names
+
+    # ------------------------------------------------------------------------------ batches and loss
+    def collator(self, tokenizer: Any) -> PaddingCollator:
+        """Dynamic padding; label positions added by padding are -100 (no loss, not scored)."""
+        return PaddingCollator({"input_ids": tokenizer.pad_token_id, "token_type_ids": 0, "labels": IGNORE,
+                                "word_labels": IGNORE}, padding_side="right",
+                               pad_to_multiple_of=8 if torch.cuda.is_available() else None)
+
+    def num_items(self, batch: dict[str, torch.Tensor]) -> int:
+        """Labelled tokens: the loss is a sum over them."""
+        return int((batch["labels"] != IGNORE).sum())
+
+    @staticmethod
+    def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+
+    def _logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**self._inputs(batch)).logits.float()  # (B, T, L)
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Cross-entropy summed over the labelled tokens."""
+        logits = self._logits(model, batch)  # (B, T, L)
+        return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE, reduction="sum")
+
+    # ------------------------------------------------------------------------------ evaluation
+    def evaluate(self, model: torch.nn.Module, loader: Any, accelerator: Any, split: str, data: TaskData
+                 ) -> dict[str, Any]:
+        """Entity precision / recall / F1 (micro, macro, per type), tag accuracy and the loss per labelled token."""
+        labels = data.info["labels"]
+        gold: list[list[str]] = []
+        pred: list[list[str]] = []
+        loss_sum = 0.0
+        loss_items = 0.0
+        for batch in loader:
+            logits = self._logits(model, batch)  # (B, T, L)
+            per_token = F.cross_entropy(logits.transpose(1, 2), batch["labels"], ignore_index=IGNORE,
+                                        reduction="none")  # (B, T), 0 where ignored
+            row_loss = per_token.sum(-1)  # (B,)
+            row_items = (batch["labels"] != IGNORE).sum(-1).float()  # (B,)
+            # Processes hold batches of different widths: pad to one width before gathering.
+            guess = accelerator.pad_across_processes(logits.argmax(-1), dim=1, pad_index=IGNORE)
+            truth = accelerator.pad_across_processes(batch["word_labels"], dim=1, pad_index=IGNORE)
+            guess, truth, row_loss, row_items = accelerator.gather_for_metrics((guess, truth, row_loss, row_items))
+            loss_sum += float(row_loss.sum())
+            loss_items += float(row_items.sum())
+            for g, t in zip(guess.cpu().numpy(), truth.cpu().numpy(), strict=True):
+                keep = t != IGNORE  # first sub-token of each word
+                gold.append([labels[i] for i in t[keep]])
+                pred.append([labels[i] for i in g[keep]])
+        metrics = entity_metrics(gold, pred, data.info["entity_types"])
+        metrics["loss"] = loss_sum / max(loss_items, 1.0)
+        return metrics
+
+    # ------------------------------------------------------------------------------ saving and report
+    def save_model_extras(self, folder: Path, data: TaskData) -> dict[str, Any]:
+        """Tag set, entity types, scheme, word split and input columns for ``lmtune.json``."""
+        d = self.data_cfg
+        return {
+            "labels": data.info["labels"], "entity_types": data.info["entity_types"],
+            "tag_scheme": data.info["tag_scheme"], "word_split": data.info["word_split"],
+            "label_all_subtokens": d.label_all_subtokens, "max_length": d.max_length,
+            "tokens_column": d.tokens_column, "tags_column": d.tags_column, "text_column": d.text_column,
+            "spans_column": d.spans_column,
+        }
+
+    def report_sections(self, report: Any, run_dir: Path, metrics: dict[str, Any], data: TaskData) -> None:
+        """Per-entity-type scores of the tuned model beside its starting point, as a table and a bar chart."""
+        from lmtune.tasks.token_classification_report import plot_entity_f1
+
+        for split in ("test", "validation"):
+            m = metrics.get(split)
+            if not m or "per_type" not in m:
+                continue
+            start = metrics.get("starting_point", {}).get(split, {}).get("per_type", {})
+            report.heading(f"Per entity type ({split})", 3)
+            rows = [[kind, s["support"], s["precision"], s["recall"], s["f1"], start.get(kind, {}).get("f1")]
+                    for kind, s in m["per_type"].items()]
+            report.table(["entity type", "support", "precision", "recall", "F1", "F1 before fine-tuning"], rows)
+            rel = f"plots/entity_f1_{split}.png"
+            plot_entity_f1(m["per_type"], start, run_dir / rel, title=f"Entity F1 per type ({split})")
+            report.image(rel, f"entity F1 per type, {split}")
+            info = data.info
+            report.bullets([
+                f"tags: {info['tag_scheme'].upper()} over {len(info['entity_types'])} entity type(s); words split by "
+                f"`{info['word_split']}` for raw text; "
+                + ("every sub-token labelled" if info.get("label_all_subtokens") else "first sub-token of each word "
+                   "labelled"),
+                "entity scores follow conlleval (seqeval): an entity counts when its type and both ends match; "
+                "words cut off by data.max_length are not scored (counted in the data table's `truncated`)",
+            ])
+            break
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _as_list(value: Any, source: str, line: int, field: str) -> list[str]:
+    """A cell holding words or tags: a list, JSON list text (a CSV cell) or whitespace-separated text."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return []
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"not a valid JSON list: {exc.msg}", file=source, line=line, field=field) from None
+        else:
+            return text.split()
+    if not isinstance(value, (list, tuple)):
+        raise DataError(f"expected a list, found {type(value).__name__}", file=source, line=line, field=field)
+    out = []
+    for i, item in enumerate(value, 1):
+        if not isinstance(item, str) or not item.strip():
+            what = "an empty string" if isinstance(item, str) else type(item).__name__
+            raise DataError(f"item {i} is {what}; every item must be non-empty text", file=source, line=line,
+                            field=field)
+        out.append(item.strip())
+    return out
+
+
+def _guess_text_split(texts: list[str]) -> str:
+    """``chars`` for text that is mostly CJK (written without spaces), else ``punctuation``."""
+    sample = "".join(texts[:2000])
+    letters = [c for c in sample if not c.isspace()]
+    cjk = sum(bool(tagging._CJK_CHAR.match(c)) for c in letters)
+    return "chars" if letters and cjk >= 0.3 * len(letters) else "punctuation"
+
+
+# ------------------------------------------------------------------------------------------ prediction
+@register_predictor("token_classification")
+class TokenClassificationPredictor:
+    """Entities in raw text (or in given word lists) with a saved token-classification model folder."""
+
+    def __init__(self, model_dir: Path, meta: dict[str, Any], *, device: str | None = None) -> None:
+        from lmtune.workflow import quiet_libraries
+
+        quiet_libraries()
+        self.meta = meta
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            self.model = AutoModelForTokenClassification.from_pretrained(model_dir, dtype=torch.float32)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot load the token-classification model: {exc}", file=model_dir) from None
+        self.model.to(self.device).eval()
+        self.labels: list[str] = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
+        self.word_split = str(meta.get("word_split") or "whitespace")
+        positions = getattr(self.model.config, "max_position_embeddings", None) or 512
+        self.max_length = min(int(meta.get("max_length") or 512), int(positions))
+
+    # -------------------------------------------------------------------------------- words -> tags
+    def _windows(self, sentences: list[list[str]]) -> list[tuple[int, int, int]]:
+        """(sentence, first word, end word) windows whose sub-tokens fit ``max_length`` with special tokens."""
+        budget = max(1, self.max_length - self.tokenizer.num_special_tokens_to_add())
+        flat = [w for words in sentences for w in words]
+        counts = [len(ids) for ids in self.tokenizer(flat, add_special_tokens=False)["input_ids"]] if flat else []
+        out = []
+        k = 0
+        for s, words in enumerate(sentences):
+            start, used = 0, 0
+            for i in range(len(words)):
+                n = counts[k + i]
+                if used + n > budget and i > start:
+                    out.append((s, start, i))
+                    start, used = i, 0
+                used += n
+            if words:
+                out.append((s, start, len(words)))
+            k += len(words)
+        return out
+
+    def tag_words(self, sentences: list[list[str]], *, batch_size: int = 32, progress: Any = None
+                  ) -> list[tuple[list[str], list[float]]]:
+        """Per sentence, a tag and its probability for every word (words without a sub-token: ``O``)."""
+        tags = [["O"] * len(words) for words in sentences]
+        probs = [[1.0] * len(words) for words in sentences]
+        windows = sorted(self._windows(sentences), key=lambda w: w[1] - w[2])  # longest first: least padding
+        bar = progress.add_task("predict", total=len(windows)) if progress is not None else None
+        with torch.inference_mode():
+            for b in range(0, len(windows), batch_size):
+                chunk = windows[b:b + batch_size]
+                enc = self.tokenizer([sentences[s][i:j] for s, i, j in chunk], is_split_into_words=True,
+                                     truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
+                inputs = {k: v.to(self.device) for k, v in enc.items()}
+                p = torch.softmax(self.model(**inputs).logits.float(), -1)  # (B, T, L)
+                top, which = p.max(-1)  # (B, T)
+                best, arg = top.cpu().numpy(), which.cpu().numpy()
+                for row, (s, i, _) in enumerate(chunk):
+                    previous = None
+                    for pos, wid in enumerate(enc.word_ids(row)):
+                        if wid is not None and wid != previous:
+                            tags[s][i + wid] = self.labels[int(arg[row, pos])]
+                            probs[s][i + wid] = float(best[row, pos])
+                        previous = wid
+                if progress is not None:
+                    progress.update(bar, advance=len(chunk))
+        return list(zip(tags, probs, strict=True))
+
+    # -------------------------------------------------------------------------------- public
+    def _words(self, item: Any) -> tuple[str, list[tuple[str, int, int]]]:
+        """(text, words with offsets) of a raw text, or of a word list (joined by spaces; none for chars)."""
+        if isinstance(item, dict):
+            item = item.get("tokens", item.get("text"))
+        if isinstance(item, str):
+            return item, tagging.split_words(item, self.word_split)
+        if isinstance(item, (list, tuple)) and all(isinstance(w, str) for w in item):
+            text, offsets = tagging.join_words(list(item), self.word_split)
+            return text, [(w, s, e) for w, (s, e) in zip(item, offsets, strict=True)]
+        raise DataError(f"expected a text or a list of words, found {type(item).__name__}", field="texts")
+
+    def predict(self, items: list[Any], *, batch_size: int = 32, progress: Any = None) -> list[dict[str, Any]]:
+        """Per input (a text, or a list of words): ``entities`` (``entity``, ``text``, ``start``/``end``
+        character offsets into the text, ``score``: the mean tag probability), ``tokens`` and ``tags``."""
+        parsed = [self._words(item) for item in items]
+        tagged = self.tag_words([[w for w, _, _ in words] for _, words in parsed], batch_size=batch_size,
+                                progress=progress)
+        out = []
+        for (text, words), (tags, probs) in zip(parsed, tagged, strict=True):
+            entities = []
+            for kind, first, last in entities_from_tags(tags):
+                start, end = words[first][1], words[last][2]
+                entities.append({"entity": kind, "text": text[start:end], "start": start, "end": end,
+                                 "score": float(np.mean(probs[first:last + 1])), "token_start": first,
+                                 "token_end": last + 1})
+            out.append({"entities": entities, "tokens": [w for w, _, _ in words], "tags": tags})
+        return out
+
+    def predict_table(self, table: Table, *, columns: dict[str, str] | None = None, batch_size: int = 32,
+                      progress: Any = None) -> list[dict[str, Any]]:
+        """:meth:`predict` for every row of ``table``: a text column (``columns["text"]``, else the training
+        text column or ``text``) or a column of word lists (``tokens``; CoNLL files give one)."""
+        tokens_col = str(self.meta.get("tokens_column") or "tokens")
+        text_col = str(self.meta.get("text_column") or "text")
+        if columns and columns.get("text"):
+            column = columns["text"]
+        elif tokens_col in table.columns:
+            column = tokens_col
+        elif text_col in table.columns:
+            column = text_col
+        else:
+            raise DataError(f"needs a '{text_col}' column (raw text) or a '{tokens_col}' column (word lists); "
+                            f"the columns are: {', '.join(repr(c) for c in table.columns)}", file=table.source,
+                            hint="name the column with --text-column")
+        items: list[Any] = []
+        for value, line in zip(table.column(column), table.lines, strict=True):
+            if isinstance(value, str) and column != tokens_col:
+                if not value.strip():
+                    raise DataError("empty text", file=table.source, line=line, field=column)
+                items.append(value)
+            elif value is None or (isinstance(value, float) and np.isnan(value)):
+                raise DataError("empty text", file=table.source, line=line, field=column)
+            else:
+                words = _as_list(value, table.source, line, column)
+                if not words:
+                    raise DataError("empty sentence (no words)", file=table.source, line=line, field=column)
+                items.append(words)
+        return self.predict(items, batch_size=batch_size, progress=progress)

@@ -1,0 +1,121 @@
+"""The page at ``/`` in a real headless Chromium (Debian's ``/usr/bin/chromium``, driven by Playwright):
+chat with a streaming answer, classify texts, and the run view's metrics and plots.
+
+The classifier is served by ``lmtune serve`` itself (a subprocess, API key from ``LMTUNE_API_KEY``), so
+the command line is exercised too. Without Chromium (``.ci/run`` installs it) the test is skipped,
+saying why.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from serve_helpers import get, running
+
+from lmtune.run import Run
+from lmtune.serve import ServeOptions
+from lmtune.serve.app import create_app
+
+CHROMIUM = os.environ.get("LMTUNE_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+KEY = "sk-browser-test"
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"Chromium is not installed at {CHROMIUM} (apt-get install chromium; .ci/run does it)")
+    profile = tempfile.mkdtemp(prefix="lmtune-chromium-")
+    with sync_api.sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True,
+                                                        args=CHROMIUM_ARGS)
+        try:
+            yield context
+        finally:
+            context.close()
+            shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def clf_server(tmp_path_factory: pytest.TempPathFactory, serve_classifier_run: Run) -> Iterator[str]:
+    run = serve_classifier_run
+    with socket.socket() as s:  # a free loopback port for the subprocess
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path_factory.mktemp("serve-log") / "serve.log"
+    env = {**os.environ, "LMTUNE_API_KEY": KEY, "OMP_NUM_THREADS": "1"}
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "lmtune", "serve", str(run.path), "--port", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if get(base, "/health", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"lmtune serve did not start:\n{log.read_text()}")
+            time.sleep(0.2)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_chat_in_the_browser_streams_the_answer(browser: Any, serve_sft_run: Run) -> None:
+    sft_run = serve_sft_run
+    expected = sft_run.chat([{"role": "user", "content": "Capital of France?"}], max_new_tokens=16,
+                            do_sample=False)["text"]
+    assert expected.strip()
+    with running(create_app(sft_run, ServeOptions(max_tokens_limit=16))) as base:
+        page = browser.new_page()
+        page.goto(base + "/")
+        page.wait_for_selector("body[data-ready='1']")
+        assert page.is_visible("#chat-panel") and not page.is_visible("#classify-panel")
+        page.fill("#chat-input", "Capital of France?")
+        page.press("#chat-input", "Enter")
+        page.wait_for_selector(".msg.assistant.done")
+        assert page.inner_text(".msg.user") == "Capital of France?"
+        # the page's answer is the model's greedy answer (temperature 0 on the page), streamed in
+        assert page.eval_on_selector(".msg.assistant.done", "e => e.textContent") == expected
+        page.close()
+
+
+def test_classify_and_run_view_in_the_browser(browser: Any, clf_server: str) -> None:
+    page = browser.new_page()
+    page.goto(clf_server + "/")
+    page.wait_for_selector("#status:has-text('API key')")  # the page needs the key before it shows anything
+    page.fill("#api-key", KEY)
+    page.dispatch_event("#api-key", "change")
+    page.wait_for_selector("body[data-ready='1']")
+    assert page.is_visible("#classify-panel") and not page.is_visible("#chat-panel")
+    page.fill("#classify-input", "great wonderful brilliant film\ndull awful boring plot")
+    page.click("#classify-send")
+    page.wait_for_selector("#classify-results tr.prediction")
+    labels = page.eval_on_selector_all("#classify-results td.label", "cells => cells.map(c => c.textContent)")
+    assert [label.split(" ")[0] for label in labels] == ["pos", "neg"]
+    # the run view: metrics table and the report's plots, fetched with the key
+    page.click("button[data-tab='run']")
+    assert "accuracy" in page.inner_text("#metrics-table")
+    page.wait_for_selector("#plots img[alt='training_curves.png']")
+    width = page.eval_on_selector("#plots img[alt='training_curves.png']",
+                                  "img => img.complete ? img.naturalWidth : new Promise(r => img.onload = () => r(img.naturalWidth))")
+    assert width > 100
+    assert "task: classification" in page.inner_text("#config")
+    page.close()
