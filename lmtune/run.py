@@ -261,7 +261,7 @@ class Run:
         p = self.predictor()
         columns = {"text": text_column} if text_column else None
         extra_args: dict[str, Any] = {}
-        changes = {k: v for k, v in (overrides or {}).items() if v is not None}
+        changes: dict[str, Any] = {k: v for k, v in (overrides or {}).items() if v is not None}
         if changes:
             if "stop" in changes:
                 changes["stop"] = list(changes["stop"])
@@ -287,10 +287,10 @@ class Run:
                 writer = csv.writer(f, delimiter=delim)
                 writer.writerow(table.columns + extra)
                 for row, res in zip(table.rows, results, strict=True):
-                    cells = [res.get(k) for k in extra]
-                    writer.writerow([row.get(c) for c in table.columns]
-                                    + [json.dumps(c, ensure_ascii=False) if isinstance(c, (list, dict)) else c
-                                       for c in cells])
+                    # Lists and mappings (entities; a JSONL input's word lists) as JSON text.
+                    cells = [row.get(c) for c in table.columns] + [res.get(k) for k in extra]
+                    writer.writerow([json.dumps(c, ensure_ascii=False) if isinstance(c, (list, dict)) else c
+                                     for c in cells])
         tmp.replace(out)
         return len(results)
 

@@ -404,3 +404,156 @@ def test_cli_inspects_an_sft_config(tiny_chat_llama_dir: Path, chat_files: dict[
         assert text in out, text
     assert any(f"{city}<|im_end|>" in out for city in CAPITALS.values())  # the answer, as rendered
     assert max(len(line) for line in out.splitlines()) <= 80
+
+
+# ------------------------------------------------------------------------------------------ token classification
+def _ner_rows() -> list[dict[str, Any]]:
+    """Sentences with a PER and a LOC; every fifth is long enough that data.max_length 16 cuts its LOC."""
+    rows = []
+    for i in range(40):
+        filler = ["and"] * (12 if i % 5 == 0 else 0)
+        words = ["the", "friend", "met", ["Alice", "Okonkwo", "Bob"][i % 3], *filler, "in", ["Paris", "Kyoto"][i % 2],
+                 f"w{i}"]
+        tags = ["O", "O", "O", "B-PER", *["O"] * len(filler), "O", "B-LOC", "O"]
+        rows.append({"tokens": words, "tags": tags})
+    rows.append({"tokens": list("江泽民在北京"), "tags": ["I-PER", "I-PER", "I-PER", "O", "B-LOC", "I-LOC"]})
+    return rows
+
+
+def _ner_config(model_dir: Path, train: Path, **data: Any) -> dict[str, Any]:
+    return {"task": "token_classification", "model": str(model_dir),
+            "data": {"train": str(train), "validation": str(train), "test": str(train), "deduplicate": False,
+                     "max_length": 16, **data}}
+
+
+def test_token_classification_facts_count_sub_tokens_unknowns_and_cut_entities(tiny_bert_dir: Path,
+                                                                                tmp_path: Path) -> None:
+    rows = _ner_rows()
+    train = _write_jsonl(tmp_path / "ner.jsonl", rows)
+    got = inspect_data(_ner_config(tiny_bert_dir, train), examples=2)
+    json.dumps(got)
+    facts = got["facts"]["train"]
+    tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    pieces = [tok(w, add_special_tokens=False)["input_ids"] for r in rows for w in r["tokens"]]
+    unknown = sum(t == tok.unk_token_id for p in pieces for t in p)
+    assert unknown > 0  # MiniLM lacks some of these characters
+    assert facts["sentences"] == 41 and facts["words"] == sum(len(r["tokens"]) for r in rows)
+    assert facts["sub_tokens"] == sum(map(len, pieces))
+    assert facts["unknown_sub_tokens"] == f"{unknown} ({round(100 * unknown / facts['sub_tokens'], 1)}%)"
+    assert facts["entities"] == 82 and facts["entities_PER"] == 41 and facts["entities_LOC"] == 41
+    assert facts["entities_starting_with_I"] == 1  # the I-PER opening the Chinese sentence
+    # The 8 long sentences lose their LOC (and everything after the filler) to data.max_length 16.
+    assert facts["sentences_truncated"] == "8 (19.5%)" and facts["entities_cut"] == 8
+    assert got["summary"]["tag scheme"] == "BIO (read as BIO)"
+    assert any("sentences are longer than data.max_length 16" in tip for tip in got["suggestions"])
+    assert not any("extend_vocabulary" in tip for tip in got["suggestions"])  # few unknowns: no advice
+    first = got["examples"][0]
+    assert first["words"] == rows[0]["tokens"] and first["tags"] == rows[0]["tags"]
+    assert first["tokens"][0] == "[CLS]" and len(first["tokens"]) == 16  # cut at data.max_length
+    labelled = [(t, lab) for t, lab in zip(first["tokens"], first["token_labels"], strict=True) if lab is not None]
+    assert labelled[:4] == [("the", "O"), ("friend", "O"), ("met", "O"), ("alice", "B-PER")]
+    assert first["token_labels"][0] is None and first["token_labels"][-1] is None  # [CLS], [SEP]: -100
+
+
+def test_mostly_unknown_characters_point_at_extend_vocabulary(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    # Characters MiniLM's vocabulary lacks (People's Daily on MiniLM is mostly [UNK] in the same way).
+    chars = "泽莳甾铥鑫犇骉"
+    rows = [{"tokens": [chars[i % 7], chars[(i + 1) % 7], chars[(i + 3) % 7], "京"],
+             "tags": ["B-PER", "I-PER", "O", "B-LOC"]} for i in range(30)]
+    train = _write_jsonl(tmp_path / "zh.jsonl", rows)
+    got = inspect_data(_ner_config(tiny_bert_dir, train), examples=1)
+    facts = got["facts"]["train"]
+    assert facts["unknown_sub_tokens"].endswith("(75.0%)") and facts["unknown_words"] == 90
+    [tip] = [t for t in got["suggestions"] if "unknown token [UNK]" in t]
+    assert tip.startswith("75.0% of train sub-tokens") and "--data.extend_vocabulary" in tip
+    # With the extension the unknown characters become words of their own.
+    extended = inspect_data(_ner_config(tiny_bert_dir, train, extend_vocabulary=50), examples=0)
+    assert extended["facts"]["train"]["unknown_sub_tokens"] == "0 (0.0%)"
+    assert extended["facts"]["train"]["unknown_before_extension"] == facts["unknown_sub_tokens"]
+    assert extended["summary"]["vocabulary extension"].startswith("7 of up to 50 words added")
+    assert not any("unknown token" in t for t in extended["suggestions"])
+
+
+# ------------------------------------------------------------------------------------------ seq2seq
+EN = ["one", "two", "three", "four", "five", "six", "seven", "eight"]
+IT = ["uno", "due", "tre", "quattro", "cinque", "sei", "sette", "otto"]
+
+
+def _pairs(n: int) -> list[dict[str, str]]:
+    rows = []
+    for i in range(n):
+        idx = [(i * 7 + k * 3) % 8 for k in range(2 + i % 9)]
+        rows.append({"source": " ".join(EN[j] for j in idx) + f" {i}", "target": " ".join(IT[j] for j in idx)})
+    return rows
+
+
+def _seq2seq_config(model_dir: Path, train: Path, **data: Any) -> dict[str, Any]:
+    return {"task": "seq2seq", "model": str(model_dir),
+            "data": {"train": str(train), "seq2seq_task": "translation", "source_language": "English",
+                     "target_language": "Italian", "max_length": 10, "max_target_length": 8, **data}}
+
+
+def test_seq2seq_warm_start_facts_lengths_and_cuts(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    rows = _pairs(60)
+    dirty = [*rows, rows[0], {"source": "", "target": "uno"}]  # a duplicate source, an empty one
+    train = _write_jsonl(tmp_path / "pairs.jsonl", dirty)
+    got = inspect_data(_seq2seq_config(tiny_bert_dir, train), examples=1)
+    json.dumps(got)
+    assert got["summary"]["route"].startswith("warm_start") and "encoder" in got["summary"]["why"]
+    facts = got["facts"]
+    assert list(facts) == ["train", "validation", "test"]
+    assert sum(f["pairs"] for f in facts.values()) == 60
+    assert (facts["train"]["rows_read"], facts["train"]["skipped_empty"]) == (62, 1)
+    assert facts["train"]["duplicate_sources_removed"] == 1
+    tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    src = [len(tok(r["source"])["input_ids"]) for r in rows]
+    tgt = [len(tok(r["target"])["input_ids"]) - 1 for r in rows]  # the [CLS] start token is fed, not a label
+    assert sum(f["sources_over_10"] for f in facts.values()) == sum(n > 10 for n in src)
+    assert sum(f["targets_over_8"] for f in facts.values()) == sum(n > 8 for n in tgt)
+    assert max(int(f["source_tokens_mean/p95/max"].split(" / ")[2]) for f in facts.values()) == max(src)
+    assert any("data.max_target_length 8" in tip for tip in got["suggestions"])
+    [ex] = got["examples"]
+    assert ex["source_tokens"][0] == "[CLS]" and len(ex["source_tokens"]) <= 10
+    assert ex["target_tokens"][-1] == "[SEP]" and "[CLS]" not in ex["target_tokens"]
+
+
+def test_seq2seq_decoder_route_shows_the_loss_mask(tiny_chat_llama_dir: Path, tmp_path: Path) -> None:
+    from rich.text import Text
+
+    train = _write_jsonl(tmp_path / "pairs.jsonl", _pairs(40))
+    got = inspect_data(_seq2seq_config(tiny_chat_llama_dir, train, max_length=56), examples=1)
+    assert got["summary"]["route"].startswith("decoder") and "causal LM" in got["summary"]["why"]
+    assert got["summary"]["prompt"] == "Translate from English to Italian:\\n{source}"
+    facts = got["facts"]
+    assert sum(f["pairs"] for f in facts.values()) == 40
+    skipped = sum(f["conversations_skipped_too_long"] for f in facts.values())
+    assert 0 < skipped < 40  # the longer pairs do not fit 56 tokens with the system prompt
+    [ex] = got["examples"]
+    [target] = ex["targets"]
+    assert target.removesuffix("<|im_end|>\n") in {r["target"] for r in _pairs(40)}
+    shown = Text.from_markup(ex["markup"])
+    assert [shown.plain[s.start:s.end] for s in shown.spans if "green" in str(s.style)] == [target]
+
+
+def test_cli_inspects_ner_and_seq2seq_configs(tiny_bert_dir: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from rich.console import Console
+    from typer.testing import CliRunner
+
+    from lmtune import cli
+
+    monkeypatch.setattr(cli, "console", Console(width=80))
+    ner = tmp_path / "ner.yaml"
+    ner.write_text(yaml.safe_dump(_ner_config(tiny_bert_dir, _write_jsonl(tmp_path / "ner.jsonl", _ner_rows()))),
+                   encoding="utf-8")
+    s2s = tmp_path / "s2s.yaml"
+    s2s.write_text(yaml.safe_dump(_seq2seq_config(tiny_bert_dir, _write_jsonl(tmp_path / "p.jsonl", _pairs(40)))),
+                   encoding="utf-8")
+    for cfg, texts in ((ner, ("unknown sub tokens", "entities cut", "entities PER", "tag scheme: BIO",
+                              "train sentence 1", "alice/B-PER", "legend")),
+                       (s2s, ("route: warm_start", "source tokens", "targets over 8", "train pair 1", "target:"))):
+        result = CliRunner().invoke(cli.app, ["data", "inspect", str(cfg), "--examples", "1"])
+        assert result.exit_code == 0, result.output
+        for text in texts:
+            assert text in result.output, text
+        assert max(len(line) for line in result.output.splitlines()) <= 80
