@@ -11,7 +11,7 @@ that row as soon as its text holds one) or after ``max_new_tokens`` tokens.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -85,6 +85,24 @@ class GenerationSettings:
             length_penalty=cfg.length_penalty,
             no_repeat_ngram_size=cfg.no_repeat_ngram_size,
         )
+
+
+def generate_across_processes(accelerator: Any, items: list[Any],
+                              generate_fn: Callable[[list[Any]], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """``generate_fn`` on this process's share of ``items``; every process gets all results in input order.
+
+    Evaluation generates on every process at once (each takes a contiguous share); the results are
+    gathered with their indices, so the order never depends on the number of processes.
+    """
+    from accelerate.utils import gather_object
+
+    indexed = list(enumerate(items))
+    with accelerator.split_between_processes(indexed) as mine:
+        outs = generate_fn([item for _, item in mine])
+        local = [(i, o) for (i, _), o in zip(mine, outs, strict=True)]
+    if accelerator.num_processes == 1:
+        return [o for _, o in local]
+    return [o for _, o in sorted(gather_object(local), key=lambda x: x[0])]
 
 
 def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:

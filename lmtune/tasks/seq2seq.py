@@ -576,19 +576,14 @@ class EncoderDecoderSeq2SeqTask(Seq2SeqTask):
     def generation_scores(self, model: Any, accelerator: Any, sources: list[str],
                           references: list[str]) -> dict[str, Any]:
         """Generate for ``sources`` (split across processes) and score against ``references``."""
-        from accelerate.utils import gather_object
-
-        from lmtune.generation import GenerationSettings
+        from lmtune.generation import GenerationSettings, generate_across_processes
         from lmtune.tasks.seq2seq_predict import generate_seq2seq
 
         settings = GenerationSettings.from_config(self.config.generation)
-        indexed = list(enumerate(sources))
-        with accelerator.split_between_processes(indexed) as mine:
-            outs = generate_seq2seq(model, self.tokenizer, [s for _, s in mine], settings,
-                                    max_length=self.data_cfg.max_length, eos_token_id=self.eos_token_id)
-            local = [(i, o) for (i, _), o in zip(mine, outs, strict=True)]
-        results = [o for _, o in sorted(gather_object(local), key=lambda x: x[0])] \
-            if accelerator.num_processes > 1 else [o for _, o in local]
+        results = generate_across_processes(
+            accelerator, sources,
+            lambda mine: generate_seq2seq(model, self.tokenizer, mine, settings, max_length=self.data_cfg.max_length,
+                                          eos_token_id=self.eos_token_id))
         texts = [r["text"].strip() for r in results]
         scores: dict[str, Any] = dict(self.text_scores(texts, references))
         scores["stopped_fraction"] = sum(r["finish_reason"] == "stop" for r in results) / len(results)

@@ -275,19 +275,13 @@ class SFTTask(DecoderTask):
     def generation_scores(self, model: Any, accelerator: Any, prompts: list[str],
                           references: list[str]) -> dict[str, Any]:
         """Generate answers to ``prompts`` (split across processes) and score them against ``references``."""
-        from accelerate.utils import gather_object
-
         from lmtune.data.chat import end_of_turn_ids
-        from lmtune.generation import GenerationSettings, generate
+        from lmtune.generation import GenerationSettings, generate, generate_across_processes
 
         settings = GenerationSettings.from_config(self.config.generation)
         stop_ids = sorted(end_of_turn_ids(self.tokenizer, getattr(model.generation_config, "eos_token_id", None)))
-        indexed = list(enumerate(prompts))
-        with accelerator.split_between_processes(indexed) as mine:
-            outs = generate(model, self.tokenizer, [p for _, p in mine], settings, eos_token_ids=stop_ids)
-            local = [(i, o) for (i, _), o in zip(mine, outs, strict=True)]
-        results = [o for _, o in sorted(gather_object(local), key=lambda x: x[0])] if accelerator.num_processes > 1 \
-            else [o for _, o in local]
+        results = generate_across_processes(
+            accelerator, prompts, lambda mine: generate(model, self.tokenizer, mine, settings, eos_token_ids=stop_ids))
         texts = [r["text"].strip() for r in results]
         scores: dict[str, Any] = dict(self.text_scores(texts, references))
         scores["stopped_fraction"] = sum(r["finish_reason"] == "stop" for r in results) / len(results)
