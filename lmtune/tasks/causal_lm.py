@@ -30,7 +30,7 @@ from lmtune.errors import ConfigError, DataError
 from lmtune.models.registry import load_padded_tokenizer
 from lmtune.paths import cache_dir
 from lmtune.tasks.base import TaskData, register_task
-from lmtune.tasks.decoder import DecoderTask, adds_bos, first_occurrences, holdout_indices
+from lmtune.tasks.decoder import DecoderTask, adds_bos, first_occurrences, given_splits, hold_out
 
 log = logging.getLogger(__name__)
 
@@ -161,19 +161,11 @@ class CausalLMTask(DecoderTask):
             unique = first_occurrences(train, str)
             train_info["duplicates_removed"] = len(train) - len(unique)
             train = unique
-        out: dict[str, tuple[list[str], dict[str, Any]]] = {}
-        given = {s: src for s, src in (("validation", d.validation), ("test", d.test)) if src}
-        sizes = {s: size for s, size in (("validation", d.validation_size), ("test", d.test_size)) if s not in given}
-        if sizes:
-            held = holdout_indices(len(train), sizes, d.split_seed)
-            if held is None:
-                raise DataError(f"{len(train)} document(s) are too few to hold out {' and '.join(sizes)} text",
-                                file=d.train, hint="give data.validation (and data.test) files, or "
-                                "data.document_split: paragraph for a long text file")
-            for s in sizes:
-                out[s] = ([train[i] for i in held[s]], {"source": f"{d.train} (split {sizes[s]:g})"})
-            train = [train[i] for i in held["train"]]
-        for s, src in given.items():
+        train, held, sources = hold_out(train, d, what="document(s)", kind="text",
+                                        hint="give data.validation (and data.test) files, or "
+                                        "data.document_split: paragraph for a long text file")
+        out: dict[str, tuple[list[str], dict[str, Any]]] = {s: (held[s], {"source": sources[s]}) for s in held}
+        for s, src in given_splits(d).items():
             out[s] = self._read_documents(src)
         if d.deduplicate:
             seen = set(train)

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-from lmtune.config import Config
+from lmtune.config import Config, DataConfig
 from lmtune.data.features import PaddingCollator
 from lmtune.data.packing import IGNORE_INDEX, PackedCollator
-from lmtune.errors import ConfigError, ModelError
+from lmtune.errors import ConfigError, DataError, ModelError
 from lmtune.tasks.base import TaskData
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,35 @@ def holdout_indices(n: int, fractions: dict[str, float], seed: int) -> dict[str,
         start += count
     out["train"] = sorted(order[start:])
     return out
+
+
+def given_splits(data: DataConfig) -> dict[str, str]:
+    """The evaluation splits that come from their own files: ``{split: source}``."""
+    return {s: src for s, src in (("validation", data.validation), ("test", data.test)) if src}
+
+
+def hold_out(items: list[T], data: DataConfig, *, what: str, kind: str = "data",
+             hint: str = "give data.validation and data.test files, or more data"
+             ) -> tuple[list[T], dict[str, list[T]], dict[str, str]]:
+    """Split the evaluation sets that have no file of their own off the training ``items``: a seeded random
+    hold-out of ``data.validation_size`` / ``data.test_size`` (``data.split_seed``).
+
+    Returns the training items left, the held-out items per split and each held-out split's source
+    description. Too few items to leave any for training is a DataError ("N {what} are too few to hold
+    out validation and test {kind}").
+    """
+    given = given_splits(data)
+    sizes = {s: size for s, size in (("validation", data.validation_size), ("test", data.test_size))
+             if s not in given}
+    if not sizes:
+        return items, {}, {}
+    held = holdout_indices(len(items), sizes, data.split_seed)
+    if held is None:
+        raise DataError(f"{len(items)} {what} are too few to hold out {' and '.join(sizes)} {kind}",
+                        file=data.train, hint=hint)
+    splits = {s: [items[i] for i in held[s]] for s in sizes}
+    sources = {s: f"{data.train} (split {sizes[s]:g})" for s in sizes}
+    return [items[i] for i in held["train"]], splits, sources
 
 
 def first_occurrences(items: list[T], key: Callable[[T], Hashable]) -> list[T]:

@@ -46,7 +46,7 @@ from lmtune.data.packing import IGNORE_INDEX
 from lmtune.data.readers import read_table
 from lmtune.errors import ConfigError, DataError, ModelError
 from lmtune.tasks.base import TaskData, register_task
-from lmtune.tasks.decoder import first_occurrences, holdout_indices
+from lmtune.tasks.decoder import first_occurrences, given_splits, hold_out
 from lmtune.tasks.sft import SFTTask
 
 log = logging.getLogger(__name__)
@@ -228,19 +228,10 @@ class Seq2SeqTask:
         d = self.config.data
         train, train_info = self._read_pairs(d.train)
         info: dict[str, Any] = {"train": train_info}
-        splits: dict[str, list[dict[str, Any]]] = {}
-        given = {s: src for s, src in (("validation", d.validation), ("test", d.test)) if src}
-        sizes = {s: size for s, size in (("validation", d.validation_size), ("test", d.test_size)) if s not in given}
-        if sizes:
-            held = holdout_indices(len(train), sizes, d.split_seed)
-            if held is None:
-                raise DataError(f"{len(train)} pair(s) are too few to hold out {' and '.join(sizes)} data",
-                                file=d.train, hint="give data.validation and data.test files, or more data")
-            for s in sizes:
-                splits[s] = [train[i] for i in held[s]]
-                info[s] = {"source": f"{d.train} (split {sizes[s]:g})"}
-            train = [train[i] for i in held["train"]]
-        for s, src in given.items():
+        train, splits, sources = hold_out(train, d, what="pair(s)")
+        for s, source in sources.items():
+            info[s] = {"source": source}
+        for s, src in given_splits(d).items():
             splits[s], info[s] = self._read_pairs(src)
             if d.deduplicate:
                 seen = {r["source"] for r in train}

@@ -31,7 +31,7 @@ from lmtune.data.readers import read_table
 from lmtune.errors import DataError
 from lmtune.models.registry import load_padded_tokenizer
 from lmtune.tasks.base import TaskData, register_task
-from lmtune.tasks.decoder import DecoderTask, first_occurrences, holdout_indices
+from lmtune.tasks.decoder import DecoderTask, first_occurrences, given_splits, hold_out
 
 log = logging.getLogger(__name__)
 
@@ -112,19 +112,10 @@ class SFTTask(DecoderTask):
             unique = first_occurrences(train, key)
             train_info["duplicates_removed"] = len(train) - len(unique)
             train = unique
-        splits: dict[str, list[dict[str, Any]]] = {}
-        given = {s: src for s, src in (("validation", d.validation), ("test", d.test)) if src}
-        sizes = {s: size for s, size in (("validation", d.validation_size), ("test", d.test_size)) if s not in given}
-        if sizes:
-            held = holdout_indices(len(train), sizes, d.split_seed)
-            if held is None:
-                raise DataError(f"{len(train)} conversation(s) are too few to hold out {' and '.join(sizes)} data",
-                                file=d.train, hint="give data.validation and data.test files, or more data")
-            for s in sizes:
-                splits[s] = [train[i] for i in held[s]]
-                info[s] = {"source": f"{d.train} (split {sizes[s]:g})"}
-            train = [train[i] for i in held["train"]]
-        for s, src in given.items():
+        train, splits, sources = hold_out(train, d, what="conversation(s)")
+        for s, source in sources.items():
+            info[s] = {"source": source}
+        for s, src in given_splits(d).items():
             splits[s], info[s] = self._read_conversations(src)
         if d.deduplicate:
             seen = {key(r) for r in train}
