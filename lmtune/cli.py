@@ -58,16 +58,70 @@ def _split_train_args(args: list[str]) -> tuple[bool | str, bool, bool, dict[str
     return resume, overwrite, progress, parse_override_args(rest)
 
 
+_LAUNCH_OPTIONS = {"--num-processes": int, "--num-machines": int, "--machine-rank": int,
+                   "--main-process-ip": str, "--main-process-port": int, "--accelerate-config": str}
+
+
+def _split_launch_args(args: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """Pull the multi-process options (``--num-processes 2`` or ``--num-processes=2``) out of the arguments."""
+    found: dict[str, Any] = {}
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        name, _, inline = args[i].partition("=")
+        if name in _LAUNCH_OPTIONS:
+            text = inline if inline else (args[i + 1] if i + 1 < len(args) else None)
+            if text is None:
+                raise ConfigError(f"{name} needs a value")
+            try:
+                found[name[2:].replace("-", "_")] = _LAUNCH_OPTIONS[name](text)
+            except ValueError:
+                raise ConfigError(f"{name}: expected a number, got '{text}'") from None
+            i += 1 if inline else 2
+            continue
+        rest.append(args[i])
+        i += 1
+    return found, rest
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train(ctx: typer.Context, config: Path = typer.Argument(..., help="The run's YAML config.")) -> None:
     """Train as CONFIG says. Any key can be overridden: --train.epochs 1 --method.name lora.
 
     Also: --resume [CHECKPOINT_OR_RUN] continues an interrupted run; --overwrite replaces a finished
     run in output_dir; --no-progress hides the progress bar.
+
+    Several processes (data parallel, or as train.distributed says): --num-processes N (all machines
+    together) starts them through `accelerate launch`; several machines add --num-machines M
+    --machine-rank R --main-process-ip IP [--main-process-port P]; --accelerate-config FILE uses your
+    own `accelerate config`. Inside `accelerate launch -m lmtune train` they are not needed.
     """
+    launch_args, args = _split_launch_args(list(ctx.args))
+    nprocs = launch_args.pop("num_processes", 1)
+    if launch_args.get("num_machines", 1) > 1 or nprocs > 1 or "accelerate_config" in launch_args:
+        if nprocs < 1:
+            raise ConfigError("--num-processes must be at least 1")
+        if os.environ.get("LOCAL_RANK") is not None:
+            raise ConfigError("--num-processes inside a launched process: drop it, `accelerate launch` already "
+                              "started the processes")
+        from lmtune.config import load_config
+        from lmtune.run import Run
+        from lmtune.training.distributed import launch
+
+        resume, _overwrite, _progress, overrides = _split_train_args(args)
+        cfg = load_config(config, overrides)  # a bad config fails here once, not in every process
+        code = launch([str(config), *args], nprocs, config_file=launch_args.pop("accelerate_config", None),
+                      **launch_args)
+        if code:
+            raise typer.Exit(code)
+        run_dir = Path(cfg.output_dir)
+        if isinstance(resume, str) and (Path(resume) / "run.json").is_file():
+            run_dir = Path(resume)
+        _print_results(Run.load(run_dir))
+        return
     from lmtune.workflow import train as run_train
 
-    resume, overwrite, progress, overrides = _split_train_args(list(ctx.args))
+    resume, overwrite, progress, overrides = _split_train_args(args)
     run = run_train(config, overrides=overrides, resume=resume, overwrite=overwrite, show_progress=progress)
     _print_results(run)
 
@@ -350,6 +404,33 @@ def serve(
         err_console.print(f"warning: {host} is reachable from other machines and no API key is set: anyone who "
                           "can reach it can use the model (--api-key or LMTUNE_API_KEY)", highlight=False)
     run_server(run, options)
+
+
+# ---- plan
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def plan(
+    ctx: typer.Context,
+    config: Path = typer.Argument(..., help="The run's YAML config."),
+    num_processes: int | None = typer.Option(None, "--num-processes", min=1, help="Processes to plan for "
+                                             "(default: the visible GPU count, or 1)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON (stable keys)."),
+    read_data: bool | None = typer.Option(None, "--read-data/--no-read-data", help="Read and tokenise the data "
+                                          "(cached for training) for the exact label count and measured lengths; "
+                                          "default: when its files are at most 256 MiB."),
+) -> None:
+    """Estimate a run before launching it: parameters (trainable after the method), memory per device
+    (weights, gradients, optimizer, activations), tokens per step, and whether it fits this machine.
+    Overrides as for train: --train.batch_size 8 --method.name lora. No weights are loaded."""
+    from lmtune.config import parse_override_args
+    from lmtune.plan import plan as make_plan
+    from lmtune.plan import print_plan
+
+    result = make_plan(config, overrides=parse_override_args(list(ctx.args)), num_processes=num_processes,
+                       read_data=read_data)
+    if as_json:
+        typer.echo(json.dumps(result.to_json(), indent=2))
+    else:
+        print_plan(result, console)
 
 
 @app.command()

@@ -12,6 +12,7 @@ applied to the raw mapping before validation, so they get the same checks.
 from __future__ import annotations
 
 import copy
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,6 +29,14 @@ class _Section(BaseModel):
     """Base for config sections: unknown keys are errors, values are validated on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_huge_integers(cls, value: Any) -> Any:
+        # A 5000-digit number would validate as a count, then break whatever prints or uses it.
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:
+            raise ValueError("number too large")
+        return value
 
 
 class ModelConfig(_Section):
@@ -119,8 +128,12 @@ class DataConfig(_Section):
         None,
         description="The label set in a fixed order. Default: sorted labels seen in training.",
     )
-    validation_size: float = Field(0.1, gt=0, lt=1, description="Fraction of `train` held out for validation.")
-    test_size: float = Field(0.1, gt=0, lt=1, description="Fraction of `train` held out for test.")
+    validation_size: float = Field(
+        0.1, gt=0, description="Fraction of `train` held out for validation (with `streaming`: a count of examples)."
+    )
+    test_size: float = Field(
+        0.1, gt=0, description="Fraction of `train` held out for test (with `streaming`: a count of examples)."
+    )
     split_seed: int = Field(42, description="Seed of the stratified split.")
     max_length: int = Field(128, ge=8, description="Tokens per example; longer inputs are truncated (counted).")
     empty_text: Literal["skip", "error"] = Field(
@@ -167,6 +180,31 @@ class DataConfig(_Section):
         description="causal_lm with a plain-text file: one document per file, per blank-line-separated "
         "paragraph, or per line. Tabular files: one document per row of text_column.",
     )
+    # ---- streaming (data larger than memory; causal_lm and sft)
+    streaming: bool = Field(
+        False,
+        description="Read `train` as a stream (datasets streaming) instead of loading it: a file, a glob "
+        "(`data/train-*.parquet`) or a folder of Parquet, JSON Lines (.gz too), CSV or text shards, tokenised and "
+        "packed as training goes; memory stays flat however large the data. Needs `train.max_steps`; "
+        "validation/test come from their own files or are the first `validation_size`/`test_size` examples "
+        "of the stream (counts).",
+    )
+    shuffle_buffer: int = Field(
+        10_000, ge=0, description="streaming: examples held in the shuffling buffer (with the shard order "
+        "shuffled too, per epoch from train.seed); 0 reads in file order.",
+    )
+    open_rows: int = Field(
+        32, ge=1, description="streaming sft with packing: rows kept open for first-fit placement of whole "
+        "conversations (more: fuller rows).",
+    )
+
+    @model_validator(mode="after")
+    def _check_streaming_sizes(self) -> DataConfig:
+        from lmtune.data.streaming import check_hold_out_sizes
+
+        check_hold_out_sizes(self)
+        return self
+
     # ---- question_answering
     question_column: str = Field("question", description="question_answering: column holding the question.")
     context_column: str = Field("context", description="question_answering: column holding the context passage.")
@@ -249,6 +287,8 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _check_sizes(self) -> DataConfig:
+        if self.streaming:
+            return self  # counts, not fractions: _check_streaming_sizes
         if self.validation is None and self.test is None and self.validation_size + self.test_size >= 0.9:
             raise ValueError(
                 "data.validation_size + data.test_size must leave at least 10% of data.train for training"
@@ -303,11 +343,86 @@ class GenerationConfig(_Section):
     no_repeat_ngram_size: int = Field(0, ge=0, description="Never repeat an n-gram of this size (0: off).")
 
 
+class DistributedConfig(_Section):
+    """Several processes (GPUs, nodes, or CPU processes) through Accelerate's own engines.
+
+    The processes themselves are started by ``lmtune train --num-processes N`` or by
+    ``accelerate launch``; this section says how they share the model. Each knob goes
+    to Accelerate's plugin of the same meaning (``DistributedDataParallelKwargs``,
+    ``FullyShardedDataParallelPlugin``, ``DeepSpeedPlugin``).
+    """
+
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp",
+        description="`ddp`: every process holds the whole model, gradients are averaged. `fsdp`: parameters, "
+        "gradients and optimizer state are sharded across processes (PyTorch FSDP). `deepspeed`: DeepSpeed ZeRO "
+        "(GPU only; needs the deepspeed package). With one process all three train the same way.",
+    )
+    backend: Literal["auto", "nccl", "gloo"] = Field(
+        "auto", description="Process-group backend: `auto` is nccl on CUDA, gloo on CPU."
+    )
+    timeout_minutes: int = Field(
+        60, ge=1, description="How long a process waits for the others at a barrier (the main process "
+        "tokenises first while the others wait for its cache)."
+    )
+    # ddp
+    find_unused_parameters: bool = Field(
+        False, description="ddp: allow parameters that get no gradient in a step (slower; only if DDP complains)."
+    )
+    bucket_cap_mb: int = Field(25, ge=1, description="ddp: gradient all-reduce bucket size in MB.")
+    # fsdp
+    fsdp_version: Literal[1, 2] = Field(2, description="fsdp: FSDP1 (FullyShardedDataParallel) or FSDP2 (fully_shard).")
+    sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"] = Field(
+        "FULL_SHARD",
+        description="fsdp: what is sharded. FULL_SHARD: parameters, gradients, optimizer state (ZeRO-3); "
+        "SHARD_GRAD_OP: gradients and optimizer state (ZeRO-2); NO_SHARD: like DDP; HYBRID_SHARD: full "
+        "shard inside a node, replicate across nodes (FSDP1 only).",
+    )
+    auto_wrap_policy: Literal["transformer", "size", "none"] = Field(
+        "transformer",
+        description="fsdp: how the model is split into shard units: `transformer` wraps each transformer block "
+        "(the model's `_no_split_modules`, or `transformer_layer_classes`), `size` wraps modules over "
+        "`min_num_params`, `none` one unit for the whole model.",
+    )
+    transformer_layer_classes: list[str] | None = Field(
+        None, description="fsdp: class names of the blocks to wrap (default: the model's _no_split_modules)."
+    )
+    min_num_params: int = Field(100_000_000, ge=1, description="fsdp: with auto_wrap_policy size, the unit size.")
+    cpu_offload: bool = Field(False, description="fsdp: keep sharded parameters in CPU memory between uses.")
+    activation_checkpointing: bool = Field(
+        False, description="fsdp: recompute each block's activations in the backward pass."
+    )
+    # deepspeed
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        2, description="deepspeed: ZeRO stage (1 optimizer state, 2 + gradients, 3 + parameters sharded)."
+    )
+    offload_optimizer: Literal["none", "cpu", "nvme"] = Field(
+        "none", description="deepspeed: where the optimizer state lives."
+    )
+    offload_params: Literal["none", "cpu", "nvme"] = Field(
+        "none", description="deepspeed: where the parameters live between uses (zero_stage 3)."
+    )
+    deepspeed_config: str | None = Field(
+        None, description="deepspeed: a DeepSpeed JSON config file of your own; the knobs above are then ignored."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> DistributedConfig:
+        if self.offload_params != "none" and self.zero_stage != 3:
+            raise ValueError("train.distributed.offload_params needs train.distributed.zero_stage 3 "
+                             "(only ZeRO-3 shards parameters)")
+        if self.sharding_strategy == "HYBRID_SHARD" and self.fsdp_version == 2 and self.strategy == "fsdp":
+            raise ValueError("train.distributed.sharding_strategy HYBRID_SHARD is FSDP1 only: set "
+                             "train.distributed.fsdp_version 1")
+        return self
+
+
 class TrainConfig(_Section):
     """The training loop's settings."""
 
-    epochs: float = Field(3.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    # Upper bounds keep absurd values (a 5000-digit number from the command line) a config error.
+    epochs: float = Field(3.0, gt=0, le=1e6, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, le=10**12, description="Stop after this many optimizer steps.")
     batch_size: int = Field(32, ge=1, description="Examples per micro-batch per process.")
     eval_batch_size: int | None = Field(None, ge=1, description="Examples per evaluation batch (default: batch_size).")
     gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
@@ -353,6 +468,21 @@ class TrainConfig(_Section):
     num_threads: int | None = Field(
         None, ge=1, description="CPU threads for torch (default: torch's choice, one per core). Set 1 when "
         "other jobs share the cores: oversubscribed threads run several times slower.",
+    )
+    # ---- non-finite loss
+    nonfinite: Literal["stop", "skip"] = Field(
+        "stop",
+        description="When a step's loss or gradient norm is NaN/inf: `stop` with an error naming the step and the "
+        "training examples of the batch; `skip` the update (no weight change, the schedule moves on) and go on.",
+    )
+    max_skipped_steps: int = Field(
+        10, ge=1, description="With nonfinite: skip, stop anyway after this many skipped steps in the run."
+    )
+    # ---- distributed
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig,
+        description="How several processes share the work (data parallel, FSDP, DeepSpeed); see `lmtune train "
+        "--num-processes` and README 'Scaling out'.",
     )
 
     def resolved_metric(self, task_default: str) -> tuple[str, bool]:
@@ -475,6 +605,15 @@ class Config(_Section):
                              f"not '{self.task}'")
         return self
 
+    # ---- streaming
+    @model_validator(mode="after")
+    def _check_streaming(self) -> Config:
+        if self.data.streaming:
+            from lmtune.data.streaming import check_streaming_config
+
+            check_streaming_config(self)
+        return self
+
     # ---- neural baselines
     @model_validator(mode="after")
     def _check_baseline_model(self) -> Config:
@@ -522,9 +661,39 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
             if msg.startswith("Value error, "):
                 msg = msg[len("Value error, ") :]
             got = e.get("input")
-            shown = f" (got {got!r})" if isinstance(got, (str, int, float, bool, list)) else ""
+            shown = f" (got {_CONFIG_REPR.repr(got)})" if isinstance(got, (str, int, float, bool, list)) else ""
             lines.append(f"'{key}': {msg}{shown}")
     return f"invalid config {source}:\n  " + "\n  ".join(lines)
+
+
+# ---- config loading limits (fuzzing, issue 6)
+# A config holds a few hundred values. YAML aliases nested in each other ("billion laughs") make a
+# short file expand to billions of values; walking or printing that would hang, so it is refused.
+_MAX_CONFIG_VALUES = 100_000
+# Values quoted in error messages are shortened (a wrong-typed list may hold anything).
+_CONFIG_REPR = reprlib.Repr()
+_CONFIG_REPR.maxlevel, _CONFIG_REPR.maxlist, _CONFIG_REPR.maxdict = 3, 20, 10
+_CONFIG_REPR.maxstring = _CONFIG_REPR.maxother = 200
+
+
+def _check_expansion(raw: Any, path: Path) -> None:
+    """A ConfigError when the loaded YAML holds more than ``_MAX_CONFIG_VALUES`` values, counting a value
+    reached through several aliases each time (stops at the limit, so its cost is bounded)."""
+    stack, count = [raw], 0
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > _MAX_CONFIG_VALUES:
+            raise ConfigError(
+                f"the config expands to more than {_MAX_CONFIG_VALUES:,} values (anchors and aliases "
+                "repeated inside each other?)",
+                file=path,
+                hint="a config holds a few hundred settings: write them out instead of nesting aliases",
+            )
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
 
 
 def _allowed_keys_at(loc: tuple[Any, ...]) -> list[str]:
@@ -541,8 +710,8 @@ def parse_value(text: str) -> Any:
     """Parse a command-line override value the way YAML would (``1`` -> int, ``null`` -> None)."""
     try:
         return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
+    except (yaml.YAMLError, ValueError, OverflowError, RecursionError):  # as load_config: kept as text,
+        return text  # so validation names the key (a 5000-digit int, "[[[[...", "\U80010000")
 
 
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -602,18 +771,28 @@ def load_config(
         name = str(path)
         if not path.is_file():
             raise ConfigError("config file not found", file=path)
+        text = ""
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
+            raw = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
-            line = mark.line + 1 if mark is not None else None
+            # Counted from the character index: PyYAML's own line also breaks at U+2028/U+2029/U+0085.
+            line = text.count("\n", 0, mark.index) + 1 if mark is not None else None
             raise ConfigError(f"not valid YAML: {getattr(exc, 'problem', exc)}", file=path, line=line) from None
         except UnicodeDecodeError as exc:
-            raise ConfigError(f"not UTF-8 text (byte {exc.start})", file=path) from None
+            hint = "re-save the file as UTF-8"
+            raise ConfigError(f"not UTF-8 text (byte {exc.start})", file=path, hint=hint) from None
+        except RecursionError:  # PyYAML's parser recurses once per level of [ or {
+            raise ConfigError("not valid YAML for a config: nested too deeply", file=path) from None
+        except (ValueError, OverflowError) as exc:  # a scalar PyYAML cannot convert: a 5000-digit int,
+            # a date 2020-13-45, an escape "\U80010000" past the last code point
+            raise ConfigError(f"not valid YAML: a value cannot be read ({exc})", file=path) from None
         if raw is None:
             raw = {}
         if not isinstance(raw, dict):
             raise ConfigError("a config must be a mapping of sections (task, model, data, ...)", file=path)
+        _check_expansion(raw, path)
     raw = apply_overrides(raw, overrides or {})
     try:
         return Config.model_validate(raw)

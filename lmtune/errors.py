@@ -59,3 +59,30 @@ class ModelError(LmtuneError):
 
 class RunError(LmtuneError):
     """A run folder is missing, incomplete, or would be overwritten."""
+
+
+def is_disk_full(exc: BaseException, folder: str | Path | None = None) -> bool:
+    """Whether ``exc``, raised while writing into ``folder``, means the disk (or quota) is full.
+
+    Writers say it differently: Python raises ``OSError(ENOSPC)``, safetensors a ``SafetensorError``
+    with "os error 28", and torch.save only a ``RuntimeError`` about an unexpected stream position.
+    The last is recognised by looking at the free space left where it was writing.
+    """
+    import errno
+    import shutil
+
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return True
+    text = str(exc)
+    if "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text:
+        return True
+    if folder is not None and isinstance(exc, RuntimeError):
+        path = Path(folder)
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        try:
+            usage = shutil.disk_usage(path)
+        except OSError:
+            return False
+        return usage.free < max(16 * 2**20, usage.total // 1000)  # under 16 MiB or 0.1% left
+    return False

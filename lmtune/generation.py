@@ -97,12 +97,17 @@ def generate_across_processes(accelerator: Any, items: list[Any],
     from accelerate.utils import gather_object
 
     indexed = list(enumerate(items))
-    with accelerator.split_between_processes(indexed) as mine:
+    # Every process gets the same number of items (the last one repeated where the split is uneven):
+    # with sharded weights (FSDP, ZeRO-3) each forward pass is collective, so a process that ran out of
+    # prompts early would leave the others waiting forever. Repeats are dropped by index below.
+    pad = accelerator.num_processes > 1 and len(indexed) > 0
+    with accelerator.split_between_processes(indexed, apply_padding=pad) as mine:
         outs = generate_fn([item for _, item in mine])
         local = [(i, o) for (i, _), o in zip(mine, outs, strict=True)]
     if accelerator.num_processes == 1:
         return [o for _, o in local]
-    return [o for _, o in sorted(gather_object(local), key=lambda x: x[0])]
+    unique = dict(sorted(gather_object(local), key=lambda x: x[0]))
+    return [unique[i] for i in range(len(items))]
 
 
 def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:

@@ -43,6 +43,12 @@ PAD_IS_EOS_NOTE = "pad == eos: lmtune masks padding by position, EOS stays a tar
 
 def inspect_generative(cfg: Config, source: str | None, *, examples: int = 3) -> dict[str, Any]:
     """The report of :func:`inspect_sft` or :func:`inspect_causal_lm`, by ``cfg.task``."""
+    if cfg.data.streaming:
+        from lmtune.errors import ConfigError
+
+        raise ConfigError("data inspect reads the whole training data, which data.streaming never loads",
+                          hint="inspect one shard: a copy of the config with data.streaming: false and "
+                          "data.train: one shard file")
     if cfg.task == "sft":
         return inspect_sft(cfg, source, examples=examples)
     if cfg.task == "causal_lm":

@@ -23,9 +23,16 @@ import torch
 from lmtune import __version__
 from lmtune.config import Config, load_config, save_config
 from lmtune.data.features import save_json_atomic
-from lmtune.errors import RunError
+from lmtune.errors import LmtuneError, RunError, is_disk_full
 from lmtune.run import Run
 from lmtune.training import checkpoint as ckpt
+from lmtune.training.distributed import (
+    _process_group_kwargs,
+    accelerator_plugins,
+    check_distributed_supported,
+    materialise_for_saving,
+    on_main_then_shared,
+)
 
 log = logging.getLogger("lmtune")
 
@@ -139,8 +146,11 @@ def prepare_run_dir(config: Config, *, resume: bool | str | Path, overwrite: boo
             return path if (path / RUN_FILE).is_file() else run_dir, found
         found = ckpt.latest_checkpoint(run_dir / "checkpoints")
         if found is None:
+            # Killed before its first checkpoint: nothing to continue, so say how to start over.
+            started = (run_dir / RUN_FILE).is_file()
             raise RunError("no complete checkpoint to resume from", file=run_dir / "checkpoints",
-                           hint="start the run without --resume")
+                           hint="the run stopped before its first checkpoint: start it again with --overwrite"
+                           if started else "start the run without --resume")
         return run_dir, found
     if run_dir.exists() and any(run_dir.iterdir()):
         status = _read_status(run_dir)
@@ -205,7 +215,13 @@ def train(
     quiet_libraries()
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    run_dir, resume_from = prepare_run_dir(cfg, resume=resume, overwrite=overwrite)
+    from accelerate import PartialState
+
+    # The process group first (a no-op for one process), so only the main process touches the folder.
+    state = PartialState(**_process_group_kwargs(cfg))
+    check_distributed_supported(cfg, state.num_processes)
+    run_dir, resume_from = on_main_then_shared(state, lambda: prepare_run_dir(cfg, resume=resume,
+                                                                                overwrite=overwrite))
     started = time.perf_counter()
 
     precision = resolve_precision(cfg.train.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
@@ -220,6 +236,7 @@ def train(
         mixed_precision=precision,
         log_with=list(cfg.train.trackers) or None,
         project_dir=str(run_dir),
+        **accelerator_plugins(cfg, state.num_processes),
     )
     with run_logging(run_dir, accelerator.is_main_process):
         try:
@@ -238,14 +255,21 @@ def train(
             model_path = (task.model_path() if hasattr(task, "model_path")
                           else resolve_model(cfg.model.name, allow_pickle=cfg.model.allow_pickle))
             tokenizer = task.load_tokenizer(model_path)
-            with accelerator.main_process_first():
+            # Tokenised once per machine: its main process fills the feature cache while the others wait,
+            # then they read it (a node-local cache works; a shared one is written atomically).
+            with accelerator.local_main_process_first():
                 data = task.prepare(tokenizer)
-            log.info("data: %s", ", ".join(f"{s} {len(d)}" for s, d in data.splits.items()))
-            model = task.build_model(model_path, data, tokenizer)
-            head = task.head_module_names(model)
-            model = apply_method(model, cfg.method, head,
-                                 peft_task_type=getattr(task, "peft_task_type", _PEFT_TASK.get(cfg.task, "")),
-                                 new_token_ids=task.new_token_ids() if hasattr(task, "new_token_ids") else None)
+            log.info("data: %s", ", ".join(f"{s} {len(d) if hasattr(d, '__len__') else 'streamed'}"
+                                           for s, d in data.splits.items()))
+            def build() -> tuple[torch.nn.Module, set[str]]:
+                body = task.build_model(model_path, data, tokenizer)
+                names = task.head_module_names(body)
+                return apply_method(body, cfg.method, names,
+                                    peft_task_type=getattr(task, "peft_task_type", _PEFT_TASK.get(cfg.task, "")),
+                                    new_token_ids=task.new_token_ids() if hasattr(task, "new_token_ids") else None,
+                                    ), names
+
+            model, head = build()
             params = describe(model)
             log.info("model %s, method %s: %s of %s parameters trainable", cfg.model.name, cfg.method.name,
                      f"{params['trainable_parameters']:,}", f"{params['total_parameters']:,}")
@@ -258,10 +282,14 @@ def train(
             starting = _starting_point(loop, run_dir, accelerator, resume_from is not None)
             if resume_from is not None:
                 loop.resume(resume_from)
-            log.info("training: %d steps (%d per epoch), batch %d x accumulation %d x %d process(es)",
-                     loop.total_steps, loop.steps_per_epoch, cfg.train.batch_size,
+                if accelerator.is_main_process:  # rows logged after the checkpoint come again
+                    ckpt.truncate_metrics_log(run_dir / "metrics.jsonl", loop.state.step)
+                    ckpt.remove_leftovers(run_dir / "checkpoints")
+            log.info("training: %d steps (%s per epoch), batch %d x accumulation %d x %d process(es)",
+                     loop.total_steps, loop.steps_per_epoch or "a stream: unknown", cfg.train.batch_size,
                      cfg.train.gradient_accumulation, accelerator.num_processes)
             with make_progress(show_progress and accelerator.is_main_process) as progress:
+                # A run that stopped early and was killed before it finished must not train on.
                 state = loop.fit(progress)
             best_step = loop.restore_best()
             _set_phase(task, "final")
@@ -272,9 +300,13 @@ def train(
                 final[split] = loop.evaluate(split)
                 eval_seconds[split] = time.perf_counter() - t0
             baselines = task.run_baselines(data) if hasattr(task, "run_baselines") and cfg.baselines else {}
+            # Sharded weights (FSDP, ZeRO-3) are gathered by every process together; the main process
+            # then saves a plain copy of the model.
+            saved_model = materialise_for_saving(accelerator, loop.model, lambda: build()[0])
             if accelerator.is_main_process:
                 summary = {
                     "best_step": best_step, "steps": state.step, "stopped_early": state.stopped_early,
+                    "skipped_steps": state.skipped_steps,
                     "train_seconds": state.train_seconds, "tokens_seen": state.tokens_seen,
                     "train_tokens_per_second": state.tokens_seen / max(state.train_seconds, 1e-9),
                     "precision": "fp32" if precision == "no" else precision,
@@ -285,7 +317,8 @@ def train(
                 metrics = {**final, "starting_point": starting, "summary": summary}
                 save_json_atomic(run_dir / "metrics.json", metrics)
                 save_json_atomic(run_dir / "data.json", data.info)
-                model_info = _save_model(loop, task, tokenizer, data, cfg, run_dir, metrics, model_path)
+                model_info = _save_model(loop, task, tokenizer, data, cfg, run_dir, metrics, model_path,
+                                         saved_model)
             if hasattr(task, "compare_with_baselines") and cfg.baselines:
                 # Neural baselines are sub-runs of this workflow (each resets Accelerate's state), so they
                 # start once this model is saved; then every model is timed on the same texts.
@@ -303,9 +336,17 @@ def train(
             accelerator.wait_for_everyone()
             accelerator.end_training()
         except BaseException as exc:
+            full = isinstance(exc, Exception) and not isinstance(exc, LmtuneError) and is_disk_full(exc, run_dir)
+            if full:
+                shutil.rmtree(run_dir / ".model.tmp", ignore_errors=True)  # a half-written model folder
             if accelerator.is_main_process and (run_dir / RUN_FILE).exists():
                 status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-                _write_run_file(run_dir, status=status, error=str(exc)[:2000], failed_at=_now())
+                with contextlib.suppress(OSError):  # the disk may still be full
+                    _write_run_file(run_dir, status=status, error=str(exc)[:2000], failed_at=_now())
+            if full:
+                raise RunError(f"the disk is full: could not write the run folder ({str(exc)[:200]})", file=run_dir,
+                               hint="free disk space, then run again with --resume: the last complete "
+                               "checkpoint is intact") from None
             raise
     return Run.load(run_dir)
 
@@ -343,19 +384,27 @@ def _starting_point(loop: Any, run_dir: Path, accelerator: Any, resuming: bool) 
 
 
 def _save_model(loop: Any, task: Any, tokenizer: Any, data: Any, cfg: Config, run_dir: Path,
-                metrics: dict[str, Any], base_path: Path | None) -> dict[str, Any]:
-    """Write ``model/`` (safetensors, tokenizer, lmtune.json, model card), check it reloads identically."""
+                metrics: dict[str, Any], base_path: Path | None,
+                model: torch.nn.Module | None = None) -> dict[str, Any]:
+    """Write ``model/`` (safetensors, tokenizer, lmtune.json, model card), check it reloads identically.
+
+    ``model`` is a plain copy of the trained model when the trained one is sharded across processes.
+    """
     from lmtune.models.card import write_model_card
     from lmtune.models.methods import save_final_model
 
     # Without Accelerate's autocast wrapper: the reload check compares float32 with float32 (under bf16
     # autocast QA start/end logits of ~10 differ from the float32 reload by ~5e-3, over the tolerance).
-    model = loop.accelerator.unwrap_model(loop.model, keep_fp32_wrapper=False)
+    if model is None:
+        model = loop.accelerator.unwrap_model(loop.model, keep_fp32_wrapper=False)
     model.eval()
     tmp = run_dir / ".model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     adapter_dir = run_dir / "adapter" if cfg.method.name in ("lora", "qlora") else None
     probe_batch = _probe_batch(loop)
+    if probe_batch is not None:  # a gathered copy of a sharded model lives on the CPU
+        device = next(model.parameters()).device
+        probe_batch = {k: v.to(device) for k, v in probe_batch.items()}
     with torch.no_grad():
         before = task._logits(model, probe_batch) if probe_batch is not None else None
     saved_as = save_final_model(model, tmp, adapter_dir, cfg.method.merge, base_path=base_path,

@@ -72,3 +72,13 @@ def serve_classifier_run(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir
     from serve_helpers import train_classifier_run
 
     return train_classifier_run(tmp_path_factory.mktemp("serve-clf"), tiny_bert_dir)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The inputs tests/test_fuzz.py tried, per target (issue 6 asks for the fuzz counts)."""
+    fuzz = sys.modules.get("test_fuzz")
+    lines = fuzz.summary_lines() if fuzz is not None else []
+    if lines:
+        terminalreporter.write_sep("-", "fuzzing: inputs tried (tests/test_fuzz.py)")
+        for line in lines:
+            terminalreporter.write_line(line)

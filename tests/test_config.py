@@ -82,3 +82,12 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
     cfg = load_config({"model": "minilm", "data": {"train": "x.csv"}}, {"method.name": "lora", "method.r": 4})
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg
+
+
+@pytest.mark.parametrize("override", [["--train.batch_size", "1" * 30], ["--train.epochs", "1" * 5000],
+                                      ["--train.max_steps", "1" * 20]])
+def test_absurd_numbers_are_config_errors(override: list[str]) -> None:
+    from lmtune.config import parse_override_args
+
+    with pytest.raises(ConfigError, match="train\\."):
+        load_config({"data": {"train": "x.csv"}}, parse_override_args(override))

@@ -10,6 +10,7 @@ line ``line + i``.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from lmtune.data.readers import Table
@@ -17,6 +18,9 @@ from lmtune.errors import DataError
 
 DOCSTART = "-DOCSTART-"
 COLUMNS = ("tokens", "tags", "conll_columns")
+# Line breaks: \n, \r\n or a lone \r. Not str.splitlines, which also breaks at \x0b, \x0c, \x1c-\x1e, \x85
+# and U+2028/9 (a latin-1 file's \x85 is one), so every later line number would be off.
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
 def _fields(line: str) -> list[str]:
@@ -42,7 +46,7 @@ def parse_conll(text: str, source: str) -> Table:
             lines.append(start)
             current.clear()
 
-    for number, raw in enumerate(text.splitlines(), 1):
+    for number, raw in enumerate(_LINE_BREAK.split(text), 1):
         if not raw.strip():
             close()
             continue

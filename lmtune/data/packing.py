@@ -20,7 +20,7 @@ Two ways to fill rows (PERFORMANCE.md: fixed-length rows are 3x padded batches o
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -47,17 +47,18 @@ def pack_stream(
     0). ``keep_last`` keeps a final, shorter row. Returns rows with ``input_ids``, ``labels``,
     ``position_ids`` and ``segments`` (how many sequence pieces the row holds).
     """
-    rows: list[Row] = []
+    return list(iter_pack_stream(sequences, row_length, keep_last=keep_last))
+
+
+def iter_pack_stream(
+    sequences: Iterable[tuple[Sequence[int], Sequence[int]]], row_length: int, *, keep_last: bool = True
+) -> Iterator[Row]:
+    """:func:`pack_stream` as a generator: each row is yielded as soon as it is full, so a stream of
+    any length is packed in the memory of one row (``data.streaming``)."""
     cur_ids: list[int] = []
     cur_lab: list[int] = []
     cur_pos: list[int] = []
     segments = 0
-
-    def flush() -> None:
-        nonlocal cur_ids, cur_lab, cur_pos, segments
-        rows.append({"input_ids": cur_ids, "labels": cur_lab, "position_ids": cur_pos, "segments": segments})
-        cur_ids, cur_lab, cur_pos, segments = [], [], [], 0
-
     for ids, labels in sequences:
         start = 0
         while start < len(ids):
@@ -69,10 +70,10 @@ def pack_stream(
             segments += 1
             start += room
             if len(cur_ids) == row_length:
-                flush()
+                yield {"input_ids": cur_ids, "labels": cur_lab, "position_ids": cur_pos, "segments": segments}
+                cur_ids, cur_lab, cur_pos, segments = [], [], [], 0
     if cur_ids and keep_last:
-        flush()
-    return rows
+        yield {"input_ids": cur_ids, "labels": cur_lab, "position_ids": cur_pos, "segments": segments}
 
 
 def pack_whole(

@@ -124,8 +124,9 @@ def _parse_answers_cell(value: Any, source: str, line: int, field: str) -> list[
             return []
         try:
             value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"answers are not valid JSON: {exc.msg}", file=source, line=line, field=field,
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, a 5000-digit number, [[[[...
+            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply or a number too long"
+            raise DataError(f"answers are not valid JSON: {reason}", file=source, line=line, field=field,
                             hint='e.g. {"text": ["1912"], "answer_start": [40]}') from None
     if value is None:
         return []
@@ -200,7 +201,7 @@ def read_qa_items(source: str, cfg: Any) -> tuple[list[dict[str, Any]], str, str
         text = _decode(_read_bytes(path, source), cfg.encoding, source)
         try:
             document = json.loads(text)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # JSONDecodeError, a 5000-digit number, [[[[... 100k deep
             document = None  # let the table reader report it (with its line) or read it as JSON Lines
         if is_squad_document(document):
             return read_squad_json(document, text, source), source, "squad"
@@ -214,7 +215,7 @@ def _start(value: Any) -> int | None:
         return None
     try:
         f = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int with 400 digits
         return None
     return int(f) if f.is_integer() and f >= 0 else None
 

@@ -185,6 +185,11 @@ class CausalLMTask(DecoderTask):
 
     def prepare(self, tokenizer: Any) -> TaskData:
         """Tokenise every split's documents and pack them into rows (cached)."""
+        stream = None
+        if self.data_cfg.streaming:  # data larger than memory: training rows are made as training reads them
+            from lmtune.data.streaming import open_causal_lm_stream
+
+            self._docs, stream, stream_info = open_causal_lm_stream(self, tokenizer)
         self._documents("train")
         info: dict[str, Any] = {}
         splits: dict[str, Any] = {}
@@ -197,6 +202,8 @@ class CausalLMTask(DecoderTask):
             splits[split] = ds
             lengths[split] = ds.lengths
             info[split] = {**split_info, **facts}
+        if stream is not None:
+            splits["train"], lengths["train"], info["train"] = stream, [], stream_info
         return TaskData(splits=splits, lengths=lengths, info=info,
                         extra={"documents": {s: v[0] for s, v in self._docs.items()}})
 

@@ -319,8 +319,11 @@ class ClassificationTask:
                             split, truncated, len(rows), d.max_length)
         info["labels"] = label_names
         info["multi_label"] = d.multi_label
+        # Where each training example came from, so the loop can name the rows of a step gone wrong.
+        train_source = str(info.get("train", {}).get("source", d.train))
+        source_lines = {"train": [(train_source, r["line"]) for r in splits.get("train", [])]}
         return TaskData(splits=features, lengths=lengths, info=info,
-                        extra={"texts": texts, "inputs": inputs, "targets": targets})
+                        extra={"texts": texts, "inputs": inputs, "targets": targets, "source_lines": source_lines})
 
     def _label_names(self, splits: dict[str, list[dict[str, Any]]], info: dict[str, Any]) -> list[str]:
         d = self.data_cfg

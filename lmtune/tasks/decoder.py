@@ -217,12 +217,17 @@ class DecoderTask:
         return model(**self._inputs(batch), use_cache=False).logits.float()  # (B, T, vocab)
 
     def _loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._row_losses(model, batch).sum()
+
+    def _row_losses(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B,) summed next-token cross-entropy of each row's target tokens."""
         logits = model(**self._inputs(batch), use_cache=False).logits  # (B, T, vocab)
         # Position t predicts token t+1: shift the labels, not the logits (slicing the logits would copy
         # the biggest tensor of the step, and its gradient).
         targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                               reduction="sum")
+        per_token = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                    reduction="none")  # (B*T,), 0 where ignored
+        return per_token.view(targets.shape).sum(dim=1)
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed next-token cross-entropy over the target tokens of the micro-batch."""
@@ -230,11 +235,12 @@ class DecoderTask:
 
     def loss_metrics(self, model: torch.nn.Module, loader: Any, accelerator: Any) -> dict[str, Any]:
         """Mean target-token loss and perplexity over one split, gathered across processes."""
-        total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # (loss sum, tokens)
+        total = torch.zeros(2, dtype=torch.float64)  # (loss sum, tokens)
         for batch in loader:
-            total[0] += self._loss_sum(model, batch).double()
-            total[1] += self.num_items(batch)
-        total = accelerator.reduce(total, reduction="sum")
+            rows = torch.stack([self._row_losses(model, batch).double(),
+                                (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1).double()], dim=1)  # (B, 2)
+            # Per row, so the rows Accelerate repeats to even out the last batches are dropped.
+            total += accelerator.gather_for_metrics(rows).sum(dim=0).cpu()
         loss = float(total[0] / total[1].clamp(min=1))
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "target_tokens": int(total[1])}
 

@@ -549,12 +549,16 @@ class EncoderDecoderSeq2SeqTask(Seq2SeqTask):
     # ------------------------------------------------------------------------------ evaluation
     def evaluate(self, model: Any, loader: Any, accelerator: Any, split: str, data: TaskData) -> dict[str, Any]:
         """Target-token loss and perplexity; at the final evaluation also generation and the job's scores."""
-        total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # (loss sum, target tokens)
+        total = torch.zeros(2, dtype=torch.float64)  # (loss sum, target tokens)
         with torch.no_grad():
             for batch in loader:
-                total[0] += self._loss_sum(model, batch).double()
-                total[1] += self.num_items(batch)
-        total = accelerator.reduce(total, reduction="sum")
+                logits = self._logits(model, batch)  # (B, T, vocab)
+                per_token = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(),
+                                            ignore_index=IGNORE_INDEX, reduction="none").view(batch["labels"].shape)
+                rows = torch.stack([per_token.sum(dim=1).double(),
+                                    (batch["labels"] != IGNORE_INDEX).sum(dim=1).double()], dim=1)  # (B, 2)
+                # Per row, so the rows Accelerate repeats to even out the last batches are dropped.
+                total += accelerator.gather_for_metrics(rows).sum(dim=0).cpu()
         loss = float(total[0] / total[1].clamp(min=1))
         metrics: dict[str, Any] = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "target_tokens": int(total[1])}
         if self.phase == "final" or self.config.generation.eval_during_training:

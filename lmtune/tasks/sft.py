@@ -186,10 +186,21 @@ class SFTTask(DecoderTask):
 
     def prepare(self, tokenizer: Any) -> TaskData:
         """Read, validate, split, render with the chat template, check, and tokenise (cached)."""
+        if self.data_cfg.streaming:  # data larger than memory: training rows are made as training reads them
+            from lmtune.data.streaming import open_sft_stream
+
+            splits, info, stream, preview = open_sft_stream(self, tokenizer)
+            data = self._prepare_splits(splits, info, tokenizer)
+            data.info["preflight"] = self.preflight(preview, tokenizer, self.data_cfg.train)
+            data.splits["train"], data.lengths["train"] = stream, []
+            return data
+        return self._prepare_splits(*self._splits(), tokenizer)
+
+    def _prepare_splits(self, splits: dict[str, list[dict[str, Any]]], info: dict[str, Any],
+                        tokenizer: Any) -> TaskData:
         from lmtune.generation import chat_prompt
 
         d = self.data_cfg
-        splits, info = self._splits()
         features: dict[str, Any] = {}
         lengths: dict[str, list[int]] = {}
         prompts: dict[str, list[str]] = {}

@@ -6,7 +6,11 @@ process) plus ``loop_state.json`` (step, epoch, position in the epoch, best
 metric, early-stopping counter). It is written into a hidden temporary folder
 and renamed into place only once complete, and ``loop_state.json`` is written
 last: a crash at any moment leaves either the previous checkpoints or a
-temporary folder that resume never looks at.
+temporary folder that resume never looks at. A checkpoint is only ever deleted
+by first renaming it out of the ``step-N`` namespace (``.trash-step-N``), so a
+crash halfway through a delete cannot leave a ``step-N`` folder that still holds
+``loop_state.json`` but has lost its weights. Tested by killing real training
+processes with SIGKILL (tests/test_resume_kill.py).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "loop_state.json"
+# Hidden leftovers of an interrupted write (.tmp-step-N) or delete (.trash-step-N); never read.
+LEFTOVER_GLOBS = (".tmp-step-*", ".trash-step-*")
 
 
 def checkpoint_name(step: int) -> str:
@@ -68,13 +74,18 @@ def save_checkpoint(accelerator: Any, folder: Path, step: int, state: dict[str, 
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp), safe_serialization=True)
-    except OSError as exc:
+    except Exception as exc:  # safetensors and torch.save do not raise OSError for a full disk
+        from lmtune.errors import RunError, is_disk_full
+
+        full = is_disk_full(exc, folder)  # before the partial folder is removed, freeing space
+        if not isinstance(exc, OSError) and not full:
+            raise
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        from lmtune.errors import RunError
-
+        detail = getattr(exc, "strerror", None) or str(exc)[:200]
+        reason = f"the disk is full ({detail})" if full else detail
         raise RunError(
-            f"could not write checkpoint for step {step}: {exc.strerror or exc}",
+            f"could not write checkpoint for step {step}: {reason}",
             file=tmp,
             hint="free disk space and run again with --resume; earlier checkpoints are intact",
         ) from None
@@ -84,10 +95,15 @@ def save_checkpoint(accelerator: Any, folder: Path, step: int, state: dict[str, 
         state_tmp.write_text(json.dumps(state, indent=2), encoding="utf-8")
         _fsync_tree(tmp)
         os.replace(state_tmp, tmp / STATE_FILE)
-        if final.exists():  # a stale checkpoint of the same step from an earlier attempt
-            shutil.rmtree(final)
+        # A stale checkpoint of the same step (a run resumed from an earlier checkpoint) is moved
+        # aside, not deleted in place: a crash mid-rmtree would leave `step-N` with its state file
+        # but without all its weights. Between the two renames neither copy has the final name, so
+        # resume falls back to the previous checkpoint; it never sees half of one.
+        trash = _move_aside(final) if final.exists() else None
         os.replace(tmp, final)
         _fsync_dir(folder)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
@@ -98,9 +114,55 @@ def prune_checkpoints(folder: Path, keep: int, protect: set[str]) -> None:
     keep_names = {p.name for p in found[-keep:]} | protect  # the newest `keep`, plus the best
     for path in found:
         if path.name not in keep_names:
-            shutil.rmtree(path, ignore_errors=True)
-    for stale in folder.glob(".tmp-step-*"):  # leftovers of a crash mid-write
-        shutil.rmtree(stale, ignore_errors=True)
+            shutil.rmtree(_move_aside(path), ignore_errors=True)
+    remove_leftovers(folder)
+
+
+def remove_leftovers(folder: Path) -> None:
+    """Delete what a crash mid-write or mid-delete left behind (hidden folders resume never reads)."""
+    if not folder.is_dir():
+        return
+    for pattern in LEFTOVER_GLOBS:
+        for stale in folder.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def truncate_metrics_log(path: Path, step: int) -> int:
+    """Drop the rows of ``metrics.jsonl`` logged after ``step``; returns how many were dropped.
+
+    On resume from the checkpoint of ``step``, the rows an interrupted run logged after that
+    checkpoint would otherwise appear twice (the resumed run logs those steps again). Every row
+    of a step is written before that step's checkpoint, so rows with ``step <= step`` are exactly
+    the ones the checkpoint has seen. A torn last line (a kill mid-write) is dropped too. The
+    file is replaced atomically; call it from the main process only.
+    """
+    if not path.is_file():
+        return 0
+    kept: list[str] = []
+    dropped = 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            dropped += 1
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] > step:
+            dropped += 1
+            continue
+        kept.append(line)
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return dropped
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename a checkpoint out of the ``step-N`` namespace (atomic) so it can be deleted at leisure."""
+    trash = path.with_name(f".trash-{path.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    return trash
 
 
 def _fsync_tree(path: Path) -> None:

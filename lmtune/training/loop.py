@@ -22,7 +22,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,11 @@ class LoopState:
     window_loss: float = 0.0
     window_items: float = 0.0
     window_tokens: int = 0
+    # data.streaming: micro-batches in one pass over the stream, once a pass has ended (for the epoch figure).
+    stream_epoch_batches: int | None = None
+    # Updates skipped for a non-finite loss/gradient (train.nonfinite: skip), and where.
+    skipped_steps: int = 0
+    skipped_log: list[dict[str, Any]] = field(default_factory=list)
 
 
 class MetricsLog:
@@ -148,7 +153,9 @@ class TrainingLoop:
         """Build optimizer, schedule and loaders, and hand them to Accelerate."""
         t = self.config.train
         collate = self.task.collator(self.tokenizer)
-        self.train_sampler = LengthGroupedBatchSampler(
+        # data.streaming: the training split is a stream with no length (lmtune.data.streaming).
+        self.streaming = isinstance(self.data.splits["train"], torch.utils.data.IterableDataset)
+        self.train_sampler = None if self.streaming else LengthGroupedBatchSampler(
             self.data.lengths["train"],
             t.batch_size,
             seed=t.seed,
@@ -156,10 +163,14 @@ class TrainingLoop:
         )
         # A private generator: DataLoader iterators otherwise draw from the global RNG,
         # which would shift dropout masks between a resumed and an uninterrupted run.
+        # Batches carry the training split's indices of their examples (`example_ids`), so a
+        # non-finite loss can name them; the loop takes them out before the task sees the batch.
         train_loader = DataLoader(
-            self.data.splits["train"],
+            self.data.splits["train"], batch_size=t.batch_size, collate_fn=collate, num_workers=t.num_workers,
+        ) if self.streaming else DataLoader(
+            _WithIndex(self.data.splits["train"]),
             batch_sampler=self.train_sampler,
-            collate_fn=collate,
+            collate_fn=_CollateWithIds(collate),
             num_workers=t.num_workers,
             generator=torch.Generator().manual_seed(t.seed),
         )
@@ -178,16 +189,79 @@ class TrainingLoop:
                 self.eval_loaders[split] = self.accelerator.prepare_data_loader(loader)
 
         optimizer = _adamw(_param_groups(self.model, self.config, self.head_names), t.learning_rate)
-        self.model, self.optimizer, self.train_loader = self.accelerator.prepare(self.model, optimizer, train_loader)
+        if self.streaming:
+            self._prepare_stream(optimizer, train_loader)
+        else:
+            self.model, self.optimizer, self.train_loader = self.accelerator.prepare(self.model, optimizer,
+                                                                                     train_loader)
 
-        self.steps_per_epoch = max(1, math.ceil(len(self.train_loader) / t.gradient_accumulation))
-        self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * self.steps_per_epoch))
+        self.steps_per_epoch: int | None = (None if self.streaming else
+                                            max(1, math.ceil(len(self.train_loader) / t.gradient_accumulation)))
+        self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * (self.steps_per_epoch or 1)))
         warmup = t.warmup_steps if t.warmup_steps is not None else round(t.warmup_ratio * self.total_steps)
         # Not prepared by Accelerate on purpose: it would step once per process; we step once per update.
         self.scheduler = get_scheduler(
             t.schedule, self.optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps
         )
         self.accelerator.register_for_checkpointing(self.scheduler)
+
+    def _prepare_stream(self, optimizer: torch.optim.Optimizer, train_loader: DataLoader) -> None:
+        """Accelerate for model and optimizer; the stream's loader only placed on the device.
+
+        Each process already reads its own share of the stream (``split_dataset_by_node``), so the
+        loader must not be split again (``IterableDatasetShard``: every process would read and
+        tokenise everything) nor dispatched (one process would read for all).
+        """
+        from accelerate.data_loader import prepare_data_loader
+
+        ds_plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if ds_plugin is not None and ds_plugin.is_auto("train_micro_batch_size_per_gpu"):
+            # DeepSpeed reads the micro-batch size from a prepared loader, which a stream does not pass.
+            ds_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = self.config.train.batch_size
+        self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
+        self.train_loader = prepare_data_loader(train_loader, self.accelerator.device, num_processes=1,
+                                                process_index=0, put_on_device=True, dispatch_batches=False)
+
+    def _epoch_length(self) -> float:
+        """Micro-batches per epoch; infinite for a stream, whose epoch ends when it runs out
+        (``_stream_batches``), so optimizer steps run on across a stream's epoch boundary."""
+        return math.inf if self.streaming else len(self.train_loader)
+
+    def _stream_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Micro-batches of a stream from the current position onwards, pass after pass.
+
+        Resuming re-reads the epoch (the same ``(seed, epoch)`` gives the same rows) and skips the
+        batches already used. With several processes every one must take part in every step, or
+        the gradient all-reduce would wait forever: the epoch ends for all as soon as one
+        process's share runs out (the others drop the rest of theirs for this epoch).
+        """
+        acc = self.accelerator
+        stream = self.data.splits["train"]
+        while True:
+            loader = self.train_loader
+            if self.state.batch_in_epoch:
+                loader = acc.skip_first_batches(self.train_loader, self.state.batch_in_epoch)
+            # Accelerate's loader hands its own pass counter to the dataset at every __iter__ (0 again in a
+            # resumed process and in a skip-loader): set it to the epoch, and the stream too.
+            loader.set_epoch(self.state.epoch)
+            stream.set_epoch(self.state.epoch)
+            batches = iter(loader)
+            while True:
+                batch = next(batches, None)
+                if acc.num_processes > 1:
+                    have = torch.tensor([0.0 if batch is None else 1.0], device=acc.device)
+                    if float(acc.gather(have).min()) == 0.0:
+                        batch = None
+                if batch is None:
+                    break
+                self.state.batch_in_epoch += 1
+                yield batch
+            if self.state.batch_in_epoch == 0:
+                raise TrainingError("the training stream gave no batch in a whole pass: check data.train "
+                                    "(every example empty, too long for data.max_length, or held out)")
+            self.state.stream_epoch_batches = self.state.batch_in_epoch
+            self.state.epoch += 1
+            self.state.batch_in_epoch = 0
 
     # ----------------------------------------------------------------------------- resume
     def resume(self, path: Path) -> None:
@@ -207,6 +281,9 @@ class TrainingLoop:
         lazily when the next batch is asked for, so a checkpoint taken right at an
         epoch's end resumes into the next epoch.
         """
+        if self.train_sampler is None:
+            yield from self._stream_batches()
+            return
         while True:
             if self.state.batch_in_epoch >= len(self.train_loader):
                 self.state.epoch += 1
@@ -231,8 +308,9 @@ class TrainingLoop:
         stream = self._micro_batches()
         window_start = time.perf_counter()
         task_bar = progress.add_task("train", total=self.total_steps, completed=self.state.step) if progress else None
-        epoch_len = len(self.train_loader)
-        while self.state.step < self.total_steps:
+        epoch_len = self._epoch_length()
+        # A run resumed after it stopped early is finished: it must not train on.
+        while self.state.step < self.total_steps and not self.state.stopped_early:
             step_start = time.perf_counter()
             micro: list[dict[str, torch.Tensor]] = []
             # A step ends early at an epoch's end (a short final step, as mainstream trainers do).
@@ -247,6 +325,8 @@ class TrainingLoop:
                 raise TrainingError(f"step {self.state.step + 1}: no items carry loss in this batch")
             step_loss = torch.zeros((), device=acc.device)
             tokens = 0
+            # (B,) indices into the training split, per micro-batch; only read if the step goes wrong.
+            example_ids = [b.pop("example_ids", None) for b in micro]
             for i, batch in enumerate(micro):
                 last = i == len(micro) - 1
                 ctx = acc.no_sync(self.model) if not last else _nullcontext()
@@ -256,15 +336,16 @@ class TrainingLoop:
                 step_loss += loss_sum.detach().float()
                 tokens += _real_tokens(batch)
             step_loss = acc.reduce(step_loss, reduction="sum")
-            if not torch.isfinite(step_loss):
-                raise TrainingError(
-                    f"loss is {step_loss.item()} at step {self.state.step + 1} (epoch {self.state.epoch}); "
-                    "lower train.learning_rate or check the data",
-                )
             grad_norm = None
-            if t.max_grad_norm is not None:
+            if torch.isfinite(step_loss) and t.max_grad_norm is not None:
                 grad_norm = acc.clip_grad_norm_(self.model.parameters(), t.max_grad_norm)
-            self.optimizer.step()
+            # Every process sees the same reduced loss and the same global norm, so all agree to skip.
+            bad = "loss" if not torch.isfinite(step_loss) else (
+                "gradient norm" if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)) else None)
+            if bad is None:
+                self.optimizer.step()
+            else:
+                self._nonfinite_step(bad, step_loss if bad == "loss" else grad_norm, example_ids)
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.state.step += 1
@@ -273,8 +354,9 @@ class TrainingLoop:
             self.state.train_seconds += time.perf_counter() - step_start
 
             st = self.state
-            st.window_loss += step_loss.item()
-            st.window_items += total_items
+            if bad is None:  # a skipped step's NaN would poison the logged mean
+                st.window_loss += step_loss.item()
+                st.window_items += total_items
             st.window_tokens += tokens_all
             if progress is not None:
                 progress.update(task_bar, advance=1, loss=step_loss.item() / total_items,
@@ -323,8 +405,43 @@ class TrainingLoop:
                 self._save()
         return self.state
 
+    def _nonfinite_step(self, what: str, value: Any, example_ids: list[torch.Tensor | None]) -> None:
+        """Stop (``train.nonfinite: stop``) or count a skipped update, naming the step and its examples."""
+        from accelerate.utils import gather_object
+
+        t = self.config.train
+        # The examples of this step on every process (micro-batch by micro-batch), for the message.
+        local = [int(i) for ids in example_ids if ids is not None for i in ids.tolist()]
+        ids = sorted(set(gather_object(local))) if self.accelerator.num_processes > 1 else local
+        shown = ", ".join(map(str, ids[:32])) + (f" ... ({len(ids)} in all)" if len(ids) > 32 else "")
+        where = (f"{what} is {float(value)} at step {self.state.step + 1} (epoch {self.state.epoch}); "
+                 f"training examples (indices in the train split): {shown}")
+        # Tasks that keep each example's origin let the message name the file and lines.
+        lines = (self.data.extra.get("source_lines") or {}).get("train")
+        if lines and ids and max(ids) < len(lines):
+            by_file: dict[str, list[int]] = {}
+            for i in ids:
+                source, line = lines[i]
+                by_file.setdefault(str(source), []).append(int(line))
+            where += "; from " + "; ".join(
+                f"{source} lines {', '.join(map(str, sorted(found)[:32]))}" for source, found in by_file.items())
+        if t.nonfinite == "stop":
+            raise TrainingError(where, hint="lower train.learning_rate, check those examples, or set "
+                                "train.nonfinite skip to skip such steps")
+        self.state.skipped_steps += 1
+        self.state.skipped_log.append({"step": self.state.step + 1, "what": what, "example_ids": ids[:256]})
+        log.warning("skipped the update: %s", where)
+        self.metrics_log.write({"step": self.state.step + 1, "split": "skipped", "what": what,
+                                "example_ids": ids[:256]})
+        if self.state.skipped_steps > t.max_skipped_steps:
+            raise TrainingError(f"{self.state.skipped_steps} steps skipped for a non-finite loss or gradient "
+                                f"(train.max_skipped_steps {t.max_skipped_steps}); last: {where}",
+                                hint="lower train.learning_rate or check the data")
+
     def _epoch_float(self) -> float:
-        return self.state.epoch + self.state.batch_in_epoch / max(len(self.train_loader), 1)
+        # A stream's pass length is known once a pass has ended (in this process); until then whole epochs.
+        length = self.state.stream_epoch_batches if self.streaming else len(self.train_loader)
+        return self.state.epoch + (self.state.batch_in_epoch / max(length, 1) if length else 0.0)
 
     # ----------------------------------------------------------------------------- validate
     def evaluate(self, split: str) -> dict[str, Any]:
@@ -401,6 +518,35 @@ def _real_tokens(batch: dict[str, torch.Tensor]) -> int:
     if "attention_mask" in batch:
         return int(batch["attention_mask"].sum())
     return int(batch["input_ids"].numel()) if "input_ids" in batch else 0
+
+
+class _WithIndex(torch.utils.data.Dataset):
+    """A map-style dataset whose items are ``(index, item)``; batched fetches stay batched."""
+
+    def __init__(self, ds: Any) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> tuple[int, Any]:
+        return i, self.ds[i]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[int, Any]]:
+        items = self.ds.__getitems__(indices) if hasattr(self.ds, "__getitems__") else [self.ds[i] for i in indices]
+        return list(zip(indices, items, strict=True))
+
+
+class _CollateWithIds:
+    """Collates ``(index, item)`` pairs with the task's collator and adds ``example_ids`` (B,)."""
+
+    def __init__(self, collate: Any) -> None:
+        self.collate = collate
+
+    def __call__(self, pairs: list[tuple[int, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.collate([item for _, item in pairs])
+        batch["example_ids"] = torch.tensor([i for i, _ in pairs], dtype=torch.long)
+        return batch
 
 
 class _nullcontext:
