@@ -1,7 +1,7 @@
 """`lmtune plan`'s estimate against a measured training peak (whole-process RSS), on the bundled models.
 
 Each case runs in its own subprocess: import torch/transformers (RSS then is the baseline the plan calls
-"framework overhead"), build the model as `lmtune train` does (task.build_model + apply_method, real
+"framework overhead"), build the model as `lmtune train` does (methods.build_task_model, real
 weights), the loop's fused AdamW, then `--steps` forward/backward/optimizer steps on fixed-shape batches
 (batch x length tokens, no padding) under the case's precision. The child reports ``ru_maxrss``; the
 parent prints it beside the plan's total for the same config. RSS is noisy (allocator caching, page
@@ -28,7 +28,7 @@ from lmtune.workflow import quiet_libraries
 quiet_libraries()
 base = psutil.Process().memory_info().rss
 from lmtune.config import load_config
-from lmtune.models.methods import apply_method
+from lmtune.models.methods import build_task_model
 from lmtune.tasks import get_task
 from lmtune.training.loop import _adamw, _param_groups
 cfg = load_config(json.loads(sys.argv[1]))
@@ -37,9 +37,7 @@ task = get_task(cfg.task)(cfg)
 path = task.model_path()
 tok = task.load_tokenizer(path)
 data = task.prepare(tok)
-model = task.build_model(path, data, tok)
-head = task.head_module_names(model)
-model = apply_method(model, cfg.method, head, peft_task_type="SEQ_CLS" if cfg.task == "classification" else "CAUSAL_LM")
+model, head = build_task_model(task, path, data, tok)
 model.train()
 opt = _adamw(_param_groups(model, cfg, head), 1e-5)
 g = torch.Generator().manual_seed(0)

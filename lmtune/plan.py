@@ -295,8 +295,7 @@ def _facts(model: torch.nn.Module, stacks: list[Stack], head: set[str], method: 
 
 def build_meta_model(task: Any, model_path: Path | None, data: Any, tokenizer: Any, method: Any) -> ModelFacts:
     """The task's model with ``method`` applied, built on the meta device; its facts."""
-    from lmtune.models.methods import apply_method
-    from lmtune.workflow import _PEFT_TASK
+    from lmtune.models.methods import apply_task_method
 
     with meta_device():
         model = task.build_model(model_path, data, tokenizer)
@@ -308,9 +307,7 @@ def build_meta_model(task: Any, model_path: Path | None, data: Any, tokenizer: A
     head = task.head_module_names(model)
     build_method = method.model_copy(update={"name": "lora"}) if method.name == "qlora" else method
     with meta_device():
-        model = apply_method(model, build_method, head,
-                             peft_task_type=getattr(task, "peft_task_type", _PEFT_TASK.get(task.name, "")),
-                             new_token_ids=task.new_token_ids() if hasattr(task, "new_token_ids") else None)
+        model = apply_task_method(model, task, build_method, head)
     return _facts(model, stacks, head, method, lm_head)
 
 

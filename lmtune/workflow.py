@@ -202,7 +202,7 @@ def train(
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from lmtune.models.methods import apply_method, check_method_supported, describe
+    from lmtune.models.methods import build_task_model, check_method_supported, describe
     from lmtune.models.registry import resolve_model
     from lmtune.tasks import get_task
     from lmtune.training.loop import MetricsLog, TrainingLoop
@@ -261,15 +261,7 @@ def train(
                 data = task.prepare(tokenizer)
             log.info("data: %s", ", ".join(f"{s} {len(d) if hasattr(d, '__len__') else 'streamed'}"
                                            for s, d in data.splits.items()))
-            def build() -> tuple[torch.nn.Module, set[str]]:
-                body = task.build_model(model_path, data, tokenizer)
-                names = task.head_module_names(body)
-                return apply_method(body, cfg.method, names,
-                                    peft_task_type=getattr(task, "peft_task_type", _PEFT_TASK.get(cfg.task, "")),
-                                    new_token_ids=task.new_token_ids() if hasattr(task, "new_token_ids") else None,
-                                    ), names
-
-            model, head = build()
+            model, head = build_task_model(task, model_path, data, tokenizer)
             params = describe(model)
             log.info("model %s, method %s: %s of %s parameters trainable", cfg.model.name, cfg.method.name,
                      f"{params['trainable_parameters']:,}", f"{params['total_parameters']:,}")
@@ -302,7 +294,8 @@ def train(
             baselines = task.run_baselines(data) if hasattr(task, "run_baselines") and cfg.baselines else {}
             # Sharded weights (FSDP, ZeRO-3) are gathered by every process together; the main process
             # then saves a plain copy of the model.
-            saved_model = materialise_for_saving(accelerator, loop.model, lambda: build()[0])
+            saved_model = materialise_for_saving(
+                accelerator, loop.model, lambda: build_task_model(task, model_path, data, tokenizer)[0])
             if accelerator.is_main_process:
                 summary = {
                     "best_step": best_step, "steps": state.step, "stopped_early": state.stopped_early,
@@ -349,9 +342,6 @@ def train(
                                "checkpoint is intact") from None
             raise
     return Run.load(run_dir)
-
-
-_PEFT_TASK = {"classification": "SEQ_CLS"}
 
 
 def _set_phase(task: Any, phase: str) -> None:

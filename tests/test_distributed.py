@@ -83,6 +83,18 @@ def _rows(run: Path, split: str) -> list[dict[str, Any]]:
     return [r for r in rows if r["split"] == split]
 
 
+def _one_and_two_processes(tmp_path: Path, cfg: dict[str, Any]) -> tuple[Path, Path]:
+    """Train ``cfg`` on one process with accumulation 2 and on two processes; returns both run folders."""
+    runs = []
+    for name, train, launch in (("one", {"gradient_accumulation": 2}, []), ("two", {}, ["--num-processes", "2"])):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({**cfg, "train": {**cfg["train"], **train},
+                                        "output_dir": str(tmp_path / name)}))
+        _lmtune(["train", str(path), *launch, "--no-progress"], tmp_path / "cache")
+        runs.append(tmp_path / name)
+    return runs[0], runs[1]
+
+
 @pytest.fixture(scope="module")
 def one_process(setup: dict[str, Path]) -> Path:
     _lmtune(["train", str(_config(setup, "one", gradient_accumulation=2)), "--no-progress"], setup["root"] / "cache")
@@ -264,22 +276,13 @@ def test_two_process_lora_sft_matches_one_process(tmp_path: Path, tiny_chat_llam
 
     data = write_jsonl(tmp_path / "qa.jsonl", qa_rows(240))
 
-    def config(name: str, **train: Any) -> Path:
-        cfg = {"task": "sft", "model": str(tiny_chat_llama_dir), "method": {"name": "lora", "r": 8, "dropout": 0.0},  # no RNG per process
-               "data": {"train": str(data), "max_length": 96},
-               # 12 steps x 2 batches of 4 stay inside the first epoch: no batch is repeated to even out
-               "train": {"max_steps": 12, "batch_size": 4, "learning_rate": 1e-2, "warmup_ratio": 0.0,
-                         "precision": "fp32", "log_every": 2, "eval_every": 6, **train},
-               "generation": {"max_new_tokens": 6, "eval_examples": 7},
-               "output_dir": str(tmp_path / name)}
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        return path
-
-    cache = tmp_path / "cache"
-    _lmtune(["train", str(config("one", gradient_accumulation=2)), "--no-progress"], cache)
-    _lmtune(["train", str(config("two")), "--num-processes", "2", "--no-progress"], cache)
-    one, two = tmp_path / "one", tmp_path / "two"
+    one, two = _one_and_two_processes(tmp_path, {
+        "task": "sft", "model": str(tiny_chat_llama_dir), "method": {"name": "lora", "r": 8, "dropout": 0.0},
+        "data": {"train": str(data), "max_length": 96},
+        # 12 steps x 2 batches of 4 stay inside the first epoch: no batch is repeated to even out
+        "train": {"max_steps": 12, "batch_size": 4, "learning_rate": 1e-2, "warmup_ratio": 0.0,
+                  "precision": "fp32", "log_every": 2, "eval_every": 6},
+        "generation": {"max_new_tokens": 6, "eval_examples": 7}})
     a, b = _rows(one, "train"), _rows(two, "train")
     assert len(a) == len(b) == 6
     worst = max(abs(x["loss"] - y["loss"]) / abs(x["loss"]) for x, y in zip(a, b, strict=True))
@@ -317,18 +320,10 @@ def test_two_process_evaluation_of_span_tasks_matches_one_process(task: str, tmp
         data = {"train": str(data_file), "max_length": 24, "doc_stride": 6, "max_answer_length": 5}
         keys = ("exact_match", "f1", "loss", "num_examples")
 
-    def config(name: str, **train: Any) -> Path:
-        cfg = {"task": task, "model": str(tiny_bert_nodrop_dir), "data": data,
-               "train": {"max_steps": 10, "batch_size": 4, "learning_rate": 3e-3, "precision": "fp32",
-                         "log_every": 2, "eval_every": 5, "eval_batch_size": 3, **train},
-               "output_dir": str(tmp_path / name)}
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        return path
-
-    cache = tmp_path / "cache"
-    _lmtune(["train", str(config("one", gradient_accumulation=2)), "--no-progress"], cache)
-    _lmtune(["train", str(config("two")), "--num-processes", "2", "--no-progress"], cache)
+    _one_and_two_processes(tmp_path, {
+        "task": task, "model": str(tiny_bert_nodrop_dir), "data": data,
+        "train": {"max_steps": 10, "batch_size": 4, "learning_rate": 3e-3, "precision": "fp32",
+                  "log_every": 2, "eval_every": 5, "eval_batch_size": 3}})
     m1, m2 = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("one", "two"))
     assert m2["summary"]["num_processes"] == 2
     for split in ("validation", "test"):

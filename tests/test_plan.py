@@ -56,7 +56,7 @@ def test_trainable_count_equals_a_real_run(method: dict[str, Any], tiny_bert_dir
 
 def _real_model(cfg_dict: dict[str, Any]) -> tuple[Any, Any, Any, Any, Any]:
     """The model exactly as `lmtune train` builds it (task, method), with real weights."""
-    from lmtune.models.methods import apply_method
+    from lmtune.models.methods import build_task_model
     from lmtune.tasks import get_task
 
     cfg = load_config(cfg_dict)
@@ -64,9 +64,7 @@ def _real_model(cfg_dict: dict[str, Any]) -> tuple[Any, Any, Any, Any, Any]:
     path = task.model_path()
     tok = task.load_tokenizer(path)
     data = task.prepare(tok)
-    model = task.build_model(path, data, tok)
-    head = task.head_module_names(model)
-    model = apply_method(model, cfg.method, head, peft_task_type="SEQ_CLS")
+    model, _head = build_task_model(task, path, data, tok)
     return cfg, task, tok, data, model
 
 

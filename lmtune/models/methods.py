@@ -61,6 +61,29 @@ def quantization_config(method: MethodConfig) -> Any:
                               bnb_4bit_compute_dtype=torch.bfloat16)
 
 
+# peft task types for tasks that do not name their own (`task.peft_task_type`).
+PEFT_TASK_TYPES = {"classification": "SEQ_CLS"}
+
+
+def build_task_model(task: Any, model_path: Path | None, data: Any, tokenizer: Any,
+                     method: MethodConfig | None = None) -> tuple[torch.nn.Module, set[str]]:
+    """The model a run trains: the task's body and head with ``method`` applied; and the head's names.
+
+    The one recipe ``lmtune train`` (and the gathered copy of a sharded model), ``lmtune plan``
+    and the benchmarks build from.
+    """
+    body = task.build_model(model_path, data, tokenizer)
+    head = task.head_module_names(body)
+    return apply_task_method(body, task, method or task.config.method, head), head
+
+
+def apply_task_method(model: torch.nn.Module, task: Any, method: MethodConfig, head: set[str]) -> torch.nn.Module:
+    """:func:`apply_method` with the task's peft task type and the tokens its chat template added."""
+    return apply_method(model, method, head,
+                        peft_task_type=getattr(task, "peft_task_type", PEFT_TASK_TYPES.get(task.name, "")),
+                        new_token_ids=task.new_token_ids() if hasattr(task, "new_token_ids") else None)
+
+
 def apply_method(
     model: torch.nn.Module, method: MethodConfig, head_names: set[str], *, peft_task_type: str,
     new_token_ids: list[int] | None = None,
