@@ -136,7 +136,9 @@ def deepspeed_plugin(cfg: Config) -> Any:
         offload_optimizer_device=d.offload_optimizer,
         offload_param_device=d.offload_params,
         zero3_init_flag=False,
-        zero3_save_16bit_model=False,
+        # ZeRO-3 holds no whole copy of the weights: Accelerate's get_state_dict can gather one only as
+        # 16-bit tensors (the saved model is then the bf16/fp16 rounding of the fp32 master weights).
+        zero3_save_16bit_model=d.zero_stage == 3,
     )
 
 
