@@ -105,7 +105,6 @@ def train(ctx: typer.Context, config: Path = typer.Argument(..., help="The run's
             raise ConfigError("--num-processes inside a launched process: drop it, `accelerate launch` already "
                               "started the processes")
         from lmtune.config import load_config
-        from lmtune.run import Run
         from lmtune.training.distributed import launch
 
         resume, _overwrite, _progress, overrides = _split_train_args(args)
@@ -114,16 +113,16 @@ def train(ctx: typer.Context, config: Path = typer.Argument(..., help="The run's
                       **launch_args)
         if code:
             raise typer.Exit(code)
-        run_dir = Path(cfg.output_dir)
-        if isinstance(resume, str) and (Path(resume) / "run.json").is_file():
-            run_dir = Path(resume)
-        _print_results(Run.load(run_dir))
-        return
+        return  # the main process printed the results
     from lmtune.workflow import train as run_train
 
     resume, overwrite, progress, overrides = _split_train_args(args)
     run = run_train(config, overrides=overrides, resume=resume, overwrite=overwrite, show_progress=progress)
-    _print_results(run)
+    from lmtune.training.distributed import end_processes
+
+    end_processes()  # a process started by `accelerate launch`: leave the group together
+    if os.environ.get("LOCAL_RANK") in (None, "0") and int(os.environ.get("RANK", "0")) == 0:
+        _print_results(run)
 
 
 @app.command()

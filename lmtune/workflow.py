@@ -327,7 +327,11 @@ def train(
                 _write_run_file(run_dir, status="complete", finished_at=_now(),
                                 wall_seconds=time.perf_counter() - started)
             accelerator.wait_for_everyone()
-            accelerator.end_training()
+            # Not accelerator.end_training(): it also destroys the process group, which neural-baseline
+            # sub-runs and later runs in this process still need, and which a DDP model freed after it
+            # would then tear down alone (a gloo process hung there; see end_processes).
+            for tracker in accelerator.trackers:
+                tracker.finish()
         except BaseException as exc:
             full = isinstance(exc, Exception) and not isinstance(exc, LmtuneError) and is_disk_full(exc, run_dir)
             if full:

@@ -199,6 +199,24 @@ def materialise_for_saving(accelerator: Any, model: torch.nn.Module,
     return copy
 
 
+def end_processes() -> None:
+    """Leave the process group together, once the run's models are freed (end of a launched process).
+
+    Destroying the group while a DDP model still holds it leaves its last reference to the model's
+    reducer: freed later, in one process after the other has exited, gloo's destructor waited for
+    its peer forever. So: free what is garbage, meet at a barrier, then destroy the group everywhere.
+    """
+    import gc
+
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def launch_command(argv: list[str], num_processes: int, *, num_machines: int = 1, machine_rank: int = 0,
                    main_process_ip: str | None = None, main_process_port: int | None = None,
                    config_file: str | None = None) -> list[str]:
