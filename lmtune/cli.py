@@ -107,8 +107,8 @@ def train(ctx: typer.Context, config: Path = typer.Argument(..., help="The run's
         from lmtune.config import load_config
         from lmtune.training.distributed import launch
 
-        resume, _overwrite, _progress, overrides = _split_train_args(args)
-        cfg = load_config(config, overrides)  # a bad config fails here once, not in every process
+        _resume, _overwrite, _progress, overrides = _split_train_args(args)
+        load_config(config, overrides)  # a bad config fails here once, not in every process
         code = launch([str(config), *args], nprocs, config_file=launch_args.pop("accelerate_config", None),
                       **launch_args)
         if code:

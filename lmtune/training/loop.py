@@ -22,7 +22,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,9 +65,8 @@ class LoopState:
     window_tokens: int = 0
     # data.streaming: micro-batches in one pass over the stream, once a pass has ended (for the epoch figure).
     stream_epoch_batches: int | None = None
-    # Updates skipped for a non-finite loss/gradient (train.nonfinite: skip), and where.
+    # Updates skipped for a non-finite loss/gradient (train.nonfinite: skip); where is in metrics.jsonl.
     skipped_steps: int = 0
-    skipped_log: list[dict[str, Any]] = field(default_factory=list)
 
 
 class MetricsLog:
@@ -429,7 +428,6 @@ class TrainingLoop:
             raise TrainingError(where, hint="lower train.learning_rate, check those examples, or set "
                                 "train.nonfinite skip to skip such steps")
         self.state.skipped_steps += 1
-        self.state.skipped_log.append({"step": self.state.step + 1, "what": what, "example_ids": ids[:256]})
         log.warning("skipped the update: %s", where)
         self.metrics_log.write({"step": self.state.step + 1, "split": "skipped", "what": what,
                                 "example_ids": ids[:256]})
