@@ -130,8 +130,8 @@ def child_lmtune(workdir: Path, steps: int, warmup: int, profile: bool) -> dict[
 
     import torch
 
-    from lmtune.tasks.classification import ClassificationTask
-    from lmtune.workflow import train
+    from lmtune.tasks.classification.task import ClassificationTask
+    from lmtune.workflows.train import train
 
     try:  # the package was renamed lmtune.train -> lmtune.training; accept both
         loop_mod = importlib.import_module("lmtune.training.loop")

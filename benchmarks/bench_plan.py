@@ -24,7 +24,7 @@ from typing import Any
 CHILD = r"""
 import json, resource, sys
 import psutil, torch, transformers  # noqa: F401  (the framework the baseline RSS holds)
-from lmtune.workflow import quiet_libraries
+from lmtune.console import quiet_libraries
 quiet_libraries()
 base = psutil.Process().memory_info().rss
 from lmtune.config import load_config
@@ -60,7 +60,7 @@ print(json.dumps({"base_rss": base, "peak_rss": peak}))
 
 
 def _case(name: str, cfg: dict[str, Any], batch: int, length: int, steps: int) -> dict[str, Any]:
-    from lmtune.plan import plan
+    from lmtune.workflows.plan import plan
 
     child = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cfg), str(batch), str(length), str(steps)],
                            capture_output=True, text=True)

@@ -260,7 +260,7 @@ def child_lmtune(workdir: Path, model_dir: Path, variant: str, steps: int, warmu
     import torch
 
     import lmtune
-    from lmtune.tasks.sft import SFTTask
+    from lmtune.tasks.sft.task import SFTTask
     from lmtune.training import loop as loop_mod
 
     log = StepLog(steps)

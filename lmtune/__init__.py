@@ -15,16 +15,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from lmtune.version import __version__
 
 if TYPE_CHECKING:
     from lmtune.config import Config
-    from lmtune.run import Run
+    from lmtune.workflows.run import Run
 
 
 def train(config: Any, **kwargs: Any) -> Run:
     """Train a model from a config (YAML path, mapping or ``Config``); see ``lmtune.workflow.train``."""
-    from lmtune.workflow import train as _train
+    from lmtune.workflows.train import train as _train
 
     return _train(config, **kwargs)
 
@@ -38,7 +38,7 @@ def load_config(source: Any, overrides: dict[str, Any] | None = None) -> Config:
 
 def load_run(path: Any) -> Run:
     """Open a finished run folder (or a bare model folder) to evaluate or predict."""
-    from lmtune.run import Run
+    from lmtune.workflows.run import Run
 
     return Run.load(path)
 

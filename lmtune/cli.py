@@ -114,7 +114,7 @@ def train(ctx: typer.Context, config: Path = typer.Argument(..., help="The run's
         if code:
             raise typer.Exit(code)
         return  # the main process printed the results
-    from lmtune.workflow import train as run_train
+    from lmtune.workflows.train import train as run_train
 
     resume, overwrite, progress, overrides = _split_train_args(args)
     run = run_train(config, overrides=overrides, resume=resume, overwrite=overwrite, show_progress=progress)
@@ -131,7 +131,7 @@ def demo(
     progress: bool = typer.Option(True, help="Show the progress bar."),
 ) -> None:
     """Fine-tune the bundled MiniLM on the bundled Rotten Tomatoes reviews, beside cheap baselines."""
-    from lmtune.workflow import train as run_train
+    from lmtune.workflows.train import train as run_train
 
     run = run_train(_DEMO_CONFIG, overrides={"output_dir": str(output_dir)}, overwrite=True, show_progress=progress)
     _print_results(run)
@@ -203,7 +203,7 @@ def evaluate(
                                           "the run's evaluation batch size for generative runs)."),
 ) -> None:
     """Evaluate a trained model on its own splits or on a file."""
-    from lmtune.run import Run
+    from lmtune.workflows.run import Run
 
     loaded = Run.load(run)
     metrics = loaded.evaluate(data, batch_size=batch_size)
@@ -256,7 +256,7 @@ def predict(
 ) -> None:
     """Predict a label for every row of a file (classification), or generate an answer (sft, causal_lm;
     seq2seq takes the generation options too)."""
-    from lmtune.run import Run
+    from lmtune.workflows.run import Run
 
     loaded = Run.load(run)
     n = loaded.predict_file(input, output, text_column=text_column, batch_size=batch_size, show_progress=progress,
@@ -278,7 +278,7 @@ def chat(
     do_sample: bool | None = _SAMPLE,
 ) -> None:
     """Chat with a chat (sft) model in the terminal; answers stream as they are generated."""
-    from lmtune.run import Run
+    from lmtune.workflows.run import Run
 
     session = Run.load(run).chat_session(system=system, max_new_tokens=max_new_tokens, temperature=temperature,
                                          top_p=top_p, do_sample=do_sample)
@@ -345,7 +345,7 @@ def export(
     available = ("merged", "onnx")
     if format not in available:
         raise RunError(f"unknown export format '{format}'; available formats: {', '.join(available)}")
-    from lmtune.workflow import quiet_libraries
+    from lmtune.console import quiet_libraries
 
     quiet_libraries()
     if format == "onnx":
@@ -389,9 +389,9 @@ def serve(
 ) -> None:
     """Serve a run's model over HTTP: OpenAI-compatible chat/completions (sft, causal_lm), /v1/classify and
     task endpoints, /metrics, and a web page at /."""
+    from lmtune.console import quiet_libraries
     from lmtune.serve import ServeOptions
     from lmtune.serve.app import serve as run_server
-    from lmtune.workflow import quiet_libraries
 
     quiet_libraries()
     options = ServeOptions(host=host, port=port, api_key=api_key or None, max_batch_size=max_batch_size,
@@ -421,8 +421,8 @@ def plan(
     (weights, gradients, optimizer, activations), tokens per step, and whether it fits this machine.
     Overrides as for train: --train.batch_size 8 --method.name lora. No weights are loaded."""
     from lmtune.config import parse_override_args
-    from lmtune.plan import plan as make_plan
-    from lmtune.plan import print_plan
+    from lmtune.workflows.plan import plan as make_plan
+    from lmtune.workflows.plan import print_plan
 
     result = make_plan(config, overrides=parse_override_args(list(ctx.args)), num_processes=num_processes,
                        read_data=read_data)
@@ -470,7 +470,7 @@ def data_inspect(
     examples: int = typer.Option(3, help="How many tokenised examples to show."),
 ) -> None:
     """Statistics of a config's data: label balance, token lengths, what truncation drops, examples."""
-    from lmtune.inspect import inspect_config
+    from lmtune.workflows.inspect import inspect_config
 
     inspect_config(config, console, examples=examples)
 

@@ -17,7 +17,7 @@ from helpers import sentiment_rows, write_csv
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lmtune
-from lmtune.run import Run
+from lmtune.workflows.run import Run
 
 MAX_NEW = 8  # the sft run's generation.max_new_tokens
 CAPITALS = {"France": "Paris", "Spain": "Madrid", "Peru": "Lima", "Japan": "Tokyo"}

@@ -100,7 +100,7 @@ def test_bad_model_path(model: str, fragments: list[str], tmp_path: Path, monkey
 def test_empty_rows_are_skipped_and_counted(tmp_path: Path, tiny_bert_dir: Path,
                                             caplog: pytest.LogCaptureFixture) -> None:
     from lmtune.config import load_config
-    from lmtune.tasks.classification import ClassificationTask
+    from lmtune.tasks.classification.task import ClassificationTask
 
     path = _csv(tmp_path, "gaps.csv", GOOD + ",pos\n   ,neg\nfine film,\n")
     task = ClassificationTask(load_config({"model": str(tiny_bert_dir), "data": {"train": str(path)}}))
@@ -209,7 +209,7 @@ def test_unknown_chat_format_lists_what_was_tried(tmp_path: Path, tiny_chat_llam
 def test_conversations_longer_than_max_length_are_skipped_or_cut(tmp_path: Path, tiny_chat_llama_dir: Path,
                                                                   caplog: pytest.LogCaptureFixture) -> None:
     from lmtune.config import load_config
-    from lmtune.tasks.sft import SFTTask
+    from lmtune.tasks.sft.task import SFTTask
 
     rows = list(_CHAT_OK) + [_chat_line(("user", "word " * 200), ("assistant", "short")) for _ in range(1)]
     data = tmp_path / "c.jsonl"

@@ -108,7 +108,7 @@ def test_too_few_documents_to_split(tmp_path, tiny_chat_llama_dir):
 
 def test_document_split_modes(tmp_path):
     from lmtune.config import load_config
-    from lmtune.tasks.causal_lm import CausalLMTask
+    from lmtune.tasks.causal_lm.task import CausalLMTask
 
     f = tmp_path / "t.txt"
     f.write_text("a b\nc d\n\ne f\n\n\ng h\n", encoding="utf-8")

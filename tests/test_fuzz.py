@@ -433,7 +433,7 @@ def test_parquet(work: Path, raw: bytes, mutate: bool, data: Any) -> None:
 
 
 def _classification_records(path: Path) -> Any:
-    from lmtune.tasks.classification import ClassificationTask
+    from lmtune.tasks.classification.task import ClassificationTask
 
     config = load_config({"task": "classification", "model": "minilm", "data": {"train": str(path)}})
     return ClassificationTask(config)._split_records()
@@ -496,7 +496,7 @@ def test_conll(work: Path, lines: list[str], newline: str, token_column: int, ta
 
 
 def _token_records(path: Path) -> Any:
-    from lmtune.tasks.token_classification import TokenClassificationTask
+    from lmtune.tasks.token_classification.task import TokenClassificationTask
 
     config = load_config({"task": "token_classification", "model": "minilm", "data": {"train": str(path)}})
     return TokenClassificationTask(config)._read_split(str(path))
@@ -663,7 +663,7 @@ def test_classification_prepare(work: Path, minilm_tokenizer: Any, rows: list[tu
               "data": {"train": str(path), "max_length": max_length, "cache": False}}
 
     def prepare() -> Any:
-        from lmtune.tasks.classification import ClassificationTask
+        from lmtune.tasks.classification.task import ClassificationTask
 
         return ClassificationTask(load_config(config)).prepare(minilm_tokenizer)
 

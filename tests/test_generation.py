@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmtune.config import GenerationConfig
 from lmtune.errors import ModelError
-from lmtune.generation import GenerationSettings, chat_prompt, generate, stream_chat
+from lmtune.models.generation import GenerationSettings, chat_prompt, generate, stream_chat
 
 QUESTIONS = [
     "hi",

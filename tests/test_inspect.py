@@ -14,7 +14,7 @@ import yaml
 from helpers import sentiment_rows, write_csv
 from transformers import AutoTokenizer
 
-from lmtune.inspect import inspect_data
+from lmtune.workflows.inspect import inspect_data
 
 
 def _config(model_dir: Path, train: Path, **data: Any) -> dict[str, Any]:
@@ -231,7 +231,7 @@ def test_sft_report_counts_conversations_and_rendered_lengths(sft_report: dict[s
 
 
 def test_sft_checks_pass_and_name_the_eos_token_that_is_also_pad(sft_report: dict[str, Any]) -> None:
-    from lmtune.inspect_generative import PAD_IS_EOS_NOTE
+    from lmtune.tasks.decoder_inspect import PAD_IS_EOS_NOTE
 
     assert sft_report["end_of_turn_tokens"] == ["<|im_end|>"] and sft_report["pad_is_eos"]
     eos = _check_row(sft_report, "every target ends with an end-of-turn token")
@@ -266,7 +266,7 @@ def test_template_without_eos_is_an_error_row_not_an_exception(
 
     from lmtune.config import load_config
     from lmtune.errors import DataError
-    from lmtune.tasks.sft import SFTTask
+    from lmtune.tasks.sft.task import SFTTask
 
     model = tmp_path / "no-eos-model"
     shutil.copytree(tiny_chat_llama_dir, model)
@@ -294,7 +294,7 @@ def test_too_long_conversations_are_counted_as_training_would_treat_them(
     too_long: str, tiny_chat_llama_dir: Path, chat_files: dict[str, Path], tmp_path: Path
 ) -> None:
     from lmtune.config import load_config
-    from lmtune.tasks.sft import SFTTask
+    from lmtune.tasks.sft.task import SFTTask
 
     short = _capital_rows(20)
     long_prompts = [_qa(" ".join(f"word{i}" for _ in range(20 + 7 * i)), "Paris") for i in range(4)]

@@ -252,7 +252,7 @@ def test_demo_data_neural_baselines_beat_the_majority_class(tmp_path: Path) -> N
 
 
 def test_data_inspect_works_for_a_baseline_config(sentiment_csv: Path, tmp_path: Path) -> None:
-    from lmtune.inspect import inspect_data
+    from lmtune.workflows.inspect import inspect_data
 
     report = inspect_data(_config(sentiment_csv, tmp_path / "run", "baseline:cnn_lstm"), examples=1)
     assert report["model_path"] is None and report["splits"]["train"]["examples"] == 384

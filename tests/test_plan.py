@@ -13,7 +13,7 @@ import torch
 from helpers import run_cli
 
 from lmtune.config import DistributedConfig, load_config
-from lmtune.plan import (
+from lmtune.workflows.plan import (
     ModelFacts,
     Stack,
     TokenFacts,
@@ -43,7 +43,7 @@ def _cfg(model: Path, data: Path, out: Path, **sections: dict[str, Any]) -> dict
 @pytest.mark.parametrize("method", [{"name": "full"}, {"name": "lora", "r": 4}, {"name": "freeze", "unfrozen_layers": 1}])
 def test_trainable_count_equals_a_real_run(method: dict[str, Any], tiny_bert_dir: Path, sentiment_csv: Path,
                                            tmp_path: Path) -> None:
-    from lmtune.workflow import train
+    from lmtune.workflows.train import train
 
     cfg = _cfg(tiny_bert_dir, sentiment_csv, tmp_path / "run", method=method)
     run = train(cfg, show_progress=False)
@@ -125,7 +125,7 @@ ACTIVATION_CASES = [
 def test_activation_estimate_against_autograd(arch: str, attention: str, dropout: float, autocast: Any) -> None:
     from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
-    from lmtune.plan import _stacks
+    from lmtune.workflows.plan import _stacks
 
     torch.manual_seed(0)
     b, s, vocab = 4, 64, 500
@@ -246,7 +246,7 @@ def test_plan_on_smollm2_counts_134_5m(tmp_path: Path, monkeypatch: pytest.Monke
 
 def test_does_not_fit_says_what_to_change(tiny_bert_dir: Path, sentiment_csv: Path, tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    import lmtune.plan as plan_module
+    import lmtune.workflows.plan as plan_module
 
     monkeypatch.setattr(plan_module, "available_ram", lambda: 200 * 1024**2)
     cfg = _cfg(tiny_bert_dir, sentiment_csv, tmp_path / "run", train={"batch_size": 512})

@@ -20,7 +20,7 @@ from lmtune.config import load_config
 from lmtune.data.squad import chatterbot_qa_document, clean_items, iter_questions, read_qa_items
 from lmtune.errors import ConfigError, DataError
 from lmtune.evaluate.text_metrics import squad_scores
-from lmtune.tasks.qa_spans import best_span, tokenize_windows
+from lmtune.tasks.question_answering.spans import best_span, tokenize_windows
 
 WORDS = ["apple", "river", "garden", "teacher", "window", "horse", "letter", "village", "music", "paper",
          "stone", "cloud", "bread", "chair", "light", "water"]
@@ -258,7 +258,7 @@ def test_flat_rows_answers_dict_or_columns(tmp_path: Path) -> None:
 
 
 def test_doc_stride_must_leave_room() -> None:
-    from lmtune.tasks.question_answering import QuestionAnsweringTask
+    from lmtune.tasks.question_answering.task import QuestionAnsweringTask
 
     cfg = load_config({"task": "question_answering", "data": {"train": "x.json", "max_length": 64, "doc_stride": 40}})
     with pytest.raises(ConfigError, match="doc_stride 40 must be less than half"):
@@ -377,7 +377,7 @@ def test_lora_keeps_segment_embeddings_so_the_merged_model_matches(tiny_bert_nod
 
 
 def test_data_inspect_shows_windows_and_repairs(tiny_bert_nodrop_dir: Path, tmp_path: Path) -> None:
-    from lmtune.inspect import inspect_data
+    from lmtune.workflows.inspect import inspect_data
 
     rows = _synthetic_qa(40)
     rows[0]["answers"]["answer_start"] = [0]  # wrong offset: repaired

@@ -352,7 +352,7 @@ class _Accelerator:
 def test_partial_checkpoints_are_never_picked(tiny_bert_dir: Path, sentiment_csv: Path, tmp_path: Path) -> None:
     """Whatever a crash can leave in checkpoints/, resume picks the newest whole checkpoint; prune clears the rest."""
     from lmtune.config import load_config
-    from lmtune.workflow import RUN_FILE, prepare_run_dir
+    from lmtune.workflows.train import RUN_FILE, prepare_run_dir
 
     run_dir = tmp_path / "run"
     folder = run_dir / "checkpoints"

@@ -19,7 +19,7 @@ from transformers import (
 import lmtune
 from lmtune.config import load_config
 from lmtune.errors import ConfigError, DataError
-from lmtune.tasks.seq2seq import (
+from lmtune.tasks.seq2seq.task import (
     EncoderDecoderSeq2SeqTask,
     PromptSeq2SeqTask,
     Seq2SeqCollator,

@@ -26,10 +26,10 @@ from serve_helpers import (
 
 import lmtune
 from lmtune.errors import ConfigError
-from lmtune.run import Run
 from lmtune.serve import ServeOptions
 from lmtune.serve.app import create_app
 from lmtune.serve.metrics import percentile
+from lmtune.workflows.run import Run
 
 KEY = "sk-test-0123456789"
 

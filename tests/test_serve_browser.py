@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 from serve_helpers import get, running
 
-from lmtune.run import Run
 from lmtune.serve import ServeOptions
 from lmtune.serve.app import create_app
+from lmtune.workflows.run import Run
 
 CHROMIUM = os.environ.get("LMTUNE_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -18,7 +18,7 @@ from lmtune.data import tagging
 from lmtune.data.conll import parse_conll
 from lmtune.data.peoples_daily import paragraph_words, sentence_records
 from lmtune.errors import DataError
-from lmtune.tasks.token_classification import TokenClassificationTask, entity_metrics
+from lmtune.tasks.token_classification.task import TokenClassificationTask, entity_metrics
 
 # ------------------------------------------------------------------------------------------ tag schemes
 SCHEME_CASES = [  # (BIO tags, the same entities in BIOES)

@@ -22,10 +22,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 import lmtune
-from lmtune import generation
 from lmtune.cli import app, main
 from lmtune.errors import DataError, ModelError, RunError
-from lmtune.run import Run
+from lmtune.models import generation
+from lmtune.workflows.run import Run
 
 CAPITALS = {"France": "Paris", "Spain": "Madrid", "Peru": "Lima", "Japan": "Tokyo"}
 MAX_NEW = 8  # the runs' generation.max_new_tokens

@@ -50,7 +50,7 @@ def latency_inputs(data: TaskData) -> tuple[str, tuple[list[str], list[str] | No
 
 def predict_latency_ms(model_dir: Path, texts: list[str], pairs: list[str] | None, batch_size: int) -> float | None:
     """Milliseconds per example for a saved classification model to predict ``texts`` (tokenising included)."""
-    from lmtune.tasks.classification import ClassificationPredictor
+    from lmtune.tasks.classification.task import ClassificationPredictor
 
     if not texts:
         return None
@@ -131,7 +131,7 @@ def compare(cfg: Config, data: TaskData, run_dir: Path, metrics: dict[str, Any] 
 
 def _train_subrun(cfg: Config, name: str, run_dir: Path, description: str) -> dict[str, Any]:
     """One neural baseline trained through ``lmtune.train``; a failure is reported, not raised."""
-    from lmtune.workflow import train
+    from lmtune.workflows.train import train
 
     out = run_dir / "baselines" / name
     entry: dict[str, Any] = {"description": description, "kind": "neural", "run": f"baselines/{name}",

@@ -82,7 +82,7 @@ def export_merged(
     nothing is left at ``output``. An existing non-empty ``output`` is replaced only with
     ``overwrite`` and only if it holds an earlier export.
     """
-    from lmtune.run import Run
+    from lmtune.workflows.run import Run
 
     run = Run.load(run_dir)
     run_dir, model_dir, meta = run.path.resolve(), run.model_dir.resolve(), run.meta
@@ -317,7 +317,7 @@ def _export_facts(result: ExportResult, run_dir: Path, adapter_dir: Path | None,
     import peft
     import transformers
 
-    from lmtune import __version__
+    from lmtune.version import __version__
 
     facts = {**asdict(result), "format": "merged", "run": str(run_dir),
              "adapter": str(adapter_dir) if adapter_dir else None,

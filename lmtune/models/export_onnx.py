@@ -79,7 +79,7 @@ def export_onnx(run_dir: str | Path, output: str | Path, *, tolerance: float = D
     export leaves nothing there. An existing non-empty ``output`` is replaced only with ``overwrite``
     and only if it holds an earlier lmtune export.
     """
-    from lmtune.run import Run
+    from lmtune.workflows.run import Run
 
     run = Run.load(run_dir)
     task = run.meta.get("task")
@@ -210,7 +210,7 @@ def _facts(result: OnnxExportResult, run_dir: Path) -> dict[str, Any]:
     import onnxruntime
     import transformers
 
-    from lmtune import __version__
+    from lmtune.version import __version__
 
     facts = {**asdict(result), "format": "onnx", "file": ONNX_FILE, "run": str(run_dir), "dtype": "float32",
              "dynamic_axes": {"batch": 0, "sequence": 1}, "outputs": ["logits"],

@@ -35,7 +35,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message, Receive, Scope, Send
 
 from lmtune.errors import LmtuneError
-from lmtune.run import Run, validate_prompt_messages
 from lmtune.serve.engine import Engine, ServeOptions
 from lmtune.serve.metrics import RequestMetrics
 from lmtune.serve.schemas import (
@@ -45,6 +44,7 @@ from lmtune.serve.schemas import (
     CompletionRequest,
     PredictRequest,
 )
+from lmtune.workflows.run import Run, validate_prompt_messages
 
 log = logging.getLogger("lmtune")
 
@@ -386,7 +386,7 @@ class _Api:
     # ------------------------------------------------------------------------------------ generation
     async def chat_completions(self, body: ChatCompletionRequest) -> Any:
         """``POST /v1/chat/completions``: the assistant's answer(s), rendered with the model's chat template."""
-        from lmtune.generation import chat_prompt
+        from lmtune.models.generation import chat_prompt
 
         self._require("/v1/chat/completions")
         self._check_supported(body)

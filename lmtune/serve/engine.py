@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmtune.errors import ConfigError
-from lmtune.run import Run
 from lmtune.serve.batching import Batcher, ModelWorker
+from lmtune.workflows.run import Run
 
 log = logging.getLogger("lmtune")
 
@@ -147,7 +147,7 @@ class Engine:
         ``info`` receives finish_reason and token counts when the answer ends. Closing the iterator
         (a client that went away) stops generation.
         """
-        from lmtune.generation import stream_text
+        from lmtune.models.generation import stream_text
 
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()

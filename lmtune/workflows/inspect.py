@@ -8,7 +8,7 @@ label balance and the trivial majority-class accuracy, token lengths and what
 Errors the user can fix arrive as lmtune errors from the task and are not caught.
 
 This module covers classification; the decoder tasks (``sft``, ``causal_lm``) are in
-:mod:`lmtune.inspect_generative`, dispatched from :func:`inspect_data` and :func:`render`.
+:mod:`lmtune.tasks.decoder_inspect`, dispatched from :func:`inspect_data` and :func:`render`.
 """
 
 from __future__ import annotations
@@ -59,9 +59,9 @@ def inspect_data(
     Tasks ``sft`` and ``causal_lm`` return the keys described in
     :func:`lmtune.inspect_generative.inspect_sft` and :func:`~lmtune.inspect_generative.inspect_causal_lm`.
     """
+    from lmtune.console import quiet_libraries
     from lmtune.models.registry import resolve_model
     from lmtune.tasks import get_task
-    from lmtune.workflow import quiet_libraries
 
     if isinstance(config, Config):
         cfg = load_config(config.to_dict(), overrides) if overrides else config
@@ -72,7 +72,7 @@ def inspect_data(
         source = None if isinstance(config, dict) else str(config)
     quiet_libraries()
     if cfg.task in GENERATIVE_TASKS:
-        from lmtune.inspect_generative import inspect_generative
+        from lmtune.tasks.decoder_inspect import inspect_generative
 
         return inspect_generative(cfg, source, examples=examples)
     task = get_task(cfg.task)(cfg)
@@ -398,7 +398,7 @@ def render(report: dict[str, Any], console: Console) -> None:
     from rich.text import Text
 
     if report["task"] in GENERATIVE_TASKS:
-        from lmtune.inspect_generative import render_generative
+        from lmtune.tasks.decoder_inspect import render_generative
 
         render_generative(report, console)
         return

@@ -47,7 +47,7 @@ from lmtune.data.readers import read_table
 from lmtune.errors import ConfigError, DataError, ModelError
 from lmtune.tasks.base import TaskData, register_task
 from lmtune.tasks.decoder import first_occurrences, given_splits, hold_out
-from lmtune.tasks.sft import SFTTask
+from lmtune.tasks.sft.task import SFTTask
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +265,7 @@ class Seq2SeqTask:
 
     def report_sections(self, report: Any, run_dir: Path, metrics: dict[str, Any], data: TaskData) -> None:
         """The route, the job's scores of the starting and tuned model, and example outputs side by side."""
-        from lmtune.tasks.sft import _cell
+        from lmtune.tasks.sft.task import _cell
 
         d, g = self.config.data, self.config.generation
         job = "translation" + (f" from {d.source_language} to {d.target_language}" if d.source_language else "") \
@@ -296,16 +296,16 @@ class Seq2SeqTask:
                          [[_cell(c) for c in r] for r in rows])
 
     def inspect_facts(self, data: TaskData) -> dict[str, dict[str, Any]]:
-        """Per split, for ``lmtune data inspect`` (:mod:`lmtune.inspect_tasks`): pairs, skipped and duplicate
+        """Per split, for ``lmtune data inspect`` (:mod:`lmtune.tasks.inspect_tasks`): pairs, skipped and duplicate
         rows, source / target token lengths and what the length limits cut."""
-        from lmtune.inspect_tasks import seq2seq_facts
+        from lmtune.tasks.inspect_tasks import seq2seq_facts
 
         return seq2seq_facts(self, data)
 
     def inspect_details(self, data: TaskData, facts: dict[str, dict[str, Any]], *, examples: int = 3
                         ) -> dict[str, Any]:
         """The route and why, suggestions, and rendered train pairs (the decoder route's loss mask)."""
-        from lmtune.inspect_tasks import seq2seq_details
+        from lmtune.tasks.inspect_tasks import seq2seq_details
 
         return seq2seq_details(self, data, facts, examples)
 
@@ -571,8 +571,8 @@ class EncoderDecoderSeq2SeqTask(Seq2SeqTask):
     def generation_scores(self, model: Any, accelerator: Any, sources: list[str],
                           references: list[str]) -> dict[str, Any]:
         """Generate for ``sources`` (split across processes) and score against ``references``."""
-        from lmtune.generation import GenerationSettings, generate_across_processes
-        from lmtune.tasks.seq2seq_predict import generate_seq2seq
+        from lmtune.models.generation import GenerationSettings, generate_across_processes
+        from lmtune.tasks.seq2seq.predict import generate_seq2seq
 
         settings = GenerationSettings.from_config(self.config.generation)
         results = generate_across_processes(
@@ -637,7 +637,7 @@ class PromptSeq2SeqTask(Seq2SeqTask, SFTTask):
 
     def prepare(self, tokenizer: Any) -> TaskData:
         """SFT's preparation of the pair conversations; remembers which source each eval prompt holds."""
-        from lmtune.generation import chat_prompt
+        from lmtune.models.generation import chat_prompt
 
         data = SFTTask.prepare(self, tokenizer)
         splits, _ = self._splits_cache
@@ -669,4 +669,4 @@ class PromptSeq2SeqTask(Seq2SeqTask, SFTTask):
         Seq2SeqTask.report_sections(self, report, run_dir, metrics, data)
 
 
-from lmtune.tasks import seq2seq_predict  # noqa: E402, F401  (registers the predictor)
+from lmtune.tasks.seq2seq import predict as _predict  # noqa: E402, F401  (registers the predictor)

@@ -24,14 +24,20 @@ import numpy as np
 
 from lmtune.config import Config, load_config
 from lmtune.errors import DataError
-from lmtune.inspect import TRUNCATION_WARN_FRACTION, collect_warnings, length_stats, round_up, split_rank
+from lmtune.workflows.inspect import (
+    TRUNCATION_WARN_FRACTION,
+    collect_warnings,
+    length_stats,
+    round_up,
+    split_rank,
+)
 
 if TYPE_CHECKING:
     from rich.console import Console
     from rich.table import Table
 
     from lmtune.data.chat import RenderedExample
-    from lmtune.tasks.sft import SFTTask
+    from lmtune.tasks.sft.task import SFTTask
 
 OK, WARNING, ERROR = "ok", "warning", "error"
 # How many tokens of each causal_lm document the report shows.
@@ -113,7 +119,7 @@ def inspect_sft(cfg: Config, source: str | None, *, examples: int = 3) -> dict[s
     """
     from lmtune.data.chat import end_of_turn_ids
     from lmtune.models.registry import resolve_model
-    from lmtune.tasks.sft import SFTTask
+    from lmtune.tasks.sft.task import SFTTask
 
     d = cfg.data
     task = SFTTask(cfg)
@@ -359,7 +365,7 @@ def inspect_causal_lm(cfg: Config, source: str | None, *, examples: int = 3) -> 
     ``position`` in it, ``tokens``, ``shown_tokens``, ``rows_spanned``, ``text`` decoded with
     the special tokens, ``markup``).
     """
-    from lmtune.tasks.causal_lm import CausalLMTask
+    from lmtune.tasks.causal_lm.task import CausalLMTask
     from lmtune.tasks.decoder import adds_bos
 
     d = cfg.data

@@ -15,7 +15,7 @@ from lmtune.errors import DataError, ModelError
 from lmtune.tasks.base import register_predictor
 
 if TYPE_CHECKING:
-    from lmtune.generation import GenerationSettings
+    from lmtune.models.generation import GenerationSettings
 
 
 def _is_blank(value: Any) -> bool:
@@ -32,7 +32,7 @@ def generate_seq2seq(model: Any, tokenizer: Any, sources: list[str], settings: G
     to ``max_length`` tokens. Sampling is seeded on a forked RNG; beam search, length penalty and
     n-gram blocking come from ``settings``; its ``stop`` strings cut the decoded text (``"stop"``).
     """
-    from lmtune.generation import _find_stop, _generate_kwargs, _rng_devices
+    from lmtune.models.generation import _find_stop, _generate_kwargs, _rng_devices
 
     if not sources:
         return []
@@ -90,9 +90,9 @@ class Seq2SeqPredictor:
     def __init__(self, model_dir: Path, meta: dict[str, Any], device: str | None = None) -> None:
         from transformers import AutoModelForCausalLM
 
-        from lmtune.generation import GenerationSettings
+        from lmtune.console import quiet_libraries
+        from lmtune.models.generation import GenerationSettings
         from lmtune.models.registry import load_padded_tokenizer
-        from lmtune.workflow import quiet_libraries
 
         quiet_libraries()
         self.meta = meta
@@ -110,7 +110,7 @@ class Seq2SeqPredictor:
         self.source_column = str(meta.get("source_column") or "source")
 
     def _prompt(self, source: str) -> str:
-        from lmtune.generation import chat_prompt
+        from lmtune.models.generation import chat_prompt
 
         m = self.meta
         user = str(m["prompt_template"]).format(source=source, source_language=m.get("source_language") or "",
@@ -124,7 +124,7 @@ class Seq2SeqPredictor:
         """``{"text", "finish_reason", "source_tokens", "generated_tokens"}`` per source text, in input order."""
         import dataclasses
 
-        from lmtune.generation import generate
+        from lmtune.models.generation import generate
 
         for i, s in enumerate(items):
             if not isinstance(s, str) or not s.strip():

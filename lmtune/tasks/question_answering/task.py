@@ -3,7 +3,7 @@
 Data: SQuAD-format JSON or flat rows (question, context, answers), read and validated by
 :mod:`lmtune.data.squad` (answers not at their offset are repaired or dropped, counted with locations).
 Long contexts are cut into windows of ``data.max_length`` tokens overlapping by ``data.doc_stride``
-(:mod:`lmtune.tasks.qa_spans`); each window is one training item, labelled with the answer's token span,
+(:mod:`lmtune.tasks.question_answering.spans`); each window is one training item, labelled with the answer's token span,
 or the CLS index when the window does not hold the whole answer. Unanswerable questions (SQuAD 2.0) are
 kept with ``data.allow_unanswerable``: they point at CLS, and an answer is empty when the CLS score beats
 the best span by more than ``data.null_score_diff_threshold`` (``auto``: tuned on validation).
@@ -39,7 +39,7 @@ from lmtune.data.squad import clean_items, read_qa_items, split_by_context
 from lmtune.errors import ConfigError, DataError, ModelError
 from lmtune.evaluate.text_metrics import squad_scores
 from lmtune.tasks.base import TaskData, register_predictor, register_task
-from lmtune.tasks.qa_spans import best_span, tokenize_windows
+from lmtune.tasks.question_answering.spans import best_span, tokenize_windows
 
 log = logging.getLogger(__name__)
 

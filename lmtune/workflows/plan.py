@@ -585,7 +585,7 @@ def plan(
     exact label count and measured lengths; None reads it when its files are at most 256 MiB.
     """
     started = time.perf_counter()
-    from lmtune.workflow import quiet_libraries
+    from lmtune.console import quiet_libraries
 
     quiet_libraries()
     overhead = _process_overhead()

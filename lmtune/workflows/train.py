@@ -9,22 +9,18 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-import logging
 import os
 import shutil
 import time
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lmtune import __version__
 from lmtune.config import Config, load_config, save_config
+from lmtune.console import log, make_progress, quiet_libraries, run_logging
 from lmtune.data.features import save_json_atomic
 from lmtune.errors import LmtuneError, RunError, is_disk_full
-from lmtune.run import Run
 from lmtune.training import checkpoint as ckpt
 from lmtune.training.distributed import (
     _process_group_kwargs,
@@ -33,98 +29,10 @@ from lmtune.training.distributed import (
     materialise_for_saving,
     on_main_then_shared,
 )
-
-log = logging.getLogger("lmtune")
+from lmtune.version import __version__
+from lmtune.workflows.run import Run
 
 RUN_FILE = "run.json"
-
-
-# ------------------------------------------------------------------------------------------ logging
-def quiet_libraries() -> None:
-    """Silence third-party progress bars and load reports that would bury lmtune's own output."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import datasets
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    datasets.utils.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
-    logging.getLogger("accelerate").setLevel(logging.WARNING)
-    # "Removed shared tensor ... while saving": tied embeddings are saved once, as intended.
-    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
-    # peft asks transformers with a name deprecated in 5.x; nothing for a user to act on.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
-
-
-@contextlib.contextmanager
-def run_logging(run_dir: Path, main_process: bool) -> Iterator[None]:
-    """Log lmtune's messages to the console (rich) and to ``train.log`` in the run folder."""
-    from rich.logging import RichHandler
-
-    handlers: list[logging.Handler] = []
-    if main_process:
-        console = RichHandler(show_path=False, markup=False, rich_tracebacks=False, log_time_format="[%X]")
-        console.setLevel(logging.INFO)
-        handlers.append(console)
-        file = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
-        file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        file.setLevel(logging.DEBUG)
-        handlers.append(file)
-    old_level = log.level
-    log.setLevel(logging.DEBUG)
-    for h in handlers:
-        log.addHandler(h)
-    try:
-        yield
-    finally:
-        for h in handlers:
-            log.removeHandler(h)
-            h.close()
-        log.setLevel(old_level)
-
-
-def make_progress(enabled: bool) -> Any:
-    """A rich progress bar with loss, learning rate, tokens/s, elapsed time and ETA."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        ProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-    from rich.text import Text
-
-    class StatsColumn(ProgressColumn):
-        """Loss, learning rate and throughput, shown once the loop has reported them."""
-
-        def render(self, task: Any) -> Text:
-            f = task.fields
-            parts = []
-            if "loss" in f:
-                parts.append(f"loss {f['loss']:.4f}")
-            if "lr" in f:
-                parts.append(f"lr {f['lr']:.2e}")
-            if "tok_s" in f:
-                parts.append(f"{f['tok_s']:,.0f} tok/s")
-            elif task.speed:
-                parts.append(f"{task.speed:,.1f} it/s")
-            return Text("  ".join(parts))
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        StatsColumn(),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        disable=not enabled,
-        refresh_per_second=2,
-    )
 
 
 # ------------------------------------------------------------------------------------------ run folder
@@ -321,7 +229,7 @@ def train(
             if accelerator.is_main_process:
                 save_json_atomic(run_dir / "metrics.json", metrics)
                 save_json_atomic(run_dir / "baselines.json", baselines)
-                from lmtune.evaluate.run_report import write_report
+                from lmtune.workflows.report import write_report
 
                 write_report(run_dir, cfg, task, data, metrics, baselines, model_info)
                 _write_run_file(run_dir, status="complete", finished_at=_now(),
@@ -384,8 +292,8 @@ def _save_model(loop: Any, task: Any, tokenizer: Any, data: Any, cfg: Config, ru
 
     ``model`` is a plain copy of the trained model when the trained one is sharded across processes.
     """
-    from lmtune.models.card import write_model_card
     from lmtune.models.methods import save_final_model
+    from lmtune.workflows.card import write_model_card
 
     # Without Accelerate's autocast wrapper: the reload check compares float32 with float32 (under bf16
     # autocast QA start/end logits of ~10 differ from the float32 reload by ~5e-3, over the tolerance).

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
     from lmtune.data.readers import Table
-    from lmtune.generation import GenerationSettings
+    from lmtune.models.generation import GenerationSettings
 
 log = logging.getLogger("lmtune")
 
@@ -102,7 +102,7 @@ class Run:
                 raise RunError(f"a '{self.task}' model generates text; it has no label predictor",
                                hint="use run.generate(prompts), run.chat(messages) or run.generator()")
             if self.task == "classification":
-                from lmtune.tasks.classification import ClassificationPredictor
+                from lmtune.tasks.classification.task import ClassificationPredictor
 
                 self._predictor = ClassificationPredictor(self.model_dir, self.meta)
             else:
@@ -129,7 +129,7 @@ class Run:
         from pydantic import ValidationError
 
         from lmtune.config import GenerationConfig
-        from lmtune.generation import GenerationSettings
+        from lmtune.models.generation import GenerationSettings
 
         base = GenerationSettings()
         config_file = self.path / "config.yaml"
@@ -207,7 +207,7 @@ class Run:
         if given and self.task not in GENERATING_PREDICTORS:
             raise RunError(f"generation settings ({', '.join(given)}) apply to text-generating runs (sft, "
                            f"causal_lm, {', '.join(GENERATING_PREDICTORS)}); this run's task is '{self.task}'")
-        from lmtune.workflow import make_progress, quiet_libraries
+        from lmtune.console import make_progress, quiet_libraries
 
         quiet_libraries()
         if self.task != "classification":
@@ -251,8 +251,8 @@ class Run:
         CSV/TSV a field holding a list or mapping (entities, say) is written as JSON text. ``overrides``
         (seq2seq) change the generation settings saved with the model.
         """
+        from lmtune.console import make_progress
         from lmtune.data.readers import read_table
-        from lmtune.workflow import make_progress
 
         out = Path(output)
         if out.suffix.lower() not in _JSONL_SUFFIXES + _DELIMITED_SUFFIXES:
@@ -327,7 +327,7 @@ class Run:
         ``{"role": "assistant", "content": text}`` ready to append to the conversation. Raises
         ModelError for a model without a chat template or trained on raw text (causal_lm).
         """
-        from lmtune.generation import chat_prompt
+        from lmtune.models.generation import chat_prompt
 
         g = self.generator()
         g.require_chat()
@@ -350,9 +350,9 @@ class Run:
 
     def _generate_file(self, source: str | Path, output: str | Path, *, text_column: str | None,
                        batch_size: int | None, show_progress: bool, overrides: GenerationOverrides) -> int:
+        from lmtune.console import make_progress, quiet_libraries
         from lmtune.data.readers import read_table
-        from lmtune.generation import chat_prompt
-        from lmtune.workflow import make_progress, quiet_libraries
+        from lmtune.models.generation import chat_prompt
 
         quiet_libraries()
         out = Path(output)
@@ -403,7 +403,7 @@ class Run:
         (exact match, token F1, ROUGE-L, chrF, BLEU, stopped_fraction); ``data`` is in the training
         format (chat records for sft, text for causal_lm).
         """
-        from lmtune.workflow import quiet_libraries
+        from lmtune.console import quiet_libraries
 
         quiet_libraries()
         if self.task != "classification":
@@ -495,9 +495,9 @@ class TextGenerator:
     """
 
     def __init__(self, model_dir: Path, meta: dict[str, Any], *, device: str | None = None) -> None:
+        from lmtune.console import quiet_libraries
         from lmtune.data.chat import end_of_turn_ids
         from lmtune.models.registry import load_padded_tokenizer
-        from lmtune.workflow import quiet_libraries
 
         quiet_libraries()
         self.task = str(meta.get("task"))
@@ -537,7 +537,7 @@ class TextGenerator:
 
     def render(self, prompt: str) -> str:
         """The text the model sees for a prompt: a user message in the chat template (sft), else the prompt."""
-        from lmtune.generation import chat_prompt
+        from lmtune.models.generation import chat_prompt
 
         if self.task == "sft":
             return chat_prompt(self.tokenizer, [{"role": "user", "content": prompt}])
@@ -576,14 +576,14 @@ class TextGenerator:
 
     def generate(self, rendered: list[str], settings: GenerationSettings, *, progress: Any = None) -> list[dict[str, Any]]:
         """:func:`lmtune.generation.generate` on rendered prompts, stopping at this model's EOS ids."""
-        from lmtune.generation import generate
+        from lmtune.models.generation import generate
 
         return generate(self.model, self.tokenizer, rendered, settings, progress=progress,
                         eos_token_ids=self.eos_token_ids)
 
     def stream(self, messages: list[dict[str, str]], settings: GenerationSettings) -> Generator[str, None, None]:
         """:func:`lmtune.generation.stream_chat`: the answer to ``messages`` in pieces, as generated."""
-        from lmtune import generation
+        from lmtune.models import generation
 
         stream = generation.stream_chat(self.model, self.tokenizer, messages, settings,
                                         eos_token_ids=self.eos_token_ids)
@@ -644,7 +644,7 @@ class ChatSession:
 
     def prompt_tokens(self, turns: list[dict[str, str]]) -> int:
         """Tokens of the rendered prompt for ``turns`` after the system message."""
-        from lmtune.generation import chat_prompt
+        from lmtune.models.generation import chat_prompt
 
         return self.generator.count_tokens(chat_prompt(self.generator.tokenizer, self._with_system(turns)))
 

@@ -359,16 +359,16 @@ class TokenClassificationTask:
         return TaskData(splits=features, lengths=lengths, info=info, extra={"records": splits})
 
     def inspect_facts(self, data: TaskData) -> dict[str, dict[str, Any]]:
-        """Per split, for ``lmtune data inspect`` (:mod:`lmtune.inspect_tasks`): sentences, sub-tokens and the
+        """Per split, for ``lmtune data inspect`` (:mod:`lmtune.tasks.inspect_tasks`): sentences, sub-tokens and the
         unknown-token share, entities per type, repairs, what data.max_length cuts."""
-        from lmtune.inspect_tasks import token_classification_facts
+        from lmtune.tasks.inspect_tasks import token_classification_facts
 
         return token_classification_facts(self, data)
 
     def inspect_details(self, data: TaskData, facts: dict[str, dict[str, Any]], *, examples: int = 3
                         ) -> dict[str, Any]:
         """Scheme, label set and vocabulary extension, suggestions, and rendered train sentences."""
-        from lmtune.inspect_tasks import token_classification_details
+        from lmtune.tasks.inspect_tasks import token_classification_details
 
         return token_classification_details(self, data, facts, examples)
 
@@ -554,7 +554,7 @@ class TokenClassificationTask:
 
     def report_sections(self, report: Any, run_dir: Path, metrics: dict[str, Any], data: TaskData) -> None:
         """Per-entity-type scores of the tuned model beside its starting point, as a table and a bar chart."""
-        from lmtune.tasks.token_classification_report import plot_entity_f1
+        from lmtune.tasks.token_classification.report import plot_entity_f1
 
         for split in ("test", "validation"):
             m = metrics.get(split)
@@ -620,7 +620,7 @@ class TokenClassificationPredictor:
     """Entities in raw text (or in given word lists) with a saved token-classification model folder."""
 
     def __init__(self, model_dir: Path, meta: dict[str, Any], *, device: str | None = None) -> None:
-        from lmtune.workflow import quiet_libraries
+        from lmtune.console import quiet_libraries
 
         quiet_libraries()
         self.meta = meta

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from lmtune.inspect import collect_warnings, length_stats, split_rank
+from lmtune.workflows.inspect import collect_warnings, length_stats, split_rank
 
 if TYPE_CHECKING:
     from lmtune.tasks.base import TaskData
-    from lmtune.tasks.token_classification import TokenClassificationTask
+    from lmtune.tasks.token_classification.task import TokenClassificationTask
 
 # Suggest data.extend_vocabulary when more than this share of train's sub-tokens is the unknown token.
 UNKNOWN_WARN_FRACTION = 0.05
@@ -244,7 +244,7 @@ def _pair_records(task: Any) -> dict[str, list[dict[str, Any]]]:
 def seq2seq_details(task: Any, data: TaskData, facts: dict[str, dict[str, Any]],
                     examples: int) -> dict[str, Any]:
     """The route and why, suggestions, and rendered train examples (the loss mask for the decoder route)."""
-    from lmtune.tasks.seq2seq import ROUTE_DESCRIPTIONS
+    from lmtune.tasks.seq2seq.task import ROUTE_DESCRIPTIONS
 
     d, m = task.config.data, task.config.model
     why = {
@@ -289,7 +289,7 @@ def _seq2seq_examples(task: Any, data: TaskData, n: int) -> list[dict[str, Any]]
     n = max(n, 0)
     out: list[dict[str, Any]] = []
     if task.route == "decoder":
-        from lmtune.inspect_generative import _sft_example
+        from lmtune.tasks.decoder_inspect import _sft_example
 
         records = task._splits_cache[0]["train"]
         for r in records[:200]:  # the first that fit data.max_length (training skips the others)

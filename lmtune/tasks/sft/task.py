@@ -198,7 +198,7 @@ class SFTTask(DecoderTask):
 
     def _prepare_splits(self, splits: dict[str, list[dict[str, Any]]], info: dict[str, Any],
                         tokenizer: Any) -> TaskData:
-        from lmtune.generation import chat_prompt
+        from lmtune.models.generation import chat_prompt
 
         d = self.data_cfg
         features: dict[str, Any] = {}
@@ -278,7 +278,7 @@ class SFTTask(DecoderTask):
                           references: list[str]) -> dict[str, Any]:
         """Generate answers to ``prompts`` (split across processes) and score them against ``references``."""
         from lmtune.data.chat import end_of_turn_ids
-        from lmtune.generation import GenerationSettings, generate, generate_across_processes
+        from lmtune.models.generation import GenerationSettings, generate, generate_across_processes
 
         settings = GenerationSettings.from_config(self.config.generation)
         stop_ids = sorted(end_of_turn_ids(self.tokenizer, getattr(model.generation_config, "eos_token_id", None)))

@@ -1,0 +1,25 @@
+"""Run settings: the typed schema (``schema``) and loading it from YAML with overrides (``loader``)."""
+
+from lmtune.config.loader import (
+    apply_overrides,
+    load_config,
+    parse_override_args,
+    parse_value,
+    save_config,
+)
+from lmtune.config.schema import (
+    BaselineConfig,
+    Config,
+    DataConfig,
+    DistributedConfig,
+    GenerationConfig,
+    MethodConfig,
+    ModelConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "BaselineConfig", "Config", "DataConfig", "DistributedConfig", "GenerationConfig", "MethodConfig",
+    "ModelConfig", "TrainConfig", "apply_overrides", "load_config", "parse_override_args", "parse_value",
+    "save_config",
+]
