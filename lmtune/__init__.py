@@ -15,6 +15,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+# Registers every built-in task (light: pydantic only; the task classes load when a task runs), so any
+# entry point, `import lmtune.config` included, validates `task:` against the same registry.
+from lmtune import tasks as _tasks  # noqa: F401
 from lmtune.version import __version__
 
 if TYPE_CHECKING:

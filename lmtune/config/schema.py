@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lmtune.config.tasks import TASK_INFOS, task_names
+
 # Metrics where a smaller value is better; everything else is maximised.
 _LOWER_IS_BETTER = {"loss", "perplexity", "eval_loss"}
 
@@ -559,10 +561,8 @@ class Config(_Section):
     @field_validator("task")
     @classmethod
     def _known_task(cls, value: str) -> str:
-        from lmtune.tasks import TASKS
-
-        if value not in TASKS:
-            raise ValueError(f"unknown task '{value}'; known tasks: {', '.join(sorted(TASKS))}")
+        if value not in TASK_INFOS:
+            raise ValueError(f"unknown task '{value}'; known tasks: {', '.join(task_names())}")
         return value
 
     @field_validator("baselines")
@@ -591,10 +591,9 @@ class Config(_Section):
         if generative and self.method.name == "freeze" and not self.method.unfrozen_layers:
             raise ValueError("method.name freeze on a language model trains nothing unless some blocks are "
                              "unfrozen: set method.unfrozen_layers (e.g. 2)")
-        if self.task == "seq2seq":
-            from lmtune.tasks.seq2seq.task import check_seq2seq_config
-
-            check_seq2seq_config(self)
+        check = TASK_INFOS[self.task].check
+        if check is not None:
+            check(self)
         if self.model.init == "scratch" and self.task != "causal_lm":
             raise ValueError(f"model.init: scratch is for task causal_lm (language-model pre-training), "
                              f"not '{self.task}'")

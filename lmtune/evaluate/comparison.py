@@ -50,7 +50,7 @@ def latency_inputs(data: TaskData) -> tuple[str, tuple[list[str], list[str] | No
 
 def predict_latency_ms(model_dir: Path, texts: list[str], pairs: list[str] | None, batch_size: int) -> float | None:
     """Milliseconds per example for a saved classification model to predict ``texts`` (tokenising included)."""
-    from lmtune.tasks.classification.task import ClassificationPredictor
+    from lmtune.tasks.classification.predict import ClassificationPredictor
 
     if not texts:
         return None

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmtune.config.schema import ModelConfig
 from lmtune.errors import ModelError
 from lmtune.paths import cache_dir
 
@@ -130,6 +131,13 @@ def find_bundled(name: str) -> BundledModel | None:
         if key in (model.name, model.hf_id.lower(), *model.aliases):
             return model
     return None
+
+
+def model_path_of(model: ModelConfig) -> Path:
+    """The local folder of a config's ``model`` section: the one place that turns settings into a path
+    (bundled name or folder, pickle policy). Tasks whose weights come from elsewhere say so in
+    ``Task.model_path``."""
+    return resolve_model(model.name, allow_pickle=model.allow_pickle)
 
 
 def resolve_model(name_or_path: str | os.PathLike[str], *, allow_pickle: bool = False) -> Path:

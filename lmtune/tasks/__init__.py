@@ -1,16 +1,17 @@
-"""Tasks: one module per application, registered by name (see ``base.Task``)."""
+"""Tasks: one folder per application, registered by its ``__init__`` (see ``base``).
 
-from lmtune.tasks.base import PREDICTORS, TASKS, Task, TaskData, register_predictor, register_task
-from lmtune.tasks.causal_lm import task as _causal_lm  # noqa: F401  (each registers itself)
-from lmtune.tasks.classification import task as _classification  # noqa: F401
-from lmtune.tasks.question_answering import task as _question_answering  # noqa: F401
-from lmtune.tasks.seq2seq import task as _seq2seq  # noqa: F401
-from lmtune.tasks.sft import task as _sft  # noqa: F401
-from lmtune.tasks.token_classification import task as _token_classification  # noqa: F401
+Importing this package registers every built-in task (light: the task classes load when a task runs).
+A new task is a new folder plus one line below.
+"""
 
-__all__ = ["PREDICTORS", "TASKS", "Task", "TaskData", "get_task", "register_predictor", "register_task"]
+from lmtune.tasks import (  # noqa: F401  (each registers itself)
+    causal_lm,
+    classification,
+    question_answering,
+    seq2seq,
+    sft,
+    token_classification,
+)
+from lmtune.tasks.base import Predictor, Task, TaskData, get_predictor, get_task, register_task
 
-
-def get_task(name: str) -> type:
-    """The task class registered under ``name``."""
-    return TASKS[name]
+__all__ = ["Predictor", "Task", "TaskData", "get_predictor", "get_task", "register_task"]

@@ -1,9 +1,13 @@
-"""The Task protocol: what a task brings to the one training loop.
+"""The task boundary: what a task brings to the one training loop, and how the rest of lmtune asks for it.
 
-A task module carries its data preparation, model head, loss and metrics
-together and joins the registry with one line (``@register_task``). The loop
-only ever calls the methods below; it never knows which task it runs, and a task
-never touches the loop's internals.
+A task is one folder, ``lmtune/tasks/<name>/``. Its ``__init__.py`` declares a ``TaskInfo`` (the facts
+other layers read without running the task: decoder or not, auto class, exports, endpoints, metrics) and
+joins the registry with one ``register_task`` call; its modules carry the data preparation, model head,
+loss, metrics, predictor, inspection and report pieces. Everything outside ``tasks/`` reaches a task only
+through ``Task`` and ``Predictor`` below and ``TaskInfo``: never by its name, never by probing members.
+
+``Task`` is a Protocol with defaults: a task class may subclass it to take the defaults of the members
+marked *default* (the loop and the verbs call every member on every task).
 """
 
 from __future__ import annotations
@@ -13,14 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-import torch
+from lmtune.config.tasks import TaskInfo, register_task_info, task_info
 
 if TYPE_CHECKING:
     import datasets
+    import torch
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
 
-    from lmtune.config import Config
+    from lmtune.config.schema import Config
+    from lmtune.data.readers import Table
     from lmtune.evaluate.report import Report
 
 
@@ -40,13 +46,16 @@ class TaskData:
 class Task(Protocol):
     """One application (classification, NER, QA, ...) behind one interface."""
 
-    name: ClassVar[str]
-    # Validation metric that picks the best checkpoint unless the config names one.
-    default_metric: ClassVar[str]
-
+    info: ClassVar[TaskInfo]
     config: Config
 
-    def load_tokenizer(self, model_path: Path) -> Any:
+    # ---------------------------------------------------------------------------------- model and data
+    def model_path(self) -> Path | None:
+        """The folder the weights and tokenizer come from (None: nothing pretrained, e.g. a tokenizer
+        trained on the corpus or a baseline network)."""
+        ...
+
+    def load_tokenizer(self, model_path: Path | None) -> Any:
         """The tokenizer for ``model_path``, configured for this task (pad token, padding side)."""
         ...
 
@@ -54,7 +63,7 @@ class Task(Protocol):
         """Read, validate, split and tokenise the configured data (cached)."""
         ...
 
-    def build_model(self, model_path: Path, data: TaskData, tokenizer: Any) -> torch.nn.Module:
+    def build_model(self, model_path: Path | None, data: TaskData, tokenizer: Any) -> torch.nn.Module:
         """The pretrained model with this task's head, in float32 (autocast handles precision)."""
         ...
 
@@ -62,6 +71,36 @@ class Task(Protocol):
         """Names of the modules the checkpoint did not provide (the new head): always trained."""
         ...
 
+    @property
+    def model_class(self) -> type:
+        """The transformers class the saved model folder reloads as (checked after saving)."""
+        ...
+
+    @property
+    def peft_task_type(self) -> str | None:
+        """peft's ``task_type`` for LoRA on this task's model (None: a generic ``PeftModel``)."""
+        ...
+
+    def new_token_ids(self) -> list[int]:
+        """Token ids the task added to the vocabulary (LoRA trains their embedding rows). *default*: none."""
+        return []
+
+    @property
+    def headline_metrics(self) -> list[tuple[str, str]]:
+        """(metric, header) shown first in the report. *default*: ``info.headline_metrics``."""
+        return list(self.info.headline_metrics)
+
+    @property
+    def comparison_metric(self) -> str:
+        """The metric the comparison table ranks models by. *default*: ``info.comparison_metric``."""
+        return self.info.comparison_metric
+
+    @property
+    def packing(self) -> bool:
+        """Examples are packed into fixed-length rows (no padding). *default*: False."""
+        return False
+
+    # ---------------------------------------------------------------------------------- the loop
     def collator(self, tokenizer: Any) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
         """Turns a list of features into a padded batch of tensors."""
         ...
@@ -73,11 +112,19 @@ class Task(Protocol):
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The *sum* of per-item losses of one micro-batch (a scalar tensor).
 
-        The loop divides by the item count of the *whole* optimizer step (all
-        micro-batches, all processes), so gradient accumulation and data
-        parallelism give the same gradient as one big batch.
+        The loop divides by the item count of the *whole* optimizer step (all micro-batches, all
+        processes), so gradient accumulation and data parallelism give the same gradient as one big batch.
         """
         ...
+
+    def logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The model's raw output for ``batch`` as one tensor (compared before and after saving)."""
+        ...
+
+    def evaluation_phase(self, phase: str) -> None:
+        """``"training"`` (cheap evaluations during the loop) or ``"final"`` (slow things such as
+        generation may run). *default*: the same evaluation in both."""
+        return None
 
     def evaluate(
         self, model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator, split: str, data: TaskData
@@ -85,43 +132,108 @@ class Task(Protocol):
         """Metrics on one split (``loss`` included), gathered across processes."""
         ...
 
+    # ---------------------------------------------------------------------------------- baselines
+    def run_baselines(self, data: TaskData) -> dict[str, Any]:
+        """The configured baselines that are fitted on the spot (not sub-runs), scored on the same split:
+        ``{name: entry}``. *default*: none."""
+        return {}
+
+    def timing_items(self, data: TaskData) -> list[Any]:
+        """Inputs (in the predictor's item form) on which the tuned model and the neural baselines are timed.
+        *default*: none (no timing)."""
+        return []
+
+    # ---------------------------------------------------------------------------------- saving and report
     def save_model_extras(self, folder: Path, data: TaskData) -> dict[str, Any]:
         """Write task files beside the model (label map ...); return metadata for ``lmtune.json``."""
         ...
+
+    def load_model_meta(self, meta: dict[str, Any]) -> None:
+        """Take back what a saved model recorded in ``lmtune.json`` (e.g. a tuned threshold) before
+        evaluating it. *default*: nothing to take."""
+        return None
 
     def report_sections(self, report: Report, run_dir: Path, metrics: dict[str, Any], data: TaskData) -> None:
         """Add the task's results (tables, plots) to the run report."""
         ...
 
+    # ---------------------------------------------------------------------------------- data inspect
+    def inspect(self, source: str | None, *, examples: int = 3) -> dict[str, Any] | None:
+        """The task's whole ``lmtune data inspect`` report, for tasks whose data is not labelled rows of
+        tokens (chat, raw text); None: the generic report over ``prepare`` applies. *default*: None."""
+        return None
 
-TASKS: dict[str, type] = {}
+    def inspect_facts(self, data: TaskData) -> dict[str, dict[str, Any]] | None:
+        """Per-split facts for the generic inspect report (None: token lengths of the texts). *default*."""
+        return None
 
+    def inspect_details(self, data: TaskData, facts: dict[str, dict[str, Any]], *, examples: int = 3
+                        ) -> dict[str, Any]:
+        """Task sections of the inspect report (shown by ``render_inspection``). *default*: none."""
+        return {}
 
-def register_task(cls: type) -> type:
-    """Class decorator: make a task available under ``cls.name``."""
-    TASKS[cls.name] = cls  # type: ignore[attr-defined]
-    return cls
-
-
-# Predictors: how a saved model folder of a task answers new inputs (``Run.predict``, ``lmtune predict``,
-# ``lmtune serve``). A predictor class is built as ``cls(model_dir, meta, device=None)`` and has
-#   ``model``, ``tokenizer``                      the loaded model (eval mode) and its tokenizer;
-#   ``predict(items, *, batch_size=...)``         one JSON-ready dict per input item, in input order
-#                                                 (items are the task's inputs: texts, {question,
-#                                                 context} mappings, source texts ...);
-#   ``predict_table(table, *, columns=None, batch_size=..., progress=None)``
-#                                                 the same for the rows of a ``readers.Table``, reading the
-#                                                 columns named in ``lmtune.json`` (or ``columns``); bad
-#                                                 cells raise DataError naming file, line and field.
-# Classification keeps its own richer interface (probabilities/decode) and is wired in ``run.py``.
-PREDICTORS: dict[str, Callable[..., Any]] = {}
+    def render_inspection(self, report: dict[str, Any], console: Any) -> bool:
+        """Print the task's part of an inspect report; False: the generic rendering applies. *default*."""
+        return False
 
 
-def register_predictor(task_name: str) -> Callable[[type], type]:
-    """Class decorator: the predictor used for model folders of task ``task_name``."""
+class Predictor(Protocol):
+    """How a saved model folder of a task answers new inputs (``Run.predict``, ``lmtune predict``, serve).
 
-    def wrap(cls: type) -> type:
-        PREDICTORS[task_name] = cls
-        return cls
+    Built as ``cls(model_dir, meta, device=None)``; ``meta`` is the folder's ``lmtune.json``.
+    """
 
-    return wrap
+    model: Any
+    tokenizer: Any
+
+    def check_item(self, item: Any) -> str | None:
+        """Why ``item`` is not an input this predictor takes (a sentence for a 400 answer), or None."""
+        ...
+
+    def predict(self, items: list[Any], *, batch_size: int = 32, progress: Any = None) -> list[dict[str, Any]]:
+        """One JSON-ready dict per input item, in input order."""
+        ...
+
+    def predict_table(self, table: Table, *, columns: dict[str, str | None] | None = None, batch_size: int = 32,
+                      progress: Any = None) -> list[dict[str, Any]]:
+        """The same for the rows of a table, reading the columns named in ``lmtune.json`` (or ``columns``);
+        a bad cell raises DataError naming file, line and field."""
+        ...
+
+
+@dataclass(frozen=True)
+class _Registration:
+    load_task: Callable[[], type[Task]]
+    load_predictor: Callable[[], type[Predictor]] | None
+
+
+_REGISTRY: dict[str, _Registration] = {}
+
+
+def register_task(info: TaskInfo, task: Callable[[], type[Task]],
+                  predictor: Callable[[], type[Predictor]] | None = None) -> None:
+    """Join the registry: ``info`` for every layer, and how to load the task class and its predictor.
+
+    ``task`` and ``predictor`` are functions that import the classes when first needed, so listing the
+    tasks (``import lmtune``) costs no torch or transformers import.
+    """
+    register_task_info(info)
+    _REGISTRY[info.name] = _Registration(task, predictor)
+
+
+def _registration(name: str) -> _Registration:
+    task_info(name)  # KeyError naming the known tasks
+    return _REGISTRY[name]
+
+
+def get_task(name: str) -> type[Task]:
+    """The task class registered under ``name``."""
+    return _registration(name).load_task()
+
+
+def get_predictor(name: str) -> type[Predictor]:
+    """The predictor class for model folders of task ``name``."""
+    load = _registration(name).load_predictor
+    if load is None:
+        raise KeyError(f"task '{name}' has no predictor")
+    return load()

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from lmtune.errors import ConfigError, DataError, ModelError, RunError
+from lmtune.tasks import get_predictor
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -101,16 +102,11 @@ class Run:
             if self.generative:
                 raise RunError(f"a '{self.task}' model generates text; it has no label predictor",
                                hint="use run.generate(prompts), run.chat(messages) or run.generator()")
-            if self.task == "classification":
-                from lmtune.tasks.classification.task import ClassificationPredictor
-
-                self._predictor = ClassificationPredictor(self.model_dir, self.meta)
-            else:
-                from lmtune.tasks import PREDICTORS
-
-                if self.task not in PREDICTORS:
-                    raise RunError(f"prediction for task '{self.task}' is not available in this version")
-                self._predictor = PREDICTORS[self.task](self.model_dir, self.meta)
+            try:
+                cls = get_predictor(self.task)
+            except KeyError:
+                raise RunError(f"prediction for task '{self.task}' is not available in this version") from None
+            self._predictor = cls(self.model_dir, self.meta)
         return self._predictor
 
     def generator(self) -> TextGenerator:

@@ -29,7 +29,7 @@ from lmtune.data.readers import detect_format, read_table
 from lmtune.errors import ConfigError, DataError
 from lmtune.models.registry import load_padded_tokenizer
 from lmtune.paths import cache_dir
-from lmtune.tasks.base import TaskData, register_task
+from lmtune.tasks.base import TaskData
 from lmtune.tasks.decoder import DecoderTask, adds_bos, first_occurrences, given_splits, hold_out
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 END_OF_TEXT = "<|endoftext|>"
 
 
-@register_task
 class CausalLMTask(DecoderTask):
     """Next-token prediction on documents, packed into fixed-length rows."""
 

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoTokenizer
+from transformers import AutoConfig, AutoModelForQuestionAnswering
 
 from lmtune.config import Config
 from lmtune.data.features import (
@@ -38,7 +38,7 @@ from lmtune.data.features import (
 from lmtune.data.squad import clean_items, read_qa_items, split_by_context
 from lmtune.errors import ConfigError, DataError, ModelError
 from lmtune.evaluate.text_metrics import squad_scores
-from lmtune.tasks.base import TaskData, register_predictor, register_task
+from lmtune.tasks.base import TaskData
 from lmtune.tasks.question_answering.spans import best_span, tokenize_windows
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,6 @@ def resolved_stride(max_length: int, doc_stride: int | None) -> int:
     return max_length // 4 if doc_stride is None else doc_stride
 
 
-@register_task
 class QuestionAnsweringTask:
     """Extractive QA: predict the start and end token of the answer span in each context window."""
 
@@ -374,93 +373,3 @@ class QuestionAnsweringTask:
 def _cell(text: str, limit: int = 120) -> str:
     text = " ".join(str(text).split()).replace("|", "\\|")
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-@register_predictor("question_answering")
-class QuestionAnsweringPredictor:
-    """Answers ``{"question", "context"}`` items with a saved QA model folder (plain transformers files)."""
-
-    def __init__(self, model_dir: Path, meta: dict[str, Any], *, device: str | None = None) -> None:
-        self.meta = meta
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.tokenizer.padding_side = "right"
-        self.model = AutoModelForQuestionAnswering.from_pretrained(model_dir, dtype=torch.float32)
-        self.model.to(self.device).eval()
-        self.max_length = int(meta.get("max_length") or 384)
-        self.stride = resolved_stride(self.max_length, meta.get("doc_stride"))
-        self.max_answer_length = int(meta.get("max_answer_length") or 30)
-        self.n_best = int(meta.get("n_best_size") or 20)
-        self.allow_unanswerable = bool(meta.get("allow_unanswerable"))
-        self.threshold = float(meta.get("null_score_diff_threshold") or 0.0)
-        self._collate = PaddingCollator({"input_ids": self.tokenizer.pad_token_id, "token_type_ids": 0})
-
-    def predict(self, items: list[Any], *, batch_size: int = 32, progress: Any = None,
-                source: str | None = None, lines: list[int] | None = None) -> list[dict[str, Any]]:
-        """One ``{"answer", "start", "end", "score"}`` per item, in input order: ``start``/``end`` are
-        character offsets into the context (``context[start:end] == answer``); an empty answer (0/0) means
-        "no answer" (models trained with unanswerable questions). ``score``: the candidate's probability
-        among the n-best spans."""
-        questions, contexts = [], []
-        for n, item in enumerate(items):
-            line = lines[n] if lines else None
-            if not isinstance(item, dict):
-                raise DataError(f"item {n + 1} is {type(item).__name__}; expected a mapping with 'question' and "
-                                "'context'", file=source, line=line)
-            for key in ("question", "context"):
-                value = item.get(key)
-                if not isinstance(value, str) or not value.strip():
-                    what = "missing" if value is None else ("empty" if isinstance(value, str) else
-                                                            f"{type(value).__name__}, not text")
-                    raise DataError(f"{key} is {what}" + ("" if source else f" (item {n + 1})"), file=source,
-                                    line=line, field=key)
-            questions.append(item["question"].lstrip())
-            contexts.append(item["context"])
-        if not items:
-            return []
-        win = tokenize_windows(self.tokenizer, questions, contexts, [None] * len(items), max_length=self.max_length,
-                               stride=self.stride)
-        fields = [k for k in ("input_ids", "token_type_ids") if k in win]
-        order = sorted(range(len(win["input_ids"])), key=lambda w: -win["length"][w])
-        logits: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        bar = progress.add_task("predict", total=len(order)) if progress is not None else None
-        with torch.inference_mode():
-            for b in range(0, len(order), batch_size):
-                idx = order[b:b + batch_size]
-                batch = self._collate([{k: win[k][w] for k in fields} for w in idx])
-                out = self.model(**{k: v.to(self.device) for k, v in batch.items()})
-                for row, w in enumerate(idx):
-                    n = win["length"][w]
-                    logits[w] = (out.start_logits[row, :n].float().cpu().numpy(),
-                                 out.end_logits[row, :n].float().cpu().numpy())
-                if progress is not None:
-                    progress.update(bar, advance=len(idx))
-        per_item: dict[int, list[int]] = defaultdict(list)
-        for w, ex in enumerate(win["example"]):
-            per_item[ex].append(w)
-        results = []
-        for i, context in enumerate(contexts):
-            spans = [(logits[w][0], logits[w][1], win["offsets"][w]) for w in per_item[i]]
-            r = best_span(spans, context, n_best=self.n_best, max_answer_length=self.max_answer_length,
-                          allow_unanswerable=self.allow_unanswerable, null_score_diff_threshold=self.threshold)
-            results.append({"answer": r["answer"], "start": r["start"], "end": r["end"], "score": r["score"]})
-        return results
-
-    def predict_table(self, table: Any, *, columns: dict[str, str | None] | None = None, batch_size: int = 32,
-                      progress: Any = None) -> list[dict[str, Any]]:
-        """:meth:`predict` for every row of ``table``, reading the question and context columns named in
-        ``lmtune.json`` (``columns``: ``{"question": ..., "context": ...}``; ``text`` names the question)."""
-        columns = columns or {}
-        q_col = columns.get("question") or columns.get("text") or self.meta.get("question_column") or "question"
-        c_col = columns.get("context") or self.meta.get("context_column") or "context"
-        items = [{"question": q, "context": c} for q, c in zip(table.column(q_col), table.column(c_col), strict=True)]
-        for item in items:
-            for key in ("question", "context"):
-                if item[key] is not None and not isinstance(item[key], str):
-                    item[key] = None if isinstance(item[key], float) and np.isnan(item[key]) else str(item[key])
-        try:
-            return self.predict(items, batch_size=batch_size, progress=progress, source=table.source,
-                                lines=table.lines)
-        except DataError as exc:
-            exc.field = {"question": q_col, "context": c_col}.get(exc.field or "", exc.field)
-            raise

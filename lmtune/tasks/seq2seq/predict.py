@@ -12,7 +12,6 @@ import torch
 from transformers import AutoModelForSeq2SeqLM
 
 from lmtune.errors import DataError, ModelError
-from lmtune.tasks.base import register_predictor
 
 if TYPE_CHECKING:
     from lmtune.models.generation import GenerationSettings
@@ -83,7 +82,6 @@ def generate_seq2seq(model: Any, tokenizer: Any, sources: list[str], settings: G
     return [r for r in results if r is not None]
 
 
-@register_predictor("seq2seq")
 class Seq2SeqPredictor:
     """A saved seq2seq model folder turning source texts into target texts (either route)."""
 

@@ -45,8 +45,9 @@ from lmtune.data.features import FeatureDataset, cached_features, digest_records
 from lmtune.data.packing import IGNORE_INDEX
 from lmtune.data.readers import read_table
 from lmtune.errors import ConfigError, DataError, ModelError
-from lmtune.tasks.base import TaskData, register_task
+from lmtune.tasks.base import TaskData
 from lmtune.tasks.decoder import first_occurrences, given_splits, hold_out
+from lmtune.tasks.seq2seq.checks import check_config as check_seq2seq_config  # noqa: F401  (kept importable)
 from lmtune.tasks.sft.task import SFTTask
 
 log = logging.getLogger(__name__)
@@ -68,25 +69,6 @@ METRICS = {
 }
 _SHOW_LINES = 20
 _EXAMPLES_KEPT = 6
-
-
-# ------------------------------------------------------------------------------------------ config
-def check_seq2seq_config(cfg: Config) -> None:
-    """Load-time checks of a seq2seq config (called by ``Config``); ValueError names the keys."""
-    d = cfg.data
-    if d.seq2seq_task == "translation" and not (d.source_language and d.target_language):
-        raise ValueError("data.seq2seq_task translation needs data.source_language and data.target_language "
-                         "(e.g. English, Italian)")
-    if d.source_column == d.target_column:
-        raise ValueError(f"data.source_column and data.target_column are both '{d.source_column}'")
-    if d.prompt_template is not None:
-        if "{source}" not in d.prompt_template:
-            raise ValueError("data.prompt_template must contain {source}, where the source text goes")
-        try:
-            d.prompt_template.format(source="", source_language="", target_language="")
-        except (KeyError, IndexError, ValueError) as exc:
-            raise ValueError(f"data.prompt_template: only {{source}}, {{source_language}} and {{target_language}} "
-                             f"can be filled in ({exc!r}); write other braces doubled, {{{{ and }}}}") from None
 
 
 def model_route(cfg: Config, model_path: Path) -> str:
@@ -158,7 +140,6 @@ def _is_blank(value: Any) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ shared
-@register_task
 class Seq2SeqTask:
     """Summarization / translation; ``Seq2SeqTask(config)`` builds the route the model calls for.
 

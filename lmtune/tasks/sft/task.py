@@ -30,7 +30,7 @@ from lmtune.data.packing import pack_whole
 from lmtune.data.readers import read_table
 from lmtune.errors import DataError
 from lmtune.models.registry import load_padded_tokenizer
-from lmtune.tasks.base import TaskData, register_task
+from lmtune.tasks.base import TaskData
 from lmtune.tasks.decoder import DecoderTask, first_occurrences, given_splits, hold_out
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,6 @@ _SHOW_LINES = 20
 _EXAMPLES_KEPT = 6
 
 
-@register_task
 class SFTTask(DecoderTask):
     """Supervised fine-tuning on conversations, loss on the assistant's turns."""
 

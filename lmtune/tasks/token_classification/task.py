@@ -29,7 +29,7 @@ from typing import Any, ClassVar, cast
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForTokenClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForTokenClassification
 
 from lmtune.config import Config
 from lmtune.data import tagging
@@ -44,7 +44,7 @@ from lmtune.data.features import (
 )
 from lmtune.data.readers import Table, read_table
 from lmtune.errors import ConfigError, DataError, ModelError
-from lmtune.tasks.base import TaskData, register_predictor, register_task
+from lmtune.tasks.base import TaskData
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,6 @@ def entities_from_tags(tags: list[str]) -> list[tuple[str, int, int]]:
     return [(kind, first, last) for kind, first, last in get_entities(tags)]
 
 
-@register_task
 class TokenClassificationTask:
     """One tag per word (NER): entity spans in BIO or BIOES, scored at the entity level."""
 
@@ -197,8 +196,8 @@ class TokenClassificationTask:
                      ) -> tuple[list[dict[str, Any]], list[int], str, int]:
         d = self.data_cfg
         conll = table.columns == list(CONLL_COLUMNS)
-        word_lists = [_as_list(t, table.source, line, d.tokens_column) for t, line in zip(tokens, table.lines, strict=True)]
-        tag_lists = [_as_list(t, table.source, line, d.tags_column) for t, line in zip(tags, table.lines, strict=True)]
+        word_lists = [as_word_list(t, table.source, line, d.tokens_column) for t, line in zip(tokens, table.lines, strict=True)]
+        tag_lists = [as_word_list(t, table.source, line, d.tags_column) for t, line in zip(tags, table.lines, strict=True)]
         scheme = tagging.detect_scheme([t for ts in tag_lists for t in ts])
         records: list[dict[str, Any]] = []
         skipped: list[int] = []
@@ -581,7 +580,7 @@ class TokenClassificationTask:
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def _as_list(value: Any, source: str, line: int, field: str) -> list[str]:
+def as_word_list(value: Any, source: str, line: int, field: str) -> list[str]:
     """A cell holding words or tags: a list, JSON list text (a CSV cell) or whitespace-separated text."""
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return []
@@ -615,131 +614,3 @@ def _guess_text_split(texts: list[str]) -> str:
 
 
 # ------------------------------------------------------------------------------------------ prediction
-@register_predictor("token_classification")
-class TokenClassificationPredictor:
-    """Entities in raw text (or in given word lists) with a saved token-classification model folder."""
-
-    def __init__(self, model_dir: Path, meta: dict[str, Any], *, device: str | None = None) -> None:
-        from lmtune.console import quiet_libraries
-
-        quiet_libraries()
-        self.meta = meta
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-            self.model = AutoModelForTokenClassification.from_pretrained(model_dir, dtype=torch.float32)
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"cannot load the token-classification model: {exc}", file=model_dir) from None
-        self.model.to(self.device).eval()
-        self.labels: list[str] = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
-        self.word_split = str(meta.get("word_split") or "whitespace")
-        positions = getattr(self.model.config, "max_position_embeddings", None) or 512
-        self.max_length = min(int(meta.get("max_length") or 512), int(positions))
-
-    # -------------------------------------------------------------------------------- words -> tags
-    def _windows(self, sentences: list[list[str]]) -> list[tuple[int, int, int]]:
-        """(sentence, first word, end word) windows whose sub-tokens fit ``max_length`` with special tokens."""
-        budget = max(1, self.max_length - self.tokenizer.num_special_tokens_to_add())
-        flat = [w for words in sentences for w in words]
-        counts = [len(ids) for ids in self.tokenizer(flat, add_special_tokens=False)["input_ids"]] if flat else []
-        out = []
-        k = 0
-        for s, words in enumerate(sentences):
-            start, used = 0, 0
-            for i in range(len(words)):
-                n = counts[k + i]
-                if used + n > budget and i > start:
-                    out.append((s, start, i))
-                    start, used = i, 0
-                used += n
-            if words:
-                out.append((s, start, len(words)))
-            k += len(words)
-        return out
-
-    def tag_words(self, sentences: list[list[str]], *, batch_size: int = 32, progress: Any = None
-                  ) -> list[tuple[list[str], list[float]]]:
-        """Per sentence, a tag and its probability for every word (words without a sub-token: ``O``)."""
-        tags = [["O"] * len(words) for words in sentences]
-        probs = [[1.0] * len(words) for words in sentences]
-        windows = sorted(self._windows(sentences), key=lambda w: w[1] - w[2])  # longest first: least padding
-        bar = progress.add_task("predict", total=len(windows)) if progress is not None else None
-        with torch.inference_mode():
-            for b in range(0, len(windows), batch_size):
-                chunk = windows[b:b + batch_size]
-                enc = self.tokenizer([sentences[s][i:j] for s, i, j in chunk], is_split_into_words=True,
-                                     truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
-                inputs = {k: v.to(self.device) for k, v in enc.items()}
-                p = torch.softmax(self.model(**inputs).logits.float(), -1)  # (B, T, L)
-                top, which = p.max(-1)  # (B, T)
-                best, arg = top.cpu().numpy(), which.cpu().numpy()
-                for row, (s, i, _) in enumerate(chunk):
-                    previous = None
-                    for pos, wid in enumerate(enc.word_ids(row)):
-                        if wid is not None and wid != previous:
-                            tags[s][i + wid] = self.labels[int(arg[row, pos])]
-                            probs[s][i + wid] = float(best[row, pos])
-                        previous = wid
-                if progress is not None:
-                    progress.update(bar, advance=len(chunk))
-        return list(zip(tags, probs, strict=True))
-
-    # -------------------------------------------------------------------------------- public
-    def _words(self, item: Any) -> tuple[str, list[tuple[str, int, int]]]:
-        """(text, words with offsets) of a raw text, or of a word list (joined by spaces; none for chars)."""
-        if isinstance(item, dict):
-            item = item.get("tokens", item.get("text"))
-        if isinstance(item, str):
-            return item, tagging.split_words(item, self.word_split)
-        if isinstance(item, (list, tuple)) and all(isinstance(w, str) for w in item):
-            text, offsets = tagging.join_words(list(item), self.word_split)
-            return text, [(w, s, e) for w, (s, e) in zip(item, offsets, strict=True)]
-        raise DataError(f"expected a text or a list of words, found {type(item).__name__}", field="texts")
-
-    def predict(self, items: list[Any], *, batch_size: int = 32, progress: Any = None) -> list[dict[str, Any]]:
-        """Per input (a text, or a list of words): ``entities`` (``entity``, ``text``, ``start``/``end``
-        character offsets into the text, ``score``: the mean tag probability), ``tokens`` and ``tags``."""
-        parsed = [self._words(item) for item in items]
-        tagged = self.tag_words([[w for w, _, _ in words] for _, words in parsed], batch_size=batch_size,
-                                progress=progress)
-        out = []
-        for (text, words), (tags, probs) in zip(parsed, tagged, strict=True):
-            entities = []
-            for kind, first, last in entities_from_tags(tags):
-                start, end = words[first][1], words[last][2]
-                entities.append({"entity": kind, "text": text[start:end], "start": start, "end": end,
-                                 "score": float(np.mean(probs[first:last + 1])), "token_start": first,
-                                 "token_end": last + 1})
-            out.append({"entities": entities, "tokens": [w for w, _, _ in words], "tags": tags})
-        return out
-
-    def predict_table(self, table: Table, *, columns: dict[str, str] | None = None, batch_size: int = 32,
-                      progress: Any = None) -> list[dict[str, Any]]:
-        """:meth:`predict` for every row of ``table``: a text column (``columns["text"]``, else the training
-        text column or ``text``) or a column of word lists (``tokens``; CoNLL files give one)."""
-        tokens_col = str(self.meta.get("tokens_column") or "tokens")
-        text_col = str(self.meta.get("text_column") or "text")
-        if columns and columns.get("text"):
-            column = columns["text"]
-        elif tokens_col in table.columns:
-            column = tokens_col
-        elif text_col in table.columns:
-            column = text_col
-        else:
-            raise DataError(f"needs a '{text_col}' column (raw text) or a '{tokens_col}' column (word lists); "
-                            f"the columns are: {', '.join(repr(c) for c in table.columns)}", file=table.source,
-                            hint="name the column with --text-column")
-        items: list[Any] = []
-        for value, line in zip(table.column(column), table.lines, strict=True):
-            if isinstance(value, str) and column != tokens_col:
-                if not value.strip():
-                    raise DataError("empty text", file=table.source, line=line, field=column)
-                items.append(value)
-            elif value is None or (isinstance(value, float) and np.isnan(value)):
-                raise DataError("empty text", file=table.source, line=line, field=column)
-            else:
-                words = _as_list(value, table.source, line, column)
-                if not words:
-                    raise DataError("empty sentence (no words)", file=table.source, line=line, field=column)
-                items.append(words)
-        return self.predict(items, batch_size=batch_size, progress=progress)

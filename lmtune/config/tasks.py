@@ -1,0 +1,87 @@
+"""What every layer may know about a task, declared by the task itself: ``TaskInfo`` and its registry.
+
+A task folder (``lmtune/tasks/<name>/__init__.py``) registers one ``TaskInfo`` (through
+``lmtune.tasks.base.register_task``). The registry lives here, at the bottom, so the config schema can
+validate ``task:`` and run the task's own checks, and export or serve code can read a task's facts
+without importing any task. Nothing here knows a task by name: the facts come from the registrations.
+
+``import lmtune`` (the package root, run before any submodule) imports ``lmtune.tasks``, which fills the
+registry; task folders are light to import (the task classes load when a task runs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lmtune.config.schema import Config
+
+# Every baseline a task may list, in the order reports show them: cheap ones fitted on the spot, then
+# neural networks trained as sub-runs on the same loop (``models/neural_baselines.py``).
+CLASSIC_BASELINES = ("majority", "tfidf_logreg")
+NEURAL_BASELINES = ("cnn_lstm", "bilstm", "gru", "transformer")
+BASELINE_NAMES = CLASSIC_BASELINES + NEURAL_BASELINES
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """The declarative facts of a task: what the rest of lmtune needs without running it."""
+
+    name: str
+    summary: str
+    # Validation metric that picks the best checkpoint unless ``train.metric`` names one.
+    default_metric: str
+    # The transformers auto class that loads the saved model folder (``from_pretrained``), by name.
+    auto_class: str
+    # Hugging Face pipeline tag for the model card, and how to use the folder with plain transformers
+    # (``{name}`` is replaced by the model's name).
+    pipeline_tag: str
+    usage: str
+    # (metric key, header) shown first in the report and by ``lmtune train``/``lmtune eval``; the metric
+    # the comparison table ranks by; every metric the model card lists (where present).
+    headline_metrics: tuple[tuple[str, str], ...]
+    comparison_metric: str
+    card_metrics: tuple[str, ...]
+    # A causal LM trained on next-token loss: text generation, completions, ``lmtune chat`` if ``chat``.
+    decoder: bool = False
+    chat: bool = False
+    # Predictions are generated text (``generation`` settings, ``--max-new-tokens`` ... apply).
+    generates: bool = False
+    # ``lmtune export`` formats and server endpoints (beside ``/v1/predict``) that apply.
+    exports: tuple[str, ...] = ("merged",)
+    endpoints: tuple[str, ...] = ()
+    # Baselines this task can train beside the model (from BASELINE_NAMES); those run when the config
+    # does not say.
+    baselines: tuple[str, ...] = ()
+    default_baselines: tuple[str, ...] = ()
+    # ``data.streaming`` and ``model.init: scratch`` apply.
+    streaming: bool = False
+    scratch: bool = False
+    # The task's own config checks: raise ValueError naming the keys (shown as a config error).
+    check: Callable[[Config], None] | None = None
+
+
+TASK_INFOS: dict[str, TaskInfo] = {}
+
+
+def register_task_info(info: TaskInfo) -> None:
+    """Make ``info`` known under ``info.name`` (a second registration under a name replaces the first)."""
+    unknown = [b for b in info.baselines if b not in BASELINE_NAMES]
+    if unknown:
+        raise ValueError(f"task {info.name}: unknown baselines {unknown}; known: {', '.join(BASELINE_NAMES)}")
+    TASK_INFOS[info.name] = info
+
+
+def task_info(name: str) -> TaskInfo:
+    """The registered facts of task ``name``; KeyError naming the known tasks otherwise."""
+    try:
+        return TASK_INFOS[name]
+    except KeyError:
+        raise KeyError(f"unknown task '{name}'; known tasks: {', '.join(sorted(TASK_INFOS))}") from None
+
+
+def task_names() -> list[str]:
+    """The registered task names, sorted."""
+    return sorted(TASK_INFOS)
