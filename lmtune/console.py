@@ -33,8 +33,8 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # Imported here, not at the top: `lmtune --help` and the other light verbs must not pay for them.
-    import datasets
-    import transformers
+    import datasets  # noqa: PLC0415  (start-up time: seconds of import for every verb otherwise)
+    import transformers  # noqa: PLC0415  (start-up time, as above)
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

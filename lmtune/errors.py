@@ -7,6 +7,8 @@ and exits non-zero, never with a traceback. Anything else is a bug in lmtune.
 
 from __future__ import annotations
 
+import errno
+import shutil
 from pathlib import Path
 
 
@@ -68,9 +70,6 @@ def is_disk_full(exc: BaseException, folder: str | Path | None = None) -> bool:
     with "os error 28", and torch.save only a ``RuntimeError`` about an unexpected stream position.
     The last is recognised by looking at the free space left where it was writing.
     """
-    import errno
-    import shutil
-
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return True
     text = str(exc)

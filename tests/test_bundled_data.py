@@ -16,16 +16,9 @@ from typing import Any
 
 import pytest
 
-from lmtune.data.bundled import (
-    BUNDLED_DATA,
-    CHATTERBOT_LANGUAGES,
-    JANEAUSTENR_ENV,
-    _decompress_lazyload,
-    austen_paragraphs,
-    chatterbot_records,
-    list_datasets,
-    resolve_bundled_data,
-)
+from lmtune.data.bundled import BUNDLED_DATA, list_datasets, resolve_bundled_data
+from lmtune.data.chatterbot import CHATTERBOT_LANGUAGES, chatterbot_records
+from lmtune.data.janeausten import JANEAUSTENR_ENV, _decompress_lazyload, austen_paragraphs
 from lmtune.data.readers import read_table
 from lmtune.errors import DataError
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BertForSequenceClassification,
@@ -22,7 +23,7 @@ from transformers import (
 
 from lmtune.errors import RunError
 from lmtune.models import export
-from lmtune.models.export import export_merged
+from lmtune.workflows.export import export_merged
 
 
 def _randomise_lora_b(model: torch.nn.Module, seed: int = 0) -> None:
@@ -227,3 +228,33 @@ def test_unknown_task_is_refused(full_bert_run: Path, tmp_path: Path) -> None:
     (run / "model" / "lmtune.json").write_text(json.dumps({**meta, "task": "ranking"}))
     with pytest.raises(RunError, match="cannot export a model for task 'ranking'"):
         export_merged(run, tmp_path / "out")
+
+
+def test_question_answering_run_exports_merged_with_equal_logits(tiny_bert_nodrop_dir: Path, tmp_path: Path) -> None:
+    """A trained QA run exports merged (the auto class comes from the task, not a table that once named
+    the task 'extractive_qa' and refused every QA run) and reloads in plain transformers with the same
+    start/end logits."""
+    import lmtune
+
+    rows = []
+    for i in range(40):
+        code = ["zebra", "tiger", "otter"][i % 3]
+        context = f"we met at noon and the code is {code} today ({i})"
+        rows.append({"id": f"q{i}", "question": "what is the code?", "context": context,
+                     "answers": {"text": [code], "answer_start": [context.index(code)]}})
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    run = lmtune.train({"task": "question_answering", "model": str(tiny_bert_nodrop_dir), "baselines": [],
+                        "output_dir": str(tmp_path / "run"), "data": {"train": str(data), "max_length": 32},
+                        "train": {"max_steps": 3, "batch_size": 8, "learning_rate": 3e-3, "precision": "fp32"}},
+                       show_progress=False)
+    result = export_merged(run.path, tmp_path / "out")
+    assert result.source == "model" and result.max_abs_logit_diff <= 1e-5
+    reloaded = AutoModelForQuestionAnswering.from_pretrained(tmp_path / "out").eval()
+    trained = AutoModelForQuestionAnswering.from_pretrained(run.model_dir).eval()
+    ids = AutoTokenizer.from_pretrained(tmp_path / "out")("what is the code?", "the code is tiger", return_tensors="pt")
+    with torch.no_grad():
+        after, before = reloaded(**ids), trained(**ids)
+    torch.testing.assert_close(after.start_logits, before.start_logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(after.end_logits, before.end_logits, rtol=0, atol=1e-5)
+    assert json.loads((tmp_path / "out" / "lmtune.json").read_text())["task"] == "question_answering"

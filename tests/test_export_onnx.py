@@ -16,6 +16,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 import lmtune
 from lmtune.errors import RunError
 from lmtune.models import export_onnx as onnx_export
+from lmtune.workflows.export import export_onnx
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,7 @@ def test_failed_onnx_check_leaves_nothing(clf_run_dir: Path, tmp_path: Path, mon
 
     monkeypatch.setattr(onnx_export, "_write_onnx", faulty_write)
     with pytest.raises(RunError, match=r"differ by .* more than the tolerance"):
-        onnx_export.export_onnx(clf_run_dir, tmp_path / "onnx")
+        export_onnx(clf_run_dir, tmp_path / "onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
@@ -90,7 +91,7 @@ def test_minilm_classifier_onnx_export_is_within_tolerance(tmp_path: Path) -> No
     run = lmtune.train(demo, overrides={
         "output_dir": str(tmp_path / "run"), "data.max_samples": 400, "train.max_steps": 4, "baselines": []},
         show_progress=False)
-    result = onnx_export.export_onnx(run.path, tmp_path / "onnx")
+    result = export_onnx(run.path, tmp_path / "onnx")
     print(f"MiniLM ONNX max abs logit difference: {result.max_abs_logit_diff:.2e}")
     assert result.max_abs_logit_diff <= 1e-5
     session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])

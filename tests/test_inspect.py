@@ -231,7 +231,7 @@ def test_sft_report_counts_conversations_and_rendered_lengths(sft_report: dict[s
 
 
 def test_sft_checks_pass_and_name_the_eos_token_that_is_also_pad(sft_report: dict[str, Any]) -> None:
-    from lmtune.tasks.decoder_inspect import PAD_IS_EOS_NOTE
+    from lmtune.tasks.inspection import PAD_IS_EOS_NOTE
 
     assert sft_report["end_of_turn_tokens"] == ["<|im_end|>"] and sft_report["pad_is_eos"]
     eos = _check_row(sft_report, "every target ends with an end-of-turn token")

@@ -17,7 +17,8 @@ from transformers import AutoTokenizer
 
 import lmtune
 from lmtune.config import load_config
-from lmtune.data.squad import chatterbot_qa_document, clean_items, iter_questions, read_qa_items
+from lmtune.data.chatterbot_qa import chatterbot_qa_document
+from lmtune.data.squad import clean_items, iter_questions, read_qa_items
 from lmtune.errors import ConfigError, DataError
 from lmtune.evaluate.text_metrics import squad_scores
 from lmtune.tasks.question_answering.spans import best_span, tokenize_windows

@@ -6,8 +6,6 @@ import bz2
 import gzip
 import json
 import lzma
-import sys
-import types
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lmtune.data import bundled
 from lmtune.data.readers import Table, detect_format, read_table
 from lmtune.errors import DataError
 
@@ -143,9 +142,8 @@ def test_explicit_format_overrides_extension(tmp_path: Path) -> None:
 def test_bundled_source_keeps_its_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "sst.csv"
     path.write_text("text,label\na,pos\n")
-    fake = types.ModuleType("lmtune.data.bundled")
-    fake.resolve_bundled_data = lambda name: path if name == "sst" else None  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "lmtune.data.bundled", fake)
+    # The registry stands in for the bundled data sets; read_table resolves `bundled:` names through it.
+    monkeypatch.setattr(bundled, "resolve_bundled_data", lambda name: path if name == "sst" else None)
     table = read_table("bundled:sst")
     assert table.source == "bundled:sst"
     assert table.rows == [{"text": "a", "label": "pos"}]

@@ -387,7 +387,7 @@ def _qa_config(root: Path, model: Path) -> dict[str, Any]:
 ])
 def test_task_endpoints_answer_as_run_predict(build: Any, path: str, items: list[Any], bad_item: Any,
                                               tiny_bert_nodrop_dir: Path, tmp_path: Path) -> None:
-    from lmtune.tasks import PREDICTORS
+    from lmtune.config.tasks import TASK_INFOS as PREDICTORS
 
     cfg = build(tmp_path, tiny_bert_nodrop_dir)
     if cfg["task"] not in PREDICTORS:

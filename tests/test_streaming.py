@@ -282,7 +282,7 @@ def test_sft_trains_on_a_packed_stream(tmp_path: Path, tiny_chat_llama_dir: Path
 
 
 def test_data_inspect_refuses_a_stream_with_a_message(tmp_path: Path) -> None:
-    from lmtune.tasks.decoder_inspect import inspect_generative
+    from lmtune.tasks.decoder import inspect_generative
 
     cfg = load_config(_stream_cfg(tmp_path, "smollm2"))
     with pytest.raises(ConfigError, match="never loads"):

@@ -11,15 +11,30 @@ applied to the raw mapping before validation, so they get the same checks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from lmtune.config.tasks import TASK_INFOS, task_names
+from lmtune.config.tasks import (
+    BASELINE_NAMES,
+    NEURAL_BASELINES,
+    TASK_INFOS,
+    TaskInfo,
+    default_task,
+    task_names,
+)
 
-# Metrics where a smaller value is better; everything else is maximised.
-_LOWER_IS_BETTER = {"loss", "perplexity", "eval_loss"}
+# Words that make a metric one where smaller is better (losses, error rates, perplexity), matched against
+# the parts of its name split at "_" (so "eval_loss" and "hamming_loss" are, "has_answer_f1" is not).
+LOWER_IS_BETTER_WORDS = frozenset({"loss", "perplexity", "error", "hamming", "wer", "cer", "ece", "mse", "rmse",
+                                   "mae"})
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether a smaller value of ``metric`` is better; every other metric is maximised."""
+    return any(part in LOWER_IS_BETTER_WORDS for part in metric.lower().split("_"))
 
 
 class _Section(BaseModel):
@@ -197,8 +212,6 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _check_streaming_sizes(self) -> DataConfig:
-        from lmtune.data.streaming import check_hold_out_sizes
-
         check_hold_out_sizes(self)
         return self
 
@@ -487,7 +500,7 @@ class TrainConfig(_Section):
         metric = self.metric or task_default
         greater = self.greater_is_better
         if greater is None:
-            greater = metric not in _LOWER_IS_BETTER
+            greater = not lower_is_better(metric)
         return metric, greater
 
 
@@ -535,7 +548,8 @@ class BaselineConfig(_Section):
 class Config(_Section):
     """A whole run: task, model, data, method, training settings and where results go."""
 
-    task: str = Field("classification", description="Task name (see `lmtune tasks`).")
+    task: str = Field(default_factory=default_task, description="Task name (see `lmtune tasks`); default: the "
+                      "task registered as the default.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
     method: MethodConfig = Field(default_factory=MethodConfig)
@@ -568,43 +582,36 @@ class Config(_Section):
     @field_validator("baselines")
     @classmethod
     def _known_baselines(cls, value: list[str]) -> list[str]:
-        from lmtune.evaluate.baselines import known_baselines
-
-        unknown = [b for b in value if b not in known_baselines()]
+        unknown = [b for b in value if b not in BASELINE_NAMES]
         if unknown:
-            raise ValueError(f"unknown baseline(s) {unknown}; known: {', '.join(known_baselines())}")
+            raise ValueError(f"unknown baseline(s) {unknown}; known: {', '.join(BASELINE_NAMES)}")
         return value
 
     @model_validator(mode="after")
     def _check_task_settings(self) -> Config:
-        generative = self.task in ("causal_lm", "sft")
-        if self.task != "classification" and "baselines" not in self.model_fields_set:
-            # The default baselines classify texts; other tasks compare against the starting model (and
-            # name their own baselines, where they have any).
-            self.baselines = []
-        from lmtune.evaluate.baselines import baselines_for_task
-
-        wrong = [b for b in self.baselines if self.task not in baselines_for_task(b)]
+        info = TASK_INFOS[self.task]
+        if "baselines" not in self.model_fields_set and self.baselines != list(info.default_baselines):
+            # The field's default names the text classifiers' baselines; every other task runs its own
+            # defaults (most compare against the starting model only).
+            self.baselines = list(info.default_baselines)
+        wrong = [b for b in self.baselines if b not in info.baselines]
         if wrong:
             raise ValueError(f"baselines {wrong} do not apply to task '{self.task}' "
                              "(its report compares the tuned model with the starting model)")
-        if generative and self.method.name == "freeze" and not self.method.unfrozen_layers:
+        if info.decoder and self.method.name == "freeze" and not self.method.unfrozen_layers:
             raise ValueError("method.name freeze on a language model trains nothing unless some blocks are "
                              "unfrozen: set method.unfrozen_layers (e.g. 2)")
-        check = TASK_INFOS[self.task].check
-        if check is not None:
-            check(self)
-        if self.model.init == "scratch" and self.task != "causal_lm":
-            raise ValueError(f"model.init: scratch is for task causal_lm (language-model pre-training), "
-                             f"not '{self.task}'")
+        if info.check is not None:
+            info.check(self)
+        if self.model.init == "scratch" and not info.scratch:
+            raise ValueError(f"model.init: scratch is for task {_tasks_where(lambda i: i.scratch)} (language-model "
+                             f"pre-training), not '{self.task}'")
         return self
 
     # ---- streaming
     @model_validator(mode="after")
     def _check_streaming(self) -> Config:
         if self.data.streaming:
-            from lmtune.data.streaming import check_streaming_config
-
             check_streaming_config(self)
         return self
 
@@ -614,13 +621,12 @@ class Config(_Section):
         name = self.model.name
         if not name.startswith("baseline:"):
             return self
-        from lmtune.models.neural_baselines import ARCHITECTURES
-
         arch = name.removeprefix("baseline:")
-        if arch not in ARCHITECTURES:
-            raise ValueError(f"model.name '{name}': unknown neural baseline; choose baseline:{', baseline:'.join(ARCHITECTURES)}")
-        if self.task != "classification":
-            raise ValueError(f"model.name '{name}' is a text classifier: use it with task classification, not '{self.task}'")
+        if arch not in NEURAL_BASELINES:
+            raise ValueError(f"model.name '{name}': unknown neural baseline; choose baseline:{', baseline:'.join(NEURAL_BASELINES)}")
+        if arch not in TASK_INFOS[self.task].baselines:
+            tasks = _tasks_where(lambda i: arch in i.baselines)
+            raise ValueError(f"model.name '{name}' is a text classifier: use it with task {tasks}, not '{self.task}'")
         if self.method.name in ("lora", "qlora"):
             raise ValueError(f"method.name {self.method.name} adapts a pretrained transformer; model.name '{name}' is a "
                              "small network trained from scratch: use method.name full")
@@ -635,3 +641,54 @@ class Config(_Section):
     def to_dict(self) -> dict[str, Any]:
         """Plain data, as YAML would hold it."""
         return self.model_dump(mode="json")
+
+
+# ------------------------------------------------------------------------------------------ shared checks
+def _tasks_where(has: Callable[[TaskInfo], bool]) -> str:
+    """The registered tasks whose info ``has`` a property, for a message: ``a``, ``a or b``, ``a, b or c``."""
+    names = [n for n in task_names() if has(TASK_INFOS[n])]
+    return " or ".join(names) if len(names) < 3 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def check_hold_out_sizes(data: DataConfig) -> None:
+    """Fractions without streaming, counts with it (a stream's length is unknown); ValueError naming the keys."""
+    if not data.streaming:
+        for key in ("validation_size", "test_size"):
+            if getattr(data, key) >= 1:
+                raise ValueError(f"data.{key} must be a fraction below 1 (a count of examples only with "
+                                 "data.streaming: true)")
+        return
+    for split in ("validation", "test"):
+        size = getattr(data, f"{split}_size")
+        if getattr(data, split) is None and (size < 1 or not float(size).is_integer()):
+            raise ValueError(
+                f"with data.streaming the stream has no length, so data.{split}_size must be a count of examples "
+                f"(e.g. 200: the first 200 of the stream are held out), not the fraction {size:g}; or give a "
+                f"data.{split} file")
+
+
+def check_streaming_config(config: Config) -> None:
+    """What ``data.streaming`` needs from the rest of the config; ValueError naming the keys."""
+    d, t = config.data, config.train
+    if not TASK_INFOS[config.task].streaming:
+        raise ValueError(f"data.streaming is for task {_tasks_where(lambda i: i.streaming)}, not '{config.task}' "
+                         "(its data is loaded, memory-mapped through Arrow)")
+    if t.max_steps is None:
+        raise ValueError("data.streaming: a stream has no length, so set train.max_steps (train.epochs cannot "
+                         "say when to stop)")
+    if t.eval_every is None:
+        raise ValueError("data.streaming: a stream's epoch end is not known in advance, so evaluation (and, "
+                         "unless train.save_every says otherwise, checkpoints) cannot wait for it: set "
+                         "train.eval_every")
+    if d.max_samples is not None:
+        raise ValueError("data.max_samples does not apply to data.streaming (the stream has no length): limit "
+                         "the run with train.max_steps")
+    if d.format in ("hf", "conll"):
+        raise ValueError(f"data.format {d.format} cannot be streamed; data.streaming reads Parquet, JSON Lines, "
+                         "JSON, CSV/TSV or text files")
+    if config.model.init == "scratch" and config.model.tokenizer == "train":
+        raise ValueError("model.tokenizer: train reads the whole training text, which data.streaming never "
+                         "loads: name a tokenizer (model.tokenizer: a bundled model or a folder)")
+    if t.group_by_length and "group_by_length" in t.model_fields_set:
+        raise ValueError("train.group_by_length sorts the whole training split by length; a stream is never "
+                         "whole: leave it unset with data.streaming")

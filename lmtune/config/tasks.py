@@ -11,12 +11,10 @@ registry; task folders are light to import (the task classes load when a task ru
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from lmtune.config.schema import Config
+from typing import Any
 
 # Every baseline a task may list, in the order reports show them: cheap ones fitted on the spot, then
 # neural networks trained as sub-runs on the same loop (``models/neural_baselines.py``).
@@ -59,8 +57,19 @@ class TaskInfo:
     # ``data.streaming`` and ``model.init: scratch`` apply.
     streaming: bool = False
     scratch: bool = False
-    # The task's own config checks: raise ValueError naming the keys (shown as a config error).
-    check: Callable[[Config], None] | None = None
+    # The task's own config checks, given the whole ``Config``: raise ValueError naming the keys (shown as
+    # a config error). Typed with Any: the schema imports this module, so this one cannot import it back.
+    check: Callable[[Any], None] | None = None
+    # Bundled data sets (``bundled:NAME``) made for this task; ``*`` globs allowed (the most specific
+    # pattern over all tasks wins: ``chatterbot_en_*`` beats ``chatterbot_*``).
+    bundled_data: tuple[str, ...] = ()
+    # The task a config runs when it names none (exactly one registered task says so).
+    default: bool = False
+    # Wording of the report and model card: the comparison table names the untrained model's row
+    # "MODEL <starting_point_name>"; the card's "Limitations" section says ``card_limitation``.
+    starting_point_name: str = "before fine-tuning"
+    card_limitation: str = ("A small model tuned on little data repeats its training data's style and facts, and "
+                            "can state wrong things fluently.")
 
 
 TASK_INFOS: dict[str, TaskInfo] = {}
@@ -85,3 +94,23 @@ def task_info(name: str) -> TaskInfo:
 def task_names() -> list[str]:
     """The registered task names, sorted."""
     return sorted(TASK_INFOS)
+
+
+def default_task() -> str:
+    """The task a config without ``task:`` runs: the registered task whose info says ``default``."""
+    defaults = [name for name, info in TASK_INFOS.items() if info.default]
+    if len(defaults) != 1:
+        raise RuntimeError(f"exactly one registered task must be the default, found {defaults or 'none'}")
+    return defaults[0]
+
+
+def bundled_data_task(dataset: str) -> str | None:
+    """The task a bundled data set is made for, as the tasks declare it (``TaskInfo.bundled_data``); an
+    exact name beats a pattern, a longer pattern a shorter one; None when no task claims it."""
+    best: tuple[bool, int, str] | None = None
+    for name, info in TASK_INFOS.items():
+        for pattern in info.bundled_data:
+            if fnmatch.fnmatchcase(dataset, pattern):
+                rank = (pattern == dataset, len(pattern), name)
+                best = rank if best is None or rank[:2] > best[:2] else best
+    return None if best is None else best[2]

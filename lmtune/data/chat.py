@@ -24,10 +24,13 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import jinja2
+from rich.text import Text
+
+from lmtune.data.features import IGNORE_INDEX
 from lmtune.errors import ConfigError, DataError, ModelError
 
 if TYPE_CHECKING:
-    from rich.text import Text
     from transformers import PreTrainedTokenizerBase
 
 FORMATS = ("alpaca", "sharegpt", "openai")
@@ -38,7 +41,6 @@ TOO_LONG = ("skip", "truncate_left")
 NO_LOSS = "no token carries loss"
 NO_EOS = "a target does not end with an end-of-turn/EOS token"
 DOUBLE_BOS = "starts with two BOS tokens"
-IGNORE_INDEX = -100  # label of a token that carries no loss (torch's cross_entropy default)
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {
@@ -373,6 +375,14 @@ def end_of_turn_ids(
     return ids
 
 
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer puts a BOS token in front of plain text by itself."""
+    if tokenizer.bos_token_id is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
 # ---------------------------------------------------------------------------------------------
 # Rendering
 
@@ -443,8 +453,6 @@ def _render(
         raise ModelError(
             "the tokenizer has no chat template", hint="lmtune.data.chat.ensure_chat_template gives it ChatML"
         )
-    import jinja2
-
     try:
         text = tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
@@ -551,8 +559,6 @@ def _loss_runs(labels: list[int]) -> Iterable[tuple[int, int]]:
 
 def format_conversation_for_display(tokenizer: PreTrainedTokenizerBase, example: RenderedExample) -> Text:
     """The example's tokens as rich text: loss-carrying tokens on a green background, the rest dim."""
-    from rich.text import Text
-
     shown = Text()
     # Decode runs of equal loss status together: a character split over byte-level tokens decodes whole.
     position = 0

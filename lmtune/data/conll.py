@@ -1,7 +1,7 @@
 """CoNLL-style files: one token per line with whitespace- or tab-separated columns, a blank line between
 sentences, ``-DOCSTART-`` lines skipped.
 
-``parse_conll`` gives a :class:`~lmtune.data.readers.Table` with one row per sentence: ``tokens`` (the
+``parse_conll`` gives a :class:`~lmtune.data.table.Table` with one row per sentence: ``tokens`` (the
 first column), ``tags`` (the last column; None in a one-column file, e.g. text to predict) and
 ``conll_columns`` (every column, for a config that picks others: ``data.conll_token_column`` /
 ``data.conll_tag_column``). A row's line is the sentence's first line, so word ``i`` of a sentence is on
@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from lmtune.data.readers import Table
+from lmtune.data.table import Table
 from lmtune.errors import DataError
 
 DOCSTART = "-DOCSTART-"

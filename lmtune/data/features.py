@@ -32,6 +32,10 @@ from lmtune.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
+# The label of a token (or position) that carries no loss: torch's cross_entropy ignore_index default.
+# The one definition; packing, chat rendering, tagging and the tasks import it.
+IGNORE_INDEX = -100
+
 # Bump when the on-disk feature layout changes so old caches are not reused.
 FEATURE_FORMAT_VERSION = 1
 

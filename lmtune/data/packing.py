@@ -25,12 +25,12 @@ from typing import Any
 
 import torch
 
+from lmtune.data.features import IGNORE_INDEX
+
 Row = dict[str, Any]  # input_ids, labels, position_ids: list[int]; segments: int
 
-IGNORE_INDEX = -100
 
-
-def _segment(ids: Sequence[int], labels: Sequence[int]) -> tuple[list[int], list[int], list[int]]:
+def segment(ids: Sequence[int], labels: Sequence[int]) -> tuple[list[int], list[int], list[int]]:
     """One sequence as (input_ids, labels, position_ids) with its first label masked."""
     lab = list(labels)
     if lab:
@@ -63,7 +63,7 @@ def iter_pack_stream(
         start = 0
         while start < len(ids):
             room = row_length - len(cur_ids)
-            piece_ids, piece_lab, piece_pos = _segment(ids[start : start + room], labels[start : start + room])
+            piece_ids, piece_lab, piece_pos = segment(ids[start : start + room], labels[start : start + room])
             cur_ids += piece_ids
             cur_lab += piece_lab
             cur_pos += piece_pos
@@ -105,7 +105,7 @@ def pack_whole(
         lab: list[int] = []
         pos: list[int] = []
         for i in members:
-            seg_ids, seg_lab, seg_pos = _segment(*sequences[i])
+            seg_ids, seg_lab, seg_pos = segment(*sequences[i])
             ids += seg_ids
             lab += seg_lab
             pos += seg_pos

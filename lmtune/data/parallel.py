@@ -19,6 +19,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from lmtune.data.chatterbot import turn_text
+from lmtune.data.files import write_jsonl
+
 # Languages whose chatterbot folder aligns with the English one for at least ~100 turns, with the code
 # used in the bundled name (``chatterbot_en_it``) and the name used in prompts.
 PARALLEL_LANGUAGES = {
@@ -32,8 +37,6 @@ PARALLEL_LANGUAGES = {
 
 
 def _conversations(path: Path) -> list[Any] | None:
-    import yaml
-
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
@@ -55,8 +58,6 @@ def chatterbot_parallel_records(data_folder: Path, language: str) -> Iterator[di
     shape (see the module docstring). A turn pair is kept when both turns are text (numbers and dates
     read by YAML are written out as text, as the chatterbot converter does).
     """
-    from lmtune.data.bundled import _turn_text
-
     for english_file in sorted((data_folder / "english").glob("*.yml")):
         english = _conversations(english_file)
         other = _conversations(data_folder / language / english_file.name)
@@ -64,7 +65,7 @@ def chatterbot_parallel_records(data_folder: Path, language: str) -> Iterator[di
             continue
         for conv_en, conv_other in zip(english, other, strict=True):
             for turn_en, turn_other in zip(conv_en, conv_other, strict=True):
-                source, target = _turn_text(turn_en), _turn_text(turn_other)
+                source, target = turn_text(turn_en), turn_text(turn_other)
                 if source and target:
                     yield {"source": source, "target": target, "topic": english_file.stem}
 
@@ -73,8 +74,6 @@ def write_chatterbot_parallel(language: str) -> Any:
     """A ``BundledDataset.write`` function: the pairs of ``language`` as JSON Lines."""
 
     def write(source: Path, out: Path) -> None:
-        from lmtune.data.bundled import _write_jsonl
-
-        _write_jsonl(out, chatterbot_parallel_records(source, language))
+        write_jsonl(out, chatterbot_parallel_records(source, language))
 
     return write

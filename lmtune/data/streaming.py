@@ -33,19 +33,24 @@ import hashlib
 import json
 import logging
 import os
+import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import datasets
 import torch
+from accelerate import PartialState
+from datasets.distributed import split_dataset_by_node
 
-from lmtune.data.packing import Row, _segment, iter_pack_stream
+from lmtune.config import DataConfig
+from lmtune.data.chat import adds_bos, render_conversation, to_messages
+from lmtune.data.chat import detect_format as detect_chat_format
+from lmtune.data.files import check_exists
+from lmtune.data.packing import Row, iter_pack_stream, segment
+from lmtune.data.readers import detect_format, resolve_source
+from lmtune.data.splits import given_splits
 from lmtune.errors import DataError
-
-if TYPE_CHECKING:
-    import datasets
-
-    from lmtune.config import Config, DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -53,56 +58,10 @@ log = logging.getLogger(__name__)
 _BUILDERS = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv", "tsv": "csv", "text": "text"}
 # data.document_split -> the text builder's sample_by.
 _SAMPLE_BY = {"line": "line", "paragraph": "paragraph", "file": "document"}
-_STREAM_TASKS = ("causal_lm", "sft")
 # Token sequences tokenised per call: the fast tokenizer's batch call is several times quicker than
 # one document at a time, and this few documents keep memory flat.
 ENCODE_BATCH = 256
 Sequences = list[tuple[list[int], list[int]]]
-
-
-# ------------------------------------------------------------------------------------------ config checks
-def check_hold_out_sizes(data: DataConfig) -> None:
-    """Fractions without streaming, counts with it (a stream's length is unknown); ValueError naming the keys."""
-    if not data.streaming:
-        for key in ("validation_size", "test_size"):
-            if getattr(data, key) >= 1:
-                raise ValueError(f"data.{key} must be a fraction below 1 (a count of examples only with "
-                                 "data.streaming: true)")
-        return
-    for split in ("validation", "test"):
-        size = getattr(data, f"{split}_size")
-        if getattr(data, split) is None and (size < 1 or not float(size).is_integer()):
-            raise ValueError(
-                f"with data.streaming the stream has no length, so data.{split}_size must be a count of examples "
-                f"(e.g. 200: the first 200 of the stream are held out), not the fraction {size:g}; or give a "
-                f"data.{split} file")
-
-
-def check_streaming_config(config: Config) -> None:
-    """What ``data.streaming`` needs from the rest of the config; ValueError naming the keys."""
-    d, t = config.data, config.train
-    if config.task not in _STREAM_TASKS:
-        raise ValueError(f"data.streaming is for task causal_lm or sft, not '{config.task}' (its data is loaded, "
-                         "memory-mapped through Arrow)")
-    if t.max_steps is None:
-        raise ValueError("data.streaming: a stream has no length, so set train.max_steps (train.epochs cannot "
-                         "say when to stop)")
-    if t.eval_every is None:
-        raise ValueError("data.streaming: a stream's epoch end is not known in advance, so evaluation (and, "
-                         "unless train.save_every says otherwise, checkpoints) cannot wait for it: set "
-                         "train.eval_every")
-    if d.max_samples is not None:
-        raise ValueError("data.max_samples does not apply to data.streaming (the stream has no length): limit "
-                         "the run with train.max_steps")
-    if d.format in ("hf", "conll"):
-        raise ValueError(f"data.format {d.format} cannot be streamed; data.streaming reads Parquet, JSON Lines, "
-                         "JSON, CSV/TSV or text files")
-    if config.model.init == "scratch" and config.model.tokenizer == "train":
-        raise ValueError("model.tokenizer: train reads the whole training text, which data.streaming never "
-                         "loads: name a tokenizer (model.tokenizer: a bundled model or a folder)")
-    if t.group_by_length and "group_by_length" in t.model_fields_set:
-        raise ValueError("train.group_by_length sorts the whole training split by length; a stream is never "
-                         "whole: leave it unset with data.streaming")
 
 
 # ------------------------------------------------------------------------------------------ sources
@@ -111,19 +70,15 @@ def stream_files(source: str, format: str = "auto") -> tuple[list[str], str]:
 
     DataError when nothing matches, when the shards mix formats, or for a format that cannot stream.
     """
-    from lmtune.data.readers import _check_exists, detect_format
-
     if source.startswith("bundled:"):
-        from lmtune.data.bundled import resolve_bundled_data
-
-        files = [str(resolve_bundled_data(source.removeprefix("bundled:")))]
+        files = [str(resolve_source(source))]
     elif glob.has_magic(source):
         files = sorted(f for f in glob.glob(os.path.expanduser(source), recursive=True) if Path(f).is_file())
         if not files:
             raise DataError("no file matches this pattern", file=source, field="data.train")
     else:
         path = Path(source).expanduser()
-        _check_exists(path, source)
+        check_exists(path, source)
         if path.is_dir():
             files = sorted(str(p) for p in path.iterdir() if p.is_file() and not p.name.startswith((".", "_"))
                            and _known_format(p))
@@ -149,8 +104,6 @@ def stream_files(source: str, format: str = "auto") -> tuple[list[str], str]:
 
 
 def _known_format(path: Path) -> bool:
-    from lmtune.data.readers import detect_format
-
     try:
         return detect_format(path) in _BUILDERS
     except DataError:
@@ -179,8 +132,6 @@ class StreamSource:
     def open(self, files: list[str] | None = None) -> datasets.IterableDataset:
         """The records of every shard (of ``files``, in that order; default: all, in file order), as a
         ``datasets.IterableDataset``."""
-        import datasets
-
         try:
             return datasets.load_dataset(_BUILDERS[self.format], data_files=files or self.files, split="train",
                                          streaming=True, **self.kwargs)
@@ -260,7 +211,7 @@ def first_fit_rows(sequences: Iterable[tuple[Sequence[int], Sequence[int]]], row
         lab: list[int] = []
         pos: list[int] = []
         for seq in members:
-            seg_ids, seg_lab, seg_pos = _segment(*seq)
+            seg_ids, seg_lab, seg_pos = segment(*seq)
             ids += seg_ids
             lab += seg_lab
             pos += seg_pos
@@ -327,10 +278,6 @@ class TrainStream(torch.utils.data.IterableDataset):
         into a data source and reads one ahead from each, so its memory grew with the data (measured
         +130 MiB at 84 MiB of text, 8 shards; this buffer: flat), and it sleeps 5 s after every pass.
         """
-        import random
-
-        from datasets.distributed import split_dataset_by_node
-
         files = list(self.source.files)
         if self.shuffle_buffer:
             random.Random(f"shards:{self.seed}:{self.epoch}").shuffle(files)
@@ -381,8 +328,6 @@ def buffer_shuffle(items: Iterable[Any], size: int, rng: Any) -> Iterator[Any]:
 
 def process_share() -> tuple[int, int]:
     """``(rank, world size)`` of this process as Accelerate (torchrun, accelerate launch) set them."""
-    from accelerate import PartialState
-
     state = PartialState()
     return state.process_index, state.num_processes
 
@@ -398,14 +343,18 @@ def stream_info(source: StreamSource, data: DataConfig, world_size: int) -> dict
     }
 
 
-# ------------------------------------------------------------------------------------------ tasks
-def open_causal_lm_stream(task: Any, tokenizer: Any) -> tuple[dict[str, tuple[list[str], dict[str, Any]]],
-                                                               TrainStream, dict[str, Any]]:
-    """causal_lm: the evaluation documents per split (as ``CausalLMTask._docs`` holds them), the training
-    stream of packed (or single) rows, and facts about it."""
-    from lmtune.tasks.decoder import adds_bos, given_splits
+# ------------------------------------------------------------------------------------------ streams
+def open_document_stream(
+    data: DataConfig, tokenizer: Any, *, seed: int, packing: bool,
+    read_documents: Callable[[str], tuple[list[str], dict[str, Any]]],
+) -> tuple[dict[str, tuple[list[str], dict[str, Any]]], TrainStream, dict[str, Any]]:
+    """Plain-text documents (language-model training): the evaluation documents per split with their
+    facts, the training stream of packed (``packing``) or single rows, and facts about it.
 
-    d = task.data_cfg
+    ``seed`` draws the shuffles (``train.seed``); ``read_documents(source)`` reads an evaluation split
+    that has a file of its own (the documents, and facts about them), as the task reads loaded data.
+    """
+    d = data
     source = StreamSource(d)
     column = "text" if source.format == "text" else d.text_column
 
@@ -440,7 +389,7 @@ def open_causal_lm_stream(task: Any, tokenizer: Any) -> tuple[dict[str, tuple[li
         start += n
     head = head[:start]
     for split, src in given_splits(d).items():
-        docs[split] = task._read_documents(src)
+        docs[split] = read_documents(src)
     held = {content_key(x) for x in head}
     bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
     eos = [tokenizer.eos_token_id]
@@ -450,29 +399,33 @@ def open_causal_lm_stream(task: Any, tokenizer: Any) -> tuple[dict[str, tuple[li
         return [(s, s) for s in (bos + x + eos for x in ids)]
 
     def to_rows(seqs: Iterator[tuple[list[int], list[int]]]) -> Iterator[Row]:
-        return iter_pack_stream(seqs, d.max_length) if task.packing else single_rows(seqs, d.max_length)
+        return iter_pack_stream(seqs, d.max_length) if packing else single_rows(seqs, d.max_length)
 
     rank, world = process_share()
-    stream = TrainStream(source, seed=task.config.train.seed, shuffle_buffer=d.shuffle_buffer, held_out=held,
+    stream = TrainStream(source, seed=seed, shuffle_buffer=d.shuffle_buffer, held_out=held,
                          to_example=to_doc, key=lambda x: x, encode=encode, to_rows=to_rows, rank=rank,
                          world_size=world)
-    info = {**stream_info(source, d, world), "packing": task.packing}
+    info = {**stream_info(source, d, world), "packing": packing}
     return docs, stream, info
 
 
-def open_sft_stream(task: Any, tokenizer: Any) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any],
-                                                        TrainStream, list[Any]]:
-    """sft: the evaluation conversations per split (as ``SFTTask._splits`` gives them) with their facts,
-    the training stream, and the first rendered training examples (for the pre-flight checks)."""
-    from lmtune.data.chat import detect_format, render_conversation, to_messages
-    from lmtune.tasks.decoder import given_splits
+def open_conversation_stream(
+    data: DataConfig, tokenizer: Any, *, seed: int, packing: bool,
+    read_conversations: Callable[[str], tuple[list[dict[str, Any]], dict[str, Any]]],
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any], TrainStream, list[Any]]:
+    """Chat conversations (instruction tuning): the evaluation conversations per split with their facts,
+    the training stream (whole conversations rendered with the tokenizer's chat template, packed first-fit
+    with ``packing``), and the first rendered training examples (for the pre-flight checks).
 
-    d = task.data_cfg
+    ``seed`` draws the shuffles (``train.seed``); ``read_conversations(source)`` reads an evaluation split
+    that has a file of its own (records ``{messages, line}``, and facts about them).
+    """
+    d = data
     source = StreamSource(d)
     first = head_examples(source, lambda r, _: r, 50)
     if not first:
         raise DataError("no conversations", file=d.train)
-    fmt = d.chat_format if d.chat_format != "auto" else detect_format(first, d.columns, d.train)
+    fmt = d.chat_format if d.chat_format != "auto" else detect_chat_format(first, d.columns, d.train)
 
     def to_record(record: dict[str, Any], position: int) -> dict[str, Any]:
         # `line` is the position in the stream of this process (the stream has no file lines).
@@ -494,7 +447,7 @@ def open_sft_stream(task: Any, tokenizer: Any) -> tuple[dict[str, list[dict[str,
         info[split] = {"source": f"{d.train} (examples {start + 1}-{start + n} of the stream)"}
         start += n
     for split, src in given_splits(d).items():
-        splits[split], info[split] = task._read_conversations(src)
+        splits[split], info[split] = read_conversations(src)
     held = {content_key(r["messages"]) for r in head[:start]}
 
     def render(records: list[dict[str, Any]]) -> list[Any]:
@@ -508,13 +461,13 @@ def open_sft_stream(task: Any, tokenizer: Any) -> tuple[dict[str, list[dict[str,
         return [None if ex is None else (list(ex.input_ids), list(ex.labels)) for ex in render(batch)]
 
     def to_rows(seqs: Iterator[tuple[list[int], list[int]]]) -> Iterator[Row]:
-        if task.packing:
+        if packing:
             return first_fit_rows(seqs, d.max_length, d.open_rows)
         return single_rows(seqs, d.max_length)
 
     rank, world = process_share()
-    stream = TrainStream(source, seed=task.config.train.seed, shuffle_buffer=d.shuffle_buffer, held_out=held,
+    stream = TrainStream(source, seed=seed, shuffle_buffer=d.shuffle_buffer, held_out=held,
                          to_example=to_record, key=lambda r: r["messages"], encode=encode, to_rows=to_rows,
                          rank=rank, world_size=world)
-    info["train"] = {**stream_info(source, d, world), "chat_format": fmt, "packing": task.packing}
+    info["train"] = {**stream_info(source, d, world), "chat_format": fmt, "packing": packing}
     return splits, info, stream, preview

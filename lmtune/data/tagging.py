@@ -17,6 +17,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from lmtune.data.features import IGNORE_INDEX
+
 SCHEMES = ("bio", "bioes")
 # Tag prefixes each scheme writes (besides the bare "O").
 PREFIXES = {"bio": ("B", "I"), "bioes": ("B", "I", "E", "S")}
@@ -157,6 +159,15 @@ def split_words(text: str, how: str) -> list[tuple[str, int, int]]:
     raise ValueError(f"unknown word split {how!r}; choose one of {', '.join(WORD_SPLITS)}")
 
 
+def guess_text_split(texts: list[str]) -> str:
+    """How raw text without given words is cut: ``chars`` for text that is mostly CJK (written without
+    spaces), else ``punctuation``."""
+    sample = "".join(texts[:2000])
+    letters = [c for c in sample if not c.isspace()]
+    cjk = sum(bool(_CJK_CHAR.match(c)) for c in letters)
+    return "chars" if letters and cjk >= 0.3 * len(letters) else "punctuation"
+
+
 def guess_word_split(sentences: Sequence[Sequence[str]]) -> str:
     """How the training sentences were cut into words, so raw text at prediction is cut the same way:
     ``chars`` when nearly every CJK-bearing word is one character, ``punctuation`` when punctuation marks
@@ -241,14 +252,14 @@ def align_labels(word_ids: Sequence[int | None], word_labels: Sequence[int], *, 
     previous: int | None = None
     for wid in word_ids:
         if wid is None:
-            labels.append(-100)
-            first.append(-100)
+            labels.append(IGNORE_INDEX)
+            first.append(IGNORE_INDEX)
         elif wid != previous:
             labels.append(word_labels[wid])
             first.append(word_labels[wid])
         else:
             cont = word_labels[wid] if continuation is None else continuation[word_labels[wid]]
-            labels.append(cont if all_subtokens else -100)
-            first.append(-100)
+            labels.append(cont if all_subtokens else IGNORE_INDEX)
+            first.append(IGNORE_INDEX)
         previous = wid
     return labels, first

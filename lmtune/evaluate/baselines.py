@@ -2,7 +2,8 @@
 
 They show what the big model buys: if TF-IDF + logistic regression gets within a point of the
 fine-tuned transformer, the user should know before paying for the transformer. Each baseline
-fits in seconds on CPU and joins ``BASELINES`` with one line.
+fits in seconds on CPU and joins ``BASELINES`` with one line (its name also goes into
+``lmtune.config.tasks.CLASSIC_BASELINES``, which configs are checked against).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.multiclass import OneVsRestClassifier
 
+from lmtune.config.tasks import CLASSIC_BASELINES, NEURAL_BASELINES
 from lmtune.errors import ConfigError, DataError
 from lmtune.evaluate.metrics import classification_metrics
 
@@ -218,32 +220,17 @@ BASELINES: dict[str, type[Baseline]] = {
     TfidfLogRegBaseline.name: TfidfLogRegBaseline,
 }
 
-# Neural baselines (lmtune.models.neural_baselines): not fitted here but trained as sub-runs of the main
-# run, on the same workflow and training loop (lmtune.evaluate.comparison); their names are valid in
-# Config.baselines all the same.
-SUBRUN_BASELINES: dict[str, str] = {
-    "cnn_lstm": "Word embeddings -> Conv1D(64, 5, relu) -> MaxPool1D(4) -> LSTM(70) -> Dense.",
-    "bilstm": "Word embeddings -> bidirectional LSTM -> Dense.",
-    "gru": "Word embeddings -> GRU -> Dense.",
-    "transformer": "Word embeddings + positions -> 2-layer Transformer encoder -> mean pool -> Dense.",
-}
-
-
-def known_baselines() -> list[str]:
-    """Every name ``Config.baselines`` accepts."""
-    return sorted(BASELINES) + list(SUBRUN_BASELINES)
+# The classic baselines are the ones fitted here; the names a config may list (and which tasks list which) are
+# declared in lmtune.config.tasks (BASELINE_NAMES, TaskInfo.baselines), so this table must agree with it.
+if tuple(BASELINES) != CLASSIC_BASELINES:  # pragma: no cover  (a programming error, caught on import)
+    raise RuntimeError(f"BASELINES {tuple(BASELINES)} differ from lmtune.config.tasks.CLASSIC_BASELINES "
+                       f"{CLASSIC_BASELINES}")
 
 
 def is_subrun_baseline(name: str) -> bool:
-    """Whether baseline ``name`` trains as a sub-run of the workflow (the neural ones)."""
-    return name in SUBRUN_BASELINES
-
-
-def baselines_for_task(name: str) -> tuple[str, ...]:
-    """The tasks a registered baseline applies to (a class's ``tasks``; text classifiers by default)."""
-    if name in SUBRUN_BASELINES:
-        return ("classification",)
-    return tuple(getattr(BASELINES[name], "tasks", ("classification",)))
+    """Whether baseline ``name`` trains as a sub-run of the train workflow (the neural ones,
+    ``lmtune.models.neural_baselines``), not fitted here."""
+    return name in NEURAL_BASELINES
 
 
 def predict_labels(probs: np.ndarray, multi_label: bool) -> np.ndarray:
@@ -274,7 +261,7 @@ def run_baselines(
     divided by their total size; with ``latency_texts``, over those texts instead (after a warm-up
     call on a few of them), so several models can be timed on the same inputs.
     """
-    neural = [n for n in names if n in SUBRUN_BASELINES]
+    neural = [n for n in names if n in NEURAL_BASELINES]
     if neural:
         raise ConfigError(f"baseline(s) {', '.join(neural)} train on the training loop as sub-runs of lmtune.train, "
                           "not in run_baselines", hint="list them in a config's baselines, or train one with "

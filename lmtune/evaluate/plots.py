@@ -24,6 +24,8 @@ import numpy as np
 from matplotlib import font_manager
 from matplotlib.figure import Figure
 
+from lmtune.config.schema import lower_is_better
+
 # Fonts with CJK glyphs, used as fallbacks after DejaVu Sans when one is installed.
 _CJK_FONTS = (
     "Noto Sans CJK SC",
@@ -37,20 +39,13 @@ _CJK_FONTS = (
     "Hiragino Sans GB",
     "SimHei",
 )
-# Metric names that get better as they go down (the best point is then the minimum).
-_LOWER_IS_BETTER = ("loss", "perplexity", "error", "hamming", "wer", "cer", "ece")
 # Above this many labels a confusion matrix cell is too small to hold a number.
 _MAX_ANNOTATED_LABELS = 20
 _DPI = 120
 
 
-def lower_is_better(metric: str) -> bool:
-    """Whether a smaller value of ``metric`` is better (losses, error rates, perplexity)."""
-    return any(word in metric.lower() for word in _LOWER_IS_BETTER)
-
-
 @contextlib.contextmanager
-def _figure(**subplots: Any) -> Iterator[tuple[Figure, Any]]:
+def figure(**subplots: Any) -> Iterator[tuple[Figure, Any]]:
     """A new figure and its axes, closed on the way out whatever happens.
 
     Inside, fonts can show CJK labels when the system has a CJK font (tried after DejaVu Sans),
@@ -69,14 +64,15 @@ def _figure(**subplots: Any) -> Iterator[tuple[Figure, Any]]:
                 plt.close(fig)
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
+    """Write ``fig`` as a PNG at ``path`` (creating its folder); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=_DPI, bbox_inches="tight")
     return path
 
 
-def _note(ax: Any, text: str) -> None:
+def note(ax: Any, text: str) -> None:
     """An empty panel that says why it is empty."""
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
     ax.set_xticks([])
@@ -117,12 +113,12 @@ def plot_training_curves(records: list[dict[str, Any]], path: Path, *, metric: s
         dict.fromkeys(str(r["split"]) for r in records if r.get("split") not in (None, "train"))
     )
     eval_rows = {s: [r for r in records if r.get("split") == s] for s in eval_splits}
-    with _figure(ncols=3, figsize=(15, 4.2)) as (fig, (ax_loss, ax_metric, ax_lr)):
+    with figure(ncols=3, figsize=(15, 4.2)) as (fig, (ax_loss, ax_metric, ax_lr)):
         _loss_panel(ax_loss, train, eval_rows)
         _metric_panel(ax_metric, eval_rows, metric)
         _lr_panel(ax_lr, train)
         fig.tight_layout()
-        return _save(fig, path)
+        return save_figure(fig, path)
 
 
 def _loss_panel(ax: Any, train: list[dict[str, Any]], eval_rows: dict[str, list[dict[str, Any]]]) -> None:
@@ -138,7 +134,7 @@ def _loss_panel(ax: Any, train: list[dict[str, Any]], eval_rows: dict[str, list[
             ax.plot(eval_steps, eval_losses, color=f"C{i + 1}", marker="o", markersize=4, label=split)
             drawn = True
     if not drawn:
-        _note(ax, "no loss recorded")
+        note(ax, "no loss recorded")
     else:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
@@ -149,7 +145,7 @@ def _loss_panel(ax: Any, train: list[dict[str, Any]], eval_rows: dict[str, list[
 def _metric_panel(ax: Any, eval_rows: dict[str, list[dict[str, Any]]], metric: str | None) -> None:
     ax.set_title(metric or "validation metric")
     if not metric:
-        _note(ax, "no metric chosen")
+        note(ax, "no metric chosen")
         return
     drawn = False
     for i, (split, rows) in enumerate(eval_rows.items()):
@@ -172,7 +168,7 @@ def _metric_panel(ax: Any, eval_rows: dict[str, list[dict[str, Any]]], metric: s
             )
         drawn = True
     if not drawn:
-        _note(ax, f"no evaluation rows with '{metric}'")
+        note(ax, f"no evaluation rows with '{metric}'")
         return
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
@@ -183,7 +179,7 @@ def _lr_panel(ax: Any, train: list[dict[str, Any]]) -> None:
     ax.set_title("learning rate")
     steps, rates = _series(train, "learning_rate")
     if not steps:
-        _note(ax, "no learning rate recorded")
+        note(ax, "no learning rate recorded")
         return
     ax.plot(steps, rates, color="C7")
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
@@ -216,7 +212,7 @@ def plot_confusion_matrix(
     side = min(max(4.0, 0.42 * num_labels + 2.5), 16.0)
     tick_size = 10 if num_labels <= 10 else max(5, int(10 - (num_labels - 10) / 4))
     rotate = num_labels > 4
-    with _figure(figsize=(side + 1.0, side)) as (fig, ax):
+    with figure(figsize=(side + 1.0, side)) as (fig, ax):
         image = ax.imshow(colours, cmap="Blues", vmin=0.0, vmax=vmax)
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="row share" if normalize else "count")
         ticks = np.arange(num_labels)
@@ -246,7 +242,7 @@ def plot_confusion_matrix(
                         color=colour,
                     )
         fig.tight_layout()
-        return _save(fig, path)
+        return save_figure(fig, path)
 
 
 def plot_metric_comparison(rows: list[tuple[str, float]], path: Path, *, metric: str) -> Path:
@@ -257,9 +253,9 @@ def plot_metric_comparison(rows: list[tuple[str, float]], path: Path, *, metric:
     """
     names = [name for name, _ in rows]
     values = [float(v) if v is not None and math.isfinite(float(v)) else math.nan for _, v in rows]
-    with _figure(figsize=(7.5, max(2.0, 0.5 * len(rows) + 1.2))) as (fig, ax):
+    with figure(figsize=(7.5, max(2.0, 0.5 * len(rows) + 1.2))) as (fig, ax):
         if not rows:
-            _note(ax, "nothing to compare")
+            note(ax, "nothing to compare")
         else:
             finite = [v for v in values if not math.isnan(v)]
             best = (min(finite) if lower_is_better(metric) else max(finite)) if finite else None
@@ -282,4 +278,4 @@ def plot_metric_comparison(rows: list[tuple[str, float]], path: Path, *, metric:
         ax.set_xlabel(metric)
         ax.set_title(metric)
         fig.tight_layout()
-        return _save(fig, path)
+        return save_figure(fig, path)

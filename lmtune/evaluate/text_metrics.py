@@ -103,7 +103,8 @@ class UnicodeRougeTokenizer:
         return [self._stemmer.stem(w) if len(w) > 3 and w.isascii() else w for w in words]
 
 
-def _bleu_tokenizer(texts: list[str]) -> str:
+def bleu_tokenizer(texts: list[str]) -> str:
+    """The sacrebleu tokenizer for ``texts``: "zh" when any holds a CJK character, "13a" otherwise."""
     # sacrebleu's default "13a" tokenizer splits on spaces and punctuation only, so an unsegmented
     # Chinese sentence is one "word"; its "zh" tokenizer splits CJK characters and is 13a otherwise.
     return "zh" if any(_CJK_CHAR_RE.search(t) for t in texts) else "13a"
@@ -133,7 +134,7 @@ def generation_metrics(predictions: list[str], references: list[str]) -> dict[st
         scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references, strict=True)
     )
     word_counter = UnicodeRougeTokenizer(use_stemmer=False)
-    tokenize = _bleu_tokenizer(predictions + references)
+    tokenize = bleu_tokenizer(predictions + references)
     return {
         "exact_match": sum(map(exact_match, predictions, references)) / n,
         "token_f1": sum(map(token_f1, predictions, references)) / n,

@@ -29,7 +29,15 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 import numpy as np
+from gensim.models import Word2Vec
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, processors
+from tokenizers import models as tokenizer_models
+from transformers import PreTrainedTokenizerFast
 
+from lmtune.config import load_config
+from lmtune.data.readers import read_table
 from lmtune.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -56,8 +64,6 @@ Method = Literal["cbow", "skipgram"]
 @functools.lru_cache(maxsize=4)
 def word_pipeline(lowercase: bool = True) -> tuple[Any, Any]:
     """The ``tokenizers`` normalizer and pre-tokenizer that define what a word is."""
-    from tokenizers import Regex, normalizers, pre_tokenizers
-
     normalizer = normalizers.Sequence([
         normalizers.NFKC(),
         # Control characters removed, spaces put around CJK ideographs; accents kept (strip_accents
@@ -87,15 +93,12 @@ def build_word_tokenizer(texts: Iterable[str], *, min_count: int = 1, max_vocab:
     at most ``max_vocab`` of them. Other words map to ``[UNK]``. It pads on the right, adds no other
     special tokens, and saves as a plain ``tokenizer.json`` that ``AutoTokenizer`` loads.
     """
-    from tokenizers import Tokenizer, models, processors
-    from transformers import PreTrainedTokenizerFast
-
     counts = Counter(word for text in texts for word in word_tokenize(text, lowercase=lowercase))
     words = [w for w, c in counts.most_common() if c >= min_count and w not in (PAD, UNK, SEP)]
     if max_vocab is not None:
         words = words[:max_vocab]
     vocab = {PAD: 0, UNK: 1, SEP: 2, **{w: i + 3 for i, w in enumerate(words)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    backend = Tokenizer(tokenizer_models.WordLevel(vocab, unk_token=UNK))
     backend.normalizer, backend.pre_tokenizer = word_pipeline(lowercase)
     backend.post_processor = processors.TemplateProcessing(single="$A", pair="$A [SEP] $B",
                                                            special_tokens=[(SEP, 2)])
@@ -177,8 +180,6 @@ class WordVectors:
 
     def save(self, folder: str | Path) -> Path:
         """Write ``vectors.safetensors`` (tensor ``vectors``), ``vocab.json`` and ``embeddings.json``."""
-        from safetensors.numpy import save_file
-
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
         save_file({"vectors": self.vectors}, str(out / VECTORS_FILE))
@@ -193,9 +194,6 @@ class WordVectors:
     @classmethod
     def load(cls, folder: str | Path) -> WordVectors:
         """Read a folder written by :meth:`save`."""
-        from safetensors import SafetensorError
-        from safetensors.numpy import load_file
-
         path = Path(folder)
         for name in (VECTORS_FILE, VOCAB_FILE):
             if not (path / name).is_file():
@@ -222,8 +220,6 @@ def train_word2vec(
 
     One worker thread by default: gensim's result then depends only on the data and ``seed``.
     """
-    from gensim.models import Word2Vec
-
     if method not in ("cbow", "skipgram"):
         raise ConfigError(f"word2vec method must be cbow or skipgram, not '{method}'")
     sentences = [s for s in sentences if s]
@@ -258,9 +254,6 @@ def read_corpus(source: str | Path, *, lowercase: bool = True) -> tuple[list[lis
     if not path.is_file():
         raise DataError("corpus file not found", file=path)
     if path.suffix.lower() in (".yaml", ".yml"):
-        from lmtune.config import load_config
-        from lmtune.data.readers import read_table
-
         cfg = load_config(path)
         table = read_table(cfg.data.train, format=cfg.data.format, encoding=cfg.data.encoding)
         columns = [c for c in (cfg.data.text_column, cfg.data.text_pair_column) if c]

@@ -1,10 +1,13 @@
 """Export a run's model as one standalone folder that plain transformers loads, and prove it.
 
-``export_merged`` folds a LoRA/QLoRA adapter into the base weights (or re-saves a fully fine-tuned
+``export_merged_folder`` folds a LoRA/QLoRA adapter into the base weights (or re-saves a fully fine-tuned
 model), writes safetensors + tokenizer (chat template included) + generation config + ``lmtune.json``
 + model card, then reloads the written folder with plain ``AutoModelFor...`` and compares its logits
 with the model as trained (base + adapter, unmerged) on a fixed set of prompts. Only a folder that
 passes the check appears at ``output``; a failed export leaves nothing there.
+
+It takes plain inputs (the run and model folders, ``lmtune.json``'s contents, the auto class name);
+``lmtune.workflows.export`` opens the run and decides the class from the task.
 """
 
 from __future__ import annotations
@@ -18,21 +21,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import peft
 import torch
+import transformers
+from peft import PeftModel
+from transformers import AutoConfig, AutoTokenizer
 
 from lmtune.errors import LmtuneError, RunError
+from lmtune.models.registry import check_model_folder
+from lmtune.version import __version__
 
 log = logging.getLogger("lmtune")
-
-# Task -> the transformers auto class that loads the exported folder (resolved lazily by name).
-MODEL_CLASSES = {
-    "causal_lm": "AutoModelForCausalLM",
-    "sft": "AutoModelForCausalLM",
-    "classification": "AutoModelForSequenceClassification",
-    "token_classification": "AutoModelForTokenClassification",
-    "extractive_qa": "AutoModelForQuestionAnswering",
-    "seq2seq": "AutoModelForSeq2SeqLM",
-}
 
 # Short and varied: plain prose, a question, code, digits, non-ASCII, one word.
 DEFAULT_PROMPTS = [
@@ -64,15 +63,20 @@ class ExportResult:
     source: str  # "adapter": base + adapter was the reference; "model": the run's model/ folder
 
 
-def export_merged(
+def export_merged_folder(
     run_dir: Path,
+    model_dir: Path,
+    meta: dict[str, Any],
     output: Path,
     *,
+    auto_class: str,
     tolerance: float = DEFAULT_TOLERANCE,
     prompts: list[str] | None = None,
     overwrite: bool = False,
 ) -> ExportResult:
-    """Write ``run_dir``'s model as a merged, standalone folder at ``output`` and check it.
+    """Write the model of the run at ``run_dir`` (its model folder ``model_dir``, whose ``lmtune.json``
+    holds ``meta``) as a merged, standalone folder at ``output`` and check it; ``auto_class`` names the
+    transformers auto class that loads the model (``AutoModelForSequenceClassification`` ...).
 
     The reference is the model as trained: the base model (``base_model_path``, float32) wrapped with
     the run's ``adapter/``, or the run's ``model/`` folder when there is no adapter. The written folder
@@ -82,20 +86,17 @@ def export_merged(
     nothing is left at ``output``. An existing non-empty ``output`` is replaced only with
     ``overwrite`` and only if it holds an earlier export.
     """
-    from lmtune.workflows.run import Run
-
-    run = Run.load(run_dir)
-    run_dir, model_dir, meta = run.path.resolve(), run.model_dir.resolve(), run.meta
+    run_dir, model_dir = Path(run_dir).resolve(), Path(model_dir).resolve()
     output = Path(output).expanduser().resolve()
-    model_class = _model_class(meta.get("task"))
+    model_class = auto_model_class(auto_class)
     adapter_dir = _adapter_dir(run_dir, model_dir, meta)
     base_path = _base_path(meta) if adapter_dir is not None else None
-    _check_output(output, run_dir, [p for p in (model_dir, adapter_dir, base_path) if p is not None],
+    check_output_folder(output, run_dir, [p for p in (model_dir, adapter_dir, base_path) if p is not None],
                   overwrite=overwrite)
     if prompts is not None and not prompts:
         raise RunError("export needs at least one prompt to check the exported model against")
 
-    tokenizer = _load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     texts = _prompt_texts(tokenizer, prompts)  # [(text, add_special_tokens)]
 
     if adapter_dir is not None:
@@ -105,7 +106,7 @@ def export_merged(
         source = "adapter"
     else:
         log.info("loading %s (float32)", model_dir)
-        reference = _load_model(model_class, model_dir)
+        reference = load_model(model_class, model_dir)
         source = "model"
     inputs = [_encode(tokenizer, text, special, reference.config) for text, special in texts]
     reference_logits = _all_logits(reference, inputs)  # before merging: merge_and_unload changes the weights
@@ -121,10 +122,10 @@ def export_merged(
         result = ExportResult(folder=output, max_abs_logit_diff=diff, tolerance=tolerance,
                               prompts=len(inputs), source=source)
         facts = _export_facts(result, run_dir, adapter_dir, meta)
-        _write_json(tmp / "lmtune.json", {**meta, "saved_as": "merged" if source == "adapter"
-                                          else meta.get("saved_as", "full"), "exported": facts})
-        _write_json(tmp / EXPORT_FILE, facts)
-        _move_into_place(tmp, output, overwrite=overwrite)
+        write_json(tmp / "lmtune.json", {**meta, "saved_as": "merged" if source == "adapter"
+                                         else meta.get("saved_as", "full"), "exported": facts})
+        write_json(tmp / EXPORT_FILE, facts)
+        move_into_place(tmp, output, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -135,13 +136,12 @@ def export_merged(
 
 
 # ------------------------------------------------------------------------------------------ run folder
-def _model_class(task: Any) -> Any:
-    import transformers
-
-    if task not in MODEL_CLASSES:
-        raise RunError(f"cannot export a model for task '{task}'",
-                       hint="export knows the tasks " + ", ".join(sorted(MODEL_CLASSES)))
-    return getattr(transformers, MODEL_CLASSES[task])
+def auto_model_class(name: str) -> Any:
+    """The transformers class called ``name`` (an auto class such as ``AutoModelForCausalLM``)."""
+    model_class = getattr(transformers, name, None)
+    if model_class is None or not hasattr(model_class, "from_pretrained"):
+        raise RunError(f"transformers has no model class '{name}' to load the model with", field="model_class")
+    return model_class
 
 
 def _adapter_dir(run_dir: Path, model_dir: Path, meta: dict[str, Any]) -> Path | None:
@@ -159,8 +159,6 @@ def _adapter_dir(run_dir: Path, model_dir: Path, meta: dict[str, Any]) -> Path |
 
 
 def _base_path(meta: dict[str, Any]) -> Path:
-    from lmtune.models.registry import check_model_folder
-
     raw = meta.get("base_model_path")
     if not raw:
         raise RunError("lmtune.json has no base_model_path, so the adapter cannot be applied",
@@ -174,7 +172,7 @@ def _base_path(meta: dict[str, Any]) -> Path:
     return Path(raw).expanduser().resolve()
 
 
-def _check_output(output: Path, run_dir: Path, inputs: list[Path], *, overwrite: bool) -> None:
+def check_output_folder(output: Path, run_dir: Path, inputs: list[Path], *, overwrite: bool) -> None:
     """Refuse outputs that would clobber the run or its inputs, or a folder that is not an export."""
     for src in [run_dir, *inputs]:
         # Replacing ``output`` deletes it, so it must not be (or hold) anything the export reads;
@@ -197,16 +195,16 @@ def _check_output(output: Path, run_dir: Path, inputs: list[Path], *, overwrite:
 
 
 # ------------------------------------------------------------------------------------------ loading
-def _load_tokenizer(model_dir: Path) -> Any:
-    from transformers import AutoTokenizer
-
+def load_tokenizer(model_dir: Path) -> Any:
+    """The model folder's tokenizer (no remote code); RunError when it cannot be loaded."""
     try:
         return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise RunError(f"cannot load the run's tokenizer: {exc}", file=model_dir) from None
 
 
-def _load_model(model_class: Any, folder: Path, **kwargs: Any) -> Any:
+def load_model(model_class: Any, folder: Path, **kwargs: Any) -> Any:
+    """``model_class.from_pretrained(folder)`` in float32 from safetensors, in eval mode; RunError otherwise."""
     try:
         model = model_class.from_pretrained(folder, dtype=torch.float32, use_safetensors=True,
                                             trust_remote_code=False, **kwargs)
@@ -222,9 +220,6 @@ def _load_with_adapter(model_class: Any, base_path: Path, adapter_dir: Path, mod
     The base is built with the run's own config (``model/config.json``) so a new head has the trained
     shape (labels); its weights then come from the adapter's ``modules_to_save``.
     """
-    from peft import PeftModel
-    from transformers import AutoConfig
-
     config_dir = model_dir if (model_dir / "config.json").is_file() else base_path
     config = AutoConfig.from_pretrained(config_dir, trust_remote_code=False)
     if config_dir == base_path and meta.get("labels"):  # adapter-only run: the labels live in lmtune.json
@@ -235,7 +230,7 @@ def _load_with_adapter(model_class: Any, base_path: Path, adapter_dir: Path, mod
         config.pad_token_id = tokenizer.pad_token_id
     if meta.get("method") == "qlora":
         log.info("QLoRA: the reference is the float32 base + adapter (training saw a 4-bit base)")
-    base = _load_model(model_class, base_path, config=config)
+    base = load_model(model_class, base_path, config=config)
     try:
         model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
@@ -300,7 +295,7 @@ def _check_parity(reference_logits: list[torch.Tensor], folder: Path, model_clas
 
     Returns the max absolute difference over all prompts and positions; raises RunError beyond it.
     """
-    reloaded = _load_model(model_class, folder)
+    reloaded = load_model(model_class, folder)
     after = _all_logits(reloaded, inputs)
     diff = max(float((a - b).abs().max()) for a, b in zip(after, reference_logits, strict=True))
     if not diff <= tolerance:  # NaN fails too
@@ -314,11 +309,6 @@ def _check_parity(reference_logits: list[torch.Tensor], folder: Path, model_clas
 
 def _export_facts(result: ExportResult, run_dir: Path, adapter_dir: Path | None,
                   meta: dict[str, Any]) -> dict[str, Any]:
-    import peft
-    import transformers
-
-    from lmtune.version import __version__
-
     facts = {**asdict(result), "format": "merged", "run": str(run_dir),
              "adapter": str(adapter_dir) if adapter_dir else None,
              "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -330,11 +320,12 @@ def _export_facts(result: ExportResult, run_dir: Path, adapter_dir: Path | None,
     return facts
 
 
-def _write_json(path: Path, data: Any) -> None:
+def write_json(path: Path, data: Any) -> None:
+    """``data`` as indented JSON text (UTF-8, a final newline)."""
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
 
 
-def _move_into_place(tmp: Path, output: Path, *, overwrite: bool) -> None:
+def move_into_place(tmp: Path, output: Path, *, overwrite: bool) -> None:
     """Rename the checked folder to ``output``; an earlier export is swapped out, then deleted."""
     if output.is_dir() and not any(output.iterdir()):
         output.rmdir()

@@ -7,12 +7,16 @@ with dynamic batch and sequence axes. The written ``model.onnx`` is then run in 
 inputs of several batch sizes and lengths (padded batches included); its logits must be within
 ``tolerance`` (max absolute difference) of PyTorch's, else nothing is exported. The folder also holds
 the tokenizer, ``config.json`` (the label map), ``lmtune.json`` and ``export.json`` (the check's numbers).
+
+It takes plain inputs (the run and model folders, ``lmtune.json``'s contents, the auto class name);
+``lmtune.workflows.export`` opens the run and checks that the task declares the format.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import importlib.util
 import io
 import logging
 import shutil
@@ -22,10 +26,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import onnx
+import onnxruntime as ort
 import torch
+import transformers
+from torch.export import Dim
 
 from lmtune.errors import RunError
 from lmtune.models import export as merged_export
+from lmtune.version import __version__
 
 log = logging.getLogger("lmtune")
 
@@ -34,7 +43,6 @@ ONNX_FILE = "model.onnx"
 # fuses attention and layer norm, so sums are ordered differently); a wrong export is far above this
 # (dropout left in the graph: 1e-2).
 DEFAULT_TOLERANCE = 1e-4
-ONNX_TASKS = ("classification",)
 # Batches of the check: one text alone, then several of very different lengths padded together (the
 # padded positions must not change the logits), so dynamic batch and sequence axes are exercised.
 CHECK_BATCHES = [merged_export.DEFAULT_PROMPTS[:1], merged_export.DEFAULT_PROMPTS[1:4],
@@ -55,7 +63,7 @@ class OnnxExportResult:
 
 
 class _LogitsOnly(torch.nn.Module):
-    """The classifier as the graph's function: tokenizer tensors in, logits (B, labels) out."""
+    """The model as the graph's function: tokenizer tensors in, logits out ((B, labels) for a classifier)."""
 
     def __init__(self, model: torch.nn.Module, input_names: list[str]) -> None:
         super().__init__()
@@ -70,44 +78,38 @@ class _LogitsOnly(torch.nn.Module):
         return self.model(**kwargs).logits
 
 
-def export_onnx(run_dir: str | Path, output: str | Path, *, tolerance: float = DEFAULT_TOLERANCE,
-                texts: list[str] | None = None, overwrite: bool = False) -> OnnxExportResult:
-    """Write ``run_dir``'s classifier as ``output/model.onnx`` (+ tokenizer) and check it in onnxruntime.
+def export_onnx_folder(run_dir: Path, model_dir: Path, meta: dict[str, Any], output: str | Path, *,
+                       auto_class: str, tolerance: float = DEFAULT_TOLERANCE, texts: list[str] | None = None,
+                       overwrite: bool = False) -> OnnxExportResult:
+    """Write the model of the run at ``run_dir`` (its model folder ``model_dir``, whose ``lmtune.json``
+    holds ``meta``; loaded with the transformers class ``auto_class``) as ``output/model.onnx``
+    (+ tokenizer) and check it in onnxruntime.
 
     Only a folder whose ONNX logits are within ``tolerance`` of PyTorch's on the check's inputs
     (``texts``, default: short varied texts in batches of 1, 3 and 6) appears at ``output``; a failed
     export leaves nothing there. An existing non-empty ``output`` is replaced only with ``overwrite``
     and only if it holds an earlier lmtune export.
     """
-    from lmtune.workflows.run import Run
-
-    run = Run.load(run_dir)
-    task = run.meta.get("task")
-    if task not in ONNX_TASKS:
-        raise RunError(f"ONNX export is not implemented for '{task}' models, only for {', '.join(ONNX_TASKS)}",
-                       hint="`--format merged` writes a transformers folder for every task")
-    run_dir, model_dir = run.path.resolve(), run.model_dir.resolve()
+    run_dir, model_dir = Path(run_dir).resolve(), Path(model_dir).resolve()
     if not (model_dir / "config.json").is_file():
         raise RunError("the model folder holds only an adapter; export it merged first",
                        file=model_dir, hint="`lmtune export RUN --format merged -o merged/`, then "
                        "`lmtune export merged/ --format onnx -o onnx/`")
     output = Path(output).expanduser().resolve()
-    merged_export._check_output(output, run_dir, [model_dir], overwrite=overwrite)
+    merged_export.check_output_folder(output, run_dir, [model_dir], overwrite=overwrite)
     batches = [list(texts)] if texts is not None else [list(b) for b in CHECK_BATCHES]
     if not any(batches):
         raise RunError("the ONNX check needs at least one text")
 
-    from transformers import AutoModelForSequenceClassification
-
-    tokenizer = merged_export._load_tokenizer(model_dir)
-    model = merged_export._load_model(AutoModelForSequenceClassification, model_dir)
+    tokenizer = merged_export.load_tokenizer(model_dir)
+    model = merged_export.load_model(merged_export.auto_model_class(auto_class), model_dir)
     input_names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in tokenizer.model_input_names]
     if "attention_mask" not in input_names:
         input_names.insert(1, "attention_mask")
     # eval() on the wrapper: torch.export keeps the top module's training flag, and dropout in the
     # graph would make every ONNX answer random.
     wrapper = _LogitsOnly(model, input_names).eval()
-    max_length = int(run.meta.get("max_length") or merged_export.MAX_PROMPT_TOKENS)
+    max_length = int(meta.get("max_length") or merged_export.MAX_PROMPT_TOKENS)
     encoded = [_encode(tokenizer, b, input_names, max_length) for b in batches if b]
 
     tmp = output.parent / f".{output.name}.tmp"
@@ -124,9 +126,9 @@ def export_onnx(run_dir: str | Path, output: str | Path, *, tolerance: float = D
                                   texts=sum(len(b) for b in batches), batch_sizes=[len(b) for b in batches if b],
                                   opset=opset, inputs=input_names)
         facts = _facts(result, run_dir)
-        merged_export._write_json(tmp / "lmtune.json", {**run.meta, "exported": facts})
-        merged_export._write_json(tmp / merged_export.EXPORT_FILE, facts)
-        merged_export._move_into_place(tmp, output, overwrite=overwrite)
+        merged_export.write_json(tmp / "lmtune.json", {**meta, "exported": facts})
+        merged_export.write_json(tmp / merged_export.EXPORT_FILE, facts)
+        merged_export.move_into_place(tmp, output, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -143,13 +145,9 @@ def _encode(tokenizer: Any, texts: list[str], input_names: list[str], max_length
 def _write_onnx(wrapper: torch.nn.Module, example: dict[str, torch.Tensor], input_names: list[str],
                 path: Path) -> int:
     """Export ``wrapper`` with dynamic (batch, sequence) axes on every input; returns the opset used."""
-    from torch.export import Dim
-
-    try:
-        import onnxscript  # noqa: F401  (torch.onnx's dynamo exporter needs it)
-    except ImportError:
+    if importlib.util.find_spec("onnxscript") is None:  # torch.onnx's dynamo exporter needs it
         raise RunError("ONNX export needs the packages onnx and onnxscript",
-                       hint="pip install onnx onnxscript onnxruntime (pinned in pyproject.toml)") from None
+                       hint="pip install onnx onnxscript onnxruntime (pinned in pyproject.toml)")
     batch, sequence = Dim("batch", min=1, max=4096), Dim("sequence", min=1, max=8192)
     dynamic = {name: {0: batch, 1: sequence} for name in input_names}
     quiet = io.StringIO()
@@ -184,8 +182,6 @@ def _quiet_logger(name: str) -> Iterator[None]:
 def _check_onnx(wrapper: torch.nn.Module, path: Path, encoded: list[dict[str, torch.Tensor]],
                 tolerance: float) -> float:
     """Max absolute logit difference between onnxruntime and PyTorch over the check's batches."""
-    import onnxruntime as ort
-
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -206,15 +202,9 @@ def _check_onnx(wrapper: torch.nn.Module, path: Path, encoded: list[dict[str, to
 
 
 def _facts(result: OnnxExportResult, run_dir: Path) -> dict[str, Any]:
-    import onnx
-    import onnxruntime
-    import transformers
-
-    from lmtune.version import __version__
-
     facts = {**asdict(result), "format": "onnx", "file": ONNX_FILE, "run": str(run_dir), "dtype": "float32",
              "dynamic_axes": {"batch": 0, "sequence": 1}, "outputs": ["logits"],
-             "checked_with": f"onnxruntime {onnxruntime.__version__} (CPUExecutionProvider)",
+             "checked_with": f"onnxruntime {ort.__version__} (CPUExecutionProvider)",
              "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
              "lmtune_version": __version__, "torch_version": torch.__version__, "onnx_version": onnx.__version__,
              "transformers_version": transformers.__version__}

@@ -1,11 +1,14 @@
-"""Batched text generation for causal LMs: evaluation of generative tasks, ``lmtune predict``, ``lmtune chat``.
+"""Batched text generation, the one loop for decoders and encoder-decoders: evaluation of generative tasks,
+``lmtune predict``, ``lmtune chat``, the server.
 
-Prompts are already-rendered texts (for chat models, rendered by :func:`chat_prompt`). :func:`generate`
-sorts them by token length (longest first), left-pads each batch and runs ``model.generate`` with an
-attention mask and the KV cache; transformers derives position ids from the mask
-(``cumsum(mask) - 1``), so a prompt's greedy answer does not depend on the batch it lands in. An answer
-ends at an EOS token, at the first of ``settings.stop`` (cut from the text; a stopping criterion halts
-that row as soon as its text holds one) or after ``max_new_tokens`` tokens.
+Prompts are already-rendered texts (for chat models, rendered by :func:`chat_prompt`); for an
+encoder-decoder they are the source texts. :func:`generate` sorts them by token length (longest first)
+and runs ``model.generate`` batch by batch with an attention mask and the KV cache. A decoder's batch is
+left-padded (transformers derives position ids from the mask, ``cumsum(mask) - 1``, so a prompt's
+greedy answer does not depend on the batch it lands in); an encoder-decoder's sources are right-padded
+for the encoder and its decoder starts from the decoder start token. An answer ends at an EOS token, at
+the first of ``settings.stop`` (cut from the text; for a decoder a stopping criterion halts that row as
+soon as its text holds one) or after ``max_new_tokens`` tokens.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+from accelerate.utils import gather_object
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from lmtune.errors import ModelError
@@ -94,8 +98,6 @@ def generate_across_processes(accelerator: Any, items: list[Any],
     Evaluation generates on every process at once (each takes a contiguous share); the results are
     gathered with their indices, so the order never depends on the number of processes.
     """
-    from accelerate.utils import gather_object
-
     indexed = list(enumerate(items))
     # Every process gets the same number of items (the last one repeated where the split is uneven):
     # with sharded weights (FSDP, ZeRO-3) each forward pass is collective, so a process that ran out of
@@ -137,7 +139,8 @@ def _eos_ids(model: Any, tokenizer: Any, eos_token_ids: list[int] | None) -> lis
     return [int(configured)] if isinstance(configured, int) else [int(i) for i in configured]
 
 
-def _encode(tokenizer: Any, prompt: str) -> list[int]:
+def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
+    """A rendered prompt's token ids, as :func:`generate` feeds a decoder."""
     # A chat template may write the BOS itself; letting the tokenizer add another would give two.
     bos = getattr(tokenizer, "bos_token", None)
     add_special = not (bos and prompt.startswith(bos))
@@ -145,13 +148,14 @@ def _encode(tokenizer: Any, prompt: str) -> list[int]:
     return ids
 
 
-def _find_stop(text: str, stop: Sequence[str]) -> int | None:
+def find_stop(text: str, stop: Sequence[str]) -> int | None:
     """Index of the earliest stop string in ``text``, or None."""
     hits = [i for i in (text.find(s) for s in stop) if i >= 0]
     return min(hits) if hits else None
 
 
-def _rng_devices(device: torch.device) -> list[int]:
+def rng_devices(device: torch.device) -> list[int]:
+    """The CUDA device whose RNG ``torch.random.fork_rng`` must save for ``device`` (none on a CPU)."""
     return (
         [device.index if device.index is not None else torch.cuda.current_device()]
         if device.type == "cuda"
@@ -200,7 +204,7 @@ class _StopOnStrings(StoppingCriteria):
                 continue
             if self.stop:
                 tail = self.tokenizer.decode(tokens[-self.window :], skip_special_tokens=True)
-                if _find_stop(tail, self.stop) is not None:
+                if find_stop(tail, self.stop) is not None:
                     self.stopped_at[row] = len(tokens)
                     self._finished.add(row)
                     done[row] = True
@@ -234,7 +238,8 @@ class _AnswerStreamer(TextIteratorStreamer):
             super().put(torch.tensor(kept))
 
 
-def _generate_kwargs(settings: GenerationSettings, eos_ids: list[int], pad_id: int) -> dict[str, Any]:
+def generate_kwargs(settings: GenerationSettings, eos_ids: list[int], pad_id: int) -> dict[str, Any]:
+    """``model.generate`` keyword arguments for ``settings``, ending at ``eos_ids`` and padding with ``pad_id``."""
     kwargs: dict[str, Any] = {
         "max_new_tokens": settings.max_new_tokens,
         "do_sample": settings.do_sample,
@@ -265,9 +270,14 @@ def _pad_id(tokenizer: Any, eos_ids: list[int]) -> int:
 
 
 def _finish(
-    tokenizer: Any, tokens: list[int], stopped_at: int | None, eos_ids: set[int], stop: Sequence[str]
+    tokenizer: Any, tokens: list[int], stopped_at: int | None, eos_ids: set[int], stop: Sequence[str], *,
+    strip: bool = False,
 ) -> tuple[str, str, int]:
-    """(text, finish_reason, completion_tokens) of one row's generated tokens (which may end in padding)."""
+    """(text, finish_reason, completion_tokens) of one row's generated tokens (which may end in padding).
+
+    ``strip``: the text is stripped before stop strings are looked for (an encoder-decoder's output,
+    which its tokenizer may frame with spaces), and stripped again where one cuts it.
+    """
     reason = "length"
     if stopped_at is not None:
         tokens, reason = tokens[:stopped_at], "stop"
@@ -280,9 +290,11 @@ def _finish(
         else:
             completion = len(tokens)
     text = tokenizer.decode(tokens, skip_special_tokens=True)
-    cut = _find_stop(text, stop)
+    if strip:
+        text = text.strip()
+    cut = find_stop(text, stop)
     if cut is not None:
-        text, reason = text[:cut], "stop"
+        text, reason = (text[:cut].rstrip() if strip else text[:cut]), "stop"
     return text, reason, completion
 
 
@@ -294,14 +306,19 @@ def generate(
     *,
     progress: Progress | None = None,
     eos_token_ids: list[int] | None = None,
+    max_length: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Generate one answer per prompt, in batches; results come back in input order.
+    """Generate one answer per prompt (decoder) or output per source text (encoder-decoder), in batches;
+    results come back in input order.
 
     Each result is ``{"text", "finish_reason", "prompt_tokens", "completion_tokens"}``: ``text`` is the
-    decoded new tokens without special tokens, cut before the first stop string; ``finish_reason`` is
-    ``"stop"`` (EOS or stop string) or ``"length"`` (``max_new_tokens`` reached); ``completion_tokens``
-    counts the tokens generated for the answer, the EOS or the token that completed a stop string
-    included. EOS ids are ``eos_token_ids``, else the model's generation config's, else the tokenizer's.
+    decoded new tokens without special tokens, cut before the first stop string (an encoder-decoder's
+    text is also stripped); ``finish_reason`` is ``"stop"`` (EOS or stop string) or ``"length"``
+    (``max_new_tokens`` reached); ``prompt_tokens`` counts the prompt (source) tokens fed to the model;
+    ``completion_tokens`` counts the tokens generated for the answer, the EOS or (decoder) the token that
+    completed a stop string included. EOS ids are ``eos_token_ids``, else the model's generation config's,
+    else the tokenizer's. An encoder-decoder's sources are cut to ``max_length`` tokens (a decoder's
+    prompts are never cut: callers check that they fit).
 
     The model is put in eval mode (and back in train mode afterwards if it was). Sampling is seeded with
     ``settings.seed`` on a forked RNG, so the caller's random state is untouched; greedy decoding is
@@ -310,9 +327,14 @@ def generate(
     """
     if not prompts:
         return []
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     eos_ids = _eos_ids(model, tokenizer, eos_token_ids)
     pad_id = _pad_id(tokenizer, eos_ids)
-    encoded = [_encode(tokenizer, p) for p in prompts]
+    if encoder_decoder:
+        # The source as the tokenizer frames it (special tokens included), as in training.
+        encoded: list[list[int]] = [tokenizer(p, truncation=True, max_length=max_length)["input_ids"] for p in prompts]
+    else:
+        encoded = [encode_prompt(tokenizer, p) for p in prompts]
     for i, ids in enumerate(encoded):
         if not ids:
             raise ValueError(f"generate: prompt {i} is empty (no tokens)")
@@ -320,39 +342,48 @@ def generate(
     # length-sorted batches carry little padding. sorted() is stable, so ties keep input order.
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     device = next(model.parameters()).device
-    kwargs = _generate_kwargs(settings, eos_ids, pad_id)
+    kwargs = generate_kwargs(settings, eos_ids, pad_id)
+    start_id = getattr(model.generation_config, "decoder_start_token_id", None) if encoder_decoder else None
+    if start_id is not None:
+        kwargs["decoder_start_token_id"] = start_id
     results: list[dict[str, Any] | None] = [None] * len(prompts)
     task = progress.add_task("generate", total=len(prompts)) if progress is not None else None
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), torch.random.fork_rng(devices=_rng_devices(device)):
+        with torch.inference_mode(), torch.random.fork_rng(devices=rng_devices(device)):
             torch.manual_seed(settings.seed)
-            for start in range(0, len(order), settings.batch_size):
-                rows = order[start : start + settings.batch_size]
+            for begin in range(0, len(order), settings.batch_size):
+                rows = order[begin : begin + settings.batch_size]
                 width = len(encoded[rows[0]])
                 input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
-                attention_mask = torch.zeros(
-                    (len(rows), width), dtype=torch.long
-                )  # (B, T), 0 on left padding
+                attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T), 0 on padding
                 for b, i in enumerate(rows):
                     n = len(encoded[i])
-                    input_ids[b, width - n :] = torch.tensor(encoded[i])
-                    attention_mask[b, width - n :] = 1
+                    # A decoder continues its prompt, so the padding goes left; an encoder reads it whole.
+                    span = slice(0, n) if encoder_decoder else slice(width - n, width)
+                    input_ids[b, span] = torch.tensor(encoded[i])
+                    attention_mask[b, span] = 1
+                # A decoder's rows stop as soon as their text holds a stop string; an encoder-decoder's
+                # text is cut after decoding (its decoder sequence does not continue the prompt).
                 criterion = _StopOnStrings(tokenizer, settings.stop, width, eos_ids)
+                use_criterion = bool(settings.stop) and not encoder_decoder
                 out = model.generate(
                     input_ids=input_ids.to(device),
                     attention_mask=attention_mask.to(device),
-                    stopping_criteria=StoppingCriteriaList([criterion]) if settings.stop else None,
+                    stopping_criteria=StoppingCriteriaList([criterion]) if use_criterion else None,
                     **kwargs,
-                )  # (B, T + new)
+                )  # decoder: (B, T + new); encoder-decoder: (B, 1 + new), the start token first
                 for b, i in enumerate(rows):
+                    if encoder_decoder:
+                        tokens = out[b].tolist()
+                        if start_id is not None and tokens and tokens[0] == start_id:
+                            tokens = tokens[1:]
+                    else:
+                        tokens = out[b, width:].tolist()
                     text, reason, completion = _finish(
-                        tokenizer,
-                        out[b, width:].tolist(),
-                        criterion.stopped_at.get(b),
-                        set(eos_ids),
-                        settings.stop,
+                        tokenizer, tokens, criterion.stopped_at.get(b) if use_criterion else None, set(eos_ids),
+                        settings.stop, strip=encoder_decoder,
                     )
                     results[i] = {
                         "text": text,
@@ -403,7 +434,7 @@ def stream_text(
     :func:`generate` reports besides the text: ``finish_reason`` ("stop" or "length"),
     ``prompt_tokens`` and ``completion_tokens`` (counted the same way).
     """
-    prompt_ids = _encode(tokenizer, prompt)
+    prompt_ids = encode_prompt(tokenizer, prompt)
     eos_ids = _eos_ids(model, tokenizer, eos_token_ids)
     pad_id = _pad_id(tokenizer, eos_ids)
     device = next(model.parameters()).device
@@ -414,14 +445,14 @@ def stream_text(
     def run() -> None:
         try:
             # inference_mode is per thread, so it is entered here, not by the caller.
-            with torch.inference_mode(), torch.random.fork_rng(devices=_rng_devices(device)):
+            with torch.inference_mode(), torch.random.fork_rng(devices=rng_devices(device)):
                 torch.manual_seed(settings.seed)
                 model.generate(
                     input_ids=torch.tensor([prompt_ids], device=device),
                     attention_mask=torch.ones((1, len(prompt_ids)), dtype=torch.long, device=device),
                     stopping_criteria=StoppingCriteriaList([criterion]),
                     streamer=streamer,
-                    **_generate_kwargs(settings, eos_ids, pad_id),
+                    **generate_kwargs(settings, eos_ids, pad_id),
                 )
         except BaseException as exc:  # handed to the reading thread, which re-raises it
             errors.append(exc)
@@ -437,7 +468,7 @@ def stream_text(
     try:
         for piece in streamer:
             text += piece
-            cut = _find_stop(text, settings.stop)
+            cut = find_stop(text, settings.stop)
             if cut is not None:
                 if cut > sent:
                     yield text[sent:cut]
@@ -469,6 +500,6 @@ def stream_text(
             elif streamer.saw_eos:
                 reason, completion = "stop", streamer.generated
             else:
-                cut_by_stop = _find_stop(text, settings.stop) is not None
+                cut_by_stop = find_stop(text, settings.stop) is not None
                 reason, completion = ("stop" if cut_by_stop else "length"), streamer.generated
             info.update(finish_reason=reason, prompt_tokens=len(prompt_ids), completion_tokens=completion)

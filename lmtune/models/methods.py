@@ -7,13 +7,17 @@ learn nothing).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from lmtune.config import MethodConfig
+from lmtune.config.tasks import task_info, task_names
 from lmtune.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -26,7 +30,7 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def _transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList | None:
+def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList | None:
     """The longest ModuleList in the model: its stack of transformer blocks."""
     best: torch.nn.ModuleList | None = None
     for module in model.modules():
@@ -39,14 +43,13 @@ def check_method_supported(method: MethodConfig, task: str) -> None:
     """Fail before anything loads when the method cannot run here (QLoRA without a CUDA GPU)."""
     if method.name != "qlora":
         return
-    if task not in ("sft", "causal_lm"):
-        raise ConfigError(f"method.name qlora is for decoder tasks (sft, causal_lm), not '{task}'; use lora")
+    if not task_info(task).decoder:
+        decoders = ", ".join(name for name in task_names() if task_info(name).decoder)
+        raise ConfigError(f"method.name qlora is for decoder tasks ({decoders}), not '{task}'; use lora")
     if not torch.cuda.is_available():
         raise ConfigError("method.name qlora quantises the base model to 4 bits with bitsandbytes, which needs a "
                           "CUDA GPU; this machine has none", hint="use method.name: lora (same adapters, "
                           "base model kept in full precision)")
-    import importlib.util
-
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError("method.name qlora needs the bitsandbytes package", hint="pip install bitsandbytes")
 
@@ -55,14 +58,8 @@ def quantization_config(method: MethodConfig) -> Any:
     """The 4-bit NF4 loading config of QLoRA (double quantisation, bf16 compute), or None."""
     if method.name != "qlora":
         return None
-    from transformers import BitsAndBytesConfig
-
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=torch.bfloat16)
-
-
-# peft task types for tasks that do not name their own (`task.peft_task_type`).
-PEFT_TASK_TYPES = {"classification": "SEQ_CLS"}
 
 
 def build_task_model(task: Any, model_path: Path | None, data: Any, tokenizer: Any,
@@ -78,14 +75,16 @@ def build_task_model(task: Any, model_path: Path | None, data: Any, tokenizer: A
 
 
 def apply_task_method(model: torch.nn.Module, task: Any, method: MethodConfig, head: set[str]) -> torch.nn.Module:
-    """:func:`apply_method` with the task's peft task type and the tokens its chat template added."""
-    return apply_method(model, method, head,
-                        peft_task_type=getattr(task, "peft_task_type", PEFT_TASK_TYPES.get(task.name, "")),
-                        new_token_ids=task.new_token_ids() if hasattr(task, "new_token_ids") else None)
+    """:func:`apply_method` with the task's peft task type and the tokens its chat template added.
+
+    ``task`` is a ``lmtune.tasks.base.Task`` (not imported: models sit below tasks).
+    """
+    return apply_method(model, method, head, peft_task_type=task.peft_task_type,
+                        new_token_ids=task.new_token_ids())
 
 
 def apply_method(
-    model: torch.nn.Module, method: MethodConfig, head_names: set[str], *, peft_task_type: str,
+    model: torch.nn.Module, method: MethodConfig, head_names: set[str], *, peft_task_type: str | None,
     new_token_ids: list[int] | None = None,
 ) -> torch.nn.Module:
     """Prepare ``model`` for ``method``; ``head_names`` are the new modules that always train.
@@ -104,7 +103,7 @@ def apply_method(
         for name, p in model.named_parameters():
             p.requires_grad_(any(part in head_names for part in name.split(".")))
         if method.unfrozen_layers:
-            blocks = _transformer_blocks(model)
+            blocks = transformer_blocks(model)
             if blocks is None:
                 raise ConfigError("method.unfrozen_layers: this model has no stack of blocks to unfreeze")
             if method.unfrozen_layers > len(blocks):
@@ -115,11 +114,7 @@ def apply_method(
                     p.requires_grad_(True)
         return model
     if method.name in ("lora", "qlora"):
-        from peft import LoraConfig, get_peft_model
-
         if method.name == "qlora":
-            from peft import prepare_model_for_kbit_training
-
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
         lora = LoraConfig(
@@ -147,14 +142,10 @@ def save_final_model(model: torch.nn.Module, folder: Path, adapter_folder: Path 
     A QLoRA adapter is merged into the base model reloaded in float32 (merging into 4-bit
     weights would round the update away). Returns how it was saved: ``full``, ``merged`` or ``adapter``.
     """
-    from peft import PeftModel
-
     if isinstance(model, PeftModel):
         if adapter_folder is not None:
             model.save_pretrained(str(adapter_folder), safe_serialization=True)
         if merge and quantized:
-            from transformers import AutoModelForCausalLM
-
             assert adapter_folder is not None and base_path is not None
             base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, use_safetensors=True)
             PeftModel.from_pretrained(base, str(adapter_folder)).merge_and_unload().save_pretrained(

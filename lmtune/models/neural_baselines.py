@@ -12,8 +12,9 @@ training texts (:func:`lmtune.models.embeddings.build_word_tokenizer`) and one o
 
 Each is a :class:`~transformers.PreTrainedModel` with its own config (``model_type: lmtune_baseline``),
 registered with ``AutoConfig`` / ``AutoModelForSequenceClassification`` when this module is imported
-(``import lmtune.tasks`` does it), so the saved folder is safetensors + ``config.json`` +
-``tokenizer.json`` and ``AutoModelForSequenceClassification.from_pretrained`` loads it.
+(``import lmtune.models.neural_baselines``; the classification task imports it), so the saved folder is
+safetensors + ``config.json`` + ``tokenizer.json`` and ``AutoModelForSequenceClassification.from_pretrained``
+loads it.
 
 Results never depend on how much padding a batch has: recurrent layers run on packed sequences,
 the convolution sees zero vectors past the end exactly as unpadded "same" padding would, and
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,14 +40,23 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, Pretrai
 from transformers import initialization as init
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from lmtune.config.tasks import NEURAL_BASELINES
 from lmtune.errors import DataError
+from lmtune.models.embeddings import (
+    build_word_tokenizer,
+    embedding_matrix,
+    load_vectors,
+    train_word2vec,
+    word_tokenize,
+)
 
 if TYPE_CHECKING:
     from lmtune.config import BaselineConfig
 
 log = logging.getLogger(__name__)
 
-ARCHITECTURES = ("cnn_lstm", "bilstm", "gru", "transformer")
+# The architectures are the neural baselines a config may list (one list, in lmtune.config.tasks).
+ARCHITECTURES = NEURAL_BASELINES
 PREFIX = "baseline:"
 
 
@@ -267,8 +278,6 @@ AutoModelForSequenceClassification.register(NeuralBaselineConfig, NeuralBaseline
 # ------------------------------------------------------------------------------------------ building
 def build_tokenizer(train_texts: list[str], settings: BaselineConfig, max_length: int) -> Any:
     """The word-level tokenizer of a baseline: vocabulary from the training texts only."""
-    from lmtune.models.embeddings import build_word_tokenizer
-
     return build_word_tokenizer(train_texts, min_count=settings.vocab_min_count, max_vocab=settings.max_vocab,
                                 lowercase=settings.lowercase, max_length=max_length)
 
@@ -321,8 +330,6 @@ def _vocabulary(tokenizer: Any) -> list[str]:
 def _initial_embeddings(settings: BaselineConfig, vocab: list[str], train_texts: list[str],
                         seed: int) -> tuple[np.ndarray | None, dict[str, Any]]:
     """(V, D) starting rows for the embedding table (None: random) and what they came from."""
-    from lmtune.models.embeddings import embedding_matrix, train_word2vec, word_tokenize
-
     source = settings.embeddings
     if source == "random":
         return None, {}
@@ -363,8 +370,6 @@ def _initial_embeddings(settings: BaselineConfig, vocab: list[str], train_texts:
 
 def _load_covering(path: Path, words: set[str]) -> Any:
     """Pretrained vectors restricted to ``words``; none of them found is the no-overlap error."""
-    from lmtune.models.embeddings import load_vectors
-
     try:
         return load_vectors(path, keep=words)
     except DataError as exc:
@@ -379,10 +384,6 @@ def _load_covering(path: Path, words: set[str]) -> Any:
 
 
 def _word_counts(texts: list[str], lowercase: bool) -> dict[str, int]:
-    from collections import Counter
-
-    from lmtune.models.embeddings import word_tokenize
-
     return Counter(w for t in texts for w in word_tokenize(t, lowercase=lowercase))
 
 

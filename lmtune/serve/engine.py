@@ -1,8 +1,9 @@
 """The model behind the server: a loaded run, its one worker thread and the batcher that feeds it.
 
-Generative runs (sft, causal_lm) answer through :class:`lmtune.run.TextGenerator` (batched
-``lmtune.generation.generate``; ``stream_text`` for streaming); classifiers through
-``ClassificationPredictor``; other tasks through their registered predictor (``Run.predict``).
+Decoder runs answer through :class:`lmtune.models.text_generator.TextGenerator` (batched
+``lmtune.models.generation.generate``; ``stream_text`` for streaming); every other task through its
+registered predictor (``Predictor.predict``, as ``Run.predict``), ``/v1/classify`` through the label
+scorer's class probabilities.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Hashable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from lmtune.errors import ConfigError
+from lmtune.models import generation
 from lmtune.serve.batching import Batcher, ModelWorker
-from lmtune.workflows.run import Run
+from lmtune.workflows.run import LabelScorer, Run
 
 log = logging.getLogger("lmtune")
 
@@ -82,6 +84,7 @@ class Engine:
         self.run = run
         self.options = options
         self.task = run.task
+        self.info = run.info
         self.generative = run.generative
         self.model_id = options.model_name or run.path.resolve().name
         # Loaded now, in the starting thread: the first request should not pay for it.
@@ -114,12 +117,12 @@ class Engine:
         return await self.batcher.submit(key, settings, rendered)
 
     async def classify(self, texts: list[str], pairs: list[str] | None) -> list[dict[str, Any]]:
-        """Labels and probabilities per text (classification runs)."""
+        """Labels and probabilities per text, with optional second texts (label scorers: ``/v1/classify``)."""
         items = list(zip(texts, pairs, strict=True)) if pairs is not None else [(t, None) for t in texts]
         return await self.batcher.submit(("classify", pairs is not None), None, items)
 
     async def predict(self, items: list[Any]) -> list[dict[str, Any]]:
-        """The task predictor's answer per item (NER, QA, seq2seq ...)."""
+        """The task predictor's answer per item (labels, entities, answer spans, generated texts ...)."""
         return await self.batcher.submit(("predict",), None, items)
 
     def _run_batch(self, key: Hashable, context: Any, items: list[Any]) -> list[Any]:
@@ -134,7 +137,7 @@ class Engine:
         if kind == "classify":
             texts = [t for t, _ in items]
             pairs = [p for _, p in items] if key[1] else None  # type: ignore[index]
-            p = self.loaded
+            p = cast(LabelScorer, self.loaded)
             return list(p.decode(p.probabilities(texts, pairs, batch_size=rows)))
         if kind == "predict":
             return list(self.loaded.predict(items, batch_size=rows))
@@ -147,8 +150,6 @@ class Engine:
         ``info`` receives finish_reason and token counts when the answer ends. Closing the iterator
         (a client that went away) stops generation.
         """
-        from lmtune.models.generation import stream_text
-
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         cancel = threading.Event()
@@ -162,7 +163,7 @@ class Engine:
             try:
                 if cancel.is_set():
                     return
-                pieces = stream_text(g.model, g.tokenizer, rendered, settings, eos_token_ids=g.eos_token_ids,
+                pieces = generation.stream_text(g.model, g.tokenizer, rendered, settings, eos_token_ids=g.eos_token_ids,
                                      info=info)
                 try:
                     for piece in pieces:

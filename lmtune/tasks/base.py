@@ -49,6 +49,10 @@ class Task(Protocol):
     info: ClassVar[TaskInfo]
     config: Config
 
+    def __init__(self, config: Config) -> None:
+        """A task for one validated config (built by the train workflow and the verbs: ``cls(cfg)``)."""
+        ...
+
     # ---------------------------------------------------------------------------------- model and data
     def model_path(self) -> Path | None:
         """The folder the weights and tokenizer come from (None: nothing pretrained, e.g. a tokenizer
@@ -99,6 +103,18 @@ class Task(Protocol):
     def packing(self) -> bool:
         """Examples are packed into fixed-length rows (no padding). *default*: False."""
         return False
+
+    @property
+    def target_length(self) -> int | None:
+        """Tokens of the decoder's own input per example, for a model that reads the source and the target
+        separately (an encoder-decoder: ``data.max_target_length``); ``lmtune plan`` sizes its activations
+        by it. *default*: None (one sequence per example)."""
+        return None
+
+    def planned_labels(self) -> tuple[list[str], str]:
+        """The label set the head is built for when ``lmtune plan`` does not read the data, and where it
+        comes from (the config's key, or what was assumed). *default*: no label head (``[], "none"``)."""
+        return [], "none"
 
     # ---------------------------------------------------------------------------------- the loop
     def collator(self, tokenizer: Any) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
@@ -185,6 +201,10 @@ class Predictor(Protocol):
 
     model: Any
     tokenizer: Any
+
+    def __init__(self, model_dir: Path, meta: dict[str, Any], *, device: str | None = None) -> None:
+        """Load the saved model folder (``meta``: its ``lmtune.json``) on ``device`` (default: CUDA if any)."""
+        ...
 
     def check_item(self, item: Any) -> str | None:
         """Why ``item`` is not an input this predictor takes (a sentence for a 400 answer), or None."""

@@ -1,4 +1,5 @@
-"""What the decoder tasks (causal_lm, sft) share: tokenizer, model, batches, loss, loss-based metrics.
+"""What the decoder tasks (causal_lm, sft, seq2seq's decoder route) share: model, batches, loss, loss-based
+metrics, the generation config, and :class:`GenerativePredictor` (how their model folders answer prompts).
 
 Both train a causal LM on ``(input_ids, labels)`` sequences where ``labels`` is -100 on tokens
 that carry no loss. Loss masks are decided when examples are built (from the chat template or
@@ -9,92 +10,28 @@ stop. Padding is told apart by position (the attention mask, or the packed row's
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-import random
-from collections.abc import Callable, Hashable
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-from lmtune.config import Config, DataConfig
-from lmtune.data.features import PaddingCollator
-from lmtune.data.packing import IGNORE_INDEX, PackedCollator
+from lmtune.config import Config
+from lmtune.data.features import IGNORE_INDEX, PaddingCollator
+from lmtune.data.packing import PackedCollator
+from lmtune.data.readers import Table
 from lmtune.errors import ConfigError, DataError, ModelError
-from lmtune.tasks.base import TaskData
+from lmtune.models.generation import GenerationSettings, chat_prompt
+from lmtune.models.methods import quantization_config
+from lmtune.models.registry import model_path_of
+from lmtune.models.text_generator import TextGenerator, validate_prompt_messages
+from lmtune.tasks.base import Task, TaskData, get_task
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-
-
-def adds_bos(tokenizer: Any) -> bool:
-    """Whether the tokenizer puts a BOS token in front of plain text by itself."""
-    if tokenizer.bos_token_id is None:
-        return False
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bool(ids) and ids[0] == tokenizer.bos_token_id
-
-
-def holdout_indices(n: int, fractions: dict[str, float], seed: int) -> dict[str, list[int]] | None:
-    """A seeded random hold-out of ``n`` items: sorted indices per split in ``fractions`` (at least one
-    each) and under ``"train"`` the rest; None when ``n`` is too small to leave any for training."""
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    counts = {s: max(1, round(f * n)) for s, f in fractions.items()}
-    if sum(counts.values()) >= n:
-        return None
-    out: dict[str, list[int]] = {}
-    start = 0
-    for split, count in counts.items():
-        out[split] = sorted(order[start : start + count])
-        start += count
-    out["train"] = sorted(order[start:])
-    return out
-
-
-def given_splits(data: DataConfig) -> dict[str, str]:
-    """The evaluation splits that come from their own files: ``{split: source}``."""
-    return {s: src for s, src in (("validation", data.validation), ("test", data.test)) if src}
-
-
-def hold_out(items: list[T], data: DataConfig, *, what: str, kind: str = "data",
-             hint: str = "give data.validation and data.test files, or more data"
-             ) -> tuple[list[T], dict[str, list[T]], dict[str, str]]:
-    """Split the evaluation sets that have no file of their own off the training ``items``: a seeded random
-    hold-out of ``data.validation_size`` / ``data.test_size`` (``data.split_seed``).
-
-    Returns the training items left, the held-out items per split and each held-out split's source
-    description. Too few items to leave any for training is a DataError ("N {what} are too few to hold
-    out validation and test {kind}").
-    """
-    given = given_splits(data)
-    sizes = {s: size for s, size in (("validation", data.validation_size), ("test", data.test_size))
-             if s not in given}
-    if not sizes:
-        return items, {}, {}
-    held = holdout_indices(len(items), sizes, data.split_seed)
-    if held is None:
-        raise DataError(f"{len(items)} {what} are too few to hold out {' and '.join(sizes)} {kind}",
-                        file=data.train, hint=hint)
-    splits = {s: [items[i] for i in held[s]] for s in sizes}
-    sources = {s: f"{data.train} (split {sizes[s]:g})" for s in sizes}
-    return [items[i] for i in held["train"]], splits, sources
-
-
-def first_occurrences(items: list[T], key: Callable[[T], Hashable]) -> list[T]:
-    """``items`` without repeats (same ``key``), first occurrence kept, order kept."""
-    seen: set[Hashable] = set()
-    out = []
-    for item in items:
-        k = key(item)
-        if k not in seen:
-            seen.add(k)
-            out.append(item)
-    return out
 
 
 def scratch_config(config: Config, tokenizer: Any) -> Any:
@@ -132,13 +69,24 @@ class DecoderCollator:
         return self.packed(features) if "position_ids" in features[0] else self.padded(features)
 
 
-class DecoderTask:
-    """Shared behaviour of the decoder tasks; subclasses add data preparation and reports."""
+def refuse_streaming(config: Config) -> None:
+    """``lmtune data inspect`` reads the whole training data: a ConfigError for ``data.streaming``."""
+    if config.data.streaming:
+        raise ConfigError("data inspect reads the whole training data, which data.streaming never loads",
+                          hint="inspect one shard: a copy of the config with data.streaming: false and "
+                          "data.train: one shard file")
 
-    name: ClassVar[str] = "decoder"
-    default_metric: ClassVar[str] = "loss"
+
+def inspect_generative(cfg: Config, source: str | None, *, examples: int = 3) -> dict[str, Any] | None:
+    """The ``lmtune data inspect`` report of a decoder task's config (its task's :meth:`Task.inspect`)."""
+    return get_task(cfg.task)(cfg).inspect(source, examples=examples)
+
+
+class DecoderTask(Task):
+    """Shared behaviour of the decoder tasks; subclasses add data preparation and reports (and ``info``)."""
+
     model_class: ClassVar[Any] = AutoModelForCausalLM
-    peft_task_type: ClassVar[str] = "CAUSAL_LM"
+    peft_task_type: ClassVar[str | None] = "CAUSAL_LM"
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -150,6 +98,10 @@ class DecoderTask:
     def packing(self) -> bool:
         """Whether training rows are packed (the config says, else the task's default)."""
         raise NotImplementedError
+
+    def model_path(self) -> Path | None:
+        """The configured model's folder."""
+        return model_path_of(self.config.model)
 
     def evaluation_phase(self, phase: str) -> None:
         """``training`` (cheap: loss only) or ``final`` (also what is slow, e.g. generation)."""
@@ -166,8 +118,6 @@ class DecoderTask:
             log.info("new %s model from scratch: %d layers, hidden %d, %d heads, vocabulary %d",
                      m.architecture, m.layers, m.hidden_size, m.heads, len(tokenizer))
         else:
-            from lmtune.models.methods import quantization_config
-
             assert model_path is not None
             quant = quantization_config(self.config.method)
             try:
@@ -213,7 +163,8 @@ class DecoderTask:
     def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
 
-    def _logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Next-token logits of every position (compared before and after saving)."""
         return model(**self._inputs(batch), use_cache=False).logits.float()  # (B, T, vocab)
 
     def _loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -258,3 +209,82 @@ class DecoderTask:
             repetition_penalty=g.repetition_penalty,
         )
         gen.save_pretrained(folder)
+
+
+# ------------------------------------------------------------------------------------------ predictor
+class GenerativePredictor:
+    """How a decoder task's saved model folder answers prompts (``Run.predict``, ``lmtune predict``, serve).
+
+    Items are prompts (text): continued as they are, or for chat models (``TaskInfo.chat``) answered as a
+    user message in the chat template; chat models also take a conversation so far (a list of
+    ``{"role", "content"}`` messages ending with a user message). Built on
+    :class:`lmtune.models.text_generator.TextGenerator`; generation settings default to those saved with
+    the model (``generation_config.json``), and ``settings`` replaces them per call.
+    """
+
+    def __init__(self, model_dir: Path, meta: dict[str, Any], *, device: str | None = None) -> None:
+        self.generator = TextGenerator(model_dir, meta, device=device)
+        self.model = self.generator.model
+        self.tokenizer = self.generator.tokenizer
+        self.settings = saved_settings(self.model.generation_config)
+
+    def check_item(self, item: Any) -> str | None:
+        """Why ``item`` is not a prompt this model takes (a sentence for a 400 answer), or None."""
+        if isinstance(item, str):
+            return None if item.strip() else "empty prompt"
+        if isinstance(item, list):
+            if not self.generator.chat:
+                return f"a {self.generator.task} model continues plain text; chat messages need an sft run"
+            try:
+                validate_prompt_messages(item, source="request", line=None, field="messages")
+            except DataError as exc:
+                return exc.message
+            return None
+        return (f"expected a prompt (text){' or a conversation (a list of messages)' if self.generator.chat else ''}, "
+                f"found {type(item).__name__}")
+
+    def render(self, item: Any) -> str:
+        """The text the model continues for one item (a DataError for an item :meth:`check_item` refuses)."""
+        why = self.check_item(item)
+        if why is not None:
+            raise DataError(why, field="prompts")
+        if isinstance(item, list):
+            return chat_prompt(self.tokenizer, validate_prompt_messages(item, source="request", line=None,
+                                                                        field="messages"))
+        return self.generator.render(item)
+
+    def predict(self, items: list[Any], *, batch_size: int = 32, progress: Any = None,
+                settings: GenerationSettings | None = None) -> list[dict[str, Any]]:
+        """``{"text", "finish_reason", "prompt_tokens", "completion_tokens"}`` per item, in input order (see
+        :func:`lmtune.models.generation.generate`)."""
+        settings = dataclasses.replace(settings or self.settings, batch_size=batch_size)
+        rendered = [self.render(item) for item in items]
+        self.generator.check_lengths(rendered, settings.max_new_tokens)
+        return self.generator.generate(rendered, settings, progress=progress)
+
+    def predict_table(self, table: Table, *, columns: dict[str, str | None] | None = None, batch_size: int = 32,
+                      progress: Any = None, settings: GenerationSettings | None = None) -> list[dict[str, Any]]:
+        """The same for the rows of a table: the ``prompt`` column (``columns["text"]`` overrides; ``text``
+        also serves) or, for chat models, ``messages``; each result is ``{"generated", "finish_reason",
+        "prompt_tokens", "completion_tokens"}``. A bad cell raises DataError naming file, line and column."""
+        settings = dataclasses.replace(settings or self.settings, batch_size=batch_size)
+        rendered = self.generator.render_table(table, (columns or {}).get("text"), settings.max_new_tokens)
+        results = self.generator.generate(rendered, settings, progress=progress)
+        return [{"generated": r["text"], **{k: v for k, v in r.items() if k != "text"}} for r in results]
+
+
+def saved_settings(generation_config: Any) -> GenerationSettings:
+    """Generation settings from a model folder's ``generation_config.json`` (lmtune's defaults where it says
+    nothing): what :meth:`DecoderTask.write_generation_config` saved."""
+    base = GenerationSettings()
+    sample = bool(getattr(generation_config, "do_sample", False))
+    return dataclasses.replace(
+        base,
+        max_new_tokens=int(getattr(generation_config, "max_new_tokens", None) or base.max_new_tokens),
+        do_sample=sample,
+        temperature=float(getattr(generation_config, "temperature", None) or base.temperature) if sample
+        else base.temperature,
+        top_p=float(getattr(generation_config, "top_p", None) or base.top_p) if sample else base.top_p,
+        repetition_penalty=float(getattr(generation_config, "repetition_penalty", None) or base.repetition_penalty),
+    )
+

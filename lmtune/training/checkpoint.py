@@ -23,6 +23,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from lmtune.errors import RunError, is_disk_full
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
@@ -75,8 +77,6 @@ def save_checkpoint(accelerator: Any, folder: Path, step: int, state: dict[str, 
     try:
         accelerator.save_state(str(tmp), safe_serialization=True)
     except Exception as exc:  # safetensors and torch.save do not raise OSError for a full disk
-        from lmtune.errors import RunError, is_disk_full
-
         full = is_disk_full(exc, folder)  # before the partial folder is removed, freeing space
         if not isinstance(exc, OSError) and not full:
             raise

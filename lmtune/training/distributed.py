@@ -15,16 +15,26 @@ sharded weights are gathered by every process before the main one saves
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import importlib.util
 import logging
 import os
 import shlex
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+import torch.distributed as dist
+from accelerate.utils import (
+    DeepSpeedPlugin,
+    DistributedDataParallelKwargs,
+    DistributedType,
+    FullyShardedDataParallelPlugin,
+    broadcast_object_list,
+)
 
 from lmtune.config import Config
 from lmtune.errors import ConfigError, LmtuneError
@@ -57,7 +67,7 @@ def check_distributed_supported(cfg: Config, num_processes: int = 1) -> None:
                           "(4-bit weights shard with fully_shard only)")
 
 
-def _process_group_kwargs(cfg: Config) -> dict[str, Any]:
+def process_group_kwargs(cfg: Config) -> dict[str, Any]:
     """``PartialState`` arguments: the backend (unless auto) and the barrier timeout."""
     d = cfg.train.distributed
     kwargs: dict[str, Any] = {"cpu": not torch.cuda.is_available(), "timeout": dt.timedelta(minutes=d.timeout_minutes)}
@@ -73,8 +83,6 @@ def accelerator_plugins(cfg: Config, num_processes: int) -> dict[str, Any]:
     ``DistributedDataParallelKwargs`` and otherwise leaves Accelerate to read its own
     launch configuration, so ``accelerate launch --config_file fsdp.yaml`` keeps working.
     """
-    from accelerate.utils import DistributedDataParallelKwargs
-
     d = cfg.train.distributed
     # DeepSpeed on one GPU still offloads (ZeRO-Offload); anything else on one process is plain training.
     if num_processes <= 1 and not (d.strategy == "deepspeed" and torch.cuda.is_available()):
@@ -91,8 +99,6 @@ def accelerator_plugins(cfg: Config, num_processes: int) -> dict[str, Any]:
 
 def fsdp_plugin(cfg: Config) -> Any:
     """Accelerate's ``FullyShardedDataParallelPlugin`` for ``train.distributed``."""
-    from accelerate.utils import FullyShardedDataParallelPlugin
-
     d = cfg.train.distributed
     policy = {"transformer": "transformer_based_wrap", "size": "size_based_wrap", "none": "no_wrap"}
     kwargs: dict[str, Any] = {
@@ -123,8 +129,6 @@ def fsdp_plugin(cfg: Config) -> Any:
 
 def deepspeed_plugin(cfg: Config) -> Any:
     """Accelerate's ``DeepSpeedPlugin``: the user's JSON, or ZeRO stage and offload from the config."""
-    from accelerate.utils import DeepSpeedPlugin
-
     d = cfg.train.distributed
     t = cfg.train
     if d.deepspeed_config is not None:
@@ -150,8 +154,6 @@ def on_main_then_shared(state: Any, fn: Callable[[], T]) -> T:
     """
     if state.num_processes <= 1:
         return fn()
-    from accelerate.utils import broadcast_object_list
-
     box: list[Any] = [None]
     if state.is_main_process:
         try:
@@ -167,8 +169,6 @@ def on_main_then_shared(state: Any, fn: Callable[[], T]) -> T:
 
 def is_sharded(accelerator: Any) -> bool:
     """Whether the trained weights live in pieces across processes (FSDP, DeepSpeed)."""
-    from accelerate.utils import DistributedType
-
     return accelerator.num_processes > 1 and accelerator.distributed_type in (
         DistributedType.FSDP, DistributedType.DEEPSPEED)
 
@@ -206,10 +206,6 @@ def end_processes() -> None:
     reducer: freed later, in one process after the other has exited, gloo's destructor waited for
     its peer forever. So: free what is garbage, meet at a barrier, then destroy the group everywhere.
     """
-    import gc
-
-    import torch.distributed as dist
-
     if not dist.is_available() or not dist.is_initialized():
         return
     gc.collect()
@@ -249,8 +245,6 @@ def launch_command(argv: list[str], num_processes: int, *, num_machines: int = 1
 
 def launch(argv: list[str], num_processes: int, **kwargs: Any) -> int:
     """Run :func:`launch_command`; returns its exit status (the worst of the processes')."""
-    import subprocess
-
     cmd = launch_command(argv, num_processes, **kwargs)
     env = dict(os.environ)
     if not torch.cuda.is_available():

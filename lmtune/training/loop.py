@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.data_loader import prepare_data_loader
+from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
@@ -145,7 +147,7 @@ class TrainingLoop:
         self.head_names = head_names or set()
         self.state = LoopState()
         self.checkpoint_dir = run_dir / "checkpoints"
-        self.metric, self.greater_is_better = config.train.resolved_metric(task.default_metric)
+        self.metric, self.greater_is_better = config.train.resolved_metric(task.info.default_metric)
 
     # ----------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -211,8 +213,6 @@ class TrainingLoop:
         loader must not be split again (``IterableDatasetShard``: every process would read and
         tokenise everything) nor dispatched (one process would read for all).
         """
-        from accelerate.data_loader import prepare_data_loader
-
         ds_plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         if ds_plugin is not None and ds_plugin.is_auto("train_micro_batch_size_per_gpu"):
             # DeepSpeed reads the micro-batch size from a prepared loader, which a stream does not pass.
@@ -406,8 +406,6 @@ class TrainingLoop:
 
     def _nonfinite_step(self, what: str, value: Any, example_ids: list[torch.Tensor | None]) -> None:
         """Stop (``train.nonfinite: stop``) or count a skipped update, naming the step and its examples."""
-        from accelerate.utils import gather_object
-
         t = self.config.train
         # The examples of this step on every process (micro-batch by micro-batch), for the message.
         local = [int(i) for ids in example_ids if ids is not None for i in ids.tolist()]
@@ -465,7 +463,7 @@ class TrainingLoop:
         value = metrics.get(self.metric)
         if value is None:
             raise TrainingError(
-                f"train.metric '{self.metric}' is not computed by task '{self.task.name}'; "
+                f"train.metric '{self.metric}' is not computed by task '{self.task.info.name}'; "
                 f"available: {', '.join(sorted(scalars))}"
             )
         best = self.state.best_metric

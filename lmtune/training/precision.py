@@ -12,10 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
+import platform
 import time
 
 import torch
+
+from lmtune.errors import ConfigError
+from lmtune.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +36,6 @@ def cpu_bf16_speedup() -> float:
     enough to see it is many times slower, and the probe stops there. The answer is
     cached on disk per CPU model and torch version.
     """
-    import json
-    import platform
-
-    from lmtune.paths import cache_dir
-
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -82,8 +82,6 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     Explicit choices are honoured when the hardware can run them, otherwise a
     clear error is raised rather than silently training in something else.
     """
-    from lmtune.errors import ConfigError
-
     if requested == "fp32":
         return "no"
     if device.type == "cuda":

@@ -7,8 +7,10 @@ label balance and the trivial majority-class accuracy, token lengths and what
 ``data.max_length`` truncates, and the padding cost of the configured batching.
 Errors the user can fix arrive as lmtune errors from the task and are not caught.
 
-This module covers classification; the decoder tasks (``sft``, ``causal_lm``) are in
-:mod:`lmtune.tasks.decoder_inspect`, dispatched from :func:`inspect_data` and :func:`render`.
+This module holds the generic report (labelled rows of tokens) and asks the task for the rest: a task
+whose data is not such rows (chat, raw text) writes its whole report (``Task.inspect``) and may print it
+(``Task.render_inspection``); a task may give its own facts per split and sections
+(``Task.inspect_facts``, ``Task.inspect_details``).
 """
 
 from __future__ import annotations
@@ -16,14 +18,19 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
 
 from lmtune.config import Config, load_config
+from lmtune.console import quiet_libraries
+from lmtune.data.features import LengthGroupedBatchSampler
+from lmtune.tasks import Task, get_task
+from lmtune.tasks.inspection import collect_warnings, length_stats, round_up, split_rank
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -35,9 +42,6 @@ IMBALANCE_RATIO = 5.0
 TRUNCATION_WARN_FRACTION = 0.05
 # Suggest a smaller data.max_length when train's p99 length is below this fraction of it.
 SHORT_P99_FRACTION = 0.5
-SPLIT_ORDER = ("train", "validation", "test")
-# Tasks whose report comes from lmtune.inspect_generative.
-GENERATIVE_TASKS = ("sft", "causal_lm")
 
 
 def inspect_data(
@@ -56,13 +60,16 @@ def inspect_data(
     ``majority_class``, ``padding``, ``suggestions``, ``examples`` and ``warnings`` (what
     data preparation logged).
 
-    Tasks ``sft`` and ``causal_lm`` return the keys described in
-    :func:`lmtune.inspect_generative.inspect_sft` and :func:`~lmtune.inspect_generative.inspect_causal_lm`.
+    A task with a report of its own (``Task.inspect``: sft, causal_lm) returns that instead; a task with
+    its own facts per split (``Task.inspect_facts``) returns ``facts``, ``summary``, ``suggestions`` and
+    ``examples``.
     """
-    from lmtune.console import quiet_libraries
-    from lmtune.models.registry import resolve_model
-    from lmtune.tasks import get_task
+    task, source = _task(config, overrides)
+    return _inspect(task, source, examples=examples)
 
+
+def _task(config: Config | str | Path | dict[str, Any], overrides: dict[str, Any] | None) -> tuple[Task, str | None]:
+    """The configured task, and the config file's name (None for a mapping or a ``Config``)."""
     if isinstance(config, Config):
         cfg = load_config(config.to_dict(), overrides) if overrides else config
         source = None
@@ -71,21 +78,24 @@ def inspect_data(
         cfg = load_config(copy.deepcopy(config) if isinstance(config, dict) else config, overrides)
         source = None if isinstance(config, dict) else str(config)
     quiet_libraries()
-    if cfg.task in GENERATIVE_TASKS:
-        from lmtune.tasks.decoder_inspect import inspect_generative
+    return get_task(cfg.task)(cfg), source
 
-        return inspect_generative(cfg, source, examples=examples)
-    task = get_task(cfg.task)(cfg)
+
+def _inspect(task: Task, source: str | None, *, examples: int) -> dict[str, Any]:
+    """:func:`inspect_data`'s report for a built task."""
+    cfg = task.config
+    own = task.inspect(source, examples=examples)  # chat or raw text: the task's whole report
+    if own is not None:
+        return own
     # A task may have no model folder (a neural baseline builds its tokenizer from the data).
-    model_path = (task.model_path() if hasattr(task, "model_path")
-                  else resolve_model(cfg.model.name, allow_pickle=cfg.model.allow_pickle))
+    model_path = task.model_path()
     tokenizer = task.load_tokenizer(model_path)
     with collect_warnings() as warnings:
         data = task.prepare(tokenizer)
-    if hasattr(task, "inspect_facts"):  # a task with its own facts per split (question_answering: windows ...)
-        facts = task.inspect_facts(data)
-        # Optional: run-wide facts, suggestions and rendered examples (token_classification, seq2seq).
-        details = task.inspect_details(data, facts, examples=examples) if hasattr(task, "inspect_details") else {}
+    facts = task.inspect_facts(data)  # a task's own facts per split (question_answering: windows ...)
+    if facts is not None:
+        # Run-wide facts, suggestions and rendered examples (token_classification, seq2seq).
+        details = task.inspect_details(data, facts, examples=examples)
         # Keys starting with "_" are numbers the task keeps for its suggestions, not table rows.
         facts = {s: {k: v for k, v in facts[s].items() if not k.startswith("_")} for s in sorted(facts, key=split_rank)}
         return {"config": source, "task": cfg.task, "model": cfg.model.name, "max_length": cfg.data.max_length,
@@ -142,17 +152,13 @@ def inspect_data(
 
 def inspect_config(config_path: Path, console: Console, *, examples: int = 3) -> dict[str, Any]:
     """Print :func:`inspect_data`'s facts about ``config_path`` as rich tables; return the same dict."""
-    report = inspect_data(config_path, examples=examples)
-    render(report, console)
+    task, source = _task(config_path, None)
+    report = _inspect(task, source, examples=examples)
+    render(report, console, task)
     return report
 
 
 # ------------------------------------------------------------------------------------------ facts
-
-
-def split_rank(split: str) -> int:
-    """Sort key putting train, validation, test first, in that order."""
-    return SPLIT_ORDER.index(split) if split in SPLIT_ORDER else len(SPLIT_ORDER)
 
 
 def _ratio(part: float, whole: float) -> float:
@@ -198,20 +204,6 @@ def _untruncated_lengths(tokenizer: Any, texts: list[str], pairs: list[str] | No
     return [len(ids) for ids in tokenizer(texts, pairs, truncation=False, verbose=False)["input_ids"]]
 
 
-def length_stats(lengths: Sequence[int], percentiles: Sequence[int] = (90, 99)) -> dict[str, float] | None:
-    """min / median / p<q> for each of ``percentiles`` / max / mean; None for no lengths.
-
-    Percentiles are observed lengths (q% of the values are at most it).
-    """
-    if not len(lengths):
-        return None
-    a = np.asarray(lengths)
-    qs = np.percentile(a, [50, *percentiles], method="inverted_cdf")
-    return {"min": int(a.min()), "median": int(qs[0]), **{f"p{q}": int(v) for q, v in zip(percentiles, qs[1:],
-                                                                                          strict=True)},
-            "max": int(a.max()), "mean": round(float(a.mean()), 1)}
-
-
 def _padding_costs(
     lengths: Sequence[int], batch_size: int, *, seed: int, max_length: int, multiple: int | None
 ) -> dict[str, Any]:
@@ -220,8 +212,6 @@ def _padding_costs(
     The per-batch variants replay the training sampler's epoch-0 batches and the collator's
     ``pad_to_multiple_of``, so they are what the training loop will pad.
     """
-    from lmtune.data.features import LengthGroupedBatchSampler
-
     real = int(sum(lengths))
 
     def cost(padded: int) -> dict[str, Any]:
@@ -250,11 +240,6 @@ def _position_limit(model_path: Path | None, tokenizer: Any) -> int | None:
         if isinstance(positions, int) and positions > 0:
             limits.append(positions)
     return min(limits) if limits else None
-
-
-def round_up(n: int, multiple: int = 8) -> int:
-    """``n`` rounded up to a multiple of ``multiple`` (at least one multiple)."""
-    return max(multiple, -(-n // multiple) * multiple)
 
 
 def _suggestions(
@@ -326,46 +311,12 @@ def _examples(
     return out
 
 
-class _ListHandler(logging.Handler):
-    def __init__(self, sink: list[str], skip: Sequence[str]) -> None:
-        super().__init__(logging.WARNING)
-        self.sink = sink
-        self.skip = skip
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if not any(part in str(record.msg) for part in self.skip):
-            self.sink.append(record.getMessage())
-
-
-@contextlib.contextmanager
-def collect_warnings(skip: Sequence[str] = ("truncated",)) -> Iterator[list[str]]:
-    """Keep lmtune's warnings (skipped rows, unstratified splits) for the report instead of stderr.
-
-    Warnings whose message template contains one of ``skip`` are dropped: the report has its own
-    columns for them (truncation, by default) and the warning would repeat them.
-    Records still propagate to handlers the application configured; only Python's last-resort
-    printing to stderr is avoided, since a handler now exists.
-    """
-    messages: list[str] = []
-    handler = _ListHandler(messages, skip)
-    logger = logging.getLogger("lmtune")
-    logger.addHandler(handler)
-    try:
-        yield messages
-    finally:
-        logger.removeHandler(handler)
-
-
 # ------------------------------------------------------------------------------------------ rendering
 
 
 def _render_facts(report: dict[str, Any], console: Console) -> None:
     """A task's own facts (``inspect_facts``): the run-wide summary, one row per fact and one column per
     split, then the warnings, suggestions and examples (``inspect_details``)."""
-    from rich.panel import Panel
-    from rich.table import Table
-    from rich.text import Text
-
     console.print(f"[bold]data inspect[/bold] {report['config'] or ''}\ntask {report['task']}, model "
                   f"{report['model']}, data.max_length {report['max_length']}", highlight=False)
     for key, value in report.get("summary", {}).items():
@@ -391,16 +342,10 @@ def _render_facts(report: dict[str, Any], console: Console) -> None:
                             subtitle_align="right"))
 
 
-def render(report: dict[str, Any], console: Console) -> None:
-    """Print an :func:`inspect_data` report as tables that fit an 80-column terminal."""
-    from rich.panel import Panel
-    from rich.table import Table
-    from rich.text import Text
-
-    if report["task"] in GENERATIVE_TASKS:
-        from lmtune.tasks.decoder_inspect import render_generative
-
-        render_generative(report, console)
+def render(report: dict[str, Any], console: Console, task: Task) -> None:
+    """Print an :func:`inspect_data` report of ``task`` as tables that fit an 80-column terminal (the task
+    prints what it reported itself: ``Task.render_inspection``)."""
+    if task.render_inspection(report, console):
         return
     if "facts" in report:
         _render_facts(report, console)

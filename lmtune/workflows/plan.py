@@ -52,9 +52,21 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
+from accelerate import init_empty_weights
+from rich.table import Table
+from transformers import PreTrainedModel
 
 from lmtune.config import Config, DistributedConfig, load_config
+from lmtune.console import quiet_libraries
 from lmtune.errors import ConfigError, LmtuneError
+from lmtune.models.methods import apply_task_method, count_parameters, transformer_blocks
+from lmtune.tasks import Task, TaskData, get_task
+from lmtune.training.precision import resolve_precision
+
+try:
+    import psutil
+except ImportError:  # pragma: no cover - psutil is a dependency; /proc/meminfo is the fallback
+    psutil = None
 
 log = logging.getLogger(__name__)
 
@@ -182,9 +194,6 @@ def meta_device() -> Iterator[None]:
     New embedding rows start at the mean of the old ones in training (``mean_resizing``), which needs
     real values: on the meta device they are plain new rows of the same shape.
     """
-    from accelerate import init_empty_weights
-    from transformers import PreTrainedModel
-
     original = PreTrainedModel.resize_token_embeddings
 
     def resize(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -231,9 +240,7 @@ def _stack(name: str, cfg: Any, block: torch.nn.Module | None, layers: int, *, s
 
 
 def _blocks(module: torch.nn.Module) -> torch.nn.ModuleList | None:
-    from lmtune.models.methods import _transformer_blocks
-
-    return _transformer_blocks(module)
+    return transformer_blocks(module)
 
 
 def _stacks(model: torch.nn.Module) -> list[Stack]:
@@ -253,8 +260,6 @@ def _stacks(model: torch.nn.Module) -> list[Stack]:
 
 def _facts(model: torch.nn.Module, stacks: list[Stack], head: set[str], method: Any, lm_head: bool) -> ModelFacts:
     """Count parameters, bytes and the pieces the memory model needs, on the adapted meta model."""
-    from lmtune.models.methods import count_parameters
-
     trainable, total = count_parameters(model)
     params = list(model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in params)
@@ -293,17 +298,16 @@ def _facts(model: torch.nn.Module, stacks: list[Stack], head: set[str], method: 
     )
 
 
-def build_meta_model(task: Any, model_path: Path | None, data: Any, tokenizer: Any, method: Any) -> ModelFacts:
+def build_meta_model(task: Task, model_path: Path | None, data: Any, tokenizer: Any, method: Any) -> ModelFacts:
     """The task's model with ``method`` applied, built on the meta device; its facts."""
-    from lmtune.models.methods import apply_task_method
-
     with meta_device():
         model = task.build_model(model_path, data, tokenizer)
     # Loading on meta skips tying the output embedding to the input one; training has them tied.
     with contextlib.suppress(AttributeError):
-        model.tie_weights()
+        cast(Any, model).tie_weights()
     stacks = _stacks(model)
-    lm_head = getattr(task, "model_class", None) is not None and task.name in ("causal_lm", "sft", "seq2seq")
+    # A task that generates its predictions has a language-model head: logits over the whole vocabulary.
+    lm_head = task.info.generates
     head = task.head_module_names(model)
     build_method = method.model_copy(update={"name": "lora"}) if method.name == "qlora" else method
     with meta_device():
@@ -443,15 +447,12 @@ def estimate_memory(facts: ModelFacts, tokens: TokenFacts, *, method: str, lora_
 # ------------------------------------------------------------------------------------------ device
 def available_ram() -> int:
     """Memory this machine can still give (psutil, else /proc/meminfo MemAvailable)."""
-    try:
-        import psutil
-
+    if psutil is not None:
         return int(psutil.virtual_memory().available)
-    except ImportError:  # pragma: no cover - psutil is a dependency
-        with open("/proc/meminfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+    with open("/proc/meminfo", encoding="utf-8") as f:  # pragma: no cover
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
     return 0  # pragma: no cover
 
 
@@ -472,12 +473,9 @@ def describe_device() -> dict[str, Any]:
 
 def _process_overhead() -> int:
     """This process's resident memory: torch, transformers and Python, as a training process has them too."""
-    try:
-        import psutil
-
+    if psutil is not None:
         return int(psutil.Process().memory_info().rss)
-    except ImportError:  # pragma: no cover
-        return int(0.6 * GIB)
+    return int(0.6 * GIB)  # pragma: no cover
 
 
 def fit_verdict(memory: dict[str, Any], device: dict[str, Any], processes: int) -> dict[str, Any]:
@@ -535,29 +533,14 @@ def _data_is_cheap(cfg: Config) -> bool:
     return total <= _READ_DATA_LIMIT and not getattr(cfg.data, "streaming", False)
 
 
-def _labels_without_data(cfg: Config) -> tuple[list[str], str]:
-    if cfg.task == "classification":
-        if cfg.data.labels:
-            return list(cfg.data.labels), "data.labels"
-        return ["0", "1"], "assumed 2 (data not read; set data.labels for the exact head size)"
-    if cfg.task == "token_classification":
-        prefixes = ("B", "I", "E", "S") if cfg.data.tag_scheme == "bioes" else ("B", "I")
-        if cfg.data.entity_types:
-            return ["O", *[f"{p}-{t}" for t in cfg.data.entity_types for p in prefixes]], "data.entity_types"
-        return ["O", "B-ENT", "I-ENT"], "assumed 1 entity type (data not read; set data.entity_types)"
-    return [], "none"
-
-
 def _stub_data(labels: list[str]) -> Any:
-    from lmtune.tasks.base import TaskData
-
     return TaskData(splits={}, lengths={}, info={"labels": labels}, extra={})
 
 
-def _token_facts(cfg: Config, task: Any, data: Any | None) -> TokenFacts:
+def _token_facts(cfg: Config, task: Task, data: Any | None) -> TokenFacts:
     d, t = cfg.data, cfg.train
-    packed = bool(getattr(task, "packing", False)) if cfg.task in ("causal_lm", "sft", "seq2seq") else False
-    target = d.max_target_length if cfg.task == "seq2seq" and getattr(task, "route", "") == "warm_start" else None
+    packed = task.packing
+    target = task.target_length
     if packed:
         return TokenFacts(t.batch_size, t.gradient_accumulation, d.max_length,
                           "packed rows of data.max_length", float(d.max_length), target)
@@ -585,8 +568,6 @@ def plan(
     exact label count and measured lengths; None reads it when its files are at most 256 MiB.
     """
     started = time.perf_counter()
-    from lmtune.console import quiet_libraries
-
     quiet_libraries()
     overhead = _process_overhead()
     cfg = config if isinstance(config, Config) else load_config(config, overrides)
@@ -604,26 +585,21 @@ def plan(
     if cfg.method.name == "qlora" and device != "cuda":
         notes.append("method qlora needs a CUDA GPU (bitsandbytes); this machine has none: the figures are for one")
 
-    from lmtune.models.registry import resolve_model
-    from lmtune.tasks import get_task
-    from lmtune.training.precision import resolve_precision
-
     precision = resolve_precision(cfg.train.precision, torch.device(device))
     precision = "fp32" if precision == "no" else precision
     task = get_task(cfg.task)(cfg)
-    model_path = (task.model_path() if hasattr(task, "model_path")
-                  else resolve_model(cfg.model.name, allow_pickle=cfg.model.allow_pickle))
+    model_path = task.model_path()
     tokenizer = task.load_tokenizer(model_path)
     read = _data_is_cheap(cfg) if read_data is None else read_data
     labels_info: dict[str, Any] | None = None
     data = None
     if read:
         data = task.prepare(tokenizer)
-        if "labels" in data.info and cfg.task in ("classification", "token_classification"):
+        if "labels" in data.info:  # the label set of a task with a label head
             labels_info = {"count": len(data.info["labels"]), "source": "read from the training data"}
         build_data = data
     else:
-        labels, source = _labels_without_data(cfg)
+        labels, source = task.planned_labels()
         if labels:
             labels_info = {"count": len(labels), "source": source}
         build_data = _stub_data(labels)
@@ -737,8 +713,6 @@ _PART_NAMES = {
 
 def print_plan(result: PlanResult, console: Any) -> None:
     """The plan as rich tables: model and tokens, memory per part, the verdict and what to change."""
-    from rich.table import Table
-
     p, t, m = result.parameters, result.tokens, result.memory
     head = Table(title=f"lmtune plan: {result.task}, {result.model}, method {result.method}", show_header=False)
     head.add_column("what", style="bold")

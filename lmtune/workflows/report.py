@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from lmtune.config import Config
+from lmtune.evaluate.comparison import comparison_rows, table_cells, write_comparison
 from lmtune.evaluate.plots import plot_metric_comparison, plot_training_curves
 from lmtune.evaluate.report import Report
+from lmtune.tasks.base import Task, TaskData
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -25,17 +27,17 @@ def _dir_size(path: Path) -> int:
 def write_report(
     run_dir: Path,
     cfg: Config,
-    task: Any,
-    data: Any,
+    task: Task,
+    data: TaskData,
     metrics: dict[str, Any],
     baselines: dict[str, Any],
     model_info: dict[str, Any],
 ) -> Path:
     """Compose and write ``report.md`` (with PNG plots under ``plots/``)."""
     summary = metrics["summary"]
-    metric, _ = cfg.train.resolved_metric(task.default_metric)
+    metric, _ = cfg.train.resolved_metric(task.info.default_metric)
     split = "test" if "test" in metrics else "validation"
-    headline: list[tuple[str, str]] = getattr(task, "headline_metrics", [(metric, metric)])
+    headline = task.headline_metrics
     r = Report(f"lmtune run: {run_dir.name}")
     r.paragraph(
         f"Task **{cfg.task}**; model `{cfg.model.name}` with **{cfg.method.name}** fine-tuning; "
@@ -46,12 +48,12 @@ def write_report(
     )
 
     # --- the comparison table: the fine-tuned model against its starting point and the baselines
-    from lmtune.evaluate.comparison import comparison_rows, table_cells, write_comparison
-
     r.heading(f"Results on the {split} split")
     test = metrics.get(split, {})
     present = [(k, label) for k, label in headline if k in test]
-    rows, main_metric = comparison_rows(cfg, task, metrics, baselines, split, _dir_size(run_dir / "model"))
+    rows, main_metric = comparison_rows(cfg, metrics, baselines, split, _dir_size(run_dir / "model"),
+                                        headline=[k for k, _ in headline], main_metric=task.comparison_metric,
+                                        starting_point_name=task.info.starting_point_name)
     write_comparison(run_dir, rows, split, main_metric)
     header, cells = table_cells(rows, present)
     r.table(header, cells)
@@ -93,7 +95,7 @@ def write_report(
             f"batch {cfg.train.batch_size} x accumulation {cfg.train.gradient_accumulation}, learning rate "
             f"{cfg.train.learning_rate:g} ({cfg.train.schedule}, warmup {cfg.train.warmup_steps or cfg.train.warmup_ratio}),"
             f" {'length-grouped' if cfg.train.group_by_length else 'random'} batches, "
-            + ("packed rows (no attention across examples)" if getattr(task, "packing", False) else "dynamic padding"),
+            + ("packed rows (no attention across examples)" if task.packing else "dynamic padding"),
             f"stopped early: {summary['stopped_early']}",
             f"saved model: {model_info.get('saved_as')}; reload check: "
             + (

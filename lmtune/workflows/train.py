@@ -16,20 +16,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import set_seed
 
 from lmtune.config import Config, load_config, save_config
 from lmtune.console import log, make_progress, quiet_libraries, run_logging
 from lmtune.data.features import save_json_atomic
 from lmtune.errors import LmtuneError, RunError, is_disk_full
+from lmtune.models.methods import build_task_model, check_method_supported, describe, save_final_model
+from lmtune.tasks.base import Task, TaskData, get_task
 from lmtune.training import checkpoint as ckpt
 from lmtune.training.distributed import (
-    _process_group_kwargs,
     accelerator_plugins,
     check_distributed_supported,
     materialise_for_saving,
     on_main_then_shared,
+    process_group_kwargs,
 )
+from lmtune.training.loop import MetricsLog, TrainingLoop
+from lmtune.training.precision import resolve_precision
 from lmtune.version import __version__
+from lmtune.workflows.baselines import compare
+from lmtune.workflows.card import write_model_card
+from lmtune.workflows.report import write_report
 from lmtune.workflows.run import Run
 
 RUN_FILE = "run.json"
@@ -107,15 +117,6 @@ def train(
     validate (best checkpoint on validation and test, baselines, starting point) ->
     save (model folder with model card, report).
     """
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    from lmtune.models.methods import build_task_model, check_method_supported, describe
-    from lmtune.models.registry import resolve_model
-    from lmtune.tasks import get_task
-    from lmtune.training.loop import MetricsLog, TrainingLoop
-    from lmtune.training.precision import resolve_precision
-
     cfg = config if isinstance(config, Config) else load_config(config, overrides)
     if isinstance(config, Config) and overrides:
         cfg = load_config(config.to_dict(), overrides)
@@ -123,10 +124,9 @@ def train(
     quiet_libraries()
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    from accelerate import PartialState
 
     # The process group first (a no-op for one process), so only the main process touches the folder.
-    state = PartialState(**_process_group_kwargs(cfg))
+    state = PartialState(**process_group_kwargs(cfg))
     check_distributed_supported(cfg, state.num_processes)
     run_dir, resume_from = on_main_then_shared(state, lambda: prepare_run_dir(cfg, resume=resume,
                                                                                 overwrite=overwrite))
@@ -135,8 +135,6 @@ def train(
     precision = resolve_precision(cfg.train.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     # Several runs in one process (notebooks, tests) may differ in precision: Accelerate keeps its
     # settings in a singleton, so clear them (the distributed set-up, PartialState, is kept).
-    from accelerate.state import AcceleratorState, GradientState
-
     AcceleratorState._reset_state()
     GradientState._reset_state()
     accelerator = Accelerator(
@@ -159,9 +157,8 @@ def train(
             log.info("run folder %s; device %s (%d threads); precision %s", run_dir, accelerator.device,
                      torch.get_num_threads(), "fp32" if precision == "no" else precision)
             task = get_task(cfg.task)(cfg)
-            # A task may take its weights or tokenizer from elsewhere (causal_lm from scratch).
-            model_path = (task.model_path() if hasattr(task, "model_path")
-                          else resolve_model(cfg.model.name, allow_pickle=cfg.model.allow_pickle))
+            # The task says where its weights and tokenizer come from (None: nothing pretrained).
+            model_path = task.model_path()
             tokenizer = task.load_tokenizer(model_path)
             # Tokenised once per machine: its main process fills the feature cache while the others wait,
             # then they read it (a node-local cache works; a shared one is written atomically).
@@ -192,14 +189,14 @@ def train(
                 # A run that stopped early and was killed before it finished must not train on.
                 state = loop.fit(progress)
             best_step = loop.restore_best()
-            _set_phase(task, "final")
+            task.evaluation_phase("final")
             final: dict[str, Any] = {}
             eval_seconds: dict[str, float] = {}
             for split in loop.eval_loaders:
                 t0 = time.perf_counter()
                 final[split] = loop.evaluate(split)
                 eval_seconds[split] = time.perf_counter() - t0
-            baselines = task.run_baselines(data) if hasattr(task, "run_baselines") and cfg.baselines else {}
+            baselines = task.run_baselines(data) if cfg.baselines else {}
             # Sharded weights (FSDP, ZeRO-3) are gathered by every process together; the main process
             # then saves a plain copy of the model.
             saved_model = materialise_for_saving(
@@ -220,17 +217,15 @@ def train(
                 save_json_atomic(run_dir / "data.json", data.info)
                 model_info = _save_model(loop, task, tokenizer, data, cfg, run_dir, metrics, model_path,
                                          saved_model)
-            if hasattr(task, "compare_with_baselines") and cfg.baselines:
+            if cfg.baselines:
                 # Neural baselines are sub-runs of this workflow (each resets Accelerate's state), so they
-                # start once this model is saved; then every model is timed on the same texts.
+                # start once this model is saved; then every model is timed on the same inputs.
                 accelerator.wait_for_everyone()
-                baselines.update(task.compare_with_baselines(data, run_dir,
-                                                             metrics if accelerator.is_main_process else None))
+                baselines.update(compare(cfg, task.timing_items(data), run_dir,
+                                         metrics if accelerator.is_main_process else None, train))
             if accelerator.is_main_process:
                 save_json_atomic(run_dir / "metrics.json", metrics)
                 save_json_atomic(run_dir / "baselines.json", baselines)
-                from lmtune.workflows.report import write_report
-
                 write_report(run_dir, cfg, task, data, metrics, baselines, model_info)
                 _write_run_file(run_dir, status="complete", finished_at=_now(),
                                 wall_seconds=time.perf_counter() - started)
@@ -256,13 +251,7 @@ def train(
     return Run.load(run_dir)
 
 
-def _set_phase(task: Any, phase: str) -> None:
-    """Tell a task whether this is a cheap in-training evaluation or a final one (generation etc.)."""
-    if hasattr(task, "evaluation_phase"):
-        task.evaluation_phase(phase)
-
-
-def _starting_point(loop: Any, run_dir: Path, accelerator: Any, resuming: bool) -> dict[str, Any]:
+def _starting_point(loop: TrainingLoop, run_dir: Path, accelerator: Accelerator, resuming: bool) -> dict[str, Any]:
     """Metrics of the untrained model (pretrained body, new head) on the evaluation splits.
 
     Computed once before training (read back on resume): the report puts the tuned model beside
@@ -274,27 +263,24 @@ def _starting_point(loop: Any, run_dir: Path, accelerator: Any, resuming: bool) 
     split = "test" if "test" in loop.eval_loaders else "validation"
     if split not in loop.eval_loaders:
         return {}
-    _set_phase(loop.task, "final")
+    loop.task.evaluation_phase("final")
     try:
         with torch.random.fork_rng(devices=[]):
             metrics = {split: loop.evaluate(split)}
     finally:
-        _set_phase(loop.task, "training")
+        loop.task.evaluation_phase("training")
     if accelerator.is_main_process:
         save_json_atomic(path, metrics)
     return metrics
 
 
-def _save_model(loop: Any, task: Any, tokenizer: Any, data: Any, cfg: Config, run_dir: Path,
+def _save_model(loop: TrainingLoop, task: Task, tokenizer: Any, data: TaskData, cfg: Config, run_dir: Path,
                 metrics: dict[str, Any], base_path: Path | None,
                 model: torch.nn.Module | None = None) -> dict[str, Any]:
     """Write ``model/`` (safetensors, tokenizer, lmtune.json, model card), check it reloads identically.
 
     ``model`` is a plain copy of the trained model when the trained one is sharded across processes.
     """
-    from lmtune.models.methods import save_final_model
-    from lmtune.workflows.card import write_model_card
-
     # Without Accelerate's autocast wrapper: the reload check compares float32 with float32 (under bf16
     # autocast QA start/end logits of ~10 differ from the float32 reload by ~5e-3, over the tolerance).
     if model is None:
@@ -308,7 +294,7 @@ def _save_model(loop: Any, task: Any, tokenizer: Any, data: Any, cfg: Config, ru
         device = next(model.parameters()).device
         probe_batch = {k: v.to(device) for k, v in probe_batch.items()}
     with torch.no_grad():
-        before = task._logits(model, probe_batch) if probe_batch is not None else None
+        before = task.logits(model, probe_batch) if probe_batch is not None else None
     saved_as = save_final_model(model, tmp, adapter_dir, cfg.method.merge, base_path=base_path,
                                 quantized=cfg.method.name == "qlora")
     tokenizer.save_pretrained(tmp)
@@ -332,7 +318,7 @@ def _save_model(loop: Any, task: Any, tokenizer: Any, data: Any, cfg: Config, ru
     return {**meta, "reload_check": check}
 
 
-def _probe_batch(loop: Any) -> dict[str, torch.Tensor] | None:
+def _probe_batch(loop: TrainingLoop) -> dict[str, torch.Tensor] | None:
     loader = loop.eval_loaders.get("validation") or loop.eval_loaders.get("test")
     if loader is None:
         return None
@@ -342,15 +328,12 @@ def _probe_batch(loop: Any) -> dict[str, torch.Tensor] | None:
     return {k: v[:rows] for k, v in batch.items()}
 
 
-def _verify_saved(folder: Path, task: Any, batch: dict[str, torch.Tensor], before: torch.Tensor) -> dict[str, Any]:
+def _verify_saved(folder: Path, task: Task, batch: dict[str, torch.Tensor], before: torch.Tensor) -> dict[str, Any]:
     """Reload the saved model with plain transformers and compare logits with the in-memory model."""
-    from transformers import AutoModelForSequenceClassification
-
-    model_class = getattr(task, "model_class", AutoModelForSequenceClassification)
-    reloaded = model_class.from_pretrained(folder, dtype=torch.float32)
+    reloaded = task.model_class.from_pretrained(folder, dtype=torch.float32)  # type: ignore[attr-defined]
     reloaded.eval()
     with torch.no_grad():
-        after = task._logits(reloaded, {k: v.cpu() for k, v in batch.items()})
+        after = task.logits(reloaded, {k: v.cpu() for k, v in batch.items()})
     diff = float((after - before.cpu()).abs().max())
     tolerance = 1e-3
     if diff > tolerance:

@@ -256,11 +256,13 @@ async function load() {
     $("model-task").textContent = info.task;
     $("chat-panel").hidden = !info.chat;
     $("complete-panel").hidden = !(info.generative && !info.chat);
-    $("classify-panel").hidden = info.task !== "classification";
-    const other = !info.generative && info.task !== "classification";
+    // Panels follow the endpoints the model serves (its task's), never the task's name.
+    const classify = info.endpoints.includes("/v1/classify");
+    $("classify-panel").hidden = !classify;
+    const other = !info.generative && !classify;
     $("predict-panel").hidden = !other;
     if (other) {
-      const qa = info.task === "question_answering";
+      const qa = info.endpoints.includes("/v1/qa");
       $("predict-help").textContent = "Input (JSON): " + (qa ? 'a list of {"question": ..., "context": ...}'
         : "a list of texts") + "; sent to " + info.endpoints[info.endpoints.length - 1];
       $("predict-input").value = qa ? '[{"question": "Who wrote it?", "context": "It was written by Ann."}]'

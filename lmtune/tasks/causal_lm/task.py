@@ -22,15 +22,25 @@ import shutil
 from pathlib import Path
 from typing import Any, ClassVar
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
 from lmtune.config import Config
+from lmtune.config.tasks import TaskInfo
+from lmtune.data.chat import adds_bos
 from lmtune.data.features import FeatureDataset, cached_features, digest_records, features_cache_key
 from lmtune.data.packing import pack_stream
 from lmtune.data.readers import detect_format, read_table
+from lmtune.data.splits import first_occurrences, given_splits, hold_out
+from lmtune.data.streaming import open_document_stream
 from lmtune.errors import ConfigError, DataError
-from lmtune.models.registry import load_padded_tokenizer
+from lmtune.evaluate.report import Report
+from lmtune.models.registry import load_padded_tokenizer, resolve_model
 from lmtune.paths import cache_dir
 from lmtune.tasks.base import TaskData
-from lmtune.tasks.decoder import DecoderTask, adds_bos, first_occurrences, given_splits, hold_out
+from lmtune.tasks.causal_lm.info import INFO
+from lmtune.tasks.causal_lm.inspect import inspect_causal_lm, render_causal
+from lmtune.tasks.decoder import DecoderTask, refuse_streaming
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +51,7 @@ END_OF_TEXT = "<|endoftext|>"
 class CausalLMTask(DecoderTask):
     """Next-token prediction on documents, packed into fixed-length rows."""
 
-    name: ClassVar[str] = "causal_lm"
-    default_metric: ClassVar[str] = "loss"
-    headline_metrics: ClassVar[list[tuple[str, str]]] = [("perplexity", "perplexity"), ("loss", "loss")]
-    comparison_metric: ClassVar[str] = "perplexity"
+    info: ClassVar[TaskInfo] = INFO
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
@@ -61,8 +68,6 @@ class CausalLMTask(DecoderTask):
     # ------------------------------------------------------------------------------ model source
     def model_path(self) -> Path | None:
         """The folder whose weights (pretrained) or tokenizer (scratch) are used; None for a trained tokenizer."""
-        from lmtune.models.registry import resolve_model
-
         m = self.config.model
         source = m.name if m.init == "pretrained" else (m.tokenizer or m.name)
         if source == "train":
@@ -79,10 +84,7 @@ class CausalLMTask(DecoderTask):
 
     def _trained_tokenizer(self) -> Any:
         """A byte-level BPE tokenizer trained on the training documents, cached by their hash."""
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-        from transformers import PreTrainedTokenizerFast
-
-        docs = self._documents("train")
+        docs = self.documents("train")
         vocab = self.config.model.vocab_size
         digest = hashlib.sha256(f"bpe-v1:{vocab}\n{digest_records(docs)}".encode()).hexdigest()[:24]
         folder = cache_dir("tokenizers") / digest
@@ -147,7 +149,7 @@ class CausalLMTask(DecoderTask):
             raise DataError("no text to train on", file=source)
         return docs, {"source": source, "rows_read": len(table), "skipped_empty": skipped}
 
-    def _documents(self, split: str) -> list[str]:
+    def documents(self, split: str) -> list[str]:
         """The documents of ``split`` after reading, de-duplication and splitting (computed once)."""
         if not self._docs:
             self._docs = self._split_documents()
@@ -184,12 +186,13 @@ class CausalLMTask(DecoderTask):
 
     def prepare(self, tokenizer: Any) -> TaskData:
         """Tokenise every split's documents and pack them into rows (cached)."""
+        self.tokenizer = tokenizer  # what a saved model's evaluation hands over, as load_tokenizer would
         stream = None
         if self.data_cfg.streaming:  # data larger than memory: training rows are made as training reads them
-            from lmtune.data.streaming import open_causal_lm_stream
-
-            self._docs, stream, stream_info = open_causal_lm_stream(self, tokenizer)
-        self._documents("train")
+            self._docs, stream, stream_info = open_document_stream(
+                self.data_cfg, tokenizer, seed=self.config.train.seed, packing=self.packing,
+                read_documents=self._read_documents)
+        self.documents("train")
         info: dict[str, Any] = {}
         splits: dict[str, Any] = {}
         lengths: dict[str, list[int]] = {}
@@ -211,7 +214,7 @@ class CausalLMTask(DecoderTask):
         bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
         eos = [tokenizer.eos_token_id]
         settings = {"max_length": d.max_length, "packing": self.packing, "bos": bos, "eos": eos}
-        key = features_cache_key(self.name, digest_records(docs), tokenizer, settings)
+        key = features_cache_key(self.info.name, digest_records(docs), tokenizer, settings)
         facts: dict[str, Any] = {}
 
         def build() -> dict[str, list[Any]]:
@@ -264,7 +267,7 @@ class CausalLMTask(DecoderTask):
         return {"max_length": self.data_cfg.max_length, "packing": self.packing,
                 "init": self.config.model.init, "eos_token_ids": stop}
 
-    def report_sections(self, report: Any, run_dir: Path, metrics: dict[str, Any], data: TaskData) -> None:
+    def report_sections(self, report: Report, run_dir: Path, metrics: dict[str, Any], data: TaskData) -> None:
         """Perplexity before and after, per split."""
         start = metrics.get("starting_point", {})
         rows = []
@@ -275,3 +278,14 @@ class CausalLMTask(DecoderTask):
         if rows:
             report.heading("Perplexity", 3)
             report.table(["split", "starting model", "trained model", "target tokens"], rows)
+
+    # ------------------------------------------------------------------------------ inspect
+    def inspect(self, source: str | None, *, examples: int = 3) -> dict[str, Any] | None:
+        """The documents and the rows training reads (see :func:`lmtune.tasks.causal_lm.inspect.inspect_causal_lm`)."""
+        refuse_streaming(self.config)
+        return inspect_causal_lm(self, source, examples=examples)
+
+    def render_inspection(self, report: dict[str, Any], console: Any) -> bool:
+        """Print :meth:`inspect`'s report as tables."""
+        render_causal(report, console)
+        return True

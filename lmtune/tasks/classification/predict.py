@@ -10,13 +10,16 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from lmtune.data.readers import Table
 from lmtune.errors import DataError
-from lmtune.tasks.classification.task import label_keys
+from lmtune.evaluate.metrics import classification_metrics
+from lmtune.tasks.classification.labels import MULTI_LABEL_THRESHOLD, label_keys
 
 log = logging.getLogger(__name__)
 
-# Multi-label decisions: a label is on when its sigmoid probability passes this.
-MULTI_LABEL_THRESHOLD = 0.5
+# Why an item is refused (the server answers 400 with it, after "item N: ").
+NOT_TEXT = "a classifier takes texts (strings)"
+NOT_TEXT_OR_PAIR = 'a classifier takes texts (strings) or {"text": str, "text_pair": str} items'
 
 
 class ClassificationPredictor:
@@ -33,6 +36,62 @@ class ClassificationPredictor:
         self.threshold = float(meta.get("threshold") or MULTI_LABEL_THRESHOLD)
         self.max_length = int(meta.get("max_length") or 512)
 
+    # -------------------------------------------------------------------------------- the Predictor interface
+    @property
+    def takes_pairs(self) -> bool:
+        """Whether the model was trained on text pairs (``{"text", "text_pair"}`` items apply)."""
+        return bool(self.meta.get("text_pair_column"))
+
+    def check_item(self, item: Any) -> str | None:
+        """Why ``item`` is not a text (or, for a text-pair model, a ``{"text", "text_pair"}`` mapping), or None."""
+        if isinstance(item, str):
+            return None
+        if not self.takes_pairs:
+            return NOT_TEXT
+        if isinstance(item, dict) and all(isinstance(item.get(k), str) for k in ("text", "text_pair")):
+            return None
+        return NOT_TEXT_OR_PAIR
+
+    def predict(self, items: list[Any], *, batch_size: int = 32, progress: Any = None) -> list[dict[str, Any]]:
+        """Label(s), score and the probability map (:meth:`decode`) per item, in input order. An item is a
+        text, or ``{"text", "text_pair"}`` for a text-pair model (a bare text then has no second text)."""
+        for n, item in enumerate(items):
+            why = self.check_item(item)
+            if why is not None:
+                raise DataError(f"item {n + 1}: {why}", field="texts")
+        texts = [item if isinstance(item, str) else item["text"] for item in items]
+        pairs = None
+        if any(isinstance(item, dict) for item in items):
+            if not all(isinstance(item, dict) for item in items):
+                raise DataError("give every item a text_pair, or none of them", field="texts")
+            pairs = [item["text_pair"] for item in items]
+        return self.decode(self.probabilities(texts, pairs, batch_size=batch_size, progress=progress))
+
+    def predict_table(self, table: Table, *, columns: dict[str, str | None] | None = None, batch_size: int = 32,
+                      progress: Any = None) -> list[dict[str, Any]]:
+        """:meth:`predict` for every row of ``table``: the text column (``columns["text"]``, else the one named
+        in ``lmtune.json``, else ``text``) and, for a text-pair model, the second text column
+        (``columns["text_pair"]``, else ``lmtune.json``'s); an empty cell is a DataError naming its line."""
+        texts, pairs = self.table_inputs(table, columns)
+        return self.decode(self.probabilities(texts, pairs, batch_size=batch_size, progress=progress))
+
+    def table_inputs(self, table: Table, columns: dict[str, str | None] | None = None
+                     ) -> tuple[list[str], list[str] | None]:
+        """The texts (and second texts) of ``table``'s rows, read as :meth:`predict_table` reads them."""
+        columns = columns or {}
+        text_column = columns.get("text") or self.meta.get("text_column") or "text"
+        pair_column = columns.get("text_pair") or self.meta.get("text_pair_column")
+        texts = table.column(text_column)
+        pairs = table.column(pair_column) if pair_column else None
+        for values, col in ((texts, text_column), (pairs, pair_column)):
+            if values is None:
+                continue
+            for v, line in zip(values, table.lines, strict=True):
+                if v is None or (isinstance(v, float) and np.isnan(v)):
+                    raise DataError("empty text", file=table.source, line=line, field=col)
+        return [str(t) for t in texts], [str(t) for t in pairs] if pairs else None
+
+    # -------------------------------------------------------------------------------- probabilities and labels
     def probabilities(
         self, texts: list[str], pairs: list[str] | None = None, *, batch_size: int = 64, progress: Any = None
     ) -> np.ndarray:
@@ -87,8 +146,6 @@ class ClassificationPredictor:
 
     def metrics(self, y_true: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
         """The same metrics as training's evaluation."""
-        from lmtune.evaluate.metrics import classification_metrics
-
         if self.multi_label:
             pred = (probs >= self.threshold).astype(np.int64)
             return classification_metrics(y_true, pred, self.labels, probs=probs, multi_label=True)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from lmtune.config import Config
+from lmtune.config.tasks import NEURAL_BASELINES, TaskInfo
 from lmtune.data.features import (
     FeatureDataset,
     PaddingCollator,
@@ -32,66 +33,33 @@ from lmtune.data.features import (
     features_cache_key,
 )
 from lmtune.data.readers import Table, read_table
+from lmtune.data.splits import stratified_split
 from lmtune.errors import ConfigError, DataError, ModelError
+from lmtune.evaluate.baselines import run_baselines
+from lmtune.evaluate.comparison import LATENCY_EXAMPLES
+from lmtune.evaluate.metrics import classification_metrics
+from lmtune.evaluate.plots import plot_confusion_matrix
+from lmtune.evaluate.report import Report
 from lmtune.models import neural_baselines  # registers the lmtune_baseline model type with transformers
-from lmtune.tasks.base import TaskData
+from lmtune.models.registry import load_padded_tokenizer, model_path_of
+from lmtune.tasks.base import Task, TaskData
+from lmtune.tasks.classification.info import INFO
+from lmtune.tasks.classification.labels import MULTI_LABEL_THRESHOLD, is_blank, label_keys, sort_labels
 
 log = logging.getLogger(__name__)
 
-# Multi-label decisions: a label is on when its sigmoid probability passes this.
-MULTI_LABEL_THRESHOLD = 0.5
 # Lines listed in a log message about skipped rows (the count is always exact).
 _SHOW_LINES = 20
 
 
-def _is_blank(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and np.isnan(value)) or (
-        isinstance(value, str) and not value.strip()
-    )
-
-
-def _label_key(value: Any) -> str:
-    """Labels are kept as strings; integral numbers lose a trailing `.0` (pandas/parquet floats)."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value).strip()
-
-
-def label_keys(value: Any, *, multi_label: bool, delimiter: str | None) -> list[str]:
-    """A raw label cell as label names: one for single-label, zero or more for multi-label
-    (a list, or a string split on ``delimiter``); blanks are no labels."""
-    if not multi_label:
-        return [_label_key(value)]
-    if _is_blank(value):
-        items = []
-    elif isinstance(value, list):
-        items = value
-    elif isinstance(value, str) and delimiter:
-        items = value.split(delimiter)
-    else:
-        items = [value]
-    return [_label_key(v) for v in items if not _is_blank(v)]
-
-
-def _sort_labels(labels: set[str]) -> list[str]:
-    """Numeric labels in numeric order (2 before 10), others alphabetically."""
-    try:
-        return sorted(labels, key=lambda x: float(x))
-    except ValueError:
-        return sorted(labels)
-
-
-class ClassificationTask:
+class ClassificationTask(Task):
     """Sequence classification: one label (softmax) or several (sigmoid) per text or text pair."""
 
-    name: ClassVar[str] = "classification"
-    default_metric: ClassVar[str] = "accuracy"
-    # Columns of the report's comparison table, and the metric of its bar chart.
-    headline_metrics: ClassVar[list[tuple[str, str]]] = [
-        ("accuracy", "accuracy"), ("macro_f1", "macro F1"), ("weighted_f1", "weighted F1")]
-    comparison_metric: ClassVar[str] = "accuracy"
+    info: ClassVar[TaskInfo] = INFO
+    # A neural baseline (`model: baseline:NAME`) registers its own model type with this auto class too,
+    # so one class reloads every saved classifier.
+    model_class: ClassVar[type] = AutoModelForSequenceClassification
+    peft_task_type: ClassVar[str | None] = "SEQ_CLS"
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -103,11 +71,9 @@ class ClassificationTask:
 
     def model_path(self) -> Path | None:
         """The pretrained model's folder; None for a neural baseline, which has none."""
-        from lmtune.models.registry import resolve_model
-
         if self.baseline:
             return None
-        return resolve_model(self.config.model.name, allow_pickle=self.config.model.allow_pickle)
+        return model_path_of(self.config.model)
 
     # ------------------------------------------------------------------------------ tokenizer
     def load_tokenizer(self, model_path: Path | None) -> Any:
@@ -117,8 +83,6 @@ class ClassificationTask:
         non-pad token, which is the last text token. A neural baseline gets a word-level tokenizer
         whose vocabulary comes from the training split (read and split here, reused by ``prepare``).
         """
-        from lmtune.models.registry import load_padded_tokenizer
-
         if self.baseline or model_path is None:
             splits, _ = self._split_records()
             texts = [t for r in splits["train"] for t in (r["text"], r["pair"]) if t is not None]
@@ -139,13 +103,13 @@ class ClassificationTask:
         for text, pair, label, line in zip(texts, pairs, labels, table.lines, strict=True):
             for field, value in ((d.text_column, text), (d.text_pair_column, pair)):
                 if field is not None and value is not None and not isinstance(value, str):
-                    if isinstance(value, (int, float)) and not _is_blank(value):
+                    if isinstance(value, (int, float)) and not is_blank(value):
                         continue
                     raise DataError(f"expected text, found {type(value).__name__}", file=table.source,
                                     line=line, field=field)
-            blank_text = _is_blank(text) or (d.text_pair_column is not None and _is_blank(pair))
+            blank_text = is_blank(text) or (d.text_pair_column is not None and is_blank(pair))
             # Multi-label: an empty label set is a real answer ("none of these"), not a missing value.
-            blank_label = not d.multi_label and (_is_blank(label) or (isinstance(label, list) and not label))
+            blank_label = not d.multi_label and (is_blank(label) or (isinstance(label, list) and not label))
             if blank_text or blank_label:
                 what = d.label_column if blank_label and not blank_text else d.text_column
                 if d.empty_text == "error":
@@ -184,30 +148,10 @@ class ClassificationTask:
         return records, info
 
     def _split(self, records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-        """Seeded, stratified split of one record list into train/validation/test as configured."""
-        from sklearn.model_selection import train_test_split
-
-        d = self.data_cfg
-        want = [s for s, given in (("validation", d.validation), ("test", d.test)) if given is None]
-        sizes = {"validation": d.validation_size, "test": d.test_size}
-        out: dict[str, list[dict[str, Any]]] = {}
-        rest = records
-        remaining = 1.0
-        for split in want:
-            frac = sizes[split] / remaining
-            strat = [r["labels"][0] for r in rest] if not d.multi_label else None
-            if strat is not None and min(Counter(strat).values()) < 2:
-                log.warning("a label has fewer than 2 examples: %s split is not stratified", split)
-                strat = None
-            try:
-                rest, held = train_test_split(rest, test_size=frac, random_state=d.split_seed, stratify=strat)
-            except ValueError as exc:
-                raise DataError(f"cannot split {len(rest)} rows into a {split} set: {exc}",
-                                file=d.train, hint="give more data or explicit validation/test files") from None
-            out[split] = held
-            remaining -= sizes[split]
-        out["train"] = rest
-        return out
+        """Seeded, stratified split of one record list into train/validation/test as configured (multi-label
+        records are not stratified: they have no one label)."""
+        multi_label = self.data_cfg.multi_label
+        return stratified_split(records, self.data_cfg, label=lambda r: None if multi_label else r["labels"][0])
 
     @staticmethod
     def _dedupe_train(records: list[dict[str, Any]], info: dict[str, Any]) -> list[dict[str, Any]]:
@@ -278,6 +222,12 @@ class ClassificationTask:
         self._splits = (splits, info)
         return self._splits
 
+    def planned_labels(self) -> tuple[list[str], str]:
+        """The labels ``lmtune plan`` sizes the head for without reading the data."""
+        if self.config.data.labels:
+            return list(self.config.data.labels), "data.labels"
+        return ["0", "1"], "assumed 2 (data not read; set data.labels for the exact head size)"
+
     def prepare(self, tokenizer: Any) -> TaskData:
         """Read, validate, deduplicate, split, check labels and tokenise (cached)."""
         d = self.data_cfg
@@ -334,7 +284,7 @@ class ClassificationTask:
                 raise DataError(f"training data has labels not listed in data.labels: {sorted(extra)[:10]}",
                                 file=d.train, field=d.label_column)
         else:
-            names = _sort_labels(seen)
+            names = sort_labels(seen)
         if len(seen) < 2 and not d.multi_label:
             raise DataError(
                 f"training data holds a single class ({next(iter(seen))!r}); a classifier needs at least two",
@@ -366,7 +316,7 @@ class ClassificationTask:
         d = self.data_cfg
         settings = {"max_length": d.max_length, "multi_label": d.multi_label, "labels": label_names}
         records = [(r["text"], r["pair"], r["labels"]) for r in rows]
-        key = features_cache_key(self.name, digest_records(records), tokenizer, settings)
+        key = features_cache_key(self.info.name, digest_records(records), tokenizer, settings)
         stats = {"truncated": 0}
 
         def build() -> dict[str, list[Any]]:
@@ -461,12 +411,13 @@ class ClassificationTask:
     def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
 
-    def _logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Class logits (B, L) in float32."""
         return model(**self._inputs(batch)).logits.float()  # (B, L)
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed cross-entropy (single-label) or summed per-example mean BCE (multi-label)."""
-        logits = self._logits(model, batch)
+        logits = self.logits(model, batch)
         if self.data_cfg.multi_label:
             return F.binary_cross_entropy_with_logits(logits, batch["labels"], reduction="none").mean(-1).sum()
         return F.cross_entropy(logits, batch["labels"], reduction="sum")
@@ -476,11 +427,9 @@ class ClassificationTask:
         self, model: torch.nn.Module, loader: Any, accelerator: Any, split: str, data: TaskData
     ) -> dict[str, Any]:
         """Accuracy, F1 (macro/weighted/micro), per-class scores, confusion matrix and loss."""
-        from lmtune.evaluate.metrics import classification_metrics
-
         all_logits, all_labels = [], []
         for batch in loader:
-            logits = self._logits(model, batch)
+            logits = self.logits(model, batch)
             logits, labels = accelerator.gather_for_metrics((logits, batch["labels"]))
             all_logits.append(logits.cpu())
             all_labels.append(labels.cpu())
@@ -502,24 +451,26 @@ class ClassificationTask:
 
     # ------------------------------------------------------------------------------ baselines
     def run_baselines(self, data: TaskData) -> dict[str, Any]:
-        """The configured cheap baselines, trained on the same train split, scored on the others."""
-        from lmtune.evaluate.baselines import is_subrun_baseline, run_baselines
-        from lmtune.evaluate.comparison import latency_inputs
-
+        """The configured classic baselines, fitted on the same train split, scored on the others and timed on
+        the texts :meth:`timing_items` gives the models. Neural baselines are not fitted here: the train
+        workflow trains them as sub-runs once the model is saved."""
         texts, targets = data.extra["texts"], data.extra["targets"]
         eval_sets = {s: (texts[s], targets[s]) for s in ("validation", "test") if s in texts and len(texts[s])}
-        # Neural baselines train as sub-runs (compare_with_baselines), after the model is saved.
-        names = [n for n in self.config.baselines if not is_subrun_baseline(n)]
+        names = [n for n in self.config.baselines if n not in NEURAL_BASELINES]
+        split = _timing_split(data)
         return run_baselines(names, texts["train"], targets["train"], eval_sets, data.info["labels"],
                              multi_label=self.data_cfg.multi_label, seed=self.config.train.seed,
-                             latency_texts=latency_inputs(data)[2])
+                             latency_texts=list(texts.get(split, [])[:LATENCY_EXAMPLES]))
 
-    def compare_with_baselines(self, data: TaskData, run_dir: Path, metrics: dict[str, Any] | None) -> dict[str, Any]:
-        """After the model is saved: the neural baselines as sub-runs on the same split, and every model's
-        prediction latency on the same texts (``metrics`` is None on processes other than the main one)."""
-        from lmtune.evaluate.comparison import compare
-
-        return compare(self.config, data, run_dir, metrics)
+    def timing_items(self, data: TaskData) -> list[Any]:
+        """The first ``LATENCY_EXAMPLES`` inputs of the test split (validation without one), as predictor
+        items: texts, or ``{"text", "text_pair"}`` for text pairs. The classic baselines are timed on the
+        same rows (their pair joined into one text)."""
+        texts, pairs = data.extra.get("inputs", {}).get(_timing_split(data), ([], None))
+        n = min(LATENCY_EXAMPLES, len(texts))
+        if pairs:
+            return [{"text": t, "text_pair": p} for t, p in zip(texts[:n], pairs[:n], strict=True)]
+        return list(texts[:n])
 
     # ------------------------------------------------------------------------------ saving and report
     def save_model_extras(self, folder: Path, data: TaskData) -> dict[str, Any]:
@@ -537,10 +488,8 @@ class ClassificationTask:
             **({"embeddings": self.embedding_info} if self.embedding_info else {}),
         }
 
-    def report_sections(self, report: Any, run_dir: Path, metrics: dict[str, Any], data: TaskData) -> None:
+    def report_sections(self, report: Report, run_dir: Path, metrics: dict[str, Any], data: TaskData) -> None:
         """Per-class table and confusion matrices."""
-        from lmtune.evaluate.plots import plot_confusion_matrix
-
         names = data.info["labels"]
         for split in ("test", "validation"):
             m = metrics.get(split)
@@ -554,3 +503,9 @@ class ClassificationTask:
                 plot_confusion_matrix(m["confusion_matrix"], names, run_dir / rel, title=f"Confusion matrix ({split})")
                 report.image(rel, f"confusion matrix, {split}")
             break
+
+
+def _timing_split(data: TaskData) -> str:
+    """The split whose first texts are timed: test when it has rows, else validation."""
+    inputs = data.extra.get("inputs", {})
+    return "test" if inputs.get("test") and inputs["test"][0] else "validation"

@@ -1,34 +1,21 @@
 """Extractive question answering: answer spans in a context (SQuAD v1.1 / v2.0)."""
 
-from lmtune.config.tasks import TaskInfo
 from lmtune.tasks.base import Predictor, Task, register_task
+from lmtune.tasks.question_answering.info import INFO
 
 
 def _task() -> type[Task]:
     # Imported when the task runs, not when lmtune starts: torch and transformers load only then.
-    from lmtune.tasks.question_answering.task import QuestionAnsweringTask
+    from lmtune.tasks.question_answering.task import QuestionAnsweringTask  # noqa: PLC0415
 
     return QuestionAnsweringTask
 
 
 def _predictor() -> type[Predictor]:
-    from lmtune.tasks.question_answering.predict import QuestionAnsweringPredictor
+    # Likewise: the predictor loads torch and transformers when a saved model is used.
+    from lmtune.tasks.question_answering.predict import QuestionAnsweringPredictor  # noqa: PLC0415
 
     return QuestionAnsweringPredictor
 
-
-INFO = TaskInfo(
-    name="question_answering",
-    summary="extractive question answering: point at the answer span in a context (or say there is none)",
-    default_metric="f1",
-    auto_class="AutoModelForQuestionAnswering",
-    pipeline_tag="question-answering",
-    usage='from transformers import pipeline\n\nqa = pipeline("question-answering", model="{name}")\nprint(qa(question="Who wrote it?", context="Ada Lovelace wrote the first program."))\n# lmtune predict also applies the no-answer threshold tuned in training (lmtune.json)',
-    headline_metrics=(("exact_match", "exact match"), ("f1", "F1"), ("has_answer_f1", "F1 (answerable)"),
-                      ("no_answer_f1", "F1 (unanswerable)")),
-    comparison_metric="f1",
-    card_metrics=("f1", "exact_match", "has_answer_f1", "no_answer_f1", "loss"),
-    endpoints=("/v1/qa",),
-)
 
 register_task(INFO, _task, _predictor)

@@ -11,15 +11,16 @@ import numpy as np
 import torch
 from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
-from lmtune.data.features import (
-    PaddingCollator,
-)
+from lmtune.data.features import PaddingCollator
+from lmtune.data.readers import Table
 from lmtune.errors import DataError
 from lmtune.tasks.question_answering.spans import best_span, tokenize_windows
 from lmtune.tasks.question_answering.task import resolved_stride
 
 log = logging.getLogger(__name__)
 
+# Why an item is refused (the server answers 400 with it, after "item N: ").
+NOT_QA_ITEM = 'a QA item is {"question": str, "context": str}'
 
 
 class QuestionAnsweringPredictor:
@@ -39,6 +40,12 @@ class QuestionAnsweringPredictor:
         self.allow_unanswerable = bool(meta.get("allow_unanswerable"))
         self.threshold = float(meta.get("null_score_diff_threshold") or 0.0)
         self._collate = PaddingCollator({"input_ids": self.tokenizer.pad_token_id, "token_type_ids": 0})
+
+    def check_item(self, item: Any) -> str | None:
+        """Why ``item`` is not a ``{"question": str, "context": str}`` mapping, or None."""
+        if isinstance(item, dict) and all(isinstance(item.get(k), str) for k in ("question", "context")):
+            return None
+        return NOT_QA_ITEM
 
     def predict(self, items: list[Any], *, batch_size: int = 32, progress: Any = None,
                 source: str | None = None, lines: list[int] | None = None) -> list[dict[str, Any]]:
@@ -91,7 +98,7 @@ class QuestionAnsweringPredictor:
             results.append({"answer": r["answer"], "start": r["start"], "end": r["end"], "score": r["score"]})
         return results
 
-    def predict_table(self, table: Any, *, columns: dict[str, str | None] | None = None, batch_size: int = 32,
+    def predict_table(self, table: Table, *, columns: dict[str, str | None] | None = None, batch_size: int = 32,
                       progress: Any = None) -> list[dict[str, Any]]:
         """:meth:`predict` for every row of ``table``, reading the question and context columns named in
         ``lmtune.json`` (``columns``: ``{"question": ..., "context": ...}``; ``text`` names the question)."""

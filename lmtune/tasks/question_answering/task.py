@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForQuestionAnswering
 
 from lmtune.config import Config
+from lmtune.config.tasks import TaskInfo
 from lmtune.data.features import (
     FeatureDataset,
     PaddingCollator,
@@ -35,10 +36,14 @@ from lmtune.data.features import (
     digest_records,
     features_cache_key,
 )
-from lmtune.data.squad import clean_items, read_qa_items, split_by_context
+from lmtune.data.splits import split_by_context
+from lmtune.data.squad import clean_items, read_qa_items
 from lmtune.errors import ConfigError, DataError, ModelError
+from lmtune.evaluate.report import Report
 from lmtune.evaluate.text_metrics import squad_scores
-from lmtune.tasks.base import TaskData
+from lmtune.models.registry import load_padded_tokenizer, model_path_of
+from lmtune.tasks.base import Task, TaskData
+from lmtune.tasks.question_answering.info import INFO
 from lmtune.tasks.question_answering.spans import best_span, tokenize_windows
 
 log = logging.getLogger(__name__)
@@ -54,15 +59,10 @@ def resolved_stride(max_length: int, doc_stride: int | None) -> int:
     return max_length // 4 if doc_stride is None else doc_stride
 
 
-class QuestionAnsweringTask:
+class QuestionAnsweringTask(Task):
     """Extractive QA: predict the start and end token of the answer span in each context window."""
 
-    name: ClassVar[str] = "question_answering"
-    default_metric: ClassVar[str] = "f1"
-    headline_metrics: ClassVar[list[tuple[str, str]]] = [("exact_match", "exact match"), ("f1", "F1"),
-                                                         ("has_answer_f1", "F1 (answerable)"),
-                                                         ("no_answer_f1", "F1 (unanswerable)")]
-    comparison_metric: ClassVar[str] = "f1"
+    info: ClassVar[TaskInfo] = INFO
     # Not "QUESTION_ANS": peft 0.21's PeftModelForQuestionAnswering.forward drops token_type_ids, so a LoRA
     # BERT would train without segment embeddings and its merged model (which gets them) would answer
     # differently (the reload check caught it: logits off by 3). The generic PeftModel passes every input.
@@ -93,10 +93,13 @@ class QuestionAnsweringTask:
             self.tune_threshold = False
 
     # ------------------------------------------------------------------------------ tokenizer and data
-    def load_tokenizer(self, model_path: Path) -> Any:
-        """The model's tokenizer, right-padded (the question comes first, the context is cut)."""
-        from lmtune.models.registry import load_padded_tokenizer
+    def model_path(self) -> Path:
+        """The pretrained model's folder (``model.name``: a bundled name or a folder)."""
+        return model_path_of(self.config.model)
 
+    def load_tokenizer(self, model_path: Path | None) -> Any:
+        """The model's tokenizer, right-padded (the question comes first, the context is cut)."""
+        assert model_path is not None  # model_path() always gives one
         tok = load_padded_tokenizer(model_path, trust_remote_code=self.config.model.trust_remote_code)
         if not getattr(tok, "is_fast", False):
             raise ModelError("question answering needs a fast tokenizer (character offsets of tokens)",
@@ -187,7 +190,7 @@ class QuestionAnsweringTask:
         d = self.data_cfg
         spans = [(r["answers"][0]["answer_start"], r["answers"][0]["answer_start"] + len(r["answers"][0]["text"]))
                  if r["answers"] else None for r in rows]
-        key = features_cache_key(self.name, digest_records([(r["question"], r["context"], s) for r, s in
+        key = features_cache_key(self.info.name, digest_records([(r["question"], r["context"], s) for r, s in
                                                             zip(rows, spans, strict=True)]),
                                  tokenizer, {"max_length": d.max_length, "stride": self.stride})
 
@@ -209,8 +212,9 @@ class QuestionAnsweringTask:
         return FeatureDataset(ds, lengths), windows
 
     # ------------------------------------------------------------------------------ model
-    def build_model(self, model_path: Path, data: TaskData, tokenizer: Any) -> torch.nn.Module:
+    def build_model(self, model_path: Path | None, data: TaskData, tokenizer: Any) -> torch.nn.Module:
         """The pretrained body with a new span head (``qa_outputs``: start and end logit per token)."""
+        assert model_path is not None  # model_path() always gives one
         trust = self.config.model.trust_remote_code
         try:
             cfg = AutoConfig.from_pretrained(model_path, trust_remote_code=trust)
@@ -257,7 +261,8 @@ class QuestionAnsweringTask:
         return (out.start_logits.float().masked_fill(mask, _PAD_LOGIT),
                 out.end_logits.float().masked_fill(mask, _PAD_LOGIT))
 
-    def _logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Start and end logits side by side (B, 2T), padding masked: what the reload check compares."""
         start, end = self._start_end(model, batch)
         return torch.cat([start, end], dim=-1)  # (B, 2T): what the reload check compares
 
@@ -343,7 +348,7 @@ class QuestionAnsweringTask:
                 "n_best_size": d.n_best_size, "allow_unanswerable": d.allow_unanswerable,
                 "null_score_diff_threshold": self.threshold if d.allow_unanswerable else None}
 
-    def report_sections(self, report: Any, run_dir: Path, metrics: dict[str, Any], data: TaskData) -> None:
+    def report_sections(self, report: Report, run_dir: Path, metrics: dict[str, Any], data: TaskData) -> None:
         """Scores before and after, what the data reader repaired, and example answers side by side."""
         split = "test" if "test" in metrics else "validation"
         tuned, base = metrics.get(split, {}), metrics.get("starting_point", {}).get(split, {})

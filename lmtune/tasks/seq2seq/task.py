@@ -18,8 +18,8 @@ Two routes, chosen by the model (``model.seq2seq: auto``) or by that setting:
    target tokens and the loop normalises by their count.
 2. **decoder** (:class:`PromptSeq2SeqTask`): a causal LM answers an instruction prompt
    (``data.prompt_template``, e.g. "Translate from English to Italian:\\n{source}") in its chat
-   template. This *is* the SFT task on conversations built from the pairs (loss on the answer, EOS
-   learned, generation through the same template).
+   template. This is ``sft``'s chat tuning (:mod:`lmtune.tasks.chat_tuning`) on conversations built from
+   the pairs (loss on the answer, EOS learned, generation through the same template).
 
 Checkpoints are chosen by validation loss (generation is slow on a CPU); the final evaluation and the
 starting point also generate for ``generation.eval_examples`` held-out sources and score them, so the
@@ -35,112 +35,42 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForSeq2SeqLM
+from transformers import AutoConfig, AutoModelForSeq2SeqLM, EncoderDecoderModel, GenerationConfig
 
 from lmtune.config import Config
-from lmtune.data.features import FeatureDataset, cached_features, digest_records, features_cache_key
-from lmtune.data.packing import IGNORE_INDEX
+from lmtune.config.tasks import TaskInfo
+from lmtune.data.features import (
+    IGNORE_INDEX,
+    FeatureDataset,
+    cached_features,
+    digest_records,
+    features_cache_key,
+)
 from lmtune.data.readers import read_table
+from lmtune.data.splits import first_occurrences, given_splits, hold_out
 from lmtune.errors import ConfigError, DataError, ModelError
-from lmtune.tasks.base import TaskData
-from lmtune.tasks.decoder import first_occurrences, given_splits, hold_out
-from lmtune.tasks.seq2seq.checks import check_config as check_seq2seq_config  # noqa: F401  (kept importable)
-from lmtune.tasks.sft.task import SFTTask
+from lmtune.evaluate.report import Report
+from lmtune.models.generation import GenerationSettings, chat_prompt, generate, generate_across_processes
+from lmtune.models.registry import load_padded_tokenizer, model_path_of
+from lmtune.tasks.base import Task, TaskData
+from lmtune.tasks.chat_tuning import ChatTuningTask, cell
+from lmtune.tasks.inspection import collect_warnings
+from lmtune.tasks.seq2seq.info import INFO
+from lmtune.tasks.seq2seq.inspect import seq2seq_details, seq2seq_facts
+from lmtune.tasks.seq2seq.metrics import METRICS, seq2seq_metrics
+from lmtune.tasks.seq2seq.predict import is_blank
+from lmtune.tasks.seq2seq.routes import DEFAULT_PROMPTS, ROUTE_DESCRIPTIONS, model_route
 
 log = logging.getLogger(__name__)
 
-ROUTES = ("encoder_decoder", "warm_start", "decoder")
-ROUTE_DESCRIPTIONS = {
-    "encoder_decoder": "encoder-decoder model",
-    "warm_start": "encoder-decoder warm-started from an encoder (EncoderDecoderModel; new cross-attention)",
-    "decoder": "decoder-only model with an instruction prompt in its chat template",
-}
-DEFAULT_PROMPTS = {
-    "summarization": "Summarize:\n{source}",
-    "translation": "Translate from {source_language} to {target_language}:\n{source}",
-}
-METRICS = {
-    "summarization": [("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rouge_l", "ROUGE-L"),
-                      ("rouge_lsum", "ROUGE-Lsum"), ("loss", "loss")],
-    "translation": [("bleu", "BLEU"), ("chrf", "chrF"), ("loss", "loss")],
-}
 _SHOW_LINES = 20
 _EXAMPLES_KEPT = 6
 
 
-def model_route(cfg: Config, model_path: Path) -> str:
-    """``encoder_decoder``, ``warm_start`` or ``decoder`` for the model at ``model_path`` and ``model.seq2seq``."""
-    setting = cfg.model.seq2seq
-    try:
-        mc = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read the model's config: {exc}", file=model_path) from None
-    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (getattr(mc, "architectures", None) or []))
-    if mc.is_encoder_decoder:
-        if setting == "decoder":
-            raise ConfigError(f"model.seq2seq decoder: {model_path} is an encoder-decoder ({mc.model_type})",
-                              hint="use model.seq2seq: encoder_decoder (or auto)")
-        return "encoder_decoder"
-    if causal:
-        if setting == "encoder_decoder":
-            raise ConfigError(f"model.seq2seq encoder_decoder: {model_path} is a decoder-only model "
-                              f"({mc.model_type}); it cannot be the encoder of an encoder-decoder",
-                              hint="use model.seq2seq: decoder (or auto): it answers an instruction prompt")
-        return "decoder"
-    if setting == "decoder":
-        raise ConfigError(f"model.seq2seq decoder: {model_path} is an encoder ({mc.model_type}), not a causal LM",
-                          hint="use model.seq2seq: encoder_decoder to warm-start an encoder-decoder from it")
-    return "warm_start"
-
-
-# ------------------------------------------------------------------------------------------ metrics
-def seq2seq_metrics(predictions: list[str], references: list[str], kind: str) -> dict[str, float]:
-    """Scores of generated texts against one reference each.
-
-    Summarization: mean ROUGE-1, ROUGE-2, ROUGE-L and ROUGE-Lsum F-measures (0-1; Porter-stemmed,
-    Unicode-aware tokens, CJK characters one token each; Lsum splits summaries at newlines).
-    Translation: corpus sacreBLEU (its "zh" tokenizer when the texts hold CJK characters, else "13a")
-    and chrF (0-100). Both: ``mean_generated_words``, ``mean_reference_words``, ``empty_predictions``.
-    """
-    import sacrebleu
-    from rouge_score import rouge_scorer
-
-    from lmtune.evaluate.text_metrics import UnicodeRougeTokenizer, _bleu_tokenizer
-
-    if len(predictions) != len(references) or not predictions:
-        raise ValueError(f"seq2seq_metrics: {len(predictions)} predictions, {len(references)} references")
-    n = len(predictions)
-    out: dict[str, float] = {}
-    if kind == "summarization":
-        keys = {"rouge1": "rouge1", "rouge2": "rouge2", "rougeL": "rouge_l", "rougeLsum": "rouge_lsum"}
-        scorer = rouge_scorer.RougeScorer(list(keys), use_stemmer=True, tokenizer=UnicodeRougeTokenizer())
-        sums = dict.fromkeys(keys, 0.0)
-        for pred, ref in zip(predictions, references, strict=True):
-            scores = scorer.score(ref, pred)
-            for k in keys:
-                sums[k] += scores[k].fmeasure
-        out.update({name: sums[k] / n for k, name in keys.items()})
-    else:
-        tokenize = _bleu_tokenizer(predictions + references)
-        out["bleu"] = float(sacrebleu.corpus_bleu(predictions, [references], tokenize=tokenize).score)
-        out["chrf"] = float(sacrebleu.corpus_chrf(predictions, [references]).score)
-    words = UnicodeRougeTokenizer(use_stemmer=False)
-    out["mean_generated_words"] = sum(len(words.tokenize(p)) for p in predictions) / n
-    out["mean_reference_words"] = sum(len(words.tokenize(r)) for r in references) / n
-    out["empty_predictions"] = float(sum(1 for p in predictions if not p.strip()))
-    return out
-
-
-def _is_blank(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and np.isnan(value)) or (
-        isinstance(value, str) and not value.strip())
-
-
 # ------------------------------------------------------------------------------------------ shared
-class Seq2SeqTask:
+class Seq2SeqTask(Task):
     """Summarization / translation; ``Seq2SeqTask(config)`` builds the route the model calls for.
 
     Holds what both routes share: reading and checking pairs, the metrics of the job, lmtune.json
@@ -148,25 +78,35 @@ class Seq2SeqTask:
     :class:`PromptSeq2SeqTask`.
     """
 
-    name: ClassVar[str] = "seq2seq"
-    default_metric: ClassVar[str] = "loss"
+    info: ClassVar[TaskInfo] = INFO
     config: Config
     route: str
+    kind: str
+    # The decoder route's conversations per split and their facts, as read for ``prepare``.
+    splits_cache: tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]
 
     def __new__(cls, config: Config) -> Any:
         if cls is Seq2SeqTask:
-            from lmtune.models.registry import resolve_model
-
-            path = resolve_model(config.model.name, allow_pickle=config.model.allow_pickle)
-            route = model_route(config, path)
+            route = model_route(config, model_path_of(config.model))
             cls = PromptSeq2SeqTask if route == "decoder" else EncoderDecoderSeq2SeqTask
         return object.__new__(cls)
 
     def _setup_kind(self) -> None:
-        d = self.config.data
-        self.kind = d.seq2seq_task
-        self.headline_metrics = METRICS[self.kind]
-        self.comparison_metric = "rouge_l" if self.kind == "summarization" else "chrf"
+        self.kind = self.config.data.seq2seq_task
+
+    def model_path(self) -> Path | None:
+        """The configured model's folder."""
+        return model_path_of(self.config.model)
+
+    @property
+    def headline_metrics(self) -> list[tuple[str, str]]:
+        """The job's metrics: ROUGE (summarization) or BLEU and chrF (translation), then the loss."""
+        return METRICS[self.kind]
+
+    @property
+    def comparison_metric(self) -> str:
+        """ROUGE-L (summarization) or chrF (translation)."""
+        return "rouge_l" if self.kind == "summarization" else "chrf"
 
     # ------------------------------------------------------------------------------ data
     def _read_pairs(self, source: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -179,10 +119,10 @@ class Seq2SeqTask:
         skipped: list[int] = []
         for src, tgt, line in zip(sources, targets, table.lines, strict=True):
             for column, value in ((d.source_column, src), (d.target_column, tgt)):
-                if not _is_blank(value) and (isinstance(value, bool) or not isinstance(value, (str, int, float))):
+                if not is_blank(value) and (isinstance(value, bool) or not isinstance(value, (str, int, float))):
                     raise DataError(f"expected text, found {type(value).__name__}", file=table.source, line=line,
                                     field=column)
-            blank = d.source_column if _is_blank(src) else d.target_column if _is_blank(tgt) else None
+            blank = d.source_column if is_blank(src) else d.target_column if is_blank(tgt) else None
             if blank is not None:
                 if d.empty_text == "error":
                     raise DataError(f"empty {table.location_kind} value", file=table.source, line=line, field=blank,
@@ -227,6 +167,16 @@ class Seq2SeqTask:
                     splits[s] = sorted(rng.sample(rows, d.max_samples), key=lambda r: r["line"])
         return splits, info
 
+    def pair_records(self) -> dict[str, list[dict[str, Any]]]:
+        """``{source, target, line}`` per split, as ``prepare`` split them (for ``lmtune data inspect``): the
+        decoder route kept them; the encoder-decoder route reads and splits again, deterministically."""
+        if self.route == "decoder":
+            splits = self.splits_cache[0]
+            return {s: [{"source": r["source"], "target": r["messages"][-1]["content"], "line": r["line"]}
+                        for r in rows] for s, rows in splits.items()}
+        with collect_warnings(skip=()):  # prepare already reported the skipped rows
+            return self._pair_splits()[0]
+
     # ------------------------------------------------------------------------------ metrics and saving
     def text_scores(self, texts: list[str], references: list[str]) -> dict[str, float]:
         """The job's metrics (ROUGE or BLEU/chrF) of generated ``texts``."""
@@ -244,16 +194,14 @@ class Seq2SeqTask:
                                                       "temperature", "top_p", "batch_size", "seed")},
         }
 
-    def report_sections(self, report: Any, run_dir: Path, metrics: dict[str, Any], data: TaskData) -> None:
+    def report_sections(self, report: Report, run_dir: Path, metrics: dict[str, Any], data: TaskData) -> None:
         """The route, the job's scores of the starting and tuned model, and example outputs side by side."""
-        from lmtune.tasks.sft.task import _cell
-
         d, g = self.config.data, self.config.generation
         job = "translation" + (f" from {d.source_language} to {d.target_language}" if d.source_language else "") \
             if self.kind == "translation" else "summarization"
         report.heading("Sequence to sequence", 3)
         report.paragraph(f"Job: **{job}**. Route: **{ROUTE_DESCRIPTIONS[self.route]}**"
-                         + (f"; prompt `{_cell(self.prompt_template)}`" if self.route == "decoder" else "") + ".")
+                         + (f"; prompt `{cell(self.prompt_template)}`" if self.route == "decoder" else "") + ".")
         split = "test" if "test" in metrics else "validation"
         tuned, base = metrics.get(split, {}), metrics.get("starting_point", {}).get(split, {})
         keys = [k for k, _ in METRICS[self.kind] if k != "loss"]
@@ -274,20 +222,16 @@ class Seq2SeqTask:
         if rows:
             report.heading("Example outputs", 3)
             report.table(["source", "reference", "starting model", "tuned model"],
-                         [[_cell(c) for c in r] for r in rows])
+                         [[cell(c) for c in r] for r in rows])
 
     def inspect_facts(self, data: TaskData) -> dict[str, dict[str, Any]]:
-        """Per split, for ``lmtune data inspect`` (:mod:`lmtune.tasks.inspect_tasks`): pairs, skipped and duplicate
+        """Per split, for ``lmtune data inspect`` (:mod:`lmtune.tasks.seq2seq.inspect`): pairs, skipped and duplicate
         rows, source / target token lengths and what the length limits cut."""
-        from lmtune.tasks.inspect_tasks import seq2seq_facts
-
         return seq2seq_facts(self, data)
 
     def inspect_details(self, data: TaskData, facts: dict[str, dict[str, Any]], *, examples: int = 3
                         ) -> dict[str, Any]:
         """The route and why, suggestions, and rendered train pairs (the decoder route's loss mask)."""
-        from lmtune.tasks.inspect_tasks import seq2seq_details
-
         return seq2seq_details(self, data, facts, examples)
 
     @property
@@ -342,6 +286,11 @@ class EncoderDecoderSeq2SeqTask(Seq2SeqTask):
         self.eos_token_id: int | None = None
         self._setup_kind()
 
+    @property
+    def target_length(self) -> int | None:
+        """A warm-started encoder-decoder reads the target as its own sequence of ``data.max_target_length``."""
+        return self.data_cfg.max_target_length if self.route == "warm_start" else None
+
     def evaluation_phase(self, phase: str) -> None:
         """``training`` (loss only) or ``final`` (also generation and scores)."""
         self.phase = phase
@@ -351,9 +300,7 @@ class EncoderDecoderSeq2SeqTask(Seq2SeqTask):
         """Route, decoder start and end tokens, from the model's config and its tokenizer."""
         if self.decoder_start_token_id is not None:
             return
-        from lmtune.models.registry import resolve_model
-
-        path = model_path or resolve_model(self.config.model.name, allow_pickle=self.config.model.allow_pickle)
+        path = model_path or model_path_of(self.config.model)
         self.route = model_route(self.config, path)
         if self.route == "encoder_decoder":
             mc = AutoConfig.from_pretrained(path, trust_remote_code=self.config.model.trust_remote_code)
@@ -370,22 +317,20 @@ class EncoderDecoderSeq2SeqTask(Seq2SeqTask):
                              "eos_token_id, or the tokenizer's cls/sep or bos/eos tokens)", file=path)
         self.decoder_start_token_id, self.eos_token_id = int(start), int(eos[0] if isinstance(eos, list) else eos)
 
-    def load_tokenizer(self, model_path: Path) -> Any:
+    def load_tokenizer(self, model_path: Path | None) -> Any:
         """The model's tokenizer, right-padded, with a pad token."""
-        from lmtune.models.registry import load_padded_tokenizer
-
+        assert model_path is not None  # model_path() always gives one
         tok = load_padded_tokenizer(model_path, trust_remote_code=self.config.model.trust_remote_code)
         self.tokenizer = tok
         self._resolve(tok, model_path)
         return tok
 
-    def build_model(self, model_path: Path, data: TaskData, tokenizer: Any) -> torch.nn.Module:
+    def build_model(self, model_path: Path | None, data: TaskData, tokenizer: Any) -> torch.nn.Module:
         """The encoder-decoder in float32; warm-started from an encoder with new cross-attention (seeded)."""
+        assert model_path is not None  # model_path() always gives one
         m = self.config.model
         self._resolve(tokenizer, model_path)
         if self.route == "warm_start":
-            from transformers import EncoderDecoderModel
-
             torch.manual_seed(self.config.train.seed)  # the new cross-attention and LM-head weights
             try:
                 model: Any = EncoderDecoderModel.from_encoder_decoder_pretrained(
@@ -431,7 +376,8 @@ class EncoderDecoderSeq2SeqTask(Seq2SeqTask):
         return {"crossattention", "transform"} if self.route == "warm_start" else set()
 
     # ------------------------------------------------------------------------------ data
-    def _target_ids(self, tokenizer: Any, text: str) -> list[int]:
+    def target_ids(self, tokenizer: Any, text: str) -> list[int]:
+        """The label ids of a target text: framed as the model frames it, without the decoder start token."""
         ids: list[int] = tokenizer(text_target=text)["input_ids"]
         # The tokenizer frames the text as the model does ([CLS] x [SEP], x </s>, <s> x </s>); the decoder
         # start token is fed, never predicted, so it leaves the labels.
@@ -441,6 +387,7 @@ class EncoderDecoderSeq2SeqTask(Seq2SeqTask):
 
     def prepare(self, tokenizer: Any) -> TaskData:
         """Read, check, split and tokenise the pairs (cached)."""
+        self.tokenizer = tokenizer  # what a saved model's evaluation hands over, as load_tokenizer would
         self._resolve(tokenizer)
         d = self.data_cfg
         splits, info = self._pair_splits()
@@ -472,7 +419,7 @@ class EncoderDecoderSeq2SeqTask(Seq2SeqTask):
         d = self.data_cfg
         settings = {"max_length": d.max_length, "max_target_length": d.max_target_length,
                     "decoder_start": self.decoder_start_token_id}
-        key = features_cache_key(self.name, digest_records([(r["source"], r["target"]) for r in rows]), tokenizer,
+        key = features_cache_key(self.info.name, digest_records([(r["source"], r["target"]) for r in rows]), tokenizer,
                                  settings)
 
         def build() -> dict[str, list[Any]]:
@@ -482,7 +429,7 @@ class EncoderDecoderSeq2SeqTask(Seq2SeqTask):
                 cut = 0
                 if len(src) > d.max_length:
                     src, cut = tokenizer(r["source"], truncation=True, max_length=d.max_length)["input_ids"], 1
-                tgt = self._target_ids(tokenizer, r["target"])
+                tgt = self.target_ids(tokenizer, r["target"])
                 if len(tgt) > d.max_target_length:
                     # Cut, but keep the end token: the model must still learn to stop.
                     tgt, cut = [*tgt[: d.max_target_length - 1], int(self.eos_token_id or 0)], cut + 2
@@ -513,13 +460,14 @@ class EncoderDecoderSeq2SeqTask(Seq2SeqTask):
         """Target tokens (end token included)."""
         return int((batch["labels"] != IGNORE_INDEX).sum())
 
-    def _logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The decoder's logits at every target position (teacher forcing)."""
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     decoder_input_ids=batch["decoder_input_ids"], use_cache=False)
         return out.logits.float()  # (B, T, vocab)
 
     def _loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = self._logits(model, batch)  # (B, T, vocab)
+        logits = self.logits(model, batch)  # (B, T, vocab)
         return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX,
                                reduction="sum")
 
@@ -533,7 +481,7 @@ class EncoderDecoderSeq2SeqTask(Seq2SeqTask):
         total = torch.zeros(2, dtype=torch.float64)  # (loss sum, target tokens)
         with torch.no_grad():
             for batch in loader:
-                logits = self._logits(model, batch)  # (B, T, vocab)
+                logits = self.logits(model, batch)  # (B, T, vocab)
                 per_token = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(),
                                             ignore_index=IGNORE_INDEX, reduction="none").view(batch["labels"].shape)
                 rows = torch.stack([per_token.sum(dim=1).double(),
@@ -552,14 +500,12 @@ class EncoderDecoderSeq2SeqTask(Seq2SeqTask):
     def generation_scores(self, model: Any, accelerator: Any, sources: list[str],
                           references: list[str]) -> dict[str, Any]:
         """Generate for ``sources`` (split across processes) and score against ``references``."""
-        from lmtune.models.generation import GenerationSettings, generate_across_processes
-        from lmtune.tasks.seq2seq.predict import generate_seq2seq
-
         settings = GenerationSettings.from_config(self.config.generation)
+        eos = None if self.eos_token_id is None else [self.eos_token_id]
         results = generate_across_processes(
             accelerator, sources,
-            lambda mine: generate_seq2seq(model, self.tokenizer, mine, settings, max_length=self.data_cfg.max_length,
-                                          eos_token_id=self.eos_token_id))
+            lambda mine: generate(model, self.tokenizer, mine, settings, max_length=self.data_cfg.max_length,
+                                  eos_token_ids=eos))
         texts = [r["text"].strip() for r in results]
         scores: dict[str, Any] = dict(self.text_scores(texts, references))
         scores["stopped_fraction"] = sum(r["finish_reason"] == "stop" for r in results) / len(results)
@@ -571,8 +517,6 @@ class EncoderDecoderSeq2SeqTask(Seq2SeqTask):
     # ------------------------------------------------------------------------------ saving
     def save_model_extras(self, folder: Path, data: TaskData) -> dict[str, Any]:
         """``generation_config.json`` with the start/end tokens and lmtune's decoding settings."""
-        from transformers import GenerationConfig
-
         g = self.config.generation
         gen = GenerationConfig(
             decoder_start_token_id=self.decoder_start_token_id, eos_token_id=self.eos_token_id,
@@ -588,15 +532,15 @@ class EncoderDecoderSeq2SeqTask(Seq2SeqTask):
 
 
 # ------------------------------------------------------------------------------------------ route 2
-class PromptSeq2SeqTask(Seq2SeqTask, SFTTask):
-    """Route 2: a decoder answers ``data.prompt_template`` in its chat template: SFT on the pairs."""
+class PromptSeq2SeqTask(Seq2SeqTask, ChatTuningTask):
+    """Route 2: a decoder answers ``data.prompt_template`` in its chat template: chat tuning on the pairs."""
 
     def __init__(self, config: Config) -> None:
-        SFTTask.__init__(self, config)
+        ChatTuningTask.__init__(self, config)
         self.route = "decoder"
         self._setup_kind()
         self._prompt_sources: dict[str, str] = {}  # rendered eval prompt -> its source text
-        self._splits_cache: tuple[dict[str, list[dict[str, Any]]], dict[str, Any]] = ({}, {})
+        self.splits_cache: tuple[dict[str, list[dict[str, Any]]], dict[str, Any]] = ({}, {})
 
     def messages(self, source: str, target: str | None = None) -> list[dict[str, str]]:
         """The conversation for one pair: optional system message, the filled-in prompt, the target."""
@@ -609,7 +553,7 @@ class PromptSeq2SeqTask(Seq2SeqTask, SFTTask):
             out.append({"role": "assistant", "content": target})
         return out
 
-    def _read_conversations(self, source: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    def read_conversations(self, source: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """The pairs of ``source`` as conversations (what SFT reads from a chat file)."""
         pairs, info = self._read_pairs(source)
         records = [{"messages": self.messages(r["source"], r["target"]), "line": r["line"], "source": r["source"]}
@@ -617,37 +561,33 @@ class PromptSeq2SeqTask(Seq2SeqTask, SFTTask):
         return records, {**info, "chat_format": "seq2seq"}
 
     def prepare(self, tokenizer: Any) -> TaskData:
-        """SFT's preparation of the pair conversations; remembers which source each eval prompt holds."""
-        from lmtune.models.generation import chat_prompt
-
-        data = SFTTask.prepare(self, tokenizer)
-        splits, _ = self._splits_cache
+        """Chat tuning's preparation of the pair conversations; remembers which source each eval prompt holds."""
+        data = ChatTuningTask.prepare(self, tokenizer)
+        splits, _ = self.splits_cache
         for rows in splits.values():
             for r in rows:
                 self._prompt_sources[chat_prompt(tokenizer, r["messages"][:-1])] = r["source"]
         data.info["route"] = self.route
         return data
 
-    def _splits(self) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
-        self._splits_cache = SFTTask._splits(self)
-        return self._splits_cache
+    def conversation_splits(self) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
+        """Chat tuning's splits of the pair conversations, kept for ``lmtune data inspect``."""
+        self.splits_cache = ChatTuningTask.conversation_splits(self)
+        return self.splits_cache
 
     def generation_scores(self, model: Any, accelerator: Any, prompts: list[str],
                           references: list[str]) -> dict[str, Any]:
-        """SFT's generation scores (the job's metrics, via ``text_scores``); examples name their source."""
-        scores = SFTTask.generation_scores(self, model, accelerator, prompts, references)
+        """Chat tuning's generation scores (the job's metrics, via ``text_scores``); examples name their source."""
+        scores = ChatTuningTask.generation_scores(self, model, accelerator, prompts, references)
         scores["examples"] = [{**e, "source": self._prompt_sources.get(e["prompt"], e["prompt"])}
                               for e in scores["examples"]]
         return scores
 
     def save_model_extras(self, folder: Path, data: TaskData) -> dict[str, Any]:
-        """SFT's generation config and chat settings, plus the prompt and the pair columns."""
-        return {**SFTTask.save_model_extras(self, folder, data), **self.seq2seq_meta(),
+        """Chat tuning's generation config and chat settings, plus the prompt and the pair columns."""
+        return {**ChatTuningTask.save_model_extras(self, folder, data), **self.seq2seq_meta(),
                 "prompt_template": self.prompt_template, "system_prompt": self.data_cfg.system_prompt}
 
-    def report_sections(self, report: Any, run_dir: Path, metrics: dict[str, Any], data: TaskData) -> None:
-        """The seq2seq section (not SFT's)."""
+    def report_sections(self, report: Report, run_dir: Path, metrics: dict[str, Any], data: TaskData) -> None:
+        """The seq2seq section."""
         Seq2SeqTask.report_sections(self, report, run_dir, metrics, data)
-
-
-from lmtune.tasks.seq2seq import predict as _predict  # noqa: E402, F401  (registers the predictor)

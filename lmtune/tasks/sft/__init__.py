@@ -1,38 +1,21 @@
 """Instruction and chat tuning of decoders (alpaca, sharegpt, OpenAI messages), loss on the answers."""
 
-from lmtune.config.tasks import TaskInfo
 from lmtune.tasks.base import Predictor, Task, register_task
+from lmtune.tasks.sft.info import INFO
 
 
 def _task() -> type[Task]:
     # Imported when the task runs, not when lmtune starts: torch and transformers load only then.
-    from lmtune.tasks.sft.task import SFTTask
+    from lmtune.tasks.sft.task import SFTTask  # noqa: PLC0415
 
     return SFTTask
 
 
 def _predictor() -> type[Predictor]:
-    from lmtune.tasks.decoder import GenerativePredictor
+    # Likewise: the predictor loads torch and transformers when a saved model is used.
+    from lmtune.tasks.decoder import GenerativePredictor  # noqa: PLC0415
 
     return GenerativePredictor
 
-
-INFO = TaskInfo(
-    name="sft",
-    summary="instruction / chat tuning: the model learns the assistant's answers of conversations",
-    default_metric="loss",
-    auto_class="AutoModelForCausalLM",
-    pipeline_tag="text-generation",
-    usage='from transformers import pipeline\n\nchat = pipeline("text-generation", model="{name}")\nmessages = [{{"role": "user", "content": "Hello!"}}]\nprint(chat(messages, max_new_tokens=128)[0]["generated_text"][-1]["content"])',
-    headline_metrics=(("token_f1", "token F1"), ("rouge_l", "ROUGE-L"), ("chrf", "chrF"), ("exact_match", "exact match"),
-                      ("stopped_fraction", "stops by itself"), ("loss", "loss")),
-    comparison_metric="rouge_l",
-    card_metrics=("exact_match", "token_f1", "rouge_l", "chrf", "bleu", "stopped_fraction", "loss", "perplexity"),
-    decoder=True,
-    chat=True,
-    generates=True,
-    endpoints=("/v1/chat/completions", "/v1/completions"),
-    streaming=True,
-)
 
 register_task(INFO, _task, _predictor)

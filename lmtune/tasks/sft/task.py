@@ -1,316 +1,31 @@
-"""Instruction and chat fine-tuning (supervised fine-tuning, SFT) of a decoder.
+"""Instruction and chat fine-tuning (supervised fine-tuning, SFT) of a decoder: ``task: sft``.
 
-Data: alpaca (instruction/input/output), sharegpt (conversations of from/value) or OpenAI
-messages (role/content, system prompts, several turns), detected from the records or set with
-``data.chat_format``; ``data.columns`` maps other column names. Every conversation is validated
-(roles alternate, no empty answer, known roles) with errors that name file, line and field.
-
-Conversations are rendered by the model's own chat template (a ChatML default when it has none),
-exactly as inference renders them; the template is saved with the model. Loss falls on assistant
-tokens only by default, always including the end-of-turn token the model must learn to stop at
-(also when pad and EOS are the same token). Optional packing of whole conversations into rows.
-
-Evaluation: loss and perplexity on the assistant tokens of held-out conversations, and at the
-end (or every validation, if asked) batched generation from the held-out prompts scored against
-the reference answers (exact match, token F1, ROUGE-L, chrF, BLEU), for the starting model and
-the tuned one.
+The data preparation, loss, generation scores and saving are the chat tuning shared with ``seq2seq``'s
+decoder route (:mod:`lmtune.tasks.chat_tuning`); this module adds what is SFT's own: its ``TaskInfo``,
+its report section, and its ``lmtune data inspect`` report (:mod:`lmtune.tasks.sft.inspect`).
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import random
 from pathlib import Path
 from typing import Any, ClassVar
 
-from lmtune.config import Config
-from lmtune.data.features import FeatureDataset, cached_features, digest_records, features_cache_key
-from lmtune.data.packing import pack_whole
-from lmtune.data.readers import read_table
-from lmtune.errors import DataError
-from lmtune.models.registry import load_padded_tokenizer
+from lmtune.config.tasks import TaskInfo
+from lmtune.evaluate.report import Report
 from lmtune.tasks.base import TaskData
-from lmtune.tasks.decoder import DecoderTask, first_occurrences, given_splits, hold_out
-
-log = logging.getLogger(__name__)
-
-_SHOW_LINES = 20
-# Example generations kept per split for the report.
-_EXAMPLES_KEPT = 6
+from lmtune.tasks.chat_tuning import ChatTuningTask, cell
+from lmtune.tasks.decoder import refuse_streaming
+from lmtune.tasks.sft.info import INFO
+from lmtune.tasks.sft.inspect import inspect_sft, render_sft
 
 
-class SFTTask(DecoderTask):
+class SFTTask(ChatTuningTask):
     """Supervised fine-tuning on conversations, loss on the assistant's turns."""
 
-    name: ClassVar[str] = "sft"
-    default_metric: ClassVar[str] = "loss"
-    headline_metrics: ClassVar[list[tuple[str, str]]] = [
-        ("token_f1", "token F1"), ("rouge_l", "ROUGE-L"), ("chrf", "chrF"), ("exact_match", "exact match"),
-        ("stopped_fraction", "stops by itself"), ("loss", "loss"),
-    ]
-    comparison_metric: ClassVar[str] = "rouge_l"
+    info: ClassVar[TaskInfo] = INFO
 
-    def __init__(self, config: Config) -> None:
-        super().__init__(config)
-        self.chat_template_source = "model"
-        self.vocab_grew = False
-
-    @property
-    def packing(self) -> bool:
-        """Off unless ``data.packing: true``."""
-        return bool(self.data_cfg.packing)
-
-    # ------------------------------------------------------------------------------ tokenizer
-    def load_tokenizer(self, model_path: Path | None) -> Any:
-        """The model's tokenizer with a chat template (ChatML added when the model has none)."""
-        from lmtune.data.chat import ensure_chat_template
-
-        assert model_path is not None
-        tok = load_padded_tokenizer(model_path, trust_remote_code=self.config.model.trust_remote_code)
-        had_template = bool(tok.chat_template)
-        self.vocab_grew = ensure_chat_template(tok)
-        if not had_template:
-            self.chat_template_source = "default"
-            log.warning("the model has no chat template; using lmtune's ChatML default%s (saved with the model)",
-                        " and adding its <|im_start|>/<|im_end|> tokens" if self.vocab_grew else "")
-        self.tokenizer = tok
-        return tok
-
-    def new_token_ids(self) -> list[int]:
-        """Ids of tokens added to the vocabulary (their embeddings must be trained)."""
-        if not self.vocab_grew:
-            return []
-        return [int(self.tokenizer.convert_tokens_to_ids(t)) for t in ("<|im_start|>", "<|im_end|>")]
-
-    # ------------------------------------------------------------------------------ data
-    def _read_conversations(self, source: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """Validated conversations ``{messages, line}`` of one source, and facts about it."""
-        from lmtune.data.chat import detect_format, to_messages
-
-        d = self.data_cfg
-        table = read_table(source, format=d.format, encoding=d.encoding)
-        fmt = d.chat_format if d.chat_format != "auto" else detect_format(table.rows, d.columns, source)
-        records = [
-            {"messages": to_messages(row, fmt, d.columns, source=source, line=line), "line": line}
-            for row, line in zip(table.rows, table.lines, strict=True)
-        ]
-        if not records:
-            raise DataError("no conversations", file=source)
-        return records, {"source": source, "rows_read": len(table), "chat_format": fmt}
-
-    def _splits(self) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
-        d = self.data_cfg
-        train, train_info = self._read_conversations(d.train)
-        info: dict[str, Any] = {"train": train_info}
-
-        def key(r: dict[str, Any]) -> str:
-            return json.dumps(r["messages"], ensure_ascii=False, sort_keys=True)
-
-        if d.deduplicate:
-            unique = first_occurrences(train, key)
-            train_info["duplicates_removed"] = len(train) - len(unique)
-            train = unique
-        train, splits, sources = hold_out(train, d, what="conversation(s)")
-        for s, source in sources.items():
-            info[s] = {"source": source}
-        for s, src in given_splits(d).items():
-            splits[s], info[s] = self._read_conversations(src)
-        if d.deduplicate:
-            seen = {key(r) for r in train}
-            for s in ("validation", "test"):
-                if s in splits:
-                    rows = splits[s]
-                    clean = [r for r in first_occurrences(rows, key) if key(r) not in seen]
-                    info[s]["duplicates_removed"] = len(rows) - len(clean)
-                    splits[s] = clean
-        splits["train"] = train
-        if d.max_samples:
-            rng = random.Random(d.split_seed)
-            for s, rows in splits.items():
-                if len(rows) > d.max_samples:
-                    splits[s] = sorted(rng.sample(rows, d.max_samples), key=lambda r: r["line"])
-        return splits, info
-
-    def render(self, records: list[dict[str, Any]], tokenizer: Any) -> tuple[list[Any], list[int]]:
-        """Rendered examples (None where too long and skipped) and the lines of the skipped ones."""
-        from lmtune.data.chat import render_conversation
-
-        d = self.data_cfg
-        out = []
-        skipped = []
-        for r in records:
-            ex = render_conversation(tokenizer, r["messages"], train_on=d.train_on, max_length=d.max_length,
-                                     too_long=d.too_long)
-            out.append(ex)
-            if ex is None:
-                skipped.append(r["line"])
-        return out, skipped
-
-    @staticmethod
-    def preflight_problems(examples: list[Any], tokenizer: Any) -> dict[str, int]:
-        """How many rendered examples show each pre-flight problem (no EOS at a target's end, ...)."""
-        from lmtune.data.chat import check_rendered, end_of_turn_ids
-
-        eos = end_of_turn_ids(tokenizer)
-        problems: dict[str, int] = {}
-        for ex in examples:
-            for p in check_rendered(tokenizer, ex, eos):
-                problems[p] = problems.get(p, 0) + 1
-        return problems
-
-    @staticmethod
-    def is_definite(problem: str, count: int, total: int) -> bool:
-        """A problem that stops training: any double BOS, or any other problem in every example."""
-        return "BOS" in problem or count == total
-
-    def preflight(self, examples: list[Any], tokenizer: Any, source: str) -> dict[str, int]:
-        """Checks on rendered examples; raises on a definite error, returns counts of each problem."""
-        from lmtune.data.chat import end_of_turn_ids
-
-        problems = self.preflight_problems(examples, tokenizer)
-        for problem, count in problems.items():
-            msg = f"{count} of {len(examples)} training examples: {problem}"
-            if self.is_definite(problem, count, len(examples)):
-                eos = end_of_turn_ids(tokenizer)
-                raise DataError(
-                    f"pre-flight check failed: {msg}", file=source,
-                    hint="`lmtune data inspect CONFIG` shows every check and the examples as the model sees them"
-                    + ("; the chat template must end each assistant turn with an EOS token "
-                       f"({', '.join(tokenizer.convert_ids_to_tokens(sorted(eos)))}) or the model never learns to stop"
-                       if "end" in problem else ""),
-                )
-            log.warning("pre-flight: %s", msg)
-        return problems
-
-    def prepare(self, tokenizer: Any) -> TaskData:
-        """Read, validate, split, render with the chat template, check, and tokenise (cached)."""
-        if self.data_cfg.streaming:  # data larger than memory: training rows are made as training reads them
-            from lmtune.data.streaming import open_sft_stream
-
-            splits, info, stream, preview = open_sft_stream(self, tokenizer)
-            data = self._prepare_splits(splits, info, tokenizer)
-            data.info["preflight"] = self.preflight(preview, tokenizer, self.data_cfg.train)
-            data.splits["train"], data.lengths["train"] = stream, []
-            return data
-        return self._prepare_splits(*self._splits(), tokenizer)
-
-    def _prepare_splits(self, splits: dict[str, list[dict[str, Any]]], info: dict[str, Any],
-                        tokenizer: Any) -> TaskData:
-        from lmtune.models.generation import chat_prompt
-
-        d = self.data_cfg
-        features: dict[str, Any] = {}
-        lengths: dict[str, list[int]] = {}
-        prompts: dict[str, list[str]] = {}
-        references: dict[str, list[str]] = {}
-        for split, records in splits.items():
-            rendered, skipped = self.render(records, tokenizer)
-            kept = [(r, ex) for r, ex in zip(records, rendered, strict=True) if ex is not None]
-            if skipped:
-                shown = ", ".join(map(str, skipped[:_SHOW_LINES])) + (" ..." if len(skipped) > _SHOW_LINES else "")
-                log.warning("%s: %d of %d conversations are longer than data.max_length %d and were skipped "
-                            "(lines %s)%s", split, len(skipped), len(records), d.max_length, shown,
-                            "" if d.too_long == "truncate_left" else "; data.too_long: truncate_left keeps them")
-            if not kept:
-                raise DataError(f"no {split} conversation fits data.max_length {d.max_length}",
-                                file=info[split].get("source", d.train), hint="raise data.max_length")
-            examples = [ex for _, ex in kept]
-            if split == "train":
-                info["preflight"] = self.preflight(examples, tokenizer, d.train)
-            ds, lens = self._features(examples, tokenizer, packed=self.packing and split == "train")
-            features[split] = ds
-            lengths[split] = lens
-            info[split].update({
-                "examples": len(kept),
-                "skipped_too_long": len(skipped),
-                "skipped_lines": skipped[:1000],
-                "truncated": sum(ex.truncated_tokens > 0 for ex in examples),
-                "tokens": sum(len(ex.input_ids) for ex in examples),
-                "target_tokens": sum(sum(t != -100 for t in ex.labels) for ex in examples),
-                "turns": sum(len(r["messages"]) for r, _ in kept),
-            })
-            if split != "train":
-                limit = self.config.generation.eval_examples or len(kept)
-                prompts[split] = [chat_prompt(tokenizer, r["messages"][:-1]) for r, _ in kept[:limit]]
-                references[split] = [r["messages"][-1]["content"] for r, _ in kept[:limit]]
-        info["chat_template"] = self.chat_template_source
-        return TaskData(splits=features, lengths=lengths, info=info,
-                        extra={"prompts": prompts, "references": references})
-
-    def _features(self, examples: list[Any], tokenizer: Any, *, packed: bool) -> tuple[FeatureDataset, list[int]]:
-        seqs = [(ex.input_ids, ex.labels) for ex in examples]
-        key = features_cache_key(self.name, digest_records(seqs), tokenizer,
-                                 {"packed": packed, "max_length": self.data_cfg.max_length})
-
-        def build() -> dict[str, list[Any]]:
-            if packed:
-                rows, _ = pack_whole(seqs, self.data_cfg.max_length)
-                return {"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows],
-                        "position_ids": [r["position_ids"] for r in rows],
-                        "length": [len(r["input_ids"]) for r in rows]}
-            return {"input_ids": [s[0] for s in seqs], "labels": [s[1] for s in seqs],
-                    "length": [len(s[0]) for s in seqs]}
-
-        ds, hit = cached_features(key, build, use_cache=self.data_cfg.cache)
-        if hit:
-            log.info("tokenised features read from cache (%s)", key[:12])
-        lens = ds.with_format(None)["length"]
-        ds.set_format(columns=[c for c in ds.column_names if c != "length"])
-        if packed:
-            log.info("packed %d conversations into %d rows of up to %d tokens (%.0f%% filled)", len(seqs), len(ds),
-                     self.data_cfg.max_length, 100 * sum(lens) / max(len(ds) * self.data_cfg.max_length, 1))
-        return FeatureDataset(ds, lens), lens
-
-    # ------------------------------------------------------------------------------ evaluation
-    def evaluate(self, model: Any, loader: Any, accelerator: Any, split: str, data: TaskData) -> dict[str, Any]:
-        """Loss/perplexity on assistant tokens; generation scores at the final evaluation (or always, if set)."""
-        metrics = self.loss_metrics(model, loader, accelerator)
-        if self.phase == "final" or self.config.generation.eval_during_training:
-            prompts = data.extra["prompts"].get(split, [])
-            if prompts:
-                metrics.update(self.generation_scores(accelerator.unwrap_model(model), accelerator, prompts,
-                                                      data.extra["references"][split]))
-        return metrics
-
-    def generation_scores(self, model: Any, accelerator: Any, prompts: list[str],
-                          references: list[str]) -> dict[str, Any]:
-        """Generate answers to ``prompts`` (split across processes) and score them against ``references``."""
-        from lmtune.data.chat import end_of_turn_ids
-        from lmtune.models.generation import GenerationSettings, generate, generate_across_processes
-
-        settings = GenerationSettings.from_config(self.config.generation)
-        stop_ids = sorted(end_of_turn_ids(self.tokenizer, getattr(model.generation_config, "eos_token_id", None)))
-        results = generate_across_processes(
-            accelerator, prompts, lambda mine: generate(model, self.tokenizer, mine, settings, eos_token_ids=stop_ids))
-        texts = [r["text"].strip() for r in results]
-        scores: dict[str, Any] = dict(self.text_scores(texts, references))
-        scores["stopped_fraction"] = sum(r["finish_reason"] == "stop" for r in results) / len(results)
-        scores["generated_examples"] = len(results)
-        scores["examples"] = [
-            {"prompt": p, "reference": ref, "generated": t, "finish_reason": r["finish_reason"]}
-            for p, ref, t, r in list(zip(prompts, references, texts, results, strict=True))[:_EXAMPLES_KEPT]
-        ]
-        return scores
-
-    def text_scores(self, texts: list[str], references: list[str]) -> dict[str, float]:
-        """Scores of generated ``texts`` against ``references`` (a subclass may score differently)."""
-        from lmtune.evaluate.text_metrics import generation_metrics
-
-        return generation_metrics(texts, references)
-
-    # ------------------------------------------------------------------------------ saving and report
-    def save_model_extras(self, folder: Path, data: TaskData) -> dict[str, Any]:
-        """Generation config stopping at the end-of-turn token; chat settings for ``lmtune.json``."""
-        from lmtune.data.chat import end_of_turn_ids
-
-        stop = sorted(end_of_turn_ids(self.tokenizer))  # the tokenizer's EOS and the template's end-of-turn
-        self.write_generation_config(folder, self.tokenizer, stop)
-        return {"eos_token_ids": stop, "chat_template": self.chat_template_source, "train_on": self.data_cfg.train_on,
-                "max_length": self.data_cfg.max_length, "packing": self.packing,
-                "chat_format": data.info["train"].get("chat_format")}
-
-    def report_sections(self, report: Any, run_dir: Path, metrics: dict[str, Any], data: TaskData) -> None:
+    # ------------------------------------------------------------------------------ report and inspect
+    def report_sections(self, report: Report, run_dir: Path, metrics: dict[str, Any], data: TaskData) -> None:
         """Generation scores before and after, and example answers side by side."""
         start = metrics.get("starting_point", {})
         split = "test" if "test" in metrics else "validation"
@@ -332,7 +47,17 @@ class SFTTask(DecoderTask):
             rows.append([_last_user(e["prompt"]), e["reference"], b.get("generated", "–"), e["generated"]])
         if rows:
             report.heading("Example answers", 3)
-            report.table(["prompt", "reference", "starting model", "tuned model"], [[_cell(c) for c in r] for r in rows])
+            report.table(["prompt", "reference", "starting model", "tuned model"], [[cell(c) for c in r] for r in rows])
+
+    def inspect(self, source: str | None, *, examples: int = 3) -> dict[str, Any] | None:
+        """The conversations as the model will see them (see :func:`lmtune.tasks.sft.inspect.inspect_sft`)."""
+        refuse_streaming(self.config)
+        return inspect_sft(self, source, examples=examples)
+
+    def render_inspection(self, report: dict[str, Any], console: Any) -> bool:
+        """Print :meth:`inspect`'s report as tables."""
+        render_sft(report, console)
+        return True
 
 
 def _last_user(prompt: str) -> str:
@@ -345,8 +70,3 @@ def _last_user(prompt: str) -> str:
     for end in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
         text = text.split(end)[0]
     return text.strip()
-
-
-def _cell(text: str, limit: int = 160) -> str:
-    text = " ".join(str(text).split()).replace("|", "\\|")
-    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 
+from lmtune.console import quiet_libraries
 from lmtune.data import tagging
 from lmtune.data.readers import Table
 from lmtune.errors import DataError, ModelError
@@ -17,14 +18,14 @@ from lmtune.tasks.token_classification.task import as_word_list, entities_from_t
 
 log = logging.getLogger(__name__)
 
+# Why an item is refused (the server answers 400 with it, after "item N: ").
+NOT_TEXT = "a 'token_classification' model takes texts (strings)"
 
 
 class TokenClassificationPredictor:
     """Entities in raw text (or in given word lists) with a saved token-classification model folder."""
 
     def __init__(self, model_dir: Path, meta: dict[str, Any], *, device: str | None = None) -> None:
-        from lmtune.console import quiet_libraries
-
         quiet_libraries()
         self.meta = meta
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -99,6 +100,10 @@ class TokenClassificationPredictor:
             return text, [(w, s, e) for w, (s, e) in zip(item, offsets, strict=True)]
         raise DataError(f"expected a text or a list of words, found {type(item).__name__}", field="texts")
 
+    def check_item(self, item: Any) -> str | None:
+        """Why ``item`` is not a text, or None. (:meth:`predict` also takes word lists; the server takes texts.)"""
+        return None if isinstance(item, str) else NOT_TEXT
+
     def predict(self, items: list[Any], *, batch_size: int = 32, progress: Any = None) -> list[dict[str, Any]]:
         """Per input (a text, or a list of words): ``entities`` (``entity``, ``text``, ``start``/``end``
         character offsets into the text, ``score``: the mean tag probability), ``tokens`` and ``tags``."""
@@ -116,14 +121,15 @@ class TokenClassificationPredictor:
             out.append({"entities": entities, "tokens": [w for w, _, _ in words], "tags": tags})
         return out
 
-    def predict_table(self, table: Table, *, columns: dict[str, str] | None = None, batch_size: int = 32,
+    def predict_table(self, table: Table, *, columns: dict[str, str | None] | None = None, batch_size: int = 32,
                       progress: Any = None) -> list[dict[str, Any]]:
         """:meth:`predict` for every row of ``table``: a text column (``columns["text"]``, else the training
         text column or ``text``) or a column of word lists (``tokens``; CoNLL files give one)."""
         tokens_col = str(self.meta.get("tokens_column") or "tokens")
         text_col = str(self.meta.get("text_column") or "text")
-        if columns and columns.get("text"):
-            column = columns["text"]
+        given = (columns or {}).get("text")
+        if given:
+            column = given
         elif tokens_col in table.columns:
             column = tokens_col
         elif text_col in table.columns:

@@ -7,16 +7,16 @@ from typing import Any
 
 import numpy as np
 
-from lmtune.evaluate.plots import _figure, _note, _save
+from lmtune.evaluate.plots import figure, note, save_figure
 
 
 def plot_entity_f1(tuned: dict[str, dict[str, Any]], start: dict[str, dict[str, Any]], path: Path, *,
                    title: str) -> Path:
     """Grouped bars: F1 per entity type (with its support in the tick label), tuned vs before fine-tuning."""
     kinds = list(tuned)
-    with _figure(figsize=(max(5.0, 1.1 * len(kinds) + 2.5), 3.6)) as (fig, ax):
+    with figure(figsize=(max(5.0, 1.1 * len(kinds) + 2.5), 3.6)) as (fig, ax):
         if not kinds:
-            _note(ax, "no entity types")
+            note(ax, "no entity types")
         else:
             x = np.arange(len(kinds))
             width = 0.38
@@ -34,4 +34,4 @@ def plot_entity_f1(tuned: dict[str, dict[str, Any]], start: dict[str, dict[str, 
             ax.grid(axis="y", alpha=0.3)
         ax.set_title(title)
         fig.tight_layout()
-        return _save(fig, path)
+        return save_figure(fig, path)

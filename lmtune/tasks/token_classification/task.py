@@ -29,13 +29,17 @@ from typing import Any, ClassVar, cast
 import numpy as np
 import torch
 import torch.nn.functional as F
+from seqeval.metrics import classification_report
+from seqeval.metrics.sequence_labeling import get_entities
 from transformers import AutoConfig, AutoModelForTokenClassification
 
 from lmtune.config import Config
+from lmtune.config.tasks import TaskInfo
 from lmtune.data import tagging
 from lmtune.data.conll import COLUMNS as CONLL_COLUMNS
 from lmtune.data.conll import pick_columns
 from lmtune.data.features import (
+    IGNORE_INDEX,
     FeatureDataset,
     PaddingCollator,
     cached_features,
@@ -43,20 +47,23 @@ from lmtune.data.features import (
     features_cache_key,
 )
 from lmtune.data.readers import Table, read_table
+from lmtune.data.splits import stratified_split
 from lmtune.errors import ConfigError, DataError, ModelError
-from lmtune.tasks.base import TaskData
+from lmtune.evaluate.report import Report
+from lmtune.models.registry import load_padded_tokenizer, model_path_of
+from lmtune.tasks.base import Task, TaskData
+from lmtune.tasks.token_classification.info import INFO
+from lmtune.tasks.token_classification.inspect import tagging_details, tagging_facts
+from lmtune.tasks.token_classification.report import plot_entity_f1
 
 log = logging.getLogger(__name__)
 
-IGNORE = -100
 _SHOW_LINES = 20
 
 
 def entity_metrics(gold: list[list[str]], pred: list[list[str]], entity_types: list[str]) -> dict[str, Any]:
     """Entity-level precision / recall / F1 (micro and macro over types, seqeval's conlleval rules), per
     entity type, and word-level tag accuracy."""
-    from seqeval.metrics import classification_report
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # seqeval warns for a type never predicted; zero_division covers it
         report = classification_report(gold, pred, output_dict=True, zero_division=0)
@@ -81,21 +88,15 @@ def entity_metrics(gold: list[list[str]], pred: list[list[str]], entity_types: l
 
 def entities_from_tags(tags: list[str]) -> list[tuple[str, int, int]]:
     """Entity spans ``(type, first, last)`` (word indices, inclusive) read the way the metrics read them."""
-    from seqeval.metrics.sequence_labeling import get_entities
-
     return [(kind, first, last) for kind, first, last in get_entities(tags)]
 
 
-class TokenClassificationTask:
+class TokenClassificationTask(Task):
     """One tag per word (NER): entity spans in BIO or BIOES, scored at the entity level."""
 
-    name: ClassVar[str] = "token_classification"
-    default_metric: ClassVar[str] = "f1"
-    headline_metrics: ClassVar[list[tuple[str, str]]] = [
-        ("f1", "entity F1"), ("precision", "precision"), ("recall", "recall"), ("token_accuracy", "tag accuracy")]
-    comparison_metric: ClassVar[str] = "f1"
-    peft_task_type: ClassVar[str] = "TOKEN_CLS"
-    model_class = AutoModelForTokenClassification
+    info: ClassVar[TaskInfo] = INFO
+    peft_task_type: ClassVar[str | None] = "TOKEN_CLS"
+    model_class: ClassVar[type] = AutoModelForTokenClassification
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -106,11 +107,19 @@ class TokenClassificationTask:
         self.added_tokens: list[str] = []
         self.tokenizer: Any = None
 
-    # ------------------------------------------------------------------------------ tokenizer
-    def load_tokenizer(self, model_path: Path) -> Any:
-        """The model's fast tokenizer (``word_ids()`` needs one), right-padded, with a pad token."""
-        from lmtune.models.registry import load_padded_tokenizer
+    def model_path(self) -> Path:
+        """The pretrained model's folder (``model.name``: a bundled name or a folder)."""
+        return model_path_of(self.config.model)
 
+    def load_model_meta(self, meta: dict[str, Any]) -> None:
+        """Evaluate a trained model on its own terms: its label set, tag scheme and word split win over the
+        config's (``lmtune.json``)."""
+        self.saved_meta = meta
+
+    # ------------------------------------------------------------------------------ tokenizer
+    def load_tokenizer(self, model_path: Path | None) -> Any:
+        """The model's fast tokenizer (``word_ids()`` needs one), right-padded, with a pad token."""
+        assert model_path is not None  # model_path() always gives one
         tok = load_padded_tokenizer(model_path, trust_remote_code=self.config.model.trust_remote_code)
         if not tok.is_fast:
             raise ModelError("token classification needs a fast (Rust) tokenizer to map sub-tokens to words; "
@@ -221,7 +230,7 @@ class TokenClassificationTask:
     def _span_records(self, table: Table, texts: list[Any], spans: list[Any]) -> tuple[list[dict[str, Any]], list[int]]:
         d = self.data_cfg
         if self.word_split is None:
-            self.word_split = self._configured_split() or _guess_text_split(
+            self.word_split = self._configured_split() or tagging.guess_text_split(
                 [t for t in texts if isinstance(t, str)])
         records: list[dict[str, Any]] = []
         skipped: list[int] = []
@@ -258,23 +267,9 @@ class TokenClassificationTask:
 
     # ------------------------------------------------------------------------------ splits
     def _split(self, records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-        """Seeded random split of one record list into train/validation/test as configured."""
-        d = self.data_cfg
-        rng = random.Random(d.split_seed)
-        order = list(range(len(records)))
-        rng.shuffle(order)
-        out: dict[str, list[dict[str, Any]]] = {}
-        start = 0
-        for split, given, size in (("validation", d.validation, d.validation_size), ("test", d.test, d.test_size)):
-            if given is None:
-                n = max(1, round(size * len(records)))
-                if len(records) - start - n < 1:
-                    raise DataError(f"cannot split {len(records)} sentences into a {split} set", file=d.train,
-                                    hint="give more data or explicit validation/test files")
-                out[split] = [records[i] for i in sorted(order[start:start + n])]
-                start += n
-        out["train"] = [records[i] for i in sorted(order[start:])]
-        return out
+        """Seeded random split of one record list into train/validation/test as configured (sentences kept in
+        file order)."""
+        return stratified_split(records, self.data_cfg, what="sentences")
 
     @staticmethod
     def _dedupe(splits: dict[str, list[dict[str, Any]]], info: dict[str, Any]) -> None:
@@ -298,9 +293,19 @@ class TokenClassificationTask:
             if split == "train":
                 seen = inner
 
+    def planned_labels(self) -> tuple[list[str], str]:
+        """The tags ``lmtune plan`` sizes the head for without reading the data."""
+        d = self.config.data
+        prefixes = ("B", "I", "E", "S") if d.tag_scheme == "bioes" else ("B", "I")
+        if d.entity_types:
+            return ["O", *[f"{p}-{t}" for t in d.entity_types for p in prefixes]], "data.entity_types"
+        return ["O", "B-ENT", "I-ENT"], "assumed 1 entity type (data not read; set data.entity_types)"
+
     def prepare(self, tokenizer: Any) -> TaskData:
         """Read, validate, split, de-duplicate, convert tags to the training scheme and tokenise (cached)."""
         d = self.data_cfg
+        # The tokenizer the features are made with (a saved model's own one, when a run is evaluated).
+        self.tokenizer = tokenizer
         meta = self.saved_meta or {}
         limit = tokenizer.model_max_length
         if limit and limit < 10**6 and d.max_length > limit:
@@ -358,18 +363,19 @@ class TokenClassificationTask:
         return TaskData(splits=features, lengths=lengths, info=info, extra={"records": splits})
 
     def inspect_facts(self, data: TaskData) -> dict[str, dict[str, Any]]:
-        """Per split, for ``lmtune data inspect`` (:mod:`lmtune.tasks.inspect_tasks`): sentences, sub-tokens and the
-        unknown-token share, entities per type, repairs, what data.max_length cuts."""
-        from lmtune.tasks.inspect_tasks import token_classification_facts
-
-        return token_classification_facts(self, data)
+        """Per split, for ``lmtune data inspect`` (:mod:`lmtune.tasks.token_classification.inspect`): sentences,
+        sub-tokens and the unknown-token share, entities per type, repairs, what data.max_length cuts."""
+        base = None
+        if self.added_tokens:
+            # The tokenizer as the model shipped it: what data.extend_vocabulary repaired.
+            m = self.config.model
+            base = load_padded_tokenizer(model_path_of(m), trust_remote_code=m.trust_remote_code)
+        return tagging_facts(data, self.tokenizer, self.data_cfg.max_length, base_tokenizer=base)
 
     def inspect_details(self, data: TaskData, facts: dict[str, dict[str, Any]], *, examples: int = 3
                         ) -> dict[str, Any]:
         """Scheme, label set and vocabulary extension, suggestions, and rendered train sentences."""
-        from lmtune.tasks.inspect_tasks import token_classification_details
-
-        return token_classification_details(self, data, facts, examples)
+        return tagging_details(data, facts, self.tokenizer, self.data_cfg, self.added_tokens, examples)
 
     def _entity_types(self, splits: dict[str, list[dict[str, Any]]], info: dict[str, Any]) -> list[str]:
         d = self.data_cfg
@@ -404,7 +410,7 @@ class TokenClassificationTask:
         d = self.data_cfg
         settings = {"max_length": d.max_length, "labels": labels, "scheme": scheme,
                     "all_subtokens": d.label_all_subtokens}
-        key = features_cache_key(self.name, digest_records([(r["words"], r["spans"]) for r in rows]), tokenizer,
+        key = features_cache_key(self.info.name, digest_records([(r["words"], r["spans"]) for r in rows]), tokenizer,
                                  settings)
         index = {name: i for i, name in enumerate(labels)}
         continuation = [index[tagging.continuation_tag(name)] for name in labels]
@@ -444,8 +450,9 @@ class TokenClassificationTask:
         return FeatureDataset(ds, lengths), stats
 
     # ------------------------------------------------------------------------------ model
-    def build_model(self, model_path: Path, data: TaskData, tokenizer: Any) -> torch.nn.Module:
+    def build_model(self, model_path: Path | None, data: TaskData, tokenizer: Any) -> torch.nn.Module:
         """The pretrained body with a new token-classification head (float32)."""
+        assert model_path is not None  # model_path() always gives one
         labels = data.info["labels"]
         trust = self.config.model.trust_remote_code
         try:
@@ -490,25 +497,26 @@ class TokenClassificationTask:
     # ------------------------------------------------------------------------------ batches and loss
     def collator(self, tokenizer: Any) -> PaddingCollator:
         """Dynamic padding; label positions added by padding are -100 (no loss, not scored)."""
-        return PaddingCollator({"input_ids": tokenizer.pad_token_id, "token_type_ids": 0, "labels": IGNORE,
-                                "word_labels": IGNORE}, padding_side="right",
+        return PaddingCollator({"input_ids": tokenizer.pad_token_id, "token_type_ids": 0, "labels": IGNORE_INDEX,
+                                "word_labels": IGNORE_INDEX}, padding_side="right",
                                pad_to_multiple_of=8 if torch.cuda.is_available() else None)
 
     def num_items(self, batch: dict[str, torch.Tensor]) -> int:
         """Labelled tokens: the loss is a sum over them."""
-        return int((batch["labels"] != IGNORE).sum())
+        return int((batch["labels"] != IGNORE_INDEX).sum())
 
     @staticmethod
     def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
 
-    def _logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Tag logits per token (B, T, L) in float32."""
         return model(**self._inputs(batch)).logits.float()  # (B, T, L)
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Cross-entropy summed over the labelled tokens."""
-        logits = self._logits(model, batch)  # (B, T, L)
-        return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE, reduction="sum")
+        logits = self.logits(model, batch)  # (B, T, L)
+        return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
     # ------------------------------------------------------------------------------ evaluation
     def evaluate(self, model: torch.nn.Module, loader: Any, accelerator: Any, split: str, data: TaskData
@@ -520,19 +528,19 @@ class TokenClassificationTask:
         loss_sum = 0.0
         loss_items = 0.0
         for batch in loader:
-            logits = self._logits(model, batch)  # (B, T, L)
-            per_token = F.cross_entropy(logits.transpose(1, 2), batch["labels"], ignore_index=IGNORE,
+            logits = self.logits(model, batch)  # (B, T, L)
+            per_token = F.cross_entropy(logits.transpose(1, 2), batch["labels"], ignore_index=IGNORE_INDEX,
                                         reduction="none")  # (B, T), 0 where ignored
             row_loss = per_token.sum(-1)  # (B,)
-            row_items = (batch["labels"] != IGNORE).sum(-1).float()  # (B,)
+            row_items = (batch["labels"] != IGNORE_INDEX).sum(-1).float()  # (B,)
             # Processes hold batches of different widths: pad to one width before gathering.
-            guess = accelerator.pad_across_processes(logits.argmax(-1), dim=1, pad_index=IGNORE)
-            truth = accelerator.pad_across_processes(batch["word_labels"], dim=1, pad_index=IGNORE)
+            guess = accelerator.pad_across_processes(logits.argmax(-1), dim=1, pad_index=IGNORE_INDEX)
+            truth = accelerator.pad_across_processes(batch["word_labels"], dim=1, pad_index=IGNORE_INDEX)
             guess, truth, row_loss, row_items = accelerator.gather_for_metrics((guess, truth, row_loss, row_items))
             loss_sum += float(row_loss.sum())
             loss_items += float(row_items.sum())
             for g, t in zip(guess.cpu().numpy(), truth.cpu().numpy(), strict=True):
-                keep = t != IGNORE  # first sub-token of each word
+                keep = t != IGNORE_INDEX  # first sub-token of each word
                 gold.append([labels[i] for i in t[keep]])
                 pred.append([labels[i] for i in g[keep]])
         metrics = entity_metrics(gold, pred, data.info["entity_types"])
@@ -551,10 +559,8 @@ class TokenClassificationTask:
             "spans_column": d.spans_column,
         }
 
-    def report_sections(self, report: Any, run_dir: Path, metrics: dict[str, Any], data: TaskData) -> None:
+    def report_sections(self, report: Report, run_dir: Path, metrics: dict[str, Any], data: TaskData) -> None:
         """Per-entity-type scores of the tuned model beside its starting point, as a table and a bar chart."""
-        from lmtune.tasks.token_classification.report import plot_entity_f1
-
         for split in ("test", "validation"):
             m = metrics.get(split)
             if not m or "per_type" not in m:
@@ -603,14 +609,3 @@ def as_word_list(value: Any, source: str, line: int, field: str) -> list[str]:
                             field=field)
         out.append(item.strip())
     return out
-
-
-def _guess_text_split(texts: list[str]) -> str:
-    """``chars`` for text that is mostly CJK (written without spaces), else ``punctuation``."""
-    sample = "".join(texts[:2000])
-    letters = [c for c in sample if not c.isspace()]
-    cjk = sum(bool(tagging._CJK_CHAR.match(c)) for c in letters)
-    return "chars" if letters and cjk >= 0.3 * len(letters) else "punctuation"
-
-
-# ------------------------------------------------------------------------------------------ prediction
