@@ -65,6 +65,9 @@ class LabelScorer(Protocol):
 
     def decode(self, probs: np.ndarray) -> list[dict[str, Any]]: ...
 
+    def table_inputs(self, table: Table, columns: dict[str, str | None] | None = None
+                     ) -> tuple[list[str], list[str] | None]: ...
+
     def targets(self, labels: list[Any], source: str, lines: list[int]) -> np.ndarray: ...
 
     def metrics(self, y_true: np.ndarray, probs: np.ndarray) -> dict[str, Any]: ...
@@ -199,21 +202,6 @@ class Run:
             raise RunError(f"second texts (pairs) are for classification runs; this run's task is '{self.task}'")
         return p.decode(p.probabilities([str(t) for t in items], pairs, batch_size=batch_size))
 
-    def _read_inputs(self, source: str | Path, text_column: str | None,
-                     pair_column: str | None) -> tuple[Table, list[str], list[str] | None]:
-        table = read_table(source)
-        text_column = text_column or self.meta.get("text_column") or "text"
-        pair_column = pair_column or self.meta.get("text_pair_column")
-        texts = table.column(text_column)
-        pairs = table.column(pair_column) if pair_column else None
-        for values, col in ((texts, text_column), (pairs, pair_column)):
-            if values is None:
-                continue
-            for v, line in zip(values, table.lines, strict=True):
-                if v is None or (isinstance(v, float) and np.isnan(v)):
-                    raise DataError("empty text", file=table.source, line=line, field=col)
-        return table, [str(t) for t in texts], [str(t) for t in pairs] if pairs else None
-
     def predict_file(
         self, source: str | Path, output: str | Path, *, text_column: str | None = None,
         pair_column: str | None = None, batch_size: int | None = None, show_progress: bool = True,
@@ -340,7 +328,8 @@ class Run:
             return self._evaluate_with_task(loaded, data, batch_size)
         batch_size = batch_size or 64
         if data is not None:
-            table, texts, pairs = self._read_inputs(data, None, None)
+            table = read_table(data)
+            texts, pairs = loaded.table_inputs(table)
             labels = table.column(self.meta.get("label_column") or "label")
             y = loaded.targets(labels, table.source, table.lines)
             return {"data": str(data), **loaded.metrics(y, loaded.probabilities(texts, pairs, batch_size=batch_size))}
