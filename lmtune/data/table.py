@@ -12,6 +12,14 @@ from typing import Any
 
 from lmtune.errors import DataError
 
+# How many locations a message lists before it says "...".
+SHOWN_LOCATIONS = 20
+
+
+def format_locations(locations: list[int], limit: int = SHOWN_LOCATIONS) -> str:
+    """The first ``limit`` line (or record) numbers for a message: ``"3, 8, 12 ..."``."""
+    return ", ".join(map(str, locations[:limit])) + (" ..." if len(locations) > limit else "")
+
 
 @dataclass
 class Table:

@@ -49,6 +49,7 @@ from lmtune.data.packing import pack_whole
 from lmtune.data.readers import read_table
 from lmtune.data.splits import first_occurrences, given_splits, hold_out
 from lmtune.data.streaming import open_conversation_stream
+from lmtune.data.table import format_locations
 from lmtune.errors import DataError
 from lmtune.evaluate.text_metrics import generation_metrics
 from lmtune.models.generation import GenerationSettings, chat_prompt, generate, generate_across_processes
@@ -58,7 +59,6 @@ from lmtune.tasks.decoder import DecoderTask
 
 log = logging.getLogger(__name__)
 
-_SHOW_LINES = 20
 # Example generations kept per split for the report.
 EXAMPLES_KEPT = 6
 
@@ -214,7 +214,7 @@ class ChatTuningTask(DecoderTask):
             rendered, skipped = self.render(records, tokenizer)
             kept = [(r, ex) for r, ex in zip(records, rendered, strict=True) if ex is not None]
             if skipped:
-                shown = ", ".join(map(str, skipped[:_SHOW_LINES])) + (" ..." if len(skipped) > _SHOW_LINES else "")
+                shown = format_locations(skipped)
                 log.warning("%s: %d of %d conversations are longer than data.max_length %d and were skipped "
                             "(lines %s)%s", split, len(skipped), len(records), d.max_length, shown,
                             "" if d.too_long == "truncate_left" else "; data.too_long: truncate_left keeps them")

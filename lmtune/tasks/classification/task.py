@@ -34,6 +34,7 @@ from lmtune.data.features import (
 )
 from lmtune.data.readers import Table, read_table
 from lmtune.data.splits import stratified_split
+from lmtune.data.table import format_locations
 from lmtune.errors import ConfigError, DataError, ModelError
 from lmtune.evaluate.baselines import run_baselines
 from lmtune.evaluate.comparison import LATENCY_EXAMPLES
@@ -49,7 +50,6 @@ from lmtune.tasks.classification.labels import MULTI_LABEL_THRESHOLD, is_blank, 
 log = logging.getLogger(__name__)
 
 # Lines listed in a log message about skipped rows (the count is always exact).
-_SHOW_LINES = 20
 
 
 class ClassificationTask(Task):
@@ -124,7 +124,7 @@ class ClassificationTask(Task):
                 "line": line,
             })
         if skipped:
-            shown = ", ".join(map(str, skipped[:_SHOW_LINES])) + (" ..." if len(skipped) > _SHOW_LINES else "")
+            shown = format_locations(skipped)
             log.warning("%s: skipped %d %s(s) with empty text or label (%s %s)", table.source, len(skipped),
                         kind, kind + "s", shown)
         return out, {"skipped_empty": len(skipped), "skipped_lines": skipped[:1000]}

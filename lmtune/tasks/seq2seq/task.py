@@ -50,12 +50,13 @@ from lmtune.data.features import (
 )
 from lmtune.data.readers import read_table
 from lmtune.data.splits import first_occurrences, given_splits, hold_out
+from lmtune.data.table import format_locations
 from lmtune.errors import ConfigError, DataError, ModelError
 from lmtune.evaluate.report import Report
 from lmtune.models.generation import GenerationSettings, chat_prompt, generate, generate_across_processes
 from lmtune.models.registry import load_padded_tokenizer, model_path_of
 from lmtune.tasks.base import Task, TaskData
-from lmtune.tasks.chat_tuning import ChatTuningTask, cell
+from lmtune.tasks.chat_tuning import EXAMPLES_KEPT, ChatTuningTask, cell
 from lmtune.tasks.inspection import collect_warnings
 from lmtune.tasks.seq2seq.info import INFO
 from lmtune.tasks.seq2seq.inspect import seq2seq_details, seq2seq_facts
@@ -64,9 +65,6 @@ from lmtune.tasks.seq2seq.predict import is_blank
 from lmtune.tasks.seq2seq.routes import DEFAULT_PROMPTS, ROUTE_DESCRIPTIONS, model_route
 
 log = logging.getLogger(__name__)
-
-_SHOW_LINES = 20
-_EXAMPLES_KEPT = 6
 
 
 # ------------------------------------------------------------------------------------------ shared
@@ -131,7 +129,7 @@ class Seq2SeqTask(Task):
                 continue
             records.append({"source": str(src).strip(), "target": str(tgt).strip(), "line": line})
         if skipped:
-            shown = ", ".join(map(str, skipped[:_SHOW_LINES])) + (" ..." if len(skipped) > _SHOW_LINES else "")
+            shown = format_locations(skipped)
             log.warning("%s: skipped %d %s(s) with an empty source or target (%ss %s)", table.source, len(skipped),
                         table.location_kind, table.location_kind, shown)
         if not records:
@@ -511,7 +509,7 @@ class EncoderDecoderSeq2SeqTask(Seq2SeqTask):
         scores["stopped_fraction"] = sum(r["finish_reason"] == "stop" for r in results) / len(results)
         scores["generated_examples"] = len(results)
         scores["examples"] = [{"source": s, "reference": ref, "generated": t}
-                              for s, ref, t in list(zip(sources, references, texts, strict=True))[:_EXAMPLES_KEPT]]
+                              for s, ref, t in list(zip(sources, references, texts, strict=True))[:EXAMPLES_KEPT]]
         return scores
 
     # ------------------------------------------------------------------------------ saving

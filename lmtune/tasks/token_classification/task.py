@@ -48,6 +48,7 @@ from lmtune.data.features import (
 )
 from lmtune.data.readers import Table, read_table
 from lmtune.data.splits import stratified_split
+from lmtune.data.table import format_locations
 from lmtune.errors import ConfigError, DataError, ModelError
 from lmtune.evaluate.report import Report
 from lmtune.models.registry import load_padded_tokenizer, model_path_of
@@ -57,8 +58,6 @@ from lmtune.tasks.token_classification.inspect import tagging_details, tagging_f
 from lmtune.tasks.token_classification.report import plot_entity_f1
 
 log = logging.getLogger(__name__)
-
-_SHOW_LINES = 20
 
 
 def entity_metrics(gold: list[list[str]], pred: list[list[str]], entity_types: list[str]) -> dict[str, Any]:
@@ -188,7 +187,7 @@ class TokenClassificationTask(Task):
                 info["entities_starting_with_I"] = repaired
                 log.info("%s: %d entities start with I- (IOB1 style); read as new entities (IOB2)", source, repaired)
         if skipped:
-            shown = ", ".join(map(str, skipped[:_SHOW_LINES])) + (" ..." if len(skipped) > _SHOW_LINES else "")
+            shown = format_locations(skipped)
             log.warning("%s: skipped %d empty sentence(s) (lines %s)", source, len(skipped), shown)
         info["skipped_empty"] = len(skipped)
         if not records:
