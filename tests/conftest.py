@@ -36,6 +36,14 @@ def tiny_bert_nodrop_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_t5_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny T5 encoder-decoder (2 layers, d_model 32) with MiniLM's tokenizer."""
+    from helpers import tiny_t5
+
+    return tiny_t5(tmp_path_factory.mktemp("tiny-t5"))
+
+
+@pytest.fixture(scope="session")
 def sentiment_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from helpers import sentiment_rows, write_csv
 

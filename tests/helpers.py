@@ -14,6 +14,8 @@ from transformers import (
     BertForSequenceClassification,
     LlamaConfig,
     LlamaForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
 )
 
 POSITIVE = ["great", "wonderful", "brilliant", "moving", "delightful", "superb", "charming", "funny", "sharp", "warm"]
@@ -49,6 +51,18 @@ def tiny_llama(folder: Path, *, seed: int = 0) -> Path:
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
                       pad_token_id=None, eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id)
     LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def tiny_t5(folder: Path) -> Path:
+    """A 2-layer, d_model-32 T5 with MiniLM's WordPiece tokenizer (pad 0 starts the decoder, [SEP] ends)."""
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=tok.vocab_size, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2,
+                   num_heads=2, dropout_rate=0.0, pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id,
+                   decoder_start_token_id=tok.pad_token_id)
+    T5ForConditionalGeneration(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 

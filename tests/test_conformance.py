@@ -21,7 +21,7 @@ import torch
 import transformers
 from helpers import FILLER, NEGATIVE, POSITIVE, run_cli, story_text, write_csv
 from serve_helpers import get, post, running
-from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+from transformers import AutoTokenizer
 
 import lmtune
 from lmtune.config.tasks import task_info, task_names
@@ -166,22 +166,6 @@ CASES: dict[str, Case] = {
         model="tiny_chat_llama_dir", data=_stories, item="The small cat", predict_rows=PROMPTS,
         data_settings={"max_length": 64}),
 }
-
-
-@pytest.fixture(scope="module")
-def tiny_t5_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer, d_model-32 T5 with MiniLM's WordPiece tokenizer (pad starts the decoder, [SEP] ends)."""
-    from helpers import minilm_path
-
-    folder = tmp_path_factory.mktemp("tiny-t5")
-    tok = AutoTokenizer.from_pretrained(minilm_path())
-    torch.manual_seed(0)
-    cfg = T5Config(vocab_size=tok.vocab_size, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2,
-                   num_heads=2, dropout_rate=0.0, pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id,
-                   decoder_start_token_id=tok.pad_token_id)
-    T5ForConditionalGeneration(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 # ------------------------------------------------------------------------------------------ helpers

@@ -12,7 +12,6 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     EncoderDecoderModel,
-    T5Config,
     T5ForConditionalGeneration,
 )
 
@@ -49,22 +48,6 @@ def first_word_pairs(n: int, seed: int = 0) -> list[dict[str, str]]:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
-
-
-@pytest.fixture(scope="module")
-def tiny_t5_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer, d_model-32 T5 with MiniLM's WordPiece tokenizer (pad 0 starts the decoder, [SEP] ends)."""
-    from helpers import minilm_path
-
-    folder = tmp_path_factory.mktemp("tiny-t5")
-    tok = AutoTokenizer.from_pretrained(minilm_path())
-    torch.manual_seed(0)
-    cfg = T5Config(vocab_size=tok.vocab_size, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2,
-                   num_heads=2, dropout_rate=0.0, pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id,
-                   decoder_start_token_id=tok.pad_token_id)
-    T5ForConditionalGeneration(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 def _config(tmp_path: Path, model: str | dict, rows: list[dict] | None = None, **sections: dict) -> dict:
