@@ -40,7 +40,7 @@ test: install
 
 # End-to-end runs on the real bundled model and data (minutes).
 test-slow: install
-	$(BIN)/pytest -q -m slow
+	$(BIN)/pytest -q -m slow --durations=15
 
 # Style and imports (ruff, PLC0415 included), types (mypy), and the layering: `lint-imports` checks the
 # import-linter contracts in pyproject.toml (layers, independent task folders, no cycles).

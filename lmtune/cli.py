@@ -19,6 +19,7 @@ from rich.text import Text
 
 # Light: `import lmtune` has loaded the config schema already (pydantic, no torch).
 from lmtune.config import load_config, parse_override_args
+from lmtune.config.tasks import TASK_INFOS, task_names
 from lmtune.console import quiet_libraries
 from lmtune.errors import ConfigError, LmtuneError, RunError
 
@@ -435,6 +436,30 @@ def models() -> None:
         table.add_column(col)
     for m in list_models():
         table.add_row(m["name"], m["architecture"], m["params"], m["hf_id"], "yes" if m["installed"] else "no")
+    console.print(table)
+
+
+@app.command()
+def tasks(
+    as_json: bool = typer.Option(False, "--json", help="Print the tasks as JSON (name, summary, reads, metrics, ...)."),
+) -> None:
+    """List the tasks (the config's `task:`): what each does, what data it reads, how it is measured."""
+    infos = [TASK_INFOS[name] for name in task_names()]
+    if as_json:
+        console.print_json(json.dumps([{
+            "name": i.name, "summary": i.summary, "reads": i.reads, "default": i.default,
+            "validation_metric": i.default_metric, "metrics": [key for key, _ in i.headline_metrics],
+            "baselines": list(i.baselines), "exports": list(i.exports), "endpoints": list(i.endpoints),
+            "bundled_data": list(i.bundled_data)} for i in infos]))
+        return
+    table = Table(title="tasks (task: NAME in a config)", show_lines=True, caption="* the default task")
+    table.add_column("task", no_wrap=True, style="bold")
+    table.add_column("what it does / what data it reads", overflow="fold", ratio=3)
+    table.add_column("metrics", overflow="fold", ratio=1)
+    for i in infos:
+        metrics = ", ".join(header for _, header in i.headline_metrics)
+        table.add_row(i.name + ("*" if i.default else ""), Text(f"{i.summary}\nreads: {i.reads}"),
+                      f"{metrics}\n(best checkpoint by {i.default_metric})")
     console.print(table)
 
 

@@ -91,3 +91,55 @@ def test_absurd_numbers_are_config_errors(override: list[str]) -> None:
 
     with pytest.raises(ConfigError, match="train\\."):
         load_config({"data": {"train": "x.csv"}}, parse_override_args(override))
+
+
+# ------------------------------------------------------------------------------------------ method-aware defaults
+@pytest.mark.parametrize(("extra", "lr", "head_lr"), [
+    ({}, 5e-5, 1e-3),                                                   # full: the body gently, a new head fast
+    ({"method": {"name": "freeze", "unfrozen_layers": 1}}, 5e-5, 1e-3),
+    ({"method": {"name": "lora"}}, 2e-4, None),                         # adapters start at zero: a larger step
+    ({"method": {"name": "qlora"}}, 2e-4, None),
+    ({"task": "causal_lm", "model": {"name": "smollm2", "init": "scratch"}}, 1e-3, None),
+    ({"model": "baseline:gru"}, 1e-3, None),                            # the baseline's own settings
+    ({"method": {"name": "lora"}, "train": {"learning_rate": 1e-5}}, 1e-5, None),  # what the user says wins
+    ({"train": {"head_learning_rate": 3e-4}}, 5e-5, 3e-4),
+])
+def test_learning_rate_defaults_follow_the_method(extra: dict, lr: float, head_lr: float | None) -> None:
+    # Issue 13: `method: lora` and nothing else trained at the full-tuning rate, 4-10x too slowly.
+    cfg = load_config({"data": {"train": "train.csv"}, **extra})
+    assert cfg.train.learning_rate == pytest.approx(lr)
+    assert cfg.train.head_learning_rate == (pytest.approx(head_lr) if head_lr else None)
+    rates = cfg.learning_rates()
+    user_set = "learning_rate" in extra.get("train", {}) or extra.get("model") == "baseline:gru"
+    assert ("learning_rate" in rates["defaults"]) is not user_set
+
+
+def test_learning_rate_defaults_survive_a_saved_config(tmp_path: Path) -> None:
+    # A run's config.yaml holds the values it trained with: a resumed run keeps them, and an old run that
+    # trained with head_learning_rate null keeps training that way.
+    cfg = load_config({"data": {"train": "train.csv"}, "method": {"name": "lora"}})
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again.train.learning_rate == pytest.approx(2e-4) and again.learning_rates()["defaults"] == {}
+    old = cfg.to_dict()
+    old["method"]["name"] = "full"
+    old["train"]["learning_rate"], old["train"]["head_learning_rate"] = 5e-5, None
+    assert load_config(old).train.head_learning_rate is None
+
+
+def test_lmtune_tasks_lists_every_task(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from helpers import run_cli
+
+    from lmtune.config.tasks import TASK_INFOS
+
+    assert run_cli(["tasks", "--json"], monkeypatch) == 0
+    listed = {t["name"]: t for t in json.loads(capsys.readouterr().out)}
+    assert set(listed) == set(TASK_INFOS)
+    for name, t in listed.items():
+        assert t["summary"] and t["reads"] and t["metrics"], name
+    assert [n for n, t in listed.items() if t["default"]] == [Config.model_fields["task"].default_factory()]
+    assert run_cli(["tasks"], monkeypatch) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in TASK_INFOS) and "reads" in out

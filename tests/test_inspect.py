@@ -400,7 +400,8 @@ def test_cli_inspects_an_sft_config(tiny_chat_llama_dir: Path, chat_files: dict[
     assert result.exit_code == 0, result.output
     out = result.output
     for text in ("conversations", "tokens per conversation", "longer than data.max_length", "checks",
-                 "every target ends with an", "<|im_end|>", "pad == eos", "legend", "train example 1", "Capital of"):
+                 "every target ends with an", "<|im_end|>", "pad == eos", "legend", "train example 1", "Capital of",
+                 "learning rate: "):
         assert text in out, text
     assert any(f"{city}<|im_end|>" in out for city in CAPITALS.values())  # the answer, as rendered
     assert max(len(line) for line in out.splitlines()) <= 80

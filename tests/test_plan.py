@@ -270,8 +270,12 @@ def test_cli_json_keys_and_errors(tiny_bert_dir: Path, sentiment_csv: Path, tmp_
     assert out["tokens"]["tokens_per_step_global"] == 2 * out["tokens"]["tokens_per_step_per_process"]
     assert out["tokens"]["batch_size"] == 4 and out["num_processes"] == 2
     assert out["fit"]["verdict"] in ("fits", "tight", "does_not_fit")
-    assert run_cli(["plan", str(config)], monkeypatch) == 0
-    assert "estimated memory" in capsys.readouterr().out
+    # The effective learning rates, the method-aware defaults named (issue 13: users must see them).
+    assert out["learning_rates"] == {"learning_rate": 5e-5, "head_learning_rate": 1e-3, "defaults": {
+        "learning_rate": "default for method full", "head_learning_rate": "default for a new head with method full"}}
+    assert run_cli(["plan", str(config), "--method.name", "lora"], monkeypatch) == 0
+    printed = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    assert "estimated memory" in printed and "learning rate 0.0002 (default for method lora)" in printed
     assert run_cli(["plan", str(config), "--model.name", str(tmp_path / "missing")], monkeypatch) == 2
     err = capsys.readouterr().err
     assert "model folder not found" in err and "Traceback" not in err

@@ -63,6 +63,8 @@ class TaskInfo:
     # Bundled data sets (``bundled:NAME``) made for this task; ``*`` globs allowed (the most specific
     # pattern over all tasks wins: ``chatterbot_en_*`` beats ``chatterbot_*``).
     bundled_data: tuple[str, ...] = ()
+    # What data the task reads, in a line for ``lmtune tasks`` (the columns or shapes, with their config keys).
+    reads: str = ""
     # The task a config runs when it names none (exactly one registered task says so).
     default: bool = False
     # Wording of the report and model card: the comparison table names the untrained model's row

@@ -68,6 +68,12 @@ def inspect_data(
     return _inspect(task, source, examples=examples)
 
 
+def _with_learning_rates(report: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    """The report with the run's effective learning rates (method-aware defaults named), as ``plan`` shows."""
+    report["learning_rates"] = cfg.learning_rates()
+    return report
+
+
 def _task(config: Config | str | Path | dict[str, Any], overrides: dict[str, Any] | None) -> tuple[Task, str | None]:
     """The configured task, and the config file's name (None for a mapping or a ``Config``)."""
     if isinstance(config, Config):
@@ -86,7 +92,7 @@ def _inspect(task: Task, source: str | None, *, examples: int) -> dict[str, Any]
     cfg = task.config
     own = task.inspect(source, examples=examples)  # chat or raw text: the task's whole report
     if own is not None:
-        return own
+        return _with_learning_rates(own, cfg)
     # A task may have no model folder (a neural baseline builds its tokenizer from the data).
     model_path = task.model_path()
     tokenizer = task.load_tokenizer(model_path)
@@ -98,10 +104,11 @@ def _inspect(task: Task, source: str | None, *, examples: int) -> dict[str, Any]
         details = task.inspect_details(data, facts, examples=examples)
         # Keys starting with "_" are numbers the task keeps for its suggestions, not table rows.
         facts = {s: {k: v for k, v in facts[s].items() if not k.startswith("_")} for s in sorted(facts, key=split_rank)}
-        return {"config": source, "task": cfg.task, "model": cfg.model.name, "max_length": cfg.data.max_length,
-                "batch_size": cfg.train.batch_size, "facts": facts, "summary": details.get("summary", {}),
-                "suggestions": details.get("suggestions", []), "examples": details.get("examples", []),
-                "warnings": warnings}
+        return _with_learning_rates(
+            {"config": source, "task": cfg.task, "model": cfg.model.name, "max_length": cfg.data.max_length,
+             "batch_size": cfg.train.batch_size, "facts": facts, "summary": details.get("summary", {}),
+             "suggestions": details.get("suggestions", []), "examples": details.get("examples", []),
+             "warnings": warnings}, cfg)
 
     d, t = cfg.data, cfg.train
     labels: list[str] = list(data.info["labels"])
@@ -147,7 +154,7 @@ def _inspect(task: Task, source: str | None, *, examples: int) -> dict[str, Any]
     report["suggestions"] = _suggestions(report, full_lengths["train"], _position_limit(model_path, tokenizer),
                                          group_by_length=t.group_by_length)
     report["examples"] = _examples(data, tokenizer, labels, examples, d.max_length, full_lengths["train"])
-    return report
+    return _with_learning_rates(report, cfg)
 
 
 def inspect_config(config_path: Path, console: Console, *, examples: int = 3) -> dict[str, Any]:
@@ -155,6 +162,7 @@ def inspect_config(config_path: Path, console: Console, *, examples: int = 3) ->
     task, source = _task(config_path, None)
     report = _inspect(task, source, examples=examples)
     render(report, console, task)
+    console.print(Text.assemble(("learning rate: ", "bold"), task.config.describe_learning_rates()), highlight=False)
     return report
 
 

@@ -5,6 +5,8 @@ from lmtune.config.tasks import TaskInfo
 INFO = TaskInfo(
     name="causal_lm",
     summary="train a causal language model on plain text (continued pre-training, or from scratch)",
+    reads="plain text: .txt files (one document per file, paragraph or line: data.document_split) "
+    "or a text column (data.text_column)",
     default_metric="loss",
     auto_class="AutoModelForCausalLM",
     pipeline_tag="text-generation",

@@ -5,6 +5,8 @@ from lmtune.config.tasks import BASELINE_NAMES, CLASSIC_BASELINES, TaskInfo
 INFO = TaskInfo(
     name="classification",
     summary="label texts (or text pairs): sentiment, topics, intents; one or many labels per text",
+    reads="a text column (data.text_column; data.text_pair_column for pairs) and a label column "
+    "(data.label_column: strings, integers or lists)",
     default_metric="accuracy",
     auto_class="AutoModelForSequenceClassification",
     pipeline_tag="text-classification",

@@ -5,6 +5,8 @@ from lmtune.config.tasks import TaskInfo
 INFO = TaskInfo(
     name="question_answering",
     summary="extractive question answering: point at the answer span in a context (or say there is none)",
+    reads="question, context and answers columns (SQuAD-style answers, or "
+    "data.answer_text_column + data.answer_start_column)",
     default_metric="f1",
     auto_class="AutoModelForQuestionAnswering",
     pipeline_tag="question-answering",

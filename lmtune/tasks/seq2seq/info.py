@@ -6,6 +6,7 @@ from lmtune.tasks.seq2seq.checks import check_config
 INFO = TaskInfo(
     name="seq2seq",
     summary="summarization and translation: generate a target text from a source text",
+    reads="a source and a target column (data.source_column, data.target_column)",
     default_metric="loss",
     auto_class="AutoModelForSeq2SeqLM",
     pipeline_tag="text2text-generation",

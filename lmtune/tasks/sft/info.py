@@ -5,6 +5,7 @@ from lmtune.config.tasks import TaskInfo
 INFO = TaskInfo(
     name="sft",
     summary="instruction / chat tuning: the model learns the assistant's answers of conversations",
+    reads="conversations: message lists (openai or sharegpt) or instruction/input/output columns",
     default_metric="loss",
     auto_class="AutoModelForCausalLM",
     pipeline_tag="text-generation",

@@ -5,6 +5,7 @@ from lmtune.config.tasks import TaskInfo
 INFO = TaskInfo(
     name="token_classification",
     summary="tag words: named entities (people, places, organisations ...) as character spans",
+    reads="tokens + tags columns, text + character spans (data.spans_column), or CoNLL files",
     default_metric="f1",
     auto_class="AutoModelForTokenClassification",
     pipeline_tag="token-classification",
