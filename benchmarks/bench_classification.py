@@ -194,6 +194,7 @@ def child_lmtune(workdir: Path, steps: int, warmup: int, profile: bool) -> dict[
             "max_steps": steps,
             "batch_size": BATCH_SIZE,
             "learning_rate": LEARNING_RATE,
+            "head_learning_rate": LEARNING_RATE,  # one rate for every weight, as the Trainer side trains
             "seed": SEED,
             "eval_every": 10**9,  # evaluate only at the end (outside lmtune's train_seconds anyway)
             "log_every": warmup,  # metrics.jsonl windows: the first one is the warm-up

@@ -103,6 +103,7 @@ def test_absurd_numbers_are_config_errors(override: list[str]) -> None:
     ({"model": "baseline:gru"}, 1e-3, None),                            # the baseline's own settings
     ({"method": {"name": "lora"}, "train": {"learning_rate": 1e-5}}, 1e-5, None),  # what the user says wins
     ({"train": {"head_learning_rate": 3e-4}}, 5e-5, 3e-4),
+    ({"train": {"learning_rate": 1e-2}}, 1e-2, 1e-2),                  # a head never slower than the body
 ])
 def test_learning_rate_defaults_follow_the_method(extra: dict, lr: float, head_lr: float | None) -> None:
     # Issue 13: `method: lora` and nothing else trained at the full-tuning rate, 4-10x too slowly.

@@ -454,8 +454,8 @@ class TrainConfig(_Section):
     head_learning_rate: float | None = Field(
         None, gt=0,
         description="Learning rate of the newly initialised task head (and of embeddings added for new tokens). "
-        "Default: 1e-3 with `full` and `freeze` on a pretrained model (a head that starts from random weights "
-        "learns far slower at the body's rate), else learning_rate.",
+        "Default: 1e-3 (or learning_rate if higher) with `full` and `freeze` on a pretrained model (a head "
+        "that starts from random weights learns far slower at the body's rate), else learning_rate.",
     )
     weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled weight decay (not on biases/norms).")
     warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Fraction of steps for linear warmup.")
@@ -677,7 +677,10 @@ class Config(_Section):
                 out["learning_rate"] = (FULL_LEARNING_RATE, f"method {m.name}")
         if ("head_learning_rate" not in t.model_fields_set and m.name in ("full", "freeze")
                 and self.model.init == "pretrained" and not self.model.name.startswith("baseline:")):
-            out["head_learning_rate"] = (NEW_HEAD_LEARNING_RATE, f"a new head with method {m.name}")
+            # Never below the body's own rate (tiny test models train everything at 1e-2).
+            out["head_learning_rate"] = (max(NEW_HEAD_LEARNING_RATE, t.learning_rate if "learning_rate"
+                                             in t.model_fields_set else FULL_LEARNING_RATE),
+                                         f"a new head with method {m.name}")
         return out
 
     def learning_rates(self) -> dict[str, Any]:
