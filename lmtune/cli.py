@@ -370,10 +370,14 @@ def export(
 def serve(
     run: Path = typer.Argument(..., help="A run folder or an lmtune model folder."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default; 0.0.0.0 exposes the "
-                             "model to the network: use --api-key)."),
+                             "model to the network and needs --api-key or --allowed-host)."),
     port: int = typer.Option(8000, min=0, max=65535, help="TCP port."),
     api_key: str | None = typer.Option(None, "--api-key", envvar="LMTUNE_API_KEY", show_envvar=True,
-                                       help="Require 'Authorization: Bearer KEY' on every endpoint but /health."),
+                                       help="Require 'Authorization: Bearer KEY' on every endpoint but /health "
+                                       "(printable ASCII)."),
+    allowed_host: list[str] = typer.Option([], "--allowed-host", help="A Host header name to answer besides the "
+                                           "bound address's own (repeatable; *.example.com for subdomains, * for "
+                                           "any). Other names get 400 (DNS rebinding)."),
     max_batch_size: int = typer.Option(16, min=1, help="Most prompts/texts run together on the model."),
     batch_wait_ms: float = typer.Option(5.0, min=0, max=1000, help="How long a request waits for others to "
                                         "batch with."),
@@ -381,23 +385,45 @@ def serve(
     max_items: int = typer.Option(64, min=1, help="Most prompts or texts in one request."),
     max_n: int = typer.Option(8, min=1, help="Largest n (answers per prompt) a request may ask for."),
     max_body_bytes: int = typer.Option(1_000_000, min=1024, help="Largest request body (bytes)."),
+    max_request_tokens: int = typer.Option(8_192, min=1, help="Most tokens one generation request may use: "
+                                           "prompt tokens + prompts x n x max_tokens."),
+    max_request_chars: int = typer.Option(200_000, min=1, help="Most characters in one request's texts, checked "
+                                          "before tokenising."),
+    max_queue: int = typer.Option(256, min=1, help="Most requests waiting for or using the model; more get 429 "
+                                  "with Retry-After."),
+    max_connections: int = typer.Option(256, min=1, help="Most open connections (503 at the limit, closed past "
+                                        "it; lowered to what ulimit -n allows)."),
+    read_timeout: float = typer.Option(15.0, min=0.001, max=3600, help="Seconds a client has to send a whole "
+                                       "request; slower connections are closed."),
     model_name: str | None = typer.Option(None, help="Model id in /v1/models (default: the run folder's name)."),
 ) -> None:
     """Serve a run's model over HTTP: OpenAI-compatible chat/completions (sft, causal_lm), /v1/classify and
     task endpoints, /metrics, and a web page at /."""
     from lmtune.serve import ServeOptions  # noqa: PLC0415  (the server and torch load only for `serve`)
+
+    # click reads an empty environment variable as unset: without this, LMTUNE_API_KEY= would serve with no key.
+    if api_key is None and "LMTUNE_API_KEY" in os.environ:
+        raise ConfigError("LMTUNE_API_KEY is set but empty, so no key would be required", field="api_key",
+                          hint="set it to a key, or unset it (unset LMTUNE_API_KEY) to serve without one")
+    options = ServeOptions(host=host, port=port, api_key=api_key, allowed_hosts=tuple(allowed_host),
+                           max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
+                           max_tokens_limit=max_tokens_limit, max_items=max_items, max_n=max_n,
+                           max_body_bytes=max_body_bytes, max_request_tokens=max_request_tokens,
+                           max_request_chars=max_request_chars, max_queue=max_queue, max_connections=max_connections,
+                           read_timeout=read_timeout, model_name=model_name)
+    # Imported once the options hold: a refused key or host costs no torch import.
     from lmtune.serve.app import serve as run_server  # noqa: PLC0415  (the server and torch load only for `serve`)
 
     quiet_libraries()
-    options = ServeOptions(host=host, port=port, api_key=api_key or None, max_batch_size=max_batch_size,
-                           batch_wait_ms=batch_wait_ms, max_tokens_limit=max_tokens_limit, max_items=max_items,
-                           max_n=max_n, max_body_bytes=max_body_bytes, model_name=model_name)
-    console.print(f"serving {run} on http://{host}:{port}/ ({'API key required' if options.api_key else 'no API key'})",
-                  highlight=False)
-    if not options.loopback and options.api_key is None:
-        err_console.print(f"warning: {host} is reachable from other machines and no API key is set: anyone who "
-                          "can reach it can use the model (--api-key or LMTUNE_API_KEY)", highlight=False)
-    run_server(run, options)
+
+    def announce() -> None:
+        console.print(f"serving {run} on http://{host}:{port}/ "
+                      f"({'API key required' if options.api_key else 'no API key'})", highlight=False)
+        if not options.loopback and options.api_key is None:
+            err_console.print(f"warning: {host} is reachable from other machines and no API key is set: anyone "
+                              "who can reach it can use the model (--api-key or LMTUNE_API_KEY)", highlight=False)
+
+    run_server(run, options, announce)
 
 
 # ---- plan

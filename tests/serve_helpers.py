@@ -17,6 +17,7 @@ from helpers import sentiment_rows, write_csv
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lmtune
+from lmtune.serve.app import server_config
 from lmtune.workflows.run import Run
 
 MAX_NEW = 8  # the sft run's generation.max_new_tokens
@@ -64,12 +65,12 @@ def train_classifier_run(root: Path, tiny_bert_dir: Path) -> Run:
 
 @contextmanager
 def running(app: Any) -> Iterator[str]:
-    """Serve ``app`` on 127.0.0.1 (a free port) in a thread; yields the base URL; stops it afterwards."""
+    """Serve ``app`` (from ``create_app``) on 127.0.0.1 (a free port) in a thread, configured as ``lmtune
+    serve`` configures uvicorn (its connection limits); yields the base URL; stops it afterwards."""
     # log_config=None: uvicorn's own logging.config.dictConfig would close every existing handler, among them
     # the one absl (imported by rouge_score) bound to the stderr pytest captured at collection: that closes
     # pytest's capture file and the session dies with "lost sys.stderr".
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", access_log=False,
-                            log_config=None)
+    config = server_config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", log_config=None)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
     thread.start()

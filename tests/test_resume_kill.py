@@ -352,6 +352,7 @@ class _Accelerator:
 def test_partial_checkpoints_are_never_picked(tiny_bert_dir: Path, sentiment_csv: Path, tmp_path: Path) -> None:
     """Whatever a crash can leave in checkpoints/, resume picks the newest whole checkpoint; prune clears the rest."""
     from lmtune.config import load_config
+    from lmtune.workflows.run_folder import RunLock
     from lmtune.workflows.train import RUN_FILE, prepare_run_dir
 
     run_dir = tmp_path / "run"
@@ -382,17 +383,18 @@ def test_partial_checkpoints_are_never_picked(tiny_bert_dir: Path, sentiment_csv
         load_file(str(path / "model.safetensors"))
     cfg = load_config({"task": "classification", "model": str(tiny_bert_dir), "data": {"train": str(sentiment_csv)},
                        "output_dir": str(run_dir)})
-    assert prepare_run_dir(cfg, resume=True, overwrite=False) == (run_dir, folder / "step-00000020")
-    assert prepare_run_dir(cfg, resume=run_dir, overwrite=False) == (run_dir, folder / "step-00000020")
-    with pytest.raises(RunError, match="no complete checkpoint"):  # naming a hidden folder is refused too
-        prepare_run_dir(cfg, resume=folder / ".tmp-step-00000030", overwrite=False)
+    for resume in (True, run_dir):
+        with RunLock() as lock:
+            assert prepare_run_dir(cfg, resume=resume, overwrite=False, lock=lock) == (run_dir, folder / "step-00000020")
+    with RunLock() as lock, pytest.raises(RunError, match="no complete checkpoint"):  # naming a hidden folder too
+        prepare_run_dir(cfg, resume=folder / ".tmp-step-00000030", overwrite=False, lock=lock)
 
     ckpt.prune_checkpoints(folder, keep=1, protect=set())
     assert sorted(p.name for p in folder.iterdir()) == ["step-00000020", "step-00000050", "step-00000070", "step-60"]
     # a run killed before its first checkpoint: --resume says how to start over
     shutil.rmtree(folder / "step-00000020")
-    with pytest.raises(RunError, match="no complete checkpoint") as err:
-        prepare_run_dir(cfg, resume=True, overwrite=False)
+    with RunLock() as lock, pytest.raises(RunError, match="no complete checkpoint") as err:
+        prepare_run_dir(cfg, resume=True, overwrite=False, lock=lock)
     assert "--overwrite" in (err.value.hint or "")
 
 

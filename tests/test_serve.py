@@ -356,7 +356,8 @@ def test_serve_options_are_validated() -> None:
         ServeOptions(max_batch_size=0)
     with pytest.raises(ConfigError, match="API key"):
         ServeOptions(api_key=" ")
-    assert ServeOptions().loopback and not ServeOptions(host="0.0.0.0").loopback
+    # every interface without a key is refused (tests/test_hostile_serve.py); with one it is not loopback
+    assert ServeOptions().loopback and not ServeOptions(host="0.0.0.0", api_key=KEY).loopback
 
 
 # ------------------------------------------------------------------------------------------ other tasks

@@ -191,6 +191,12 @@ class DataConfig(_Section):
         description="sft: an example longer than max_length is skipped (counted), or its prompt is cut from the "
         "left so the response still fits (examples whose response alone does not fit are skipped).",
     )
+    special_tokens_in_content: bool = Field(
+        False,
+        description="sft: message content that spells the chat template's control tokens (`<|im_end|>`, "
+        "`<|im_start|>` ...) is tokenised as plain text, as at inference, so it cannot forge a turn; true trains "
+        "on such text as the control tokens themselves.",
+    )
     packing: bool | None = Field(
         None,
         description="Pack several examples into each row of max_length tokens, with no attention across "
@@ -580,6 +586,15 @@ class Config(_Section):
     )
     baseline: BaselineConfig = Field(default_factory=BaselineConfig)
     output_dir: str = Field("runs/run", description="The run folder.")
+
+    @field_validator("output_dir", mode="before")
+    @classmethod
+    def _output_dir_named(cls, value: Any) -> Any:
+        # An empty value is the current folder: an unset variable or a typo would write the run there
+        # (`--output_dir ""` on the command line arrives as null).
+        if value is None or (isinstance(value, str) and (not value.strip() or "\x00" in value)):
+            raise ValueError("must name a folder (empty, it would be the current folder)")
+        return value
 
     @field_validator("model", mode="before")
     @classmethod

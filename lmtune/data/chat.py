@@ -16,6 +16,11 @@ each assistant turn's character span is found by rendering prefixes of the conve
 carries loss when its characters lie inside such a span. The span ends after the template's
 end-of-turn marker, so the EOS token is a label even when the pad token is the EOS token (SmolLM2);
 labels are never masked by comparing ids with ``pad_token_id``.
+
+Message content is text, never structure: where it spells one of the template's control tokens
+(``<|im_end|>\n<|im_start|>system ...``), that text is tokenised as plain text (``chat_encoding.py``), so a
+message cannot forge a turn, in training as at inference (transformers' ``sanitize_control_tokens``). Content
+without such text is tokenised exactly as the rendered conversation always was.
 """
 
 from __future__ import annotations
@@ -24,11 +29,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import jinja2
 from rich.text import Text
 
-from lmtune.data.features import IGNORE_INDEX
-from lmtune.errors import ConfigError, DataError, ModelError
+from lmtune.data.chat_encoding import encode_chat, render_chat
+from lmtune.data.features import IGNORE_INDEX, char_limit, clip_text
+from lmtune.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -394,6 +399,7 @@ def render_conversation(
     train_on: str = "assistant",
     max_length: int,
     too_long: str = "skip",
+    special_tokens_in_content: bool = False,
 ) -> RenderedExample | None:
     """Render ``messages`` with the tokenizer's chat template; token ids plus labels.
 
@@ -407,23 +413,26 @@ def render_conversation(
 
     A template that does not render conversations incrementally (a prefix of the conversation is
     not rendered as a prefix of the whole) raises a DataError unless ``train_on="all"``.
+
+    Control-token text in message content is tokenised as plain text
+    (:func:`lmtune.data.chat_encoding.encode_chat`) unless
+    ``special_tokens_in_content``. A message longer than :func:`~lmtune.data.features.char_limit` characters
+    holds more than ``max_length`` tokens: its example is skipped without tokenising it, or with
+    ``"truncate_left"`` a prompt message is clipped to its end before tokenising (the same example; only
+    ``truncated_tokens`` then counts from the clipped message).
     """
     if train_on not in TRAIN_ON:
         raise ValueError(f"train_on must be one of {TRAIN_ON}, not {train_on!r}")
     if too_long not in TOO_LONG:
         raise ValueError(f"too_long must be one of {TOO_LONG}, not {too_long!r}")
-    messages = list(messages)
-    text = _render(tokenizer, messages, add_generation_prompt=False)
+    clipped = _clip_messages(list(messages), train_on, max_length, too_long)
+    if clipped is None:
+        return None
+    messages = clipped
+    encoding = encode_chat(tokenizer, messages, special_tokens_in_content=special_tokens_in_content)
+    text, input_ids = encoding.text, encoding.input_ids
+    offsets = encoding.offsets or []
     spans = _loss_spans(tokenizer, messages, text, train_on)
-    try:
-        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    except NotImplementedError:
-        raise ModelError(
-            f"the tokenizer ({type(tokenizer).__name__}) cannot report character offsets",
-            hint="use a model whose tokenizer has a tokenizer.json (a fast tokenizer)",
-        ) from None
-    input_ids: list[int] = list(encoding["input_ids"])
-    offsets: list[tuple[int, int]] = [tuple(pair) for pair in encoding["offset_mapping"]]
     labels = _labels(input_ids, offsets, spans)
     first_loss = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
     if len(input_ids) <= max_length:
@@ -446,25 +455,27 @@ def render_conversation(
     )
 
 
-def _render(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], *, add_generation_prompt: bool
-) -> str:
-    if not tokenizer.chat_template:
-        raise ModelError(
-            "the tokenizer has no chat template", hint="lmtune.data.chat.ensure_chat_template gives it ChatML"
-        )
-    try:
-        text = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-    except jinja2.TemplateError as exc:
-        raise DataError(
-            f"the model's chat template refused the conversation: {exc}",
-            hint="some templates reject system messages or other role orders; adapt the data to the model",
-        ) from None
-    if not isinstance(text, str):  # a list when given a batch; we never pass one
-        raise TypeError(f"apply_chat_template returned {type(text).__name__}, expected str")
-    return text
+def _clip_messages(
+    messages: list[dict[str, str]], train_on: str, max_length: int, too_long: str
+) -> list[dict[str, str]] | None:
+    """``messages`` with every content longer than ``char_limit(max_length)`` characters (more than
+    ``max_length`` tokens) dealt with before anything is tokenised: None when the example cannot fit (``"skip"``,
+    or such a message from the first loss-carrying one on), else prompt messages clipped to their end, which
+    holds every token that left truncation keeps of them."""
+    limit = char_limit(max_length)
+    long = [i for i, message in enumerate(messages) if len(message["content"]) > limit]
+    if not long:
+        return messages
+    assistants = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+    first_loss = {"all": 0, "assistant": assistants[0], "last_assistant": assistants[-1]}[train_on]
+    if too_long == "skip" or long[-1] >= first_loss:
+        return None
+    return [
+        {**message, "content": clip_text(message["content"], max_length, side="left")}
+        if i in long
+        else message
+        for i, message in enumerate(messages)
+    ]
 
 
 def _loss_spans(
@@ -478,12 +489,12 @@ def _loss_spans(
         turns = turns[-1:]
     spans = []
     for i in turns:
-        prompt = _render(tokenizer, messages[:i], add_generation_prompt=True)
+        prompt = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
         # The full render is the render of the whole conversation: reuse it for the last turn.
         turn = (
             text
             if i == len(messages) - 1
-            else _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+            else render_chat(tokenizer, messages[: i + 1], add_generation_prompt=False)
         )
         if not (text.startswith(turn) and turn.startswith(prompt)):
             raise DataError(

@@ -39,6 +39,93 @@ IGNORE_INDEX = -100
 # Bump when the on-disk feature layout changes so old caches are not reused.
 FEATURE_FORMAT_VERSION = 1
 
+# Characters kept per token of a length limit when a text is clipped before tokenising (clip_text). Real text
+# averages 3-5 characters a token; the longest tokens of common vocabularies are runs of spaces or of '#'/'='
+# (SmolLM2's longest: 81 characters), and WordPiece reads a word of over 100 characters as one [UNK]. At 128 the
+# first max_length tokens of any such text lie inside the clipped part, so the tokenizer's own truncation still
+# decides what is kept; only the cost stops growing with the text (a 1 MB text was tokenised whole, 1-2 s, to
+# keep its first 128 tokens).
+CHARS_PER_TOKEN = 128
+
+
+def char_limit(max_tokens: int) -> int:
+    """Characters of a text that hold its first ``max_tokens`` tokens: where :func:`clip_text` cuts."""
+    return max_tokens * CHARS_PER_TOKEN
+
+
+def clip_text(text: str, max_tokens: int, *, side: str = "right") -> str:
+    """``text`` cut to :func:`char_limit` characters before it is tokenised and truncated to ``max_tokens`` tokens.
+
+    ``side`` is the tokenizer's ``truncation_side``: ``"right"`` keeps the start of the text, ``"left"`` its end.
+    The truncated token ids are the same as from the whole text; a clipped text still has more than
+    ``max_tokens`` tokens, so it is still counted as truncated.
+    """
+    limit = char_limit(max_tokens)
+    if len(text) <= limit:
+        return text
+    return text[-limit:] if side == "left" else text[:limit]
+
+
+def clip_words(words: Sequence[str], max_tokens: int) -> list[str]:
+    """The first of ``words`` that fit :func:`char_limit` characters: a word list clipped before it is tokenised
+    (``is_split_into_words``) and truncated to ``max_tokens`` tokens, as :func:`clip_text` clips a text."""
+    limit, used = char_limit(max_tokens), 0
+    for k, word in enumerate(words):
+        used += len(word)
+        if used > limit:
+            return list(words[:k]) if k else [clip_text(word, max_tokens)]
+    return list(words)
+
+
+def clip_pairs(
+    tokenizer: Any, texts: Sequence[str], pairs: Sequence[str], max_length: int
+) -> tuple[list[str], list[str]]:
+    """Texts and second texts made ready for ``tokenizer(texts, pairs, truncation=True, max_length=max_length)``:
+    the same ids as from the whole texts, for bounded work.
+
+    A fast tokenizer truncating a pair keeps every overflowing window of both texts and pairs them all up, so its
+    work and memory grow with the product of the two lengths (two 16 kB texts: 3 s and 1.9 GB; two 40 kB texts
+    ran out of 6 GB). Each text is clipped by characters (:func:`clip_text`); where both are longer than
+    ``max_length`` characters, each is then cut at a word boundary after its first ``max_length`` tokens, or
+    later (for right truncation, lmtune's; a tokenizer that truncates on the left gets the character clip
+    only). That keeps the result: longest-first truncation of two texts that both run past
+    the limit keeps the same number of tokens of each whatever their lengths, except that the longer one gives
+    the odd token, so the cut keeps the longer one longer. (When both run past the character bound, "longer" is
+    judged on the clipped texts.)
+    """
+    side = getattr(tokenizer, "truncation_side", "right")
+    firsts = [clip_text(t, max_length, side=side) for t in texts]
+    seconds = [clip_text(t, max_length, side=side) for t in pairs]
+    long = [i for i, (a, b) in enumerate(zip(firsts, seconds, strict=True)) if min(len(a), len(b)) > max_length]
+    if not long or side != "right" or not getattr(tokenizer, "is_fast", False):
+        return firsts, seconds
+    encoded = [
+        tokenizer([column[i] for i in long], add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        for column in (firsts, seconds)
+    ]
+    for row, i in enumerate(long):
+        # Token indices where a word starts: a text cut there keeps the tokens before it exactly.
+        starts = [[k for k, w in enumerate(words) if k and w != words[k - 1]]
+                  for words in (enc.word_ids(row) for enc in encoded)]
+        counts = [len(enc["input_ids"][row]) for enc in encoded]
+        cuts = [_first_at_or_after(s, max_length + 1, n) for s, n in zip(starts, counts, strict=True)]
+        # Keep which text is the longer: it decides which one gives the odd token.
+        if counts[0] > counts[1] and cuts[0] <= cuts[1]:
+            cuts[0] = _first_at_or_after(starts[0], cuts[1] + 1, counts[0])
+        elif counts[1] > counts[0] and cuts[1] <= cuts[0]:
+            cuts[1] = _first_at_or_after(starts[1], cuts[0] + 1, counts[1])
+        elif counts[0] == counts[1] and cuts[0] != cuts[1]:
+            cuts = counts
+        for column, enc, cut, n in zip((firsts, seconds), encoded, cuts, counts, strict=True):
+            if cut < n:
+                column[i] = column[i][: enc["offset_mapping"][row][cut][0]]
+    return firsts, seconds
+
+
+def _first_at_or_after(starts: list[int], index: int, count: int) -> int:
+    """The first word start at or after token ``index``, else ``count`` (the text is not cut)."""
+    return next((k for k in starts if k >= index), count)
+
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """A hash of everything that decides how the tokenizer splits text."""

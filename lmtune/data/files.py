@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import bz2
 import difflib
+import errno
 import gzip
 import json
 import lzma
+import os
+import stat
 import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from lmtune.errors import DataError
 
@@ -31,10 +34,74 @@ DECOMPRESSORS: dict[str, Callable[[bytes], bytes]] = {
 ENCODING_HINT = "set data.encoding (e.g. latin-1) or re-save the file as UTF-8"
 
 
-def check_exists(path: Path, display: str) -> None:
-    """A DataError when ``path`` does not exist, suggesting close names in its folder."""
-    if path.exists():
-        return
+# What a path that is neither a file nor a folder is, for the message that refuses it.
+_KINDS = (
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def check_data_path(path: Path, display: str) -> None:
+    """A DataError unless ``path`` is a regular file or a folder (symlinks followed).
+
+    A missing path suggests close names in its folder; a dangling symlink names where it points; a
+    symlink loop says so. A named pipe, a device or a socket is refused before anything opens it: opening
+    a pipe for reading blocks until a writer comes, and a device like ``/dev/zero`` never ends.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise DataError(
+                "is a symbolic link that loops back on itself (or a chain of too many links)",
+                file=display,
+                hint="point to the real file; `ls -l` shows where each link leads",
+            ) from None
+        if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+            raise DataError(f"cannot read the file: {exc.strerror or exc}", file=display) from None
+        _raise_not_found(path, display)
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise DataError(
+            f"is {_describe_mode(mode)}, not a regular file",
+            file=display,
+            hint="lmtune reads data from files (or folders of files); save the data to a file first",
+        )
+
+
+def _describe_mode(mode: int) -> str:
+    """What a path of ``st_mode`` ``mode`` is, in words ("a named pipe (FIFO)", "a character device", ...)."""
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file or folder")
+
+
+def check_regular_files(folder: Path, display: str) -> None:
+    """A DataError when an entry of ``folder`` (not recursive) is a pipe, a device or a socket
+    (see :func:`check_data_path`)."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError as exc:
+        raise DataError(f"cannot list the folder: {exc.strerror or exc}", file=display) from None
+    for entry in entries:
+        try:
+            mode = entry.stat().st_mode
+        except OSError:
+            continue  # a dangling link: whoever reads it reports it
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise DataError(
+                f"'{entry.name}' in it is {_describe_mode(mode)}, not a regular file", file=display
+            )
+
+
+def _raise_not_found(path: Path, display: str) -> NoReturn:
+    if path.is_symlink():
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        raise DataError(
+            f"file not found: it is a symbolic link to '{target}', which does not exist", file=display
+        )
     parent = path.parent
     if not parent.is_dir():
         raise DataError(f"file not found (the folder '{parent}' does not exist)", file=display)
@@ -50,7 +117,14 @@ def check_exists(path: Path, display: str) -> None:
 def read_bytes(path: Path, display: str) -> bytes:
     """The bytes of ``path``, decompressed when its suffix is .gz, .bz2 or .xz."""
     try:
-        raw = path.read_bytes()
+        # O_NONBLOCK: should the path have become a pipe since it was checked, opening it does not wait for a
+        # writer (it changes nothing for a regular file); fstat then refuses it before a byte is read.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with open(fd, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                raise DataError(f"is {_describe_mode(mode)}, not a regular file", file=display)
+            raw = f.read()
     except OSError as exc:
         raise DataError(f"cannot read the file: {exc.strerror or exc}", file=display) from None
     suffix = path.suffix.lower()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -21,11 +22,11 @@ import pyarrow.parquet as pq
 
 from lmtune.data import bundled
 from lmtune.data.conll import parse_conll
-from lmtune.data.files import DECOMPRESSORS, check_exists, decode, read_bytes
+from lmtune.data.files import DECOMPRESSORS, check_data_path, check_regular_files, decode, read_bytes
 from lmtune.data.table import Table
 from lmtune.errors import DataError
 
-__all__ = ["FORMATS", "Table", "detect_format", "read_table", "resolve_source"]
+__all__ = ["FORMATS", "MAX_COLUMNS", "Table", "detect_format", "read_table", "resolve_source"]
 
 FORMATS = ("auto", "csv", "tsv", "json", "jsonl", "parquet", "text", "hf", "conll")
 _EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".json": "json", ".jsonl": "jsonl"}
@@ -35,6 +36,10 @@ _HF_MARKERS = ("dataset_info.json", "state.json")
 _HF_DICT_MARKER = "dataset_dict.json"
 # The largest value csv.field_size_limit accepts everywhere (it is a C long, 32-bit on Windows).
 _CSV_FIELD_LIMIT = 2**31 - 1
+# Most columns a data set may have. lmtune reads a handful (text, label, ...); a table is a dict per row, so a
+# file with a million columns (a wrong delimiter, a transposed export, a hostile header) would cost a million
+# entries per row. 10,000 leaves room for wide exports (a text beside a few thousand feature columns).
+MAX_COLUMNS = 10_000
 _JSON_SHAPES = (
     'a list of objects ([{"text": ...}, ...]), an object holding one such list '
     '({"data": [...]}), or an object of equal-length column lists ({"text": [...], "label": [...]})'
@@ -64,7 +69,7 @@ def read_table(source: str | Path, *, format: str = "auto", encoding: str = "utf
             field="data.format",
         )
     path = resolve_source(source)
-    check_exists(path, display)
+    check_data_path(path, display)
     fmt = _detect(path, display) if format == "auto" else format
     if fmt == "hf":
         return _read_hf(path, display)
@@ -177,13 +182,28 @@ def _read_delimited(text: str, display: str, delimiter: str, kind: str) -> Table
 
 
 def _check_header(fields: list[str], display: str, line: int) -> list[str]:
+    _check_column_count(len(fields), display, line, "the header has")
     header = [name.strip() for name in fields]
+    seen: set[str] = set()
     for position, name in enumerate(header, start=1):
         if not name:
             raise DataError(f"header column {position} has no name", file=display, line=line)
-        if header.index(name) != position - 1:
+        if name in seen:
             raise DataError(f"the header names column '{name}' twice", file=display, line=line)
+        seen.add(name)
     return header
+
+
+def _check_column_count(count: int, display: str, line: int | None, what: str) -> None:
+    """A DataError when a table would have more than :data:`MAX_COLUMNS` columns (``what``: "the header has")."""
+    if count > MAX_COLUMNS:
+        raise DataError(
+            f"{what} {count} columns; lmtune reads at most {MAX_COLUMNS}",
+            file=display,
+            line=line,
+            hint="check the delimiter (csv vs tsv) and the layout; keep the columns the run needs "
+            "(text, label, ...) in a narrower file",
+        )
 
 
 def _parse_json(text: str, display: str, first_line: int = 1) -> Any:
@@ -274,6 +294,7 @@ def _read_json(text: str, display: str) -> Table:
 
 
 def _table_from_columns(display: str, columns: dict[str, list[Any]]) -> Table:
+    _check_column_count(len(columns), display, None, "the JSON object has")
     lengths = {name: len(values) for name, values in columns.items()}
     if len(set(lengths.values())) > 1:
         listed = ", ".join(f"'{name}': {n}" for name, n in lengths.items())
@@ -287,6 +308,7 @@ def _table_from_columns(display: str, columns: dict[str, list[Any]]) -> Table:
 
 def _table_from_records(display: str, records: list[dict[str, Any]], lines: list[int], kind: str) -> Table:
     columns = list(dict.fromkeys(key for record in records for key in record))
+    _check_column_count(len(columns), display, None, "the records have")
     rows = [{name: record.get(name) for name in columns} for record in records]
     return Table(display, rows, lines, columns, kind)
 
@@ -307,6 +329,7 @@ def _read_text(text: str, display: str) -> Table:
 def _read_parquet(raw: bytes, display: str) -> Table:
     try:
         table = pq.read_table(pa.BufferReader(raw))
+        _check_column_count(table.num_columns, display, None, "the file has")
         rows = table.to_pylist()
     except (pa.ArrowException, OSError, ValueError, TypeError) as exc:
         raise DataError(
@@ -324,10 +347,12 @@ def _read_hf(path: Path, display: str) -> Table:
         )
     if (path / _HF_DICT_MARKER).is_file():
         _raise_dataset_dict(path, display)
+    check_regular_files(path, display)
     try:
         dataset = datasets.load_from_disk(str(path))
         if isinstance(dataset, datasets.DatasetDict):
             _raise_dataset_dict(path, display)
+        _check_column_count(len(dataset.column_names), display, None, "the dataset has")
         rows = dataset.to_list()
     except DataError:
         raise
@@ -351,7 +376,7 @@ def _raise_dataset_dict(path: Path, display: str) -> NoReturn:
 
 def _rows_table(display: str, rows: list[dict[str, Any]], columns: list[str]) -> Table:
     if len(set(columns)) != len(columns):
-        twice = sorted({c for c in columns if columns.count(c) > 1})
+        twice = sorted(name for name, n in Counter(columns).items() if n > 1)
         raise DataError(f"the data has duplicate column names: {', '.join(twice)}", file=display)
     if not rows:
         raise DataError("no records: the data has no rows", file=display)

@@ -46,7 +46,7 @@ from datasets.distributed import split_dataset_by_node
 from lmtune.config import DataConfig
 from lmtune.data.chat import adds_bos, render_conversation, to_messages
 from lmtune.data.chat import detect_format as detect_chat_format
-from lmtune.data.files import check_exists
+from lmtune.data.files import check_data_path
 from lmtune.data.packing import Row, iter_pack_stream, segment
 from lmtune.data.readers import detect_format, resolve_source
 from lmtune.data.splits import given_splits
@@ -78,7 +78,7 @@ def stream_files(source: str, format: str = "auto") -> tuple[list[str], str]:
             raise DataError("no file matches this pattern", file=source, field="data.train")
     else:
         path = Path(source).expanduser()
-        check_exists(path, source)
+        check_data_path(path, source)
         if path.is_dir():
             files = sorted(str(p) for p in path.iterdir() if p.is_file() and not p.name.startswith((".", "_"))
                            and _known_format(p))
@@ -452,7 +452,8 @@ def open_conversation_stream(
 
     def render(records: list[dict[str, Any]]) -> list[Any]:
         return [render_conversation(tokenizer, r["messages"], train_on=d.train_on, max_length=d.max_length,
-                                    too_long=d.too_long) for r in records]
+                                    too_long=d.too_long, special_tokens_in_content=d.special_tokens_in_content)
+                for r in records]
 
     preview = [ex for ex in render(head[start:]) if ex is not None]
 

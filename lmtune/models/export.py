@@ -24,10 +24,10 @@ from typing import Any
 import peft
 import torch
 import transformers
-from peft import PeftModel
 from transformers import AutoConfig, AutoTokenizer
 
 from lmtune.errors import LmtuneError, RunError
+from lmtune.models.loading import load_saved_adapter, load_saved_model
 from lmtune.models.registry import check_model_folder
 from lmtune.version import __version__
 
@@ -205,11 +205,8 @@ def load_tokenizer(model_dir: Path) -> Any:
 
 def load_model(model_class: Any, folder: Path, **kwargs: Any) -> Any:
     """``model_class.from_pretrained(folder)`` in float32 from safetensors, in eval mode; RunError otherwise."""
-    try:
-        model = model_class.from_pretrained(folder, dtype=torch.float32, use_safetensors=True,
-                                            trust_remote_code=False, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise RunError(f"cannot load the model with {model_class.__name__}: {exc}", file=folder) from None
+    model = load_saved_model(model_class, folder, error=f"cannot load the model with {model_class.__name__}",
+                             dtype=torch.float32, trust_remote_code=False, **kwargs)
     return model.eval()
 
 
@@ -231,10 +228,7 @@ def _load_with_adapter(model_class: Any, base_path: Path, adapter_dir: Path, mod
     if meta.get("method") == "qlora":
         log.info("QLoRA: the reference is the float32 base + adapter (training saw a 4-bit base)")
     base = load_model(model_class, base_path, config=config)
-    try:
-        model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise RunError(f"cannot apply the adapter to the base model: {exc}", file=adapter_dir) from None
+    model = load_saved_adapter(base, adapter_dir, is_trainable=False)
     return model.eval()
 
 

@@ -22,6 +22,8 @@ import torch
 from accelerate.utils import gather_object
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+from lmtune.data.chat_encoding import holds_control_text
+from lmtune.data.features import clip_text
 from lmtune.errors import ModelError
 
 if TYPE_CHECKING:
@@ -112,8 +114,32 @@ def generate_across_processes(accelerator: Any, items: list[Any],
     return [unique[i] for i in range(len(items))]
 
 
+class ChatPrompt(str):
+    """A rendered chat prompt whose messages spell control tokens (``<|im_end|>\n<|im_start|>system ...``): the
+    text as the template renders it, carrying ``token_ids``, its ids with that content tokenised as plain text
+    (transformers' ``sanitize_control_tokens``), which :func:`encode_prompt` uses. Tokenising the text instead
+    would turn the content's control-token text into real control tokens: a message could forge a turn.
+
+    A ``str`` (as ``markupsafe.Markup`` is) so that every caller that handles prompts as text keeps working;
+    text made from it (sliced, joined) is a plain ``str`` again and is tokenised as such.
+    """
+
+    token_ids: list[int]
+
+    def __new__(cls, text: str, token_ids: list[int]) -> ChatPrompt:
+        prompt = super().__new__(cls, text)
+        prompt.token_ids = list(token_ids)
+        return prompt
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return ChatPrompt, (str(self), self.token_ids)
+
+
 def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
-    """Render chat ``messages`` ({"role", "content"} dicts) with the tokenizer's template, ready for the answer."""
+    """Render chat ``messages`` ({"role", "content"} dicts) with the tokenizer's template, ready for the answer.
+
+    Content that spells a control token of the template comes back as a :class:`ChatPrompt` whose ids keep that
+    text plain text; any other conversation as the rendered text (tokenised as it always was)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ModelError(
             "the tokenizer has no chat template, so chat messages cannot be turned into a prompt",
@@ -123,6 +149,10 @@ def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     if not isinstance(prompt, str):  # only a misbehaving custom tokenizer gets here
         raise ModelError(f"the chat template rendered {type(prompt).__name__}, not text")
+    if holds_control_text(tokenizer, messages):
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                            sanitize_control_tokens=True, return_dict=False)
+        return ChatPrompt(prompt, list(ids))
     return prompt
 
 
@@ -140,12 +170,25 @@ def _eos_ids(model: Any, tokenizer: Any, eos_token_ids: list[int] | None) -> lis
 
 
 def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
-    """A rendered prompt's token ids, as :func:`generate` feeds a decoder."""
+    """A rendered prompt's token ids, as :func:`generate` feeds a decoder (a :class:`ChatPrompt`'s own ids)."""
     # A chat template may write the BOS itself; letting the tokenizer add another would give two.
     bos = getattr(tokenizer, "bos_token", None)
     add_special = not (bos and prompt.startswith(bos))
+    if isinstance(prompt, ChatPrompt):
+        before, after = _special_frame(tokenizer) if add_special else ([], [])
+        return before + prompt.token_ids + after
     ids: list[int] = tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
     return ids
+
+
+def _special_frame(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The special token ids the tokenizer adds before and after a text (a BOS, an EOS, ...)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    framed = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for k in range(len(framed) - len(plain) + 1):
+        if framed[k : k + len(plain)] == plain:
+            return framed[:k], framed[k + len(plain) :]
+    return [], []
 
 
 def find_stop(text: str, stop: Sequence[str]) -> int | None:
@@ -331,8 +374,14 @@ def generate(
     eos_ids = _eos_ids(model, tokenizer, eos_token_ids)
     pad_id = _pad_id(tokenizer, eos_ids)
     if encoder_decoder:
-        # The source as the tokenizer frames it (special tokens included), as in training.
-        encoded: list[list[int]] = [tokenizer(p, truncation=True, max_length=max_length)["input_ids"] for p in prompts]
+        # The source as the tokenizer frames it (special tokens included), as in training; clipped before
+        # tokenising (same ids), so a megabyte source costs what its first max_length tokens cost.
+        side = getattr(tokenizer, "truncation_side", "right")
+        encoded: list[list[int]] = [
+            tokenizer(p if max_length is None else clip_text(p, max_length, side=side), truncation=True,
+                      max_length=max_length)["input_ids"]
+            for p in prompts
+        ]
     else:
         encoded = [encode_prompt(tokenizer, p) for p in prompts]
     for i, ids in enumerate(encoded):

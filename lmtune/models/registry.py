@@ -162,12 +162,14 @@ def resolve_model(name_or_path: str | os.PathLike[str], *, allow_pickle: bool = 
     return Path(text).expanduser().resolve()
 
 
-def check_model_folder(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> None:
+def check_model_folder(path: str | os.PathLike[str], *, allow_pickle: bool = False,
+                       pickle_hint: str | None = None) -> None:
     """Raise ModelError unless ``path`` is a loadable model folder with safe weights.
 
     Needs ``config.json`` with a ``model_type`` and ``*.safetensors`` weights (sharded or not). Pickled
     weights (``pytorch_model*.bin``, ``*.pt``, ``*.pth``) are refused unless ``allow_pickle``, because
-    unpickling runs whatever code the file holds.
+    unpickling runs whatever code the file holds; ``pickle_hint`` replaces the hint of that refusal
+    (the default one speaks of ``model.allow_pickle``, a training setting).
     """
     raw = str(path)
     folder = Path(path).expanduser()
@@ -193,10 +195,10 @@ def check_model_folder(path: str | os.PathLike[str], *, allow_pickle: bool = Fal
             file=config_path,
             hint="transformers reads model_type to choose the architecture; save_pretrained always writes it",
         )
-    _check_weights(folder, allow_pickle=allow_pickle)
+    _check_weights(folder, allow_pickle=allow_pickle, pickle_hint=pickle_hint)
 
 
-def _check_weights(path: Path, *, allow_pickle: bool) -> None:
+def _check_weights(path: Path, *, allow_pickle: bool, pickle_hint: str | None) -> None:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -217,7 +219,7 @@ def _check_weights(path: Path, *, allow_pickle: bool) -> None:
         raise ModelError(
             f"refusing pickled weights ({', '.join(pickled)}): unpickling a file can execute arbitrary code",
             file=path,
-            hint="convert them to safetensors once where you trust the file (from_pretrained, then "
+            hint=pickle_hint or "convert them to safetensors once where you trust the file (from_pretrained, then "
             "save_pretrained(..., safe_serialization=True)), or, if you made the file yourself, "
             "set model.allow_pickle true",
         )

@@ -16,7 +16,6 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from lmtune.config.tasks import TASK_INFOS
@@ -26,22 +25,21 @@ from lmtune.data.table import Table
 from lmtune.errors import DataError, ModelError
 from lmtune.models import generation
 from lmtune.models.generation import GenerationSettings
+from lmtune.models.loading import load_saved_adapter, load_saved_model
 from lmtune.models.registry import load_padded_tokenizer
 
 
 def load_causal_lm(model_dir: Path, meta: dict[str, Any]) -> Any:
     """The model folder as a float32 causal LM; an adapter-only folder is applied to its base and merged."""
-    try:
-        if not (model_dir / "config.json").is_file() and (model_dir / "adapter_config.json").is_file():
-            base_path = meta.get("base_model_path")
-            if not base_path:
-                raise ModelError("the model folder holds only an adapter and lmtune.json names no base model",
-                                 file=model_dir, field="base_model_path")
-            base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, use_safetensors=True)
-            return PeftModel.from_pretrained(base, str(model_dir)).merge_and_unload()
-        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load the model for generation: {exc}", file=model_dir) from None
+    error = "cannot load the model for generation"
+    if not (model_dir / "config.json").is_file() and (model_dir / "adapter_config.json").is_file():
+        base_path = meta.get("base_model_path")
+        if not base_path:
+            raise ModelError("the model folder holds only an adapter and lmtune.json names no base model",
+                             file=model_dir, field="base_model_path")
+        base = load_saved_model(AutoModelForCausalLM, base_path, error=error, dtype=torch.float32)
+        return load_saved_adapter(base, model_dir).merge_and_unload()
+    return load_saved_model(AutoModelForCausalLM, model_dir, error=error, dtype=torch.float32)
 
 
 class TextGenerator:
@@ -100,10 +98,9 @@ class TextGenerator:
         return prompt
 
     def count_tokens(self, rendered: str) -> int:
-        """Tokens of a rendered prompt, counted as :func:`lmtune.generation.generate` encodes it."""
-        bos = getattr(self.tokenizer, "bos_token", None)
-        add_special = not (bos and rendered.startswith(bos))  # a chat template may write the BOS itself
-        return len(self.tokenizer(rendered, add_special_tokens=add_special)["input_ids"])
+        """Tokens of a rendered prompt, counted as :func:`lmtune.generation.generate` encodes it (a sanitised
+        chat prompt's own ids: control-token text in content counts as the several tokens it becomes)."""
+        return len(generation.encode_prompt(self.tokenizer, rendered))
 
     def prompt_budget(self, max_new_tokens: int) -> int:
         """Most prompt tokens: the trained length, and room for the answer within the model's positions."""

@@ -11,36 +11,43 @@ Endpoints (all answer errors in OpenAI's shape ``{"error": {"message", "type", "
   ``GET /v1/run/plots/NAME`` (the run view of the page), ``GET /`` (the page, ``static/``).
 
 Concurrent requests are batched on the model (``lmtune.serve.batching``); streamed answers run alone.
+Every request passes the gate first (``lmtune.serve.gate``: Host, key, body, queue, client left, crashes);
+connections are bounded below it (``lmtune.serve.connections``). Handlers bound the work of one request:
+its texts in characters before anything is tokenised, a generation's tokens (prompts + n x max_tokens).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
 import logging
 import math
-import secrets
+import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import uvicorn
+import yaml
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Message, Receive, Scope, Send
 
 from lmtune.config.tasks import TASK_INFOS
-from lmtune.errors import LmtuneError
+from lmtune.errors import LmtuneError, RunError
 from lmtune.models import generation
 from lmtune.models.text_generator import validate_prompt_messages
-from lmtune.serve.engine import Engine, ServeOptions
+from lmtune.serve import connections
+from lmtune.serve.engine import Engine
+from lmtune.serve.gate import APIError, Gate, internal_error
 from lmtune.serve.metrics import RequestMetrics
+from lmtune.serve.options import ServeOptions
 from lmtune.serve.schemas import (
     UNSUPPORTED,
     ChatCompletionRequest,
@@ -60,126 +67,13 @@ CHAT_PATH, COMPLETIONS_PATH, CLASSIFY_PATH, PREDICT_PATH = (
 # a model for another task's endpoint gets a clear 404 naming the ones it serves.
 TASK_PATHS = sorted({path for info in TASK_INFOS.values() for path in info.endpoints}
                     - {CHAT_PATH, COMPLETIONS_PATH, CLASSIFY_PATH, PREDICT_PATH})
-# Reachable without the API key: liveness, and the page's code (it holds no run data; everything the
-# page shows comes from endpoints that need the key, which the page asks for).
-PUBLIC_PATHS = ("/health", "/", "/favicon.ico")
-PUBLIC_PREFIXES = ("/static/",)
 MAX_STOP_STRINGS = 4
-
-
-class APIError(Exception):
-    """An answer in OpenAI's error shape."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def body(self) -> dict[str, Any]:
-        """``{"error": {...}}``."""
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        """As a JSON response."""
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+MAX_RETRY_AFTER_S = 60
 
 
 def _from_lmtune(exc: LmtuneError, param: str | None = None) -> APIError:
     text = exc.message + (f" ({exc.hint})" if exc.hint else "")
     return APIError(400, text, param=param or exc.field)
-
-
-# ------------------------------------------------------------------------------------------ middleware
-class Gate:
-    """Pure ASGI middleware in front of the app: API key, request body size, request metrics.
-
-    The body is read here (up to the limit) and replayed to the app, so an oversized body gets 413
-    before any handler runs, whatever its Content-Length claims.
-    """
-
-    def __init__(self, app: Any, *, options: ServeOptions, metrics: RequestMetrics, known_paths: set[str]) -> None:
-        self.app = app
-        self.options = options
-        self.metrics = metrics
-        self.known_paths = known_paths  # fixed paths: a label even when no route ran (401, 413)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = {"code": 500}
-
-        async def send_recording(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        try:
-            error = self._check_key(scope)
-            if error is None:
-                receive, error = await self._read_body(scope, receive)
-            if error is not None:
-                await error.response()(scope, receive, send_recording)
-            else:
-                await self.app(scope, receive, send_recording)
-        finally:
-            route = scope.get("route")
-            endpoint = str(getattr(route, "path", None) or "")
-            if not endpoint:
-                path = str(scope.get("path", ""))
-                endpoint = path if path in self.known_paths else "other"
-            self.metrics.record(endpoint, status["code"], time.perf_counter() - started)
-
-    def _check_key(self, scope: Scope) -> APIError | None:
-        key = self.options.api_key
-        path = scope.get("path", "")
-        if key is None or path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES):
-            return None
-        given = ""
-        for name, value in scope.get("headers", []):
-            if name == b"authorization":
-                given = value.decode("latin-1")
-        scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), key.encode()):
-            what = "no API key was given" if not given else "the API key is not valid"
-            return APIError(401, f"{what}: send the header 'Authorization: Bearer KEY'", code="invalid_api_key")
-        return None
-
-    async def _read_body(self, scope: Scope, receive: Receive) -> tuple[Receive, APIError | None]:
-        if scope.get("method") not in ("POST", "PUT", "PATCH"):
-            return receive, None
-        limit = self.options.max_body_bytes
-        too_big = APIError(413, f"the request body is larger than the server's limit of {limit} bytes",
-                           code="request_too_large")
-        for name, value in scope.get("headers", []):
-            if name == b"content-length" and value.isdigit() and int(value) > limit:
-                return receive, too_big
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                return receive, too_big
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        sent = False
-
-        async def replay() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # waits for the client's disconnect (streaming responses listen for it)
-
-        return replay, None
 
 
 # ------------------------------------------------------------------------------------------ app
@@ -190,18 +84,29 @@ def create_app(run: Run | str | Path, options: ServeOptions | None = None) -> Fa
         run = Run.load(run)
     engine = Engine(run, options)
     metrics = RequestMetrics()
+    notes = connections.LogOncePer(log)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        restore = connections.log_accept_errors(asyncio.get_running_loop(), notes)
         await engine.start()
         try:
             yield
         finally:
             await engine.stop()
+            restore()
+
+    def retry_after(in_flight: int) -> int:
+        # About the time the model needs for the requests ahead, from the batches it has run so far.
+        stats = engine.batcher.stats
+        per_request = stats.busy_seconds / stats.requests if stats.requests else 1.0
+        return max(1, min(MAX_RETRY_AFTER_S, math.ceil(per_request * in_flight)))
 
     app = FastAPI(title="lmtune", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
     app.state.metrics = metrics
+    app.state.options = options
+    app.state.notes = notes
     _install_error_handlers(app)
     api = _Api(engine, options)
 
@@ -220,8 +125,14 @@ def create_app(run: Run | str | Path, options: ServeOptions | None = None) -> Fa
     app.get("/")(lambda: FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"}))
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     known = {path for r in app.routes if "{" not in (path := getattr(r, "path", "{"))}
-    app.add_middleware(Gate, options=options, metrics=metrics, known_paths=known)
+    app.add_middleware(Gate, options=options, metrics=metrics, known_paths=known, retry_after=retry_after)
     return app
+
+
+def server_config(app: FastAPI, **overrides: Any) -> uvicorn.Config:
+    """The uvicorn configuration serving ``app`` (from :func:`create_app`) with its options' connection
+    limits; ``overrides`` are more ``uvicorn.Config`` arguments (``port=0``, ``log_config=None`` ...)."""
+    return connections.server_config(app, app.state.options, app.state.notes, **overrides)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -257,8 +168,10 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def crash(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("error serving %s %s", request.method, request.url.path)
-        return APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").response()
+        # The gate answers the app's errors; this is the last resort for an error in the gate itself.
+        request_id = uuid.uuid4().hex[:16]
+        log.error("request %s: error serving %s %s", request_id, request.method, request.url.path, exc_info=exc)
+        return internal_error(request_id).response()
 
 
 class _Api:
@@ -290,21 +203,29 @@ class _Api:
                                             "owned_by": "lmtune", "task": self.engine.task}]}
 
     async def run_view(self) -> JSONResponse:
-        """What the page shows about the run: task, limits, config, metrics and the plot names."""
-        path = self.run.path
+        """What the page shows about the run: task, limits, config, metrics and the plot names. Absolute
+        paths (the base model's folder, data files, output_dir) show as ``.../NAME``: where files live on
+        the server is not the client's business."""
         config_text = ""
-        config_file = path / "config.yaml"
+        config_file = self.run.path / "config.yaml"
         if config_file.is_file():
-            config_text = config_file.read_text(encoding="utf-8")
+            try:
+                config = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+                log.warning("the run view shows no config: %s cannot be read (%s)", config_file, exc)
+            else:
+                config_text = yaml.safe_dump(_hide_paths(config), sort_keys=False, allow_unicode=True)
         g = self.engine.loaded
+        o = self.options
         view = {
             "model": self.engine.model_id, "task": self.engine.task, "generative": self.engine.generative,
             "chat": "/v1/chat/completions" in self.endpoints(), "endpoints": self.endpoints(),
             "labels": list(getattr(g, "labels", []) or []),
-            "meta": {k: v for k, v in self.run.meta.items() if k not in ("base_model_path",)},
-            "config": config_text, "metrics": self.run.metrics, "plots": sorted(self._plots()),
-            "limits": {"max_tokens": self.options.max_tokens_limit, "n": self.options.max_n,
-                       "items": self.options.max_items, "body_bytes": self.options.max_body_bytes},
+            "meta": _hide_paths({k: v for k, v in self.run.meta.items() if k not in ("base_model_path",)}),
+            "config": config_text, "metrics": _hide_paths(self.run.metrics), "plots": sorted(self._plots()),
+            "limits": {"max_tokens": o.max_tokens_limit, "n": o.max_n, "items": o.max_items,
+                       "body_bytes": o.max_body_bytes, "request_tokens": o.max_request_tokens,
+                       "request_chars": o.max_request_chars},
         }
         return JSONResponse(_finite(view))
 
@@ -369,13 +290,32 @@ class _Api:
             settings = dataclasses.replace(settings, max_new_tokens=limit)
         return settings, bool(settings.do_sample and body.seed is not None)
 
-    def _check_length(self, rendered: list[str], settings: Any) -> None:
+    def _check_chars(self, texts: list[str], param: str) -> None:
+        """A 400 before anything is tokenised when the request's texts hold more than --max-request-chars
+        characters (tokenising a long text costs time even where the model reads only its start)."""
+        total = sum(map(len, texts))
+        if total > self.options.max_request_chars:
+            raise APIError(400, f"the texts of this request hold {total} characters; this server takes at most "
+                           f"{self.options.max_request_chars} per request (--max-request-chars): split the request "
+                           "or shorten the texts", param=param, code="request_too_large")
+
+    def _check_tokens(self, rendered: list[str], settings: Any, n: int) -> None:
+        """400s for a prompt that does not fit the model's positions with its answer, and for a request
+        whose prompt tokens + prompts x n x max_tokens pass --max-request-tokens."""
         g = self.engine.loaded
-        too_long = g.check_lengths(rendered, settings.max_new_tokens, raise_error=False)
-        if too_long:
-            i, tokens = too_long[0]
-            raise APIError(400, f"prompt {i + 1}: {g.too_long_message(tokens, settings.max_new_tokens)}",
-                           param="messages" if len(rendered) == 1 else "prompt", code="context_length_exceeded")
+        param = "messages" if len(rendered) == 1 else "prompt"
+        counts = [g.count_tokens(r) for r in rendered]
+        for i, tokens in enumerate(counts):
+            if g.positions is not None and tokens + settings.max_new_tokens > g.positions:
+                raise APIError(400, f"prompt {i + 1}: {g.too_long_message(tokens, settings.max_new_tokens)}",
+                               param=param, code="context_length_exceeded")
+        total = sum(counts) + len(rendered) * n * settings.max_new_tokens
+        limit = self.options.max_request_tokens
+        if total > limit:
+            raise APIError(400, f"this request may use {total} tokens ({sum(counts)} prompt tokens + {len(rendered)} "
+                           f"prompt(s) x n {n} x max_tokens {settings.max_new_tokens}); this server allows at most "
+                           f"{limit} per request (--max-request-tokens): lower max_tokens or n, or split the request",
+                           param="max_tokens", code="too_many_tokens")
 
     async def _answers(self, rendered: list[str], settings: Any, n: int, alone: bool) -> list[dict[str, Any]]:
         """n answers per prompt, prompt-major (OpenAI's choice order). Greedy answers are computed once
@@ -405,13 +345,14 @@ class _Api:
                     raise APIError(400, "only text content parts are supported", param=f"messages.{i}.content")
                 content = "".join(part.text or "" for part in content)
             messages.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
+        self._check_chars([m["content"] for m in messages], "messages")
         try:
             conversation = validate_prompt_messages(messages, source="request", line=None, field="messages")
         except LmtuneError as exc:
             raise APIError(400, exc.message, param="messages", code="invalid_value") from None
         settings, alone = self._settings(body, body.max_completion_tokens or body.max_tokens)
         rendered = generation.chat_prompt(self.engine.loaded.tokenizer, conversation)
-        self._check_length([rendered], settings)
+        self._check_tokens([rendered], settings, body.n)
         ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
             if body.n != 1:
@@ -453,11 +394,12 @@ class _Api:
         if len(prompts) > self.options.max_items:
             raise APIError(400, f"{len(prompts)} prompts in one request; this server allows at most "
                            f"{self.options.max_items}", param="prompt", code="invalid_value")
+        self._check_chars(prompts, "prompt")
         for i, p in enumerate(prompts):
             if not p.strip():
                 raise APIError(400, f"prompt {i + 1} is empty", param="prompt", code="invalid_value")
         settings, alone = self._settings(body, body.max_tokens)
-        self._check_length(prompts, settings)
+        self._check_tokens(prompts, settings, body.n)
         ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
             if body.n != 1 or len(prompts) != 1:
@@ -498,9 +440,9 @@ class _Api:
             except LmtuneError as exc:  # the answer has begun: the error travels as an event
                 yield f"data: {json.dumps(_from_lmtune(exc).body(), ensure_ascii=False)}\n\n"
             except Exception as exc:
-                log.exception("error while streaming")
-                err = APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
-                yield f"data: {json.dumps(err.body(), ensure_ascii=False)}\n\n"
+                request_id = uuid.uuid4().hex[:16]
+                log.error("request %s: error while streaming", request_id, exc_info=exc)
+                yield f"data: {json.dumps(internal_error(request_id).body(), ensure_ascii=False)}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream",
@@ -526,6 +468,12 @@ class _Api:
             if len(pairs) != len(texts):
                 raise APIError(400, f"text_pair has {len(pairs)} texts for {len(texts)} inputs", param="text_pair",
                                code="invalid_value")
+            # The predictor knows whether its model reads pairs: a pair item it refuses is a 400, not
+            # a second text silently fed to a model trained on single texts.
+            why = self.engine.loaded.check_item({"text": texts[0], "text_pair": pairs[0]})
+            if why is not None:
+                raise APIError(400, f"text_pair: {why}", param="text_pair", code="invalid_value")
+        self._check_chars([*texts, *(pairs or [])], "input")
         results = await self.engine.classify(texts, pairs)
         return {"object": "list", "model": self.engine.model_id,
                 "data": [{"index": i, **r} for i, r in enumerate(results)]}
@@ -534,6 +482,7 @@ class _Api:
         """``POST /v1/predict``: the task's answer per item (labels, entities, answer spans, texts)."""
         self._require(PREDICT_PATH)
         items = self._items(body.input, "input")
+        self._check_chars(_strings(items), "input")
         self._check_items(items)
         results = await self.engine.predict(items)
         return {"object": "list", "model": self.engine.model_id, "task": self.engine.task,
@@ -559,6 +508,34 @@ def _is_type_tag(part: Any) -> bool:
     return isinstance(part, str) and (part in _TYPE_TAGS or any(c in part for c in "[]-"))
 
 
+def _is_absolute_path(text: str) -> bool:
+    windows = len(text) > 2 and text[1] == ":" and text[0].isalpha() and text[2] in "\\/"
+    return os.path.isabs(text) or text.startswith(("~", "\\\\")) or windows
+
+
+def _hide_paths(value: Any) -> Any:
+    """``value`` with every string that is an absolute path replaced by ``.../`` and its last part."""
+    if isinstance(value, str) and "\n" not in value and _is_absolute_path(value):
+        name = value.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+        return f".../{name}" if name else "..."
+    if isinstance(value, dict):
+        return {k: _hide_paths(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_hide_paths(v) for v in value]
+    return value
+
+
+def _strings(value: Any) -> list[str]:
+    """Every string in a JSON value (the texts of a request's items, whatever their shape)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
 def _finite(value: Any) -> Any:
     """``value`` with NaN/inf floats as None (JSON has no NaN)."""
     if isinstance(value, float):
@@ -570,11 +547,18 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def serve(run: str | Path, options: ServeOptions) -> None:
-    """Load ``run`` and serve it with uvicorn until interrupted."""
+def serve(run: str | Path, options: ServeOptions, announce: Callable[[], None] | None = None) -> None:
+    """Load ``run`` and serve it with uvicorn until interrupted; ``announce`` runs once the model loaded
+    (so a refused model folder never prints "serving ...")."""
     app = create_app(run, options)
-    uvicorn.run(app, host=options.host, port=options.port, log_level="info", access_log=False,
-                timeout_graceful_shutdown=5)
+    if announce is not None:
+        announce()
+    server = uvicorn.Server(server_config(app))
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    if not server.started:
+        raise RunError(f"the server could not start on {options.host}:{options.port}; the log above says why "
+                       "(often: the port is in use, try --port)")
 
 
-__all__ = ["APIError", "ServeOptions", "create_app", "serve"]
+__all__ = ["APIError", "ServeOptions", "create_app", "serve", "server_config"]

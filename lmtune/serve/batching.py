@@ -7,6 +7,10 @@ of an idle moment opens a window of ``wait_ms``; requests arriving in it (or whi
 with the previous batch) join, up to ``max_batch_size`` items. Requests whose settings differ (say,
 another ``max_tokens``) cannot share one ``generate`` call: they are grouped by key and each group runs
 as one call. The event loop never waits on the model.
+
+A request whose client left (its handler was cancelled, which cancels its future) is not computed if it
+is still queued; a model call whose requests have all gone is told so (``abandoned()``) and may stop
+between its batches of rows by raising :class:`Abandoned`.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,8 +29,13 @@ log = logging.getLogger("lmtune")
 
 T = TypeVar("T")
 
-# run(key, context, items) -> one result per item, in order; called in the worker thread.
-BatchFunction = Callable[[Hashable, Any, list[Any]], list[Any]]
+# run(key, context, items, abandoned) -> one result per item, in order; called in the worker thread.
+# abandoned() turns True once every request of the call has gone; run may then raise Abandoned.
+BatchFunction = Callable[[Hashable, Any, list[Any], Callable[[], bool]], list[Any]]
+
+
+class Abandoned(Exception):
+    """Raised by a batch function that stopped because every request of its call has gone."""
 
 
 class ModelWorker:
@@ -33,10 +43,32 @@ class ModelWorker:
 
     def __init__(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmtune-model")
+        self._jobs = 0  # submitted and not finished (changed from the loop and the worker: under the lock)
+        self._lock = threading.Lock()
+
+    @property
+    def idle(self) -> bool:
+        """Whether no job is running or waiting."""
+        return self._jobs == 0
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` in the worker thread and wait for it without blocking the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        def job() -> T:
+            try:
+                return fn(*args)
+            finally:
+                with self._lock:
+                    self._jobs -= 1
+
+        with self._lock:
+            self._jobs += 1
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self._executor, job)
+        except BaseException:
+            with self._lock:
+                self._jobs -= 1
+            raise
+        return await future
 
     def shutdown(self) -> None:
         """Let the running job finish; drop the queued ones."""
@@ -86,6 +118,8 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.wait_s = wait_ms / 1000.0
         self.stats = BatchStats()
+        self.pending = 0
+        """Requests submitted and not answered yet (queued or running)."""
         self._queue: asyncio.Queue[_Pending] | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -111,7 +145,11 @@ class Batcher:
             raise RuntimeError("Batcher.start() was not called")
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Pending(key, context, list(items), future))
-        return await future
+        self.pending += 1
+        try:
+            return await future  # a cancelled caller (its client left) cancels the future: it is skipped
+        finally:
+            self.pending -= 1
 
     async def _collect(self) -> None:
         assert self._queue is not None
@@ -166,9 +204,27 @@ class Batcher:
                             p.future.set_exception(single_exc)
 
     async def _run_group(self, key: Hashable, members: list[_Pending]) -> None:
+        members = [p for p in members if not p.future.done()]
+        if not members:
+            return
+        gone = threading.Event()  # read in the worker thread; set here, in the loop
+
+        def left(_: asyncio.Future[list[Any]]) -> None:
+            if all(p.future.cancelled() for p in members):
+                gone.set()
+
+        for p in members:
+            p.future.add_done_callback(left)
         items = [item for p in members for item in p.items]
         started = time.perf_counter()
-        results = await self.worker.call(self.run, key, members[0].context, items)
+        try:
+            results = await self.worker.call(self.run, key, members[0].context, items, gone.is_set)
+        except Abandoned:
+            log.info("stopped a model call of %d items: its %d request(s) had gone", len(items), len(members))
+            return
+        finally:
+            for p in members:
+                p.future.remove_done_callback(left)
         self.stats.record(len(members), len(items), time.perf_counter() - started)
         if len(results) != len(items):
             raise RuntimeError(f"a batch of {len(items)} items gave {len(results)} results")

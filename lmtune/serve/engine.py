@@ -4,6 +4,10 @@ Decoder runs answer through :class:`lmtune.models.text_generator.TextGenerator` 
 ``lmtune.models.generation.generate``; ``stream_text`` for streaming); every other task through its
 registered predictor (``Predictor.predict``, as ``Run.predict``), ``/v1/classify`` through the label
 scorer's class probabilities.
+
+A model call whose clients have all gone stops at the end of its current batch of rows: the predictors
+and ``generate`` report each finished batch to a rich-``Progress``-like object (``add_task``, ``update``,
+``advance``), and the one the server passes (:class:`StopWhenAbandoned`) raises there instead.
 """
 
 from __future__ import annotations
@@ -14,67 +18,40 @@ import dataclasses
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator, Hashable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Hashable
 from typing import Any, cast
 
-from lmtune.errors import ConfigError
 from lmtune.models import generation
-from lmtune.serve.batching import Batcher, ModelWorker
+from lmtune.serve.batching import Abandoned, Batcher, ModelWorker
+from lmtune.serve.options import ServeOptions
 from lmtune.workflows.run import LabelScorer, Run
 
 log = logging.getLogger("lmtune")
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
+class StopWhenAbandoned:
+    """Stands where model calls expect a rich ``Progress``: each finished batch of rows is reported to it,
+    and it raises :class:`Abandoned` there once every request of the call has gone (its clients left)."""
 
-@dataclass(frozen=True)
-class ServeOptions:
-    """How ``lmtune serve`` listens and what it accepts (every limit answers 4xx in the OpenAI error shape)."""
+    def __init__(self, abandoned: Callable[[], bool]) -> None:
+        self.abandoned = abandoned
 
-    host: str = "127.0.0.1"
-    """Address to bind: loopback by default; another address exposes the model to the network."""
-    port: int = 8000
-    """TCP port."""
-    api_key: str | None = None
-    """With a key, every endpoint but /health (and the page's static files) needs ``Authorization: Bearer KEY``."""
-    max_batch_size: int = 16
-    """Most items (prompts x n, texts) run together on the model."""
-    batch_wait_ms: float = 5.0
-    """How long the first request of a quiet moment waits for others to batch with."""
-    max_tokens_limit: int = 1024
-    """Largest ``max_tokens`` a request may ask for."""
-    max_n: int = 8
-    """Largest ``n`` (answers per prompt)."""
-    max_items: int = 64
-    """Most prompts (completions) or texts/items (classify, predict) in one request."""
-    max_body_bytes: int = 1_000_000
-    """Largest request body; larger bodies get 413."""
-    model_name: str | None = None
-    """The model id in /v1/models and answers (default: the run folder's name)."""
+    def _check(self) -> None:
+        if self.abandoned():
+            raise Abandoned
 
-    def __post_init__(self) -> None:
-        checks = {
-            "port": 0 <= self.port <= 65535,
-            "max_batch_size": self.max_batch_size >= 1,
-            "batch_wait_ms": 0 <= self.batch_wait_ms <= 1000,
-            "max_tokens_limit": self.max_tokens_limit >= 1,
-            "max_n": self.max_n >= 1,
-            "max_items": self.max_items >= 1,
-            "max_body_bytes": self.max_body_bytes >= 1024,
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise ConfigError(f"serve option {bad[0]} = {getattr(self, bad[0])!r} is out of range",
-                              field=bad[0], hint="port 0-65535, batch_wait_ms 0-1000, max_body_bytes >= 1024, "
-                              "the other limits >= 1")
-        if self.api_key is not None and not self.api_key.strip():
-            raise ConfigError("the API key is empty", field="api_key")
+    def add_task(self, *args: Any, **kwargs: Any) -> int:
+        """Called before the first batch."""
+        self._check()
+        return 0
 
-    @property
-    def loopback(self) -> bool:
-        """Whether the server is reachable from this machine only."""
-        return self.host in LOOPBACK_HOSTS or self.host.startswith("127.")
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        """Called after a batch (the predictors)."""
+        self._check()
+
+    def advance(self, *args: Any, **kwargs: Any) -> None:
+        """Called after a batch (``generation.generate``)."""
+        self._check()
 
 
 class Engine:
@@ -125,22 +102,24 @@ class Engine:
         """The task predictor's answer per item (labels, entities, answer spans, generated texts ...)."""
         return await self.batcher.submit(("predict",), None, items)
 
-    def _run_batch(self, key: Hashable, context: Any, items: list[Any]) -> list[Any]:
-        """Worker thread: one model call for the items of all requests batched under ``key``."""
+    def _run_batch(self, key: Hashable, context: Any, items: list[Any], abandoned: Callable[[], bool]) -> list[Any]:
+        """Worker thread: one model call for the items of all requests batched under ``key``; it stops
+        between batches of rows once ``abandoned()`` (every request of it has gone)."""
         kind = key[0]  # type: ignore[index]
+        watch = StopWhenAbandoned(abandoned)
         # One forward pass per batch: the batch is what the batcher collected, capped at max_batch_size
         # rows for generation (one request may hold up to max_items x n prompts), at 64 texts otherwise.
         if kind == "generate":
             settings = dataclasses.replace(context, batch_size=min(len(items), self.options.max_batch_size))
-            return list(self.loaded.generate(items, settings))
+            return list(self.loaded.generate(items, settings, progress=watch))
         rows = min(len(items), max(64, self.options.max_batch_size))
         if kind == "classify":
             texts = [t for t, _ in items]
             pairs = [p for _, p in items] if key[1] else None  # type: ignore[index]
             p = cast(LabelScorer, self.loaded)
-            return list(p.decode(p.probabilities(texts, pairs, batch_size=rows)))
+            return list(p.decode(p.probabilities(texts, pairs, batch_size=rows, progress=watch)))
         if kind == "predict":
-            return list(self.loaded.predict(items, batch_size=rows))
+            return list(self.loaded.predict(items, batch_size=rows, progress=watch))
         raise ValueError(f"unknown batch kind {kind!r}")
 
     # ------------------------------------------------------------------------------------ streaming

@@ -38,7 +38,9 @@ class _Sampling(_Request):
     top_p: float | None = Field(None, ge=0, le=1, description="Nucleus sampling mass.")
     n: int = Field(1, ge=1, description="Answers per prompt.")
     stop: str | list[str] | None = Field(None, description="Up to 4 strings that end an answer.")
-    seed: int | None = Field(None, description="Seed for sampling.")
+    # torch seeds take 64 bits (negative ones are mapped onto the unsigned range): wider is a 400 here,
+    # before a stream could start, not an overflow inside the model call.
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1, description="Seed for sampling (64 bits).")
     stream: bool = False
     stream_options: StreamOptions | None = None
     # Accepted only at their defaults (see UNSUPPORTED).

@@ -152,7 +152,7 @@ class ChatTuningTask(DecoderTask):
         skipped = []
         for r in records:
             ex = render_conversation(tokenizer, r["messages"], train_on=d.train_on, max_length=d.max_length,
-                                     too_long=d.too_long)
+                                     too_long=d.too_long, special_tokens_in_content=d.special_tokens_in_content)
             out.append(ex)
             if ex is None:
                 skipped.append(r["line"])

@@ -24,8 +24,9 @@ from lmtune.config import Config
 from lmtune.data.features import IGNORE_INDEX, PaddingCollator
 from lmtune.data.packing import PackedCollator
 from lmtune.data.readers import Table
-from lmtune.errors import ConfigError, DataError, ModelError
+from lmtune.errors import ConfigError, DataError
 from lmtune.models.generation import GenerationSettings, chat_prompt
+from lmtune.models.loading import load_pretrained
 from lmtune.models.methods import quantization_config
 from lmtune.models.registry import model_path_of
 from lmtune.models.text_generator import TextGenerator, validate_prompt_messages
@@ -120,16 +121,12 @@ class DecoderTask(Task):
         else:
             assert model_path is not None
             quant = quantization_config(self.config.method)
-            try:
-                model = AutoModelForCausalLM.from_pretrained(
-                    model_path, dtype=torch.bfloat16 if quant else torch.float32,
-                    trust_remote_code=m.trust_remote_code, use_safetensors=not m.allow_pickle or None,
-                    **({"quantization_config": quant, "device_map": {"": torch.cuda.current_device()}}
-                       if quant else {}),
-                )
-            except ValueError as exc:
-                raise ModelError(f"this model cannot be loaded as a causal language model: {exc}",
-                                 file=model_path) from None
+            model = load_pretrained(
+                AutoModelForCausalLM, model_path, allow_pickle=m.allow_pickle,
+                error="this model cannot be loaded as a causal language model",
+                dtype=torch.bfloat16 if quant else torch.float32, trust_remote_code=m.trust_remote_code,
+                **({"quantization_config": quant, "device_map": {"": torch.cuda.current_device()}} if quant else {}),
+            )
         positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
         if positions and self.data_cfg.max_length > positions:
             raise ConfigError(f"data.max_length {self.data_cfg.max_length} is larger than the model's {positions} "

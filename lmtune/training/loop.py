@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from accelerate.data_loader import prepare_data_loader
 from accelerate.utils import gather_object
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from transformers import get_scheduler
 
 from lmtune.config import Config
@@ -168,9 +168,9 @@ class TrainingLoop:
         # non-finite loss can name them; the loop takes them out before the task sees the batch.
         train_loader = DataLoader(
             self.data.splits["train"], batch_size=t.batch_size, collate_fn=collate, num_workers=t.num_workers,
-        ) if self.streaming else DataLoader(
+        ) if self.train_sampler is None else DataLoader(
             _WithIndex(self.data.splits["train"]),
-            batch_sampler=self.train_sampler,
+            batch_sampler=VariableSizeBatches(self.train_sampler),
             collate_fn=_CollateWithIds(collate),
             num_workers=t.num_workers,
             generator=torch.Generator().manual_seed(t.seed),
@@ -221,18 +221,27 @@ class TrainingLoop:
         self.train_loader = prepare_data_loader(train_loader, self.accelerator.device, num_processes=1,
                                                 process_index=0, put_on_device=True, dispatch_batches=False)
 
-    def _epoch_length(self) -> float:
-        """Micro-batches per epoch; infinite for a stream, whose epoch ends when it runs out
-        (``_stream_batches``), so optimizer steps run on across a stream's epoch boundary."""
-        return math.inf if self.streaming else len(self.train_loader)
+    def _next_on_every_process(self, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor] | None:
+        """The next batch, or None once the loader of any process has run out.
+
+        Every process must take part in every step, or the gradient all-reduce would wait forever:
+        the epoch ends for all as soon as one process's share runs out (the others drop the rest of
+        theirs for this epoch).
+        """
+        batch = next(batches, None)
+        acc = self.accelerator
+        if acc.num_processes > 1:
+            have = torch.tensor([0.0 if batch is None else 1.0], device=acc.device)
+            if float(acc.gather(have).min()) == 0.0:
+                return None
+        return batch
 
     def _stream_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """Micro-batches of a stream from the current position onwards, pass after pass.
 
         Resuming re-reads the epoch (the same ``(seed, epoch)`` gives the same rows) and skips the
-        batches already used. With several processes every one must take part in every step, or
-        the gradient all-reduce would wait forever: the epoch ends for all as soon as one
-        process's share runs out (the others drop the rest of theirs for this epoch).
+        batches already used. A pass ends for every process when one process's share runs out
+        (:meth:`_next_on_every_process`); optimizer steps run on across a pass's end.
         """
         acc = self.accelerator
         stream = self.data.splits["train"]
@@ -245,19 +254,11 @@ class TrainingLoop:
             loader.set_epoch(self.state.epoch)
             stream.set_epoch(self.state.epoch)
             batches = iter(loader)
-            while True:
-                batch = next(batches, None)
-                if acc.num_processes > 1:
-                    have = torch.tensor([0.0 if batch is None else 1.0], device=acc.device)
-                    if float(acc.gather(have).min()) == 0.0:
-                        batch = None
-                if batch is None:
-                    break
+            while (batch := self._next_on_every_process(batches)) is not None:
                 self.state.batch_in_epoch += 1
                 yield batch
             if self.state.batch_in_epoch == 0:
-                raise TrainingError("the training stream gave no batch in a whole pass: check data.train "
-                                    "(every example empty, too long for data.max_length, or held out)")
+                raise TrainingError("the training stream gave no batch in a whole pass: " + _NO_BATCH_HINT)
             self.state.stream_epoch_batches = self.state.batch_in_epoch
             self.state.epoch += 1
             self.state.batch_in_epoch = 0
@@ -273,20 +274,22 @@ class TrainingLoop:
                  self.state.batch_in_epoch)
 
     # ----------------------------------------------------------------------------- fit
-    def _micro_batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Micro-batches from the current data position onwards, across epochs.
+    def _micro_batches(self) -> Iterator[tuple[dict[str, torch.Tensor], bool]]:
+        """Micro-batches from the current data position onwards, across epochs, each with whether it
+        ends its epoch (a stream's never do: steps run on across a stream's pass).
 
-        ``state.batch_in_epoch`` counts what was handed out; the epoch number moves on
-        lazily when the next batch is asked for, so a checkpoint taken right at an
-        epoch's end resumes into the next epoch.
+        An epoch ends when the loader runs out (on any process), not when ``len()`` says: the two
+        disagreed once (issue 13), and waiting for a batch that never came re-created the loader
+        forever. One batch is read ahead to know that a batch is the epoch's last. ``state.batch_in_epoch``
+        counts what was handed out; the epoch number moves on lazily, when the next batch is asked
+        for, so a checkpoint taken right at an epoch's end resumes into the next epoch (the loader
+        that skips the epoch's batches yields nothing).
         """
         if self.train_sampler is None:
-            yield from self._stream_batches()
+            for item in self._stream_batches():
+                yield item, False
             return
         while True:
-            if self.state.batch_in_epoch >= len(self.train_loader):
-                self.state.epoch += 1
-                self.state.batch_in_epoch = 0
             loader = self.train_loader
             if self.state.batch_in_epoch:
                 loader = self.accelerator.skip_first_batches(self.train_loader, self.state.batch_in_epoch)
@@ -295,9 +298,17 @@ class TrainingLoop:
             if hasattr(loader, "set_epoch"):
                 loader.set_epoch(self.state.epoch)
             self.train_sampler.set_epoch(self.state.epoch)
-            for batch in loader:
+            batches = iter(loader)
+            batch: dict[str, torch.Tensor] | None = self._next_on_every_process(batches)
+            if batch is None and self.state.batch_in_epoch == 0:
+                raise TrainingError("the training data gave no batch in a whole epoch: " + _NO_BATCH_HINT)
+            while batch is not None:
+                following = self._next_on_every_process(batches)
                 self.state.batch_in_epoch += 1
-                yield batch
+                yield batch, following is None
+                batch = following
+            self.state.epoch += 1
+            self.state.batch_in_epoch = 0
 
     def fit(self, progress: Any = None) -> LoopState:
         """Run optimizer steps until ``total_steps`` or early stopping; returns the final state."""
@@ -307,17 +318,15 @@ class TrainingLoop:
         stream = self._micro_batches()
         window_start = time.perf_counter()
         task_bar = progress.add_task("train", total=self.total_steps, completed=self.state.step) if progress else None
-        epoch_len = self._epoch_length()
         # A run resumed after it stopped early is finished: it must not train on.
         while self.state.step < self.total_steps and not self.state.stopped_early:
             step_start = time.perf_counter()
             micro: list[dict[str, torch.Tensor]] = []
             # A step ends early at an epoch's end (a short final step, as mainstream trainers do).
-            while len(micro) < t.gradient_accumulation:
-                micro.append(next(stream))
-                if self.state.batch_in_epoch >= epoch_len:
-                    break
-            epoch_end = self.state.batch_in_epoch >= epoch_len
+            epoch_end = False
+            while len(micro) < t.gradient_accumulation and not epoch_end:
+                batch, epoch_end = next(stream)
+                micro.append(batch)
             counts = torch.tensor([float(self.task.num_items(b)) for b in micro], device=acc.device)
             total_items = acc.reduce(counts.sum(), reduction="sum").item()
             if total_items == 0:
@@ -514,6 +523,36 @@ def _real_tokens(batch: dict[str, torch.Tensor]) -> int:
     if "attention_mask" in batch:
         return int(batch["attention_mask"].sum())
     return int(batch["input_ids"].numel()) if "input_ids" in batch else 0
+
+
+class VariableSizeBatches(Sampler[list[int]]):
+    """A batch sampler's batches, declared to Accelerate as batches of varying size (``batch_size`` None).
+
+    Accelerate deals a batch sampler's batches out to the processes in turns (``BatchSamplerShard``).
+    Told a ``batch_size``, it assumes every batch but the last is full and skips any turn that ends
+    with a short one. Length grouping shuffles the short batch in anywhere, so on two processes, in
+    about half the epochs, both lost a batch (and its examples) while ``len()`` still counted it.
+    Without one, Accelerate deals out every batch as it comes: ``len()`` batches on every process and
+    every example in every epoch (batches from the epoch's start fill the last turn).
+    """
+
+    def __init__(self, batches: LengthGroupedBatchSampler) -> None:
+        self.batches = batches
+        self.batch_size: int | None = None
+        self.drop_last = batches.drop_last
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose batches ``__iter__`` yields."""
+        self.batches.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+_NO_BATCH_HINT = "check data.train (every example empty, too long for data.max_length, or held out)"
 
 
 class _WithIndex(torch.utils.data.Dataset):

@@ -37,6 +37,7 @@ from lmtune.models.generation import GenerationSettings
 from lmtune.models.text_generator import ChatSession, TextGenerator, validate_prompt_messages
 from lmtune.tasks import Predictor, get_predictor, get_task
 from lmtune.workflows.predictions import check_output, rename_taken, write_predictions
+from lmtune.workflows.run_folder import lock_holder, read_run_record, run_status
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -113,10 +114,14 @@ class Run:
         for model_dir in (path / "model", path):
             meta_file = model_dir / "lmtune.json"
             if meta_file.is_file():
-                return cls(path, model_dir, json.loads(meta_file.read_text(encoding="utf-8")))
-        status = None
-        if (path / "run.json").is_file():
-            status = json.loads((path / "run.json").read_text(encoding="utf-8")).get("status")
+                return cls(path, model_dir, _read_model_meta(meta_file))
+        record = read_run_record(path)  # a RunError naming run.json when it is malformed
+        status = run_status(path, record)
+        if status == "running":
+            holder = lock_holder(path)
+            who = holder.describe() if holder is not None else "its process is running"
+            raise RunError(f"this run has no model yet: it is still training ({who})", file=path,
+                           hint="wait for it to finish")
         if status is not None:
             raise RunError(f"this run has no model yet (status: {status})", file=path,
                            hint="finish it with `lmtune train CONFIG --resume`")
@@ -127,7 +132,16 @@ class Run:
     def metrics(self) -> dict[str, Any]:
         """Final metrics per split (``metrics.json``); empty for a bare model folder."""
         f = self.path / "metrics.json"
-        return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+        if not f.is_file():
+            return {}
+        try:
+            metrics = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise RunError(f"cannot read the run's metrics: {getattr(exc, 'strerror', None) or str(exc)[:200]}",
+                           file=f) from None
+        if not isinstance(metrics, dict):
+            raise RunError("the run's metrics are not a JSON object", file=f)
+        return metrics
 
     @property
     def task(self) -> str:
@@ -177,7 +191,11 @@ class Run:
         base = GenerationSettings()
         config_file = self.path / "config.yaml"
         if config_file.is_file():
-            section = (yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}).get("generation") or {}
+            try:
+                saved = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+            except (OSError, ValueError, yaml.YAMLError) as exc:
+                raise ConfigError(f"the run's config cannot be read: {str(exc)[:200]}", file=config_file) from None
+            section = (saved.get("generation") if isinstance(saved, dict) else None) or {}
             try:
                 base = GenerationSettings.from_config(GenerationConfig.model_validate(section))
             except ValidationError as exc:
@@ -388,6 +406,21 @@ class Run:
         if data is not None:
             return {"data": str(data), **out["test"]}
         return out
+
+
+_DAMAGED = "the model folder is damaged: train the run again, or restore model/ from a copy"
+
+
+def _read_model_meta(path: Path) -> dict[str, Any]:
+    """A model folder's ``lmtune.json``: a JSON object naming the task; a RunError naming the file otherwise."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        detail = getattr(exc, "strerror", None) or str(exc)[:200]
+        raise RunError(f"cannot read the model's description: {detail}", file=path, hint=_DAMAGED) from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("task"), str):
+        raise RunError("not an lmtune model description (a JSON object with a 'task')", file=path, hint=_DAMAGED)
+    return meta
 
 
 def _with_overrides(base: GenerationSettings, overrides: dict[str, Any]) -> GenerationSettings:

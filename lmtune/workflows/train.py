@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import os
 import shutil
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -41,64 +42,176 @@ from lmtune.workflows.baselines import compare
 from lmtune.workflows.card import write_model_card
 from lmtune.workflows.report import write_report
 from lmtune.workflows.run import Run
+from lmtune.workflows.run_folder import (
+    RUN_FILE,
+    RUN_FORMAT_VERSION,
+    RunLock,
+    check_clearable,
+    clear_run_folder,
+    entries,
+    is_legacy_run,
+    is_marked_run,
+    read_run_record,
+    replaceable_without_overwrite,
+    run_marker,
+    run_status,
+    started_training,
+)
 
-RUN_FILE = "run.json"
+__all__ = ["RUN_FILE", "prepare_run_dir", "train"]
 
 
 # ------------------------------------------------------------------------------------------ run folder
-def prepare_run_dir(config: Config, *, resume: bool | str | Path, overwrite: bool) -> tuple[Path, Path | None]:
-    """Create or check the run folder; returns it and the checkpoint to resume from (if any).
+def prepare_run_dir(config: Config, *, resume: bool | str | Path, overwrite: bool,
+                    lock: RunLock) -> tuple[Path, Path | None]:
+    """Claim the run folder for this process (``lock``) and check or clear it; returns the folder and the
+    checkpoint to resume from (if any).
 
-    Never deletes anything silently: a folder holding a run is only replaced with
-    ``overwrite``, and a folder that is not an lmtune run is never deleted.
+    The lock is taken before the folder's contents are looked at, so what is decided here cannot change
+    under it: one process writes a run folder (see :mod:`lmtune.workflows.run_folder`). Nothing is deleted
+    silently: a run is replaced only with ``overwrite`` (or, without, when it failed before training began,
+    leaving nothing to keep), only when ``run.json`` marks it as lmtune's, and only when nothing but
+    lmtune's files is in it. A folder that is not an lmtune run is never written to.
     """
-    run_dir = Path(config.output_dir)
     if resume:
-        if isinstance(resume, (str, Path)) and not isinstance(resume, bool):
-            path = Path(resume)
-            if path.is_dir() and ckpt.is_complete(path):
-                return run_dir, path
-            found = ckpt.latest_checkpoint(path / "checkpoints")
-            if found is None:
-                raise RunError("no complete checkpoint to resume from", file=path)
-            return path if (path / RUN_FILE).is_file() else run_dir, found
-        found = ckpt.latest_checkpoint(run_dir / "checkpoints")
-        if found is None:
-            # Killed before its first checkpoint: nothing to continue, so say how to start over.
-            started = (run_dir / RUN_FILE).is_file()
-            raise RunError("no complete checkpoint to resume from", file=run_dir / "checkpoints",
-                           hint="the run stopped before its first checkpoint: start it again with --overwrite"
-                           if started else "start the run without --resume")
-        return run_dir, found
-    if run_dir.exists() and any(run_dir.iterdir()):
-        status = _read_status(run_dir)
-        if status is None:
-            raise RunError("output folder is not empty and does not hold an lmtune run; refusing to touch it",
-                           file=run_dir, hint="choose another output_dir")
-        if not overwrite:
-            what = "a finished run" if status == "complete" else f"an unfinished run (status: {status})"
-            hint = "pass --overwrite to replace it" + ("" if status == "complete" else ", or --resume to continue it")
-            raise RunError(f"output folder already holds {what}", file=run_dir, hint=hint)
-        log.warning("--overwrite: removing the previous run in %s", run_dir)
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+        return _prepare_resume(config, resume, lock)
+    run_dir = _usable_dir(Path(config.output_dir))
+    if run_dir.is_dir() and entries(run_dir):
+        # Refused before the lock file is created: nothing is written into a folder lmtune did not make.
+        record = _record_or_refuse(run_dir)
+        if not (is_marked_run(record) or is_legacy_run(record)):
+            _refuse_existing(run_dir, record, run_status(run_dir, record), overwrite)
+    else:
+        _make_dir(run_dir)
+    lock.acquire(run_dir)
+    if entries(run_dir):  # looked at again under the lock: another process may have finished a run here
+        record = _record_or_refuse(run_dir)
+        status = run_status(run_dir, record, locked=lock.held)
+        if replaceable_without_overwrite(run_dir, record, status):
+            check_clearable(run_dir)
+            error = str((record or {}).get("error") or "no error recorded")[:200]
+            log.info("replacing the run in %s: it %s before training began (%s)", run_dir,
+                     "failed" if status == "failed" else "stopped", error)
+        elif not overwrite or not (is_marked_run(record) or is_legacy_run(record)):
+            _refuse_existing(run_dir, record, status, overwrite)
+        else:
+            check_clearable(run_dir)
+            where = f" (a link to {run_dir.resolve()})" if run_dir.is_symlink() else ""
+            log.warning("--overwrite: removing the previous run in %s%s", run_dir, where)
+        clear_run_folder(run_dir)
+    # Marked from the first moment, so a run stopped at any point after this is recognised as lmtune's.
+    _write_run_file(run_dir, **run_marker(), status="running", lmtune_version=__version__, started_at=_now())
     return run_dir, None
 
 
-def _read_status(run_dir: Path) -> str | None:
+def _prepare_resume(config: Config, resume: bool | str | Path, lock: RunLock) -> tuple[Path, Path | None]:
+    """The folder and checkpoint a ``--resume [PATH]`` continues, locked: the config's output_dir, a run
+    folder named by PATH, or the output_dir with the checkpoint PATH names."""
+    run_dir = Path(config.output_dir)
+    checkpoint: Path | None = None
+    search = run_dir / "checkpoints"
+    if isinstance(resume, (str, Path)) and not isinstance(resume, bool):
+        path = Path(resume)
+        if path.is_dir() and ckpt.is_complete(path):
+            checkpoint = path
+        else:
+            run_dir = path if (path / RUN_FILE).is_file() else run_dir
+            search = path / "checkpoints"
+    run_dir = _usable_dir(run_dir)
+    locked = run_dir.is_dir() and ((run_dir / RUN_FILE).is_file() or (run_dir / "checkpoints").is_dir())
+    if locked:
+        lock.acquire(run_dir)  # first: a run still training is named, whatever its checkpoints
+    if checkpoint is None:
+        checkpoint = ckpt.latest_checkpoint(search)
+    if checkpoint is None:
+        if search != run_dir / "checkpoints":
+            raise RunError("no complete checkpoint to resume from", file=search.parent)
+        # Stopped before its first checkpoint: nothing to continue, so say how to start over.
+        record = _record_or_refuse(run_dir) if run_dir.is_dir() else None
+        if record is None:
+            hint = "start the run without --resume"
+        elif is_marked_run(record) and not started_training(record):
+            hint = "the run stopped before training began: start it again without --resume"
+        else:
+            hint = "the run stopped before its first checkpoint: start it again with --overwrite"
+        raise RunError("no complete checkpoint to resume from", file=search, hint=hint)
+    if not locked:  # a checkpoint named by path, resumed into another output_dir
+        _make_dir(run_dir)
+        lock.acquire(run_dir)
+    record = _record_or_refuse(run_dir)
+    if record is not None and isinstance(record.get("format_version"), int) \
+            and record["format_version"] > RUN_FORMAT_VERSION:
+        raise RunError(f"this run was written by a newer lmtune (run format {record['format_version']}, this "
+                       f"version writes {RUN_FORMAT_VERSION})", file=run_dir / RUN_FILE,
+                       hint="resume it with the lmtune version that started it")
+    return run_dir, checkpoint
+
+
+def _usable_dir(path: Path) -> Path:
+    """``path`` if a run folder can live there (a folder, or nothing yet); a RunError naming it otherwise."""
     try:
-        return json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8")).get("status")
-    except (OSError, ValueError):
-        return None
+        mode = path.stat().st_mode  # through a link: a link to a folder is used as that folder
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise RunError(f"output_dir is a symbolic link to {os.readlink(path)}, which does not exist",
+                           file=path, hint="create the folder it points to, or point output_dir at a folder") from None
+        return path
+    except OSError as exc:  # a link loop, a file where a parent folder should be, no permission
+        raise RunError(f"output_dir cannot be used: {exc.strerror or exc}", file=path,
+                       hint="choose a folder for output_dir") from None
+    if not stat.S_ISDIR(mode):
+        kind = "a file" if stat.S_ISREG(mode) else "a device, pipe or socket"
+        raise RunError(f"output_dir is {kind}, not a folder", file=path, hint="choose a folder for output_dir")
+    return path
+
+
+def _make_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunError(f"cannot create the run folder: {exc.strerror or exc}", file=path,
+                       hint="choose a folder you can write to for output_dir") from None
+
+
+def _record_or_refuse(run_dir: Path) -> dict[str, Any] | None:
+    """``run.json`` of a folder about to be used; one that cannot be read makes it a folder not to touch."""
+    try:
+        return read_run_record(run_dir)
+    except RunError as exc:
+        raise RunError(f"{exc.message}; refusing to touch this folder", file=exc.file,
+                       hint="choose another output_dir") from None
+
+
+def _refuse_existing(run_dir: Path, record: dict[str, Any] | None, status: str | None, overwrite: bool) -> None:
+    """The error for a folder that already holds something this run may not replace."""
+    if status is None:
+        raise RunError("output folder is not empty and does not hold an lmtune run; refusing to touch it",
+                       file=run_dir, hint="choose another output_dir")
+    ours = is_marked_run(record) or is_legacy_run(record)
+    if overwrite and not ours:
+        raise RunError("output folder holds a run.json that lmtune did not write (no lmtune run marker); refusing "
+                       "to delete it", file=run_dir, hint="choose another output_dir")
+    what = "a finished run" if status == "complete" else f"an unfinished run (status: {status})"
+    if not ours:
+        hint = "it is not marked as an lmtune run, so --overwrite will not delete it: choose another output_dir"
+        hint += "" if status == "complete" else " (or continue it with --resume)"
+    elif status == "complete":
+        hint = "pass --overwrite to replace it"
+    elif ckpt.latest_checkpoint(run_dir / "checkpoints") is not None:
+        hint = "pass --resume to continue it from its last checkpoint, or --overwrite to replace it"
+    else:
+        hint = "pass --overwrite to replace it (it stopped before its first checkpoint: nothing to --resume)"
+    raise RunError(f"output folder already holds {what}", file=run_dir, hint=hint)
 
 
 def _write_run_file(run_dir: Path, **fields: Any) -> None:
+    """Set ``fields`` in ``run.json`` (written atomically), keeping the others."""
     path = run_dir / RUN_FILE
-    current: dict[str, Any] = {}
+    current: Any = {}
     if path.is_file():
         with contextlib.suppress(ValueError):
             current = json.loads(path.read_text(encoding="utf-8"))
-    current.update(fields)
+    current = {**current, **fields} if isinstance(current, dict) else fields
     save_json_atomic(path, current)
 
 
@@ -125,11 +238,20 @@ def train(
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
 
-    # The process group first (a no-op for one process), so only the main process touches the folder.
+    # The process group first (a no-op for one process), so only the main process touches the folder:
+    # it alone takes the run folder's lock, for the run's whole life (the other processes write only
+    # what the main one tells them to, and never wait on the lock, so they cannot deadlock on it).
     state = PartialState(**process_group_kwargs(cfg))
     check_distributed_supported(cfg, state.num_processes)
-    run_dir, resume_from = on_main_then_shared(state, lambda: prepare_run_dir(cfg, resume=resume,
-                                                                                overwrite=overwrite))
+    with RunLock() as lock:
+        run_dir, resume_from = on_main_then_shared(
+            state, lambda: prepare_run_dir(cfg, resume=resume, overwrite=overwrite, lock=lock))
+        return _train_in(cfg, run_dir, resume_from, state.num_processes, show_progress)
+
+
+def _train_in(cfg: Config, run_dir: Path, resume_from: Path | None, num_processes: int,
+              show_progress: bool) -> Run:
+    """The phases of :func:`train` in a prepared (and, on the main process, locked) run folder."""
     started = time.perf_counter()
 
     precision = resolve_precision(cfg.train.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
@@ -142,7 +264,7 @@ def train(
         mixed_precision=precision,
         log_with=list(cfg.train.trackers) or None,
         project_dir=str(run_dir),
-        **accelerator_plugins(cfg, state.num_processes),
+        **accelerator_plugins(cfg, num_processes),
     )
     with run_logging(run_dir, accelerator.is_main_process):
         try:
@@ -152,8 +274,9 @@ def train(
                 if resume_from is None:
                     _write_run_file(run_dir, status="running", task=cfg.task, lmtune_version=__version__,
                                     started_at=_now(), model=cfg.model.name, method=cfg.method.name)
-                else:
-                    _write_run_file(run_dir, status="running", resumed_at=_now(), resumed_from=str(resume_from))
+                else:  # a run of lmtune 0.x gains the mark when it is resumed
+                    _write_run_file(run_dir, **run_marker(), status="running", resumed_at=_now(),
+                                    resumed_from=str(resume_from))
             log.info("run folder %s; device %s (%d threads); precision %s", run_dir, accelerator.device,
                      torch.get_num_threads(), "fp32" if precision == "no" else precision)
             task = get_task(cfg.task)(cfg)
@@ -185,6 +308,9 @@ def train(
             log.info("training: %d steps (%s per epoch), batch %d x accumulation %d x %d process(es)",
                      loop.total_steps, loop.steps_per_epoch or "a stream: unknown", cfg.train.batch_size,
                      cfg.train.gradient_accumulation, accelerator.num_processes)
+            if accelerator.is_main_process and not started_training(read_run_record(run_dir)):
+                # From here on the run has something to lose: it is no longer replaced without --overwrite.
+                _write_run_file(run_dir, training_started_at=_now())
             with make_progress(show_progress and accelerator.is_main_process) as progress:
                 # A run that stopped early and was killed before it finished must not train on.
                 state = loop.fit(progress)

@@ -10,9 +10,11 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from lmtune.data.features import clip_pairs, clip_text
 from lmtune.data.readers import Table
 from lmtune.errors import DataError
 from lmtune.evaluate.metrics import classification_metrics
+from lmtune.models.loading import load_saved_model
 from lmtune.tasks.classification.labels import MULTI_LABEL_THRESHOLD, label_keys
 
 log = logging.getLogger(__name__)
@@ -29,7 +31,8 @@ class ClassificationPredictor:
         self.meta = meta
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32)
+        self.model = load_saved_model(AutoModelForSequenceClassification, model_dir,
+                                      error="cannot load the classification model", dtype=torch.float32)
         self.model.to(self.device).eval()
         self.labels: list[str] = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
         self.multi_label = bool(meta.get("multi_label"))
@@ -47,6 +50,8 @@ class ClassificationPredictor:
         if isinstance(item, str):
             return None
         if not self.takes_pairs:
+            if isinstance(item, dict) and "text_pair" in item:
+                return "this model was trained on single texts: a text_pair does not apply (send the text alone)"
             return NOT_TEXT
         if isinstance(item, dict) and all(isinstance(item.get(k), str) for k in ("text", "text_pair")):
             return None
@@ -96,6 +101,11 @@ class ClassificationPredictor:
         self, texts: list[str], pairs: list[str] | None = None, *, batch_size: int = 64, progress: Any = None
     ) -> np.ndarray:
         """Class probabilities (N, L) in input order; batches are length-sorted for speed."""
+        # Clipped before tokenising (same ids): a megabyte text costs what its first max_length tokens cost.
+        if pairs:
+            texts, pairs = clip_pairs(self.tokenizer, texts, pairs, self.max_length)
+        else:
+            texts = [clip_text(t, self.max_length, side=self.tokenizer.truncation_side) for t in texts]
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
         bar = progress.add_task("predict", total=len(texts)) if progress is not None else None

@@ -29,6 +29,8 @@ from lmtune.data.features import (
     FeatureDataset,
     PaddingCollator,
     cached_features,
+    clip_pairs,
+    clip_text,
     digest_records,
     features_cache_key,
 )
@@ -320,8 +322,14 @@ class ClassificationTask(Task):
         stats = {"truncated": 0}
 
         def build() -> dict[str, list[Any]]:
-            texts = [r["text"] for r in rows]
-            pairs = [r["pair"] for r in rows] if d.text_pair_column else None
+            # Clipped before tokenising: a megabyte text costs what its first max_length tokens cost (and a long
+            # pair no longer costs the product of its lengths); the truncated ids and counts are unchanged.
+            if d.text_pair_column:
+                texts, pairs = clip_pairs(tokenizer, [r["text"] for r in rows], [r["pair"] for r in rows],
+                                          d.max_length)
+            else:
+                side = getattr(tokenizer, "truncation_side", "right")
+                texts, pairs = [clip_text(r["text"], d.max_length, side=side) for r in rows], None
             full = tokenizer(texts, pairs, truncation=False, verbose=False)["input_ids"]
             enc = tokenizer(texts, pairs, truncation=True, max_length=d.max_length)
             stats["truncated"] = sum(len(f) > d.max_length for f in full)

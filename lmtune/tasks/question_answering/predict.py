@@ -11,9 +11,10 @@ import numpy as np
 import torch
 from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
-from lmtune.data.features import PaddingCollator
+from lmtune.data.features import PaddingCollator, clip_text
 from lmtune.data.readers import Table
 from lmtune.errors import DataError
+from lmtune.models.loading import load_saved_model
 from lmtune.tasks.question_answering.spans import best_span, tokenize_windows
 from lmtune.tasks.question_answering.task import resolved_stride
 
@@ -31,7 +32,8 @@ class QuestionAnsweringPredictor:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.tokenizer.padding_side = "right"
-        self.model = AutoModelForQuestionAnswering.from_pretrained(model_dir, dtype=torch.float32)
+        self.model = load_saved_model(AutoModelForQuestionAnswering, model_dir,
+                                      error="cannot load the question-answering model", dtype=torch.float32)
         self.model.to(self.device).eval()
         self.max_length = int(meta.get("max_length") or 384)
         self.stride = resolved_stride(self.max_length, meta.get("doc_stride"))
@@ -40,12 +42,27 @@ class QuestionAnsweringPredictor:
         self.allow_unanswerable = bool(meta.get("allow_unanswerable"))
         self.threshold = float(meta.get("null_score_diff_threshold") or 0.0)
         self._collate = PaddingCollator({"input_ids": self.tokenizer.pad_token_id, "token_type_ids": 0})
+        # Question tokens a window holds beside at least doc_stride + 1 context tokens (training skips longer ones;
+        # the tokenizer cannot cut such a pair into windows at all).
+        self.question_room = self.max_length - self.tokenizer.num_special_tokens_to_add(pair=True) - self.stride - 1
 
     def check_item(self, item: Any) -> str | None:
         """Why ``item`` is not a ``{"question": str, "context": str}`` mapping, or None."""
         if isinstance(item, dict) and all(isinstance(item.get(k), str) for k in ("question", "context")):
-            return None
+            return self.too_long_message() if self._too_long([item["question"].lstrip()])[0] else None
         return NOT_QA_ITEM
+
+    def too_long_message(self) -> str:
+        """Why a question is refused when it leaves no room for the context."""
+        return (f"the question is too long: a window of {self.max_length} tokens (doc_stride {self.stride}) leaves "
+                f"room for {max(self.question_room, 0)} question tokens")
+
+    def _too_long(self, questions: list[str]) -> list[bool]:
+        """Per question, whether it has more tokens than a window leaves it (counted on the question clipped
+        before tokenising: a megabyte question is refused without tokenising it whole)."""
+        room = max(self.question_room, 0)
+        clipped = [clip_text(q, room + 1) for q in questions]
+        return [len(ids) > room for ids in self.tokenizer(clipped, add_special_tokens=False)["input_ids"]]
 
     def predict(self, items: list[Any], *, batch_size: int = 32, progress: Any = None,
                 source: str | None = None, lines: list[int] | None = None) -> list[dict[str, Any]]:
@@ -70,6 +87,10 @@ class QuestionAnsweringPredictor:
             contexts.append(item["context"])
         if not items:
             return []
+        for n, too_long in enumerate(self._too_long(questions)):
+            if too_long:
+                raise DataError(self.too_long_message() + ("" if source else f" (item {n + 1})"), file=source,
+                                line=lines[n] if lines else None, field="question")
         win = tokenize_windows(self.tokenizer, questions, contexts, [None] * len(items), max_length=self.max_length,
                                stride=self.stride)
         fields = [k for k in ("input_ids", "token_type_ids") if k in win]

@@ -33,6 +33,7 @@ from lmtune.data.features import (
     FeatureDataset,
     PaddingCollator,
     cached_features,
+    clip_text,
     digest_records,
     features_cache_key,
 )
@@ -179,7 +180,10 @@ class QuestionAnsweringTask(Task):
         if not rows:
             return rows, 0
         room = self.data_cfg.max_length - tokenizer.num_special_tokens_to_add(pair=True) - self.stride
-        q_len = [len(x) for x in tokenizer([r["question"] for r in rows], add_special_tokens=False)["input_ids"]]
+        # Questions are clipped before they are counted (a megabyte question is skipped all the same, without
+        # tokenising it whole); contexts are never clipped: every window of a context is used.
+        questions = [clip_text(r["question"], max(room, 1)) for r in rows]
+        q_len = [len(x) for x in tokenizer(questions, add_special_tokens=False)["input_ids"]]
         kept = [r for r, n in zip(rows, q_len, strict=True) if n < room]
         if len(kept) < len(rows):
             log.warning("%d questions are too long for data.max_length %d with doc_stride %d and were skipped",

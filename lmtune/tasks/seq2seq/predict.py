@@ -14,8 +14,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from lmtune.console import quiet_libraries
 from lmtune.data.readers import Table
-from lmtune.errors import DataError, ModelError
+from lmtune.errors import DataError
 from lmtune.models.generation import GenerationSettings, chat_prompt, generate
+from lmtune.models.loading import load_saved_model
 from lmtune.models.registry import load_padded_tokenizer
 
 
@@ -35,11 +36,8 @@ class Seq2SeqPredictor:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = load_padded_tokenizer(model_dir)
         model_class = AutoModelForCausalLM if self.route == "decoder" else AutoModelForSeq2SeqLM
-        try:
-            self.model = model_class.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"cannot load the seq2seq model: {exc}", file=model_dir) from None
-        self.model = self.model.to(self.device).eval()  # type: ignore[arg-type]
+        self.model = load_saved_model(model_class, model_dir, error="cannot load the seq2seq model", dtype=torch.float32)
+        self.model = self.model.to(self.device).eval()
         known = set(GenerationSettings.__dataclass_fields__)
         self.settings = GenerationSettings(**{k: v for k, v in (meta.get("generation") or {}).items() if k in known})
         self.source_column = str(meta.get("source_column") or "source")

@@ -45,6 +45,7 @@ from lmtune.data.features import (
     IGNORE_INDEX,
     FeatureDataset,
     cached_features,
+    clip_text,
     digest_records,
     features_cache_key,
 )
@@ -422,12 +423,16 @@ class EncoderDecoderSeq2SeqTask(Seq2SeqTask):
 
         def build() -> dict[str, list[Any]]:
             out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "length": [], "cut": []}
+            side = tokenizer.truncation_side
             for r in rows:
-                src = tokenizer(r["source"])["input_ids"]
+                # Clipped before tokenising (same ids, same counts): a megabyte text costs what its first
+                # max_length tokens cost. A target is cut on the right whatever the side.
+                source = clip_text(r["source"], d.max_length, side=side)
+                src = tokenizer(source)["input_ids"]
                 cut = 0
                 if len(src) > d.max_length:
-                    src, cut = tokenizer(r["source"], truncation=True, max_length=d.max_length)["input_ids"], 1
-                tgt = self.target_ids(tokenizer, r["target"])
+                    src, cut = tokenizer(source, truncation=True, max_length=d.max_length)["input_ids"], 1
+                tgt = self.target_ids(tokenizer, clip_text(r["target"], d.max_target_length))
                 if len(tgt) > d.max_target_length:
                     # Cut, but keep the end token: the model must still learn to stop.
                     tgt, cut = [*tgt[: d.max_target_length - 1], int(self.eos_token_id or 0)], cut + 2

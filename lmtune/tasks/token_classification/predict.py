@@ -12,8 +12,10 @@ from transformers import AutoModelForTokenClassification, AutoTokenizer
 
 from lmtune.console import quiet_libraries
 from lmtune.data import tagging
+from lmtune.data.features import clip_text
 from lmtune.data.readers import Table
 from lmtune.errors import DataError, ModelError
+from lmtune.models.loading import load_saved_model
 from lmtune.tasks.token_classification.task import as_word_list, entities_from_tags
 
 log = logging.getLogger(__name__)
@@ -31,7 +33,8 @@ class TokenClassificationPredictor:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-            self.model = AutoModelForTokenClassification.from_pretrained(model_dir, dtype=torch.float32)
+            self.model = load_saved_model(AutoModelForTokenClassification, model_dir,
+                                          error="cannot load the token-classification model", dtype=torch.float32)
         except (OSError, ValueError) as exc:
             raise ModelError(f"cannot load the token-classification model: {exc}", file=model_dir) from None
         self.model.to(self.device).eval()
@@ -64,6 +67,9 @@ class TokenClassificationPredictor:
     def tag_words(self, sentences: list[list[str]], *, batch_size: int = 32, progress: Any = None
                   ) -> list[tuple[list[str], list[float]]]:
         """Per sentence, a tag and its probability for every word (words without a sub-token: ``O``)."""
+        # A word longer than max_length tokens is tagged alone and truncated, so clipping it by characters first
+        # changes nothing but the cost (every word is still tagged: long texts are windowed, never clipped).
+        sentences = [[clip_text(w, self.max_length) for w in words] for words in sentences]
         tags = [["O"] * len(words) for words in sentences]
         probs = [[1.0] * len(words) for words in sentences]
         windows = sorted(self._windows(sentences), key=lambda w: w[1] - w[2])  # longest first: least padding

@@ -43,6 +43,7 @@ from lmtune.data.features import (
     FeatureDataset,
     PaddingCollator,
     cached_features,
+    clip_words,
     digest_records,
     features_cache_key,
 )
@@ -415,7 +416,9 @@ class TokenClassificationTask(Task):
         continuation = [index[tagging.continuation_tag(name)] for name in labels]
 
         def build() -> dict[str, list[Any]]:
-            words = [r["words"] for r in rows]
+            # Clipped before tokenising (same ids): a sentence of a megabyte costs what its first max_length
+            # tokens cost. Words clipped away count as cut below.
+            words = [clip_words(r["words"], d.max_length) for r in rows]
             full = tokenizer(words, is_split_into_words=True, truncation=False, verbose=False)
             enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=d.max_length)
             out: dict[str, list[Any]] = {"input_ids": enc["input_ids"], "labels": [], "word_labels": [],
@@ -432,8 +435,9 @@ class TokenClassificationTask(Task):
                 out["labels"].append(lab)
                 out["word_labels"].append(first)
                 tokenized = {w for w in full.word_ids(i) if w is not None}
-                out["words_cut"].append(len(tokenized) - len({w for w in ids if w is not None}))
-                out["words_untokenized"].append(len(r["words"]) - len(tokenized))
+                clipped = len(r["words"]) - len(words[i])
+                out["words_cut"].append(len(tokenized) - len({w for w in ids if w is not None}) + clipped)
+                out["words_untokenized"].append(len(words[i]) - len(tokenized))
             return out
 
         ds, hit = cached_features(key, build, use_cache=d.cache)

@@ -1,0 +1,170 @@
+"""How ``lmtune serve`` listens and what it accepts: :class:`ServeOptions`, validated when built.
+
+Every limit answers in OpenAI's error shape when a request passes it (400, 413 or 429); the connection
+limits (``max_connections``, ``read_timeout``) close connections instead, since no request has arrived.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import urllib.parse
+from dataclasses import dataclass
+
+from lmtune.errors import ConfigError
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+# Bind addresses meaning "every interface": no Host name can be derived from them.
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+API_KEY_HINT = "use letters, digits and punctuation, e.g. python -c \"import secrets; print(secrets.token_urlsafe(24))\""
+
+
+def host_name(value: str) -> str | None:
+    """The host name of a ``Host`` header value (``localhost:8000``, ``[::1]:8000``, ``Example.com.``):
+    lowercased, without port, brackets or a trailing dot; None for a value that is not a plain host."""
+    try:
+        parts = urllib.parse.urlsplit("//" + value)
+        _ = parts.port  # raises ValueError for a port that is not a number
+    except ValueError:
+        return None
+    if parts.username is not None or parts.password is not None or parts.path or parts.query or parts.fragment:
+        return None  # "localhost:80@evil.example" names evil.example to some parsers
+    name = (parts.hostname or "").rstrip(".")
+    return _canonical(name) if name else None
+
+
+def _canonical(name: str) -> str:
+    """An IP address in one spelling (``0:0::1`` is ``::1``); a name as it is."""
+    try:
+        return ipaddress.ip_address(name).compressed
+    except ValueError:
+        return name
+
+
+def address_name(value: str) -> str | None:
+    """:func:`host_name` of a bind address or an allowed host, where an IPv6 address may come bare (``::1``)."""
+    try:
+        return ipaddress.ip_address(value.strip("[]")).compressed
+    except ValueError:
+        return host_name(value)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """How ``lmtune serve`` listens and what it accepts (every limit answers 4xx in the OpenAI error shape)."""
+
+    host: str = "127.0.0.1"
+    """Address to bind: loopback by default; another address exposes the model to the network."""
+    port: int = 8000
+    """TCP port."""
+    api_key: str | None = None
+    """With a key, every endpoint but /health (and the page's static files) needs ``Authorization: Bearer KEY``.
+    Printable ASCII only (HTTP headers carry nothing else reliably)."""
+    allowed_hosts: tuple[str, ...] = ()
+    """``Host`` header names answered besides the bound address's own (loopback: localhost, 127.0.0.1,
+    ::1); ``*.example.com`` matches subdomains, ``*`` any name. Other names get 400: a web page whose
+    domain was rebound to this address (DNS rebinding) cannot use the model."""
+    max_batch_size: int = 16
+    """Most items (prompts x n, texts) run together on the model."""
+    batch_wait_ms: float = 5.0
+    """How long the first request of a quiet moment waits for others to batch with."""
+    max_tokens_limit: int = 1024
+    """Largest ``max_tokens`` a request may ask for."""
+    max_n: int = 8
+    """Largest ``n`` (answers per prompt)."""
+    max_items: int = 64
+    """Most prompts (completions) or texts/items (classify, predict) in one request."""
+    max_body_bytes: int = 1_000_000
+    """Largest request body; larger bodies get 413."""
+    max_request_tokens: int = 8_192
+    """Most tokens one generation request may use: its prompt tokens + prompts x n x max_tokens (400 past it)."""
+    max_request_chars: int = 200_000
+    """Most characters in the texts of one request (prompts, messages, inputs), checked before anything is
+    tokenised (400 past it)."""
+    max_queue: int = 256
+    """Most requests waiting for or using the model at once; more get 429 with Retry-After."""
+    max_connections: int = 256
+    """Most open connections; uvicorn answers 503 at the limit and connections past it are closed at once
+    (each holds a file descriptor). Lowered at start-up to what the open-file limit (ulimit -n) allows."""
+    read_timeout: float = 15.0
+    """Seconds a client has to send a whole request (headers and body), from when it connects or its
+    previous answer ends; slower connections are closed."""
+    model_name: str | None = None
+    """The model id in /v1/models and answers (default: the run folder's name)."""
+
+    def __post_init__(self) -> None:
+        checks = {
+            "port": 0 <= self.port <= 65535,
+            "max_batch_size": self.max_batch_size >= 1,
+            "batch_wait_ms": 0 <= self.batch_wait_ms <= 1000,
+            "max_tokens_limit": self.max_tokens_limit >= 1,
+            "max_n": self.max_n >= 1,
+            "max_items": self.max_items >= 1,
+            "max_body_bytes": self.max_body_bytes >= 1024,
+            "max_request_tokens": self.max_request_tokens >= 1,
+            "max_request_chars": self.max_request_chars >= 1,
+            "max_queue": self.max_queue >= 1,
+            "max_connections": self.max_connections >= 1,
+            "read_timeout": 0 < self.read_timeout <= 3600,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ConfigError(f"serve option {bad[0]} = {getattr(self, bad[0])!r} is out of range",
+                              field=bad[0], hint="port 0-65535, batch_wait_ms 0-1000, max_body_bytes >= 1024, "
+                              "read_timeout 0-3600 s, the other limits >= 1")
+        self._check_key()
+        for pattern in self.allowed_hosts:
+            name = pattern[2:] if pattern.startswith("*.") else pattern
+            if pattern != "*" and (address_name(name) is None or "*" in name):
+                raise ConfigError(f"allowed host {pattern!r} is not a host name", field="allowed_hosts",
+                                  hint="a name or address (api.example.com, 192.168.1.5), *.example.com for its "
+                                  "subdomains, or * for any name")
+        if self.wildcard and self.api_key is None and not self.allowed_hosts:
+            raise ConfigError(
+                f"host {self.host!r} listens on every network interface and no API key is set: anyone who can reach "
+                "this machine, or a web page one of its users opens (by DNS rebinding), could use the model",
+                field="host", hint="set an API key (--api-key or LMTUNE_API_KEY), or name the host names clients "
+                "use (--allowed-host NAME; '*' for any)")
+
+    def _check_key(self) -> None:
+        key = self.api_key
+        if key is None:
+            return
+        if not key.strip():
+            raise ConfigError("the API key is empty", field="api_key")
+        if not (key.isascii() and key.isprintable()):
+            raise ConfigError("the API key holds characters other than printable ASCII: HTTP headers cannot carry "
+                              "them reliably, so no client could send it", field="api_key", hint=API_KEY_HINT)
+        if key != key.strip():
+            raise ConfigError("the API key starts or ends with spaces: HTTP clients drop them, so it would never "
+                              "match", field="api_key", hint=API_KEY_HINT)
+
+    @property
+    def loopback(self) -> bool:
+        """Whether the server is reachable from this machine only."""
+        return self.host in LOOPBACK_HOSTS or self.host.startswith("127.")
+
+    @property
+    def wildcard(self) -> bool:
+        """Whether the server listens on every interface (``0.0.0.0``, ``::``)."""
+        return self.host in WILDCARD_HOSTS
+
+    def host_names(self) -> frozenset[str] | None:
+        """The ``Host`` names (and ``*.domain`` patterns) answered, or None for any: the bound address's
+        own names plus ``allowed_hosts``; any name with ``*`` or on a wildcard bind with a key and no list."""
+        patterns = {p.lower() if p.startswith("*") else address_name(p) or p for p in self.allowed_hosts}
+        if "*" in patterns or (self.wildcard and not patterns):
+            return None
+        own = set(LOOPBACK_HOSTS) if self.loopback else set()
+        if not self.wildcard:
+            own.add(address_name(self.host) or self.host.lower())
+        return frozenset(own | patterns)
+
+    def allows_host(self, header: str) -> bool:
+        """Whether a request with ``Host: header`` is answered (see :meth:`host_names`)."""
+        names = self.host_names()
+        if names is None:
+            return True
+        name = host_name(header)
+        if name is None:
+            return False
+        return name in names or any(p.startswith("*.") and name.endswith(p[1:]) for p in names)
