@@ -348,6 +348,12 @@ def test_empty_output_dir_is_refused(value: str) -> None:
         lmtune.load_config({"data": {"train": "x.csv"}, "output_dir": value})
 
 
+def test_empty_output_dir_from_the_command_line_says_why() -> None:
+    # `--output_dir ""` arrives as null from the override parser: the message must still give the reason.
+    with pytest.raises(ConfigError, match="must name a folder"):
+        lmtune.load_config({"data": {"train": "x.csv"}}, {"output_dir": None})
+
+
 @pytest.mark.parametrize(("file", "content"), [
     ("model/lmtune.json", "{not json"), ("model/lmtune.json", "[1, 2]"), ("model/lmtune.json", '{"no": "task"}'),
     ("model/lmtune.json", b"\xff\xfe\x00"), ("run.json", "{truncated"), ("run.json", '"a string"'),
