@@ -657,3 +657,24 @@ def test_accept_errors_are_logged_once_per_interval(clf_run: Run, tmp_path: Path
     lines = [x for x in text.splitlines() if "Too many open files" in x]
     assert flood < 20_000, f"{flood} bytes of log in 3 s"
     assert 1 <= len(lines) <= 6, lines[:10]
+
+
+def test_a_running_generation_whose_client_left_stops_within_a_step(sft_app: Any, sft_server: str) -> None:
+    """A non-streamed answer stops at the next decoding step once its client left, not after max_tokens."""
+    engine = sft_app.state.engine
+    body = {"prompt": "The capital of", "max_tokens": 64, "temperature": 0}
+    with _Gate(engine.loaded.model) as counted:  # the client that stays: how many steps the answer takes
+        counted.release.set()
+        status, answer = post(sft_server, "/v1/completions", body)
+        assert status == 200, answer
+    steps = counted.calls
+    assert steps >= 8, f"the answer ends after {steps} steps: too short to show a stop"
+    with _Gate(engine.loaded.model) as slow:
+        leaving = _send_and_leave(sft_server, "/v1/completions", body)
+        assert slow.entered.wait(HOSTILE_DEADLINE)  # its first decoding step is running
+        leaving.close()
+        _wait_for(lambda: engine.batcher.pending == 0, "the server to notice the client left")
+        slow.release.set()
+        _wait_for(lambda: engine.worker.idle, "the model worker to stop")
+    assert slow.calls <= 2, f"{slow.calls} of {steps} decoding steps were computed for a client that had left"
+    assert post(sft_server, "/v1/completions", {**body, "max_tokens": 2})[0] == 200

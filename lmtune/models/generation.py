@@ -206,6 +206,19 @@ def rng_devices(device: torch.device) -> list[int]:
     )
 
 
+class _ReportEachStep(StoppingCriteria):
+    """Reports every decoding step to ``progress`` as ``advance(task, 0)`` and never ends a row: a progress
+    object that raises there (the server's, once every client of the call has left) stops ``model.generate``
+    within a step instead of after the whole batch; a rich ``Progress`` just refreshes."""
+
+    def __init__(self, progress: Progress, task: Any) -> None:
+        self.progress, self.task = progress, task
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        self.progress.advance(self.task, 0)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 class _StopOnStrings(StoppingCriteria):
     """Ends a row once its generated text holds a stop string; records after how many new tokens.
 
@@ -366,7 +379,8 @@ def generate(
     The model is put in eval mode (and back in train mode afterwards if it was). Sampling is seeded with
     ``settings.seed`` on a forked RNG, so the caller's random state is untouched; greedy decoding is
     deterministic and gives the same answers whatever the batch size. With ``progress`` (a rich
-    ``Progress``) a task "generate" advances per prompt.
+    ``Progress``) a task "generate" advances per prompt, and is told of every decoding step
+    (``advance(task, 0)``: an exception raised there stops generation within a step).
     """
     if not prompts:
         return []
@@ -417,10 +431,13 @@ def generate(
                 # text is cut after decoding (its decoder sequence does not continue the prompt).
                 criterion = _StopOnStrings(tokenizer, settings.stop, width, eos_ids)
                 use_criterion = bool(settings.stop) and not encoder_decoder
+                criteria: list[StoppingCriteria] = [criterion] if use_criterion else []
+                if progress is not None:
+                    criteria.append(_ReportEachStep(progress, task))
                 out = model.generate(
                     input_ids=input_ids.to(device),
                     attention_mask=attention_mask.to(device),
-                    stopping_criteria=StoppingCriteriaList([criterion]) if use_criterion else None,
+                    stopping_criteria=StoppingCriteriaList(criteria) if criteria else None,
                     **kwargs,
                 )  # decoder: (B, T + new); encoder-decoder: (B, 1 + new), the start token first
                 for b, i in enumerate(rows):

@@ -5,9 +5,10 @@ Decoder runs answer through :class:`lmtune.models.text_generator.TextGenerator` 
 registered predictor (``Predictor.predict``, as ``Run.predict``), ``/v1/classify`` through the label
 scorer's class probabilities.
 
-A model call whose clients have all gone stops at the end of its current batch of rows: the predictors
-and ``generate`` report each finished batch to a rich-``Progress``-like object (``add_task``, ``update``,
-``advance``), and the one the server passes (:class:`StopWhenAbandoned`) raises there instead.
+A model call whose clients have all gone stops at the end of its current batch of rows (generation: within
+a decoding step): the predictors and ``generate`` report each finished batch (and ``generate`` each step)
+to a rich-``Progress``-like object (``add_task``, ``update``, ``advance``), and the one the server passes
+(:class:`StopWhenAbandoned`) raises there instead.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ class StopWhenAbandoned:
         self._check()
 
     def advance(self, *args: Any, **kwargs: Any) -> None:
-        """Called after a batch (``generation.generate``)."""
+        """Called after a batch and at every decoding step (``generation.generate``): a generation whose
+        clients all left stops within a step."""
         self._check()
 
 
