@@ -222,20 +222,28 @@ def test_clipped_pairs_truncate_to_the_same_ids(smollm2_tokenizer_dir: Path) -> 
             assert tok(a, b, truncation=True, max_length=max_length)["input_ids"] == whole
 
 
+def _prepare_without_long_texts(task_class: Any, raw_config: dict[str, Any], model_dir: Path) -> Any:
+    """``task_class(config).prepare(...)`` with a tokenizer that records the longest text it was given:
+    no text over ``char_limit(max_length)`` characters may reach it."""
+    task = task_class(load_config(raw_config))
+    limit = char_limit(raw_config["data"]["max_length"])
+    tok = RecordingTokenizer(task.load_tokenizer(model_dir), limit)
+    data = task.prepare(tok)
+    assert tok.longest <= limit
+    return data
+
+
 def test_classification_does_not_tokenise_a_megabyte_text(tmp_path: Path, tiny_bert_dir: Path) -> None:
     from lmtune.tasks.classification.task import ClassificationTask
 
     rows = sentiment_rows(40)
     rows[5]["text"] = MEGABYTE_TEXT
     path = write_csv(tmp_path / "long.csv", rows)
-    task = ClassificationTask(
-        load_config(
-            {"model": str(tiny_bert_dir), "data": {"train": str(path), "max_length": 32, "cache": False}}
-        )
+    data = _prepare_without_long_texts(
+        ClassificationTask,
+        {"model": str(tiny_bert_dir), "data": {"train": str(path), "max_length": 32, "cache": False}},
+        tiny_bert_dir,
     )
-    tok = RecordingTokenizer(task.load_tokenizer(tiny_bert_dir), char_limit(32))
-    data = task.prepare(tok)
-    assert tok.longest <= char_limit(32)
     assert sum(data.info[s]["truncated"] for s in ("train", "validation", "test")) == 1
     lengths = [n for s in ("train", "validation", "test") for n in data.lengths[s]]
     assert max(lengths) == 32 and sorted(lengths)[-2] < 32
@@ -265,18 +273,12 @@ def test_token_classification_does_not_tokenise_a_megabyte_sentence(
     rows[5] = {"tokens": ["John", *["word"] * 200_000], "tags": ["B-PER", *["O"] * 200_000]}
     path = tmp_path / "ner.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    task = TokenClassificationTask(
-        load_config(
-            {
-                "task": "token_classification",
-                "model": str(tiny_bert_dir),
-                "data": {"train": str(path), "max_length": 32, "cache": False},
-            }
-        )
+    data = _prepare_without_long_texts(
+        TokenClassificationTask,
+        {"task": "token_classification", "model": str(tiny_bert_dir),
+         "data": {"train": str(path), "max_length": 32, "cache": False}},
+        tiny_bert_dir,
     )
-    tok = RecordingTokenizer(task.load_tokenizer(tiny_bert_dir), char_limit(32))
-    data = task.prepare(tok)
-    assert tok.longest <= char_limit(32)
     info = [data.info[s] for s in ("train", "validation", "test")]
     assert sum(i["truncated"] for i in info) == 1
     assert (
@@ -319,10 +321,7 @@ def test_seq2seq_prepare_and_encoder_decoder_generate_clip_long_texts(
             "cache": False,
         },
     }
-    task = EncoderDecoderSeq2SeqTask(load_config(cfg))
-    tok = RecordingTokenizer(task.load_tokenizer(tiny_t5_dir), char_limit(32))
-    data = task.prepare(tok)
-    assert tok.longest <= char_limit(32)
+    data = _prepare_without_long_texts(EncoderDecoderSeq2SeqTask, cfg, tiny_t5_dir)
     info = [data.info[s] for s in ("train", "validation", "test")]
     assert sum(i["truncated"] for i in info) == 1 and sum(i["truncated_targets"] for i in info) == 1
 
@@ -354,18 +353,12 @@ def test_qa_question_of_a_megabyte_is_skipped_without_tokenising_it(
     rows[7]["question"] = MEGABYTE_TEXT
     path = tmp_path / "qa.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    task = QuestionAnsweringTask(
-        load_config(
-            {
-                "task": "question_answering",
-                "model": str(tiny_bert_dir),
-                "data": {"train": str(path), "max_length": 32, "cache": False},
-            }
-        )
+    data = _prepare_without_long_texts(
+        QuestionAnsweringTask,
+        {"task": "question_answering", "model": str(tiny_bert_dir),
+         "data": {"train": str(path), "max_length": 32, "cache": False}},
+        tiny_bert_dir,
     )
-    tok = RecordingTokenizer(task.load_tokenizer(tiny_bert_dir), char_limit(32))
-    data = task.prepare(tok)
-    assert tok.longest <= char_limit(32)
     assert sum(data.info[s]["skipped_too_long"] for s in ("train", "validation", "test")) == 1
 
 

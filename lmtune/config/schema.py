@@ -705,20 +705,20 @@ class Config(_Section):
         return {"learning_rate": self.train.learning_rate, "head_learning_rate": self.train.head_learning_rate,
                 "defaults": {key: f"default for {why}" for key, (_, why) in self._learning_rate_defaults().items()}}
 
-    def describe_learning_rates(self) -> str:
-        """``learning_rate``'s line for a person: ``0.0002 (default for method lora)``, ``5e-05 (default for
-        method full), new head 0.001 (default for a new head with method full)``."""
-        rates = self.learning_rates()
-        parts = []
-        for key, label in (("learning_rate", ""), ("head_learning_rate", "new head ")):
-            if rates[key] is not None:
-                why = rates["defaults"].get(key)
-                parts.append(f"{label}{rates[key]:g}" + (f" ({why})" if why else ""))
-        return ", ".join(parts)
-
     def to_dict(self) -> dict[str, Any]:
         """Plain data, as YAML would hold it."""
         return self.model_dump(mode="json")
+
+
+def describe_learning_rates(rates: dict[str, Any]) -> str:
+    """:meth:`Config.learning_rates` as a line for a person: ``0.0002 (default for method lora)``, ``5e-05
+    (default for method full), new head 0.001 (default for a new head with method full)``."""
+    parts = []
+    for key, label in (("learning_rate", ""), ("head_learning_rate", "new head ")):
+        if rates[key] is not None:
+            why = rates["defaults"].get(key)
+            parts.append(f"{label}{rates[key]:g}" + (f" ({why})" if why else ""))
+    return ", ".join(parts)
 
 
 # ------------------------------------------------------------------------------------------ shared checks

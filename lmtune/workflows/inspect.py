@@ -27,6 +27,7 @@ from rich.table import Table
 from rich.text import Text
 
 from lmtune.config import Config, load_config
+from lmtune.config.schema import describe_learning_rates
 from lmtune.console import quiet_libraries
 from lmtune.data.features import LengthGroupedBatchSampler
 from lmtune.tasks import Task, get_task
@@ -162,7 +163,7 @@ def inspect_config(config_path: Path, console: Console, *, examples: int = 3) ->
     task, source = _task(config_path, None)
     report = _inspect(task, source, examples=examples)
     render(report, console, task)
-    console.print(Text.assemble(("learning rate: ", "bold"), task.config.describe_learning_rates()), highlight=False)
+    console.print(Text.assemble(("learning rate: ", "bold"), describe_learning_rates(report["learning_rates"])), highlight=False)
     return report
 
 

@@ -57,6 +57,7 @@ from rich.table import Table
 from transformers import PreTrainedModel
 
 from lmtune.config import Config, DistributedConfig, load_config
+from lmtune.config.schema import describe_learning_rates
 from lmtune.console import quiet_libraries
 from lmtune.errors import ConfigError, LmtuneError
 from lmtune.models.methods import apply_task_method, count_parameters, transformer_blocks
@@ -178,7 +179,6 @@ class PlanResult:
     device: dict[str, Any]
     fit: dict[str, Any]
     learning_rates: dict[str, Any] = field(default_factory=dict)
-    learning_rates_text: str = ""
     suggestions: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -632,8 +632,7 @@ def plan(
                     "blocks": sum(s.layers for s in facts.stacks), "attention": facts.stacks[0].attention
                     if facts.stacks else None},
         labels=labels_info, tokens=tokens.per_step(processes), memory=memory, device=device_info, fit=fit,
-        learning_rates=cfg.learning_rates(),
-        learning_rates_text=cfg.describe_learning_rates(), notes=notes,
+        learning_rates=cfg.learning_rates(), notes=notes,
     )
     if suggest and fit["verdict"] != "fits":
         result.suggestions = _suggestions(cfg, task, model_path, build_data, tokenizer, facts, tokens, memory_for,
@@ -725,7 +724,7 @@ def print_plan(result: PlanResult, console: Any) -> None:
                  + (f"; new head: {', '.join(p['head_modules'])}" if p["head_modules"] else ""))
     if result.labels:
         head.add_row("labels", f"{result.labels['count']} ({result.labels['source']})")
-    head.add_row("learning rate", result.learning_rates_text)
+    head.add_row("learning rate", describe_learning_rates(result.learning_rates))
     head.add_row("precision", f"{result.precision} (activations {m['activation_bytes']} bytes"
                  + (", gradient checkpointing" if m["gradient_checkpointing"] else "") + ")")
     head.add_row("processes", f"{result.num_processes}, {result.distributed['strategy']}"
