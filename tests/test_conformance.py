@@ -116,6 +116,30 @@ def _chats(folder: Path) -> Path:
     return path
 
 
+def _review_pairs(folder: Path) -> Path:
+    """Reviews that differ in their last word: praise (chosen, one of two words) against blame (rejected, one of
+    two others), learnable for held-out pairs in a few LoRA steps."""
+    rng = random.Random(0)
+    rows = []
+    for i in range(64):
+        words = rng.sample(FILLER, rng.randint(0, 2))
+        rows.append({"prompt": f"Your view of film {i}?", "chosen": " ".join([*words, rng.choice(POSITIVE[:2])]),
+                     "rejected": " ".join([*words, rng.choice(NEGATIVE[:2])])})
+    path = folder / "reviews.jsonl"
+    path.write_text(_jsonl(rows), encoding="utf-8")
+    return path
+
+
+def _judged_reviews(folder: Path) -> Path:
+    """The same pairs unpaired: praise desirable, blame undesirable."""
+    pairs = [json.loads(line) for line in _review_pairs(folder).read_text().splitlines()]
+    rows = [{"prompt": p["prompt"], "completion": p[side], "label": side == "chosen"}
+            for p in pairs for side in ("chosen", "rejected")]
+    path = folder / "judged.jsonl"
+    path.write_text(_jsonl(rows), encoding="utf-8")
+    return path
+
+
 def _stories(folder: Path) -> Path:
     path = folder / "stories.txt"
     path.write_text(story_text(60), encoding="utf-8")
@@ -162,6 +186,16 @@ CASES: dict[str, Case] = {
     "sft": Case(
         model="tiny_chat_llama_dir", data=_chats, item="Capital of Peru?", predict_rows=PROMPTS,
         data_settings={"max_length": 96}),  # the chat template's tokens come on top of the words
+    **{task: Case(model="tiny_chat_llama_dir", data=_judged_reviews if task == "kto" else _review_pairs,
+                  item="Your view?", predict_rows=PROMPTS, data_settings={"max_length": 64},
+                  # A preference's gradient starts small (beta / 2 of the log-ratio's): more, larger LoRA steps.
+                  train_settings={"max_steps": 24, "learning_rate": 3e-2})
+       for task in ("dpo", "orpo", "simpo", "kto")},
+    "reward": Case(
+        model="tiny_chat_llama_dir", data=_review_pairs, item={"prompt": "Your view?", "completion": "warm and sharp"},
+        predict_rows=[{"prompt": "Your view?", "completion": "warm and sharp"},
+                      {"prompt": "Your view?", "completion": "a tedious plot"}],
+        data_settings={"max_length": 64}, train_settings={"max_steps": 24, "learning_rate": 3e-2}),
     "causal_lm": Case(
         model="tiny_chat_llama_dir", data=_stories, item="The small cat", predict_rows=PROMPTS,
         data_settings={"max_length": 64}),

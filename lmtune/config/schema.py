@@ -180,7 +180,8 @@ class DataConfig(_Section):
     columns: dict[str, str] = Field(
         default_factory=dict,
         description="sft: your names for the standard fields, e.g. {instruction: question, output: answer} or "
-        "{messages: dialog}. Keys: messages, conversations, instruction, input, output, system.",
+        "{messages: dialog}. Keys: messages, conversations, instruction, input, output, system. Preference "
+        "tasks (dpo, orpo, simpo, reward, kto): prompt, chosen, rejected, completion, label, system.",
     )
     train_on: Literal["assistant", "last_assistant", "all"] = Field(
         "assistant",
@@ -366,6 +367,50 @@ class GenerationConfig(_Section):
         1.0, description="With beam search: exponent on the length in a beam's score (> 1 favours longer outputs)."
     )
     no_repeat_ngram_size: int = Field(0, ge=0, description="Never repeat an n-gram of this size (0: off).")
+
+
+class PreferenceConfig(_Section):
+    """Preference tuning (dpo, orpo, simpo, kto): the loss and its strengths. Unset values take the task's default."""
+
+    loss: Literal["sigmoid", "ipo", "hinge", "robust"] = Field(
+        "sigmoid",
+        description="dpo: `sigmoid` (DPO; with label_smoothing the conservative cDPO), `ipo` (squared, "
+        "per-token-normalised), `hinge` (SLiC), `robust` (rDPO: unbiased under label noise label_smoothing).",
+    )
+    beta: float | None = Field(
+        None, gt=0, description="Strength of the preference term: the inverse temperature of the implicit reward "
+        "(dpo, kto: 0.1; simpo: 2.0) or ORPO's weight of the odds-ratio term (0.1).",
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="dpo (sigmoid, robust) and simpo: the assumed share of pairs whose "
+        "preference is flipped.",
+    )
+    gamma_beta_ratio: float = Field(0.5, ge=0, description="simpo: the target reward margin over beta.")
+    desirable_weight: float = Field(1.0, gt=0, description="kto: weight of desirable examples' losses.")
+    undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of undesirable examples' losses.")
+
+
+class GRPOConfig(_Section):
+    """Online reinforcement learning (task grpo): answers sampled per prompt, scored, and reinforced by how much
+    better than their group they scored. Sampling follows ``generation`` (temperature, top_p, max_new_tokens)."""
+
+    num_generations: int = Field(4, ge=2, description="Answers sampled per prompt (the group).")
+    rewards: list[str] = Field(
+        default_factory=list,
+        description="Reward functions: `module:function` (called with prompts, completions and the data's other "
+        "columns as keyword lists; returns one float or None per completion) or a built-in name (see `lmtune "
+        "tasks --json`); several are summed with `reward_weights`.",
+    )
+    reward_weights: list[float] | None = Field(None, description="One weight per reward (default: all 1).")
+    reward_model: str | None = Field(
+        None, description="A reward run folder (task reward) that scores each (prompt, answer) as a reward too.")
+    beta: float = Field(0.04, ge=0, description="Weight of the KL term to the starting model (0: none, no reference "
+                        "forward).")
+    epsilon: float = Field(0.2, gt=0, lt=1, description="Clipping range of the probability ratio (lower side).")
+    epsilon_high: float | None = Field(None, gt=0, description="Upper clipping range (default: epsilon).")
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="Divide the advantages by the standard deviation of the group's rewards, of the "
+        "batch's, or not at all.")
 
 
 class DistributedConfig(_Section):
@@ -578,6 +623,8 @@ class Config(_Section):
     method: MethodConfig = Field(default_factory=MethodConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
     baselines: list[str] = Field(
         default_factory=lambda: ["majority", "tfidf_logreg"],
         description="Cheap baselines trained and scored on the same split, shown beside the fine-tuned model: "

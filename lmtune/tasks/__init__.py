@@ -7,9 +7,14 @@ A new task is a new folder plus one line below.
 from lmtune.tasks import (  # noqa: F401  (each registers itself)
     causal_lm,
     classification,
+    dpo,
+    kto,
+    orpo,
     question_answering,
+    reward,
     seq2seq,
     sft,
+    simpo,
     token_classification,
 )
 from lmtune.tasks.base import Predictor, Task, TaskData, get_predictor, get_task, register_task

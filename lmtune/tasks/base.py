@@ -111,6 +111,17 @@ class Task(Protocol):
         by it. *default*: None (one sequence per example)."""
         return None
 
+    @property
+    def rows_per_example(self) -> int:
+        """Sequences one example puts through the model at once (a preference pair: 2, its chosen and its
+        rejected answer in one concatenated forward); ``lmtune plan`` sizes activations by it. *default*: 1."""
+        return 1
+
+    def plan_notes(self) -> list[str]:
+        """Sentences ``lmtune plan`` adds about what the run costs beyond the model and its batches (a reference
+        pass before training ...). *default*: none."""
+        return []
+
     def planned_labels(self) -> tuple[list[str], str]:
         """The label set the head is built for when ``lmtune plan`` does not read the data, and where it
         comes from (the config's key, or what was assumed). *default*: no label head (``[], "none"``)."""
@@ -133,9 +144,22 @@ class Task(Protocol):
         """
         ...
 
+    def step_metrics(self) -> dict[str, float]:
+        """Task figures of the optimizer steps since the last training log row (GRPO's rewards, KL, answer
+        lengths ...), logged beside the loss; the task resets them when asked. *default*: none."""
+        return {}
+
     def logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The model's raw output for ``batch`` as one tensor (compared before and after saving)."""
         ...
+
+    def before_training(self, model: torch.nn.Module, accelerator: Accelerator, data: TaskData, run_dir: Path,
+                        *, resuming: bool) -> None:
+        """Work done once with the starting model (prepared by Accelerate) before the starting point is scored
+        and the first step is taken: e.g. preference tuning's reference log-probs, cached in ``run_dir`` and
+        read back when ``resuming`` (the model is still the starting one: checkpoints load after this).
+        *default*: nothing."""
+        return None
 
     def evaluation_phase(self, phase: str) -> None:
         """``"training"`` (cheap evaluations during the loop) or ``"final"`` (slow things such as

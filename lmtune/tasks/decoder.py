@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -148,7 +149,7 @@ class DecoderTask(Task):
         return set()
 
     # ------------------------------------------------------------------------------ batches and loss
-    def collator(self, tokenizer: Any) -> DecoderCollator:
+    def collator(self, tokenizer: Any) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
         """Packed rows (position ids restart per sequence, no mask) or right-padded batches."""
         return DecoderCollator(tokenizer.pad_token_id)
 

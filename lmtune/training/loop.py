@@ -381,6 +381,7 @@ class TrainingLoop:
                 }
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)
+                record.update(self.task.step_metrics())
                 self.metrics_log.write(record)
                 if progress is not None:
                     progress.update(task_bar, tok_s=record["tokens_per_second"])

@@ -142,13 +142,16 @@ class TokenFacts:
     sequence_length_source: str
     mean_tokens_per_example: float
     target_length: int | None = None
+    # Sequences each example puts through the model at once (Task.rows_per_example: 2 for a preference pair).
+    rows_per_example: int = 1
 
     def per_step(self, processes: int) -> dict[str, Any]:
         """Padded and real tokens per micro-batch and per optimizer step, per process and in all."""
-        micro = self.batch_size * self.sequence_length
-        real = self.batch_size * self.mean_tokens_per_example * self.gradient_accumulation
+        micro = self.batch_size * self.rows_per_example * self.sequence_length
+        real = self.batch_size * self.rows_per_example * self.mean_tokens_per_example * self.gradient_accumulation
         return {
-            "batch_size": self.batch_size, "gradient_accumulation": self.gradient_accumulation,
+            "batch_size": self.batch_size, "rows_per_example": self.rows_per_example,
+            "gradient_accumulation": self.gradient_accumulation,
             "processes": processes, "sequence_length": self.sequence_length,
             "sequence_length_source": self.sequence_length_source,
             "target_length": self.target_length,
@@ -349,7 +352,7 @@ def estimate_memory(facts: ModelFacts, tokens: TokenFacts, *, method: str, lora_
     """Per-device and host bytes, part by part, for one process of ``processes``."""
     p = 4 if precision == "fp32" else 2
     autocast = precision in ("bf16", "fp16")
-    b, s = tokens.batch_size, tokens.sequence_length
+    b, s = tokens.batch_size * tokens.rows_per_example, tokens.sequence_length
     notes: list[str] = []
 
     # ---- weights, gradients, optimizer at their dtypes, before sharding
@@ -541,19 +544,21 @@ def _stub_data(labels: list[str]) -> Any:
 
 def _token_facts(cfg: Config, task: Task, data: Any | None) -> TokenFacts:
     d, t = cfg.data, cfg.train
+    batch = t.batch_size
+    rows = task.rows_per_example
     packed = task.packing
     target = task.target_length
     if packed:
-        return TokenFacts(t.batch_size, t.gradient_accumulation, d.max_length,
-                          "packed rows of data.max_length", float(d.max_length), target)
+        return TokenFacts(batch, t.gradient_accumulation, d.max_length,
+                          "packed rows of data.max_length", float(d.max_length), target, rows)
     lengths = list(data.lengths.get("train", [])) if data is not None and data.lengths else []
     if lengths:
         longest = min(max(lengths), d.max_length)
-        return TokenFacts(t.batch_size, t.gradient_accumulation, longest,
+        return TokenFacts(batch, t.gradient_accumulation, longest,
                           f"measured: longest of {len(lengths):,} training examples (memory peaks at the longest "
-                          f"batch; data.max_length {d.max_length})", float(statistics.fmean(lengths)), target)
-    return TokenFacts(t.batch_size, t.gradient_accumulation, d.max_length,
-                      "data.max_length (data not read)", float(d.max_length), target)
+                          f"batch; data.max_length {d.max_length})", float(statistics.fmean(lengths)), target, rows)
+    return TokenFacts(batch, t.gradient_accumulation, d.max_length,
+                      "data.max_length (data not read)", float(d.max_length), target, rows)
 
 
 def plan(
@@ -619,6 +624,7 @@ def plan(
 
     memory = memory_for(facts, tokens)
     notes += memory.pop("notes")
+    notes += task.plan_notes()
     memory["formula"] = FORMULA
     fit = fit_verdict(memory, device_info, processes)
     result = PlanResult(
@@ -732,7 +738,8 @@ def print_plan(result: PlanResult, console: Any) -> None:
     head.add_row("sequence length", f"{t['sequence_length']} ({t['sequence_length_source']})"
                  + (f"; target {t['target_length']}" if t["target_length"] else ""))
     head.add_row("tokens per step", f"{t['tokens_per_step_per_process']:,} per process, {t['tokens_per_step_global']:,} "
-                 f"in all (batch {t['batch_size']} x length {t['sequence_length']} x accumulation "
+                 f"in all (batch {t['batch_size']}" + (f" x {t['rows_per_example']} sequences" if t["rows_per_example"] > 1
+                                                 else "") + f" x length {t['sequence_length']} x accumulation "
                  f"{t['gradient_accumulation']} x {t['processes']} process(es)); real tokens about "
                  f"{t['real_tokens_per_step_global']:,} (mean {t['mean_tokens_per_example']} per example)")
     console.print(head)

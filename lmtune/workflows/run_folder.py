@@ -53,7 +53,8 @@ STATUSES = ("running", "complete", "failed", "interrupted")
 # Everything lmtune writes at the top of a run folder (docs/architecture.md, "Run folder"); the only
 # names --overwrite deletes. tests/test_hostile_runs.py checks a real run's folder against them.
 KNOWN_FILES = frozenset({RUN_FILE, "config.yaml", "train.log", "metrics.jsonl", "metrics.json", "data.json",
-                         "baselines.json", COMPARISON_FILE, "starting_point.json", "report.md"})
+                         "baselines.json", COMPARISON_FILE, "starting_point.json", "report.md",
+                         "reference_logps.safetensors"})
 # model/ and adapter/ (the saved model), checkpoints/, plots/, baselines/NAME/ (neural baseline sub-runs),
 # lmtune/ (TensorBoard's logs: Accelerate names the folder after the tracker project), and a model
 # folder half written when the run stopped.

@@ -1,0 +1,445 @@
+"""What the offline preference tasks share (``dpo``, ``orpo``, ``simpo``): pairs in, one concatenated forward,
+per-pair losses, reference log-probs computed once, preference metrics and generation before/after.
+
+Data: preference pairs (a prompt, a chosen and a rejected answer) in TRL's standard, conversational or
+implicit-prompt shapes, read and rendered by :mod:`lmtune.data.preference` with the model's chat template
+exactly as ``sft`` renders a conversation; each answer carries loss up to and including its end-of-turn token.
+
+Forward: a batch of B pairs is one (2B, T) batch, chosen rows first, padded together. Only the answer
+positions need the language-model head: the model computes logits for the last ``T - first answer position``
+positions only (``logits_to_keep``), so the prompt's logits (most of a chat example) are never built.
+
+Reference (``dpo``): the starting model's log-probs of every pair of every split, computed once before the
+first step in evaluation mode (no dropout) with the model being trained (a LoRA adapter is still zero then,
+so the model *is* the base) and cached in ``reference_logps.safetensors`` in the run folder: no second copy
+of the model is held, whatever the method, and a resumed run reads the cache back.
+
+Evaluation: loss, preference accuracy (implicit reward of chosen > rejected, as TRL's ``rewards/accuracies``),
+reward margins, per-token log-probs of both answers, the starting model's own length-normalised preference
+(``logp_accuracy``, meaningful before training too), the mean per-token log-ratio to the reference on the
+chosen answers; at the final evaluation answers generated for held-out prompts, scored against the chosen
+answers with the SFT text metrics and checked for which answer they resemble more (``prefers_chosen``).
+
+A shared module, not a task folder: the task folders import it, never each other.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+
+from lmtune.config import Config
+from lmtune.data.chat import end_of_turn_ids
+from lmtune.data.features import (
+    IGNORE_INDEX,
+    FeatureDataset,
+    SortedBatchSampler,
+    cached_features,
+    digest_records,
+    features_cache_key,
+)
+from lmtune.data.preference import (
+    PreferencePair,
+    RenderedPair,
+    pair_problems,
+    preference_splits,
+    read_preference_pairs,
+    render_pair,
+)
+from lmtune.data.table import format_locations
+from lmtune.errors import ConfigError, DataError, RunError
+from lmtune.evaluate.report import Report
+from lmtune.evaluate.text_metrics import generation_metrics
+from lmtune.models.generation import chat_prompt
+from lmtune.tasks.base import TaskData
+from lmtune.tasks.chat_tuning import ChatTuningTask, cell
+from lmtune.tasks.decoder import refuse_streaming
+from lmtune.tasks.preference_inspect import inspect_pairs, render_pairs_report
+from lmtune.tasks.preference_losses import completion_token_logps
+
+log = logging.getLogger(__name__)
+
+REFERENCE_FILE = "reference_logps.safetensors"
+
+
+class PairCollator:
+    """(2B, T) batches of B pairs: chosen rows then rejected rows, right-padded together, with the mask, the
+    labels (-100 off the answers) and each pair's index in its split (for the cached reference log-probs).
+
+    ``sides`` names the two rows of a feature (``chosen``/``rejected``; KTO: ``example``/``kl``); ``flags``
+    are per-example features passed through as (B,) tensors (KTO's ``desirable``)."""
+
+    def __init__(self, pad_token_id: int, sides: tuple[str, str] = ("chosen", "rejected"),
+                 flags: tuple[str, ...] = ()) -> None:
+        self.pad = pad_token_id
+        self.sides = sides
+        self.flags = flags
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        first, second = self.sides
+        rows = [(f[f"{first}_input_ids"], f[f"{first}_labels"]) for f in features]
+        rows += [(f[f"{second}_input_ids"], f[f"{second}_labels"]) for f in features]
+        width = max(len(ids) for ids, _ in rows)
+        input_ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (ids, lab) in enumerate(rows):
+            input_ids[i, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+            labels[i, : len(lab)] = torch.as_tensor(lab, dtype=torch.long)
+            mask[i, : len(ids)] = 1
+        batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels,
+                 "index": torch.tensor([int(f["index"]) for f in features], dtype=torch.long)}
+        for flag in self.flags:
+            batch[flag] = torch.tensor([int(f[flag]) for f in features], dtype=torch.long)
+        return batch
+
+
+class PairTask(ChatTuningTask):
+    """A decoder tuned on preference pairs; subclasses give :meth:`pair_losses` (and ``info``)."""
+
+    # Whether the loss compares with a reference model (dpo); orpo and simpo have none.
+    uses_reference = False
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.pref = config.preference
+        self.reference: dict[str, torch.Tensor] = {}  # split -> (N, 2) reference log-probs (chosen, rejected)
+        self._keeps_logits: bool | None = None
+        self._starting_model: str | None = None  # a saved run's base model folder (load_model_meta)
+        self.accelerator: Any = None  # the training run's (before_training)
+        # The rejected answers of the prompts being scored by generation (set by evaluate, read by text_scores).
+        self._rejected_answers: list[str] = []
+
+    @property
+    def packing(self) -> bool:
+        """Pairs are never packed (see :func:`check_pair_config`)."""
+        return False
+
+    @property
+    def rows_per_example(self) -> int:
+        """A pair's chosen and rejected answers go through the model together."""
+        return 2
+
+    @property
+    def beta(self) -> float:
+        """``preference.beta``, or the task's default."""
+        return self.pref.beta if self.pref.beta is not None else self.default_beta
+
+    default_beta = 0.1
+
+    # ------------------------------------------------------------------------------ data
+    def read_pairs(self, source: str) -> tuple[list[PreferencePair], dict[str, Any]]:
+        """Validated pairs of one source, and facts about it."""
+        return read_preference_pairs(source, self.data_cfg)
+
+    def prepare(self, tokenizer: Any) -> TaskData:
+        """Read, validate, split, render both answers with the chat template, check, and tokenise (cached)."""
+        self.tokenizer = tokenizer
+        if self.data_cfg.streaming:
+            raise ConfigError(f"data.streaming does not apply to task {self.config.task}")
+        splits, info = preference_splits(self.data_cfg, self.read_pairs)
+        d = self.data_cfg
+        features: dict[str, Any] = {}
+        lengths: dict[str, list[int]] = {}
+        prompts: dict[str, list[str]] = {}
+        chosen: dict[str, list[str]] = {}
+        rejected: dict[str, list[str]] = {}
+        for split, pairs in splits.items():
+            rendered = [render_pair(tokenizer, p, max_length=d.max_length, too_long=d.too_long,
+                                    special_tokens_in_content=d.special_tokens_in_content) for p in pairs]
+            kept = [(p, r) for p, r in zip(pairs, rendered, strict=True) if r is not None]
+            skipped = [p.line for p, r in zip(pairs, rendered, strict=True) if r is None]
+            if skipped:
+                log.warning("%s: %d of %d pairs are longer than data.max_length %d and were skipped (lines %s)%s",
+                            split, len(skipped), len(pairs), d.max_length, format_locations(skipped),
+                            "" if d.too_long == "truncate_left" else "; data.too_long: truncate_left keeps those "
+                            "whose answers fit")
+            if not kept:
+                raise DataError(f"no {split} pair fits data.max_length {d.max_length}",
+                                file=info[split].get("source", d.train), hint="raise data.max_length")
+            if split == "train":
+                info["preflight"] = self.pair_preflight([r for _, r in kept], tokenizer, d.train)
+            features[split], lengths[split] = self._pair_features(split, [r for _, r in kept], tokenizer)
+            info[split].update({
+                "pairs": len(kept), "skipped_too_long": len(skipped), "skipped_lines": skipped[:1000],
+                "truncated": sum(r.chosen.truncated_tokens > 0 for _, r in kept),
+                "tokens": sum(len(r.chosen.input_ids) + len(r.rejected.input_ids) for _, r in kept),
+            })
+            if split != "train":
+                limit = self.config.generation.eval_examples or len(kept)
+                prompts[split] = [chat_prompt(tokenizer, p.prompt) for p, _ in kept[:limit]]
+                chosen[split] = [p.chosen for p, _ in kept[:limit]]
+                rejected[split] = [p.rejected for p, _ in kept[:limit]]
+        info["chat_template"] = self.chat_template_source
+        return TaskData(splits=features, lengths=lengths, info=info,
+                        extra={"prompts": prompts, "references": chosen, "rejected": rejected})
+
+    def pair_preflight(self, pairs: list[RenderedPair], tokenizer: Any, source: str) -> dict[str, int]:
+        """Pre-flight checks of the rendered training pairs (no EOS at an answer's end ...): counts per problem;
+        a DataError for a problem in every pair or any double BOS, as for SFT."""
+        problems: dict[str, int] = {}
+        eos = end_of_turn_ids(tokenizer)  # once: looking it up scans the vocabulary
+        for pair in pairs:
+            for problem in set(pair_problems(tokenizer, pair, eos)):
+                problems[problem] = problems.get(problem, 0) + 1
+        for problem, count in problems.items():
+            msg = f"{count} of {len(pairs)} training pairs: {problem}"
+            if self.is_definite(problem, count, len(pairs)):
+                raise DataError(f"pre-flight check failed: {msg}", file=source,
+                                hint="`lmtune data inspect CONFIG` shows every check and the pairs as the model sees "
+                                "them")
+            log.warning("pre-flight: %s", msg)
+        return problems
+
+    def _pair_features(self, split: str, pairs: list[RenderedPair], tokenizer: Any
+                       ) -> tuple[FeatureDataset, list[int]]:
+        seqs = [(p.chosen.input_ids, p.chosen.labels, p.rejected.input_ids, p.rejected.labels) for p in pairs]
+        key = features_cache_key(self.info.name, digest_records(seqs), tokenizer,
+                                 {"max_length": self.data_cfg.max_length, "pairs": True})
+
+        def build() -> dict[str, list[Any]]:
+            return {"chosen_input_ids": [s[0] for s in seqs], "chosen_labels": [s[1] for s in seqs],
+                    "rejected_input_ids": [s[2] for s in seqs], "rejected_labels": [s[3] for s in seqs],
+                    "index": list(range(len(seqs))), "length": [max(len(s[0]), len(s[2])) for s in seqs]}
+
+        ds, hit = cached_features(key, build, use_cache=self.data_cfg.cache)
+        if hit:
+            log.info("%s pairs read from the feature cache (%s)", split, key[:12])
+        lens = ds.with_format(None)["length"]
+        ds.set_format(columns=[c for c in ds.column_names if c != "length"])
+        return FeatureDataset(ds, lens), lens
+
+    # ------------------------------------------------------------------------------ forward
+    def collator(self, tokenizer: Any) -> PairCollator:
+        """Chosen rows then rejected rows, right-padded together."""
+        return PairCollator(tokenizer.pad_token_id)
+
+    def num_items(self, batch: dict[str, torch.Tensor]) -> int:
+        """Pairs: the loss is a mean over pairs."""
+        return int(batch["index"].numel())
+
+    def _can_keep_logits(self, model: torch.nn.Module) -> bool:
+        """Whether the model's forward takes ``logits_to_keep`` (every causal LM of transformers 5 does)."""
+        if self._keeps_logits is None:
+            base: Any = model
+            for attr in ("module", "base_model", "model"):  # DDP, peft, peft's LoraModel
+                while hasattr(base, attr) and not hasattr(type(base), "prepare_inputs_for_generation"):
+                    base = getattr(base, attr)
+            self._keeps_logits = "logits_to_keep" in inspect.signature(type(base).forward).parameters
+        return self._keeps_logits
+
+    def sequence_logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(2B,) summed log-probs of each row's answer tokens and (2B,) their counts, in one forward."""
+        labels = batch["labels"]  # (2B, T)
+        width = labels.shape[1]
+        has_loss = labels[:, 1:] != IGNORE_INDEX  # (2B, T-1): position t predicts token t+1
+        first = int(has_loss.float().argmax(dim=1).min()) if bool(has_loss.any()) else 0
+        kwargs: dict[str, Any] = {"use_cache": False}
+        if self._can_keep_logits(model):
+            # Logits only from the first position that predicts an answer token on.
+            kwargs["logits_to_keep"] = width - first
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs).logits
+        per_token = completion_token_logps(logits, labels)  # (2B, T), 0 off the answers
+        return per_token.sum(dim=1), has_loss.sum(dim=1)
+
+    def pair_losses(self, logps: torch.Tensor, tokens: torch.Tensor, reference: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B,) per-pair losses and (B,) chosen and rejected rewards from (2B,) log-probs and token counts;
+        ``reference`` (B, 2) for tasks that use one."""
+        raise NotImplementedError
+
+    def load_model_meta(self, meta: dict[str, Any]) -> None:
+        """Remember the starting model of a saved run: evaluating it on new data needs its reference log-probs."""
+        self._starting_model = meta.get("base_model_path")
+
+    def _ensure_reference(self, split: str, data: TaskData, accelerator: Any) -> None:
+        """Reference log-probs of a split that has none yet (``lmtune eval`` of a saved run, on its splits or a
+        file): computed with the starting model, loaded for this once, as training did before its first step."""
+        if not self.uses_reference or split in self.reference:
+            return
+        if not self._starting_model or not Path(self._starting_model).is_dir():
+            raise RunError(f"the {split} pairs need the starting model's log-probs, and its folder is not there "
+                           f"({self._starting_model})", hint="evaluate on the machine that trained the run")
+        log.info("reference: loading the starting model %s to score the %s pairs", self._starting_model, split)
+        reference = self.build_model(Path(self._starting_model), data, self.tokenizer)
+        reference.to(accelerator.device).eval()
+        with torch.no_grad():
+            self.reference[split] = self._reference_pass(reference, accelerator, data.splits[split],
+                                                         data.lengths[split])
+        del reference
+
+    def _reference_of(self, split: str, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        if not self.uses_reference:
+            return None
+        table = self.reference.get(split)
+        if table is None:
+            raise RuntimeError(f"reference log-probs of the {split} split were not computed (before_training)")
+        return table[batch["index"].cpu()].to(batch["input_ids"].device)
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed per-pair losses of the micro-batch."""
+        logps, tokens = self.sequence_logps(model, batch)
+        losses, _, _ = self.pair_losses(logps, tokens, self._reference_of("train", batch))
+        return losses.sum()
+
+    def logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Next-token logits of every row (compared before and after saving)."""
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        return out.logits.float()  # (2B, T, vocab)
+
+    # ------------------------------------------------------------------------------ reference
+    def before_training(self, model: torch.nn.Module, accelerator: Any, data: TaskData, run_dir: Path,
+                        *, resuming: bool) -> None:
+        """The reference log-probs of every pair, computed once with the starting model (or read back)."""
+        self.accelerator = accelerator
+        if not self.uses_reference:
+            return
+        path = run_dir / REFERENCE_FILE
+        sizes = {split: len(ds) for split, ds in data.splits.items()}
+        if resuming and path.is_file():
+            cached = load_file(str(path))
+            if {s: int(t.shape[0]) for s, t in cached.items()} == sizes:
+                self.reference = cached
+                log.info("reference: log-probs of the starting model read back from %s", path.name)
+                return
+        start = time.perf_counter()
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                self.reference = {split: self._reference_pass(model, accelerator, ds, data.lengths[split])
+                                  for split, ds in data.splits.items()}
+        finally:
+            model.train(was_training)
+        if accelerator.is_main_process:
+            save_file({s: t.contiguous() for s, t in self.reference.items()}, str(path))
+        log.info("reference: the starting model's log-probs of %s pairs, computed once before training in %.1f s "
+                 "and cached in %s (no second model in memory)", " + ".join(f"{n:,} {s}" for s, n in sizes.items()),
+                 time.perf_counter() - start, path.name)
+
+    def _reference_pass(self, model: torch.nn.Module, accelerator: Any, dataset: Any, lengths: list[int]
+                        ) -> torch.Tensor:
+        """(N, 2) summed answer log-probs (chosen, rejected) of one split, shared out across processes."""
+        t = self.config.train
+        loader = DataLoader(dataset, batch_sampler=SortedBatchSampler(lengths, t.eval_batch_size or t.batch_size),
+                            collate_fn=self.collator(self.tokenizer), num_workers=t.num_workers)
+        loader = accelerator.prepare_data_loader(loader)
+        table = torch.zeros((len(dataset), 2), dtype=torch.float32)
+        for batch in loader:
+            logps, _ = self.sequence_logps(model, batch)
+            chosen, rejected = logps.float().chunk(2)
+            rows = torch.stack([batch["index"].float(), chosen, rejected], dim=1)  # (B, 3)
+            rows = accelerator.gather_for_metrics(rows).cpu()
+            table[rows[:, 0].long()] = rows[:, 1:]
+        return table
+
+    def plan_notes(self) -> list[str]:
+        """What the reference costs (dpo): one forward pass over the data before training, 8 bytes per pair."""
+        if not self.uses_reference:
+            return [f"task {self.config.task} needs no reference model"]
+        return ["reference: the starting model's log-probs of every pair are computed once before training (one "
+                "forward pass without gradients over every split, about a third of an epoch's compute) and cached "
+                "in the run folder; no second copy of the model is held"]
+
+    # ------------------------------------------------------------------------------ evaluation
+    def evaluate(self, model: Any, loader: Any, accelerator: Any, split: str, data: TaskData) -> dict[str, Any]:
+        """Preference metrics over the split's pairs; generation scores at the final evaluation."""
+        self._ensure_reference(split, data, accelerator)
+        total = torch.zeros(10, dtype=torch.float64)
+        for batch in loader:
+            logps, tokens = self.sequence_logps(model, batch)
+            ref = self._reference_of(split, batch)
+            losses, r_chosen, r_rejected = self.pair_losses(logps, tokens, ref)
+            lc, lr = logps.double().chunk(2)
+            nc, nr = tokens.double().clamp(min=1).chunk(2)
+            logratio = (lc - ref[:, 0].double()) / nc if ref is not None else torch.zeros_like(lc)
+            rows = torch.stack([
+                losses.double(), wins(r_chosen - r_rejected), (r_chosen - r_rejected).double(),
+                r_chosen.double(), r_rejected.double(), lc / nc, lr / nr, wins(lc / nc - lr / nr), logratio,
+                torch.ones_like(lc),
+            ], dim=1)  # (B, 10)
+            # Per row, so the rows Accelerate repeats to even out the last batches are dropped.
+            total += accelerator.gather_for_metrics(rows).double().sum(dim=0).cpu()
+        n = max(int(total[-1]), 1)
+        names = ["loss", "accuracy", "reward_margin", "chosen_reward", "rejected_reward", "chosen_logp_per_token",
+                 "rejected_logp_per_token", "logp_accuracy", "logratio_per_token"]
+        metrics: dict[str, Any] = {name: float(total[i] / n) for i, name in enumerate(names)}
+        if not self.uses_reference:
+            del metrics["logratio_per_token"]
+        metrics["pairs"] = n
+        if self.phase == "final" or self.config.generation.eval_during_training:
+            prompts = data.extra["prompts"].get(split, [])
+            if prompts:
+                self._rejected_answers = data.extra["rejected"][split]
+                metrics.update(self.generation_scores(accelerator.unwrap_model(model), accelerator, prompts,
+                                                      data.extra["references"][split]))
+        return metrics
+
+    def text_scores(self, texts: list[str], references: list[str]) -> dict[str, float]:
+        """The SFT text metrics against the chosen answers, and ``prefers_chosen``: the share of answers closer
+        (ROUGE-L) to the chosen answer than to the rejected one of their pair (ties count half)."""
+        scores = dict(generation_metrics(texts, references))
+        if len(self._rejected_answers) != len(texts):  # no rejected answer to compare with (kto without pairs)
+            return scores
+        won = 0.0
+        for text, chosen, rejected in zip(texts, references, self._rejected_answers, strict=True):
+            to_chosen = generation_metrics([text], [chosen])["rouge_l"]
+            to_rejected = generation_metrics([text], [rejected])["rouge_l"]
+            won += 1.0 if to_chosen > to_rejected else 0.5 if to_chosen == to_rejected else 0.0
+        scores["prefers_chosen"] = won / max(len(texts), 1)
+        return scores
+
+    # ------------------------------------------------------------------------------ report and inspect
+    def report_sections(self, report: Report, run_dir: Path, metrics: dict[str, Any], data: TaskData) -> None:
+        """Preference metrics and generation before and after, and example answers side by side."""
+        start = metrics.get("starting_point", {})
+        split = "test" if "test" in metrics else "validation"
+        tuned, base = metrics.get(split, {}), start.get(split, {})
+        if not tuned:
+            return
+        report.heading(f"Preferences on the {split} split", 3)
+        keys = ["accuracy", "reward_margin", "chosen_reward", "rejected_reward", "logp_accuracy",
+                "chosen_logp_per_token", "rejected_logp_per_token", "logratio_per_token", "loss"]
+        report.table(["metric", "starting model", "tuned model"],
+                     [[k, base.get(k), tuned.get(k)] for k in keys if k in tuned])
+        report.paragraph(f"{tuned.get('pairs')} held-out pairs. `accuracy`: pairs whose implicit reward ranks the "
+                         "chosen answer above the rejected one (a tie counts half: the starting model's rewards are "
+                         "all 0 under dpo); `logp_accuracy`: pairs where the model gives the chosen "
+                         "answer the higher log-probability per token (meaningful for the starting model too); "
+                         "`logratio_per_token`: mean log-ratio to the starting model on the chosen answers.")
+        if "rouge_l" in tuned:
+            report.heading(f"Answers generated on the {split} split", 3)
+            gen = ["prefers_chosen", "rouge_l", "token_f1", "chrf", "stopped_fraction", "mean_generated_words"]
+            report.table(["metric", "starting model", "tuned model"],
+                         [[k, base.get(k), tuned.get(k)] for k in gen if k in tuned])
+            report.paragraph("Scored against the chosen answers. `prefers_chosen`: answers closer (ROUGE-L) to the "
+                             "chosen answer than to the rejected one.")
+            before = {e["prompt"]: e for e in base.get("examples", [])}
+            rows = [[cell(e["prompt"][-200:]), cell(e["reference"]), cell(before.get(e["prompt"], {}).get(
+                "generated", "–")), cell(e["generated"])] for e in tuned.get("examples", [])]
+            if rows:
+                report.table(["prompt", "chosen answer", "starting model", "tuned model"], rows)
+
+    def inspect(self, source: str | None, *, examples: int = 3) -> dict[str, Any] | None:
+        """The pairs as the model will see them (:mod:`lmtune.tasks.preference_inspect`)."""
+        refuse_streaming(self.config)
+        return inspect_pairs(self.config, self.load_tokenizer(self.model_path()), source, examples=examples)
+
+    def render_inspection(self, report: dict[str, Any], console: Any) -> bool:
+        """Print :meth:`inspect`'s report as tables."""
+        render_pairs_report(report, console)
+        return True
+
+
+def wins(margins: torch.Tensor) -> torch.Tensor:
+    """(B,) 1 where the chosen answer wins, 0 where it loses, 0.5 for a tie: before DPO's first step every
+    implicit reward is exactly 0, and that is chance (0.5), not a model that is always wrong."""
+    return (margins > 0).double() + 0.5 * (margins == 0).double()

@@ -1,0 +1,249 @@
+"""The offline preference tasks (dpo, orpo, simpo, kto) on lmtune's loop: tiny decoder, SmolLM2's real tokenizer.
+
+The data is learnable in a few steps: the chosen answer to "Capital of X?" is X's capital, the rejected one
+another country's. The losses themselves equal TRL's (tests/test_preference_losses.py); these tests check what
+the tasks add: the one concatenated forward (and its logits_to_keep), the cached reference, the metrics, resume.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import lmtune
+from lmtune.config import load_config
+from lmtune.data.features import IGNORE_INDEX
+from lmtune.errors import ConfigError
+from lmtune.tasks import get_task
+from lmtune.tasks.preference_losses import dpo_losses
+from lmtune.training import checkpoint as ckpt
+from lmtune.workflows.plan import plan
+
+CAPITALS = {"France": "Paris", "Spain": "Madrid", "Peru": "Lima", "Japan": "Tokyo", "Italy": "Rome", "Egypt": "Cairo"}
+
+
+def pair_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        country = rng.choice(list(CAPITALS))
+        other = rng.choice([c for c in CAPITALS if c != country])
+        rows.append({"prompt": f"Capital of {country}? ({i})", "chosen": CAPITALS[country],
+                     "rejected": CAPITALS[other]})
+    return rows
+
+
+def kto_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for row in pair_rows(n // 2, seed):
+        out.append({"prompt": row["prompt"], "completion": row["chosen"], "label": True})
+        out.append({"prompt": row["prompt"], "completion": row["rejected"], "label": False})
+    random.Random(seed).shuffle(out)
+    return out
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _config(tmp_path: Path, model_dir: Path, task: str = "dpo", *, name: str = "run", **sections: Any
+            ) -> dict[str, Any]:
+    rows = kto_rows(240) if task == "kto" else pair_rows(200)
+    data = write_jsonl(tmp_path / f"{task}.jsonl", rows)
+    cfg: dict[str, Any] = {
+        "task": task, "model": str(model_dir),
+        "data": {"train": str(data), "max_length": 64},
+        "train": {"epochs": 3, "batch_size": 8, "learning_rate": 1e-2, "warmup_ratio": 0.0, "precision": "fp32"},
+        "generation": {"max_new_tokens": 4, "eval_examples": 6},
+        "output_dir": str(tmp_path / name),
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    return cfg
+
+
+def _naive_logps(model: Any, ids: list[int], labels: list[int]) -> float:
+    """Summed log-probs of one row's answer tokens, from a plain forward of the row alone."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].float()  # (T, V)
+    logp = torch.log_softmax(logits[:-1], dim=-1)
+    targets = torch.tensor(labels[1:])
+    keep = targets != IGNORE_INDEX
+    return float(logp[keep].gather(-1, targets[keep].unsqueeze(-1)).sum())
+
+
+# ------------------------------------------------------------------------------------------ training
+def test_dpo_learns_the_preference_and_caches_the_reference(tmp_path: Path, tiny_chat_llama_dir: Path) -> None:
+    run = lmtune.train(_config(tmp_path, tiny_chat_llama_dir), show_progress=False)
+    test, before = run.metrics["test"], run.metrics["starting_point"]["test"]
+    # Before the first step every implicit reward is 0: loss log 2, accuracy exactly chance (ties count half).
+    assert before["loss"] == pytest.approx(0.693147, abs=1e-5)
+    assert before["accuracy"] == 0.5 and before["reward_margin"] == 0.0
+    assert test["loss"] < before["loss"] - 0.02
+    assert test["accuracy"] >= 0.7 and test["reward_margin"] > 0
+    assert test["logp_accuracy"] > before["logp_accuracy"]
+    # chosen answers gained probability relative to the starting model, rejected ones lost some
+    assert test["chosen_reward"] > test["rejected_reward"]
+    # the reference: the starting model's log-probs of every pair, computed once and kept in the run folder
+    reference = load_file(str(run.path / "reference_logps.safetensors"))
+    data = json.loads((run.path / "data.json").read_text())
+    assert {s: t.shape[0] for s, t in reference.items()} == {s: data[s]["pairs"] for s in ("train", "validation", "test")}
+    assert "computed once before training" in (run.path / "train.log").read_text()
+    # the reference is what the starting model gives each pair alone (no padding, every logit)
+    task = get_task("dpo")(load_config(run.path / "config.yaml"))
+    tokenizer = task.load_tokenizer(Path(tiny_chat_llama_dir))
+    prepared = task.prepare(tokenizer)
+    start = AutoModelForCausalLM.from_pretrained(tiny_chat_llama_dir, dtype=torch.float32).eval()
+    for i in (0, 7):
+        row = prepared.splits["test"][i]
+        assert reference["test"][i, 0].item() == pytest.approx(
+            _naive_logps(start, row["chosen_input_ids"], row["chosen_labels"]), abs=1e-4)
+        assert reference["test"][i, 1].item() == pytest.approx(
+            _naive_logps(start, row["rejected_input_ids"], row["rejected_labels"]), abs=1e-4)
+    report = (run.path / "report.md").read_text()
+    assert "Preferences on the test split" in report and "starting model" in report
+
+
+def test_one_concatenated_forward_equals_each_row_alone(tmp_path: Path, tiny_chat_llama_dir: Path) -> None:
+    """The batch's logps (chosen and rejected padded together, logits only from the first answer position on)
+    equal each row's own; the task's loss is dpo_losses of them."""
+    cfg = load_config(_config(tmp_path, tiny_chat_llama_dir))
+    task = get_task("dpo")(cfg)
+    tokenizer = task.load_tokenizer(Path(tiny_chat_llama_dir))
+    data = task.prepare(tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_llama_dir, dtype=torch.float32).eval()
+    features = [data.splits["train"][i] for i in range(6)]
+    batch = task.collator(tokenizer)(features)
+    assert batch["input_ids"].shape[0] == 12  # (2B, T): chosen rows then rejected rows
+    calls: list[dict[str, Any]] = []
+    original = model.forward
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    model.forward = spy  # type: ignore[method-assign]
+    with torch.no_grad():
+        logps, tokens = task.sequence_logps(model, batch)
+    assert len(calls) == 1 and 0 < calls[0]["logits_to_keep"] < batch["input_ids"].shape[1]
+    for i, f in enumerate(features):
+        assert logps[i].item() == pytest.approx(_naive_logps(model, f["chosen_input_ids"], f["chosen_labels"]),
+                                                abs=1e-4)
+        assert logps[6 + i].item() == pytest.approx(
+            _naive_logps(model, f["rejected_input_ids"], f["rejected_labels"]), abs=1e-4)
+        assert tokens[i] == sum(label != IGNORE_INDEX for label in f["chosen_labels"][1:])
+    reference = torch.randn(6, 2) - 5
+    task.reference = {"train": torch.zeros(len(data.splits["train"]), 2)}
+    task.reference["train"][batch["index"]] = reference
+    with torch.no_grad():
+        loss = task.loss(model, batch)
+    expected, _, _ = dpo_losses(logps[:6], logps[6:], reference[:, 0], reference[:, 1], tokens[:6], tokens[6:],
+                                loss="sigmoid", beta=0.1)
+    assert loss.item() == pytest.approx(expected.sum().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize(("task", "settings"), [
+    ("dpo", {"loss": "ipo"}), ("dpo", {"loss": "hinge"}), ("dpo", {"loss": "robust", "label_smoothing": 0.1}),
+    ("dpo", {"label_smoothing": 0.1}), ("orpo", {}), ("simpo", {}), ("kto", {}),
+])
+def test_every_preference_loss_trains(task: str, settings: dict[str, Any], tmp_path: Path,
+                                      tiny_chat_llama_dir: Path) -> None:
+    cfg = _config(tmp_path, tiny_chat_llama_dir, task, preference=settings, train={"max_steps": 60})
+    if task == "simpo":
+        cfg["train"]["learning_rate"] = 3e-3
+    run = lmtune.train(cfg, show_progress=False)
+    test, before = run.metrics["test"], run.metrics["starting_point"]["test"]
+    assert test["loss"] < before["loss"]
+    assert test["accuracy"] > before["accuracy"]
+    assert test["reward_margin"] > before["reward_margin"]
+    if task == "orpo":  # supervised on the chosen answers too: it learns to stop
+        assert test["stopped_fraction"] > before["stopped_fraction"]
+
+
+def test_lora_reference_is_the_base_model(tmp_path: Path, tiny_chat_llama_dir: Path) -> None:
+    cfg = _config(tmp_path, tiny_chat_llama_dir, method={"name": "lora", "r": 8, "dropout": 0.0},
+                  train={"max_steps": 20, "learning_rate": 2e-2})
+    run = lmtune.train(cfg, show_progress=False)
+    assert run.metrics["test"]["accuracy"] > 0.5 and run.metrics["test"]["loss"] < 0.69
+    reference = load_file(str(run.path / "reference_logps.safetensors"))
+    task = get_task("dpo")(load_config(run.path / "config.yaml"))
+    data = task.prepare(task.load_tokenizer(Path(tiny_chat_llama_dir)))
+    start = AutoModelForCausalLM.from_pretrained(tiny_chat_llama_dir, dtype=torch.float32).eval()
+    row = data.splits["validation"][3]
+    assert reference["validation"][3, 0].item() == pytest.approx(
+        _naive_logps(start, row["chosen_input_ids"], row["chosen_labels"]), abs=1e-4)
+    # the merged model serves as a plain chat model that stops at its end-of-turn token
+    tokenizer = AutoTokenizer.from_pretrained(run.model_dir)
+    assert run.meta["eos_token_ids"] == [tokenizer.eos_token_id]
+
+
+class _Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("task", ["dpo", "kto"])
+def test_resume_equals_uninterrupted(task: str, tmp_path: Path, tiny_chat_llama_dir: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed after a mid-epoch checkpoint and resumed: identical weights and logged losses; the reference
+    log-probs are read back, not recomputed from the half-trained model."""
+    train = {"max_steps": 14, "save_every": 5, "eval_every": 7, "keep_checkpoints": 5, "log_every": 1}
+    whole = lmtune.train(_config(tmp_path, tiny_chat_llama_dir, task, name="whole", train=train), show_progress=False)
+    original = ckpt.save_checkpoint
+
+    def crash_after_step_10(acc: Any, folder: Path, step: int, state: dict[str, Any]) -> Path:
+        path = original(acc, folder, step, state)
+        if step == 10:
+            raise _Crash
+        return path
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", crash_after_step_10)
+    cfg = _config(tmp_path, tiny_chat_llama_dir, task, name="broken", train=train)
+    with pytest.raises(_Crash):
+        lmtune.train(cfg, show_progress=False)
+    monkeypatch.setattr(ckpt, "save_checkpoint", original)
+    resumed = lmtune.train(cfg, resume=True, show_progress=False)
+    assert "read back" in (resumed.path / "train.log").read_text()
+    a = load_file(str(whole.path / "model" / "model.safetensors"))
+    b = load_file(str(resumed.path / "model" / "model.safetensors"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
+
+    def tail(path: Path) -> list[float]:
+        rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if r["split"] == "train" and r["step"] > 10]
+
+    assert tail(whole.path) == tail(resumed.path)
+
+
+# ------------------------------------------------------------------------------------------ settings
+@pytest.mark.parametrize(("task", "section", "message"), [
+    ("orpo", {"preference": {"loss": "ipo"}}, "preference.loss"),
+    ("dpo", {"preference": {"gamma_beta_ratio": 1.0}}, "gamma_beta_ratio"),
+    ("dpo", {"preference": {"desirable_weight": 2.0}}, "desirable_weight"),
+    ("dpo", {"preference": {"loss": "hinge", "label_smoothing": 0.1}}, "label_smoothing"),
+    ("simpo", {"data": {"packing": True}}, "data.packing"),
+])
+def test_settings_that_do_not_apply_fail_at_load(task: str, section: dict[str, Any], message: str,
+                                                 tmp_path: Path) -> None:
+    cfg: dict[str, Any] = {"task": task, "model": "smollm2", "data": {"train": "pairs.jsonl"}}
+    for key, values in section.items():
+        cfg.setdefault(key, {}).update(values)
+    with pytest.raises(ConfigError, match=message):
+        load_config(cfg)
+
+
+def test_plan_counts_both_answers_and_the_reference(tmp_path: Path, tiny_chat_llama_dir: Path) -> None:
+    result = plan(_config(tmp_path, tiny_chat_llama_dir), suggest=False)
+    tokens = result.tokens
+    assert tokens["rows_per_example"] == 2
+    assert tokens["micro_batch_tokens"] == 8 * 2 * tokens["sequence_length"]
+    assert any("reference" in note and "computed once" in note for note in result.notes)
+    orpo = plan(_config(tmp_path, tiny_chat_llama_dir, "orpo"), suggest=False)
+    assert any("no reference" in note for note in orpo.notes)
