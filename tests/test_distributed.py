@@ -351,3 +351,34 @@ def test_two_processes_stream_disjoint_shards(tmp_path: Path, tiny_chat_llama_di
     assert metrics["test"]["perplexity"] < metrics["starting_point"]["test"]["perplexity"] / 5
     train = _rows(run, "train")
     assert train[-1]["loss"] < train[0]["loss"]
+
+
+@pytest.mark.slow
+def test_two_process_dpo_matches_one_process(tmp_path: Path, tiny_chat_llama_dir: Path) -> None:
+    """DPO on two processes: the reference log-probs are computed once, shared out across the processes and
+    gathered back (each pair's own), and the loss curve and held-out preference metrics equal one process
+    with accumulation 2."""
+    from test_preference_tasks import pair_rows, write_jsonl
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(200))
+    one, two = _one_and_two_processes(tmp_path, {
+        "task": "dpo", "model": str(tiny_chat_llama_dir),
+        "data": {"train": str(data), "max_length": 64},
+        # 12 steps x 2 batches of 4 stay inside the first epoch (160 training pairs): no batch is repeated
+        "train": {"max_steps": 12, "batch_size": 4, "learning_rate": 1e-2, "warmup_ratio": 0.0,
+                  "precision": "fp32", "log_every": 2, "eval_every": 6},
+        "generation": {"max_new_tokens": 4, "eval_examples": 5}})
+    a, b = _rows(one, "train"), _rows(two, "train")
+    assert len(a) == len(b) == 6
+    worst = max(abs(x["loss"] - y["loss"]) / abs(x["loss"]) for x, y in zip(a, b, strict=True))
+    assert worst <= LOSS_RTOL, f"loss curves differ by {worst:.2e}"
+    ra, rb = (load_file(str(p / "reference_logps.safetensors")) for p in (one, two))
+    assert ra.keys() == rb.keys()
+    assert all(torch.allclose(ra[k], rb[k], atol=1e-5) for k in ra)
+    m1, m2 = (json.loads((p / "metrics.json").read_text()) for p in (one, two))
+    assert m2["summary"]["num_processes"] == 2
+    for split in ("validation", "test"):
+        assert m2[split]["pairs"] == m1[split]["pairs"] == 20  # every pair counted once
+        for key in ("loss", "accuracy", "reward_margin", "logp_accuracy"):
+            assert m2[split][key] == pytest.approx(m1[split][key], rel=1e-4, abs=1e-6), key
+    print(f"DPO, two processes vs one: worst relative loss difference {worst:.2e}")

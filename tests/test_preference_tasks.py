@@ -134,6 +134,16 @@ def test_one_concatenated_forward_equals_each_row_alone(tmp_path: Path, tiny_cha
     with torch.no_grad():
         logps, tokens = task.sequence_logps(model, batch)
     assert len(calls) == 1 and 0 < calls[0]["logits_to_keep"] < batch["input_ids"].shape[1]
+    # through peft's wrapper too (LoRA runs): the keyword reaches the transformers model
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_chat_llama_dir, dtype=torch.float32),
+                          LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM")).eval()
+    lora_task = get_task("dpo")(cfg)
+    with torch.no_grad():
+        lora_logps, _ = lora_task.sequence_logps(lora, batch)
+    assert lora_task._keeps_logits is True
+    assert torch.allclose(lora_logps, task.sequence_logps(model, batch)[0], atol=1e-4)  # B = 0: the base model
     for i, f in enumerate(features):
         assert logps[i].item() == pytest.approx(_naive_logps(model, f["chosen_input_ids"], f["chosen_labels"]),
                                                 abs=1e-4)
@@ -247,3 +257,29 @@ def test_plan_counts_both_answers_and_the_reference(tmp_path: Path, tiny_chat_ll
     assert any("reference" in note and "computed once" in note for note in result.notes)
     orpo = plan(_config(tmp_path, tiny_chat_llama_dir, "orpo"), suggest=False)
     assert any("no reference" in note for note in orpo.notes)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_kl_to_the_reference_is_estimated_on_sampled_answers(method: str, tmp_path: Path,
+                                                             tiny_chat_llama_dir: Path) -> None:
+    """0 for the starting model; positive after tuning, whether the reference is LoRA's adapter-disabled base or
+    the starting model loaded for the estimate; and equal to a direct computation with the starting model."""
+    cfg = _config(tmp_path, tiny_chat_llama_dir, method={"name": method, "dropout": 0.0} if method == "lora"
+                  else {"name": method}, train={"max_steps": 20, "learning_rate": 2e-2})
+    run = lmtune.train(cfg, show_progress=False)
+    test, before = run.metrics["test"], run.metrics["starting_point"]["test"]
+    assert before["kl_per_token"] == 0.0
+    assert test["kl_per_token"] > 0 and test["kl_answers"] == 6
+    # the same estimate from the saved (merged) model and the starting model, outside the task
+    task = get_task("dpo")(load_config(run.path / "config.yaml"))
+    task.load_tokenizer(Path(tiny_chat_llama_dir))
+    task.trained = True
+    tuned = AutoModelForCausalLM.from_pretrained(run.model_dir, dtype=torch.float32).eval()
+    start = AutoModelForCausalLM.from_pretrained(tiny_chat_llama_dir, dtype=torch.float32).eval()
+    data = task.prepare(task.tokenizer)
+    batch = task.sample_answers(tuned, data.extra["prompts"]["test"][:6])
+    assert batch is not None
+    mask = batch["labels"][:, 1:] != IGNORE_INDEX
+    with torch.no_grad():
+        diff = task.token_logps(tuned, batch) - task.token_logps(start, batch)
+    assert test["kl_per_token"] == pytest.approx(float(diff[:, :-1][mask].sum() / mask.sum()), rel=1e-3)

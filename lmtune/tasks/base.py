@@ -154,11 +154,11 @@ class Task(Protocol):
         ...
 
     def before_training(self, model: torch.nn.Module, accelerator: Accelerator, data: TaskData, run_dir: Path,
-                        *, resuming: bool) -> None:
+                        *, resuming: bool, progress: Any = None) -> None:
         """Work done once with the starting model (prepared by Accelerate) before the starting point is scored
         and the first step is taken: e.g. preference tuning's reference log-probs, cached in ``run_dir`` and
         read back when ``resuming`` (the model is still the starting one: checkpoints load after this).
-        *default*: nothing."""
+        ``progress``: a rich Progress to show long work on (None: quiet). *default*: nothing."""
         return None
 
     def evaluation_phase(self, phase: str) -> None:

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
+from transformers import PreTrainedModel
 
 from lmtune.config import Config
 from lmtune.data.chat import end_of_turn_ids
@@ -57,7 +58,7 @@ from lmtune.data.table import format_locations
 from lmtune.errors import ConfigError, DataError, RunError
 from lmtune.evaluate.report import Report
 from lmtune.evaluate.text_metrics import generation_metrics
-from lmtune.models.generation import chat_prompt
+from lmtune.models.generation import chat_prompt, encode_prompt, rng_devices
 from lmtune.tasks.base import TaskData
 from lmtune.tasks.chat_tuning import ChatTuningTask, cell
 from lmtune.tasks.decoder import refuse_streaming
@@ -114,6 +115,8 @@ class PairTask(ChatTuningTask):
         self._keeps_logits: bool | None = None
         self._starting_model: str | None = None  # a saved run's base model folder (load_model_meta)
         self.accelerator: Any = None  # the training run's (before_training)
+        # Whether the model may differ from the reference: it took a step here, or it is a saved run's.
+        self.trained = False
         # The rejected answers of the prompts being scored by generation (set by evaluate, read by text_scores).
         self._rejected_answers: list[str] = []
 
@@ -226,13 +229,13 @@ class PairTask(ChatTuningTask):
         return int(batch["index"].numel())
 
     def _can_keep_logits(self, model: torch.nn.Module) -> bool:
-        """Whether the model's forward takes ``logits_to_keep`` (every causal LM of transformers 5 does)."""
+        """Whether the model's forward takes ``logits_to_keep`` (every causal LM of transformers 5 does). The
+        transformers model is the first ``PreTrainedModel`` inside the wrappers (DDP, peft, Accelerate's
+        autocast), which pass the keyword through."""
         if self._keeps_logits is None:
-            base: Any = model
-            for attr in ("module", "base_model", "model"):  # DDP, peft, peft's LoraModel
-                while hasattr(base, attr) and not hasattr(type(base), "prepare_inputs_for_generation"):
-                    base = getattr(base, attr)
-            self._keeps_logits = "logits_to_keep" in inspect.signature(type(base).forward).parameters
+            inner = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+            self._keeps_logits = inner is not None and "logits_to_keep" in inspect.signature(
+                type(inner).forward).parameters
         return self._keeps_logits
 
     def sequence_logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
@@ -259,6 +262,7 @@ class PairTask(ChatTuningTask):
     def load_model_meta(self, meta: dict[str, Any]) -> None:
         """Remember the starting model of a saved run: evaluating it on new data needs its reference log-probs."""
         self._starting_model = meta.get("base_model_path")
+        self.trained = True
 
     def _ensure_reference(self, split: str, data: TaskData, accelerator: Any) -> None:
         """Reference log-probs of a split that has none yet (``lmtune eval`` of a saved run, on its splits or a
@@ -286,6 +290,7 @@ class PairTask(ChatTuningTask):
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed per-pair losses of the micro-batch."""
+        self.trained = True
         logps, tokens = self.sequence_logps(model, batch)
         losses, _, _ = self.pair_losses(logps, tokens, self._reference_of("train", batch))
         return losses.sum()
@@ -297,7 +302,7 @@ class PairTask(ChatTuningTask):
 
     # ------------------------------------------------------------------------------ reference
     def before_training(self, model: torch.nn.Module, accelerator: Any, data: TaskData, run_dir: Path,
-                        *, resuming: bool) -> None:
+                        *, resuming: bool, progress: Any = None) -> None:
         """The reference log-probs of every pair, computed once with the starting model (or read back)."""
         self.accelerator = accelerator
         if not self.uses_reference:
@@ -315,7 +320,8 @@ class PairTask(ChatTuningTask):
         model.eval()
         try:
             with torch.no_grad():
-                self.reference = {split: self._reference_pass(model, accelerator, ds, data.lengths[split])
+                self.reference = {split: self._reference_pass(model, accelerator, ds, data.lengths[split],
+                                                              progress, f"reference {split}")
                                   for split, ds in data.splits.items()}
         finally:
             model.train(was_training)
@@ -325,20 +331,24 @@ class PairTask(ChatTuningTask):
                  "and cached in %s (no second model in memory)", " + ".join(f"{n:,} {s}" for s, n in sizes.items()),
                  time.perf_counter() - start, path.name)
 
-    def _reference_pass(self, model: torch.nn.Module, accelerator: Any, dataset: Any, lengths: list[int]
-                        ) -> torch.Tensor:
-        """(N, 2) summed answer log-probs (chosen, rejected) of one split, shared out across processes."""
+    def _reference_pass(self, model: torch.nn.Module, accelerator: Any, dataset: Any, lengths: list[int],
+                        progress: Any = None, what: str = "reference") -> torch.Tensor:
+        """(N, 2) summed answer log-probs (chosen, rejected) of one split, shared out across processes;
+        ``progress`` (a rich Progress) shows the pairs done."""
         t = self.config.train
         loader = DataLoader(dataset, batch_sampler=SortedBatchSampler(lengths, t.eval_batch_size or t.batch_size),
                             collate_fn=self.collator(self.tokenizer), num_workers=t.num_workers)
         loader = accelerator.prepare_data_loader(loader)
         table = torch.zeros((len(dataset), 2), dtype=torch.float32)
+        bar = progress.add_task(what, total=len(dataset)) if progress is not None else None
         for batch in loader:
             logps, _ = self.sequence_logps(model, batch)
             chosen, rejected = logps.float().chunk(2)
             rows = torch.stack([batch["index"].float(), chosen, rejected], dim=1)  # (B, 3)
             rows = accelerator.gather_for_metrics(rows).cpu()
             table[rows[:, 0].long()] = rows[:, 1:]
+            if bar is not None:
+                progress.advance(bar, rows.shape[0])
         return table
 
     def plan_notes(self) -> list[str]:
@@ -381,7 +391,93 @@ class PairTask(ChatTuningTask):
                 self._rejected_answers = data.extra["rejected"][split]
                 metrics.update(self.generation_scores(accelerator.unwrap_model(model), accelerator, prompts,
                                                       data.extra["references"][split]))
+                if self.uses_reference:
+                    metrics.update(self.kl_to_reference(accelerator.unwrap_model(model), accelerator, prompts,
+                                                        data))
         return metrics
+
+    def kl_to_reference(self, model: Any, accelerator: Any, prompts: list[str], data: TaskData) -> dict[str, Any]:
+        """``kl_per_token``: a Monte-Carlo estimate of KL(policy || reference) per answer token, from one answer
+        sampled (temperature 1, no top-p) from the tuned model for each of up to ``KL_PROMPTS`` held-out
+        prompts: the mean of ``log pi(token) - log ref(token)`` over the sampled tokens. The reference is
+        the LoRA model with its adapter disabled, or else the starting model loaded for this once (say so in the
+        log); before the first step the model is the reference and the estimate is 0."""
+        mine = prompts[: self.KL_PROMPTS][accelerator.process_index:: accelerator.num_processes]
+        if not self.trained:
+            return {"kl_per_token": 0.0, "kl_answers": min(len(prompts), self.KL_PROMPTS)}
+        batch = self.sample_answers(model, mine)
+        sums = torch.zeros(3, dtype=torch.float64)  # (log-ratio sum, tokens, answers)
+        if batch is not None:
+            was_training = model.training
+            model.eval()
+            try:
+                with torch.no_grad():
+                    policy = self.token_logps(model, batch)
+                    disable = getattr(model, "disable_adapter", None)
+                    if disable is not None:
+                        with disable():
+                            reference = self.token_logps(model, batch)
+                    else:
+                        starting = self._starting_model or str(self.model_path())
+                        log.info("KL to the reference: loading the starting model %s once to score %d sampled "
+                                 "answers", starting, batch["input_ids"].shape[0])
+                        ref_model = self.build_model(Path(starting), data, self.tokenizer).to(
+                            batch["input_ids"].device).eval()
+                        reference = self.token_logps(ref_model, batch)
+                        del ref_model
+            finally:
+                model.train(was_training)
+            mask = batch["labels"][:, 1:] != IGNORE_INDEX
+            sums += torch.tensor([float((policy - reference)[:, :-1][mask].sum()), float(mask.sum()),
+                                  float(mask.shape[0])], dtype=torch.float64)
+        if accelerator.num_processes > 1:
+            sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
+        return {"kl_per_token": float(sums[0] / sums[1].clamp(min=1)), "kl_answers": int(sums[2])}
+
+    KL_PROMPTS = 32
+
+    def token_logps(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(N, T) per-token log-probs of the answer tokens of ``batch`` under ``model``."""
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        return completion_token_logps(logits, batch["labels"])
+
+    def sample_answers(self, model: Any, prompts: list[str]) -> dict[str, torch.Tensor] | None:
+        """One answer sampled per prompt (temperature 1, seeded, the caller's RNG untouched), as right-padded
+        rows of prompt + answer with labels on the answer (its end-of-turn token included)."""
+        if not prompts:
+            return None
+        tokenizer = self.tokenizer
+        eos = sorted(end_of_turn_ids(tokenizer, getattr(model.generation_config, "eos_token_id", None)))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+        encoded = [encode_prompt(tokenizer, p) for p in prompts]
+        width = max(len(ids) for ids in encoded)
+        device = next(model.parameters()).device
+        input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(encoded), width), dtype=torch.long)
+        for i, ids in enumerate(encoded):
+            input_ids[i, width - len(ids):] = torch.tensor(ids)
+            attention[i, width - len(ids):] = 1
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=rng_devices(device)):
+                torch.manual_seed(self.config.generation.seed)
+                out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                     do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                                     max_new_tokens=self.config.generation.max_new_tokens, eos_token_id=eos,
+                                     pad_token_id=pad)
+        finally:
+            model.train(was_training)
+        rows = []
+        for i, ids in enumerate(encoded):
+            answer = out[i, width:].tolist()
+            stop = next((j for j, t in enumerate(answer) if t in eos), None)
+            answer = answer[: stop + 1] if stop is not None else answer
+            rows.append({"chosen_input_ids": ids + answer, "chosen_labels": [IGNORE_INDEX] * len(ids) + answer,
+                         "rejected_input_ids": ids, "rejected_labels": [IGNORE_INDEX] * len(ids), "index": i})
+        batch = PairCollator(pad)(rows)
+        n = len(rows)
+        return {k: v[:n].to(device) for k, v in batch.items() if k != "index"}
 
     def text_scores(self, texts: list[str], references: list[str]) -> dict[str, float]:
         """The SFT text metrics against the chosen answers, and ``prefers_chosen``: the share of answers closer
@@ -407,14 +503,16 @@ class PairTask(ChatTuningTask):
             return
         report.heading(f"Preferences on the {split} split", 3)
         keys = ["accuracy", "reward_margin", "chosen_reward", "rejected_reward", "logp_accuracy",
-                "chosen_logp_per_token", "rejected_logp_per_token", "logratio_per_token", "loss"]
+                "chosen_logp_per_token", "rejected_logp_per_token", "logratio_per_token", "kl_per_token", "loss"]
         report.table(["metric", "starting model", "tuned model"],
                      [[k, base.get(k), tuned.get(k)] for k in keys if k in tuned])
         report.paragraph(f"{tuned.get('pairs')} held-out pairs. `accuracy`: pairs whose implicit reward ranks the "
                          "chosen answer above the rejected one (a tie counts half: the starting model's rewards are "
                          "all 0 under dpo); `logp_accuracy`: pairs where the model gives the chosen "
                          "answer the higher log-probability per token (meaningful for the starting model too); "
-                         "`logratio_per_token`: mean log-ratio to the starting model on the chosen answers.")
+                         "`logratio_per_token`: mean log-ratio to the starting model on the chosen answers; `kl_per_token`: "
+                         "KL(tuned || starting model) per token, estimated on answers the tuned model sampled for "
+                         f"{tuned.get('kl_answers', 0)} held-out prompts.")
         if "rouge_l" in tuned:
             report.heading(f"Answers generated on the {split} split", 3)
             gen = ["prefers_chosen", "rouge_l", "token_f1", "chrf", "stopped_fraction", "mean_generated_words"]

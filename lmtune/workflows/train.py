@@ -299,7 +299,9 @@ def _train_in(cfg: Config, run_dir: Path, resume_from: Path | None, num_processe
                                 run_dir=run_dir, accelerator=accelerator,
                                 metrics_log=MetricsLog(run_dir / "metrics.jsonl", accelerator), head_names=head)
             loop.setup()
-            task.before_training(loop.model, accelerator, data, run_dir, resuming=resume_from is not None)
+            with make_progress(show_progress and accelerator.is_main_process) as progress:
+                task.before_training(loop.model, accelerator, data, run_dir, resuming=resume_from is not None,
+                                     progress=progress)
             starting = _starting_point(loop, run_dir, accelerator, resume_from is not None)
             if resume_from is not None:
                 loop.resume(resume_from)

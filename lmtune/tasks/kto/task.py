@@ -197,6 +197,7 @@ class KTOTask(PairTask):
                 self._rejected_answers = data.extra["rejected"][split]
                 metrics.update(self.generation_scores(accelerator.unwrap_model(model), accelerator, prompts,
                                                       data.extra["references"][split]))
+                metrics.update(self.kl_to_reference(accelerator.unwrap_model(model), accelerator, prompts, data))
         return metrics
 
     # ------------------------------------------------------------------------------ report and inspect
@@ -208,7 +209,7 @@ class KTOTask(PairTask):
         if not tuned:
             return
         report.heading(f"Judged answers on the {split} split", 3)
-        keys = ["accuracy", "reward_margin", "desirable_reward", "undesirable_reward", "kl", "loss",
+        keys = ["accuracy", "reward_margin", "desirable_reward", "undesirable_reward", "kl", "kl_per_token", "loss",
                 "prefers_chosen", "rouge_l", "token_f1", "stopped_fraction", "mean_generated_words"]
         report.table(["metric", "starting model", "tuned model"],
                      [[k, base.get(k), tuned.get(k)] for k in keys if k in tuned])
