@@ -521,7 +521,7 @@ class PairTask(ChatTuningTask):
             report.paragraph("Scored against the chosen answers. `prefers_chosen`: answers closer (ROUGE-L) to the "
                              "chosen answer than to the rejected one.")
             before = {e["prompt"]: e for e in base.get("examples", [])}
-            rows = [[cell(e["prompt"][-200:]), cell(e["reference"]), cell(before.get(e["prompt"], {}).get(
+            rows = [[cell(last_user_message(e["prompt"])), cell(e["reference"]), cell(before.get(e["prompt"], {}).get(
                 "generated", "–")), cell(e["generated"])] for e in tuned.get("examples", [])]
             if rows:
                 report.table(["prompt", "chosen answer", "starting model", "tuned model"], rows)
@@ -541,3 +541,15 @@ def wins(margins: torch.Tensor) -> torch.Tensor:
     """(B,) 1 where the chosen answer wins, 0 where it loses, 0.5 for a tie: before DPO's first step every
     implicit reward is exactly 0, and that is chance (0.5), not a model that is always wrong."""
     return (margins > 0).double() + 0.5 * (margins == 0).double()
+
+
+def last_user_message(prompt: str) -> str:
+    """The last user message of a rendered prompt (ChatML-like templates), for a report cell; the prompt's
+    end when no user turn marker is found."""
+    i = prompt.rfind("user\n")
+    if i < 0:
+        return prompt[-200:]
+    text = prompt[i + len("user\n"):]
+    for end in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>"):
+        text = text.split(end)[0]
+    return text.strip()

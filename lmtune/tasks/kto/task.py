@@ -32,7 +32,7 @@ from lmtune.models.generation import chat_prompt
 from lmtune.tasks.base import TaskData
 from lmtune.tasks.chat_tuning import cell
 from lmtune.tasks.kto.info import INFO
-from lmtune.tasks.preference import PairCollator, PairTask, wins
+from lmtune.tasks.preference import PairCollator, PairTask, last_user_message, wins
 from lmtune.tasks.preference_inspect import inspect_kto, render_kto_report
 from lmtune.tasks.preference_losses import kto_kl, kto_losses
 
@@ -217,7 +217,7 @@ class KTOTask(PairTask):
                          "(log-ratio to the starting model) is positive for a desirable answer and negative for an "
                          "undesirable one (0 counts half: the starting model's rewards are all 0); generation is "
                          "scored against the desirable answers.")
-        rows = [[cell(e["prompt"][-200:]), cell(e["reference"]), cell(e["generated"])]
+        rows = [[cell(last_user_message(e["prompt"])), cell(e["reference"]), cell(e["generated"])]
                 for e in tuned.get("examples", [])]
         if rows:
             report.table(["prompt", "desirable answer", "tuned model"], rows)
