@@ -140,6 +140,23 @@ def _judged_reviews(folder: Path) -> Path:
     return path
 
 
+def _questions(folder: Path) -> Path:
+    """Prompts for grpo: answered by the steerable model with a word or by stopping."""
+    rows = [{"prompt": f"Question {i}: is it {c}?"} for i, c in zip(range(48), ["red", "blue", "green"] * 16,
+                                                                    strict=True)]
+    path = folder / "prompts.jsonl"
+    path.write_text(_jsonl(rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def steerable_chat_llama_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir: Path) -> Path:
+    """grpo's tiny model: it answers with a few words or stops, so a reward on stopping is learnable."""
+    from test_grpo import steerable_llama
+
+    return steerable_llama(tmp_path_factory.mktemp("steerable-llama"), smollm2_tokenizer_dir)
+
+
 def _stories(folder: Path) -> Path:
     path = folder / "stories.txt"
     path.write_text(story_text(60), encoding="utf-8")
@@ -159,6 +176,8 @@ class Case:
     train_settings: dict[str, Any] = field(default_factory=dict)
     # The text whose logits the merged export must reproduce.
     probe: str = "the small cat watched the river"
+    # Further config sections, merged into the built config (grpo's rewards ...).
+    config: dict[str, Any] = field(default_factory=dict)
 
 
 PROMPTS = [{"prompt": "The small cat"}, {"prompt": "Capital of Peru?"}]
@@ -196,6 +215,10 @@ CASES: dict[str, Case] = {
         predict_rows=[{"prompt": "Your view?", "completion": "warm and sharp"},
                       {"prompt": "Your view?", "completion": "a tedious plot"}],
         data_settings={"max_length": 64}, train_settings={"max_steps": 24, "learning_rate": 3e-2}),
+    "grpo": Case(
+        model="steerable_chat_llama_dir", data=_questions, item="Question 1: is it red?", predict_rows=PROMPTS,
+        data_settings={"max_length": 64}, train_settings={"batch_size": 4},
+        config={"grpo": {"rewards": ["stops"]}, "generation": {"temperature": 1.0}}),
     "causal_lm": Case(
         model="tiny_chat_llama_dir", data=_stories, item="The small cat", predict_rows=PROMPTS,
         data_settings={"max_length": 64}),
@@ -253,6 +276,8 @@ def test_task_conforms(name: str, request: pytest.FixtureRequest, tmp_path: Path
     }
     if info.generates:
         config["generation"] = {"max_new_tokens": 4, "eval_examples": 2}
+    for section, values in case.config.items():
+        config[section] = {**config.get(section, {}), **values}
     config_path = tmp_path / "config.yaml"
     config_path.write_text(json.dumps(config), encoding="utf-8")  # JSON is YAML
 

@@ -181,7 +181,7 @@ class DataConfig(_Section):
         default_factory=dict,
         description="sft: your names for the standard fields, e.g. {instruction: question, output: answer} or "
         "{messages: dialog}. Keys: messages, conversations, instruction, input, output, system. Preference "
-        "tasks (dpo, orpo, simpo, reward, kto): prompt, chosen, rejected, completion, label, system.",
+        "tasks (dpo, orpo, simpo, reward, kto): prompt, chosen, rejected, completion, label, system; grpo: prompt.",
     )
     train_on: Literal["assistant", "last_assistant", "all"] = Field(
         "assistant",

@@ -8,6 +8,7 @@ from lmtune.tasks import (  # noqa: F401  (each registers itself)
     causal_lm,
     classification,
     dpo,
+    grpo,
     kto,
     orpo,
     question_answering,
