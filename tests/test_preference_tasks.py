@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import FILLER, NEGATIVE, POSITIVE
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -180,7 +181,15 @@ def test_every_preference_loss_trains(task: str, settings: dict[str, Any], tmp_p
 
 def test_lora_reference_is_the_base_model(tmp_path: Path, tiny_chat_llama_dir: Path) -> None:
     cfg = _config(tmp_path, tiny_chat_llama_dir, method={"name": "lora", "r": 8, "dropout": 0.0},
-                  train={"max_steps": 20, "learning_rate": 2e-2})
+                  train={"max_steps": 24, "learning_rate": 3e-2})
+    # A preference LoRA learns in a few steps: praise (one of two words) over blame (one of two others).
+    rng = random.Random(0)
+    rows = []
+    for i in range(160):
+        words = rng.sample(FILLER, rng.randint(0, 2))
+        rows.append({"prompt": f"Your view of film {i}?", "chosen": " ".join([*words, rng.choice(POSITIVE[:2])]),
+                     "rejected": " ".join([*words, rng.choice(NEGATIVE[:2])])})
+    cfg["data"]["train"] = str(write_jsonl(tmp_path / "reviews.jsonl", rows))
     run = lmtune.train(cfg, show_progress=False)
     assert run.metrics["test"]["accuracy"] > 0.5 and run.metrics["test"]["loss"] < 0.69
     reference = load_file(str(run.path / "reference_logps.safetensors"))
