@@ -34,7 +34,7 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from lmtune.config import DataConfig
 from lmtune.data.chat import (
@@ -71,7 +71,11 @@ LINES_KEPT = 1000
 
 _MESSAGE_LAYOUTS = (("role", "content"), ("from", "value"))
 
-R = TypeVar("R", "PreferencePair", "KTOExample")
+class _Located(Protocol):
+    line: int
+
+
+R = TypeVar("R", bound=_Located)
 
 
 @dataclass
@@ -530,21 +534,25 @@ def _log_skipped(source: str, skipped: dict[str, list[int]], what: str) -> None:
 
 
 def preference_splits(
-    data: DataConfig, read: Callable[[str], tuple[list[R], dict[str, Any]]], *, what: str = "pairs"
+    data: DataConfig, read: Callable[[str], tuple[list[R], dict[str, Any]]], *, what: str = "pairs",
+    key: Callable[[R], str] | None = None,
 ) -> tuple[dict[str, list[R]], dict[str, Any]]:
     """Records per split and facts about each, for any reader of one source (``read(source)``, e.g.
     ``lambda source: read_preference_pairs(source, data)``, or :func:`read_kto_examples` likewise): given validation/test files, else a seeded hold-out of train
     (``data.validation_size``/``test_size``, ``data.split_seed``); with ``data.deduplicate``, repeats of a whole
     record dropped in train and evaluation records that also occur in train dropped; ``data.max_samples`` per
     split (seeded, kept in line order). ``info[split]`` holds the reader's facts (a held-out split: its
-    ``source``) and ``duplicates_removed``.
+    ``source``) and ``duplicates_removed``. ``key``: what makes two records the same (default: every field of
+    the dataclass record but ``line``).
     """
     train, train_info = read(data.train)
     info: dict[str, Any] = {"train": train_info}
 
-    def key(record: R) -> str:
-        fields = {name: value for name, value in asdict(record).items() if name != "line"}
+    def whole_record(record: R) -> str:
+        fields = {name: value for name, value in asdict(record).items() if name != "line"}  # type: ignore[call-overload]
         return json.dumps(fields, ensure_ascii=False, sort_keys=True)
+
+    key = key or whole_record
 
     if data.deduplicate:
         unique = first_occurrences(train, key)

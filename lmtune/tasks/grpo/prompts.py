@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from dataclasses import dataclass
 from typing import Any
 
 from lmtune.config import DataConfig
+from lmtune.data.preference import preference_splits
 from lmtune.data.readers import read_table
-from lmtune.data.splits import first_occurrences, given_splits, hold_out
 from lmtune.data.table import column_suggestion
 from lmtune.errors import ConfigError, DataError
 from lmtune.models.text_generator import validate_prompt_messages
@@ -127,30 +126,6 @@ def _key(row: PromptRow) -> str:
 
 
 def prompt_splits(data: DataConfig) -> tuple[dict[str, list[PromptRow]], dict[str, Any]]:
-    """Prompts per split and facts about each (see the module docstring)."""
-    train, train_info = read_prompts(data.train, data)
-    info: dict[str, Any] = {"train": train_info}
-    if data.deduplicate:
-        unique = first_occurrences(train, _key)
-        train_info["duplicates_removed"] = len(train) - len(unique)
-        train = unique
-    train, splits, sources = hold_out(train, data, what="prompts")
-    for split, source in sources.items():
-        info[split] = {"source": source}
-    for split, source in given_splits(data).items():
-        splits[split], info[split] = read_prompts(source, data)
-    if data.deduplicate:
-        seen = {_key(row) for row in train}
-        for split in ("validation", "test"):
-            if split in splits:
-                rows = splits[split]
-                clean = [row for row in first_occurrences(rows, _key) if _key(row) not in seen]
-                info[split]["duplicates_removed"] = len(rows) - len(clean)
-                splits[split] = clean
-    splits["train"] = train
-    if data.max_samples:
-        rng = random.Random(data.split_seed)
-        for split, rows in splits.items():
-            if len(rows) > data.max_samples:
-                splits[split] = sorted(rng.sample(rows, data.max_samples), key=lambda row: row.line)
-    return splits, info
+    """Prompts per split and facts about each (see the module docstring): the split, de-duplication (on the
+    prompt's messages) and sampling of :func:`lmtune.data.preference.preference_splits`."""
+    return preference_splits(data, lambda source: read_prompts(source, data), what="prompts", key=_key)
