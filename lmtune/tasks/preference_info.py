@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from lmtune.config.tasks import TaskInfo
+
 PAIR_READS = ("preference pairs: prompt/chosen/rejected as text or message lists, or chosen/rejected whole "
               "conversations with a shared start (data.columns renames them)")
 PAIR_USAGE = ('from transformers import pipeline\n\nchat = pipeline("text-generation", model="{name}")\n'
@@ -43,3 +45,28 @@ def check_pair_task(config: Any) -> None:
     if pref.label_smoothing and (task in ("orpo", "kto") or (task == "dpo" and pref.loss not in ("sigmoid", "robust"))):
         raise ValueError("preference.label_smoothing applies to dpo with preference.loss sigmoid or robust, and to "
                          f"simpo; not to {task}" + (f" with loss {pref.loss}" if task == "dpo" else ""))
+
+
+def pair_task_info(name: str, summary: str) -> TaskInfo:
+    """The ``TaskInfo`` of a pair task (dpo, orpo, simpo): all that differs between them is the name and summary."""
+    return TaskInfo(
+        name=name,
+        summary=summary,
+        reads=PAIR_READS,
+        default_metric="accuracy",
+        auto_class="AutoModelForCausalLM",
+        pipeline_tag="text-generation",
+        usage=PAIR_USAGE,
+        headline_metrics=PAIR_HEADLINE,
+        comparison_metric="logp_accuracy",
+        card_metrics=PAIR_CARD_METRICS,
+        decoder=True,
+        chat=True,
+        generates=True,
+        endpoints=("/v1/chat/completions", "/v1/completions"),
+        check=check_pair_task,
+        bundled_data=("chatterbot_pairs",),
+        card_limitation="Preference tuning moves the model towards the chosen answers of its pairs and away from "
+                        "the rejected ones; it inherits every bias and error of those judgements, and a model tuned "
+                        "on few pairs can lose skills the pairs never exercised.",
+    )

@@ -1,33 +1,9 @@
 """What the rest of lmtune knows about the dpo task without running it (see ``TaskInfo``)."""
 
-from lmtune.config.tasks import TaskInfo
-from lmtune.tasks.preference_info import (
-    PAIR_CARD_METRICS,
-    PAIR_HEADLINE,
-    PAIR_READS,
-    PAIR_USAGE,
-    check_pair_task,
-)
+from lmtune.tasks.preference_info import pair_task_info
 
-INFO = TaskInfo(
-    name="dpo",
-    summary="direct preference optimisation: the model learns to prefer the chosen answer of each pair over the "
-            "rejected one, relative to its starting point (preference.loss: sigmoid, ipo, hinge, robust)",
-    reads=PAIR_READS,
-    default_metric="accuracy",
-    auto_class="AutoModelForCausalLM",
-    pipeline_tag="text-generation",
-    usage=PAIR_USAGE,
-    headline_metrics=PAIR_HEADLINE,
-    comparison_metric="logp_accuracy",
-    card_metrics=PAIR_CARD_METRICS,
-    decoder=True,
-    chat=True,
-    generates=True,
-    endpoints=("/v1/chat/completions", "/v1/completions"),
-    check=check_pair_task,
-    bundled_data=("chatterbot_pairs",),
-    card_limitation="Preference tuning moves the model towards the chosen answers of its pairs and away from the "
-                    "rejected ones; it inherits every bias and error of those judgements, and a model tuned on few "
-                    "pairs can lose skills the pairs never exercised.",
+INFO = pair_task_info(
+    "dpo",
+    "direct preference optimisation: the model learns to prefer the chosen answer of each pair over the "
+    "rejected one, relative to its starting point (preference.loss: sigmoid, ipo, hinge, robust)",
 )
