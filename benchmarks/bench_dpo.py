@@ -11,8 +11,10 @@ chosen and rejected through the model together), max_length 192, fp32, sigmoid D
                         with --lora the reference is the same model with the adapter disabled, run every step
     trl_dpo_precompute  precompute_ref_log_probs=True: the reference log-probs of every pair once, before training
                         (in DPOTrainer.__init__), as lmtune does
-    lmtune_dpo          ``lmtune.train``, task dpo: one (2B, T) forward with logits only from the first answer
-                        position (``logits_to_keep``); reference log-probs computed once before the first step
+    lmtune_dpo          ``lmtune.train``, task dpo: one forward of B rows, each the prompt once and both answers
+                        (a 4D mask keeps the rejected answer from seeing the chosen one), with logits only from
+                        the first answer position (``logits_to_keep``); reference log-probs computed once before
+                        the first step
 
 ``--lora``: the same three with LoRA (r 16, alpha 32, dropout 0, all linear layers of the blocks).
 
@@ -28,8 +30,9 @@ Each variant runs in its own subprocess with the same torch thread count (``--th
 variants alternate across repeats. Timing is taken the same way for every variant, outside the code under test: a
 ``perf_counter`` stamp at the end of each optimizer step (TRL: ``on_step_end``; lmtune: after
 ``optimizer.zero_grad``, the last call of its step) and the real (non-pad) tokens of both rows of every pair of
-each trained batch (``attention_mask.sum()`` of the (2B, T) batch; TRL in ``training_step``, lmtune where its
-task computes the loss). Steady tokens/s = real tokens of the steps after ``--warmup-steps`` / time from the end of
+each trained batch (TRL: ``attention_mask.sum()`` of its (2B, T) batch in ``training_step``; lmtune: the same
+count, ``num_real_tokens`` of its shared-prompt rows, where its task computes the loss; the prompt is counted
+twice for both, although lmtune computes it once: the slot tokens, padding included, show what each computed on). Steady tokens/s = real tokens of the steps after ``--warmup-steps`` / time from the end of
 the last warm-up step to the end of the last step. The time inside the loss call (the forward passes and the loss:
 TRL ``compute_loss``, lmtune ``task.loss``) is recorded too; the rest of a step is backward, clipping and AdamW.
 
@@ -356,8 +359,11 @@ def child_lmtune(workdir: Path, model_dir: Path, variant: str, args: argparse.Na
     original_pass = PairTask._reference_pass
 
     def loss(self: Any, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        mask = batch["attention_mask"]  # (2B, T): chosen rows then rejected rows
-        log.batch(int(mask.sum()), mask.numel())
+        # One row per pair (the prompt once, then both answers): the real tokens are both answers' rows as TRL
+        # holds them (num_real_tokens), the slots what the forward computed on.
+        mask = batch["attention_mask"]
+        log.batch(int(batch["num_real_tokens"].sum()) if "num_real_tokens" in batch else int(mask.sum()),
+                  mask.numel())
         if log.first_logps is None:  # step 1: the policy is the starting model, whose log-probs are cached
             reference = self.reference["train"][batch["index"].cpu()]  # (B, 2): chosen, rejected
             log.first_logps = [float(x) for x in reference.double().mean(dim=0)]

@@ -23,6 +23,7 @@ from lmtune.config import load_config
 from lmtune.data.features import IGNORE_INDEX
 from lmtune.errors import ConfigError
 from lmtune.tasks import get_task
+from lmtune.tasks.preference import PairCollator, separate_rows, shared_prefix
 from lmtune.tasks.preference_losses import dpo_losses
 from lmtune.training import checkpoint as ckpt
 from lmtune.workflows.plan import plan
@@ -114,16 +115,22 @@ def test_dpo_learns_the_preference_and_caches_the_reference(tmp_path: Path, tiny
 
 
 def test_one_concatenated_forward_equals_each_row_alone(tmp_path: Path, tiny_chat_llama_dir: Path) -> None:
-    """The batch's logps (chosen and rejected padded together, logits only from the first answer position on)
-    equal each row's own; the task's loss is dpo_losses of them."""
+    """The batch's logps (one row per pair, the prompt shared by both answers, logits only from the first answer
+    position on) equal each answer's own, with SDPA, eager attention, through peft and as separate rows; the
+    task's loss is dpo_losses of them."""
     cfg = load_config(_config(tmp_path, tiny_chat_llama_dir))
     task = get_task("dpo")(cfg)
     tokenizer = task.load_tokenizer(Path(tiny_chat_llama_dir))
     data = task.prepare(tokenizer)
     model = AutoModelForCausalLM.from_pretrained(tiny_chat_llama_dir, dtype=torch.float32).eval()
+    assert model.config._attn_implementation == "sdpa"
     features = [data.splits["train"][i] for i in range(6)]
     batch = task.collator(tokenizer)(features)
-    assert batch["input_ids"].shape[0] == 12  # (2B, T): chosen rows then rejected rows
+    lengths = [(len(f["chosen_input_ids"]), len(f["rejected_input_ids"])) for f in features]
+    # (B, T): each row holds the prompt once, then both answers; T is well under the two rows it replaces
+    assert batch["input_ids"].shape[0] == 6 and batch["input_ids"].shape[1] < max(c + r for c, r in lengths)
+    assert batch["num_real_tokens"].tolist() == [c + r for c, r in lengths]
+    assert bool((batch["bridge_from"] > 0).all())  # every rejected answer's first token is scored from the prompt
     calls: list[dict[str, Any]] = []
     original = model.forward
 
@@ -135,7 +142,18 @@ def test_one_concatenated_forward_equals_each_row_alone(tmp_path: Path, tiny_cha
     with torch.no_grad():
         logps, tokens = task.sequence_logps(model, batch)
     assert len(calls) == 1 and 0 < calls[0]["logits_to_keep"] < batch["input_ids"].shape[1]
-    # through peft's wrapper too (LoRA runs): the keyword reaches the transformers model
+    assert calls[0]["attention_mask"].shape == (6, 1, batch["input_ids"].shape[1], batch["input_ids"].shape[1])
+    # eager attention takes the mask as additive floats; the same log-probs
+    eager = AutoModelForCausalLM.from_pretrained(tiny_chat_llama_dir, dtype=torch.float32,
+                                                 attn_implementation="eager").eval()
+    with torch.no_grad():
+        assert torch.allclose(get_task("dpo")(cfg).sequence_logps(eager, batch)[0], logps, atol=1e-4)
+        # the same pairs as (2B, T) separate rows (attention that takes no 4D mask)
+        separate = separate_rows(batch, tokenizer.pad_token_id)
+        assert separate["input_ids"].shape[0] == 12
+        assert torch.allclose(task.sequence_logps(model, separate)[0], logps, atol=1e-4)
+        assert torch.equal(task.sequence_logps(model, separate)[1], tokens)
+    # through peft's wrapper too (LoRA runs): the keywords reach the transformers model
     from peft import LoraConfig, get_peft_model
 
     lora = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_chat_llama_dir, dtype=torch.float32),
@@ -144,13 +162,14 @@ def test_one_concatenated_forward_equals_each_row_alone(tmp_path: Path, tiny_cha
     with torch.no_grad():
         lora_logps, _ = lora_task.sequence_logps(lora, batch)
     assert lora_task._keeps_logits is True
-    assert torch.allclose(lora_logps, task.sequence_logps(model, batch)[0], atol=1e-4)  # B = 0: the base model
+    assert torch.allclose(lora_logps, logps, atol=1e-4)  # B = 0: the base model
     for i, f in enumerate(features):
         assert logps[i].item() == pytest.approx(_naive_logps(model, f["chosen_input_ids"], f["chosen_labels"]),
                                                 abs=1e-4)
         assert logps[6 + i].item() == pytest.approx(
             _naive_logps(model, f["rejected_input_ids"], f["rejected_labels"]), abs=1e-4)
         assert tokens[i] == sum(label != IGNORE_INDEX for label in f["chosen_labels"][1:])
+        assert tokens[6 + i] == sum(label != IGNORE_INDEX for label in f["rejected_labels"][1:])
     reference = torch.randn(6, 2) - 5
     task.reference = {"train": torch.zeros(len(data.splits["train"]), 2)}
     task.reference["train"][batch["index"]] = reference
@@ -292,3 +311,45 @@ def test_kl_to_the_reference_is_estimated_on_sampled_answers(method: str, tmp_pa
     with torch.no_grad():
         diff = task.token_logps(tuned, batch) - task.token_logps(start, batch)
     assert test["kl_per_token"] == pytest.approx(float(diff[:, :-1][mask].sum() / mask.sum()), rel=1e-3)
+
+
+def test_shared_prompt_rows_score_every_answer_as_separate_rows_do(tmp_path: Path, tiny_chat_llama_dir: Path
+                                                                   ) -> None:
+    """Edge cases of the shared layout: answers with a common start (only the loss-free prompt is shared),
+    prompts that differ after a common start (left truncation cut them differently: no bridge token), a
+    one-token answer, and a batch that mixes them; log-probs, counts and gradients equal the separate rows'."""
+    ignore = IGNORE_INDEX
+
+    def feature(index: int, prompt: list[int], chosen: list[int], rejected: list[int],
+                rejected_prompt: list[int] | None = None) -> dict[str, Any]:
+        r_prompt = prompt if rejected_prompt is None else rejected_prompt
+        return {"chosen_input_ids": prompt + chosen, "chosen_labels": [ignore] * len(prompt) + chosen,
+                "rejected_input_ids": r_prompt + rejected, "rejected_labels": [ignore] * len(r_prompt) + rejected,
+                "index": index}
+
+    features = [
+        feature(0, [5, 6, 7, 8], [20, 21, 22], [30, 31]),
+        feature(1, [5, 6, 9], [40, 41, 42, 43], [40, 44]),  # both answers start with token 40
+        feature(2, [5, 6, 7, 8, 9], [50, 51], [52, 53, 54], rejected_prompt=[5, 6, 11, 8, 9]),
+        feature(3, [5, 10], [60], [61, 62, 63, 64, 65]),
+    ]
+    assert shared_prefix(features[1]["chosen_input_ids"], features[1]["chosen_labels"],
+                         features[1]["rejected_input_ids"], features[1]["rejected_labels"]) == 3
+    shared = PairCollator(0, share_prompt=True)(features)
+    separate = PairCollator(0)(features)
+    assert shared["bridge_from"].tolist() == [3, 2, -1, 1]  # sample 2's rejected side goes on with prompt tokens
+    assert shared["segments"][2].tolist()[:2] == [0, 0]
+    cfg = load_config(_config(tmp_path, tiny_chat_llama_dir))
+    task = get_task("dpo")(cfg)
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_llama_dir, dtype=torch.float32)
+    logps, tokens = task.sequence_logps(model, shared)
+    logps.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    expected, expected_tokens = task.sequence_logps(model, separate)
+    expected.sum().backward()
+    assert torch.allclose(logps, expected, atol=1e-5)
+    assert torch.equal(tokens, expected_tokens)
+    assert tokens.tolist() == [3, 4, 2, 1, 2, 2, 3, 5]
+    for got, want in zip(grads, (p.grad for p in model.parameters()), strict=True):
+        assert torch.allclose(got, want, atol=1e-5)

@@ -5,9 +5,11 @@ Data: preference pairs (a prompt, a chosen and a rejected answer) in TRL's stand
 implicit-prompt shapes, read and rendered by :mod:`lmtune.data.preference` with the model's chat template
 exactly as ``sft`` renders a conversation; each answer carries loss up to and including its end-of-turn token.
 
-Forward: a batch of B pairs is one (2B, T) batch, chosen rows first, padded together. Only the answer
-positions need the language-model head: the model computes logits for the last ``T - first answer position``
-positions only (``logits_to_keep``), so the prompt's logits (most of a chat example) are never built.
+Forward: a batch of B pairs is B rows of ``prompt + chosen answer + rejected answer`` (:class:`PairCollator`
+with ``share_prompt``): the prompt goes through the model once, and a 4D attention mask keeps the rejected
+answer from seeing the chosen one, so each answer's log-probs are those of its own row. Only the answer
+positions need the language-model head: the model computes logits from the first answer position on only
+(``logits_to_keep``), so the prompt's logits (most of a chat example) are never built.
 
 Reference (``dpo``): the starting model's log-probs of every pair of every split, computed once before the
 first step in evaluation mode (no dropout) with the model being trained (a LoRA adapter is still zero then,
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
@@ -71,19 +74,40 @@ REFERENCE_FILE = "reference_logps.safetensors"
 
 
 class PairCollator:
-    """(2B, T) batches of B pairs: chosen rows then rejected rows, right-padded together, with the mask, the
-    labels (-100 off the answers) and each pair's index in its split (for the cached reference log-probs).
+    """Batches of B pairs, in one of two layouts.
 
-    ``sides`` names the two rows of a feature (``chosen``/``rejected``; KTO: ``example``/``kl``); ``flags``
-    are per-example features passed through as (B,) tensors (KTO's ``desirable``)."""
+    Separate rows (``share_prompt`` False; KTO, reward models): a (2B, T) batch, chosen rows then rejected rows,
+    right-padded together, with the mask and the labels (-100 off the answers).
+
+    Shared prompt (``share_prompt`` True; dpo, orpo, simpo): one row per pair, ``prompt + chosen answer + rejected
+    answer``, so the prompt goes through the model once instead of twice. ``segments`` (B, T) mark each
+    position: 0 the prompt both sides share (the longest common start without loss), 1 the rest of the chosen
+    side, 2 the rest of the rejected side, -1 padding; ``position_ids`` restart the rejected part where the
+    prompt ends, and :func:`shared_prompt_mask` lets its tokens see the prompt and each other, never the chosen
+    answer, so every token gets the log-probability it has in its own row. ``labels`` hold both answers at their
+    places in the row, except the rejected side's first token after the prompt: the position before it is the
+    prompt's last, so it is scored apart (``bridge_token``, predicted from position ``bridge_from``; -100 and -1
+    when there is none). ``num_real_tokens`` counts the tokens of both sides, as the separate layout holds them.
+
+    Both layouts carry each pair's index in its split (for the cached reference log-probs). ``sides`` names the
+    two rows of a feature (``chosen``/``rejected``; KTO: ``example``/``kl``); ``flags`` are per-example
+    features passed through as (B,) tensors (KTO's ``desirable``)."""
 
     def __init__(self, pad_token_id: int, sides: tuple[str, str] = ("chosen", "rejected"),
-                 flags: tuple[str, ...] = ()) -> None:
+                 flags: tuple[str, ...] = (), *, share_prompt: bool = False) -> None:
         self.pad = pad_token_id
         self.sides = sides
         self.flags = flags
+        self.share_prompt = share_prompt
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self._shared(features) if self.share_prompt else self._separate(features)
+        batch["index"] = torch.tensor([int(f["index"]) for f in features], dtype=torch.long)
+        for flag in self.flags:
+            batch[flag] = torch.tensor([int(f[flag]) for f in features], dtype=torch.long)
+        return batch
+
+    def _separate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         first, second = self.sides
         rows = [(f[f"{first}_input_ids"], f[f"{first}_labels"]) for f in features]
         rows += [(f[f"{second}_input_ids"], f[f"{second}_labels"]) for f in features]
@@ -95,11 +119,91 @@ class PairCollator:
             input_ids[i, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
             labels[i, : len(lab)] = torch.as_tensor(lab, dtype=torch.long)
             mask[i, : len(ids)] = 1
-        batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels,
-                 "index": torch.tensor([int(f["index"]) for f in features], dtype=torch.long)}
-        for flag in self.flags:
-            batch[flag] = torch.tensor([int(f[flag]) for f in features], dtype=torch.long)
-        return batch
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+    def _shared(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        first, second = self.sides
+        rows = []
+        for f in features:
+            c_ids, c_lab = list(f[f"{first}_input_ids"]), list(f[f"{first}_labels"])
+            r_ids, r_lab = list(f[f"{second}_input_ids"]), list(f[f"{second}_labels"])
+            shared = shared_prefix(c_ids, c_lab, r_ids, r_lab)
+            rows.append((c_ids, c_lab, r_ids, r_lab, shared))
+        width = max(len(c) + len(r) - s for c, _, r, _, s in rows)
+        n = len(rows)
+        input_ids = torch.full((n, width), self.pad, dtype=torch.long)
+        labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+        segments = torch.full((n, width), -1, dtype=torch.long)
+        positions = torch.zeros((n, width), dtype=torch.long)
+        bridge_token = torch.full((n,), IGNORE_INDEX, dtype=torch.long)
+        bridge_from = torch.full((n,), -1, dtype=torch.long)
+        real = torch.zeros((n,), dtype=torch.long)
+        for i, (c_ids, c_lab, r_ids, r_lab, s) in enumerate(rows):
+            c, r = len(c_ids), len(r_ids)
+            end = c + r - s
+            input_ids[i, :c] = torch.as_tensor(c_ids, dtype=torch.long)
+            input_ids[i, c:end] = torch.as_tensor(r_ids[s:], dtype=torch.long)
+            labels[i, :c] = torch.as_tensor(c_lab, dtype=torch.long)
+            labels[i, c:end] = torch.as_tensor(r_lab[s:], dtype=torch.long)
+            segments[i, :s], segments[i, s:c], segments[i, c:end] = 0, 1, 2
+            positions[i, :c] = torch.arange(c)
+            positions[i, c:end] = torch.arange(s, r)
+            positions[i, end:] = torch.arange(width - end)
+            if s and s < r and r_lab[s] != IGNORE_INDEX:
+                # The rejected side's first token after the prompt: its predecessor is the prompt's last token.
+                labels[i, c] = IGNORE_INDEX
+                bridge_token[i], bridge_from[i] = r_lab[s], s - 1
+            real[i] = c + r
+        return {"input_ids": input_ids, "attention_mask": (segments >= 0).long(), "labels": labels,
+                "segments": segments, "position_ids": positions, "bridge_token": bridge_token,
+                "bridge_from": bridge_from, "num_real_tokens": real}
+
+
+def shared_prefix(c_ids: list[int], c_lab: list[int], r_ids: list[int], r_lab: list[int]) -> int:
+    """How many leading tokens two rows share without loss on either (their prompt), at most all but one
+    token of each row (so each side keeps a token of its own)."""
+    limit = min(len(c_ids), len(r_ids)) - 1
+    s = 0
+    while s < limit and c_ids[s] == r_ids[s] and c_lab[s] == IGNORE_INDEX and r_lab[s] == IGNORE_INDEX:
+        s += 1
+    return s
+
+
+def shared_prompt_mask(segments: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The (B, 1, T, T) attention mask of shared-prompt rows (:class:`PairCollator`): causal, no padding keys,
+    and no rejected token sees a chosen one. Boolean (True: attend) for SDPA, or additive in ``dtype`` (0 or its
+    lowest value) for eager attention."""
+    width = segments.shape[1]
+    causal = torch.ones((width, width), dtype=torch.bool, device=segments.device).tril()
+    keys, queries = segments[:, None, :], segments[:, :, None]  # (B, 1, T) and (B, T, 1)
+    allow = causal & (keys >= 0) & ~((queries == 2) & (keys == 1))
+    allow = allow[:, None]  # (B, 1, T, T)
+    if dtype is None:
+        return allow
+    return torch.zeros(allow.shape, dtype=dtype, device=segments.device).masked_fill(~allow, torch.finfo(dtype).min)
+
+
+def separate_rows(batch: dict[str, torch.Tensor], pad: int = 0) -> dict[str, torch.Tensor]:
+    """The (2B, T) separate-rows batch (chosen rows, then rejected rows) of a shared-prompt batch: for models
+    whose attention takes no 4D mask."""
+    chosen, rejected = [], []
+    for i in range(batch["input_ids"].shape[0]):
+        seg, ids, lab = batch["segments"][i], batch["input_ids"][i], batch["labels"][i]
+        c, r = (seg == 0) | (seg == 1), (seg == 0) | (seg == 2)
+        r_lab = lab[r].clone()
+        if int(batch["bridge_from"][i]) >= 0:
+            r_lab[int(batch["bridge_from"][i]) + 1] = batch["bridge_token"][i]
+        chosen.append((ids[c], lab[c]))
+        rejected.append((ids[r], r_lab))
+    rows = chosen + rejected
+    width = max(len(ids) for ids, _ in rows)
+    device = batch["input_ids"].device
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long, device=device)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long, device=device)
+    mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    for i, (ids, lab) in enumerate(rows):
+        input_ids[i, : len(ids)], labels[i, : len(lab)], mask[i, : len(ids)] = ids, lab, 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
 class PairTask(ChatTuningTask):
@@ -127,7 +231,8 @@ class PairTask(ChatTuningTask):
 
     @property
     def rows_per_example(self) -> int:
-        """A pair's chosen and rejected answers go through the model together."""
+        """A pair's chosen and rejected answers go through the model together (in one row that holds the
+        prompt once: :class:`PairCollator`; the plan's two rows of ``max_length`` bound it)."""
         return 2
 
     @property
@@ -221,37 +326,96 @@ class PairTask(ChatTuningTask):
 
     # ------------------------------------------------------------------------------ forward
     def collator(self, tokenizer: Any) -> PairCollator:
-        """Chosen rows then rejected rows, right-padded together."""
-        return PairCollator(tokenizer.pad_token_id)
+        """One row per pair, the prompt shared by both answers."""
+        return PairCollator(tokenizer.pad_token_id, share_prompt=True)
 
     def num_items(self, batch: dict[str, torch.Tensor]) -> int:
         """Pairs: the loss is a mean over pairs."""
         return int(batch["index"].numel())
 
+    def _inner(self, model: torch.nn.Module) -> PreTrainedModel | None:
+        """The transformers model inside the wrappers (DDP, peft, Accelerate's autocast)."""
+        return next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+
     def _can_keep_logits(self, model: torch.nn.Module) -> bool:
         """Whether the model's forward takes ``logits_to_keep`` (every causal LM of transformers 5 does). The
-        transformers model is the first ``PreTrainedModel`` inside the wrappers (DDP, peft, Accelerate's
-        autocast), which pass the keyword through."""
+        wrappers pass the keyword through."""
         if self._keeps_logits is None:
-            inner = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+            inner = self._inner(model)
             self._keeps_logits = inner is not None and "logits_to_keep" in inspect.signature(
                 type(inner).forward).parameters
         return self._keeps_logits
 
+    def _shared_mask(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The 4D attention mask of a shared-prompt batch for this model, or None when its attention cannot
+        take one as it is (not SDPA or eager attention, or a sliding window shorter than the rows): the batch
+        then goes through as separate rows."""
+        inner = self._inner(model)
+        config = getattr(inner, "config", None)
+        attention = getattr(config, "_attn_implementation", None) or "eager"
+        window = getattr(config, "sliding_window", None)
+        if attention not in ("sdpa", "eager") or (window and batch["input_ids"].shape[1] > int(window)):
+            return None
+        dtype = None if attention == "sdpa" else next(model.parameters()).dtype
+        return shared_prompt_mask(batch["segments"], dtype)
+
+    def _as_separate(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        tokenizer = getattr(self, "tokenizer", None)
+        pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+        return separate_rows(batch, pad)
+
     def sequence_logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(2B,) summed log-probs of each row's answer tokens and (2B,) their counts, in one forward."""
+        """(2B,) summed log-probs of each answer and (2B,) their token counts, chosen answers first, in one
+        forward, whichever layout the batch has (:class:`PairCollator`)."""
+        if "segments" in batch:
+            mask = self._shared_mask(model, batch)
+            if mask is not None:
+                return self._shared_logps(model, batch, mask)
+            batch = self._as_separate(batch)
         labels = batch["labels"]  # (2B, T)
-        width = labels.shape[1]
         has_loss = labels[:, 1:] != IGNORE_INDEX  # (2B, T-1): position t predicts token t+1
-        first = int(has_loss.float().argmax(dim=1).min()) if bool(has_loss.any()) else 0
-        kwargs: dict[str, Any] = {"use_cache": False}
-        if self._can_keep_logits(model):
-            # Logits only from the first position that predicts an answer token on.
-            kwargs["logits_to_keep"] = width - first
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs).logits
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       **self._forward_kwargs(model, labels, has_loss)).logits
         per_token = completion_token_logps(logits, labels)  # (2B, T), 0 off the answers
         return per_token.sum(dim=1), has_loss.sum(dim=1)
+
+    def _forward_kwargs(self, model: torch.nn.Module, labels: torch.Tensor, has_loss: torch.Tensor,
+                        earliest: int | None = None) -> dict[str, Any]:
+        """``use_cache`` off and, where the model takes it, logits only from the first position that predicts an
+        answer token (or ``earliest``, if before) on."""
+        kwargs: dict[str, Any] = {"use_cache": False}
+        if self._can_keep_logits(model):
+            first = int(has_loss.float().argmax(dim=1).min()) if bool(has_loss.any()) else 0
+            if earliest is not None:
+                first = min(first, earliest)
+            kwargs["logits_to_keep"] = labels.shape[1] - first
+        return kwargs
+
+    def _shared_logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], mask: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`sequence_logps` of a shared-prompt batch: one row per pair, the two answers told apart by
+        ``segments``, the rejected answer's first token scored from the prompt's last position."""
+        labels, segments = batch["labels"], batch["segments"]  # (B, T)
+        width = labels.shape[1]
+        has_loss = labels[:, 1:] != IGNORE_INDEX
+        source, bridged = batch["bridge_from"], batch["bridge_from"] >= 0
+        earliest = int(source[bridged].min()) if bool(bridged.any()) else None
+        logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"],
+                       **self._forward_kwargs(model, labels, has_loss, earliest)).logits
+        per_token = completion_token_logps(logits, labels)  # (B, T): column t scores labels[:, t + 1]
+        side = F.pad(segments[:, 1:], (0, 1), value=-1)  # (B, T): the segment of the token column t scores
+        scored = F.pad(has_loss, (0, 1))
+        chosen = (per_token * (side == 1)).sum(dim=1)
+        rejected = (per_token * (side == 2)).sum(dim=1)
+        n_chosen, n_rejected = (scored & (side == 1)).sum(dim=1), (scored & (side == 2)).sum(dim=1)
+        if bool(bridged.any()):
+            rows = bridged.nonzero().squeeze(1)
+            at = logits[rows, source[rows] - (width - logits.shape[1])].float()  # (n, V)
+            first = at.gather(-1, batch["bridge_token"][rows, None]).squeeze(-1) - torch.logsumexp(at, dim=-1)
+            rejected = rejected.index_add(0, rows, first)
+            n_rejected = n_rejected + bridged.long()
+        return torch.cat([chosen, rejected]), torch.cat([n_chosen, n_rejected])
 
     def pair_losses(self, logps: torch.Tensor, tokens: torch.Tensor, reference: torch.Tensor | None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -296,9 +460,16 @@ class PairTask(ChatTuningTask):
         return losses.sum()
 
     def logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Next-token logits of every row (compared before and after saving)."""
+        """Next-token logits of every position (compared before and after saving): (B, T, vocab) for a
+        shared-prompt batch, (2B, T, vocab) for separate rows."""
+        if "segments" in batch:
+            mask = self._shared_mask(model, batch)
+            if mask is not None:
+                return model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"],
+                             use_cache=False).logits.float()
+            batch = self._as_separate(batch)
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        return out.logits.float()  # (2B, T, vocab)
+        return out.logits.float()
 
     # ------------------------------------------------------------------------------ reference
     def before_training(self, model: torch.nn.Module, accelerator: Any, data: TaskData, run_dir: Path,
