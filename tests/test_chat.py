@@ -502,6 +502,26 @@ def test_truncate_left_keeps_the_response_and_counts_the_cut(smol: Any) -> None:
     assert check_rendered(smol, cut, end_of_turn_ids(smol)) == []
 
 
+def test_truncate_left_landing_on_a_turn_start_keeps_one_bos(smol: Any) -> None:
+    """SmolLM2's BOS is <|im_start|>, which also opens every turn: a cut that leaves a turn's <|im_start|> first
+    starts there, rather than in front of the kept BOS (a double BOS, which the pre-flight refuses)."""
+    conversation = [{"role": "system", "content": "You are terse."}, *LONG_CONVERSATION]
+    full = render_conversation(smol, conversation, max_length=10_000)
+    assert full is not None and full.input_ids[0] == smol.bos_token_id
+    user_turn = full.input_ids.index(smol.bos_token_id, 1)
+    max_length = len(full.input_ids) - (user_turn - 1)  # cut everything between the BOS and the user turn
+    cut = render_conversation(smol, conversation, max_length=max_length, too_long="truncate_left")
+    assert cut is not None
+    assert cut.input_ids == full.input_ids[user_turn:] and cut.labels == full.labels[user_turn:]
+    assert cut.input_ids[:2] != [smol.bos_token_id] * 2 and len(cut.input_ids) == max_length - 1
+    assert cut.truncated_tokens == user_turn and cut.prompt_tokens == full.prompt_tokens - user_turn
+    assert cut.text == full.text[full.text.index("<|im_start|>user"):]
+    assert check_rendered(smol, cut, end_of_turn_ids(smol)) == []
+    # one token less cut: the BOS leads as before, then the rest of the system turn
+    cut = render_conversation(smol, conversation, max_length=max_length + 1, too_long="truncate_left")
+    assert cut is not None and cut.input_ids == full.input_ids[:1] + full.input_ids[user_turn - 1:]
+
+
 @pytest.mark.parametrize(
     ("too_long", "room_after_response", "kept"),
     [

@@ -445,6 +445,10 @@ def render_conversation(
     if keep + cut > first_loss:
         return None
     start = keep + cut
+    if keep and input_ids[start] == input_ids[0]:
+        # The cut lands on a turn that starts with the BOS itself (SmolLM2's BOS is <|im_start|>): that token
+        # leads, and the kept one would make a double BOS.
+        keep, cut = 0, start
     kept_text = text[: offsets[0][1]] if keep else ""
     return RenderedExample(
         input_ids=input_ids[:keep] + input_ids[start:],
