@@ -298,8 +298,10 @@ def test_reference_is_the_adapter_off_or_a_frozen_copy(tmp_path: Path, steer_dir
 def test_resumed_run_samples_and_ends_as_the_uninterrupted_one(tmp_path: Path, steer_dir: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Crash after the checkpoint of step 2, resume: the same answers are sampled (the global RNG is restored
-    from the checkpoint), so the same rewards, losses and bit-identical final weights."""
-    train = {"max_steps": 4, "save_every": 2, "eval_every": 4, "keep_checkpoints": 3, "batch_size": 2}
+    from the checkpoint), so the same rewards, losses and bit-identical final weights; the log row of step 3
+    covers steps 1-3 in both (the open window of figures is checkpointed)."""
+    train = {"max_steps": 4, "save_every": 2, "eval_every": 4, "keep_checkpoints": 3, "batch_size": 2,
+             "log_every": 3}
 
     def cfg(name: str) -> dict[str, Any]:
         c = grpo_config(tmp_path, steer_dir, train=train, grpo={"num_generations": 3},
@@ -326,9 +328,12 @@ def test_resumed_run_samples_and_ends_as_the_uninterrupted_one(tmp_path: Path, s
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     keys = ("loss", "reward", "mean_answer_tokens", "kl")
     tail = lambda p: [[r[k] for k in keys] for r in train_rows(p) if r["step"] > 2]  # noqa: E731
-    assert tail(whole.path) == tail(resumed.path) and len(tail(whole.path)) == 2
+    assert tail(whole.path) == tail(resumed.path) and [r["step"] for r in train_rows(whole.path)] == [3, 4]
     # the sampling was not a constant: answers differ in length across the steps
     assert len({r["mean_answer_tokens"] for r in train_rows(whole.path)}) > 1
+    # the window saved at step 2 holds the answers of steps 1 and 2 (2 prompts x 3 answers each)
+    window = json.loads((tmp_path / "broken" / "checkpoints" / ckpt.checkpoint_name(2) / ckpt.STATE_FILE).read_text())
+    assert window["task_window"][0] == 12
 
 
 # ------------------------------------------------------------------------------------------ rewards
@@ -549,3 +554,17 @@ def test_reward_model_scores_the_answers(tmp_path: Path, steer_dir: Path, tiny_c
                              [e["generated"] for e in examples])
     assert scores == pytest.approx([e["reward"] for e in examples], abs=1e-4)
     assert all(math.isfinite(r["reward/reward_model"]) for r in train_rows(run.path))
+
+
+def test_plan_sizes_rows_with_their_sampled_answers(tmp_path: Path, tiny_chat_llama_dir: Path) -> None:
+    """Each prompt's num_generations rows hold the prompt and an answer of up to generation.max_new_tokens."""
+    from lmtune.workflows.plan import plan
+
+    short = plan(grpo_config(tmp_path, tiny_chat_llama_dir), suggest=False).tokens
+    long = plan(grpo_config(tmp_path, tiny_chat_llama_dir, generation={"max_new_tokens": 40}), suggest=False)
+    tokens = long.tokens
+    assert tokens["rows_per_example"] == 4
+    assert tokens["sequence_length"] == short["sequence_length"] + 36
+    assert "40 sampled tokens" in tokens["sequence_length_source"]
+    assert tokens["micro_batch_tokens"] == 4 * 4 * tokens["sequence_length"]
+    assert any("longest answer" in note for note in long.notes)

@@ -117,6 +117,12 @@ class Task(Protocol):
         rejected answer in one concatenated forward); ``lmtune plan`` sizes activations by it. *default*: 1."""
         return 1
 
+    @property
+    def sampled_tokens(self) -> int:
+        """Tokens each row can gain by sampling during training (GRPO's answers: ``generation.max_new_tokens``);
+        ``lmtune plan`` adds them to the sequence length. *default*: 0."""
+        return 0
+
     def plan_notes(self) -> list[str]:
         """Sentences ``lmtune plan`` adds about what the run costs beyond the model and its batches (a reference
         pass before training ...). *default*: none."""
@@ -148,6 +154,14 @@ class Task(Protocol):
         """Task figures of the optimizer steps since the last training log row (GRPO's rewards, KL, answer
         lengths ...), logged beside the loss; the task resets them when asked. *default*: none."""
         return {}
+
+    def step_metrics_state(self, accelerator: Any) -> list[float]:
+        """The open window of :meth:`step_metrics` (sums over every process: a collective, every process calls
+        it), saved in each checkpoint so a resumed run logs what the uninterrupted one does. *default*: none."""
+        return []
+
+    def load_step_metrics_state(self, state: list[float], accelerator: Any) -> None:
+        """Reopen a checkpoint's :meth:`step_metrics_state` window. *default*: nothing to do."""
 
     def logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The model's raw output for ``batch`` as one tensor (compared before and after saving)."""

@@ -269,7 +269,9 @@ class TrainingLoop:
         if not ckpt.is_complete(path):
             raise TrainingError(f"not a complete checkpoint: {path}")
         self.accelerator.load_state(str(path))
-        self.state = LoopState(**ckpt.read_state(path)["loop"])
+        saved = ckpt.read_state(path)
+        self.state = LoopState(**saved["loop"])
+        self.task.load_step_metrics_state(list(saved.get("task_window") or []), self.accelerator)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.state.step, self.state.epoch,
                  self.state.batch_in_epoch)
 
@@ -497,7 +499,8 @@ class TrainingLoop:
         name = ckpt.checkpoint_name(self.state.step)
         if self.state.best_step == self.state.step:
             self.state.best_checkpoint = name
-        payload = {"loop": asdict(self.state), "metric": self.metric, "greater_is_better": self.greater_is_better}
+        payload = {"loop": asdict(self.state), "metric": self.metric, "greater_is_better": self.greater_is_better,
+                   "task_window": self.task.step_metrics_state(self.accelerator)}
         ckpt.save_checkpoint(self.accelerator, self.checkpoint_dir, self.state.step, payload)
         if self.accelerator.is_main_process:
             protect = {self.state.best_checkpoint} if self.state.best_checkpoint else set()

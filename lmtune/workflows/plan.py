@@ -551,14 +551,18 @@ def _token_facts(cfg: Config, task: Task, data: Any | None) -> TokenFacts:
     if packed:
         return TokenFacts(batch, t.gradient_accumulation, d.max_length,
                           "packed rows of data.max_length", float(d.max_length), target, rows)
+    # Answers sampled during training (grpo) lengthen every row by up to this many tokens.
+    sampled = task.sampled_tokens
+    plus = f" + {sampled:,} sampled tokens (generation.max_new_tokens)" if sampled else ""
     lengths = list(data.lengths.get("train", [])) if data is not None and data.lengths else []
     if lengths:
         longest = min(max(lengths), d.max_length)
-        return TokenFacts(batch, t.gradient_accumulation, longest,
+        return TokenFacts(batch, t.gradient_accumulation, longest + sampled,
                           f"measured: longest of {len(lengths):,} training examples (memory peaks at the longest "
-                          f"batch; data.max_length {d.max_length})", float(statistics.fmean(lengths)), target, rows)
-    return TokenFacts(batch, t.gradient_accumulation, d.max_length,
-                      "data.max_length (data not read)", float(d.max_length), target, rows)
+                          f"batch; data.max_length {d.max_length}){plus}", float(statistics.fmean(lengths)) + sampled,
+                          target, rows)
+    return TokenFacts(batch, t.gradient_accumulation, d.max_length + sampled,
+                      f"data.max_length (data not read){plus}", float(d.max_length + sampled), target, rows)
 
 
 def plan(

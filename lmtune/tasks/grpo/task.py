@@ -51,6 +51,7 @@ from lmtune.data.features import IGNORE_INDEX, FeatureDataset
 from lmtune.data.table import format_locations
 from lmtune.errors import ConfigError, DataError
 from lmtune.evaluate.report import Report
+from lmtune.evaluate.step_window import StepWindow
 from lmtune.models.generation import (
     GenerationSettings,
     chat_prompt,
@@ -87,18 +88,14 @@ class PromptCollator:
                 "index": torch.tensor([int(f["index"]) for f in features], dtype=torch.long)}
 
 
-class StepFigures:
-    """Sums of the figures since the last training log row (:meth:`GRPOTask.step_metrics`), per process."""
+class StepFigures(StepWindow):
+    """Sums of the figures since the last training log row (:meth:`GRPOTask.step_metrics`), per process: answers,
+    scored answers, reward sum, groups, group std sum, groups of equal rewards, answer tokens, answers that
+    stopped, then per reward its sum and count, then token-weighted KL and clip sums and the loss tokens."""
 
     def __init__(self, reward_names: list[str]) -> None:
         self.names = reward_names
-        self.reset()
-
-    def reset(self) -> None:
-        """Start a new window."""
-        # answers, scored answers, reward sum, groups, group std sum, groups of equal rewards, answer tokens,
-        # answers that stopped, then per reward: sum and count; then token-weighted KL and clip sums, loss tokens.
-        self.sums = torch.zeros(8 + 2 * len(self.names) + 3, dtype=torch.float64)
+        super().__init__(8 + 2 * len(reward_names) + 3)
 
     def add_samples(self, per_reward: Tensor, totals: Tensor, group_size: int, completions: Completions) -> None:
         """The figures of N sampled answers: ``per_reward`` ``(N, R)``, ``totals`` ``(N,)`` (NaN: unscored)."""
@@ -132,11 +129,7 @@ class StepFigures:
 
     def figures(self, accelerator: Any, *, with_kl: bool) -> dict[str, float]:
         """The window's means, summed over every process (a collective: every process calls it), then reset."""
-        sums = self.sums.clone()
-        self.reset()
-        if accelerator is not None and accelerator.num_processes > 1:
-            sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
-        s = [float(v) for v in sums]
+        s = self.take(accelerator)
         if s[0] == 0:
             return {}
         out = {"reward": s[2] / s[1] if s[1] else math.nan,
@@ -184,6 +177,11 @@ class GRPOTask(ChatTuningTask):
         return self.grpo.num_generations
 
     @property
+    def sampled_tokens(self) -> int:
+        """Every answer is sampled: up to ``generation.max_new_tokens`` after its prompt."""
+        return self.config.generation.max_new_tokens
+
+    @property
     def epsilon_high(self) -> float:
         """``grpo.epsilon_high``, else ``grpo.epsilon``."""
         return self.grpo.epsilon_high if self.grpo.epsilon_high is not None else self.grpo.epsilon
@@ -194,7 +192,7 @@ class GRPOTask(ChatTuningTask):
         notes = [f"grpo: each micro-batch of {t.batch_size} prompts samples {g.num_generations} answers per prompt "
                  f"({t.batch_size * g.num_generations} sequences of up to data.max_length + generation.max_new_tokens "
                  f"= {self.data_cfg.max_length + self.config.generation.max_new_tokens} tokens) without gradients, "
-                 "then trains on them; the sequence length above counts the prompt only"]
+                 "then trains on them; the sequence length above is the prompt's plus the longest answer"]
         if g.beta == 0:
             notes.append("grpo.beta 0: no KL term, no reference model and no reference forward")
         elif self.config.method.name in ("lora", "qlora"):
@@ -381,6 +379,15 @@ class GRPOTask(ChatTuningTask):
         if self._figures is None:
             return {}
         return self._figures.figures(self._accelerator, with_kl=self.reference != "none")
+
+    def step_metrics_state(self, accelerator: Any) -> list[float]:
+        """The figures' open window (every process's sums), for the checkpoint."""
+        return self._figures.state(accelerator) if self._figures is not None else []
+
+    def load_step_metrics_state(self, state: list[float], accelerator: Any) -> None:
+        """Reopen a checkpoint's window of figures."""
+        if self._figures is not None:
+            self._figures.load(state, accelerator)
 
     def logits(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
         """Next-token logits of the prompts (compared before and after saving)."""

@@ -47,6 +47,7 @@ from lmtune.data.table import format_locations
 from lmtune.errors import ConfigError, DataError, ModelError
 from lmtune.evaluate.plots import figure, note, save_figure
 from lmtune.evaluate.report import Report
+from lmtune.evaluate.step_window import StepWindow
 from lmtune.models.loading import load_pretrained
 from lmtune.models.registry import load_padded_tokenizer, model_path_of
 from lmtune.tasks.base import Task, TaskData
@@ -101,8 +102,9 @@ class RewardTask(Task):
         self.chat_template_source = "model"
         self.base_vocab: int | None = None  # the tokenizer's size before lmtune added tokens
         self.new_modules: list[str] = []
-        # Training pairs since the last log row: (right, summed margin, count).
-        self._step_sums = torch.zeros(3, dtype=torch.float64)
+        # Training pairs since the last log row: (right, summed margin, count), summed over processes when logged.
+        self._step_sums = StepWindow(3)
+        self._accelerator: Any = None  # the training run's (before_training)
 
     @property
     def rows_per_example(self) -> int:
@@ -274,15 +276,27 @@ class RewardTask(Task):
         chosen, rejected = self.pair_rewards(model, batch)
         with torch.no_grad():  # this process's training accuracy and margin, for the training log
             margins = (chosen - rejected).double()
-            self._step_sums += torch.stack([(margins > 0).double().sum(), margins.sum(),
-                                            margins.new_tensor(float(margins.numel()))]).cpu()
+            self._step_sums.add(torch.stack([(margins > 0).double().sum(), margins.sum(),
+                                             margins.new_tensor(float(margins.numel()))]))
         return bradley_terry_losses(chosen, rejected).sum()
 
+    def before_training(self, model: torch.nn.Module, accelerator: Any, data: TaskData, run_dir: Path,
+                        *, resuming: bool, progress: Any = None) -> None:
+        """Keep the accelerator: the training figures are summed over its processes."""
+        self._accelerator = accelerator
+
     def step_metrics(self) -> dict[str, float]:
-        """Pair accuracy and mean margin of the training pairs since the last log row (this process's)."""
-        correct, margin, n = (float(x) for x in self._step_sums)
-        self._step_sums = torch.zeros(3, dtype=torch.float64)
+        """Pair accuracy and mean margin of the training pairs since the last log row (every process's)."""
+        correct, margin, n = self._step_sums.take(self._accelerator)
         return {"train_accuracy": correct / n, "train_margin": margin / n} if n else {}
+
+    def step_metrics_state(self, accelerator: Any) -> list[float]:
+        """The open window of training figures, for the checkpoint."""
+        return self._step_sums.state(accelerator)
+
+    def load_step_metrics_state(self, state: list[float], accelerator: Any) -> None:
+        """Reopen a checkpoint's window of training figures."""
+        self._step_sums.load(state, accelerator)
 
     def logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The reward of every row, (2B, 1) float32 (compared before and after saving)."""
