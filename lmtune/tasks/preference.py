@@ -73,6 +73,58 @@ log = logging.getLogger(__name__)
 REFERENCE_FILE = "reference_logps.safetensors"
 
 
+def render_split(split: str, pairs: list[PreferencePair], tokenizer: Any, data: Any, source: str
+                 ) -> tuple[list[tuple[PreferencePair, RenderedPair]], list[int]]:
+    """Each pair of a split rendered with the chat template (:func:`render_pair`): the kept ones with their
+    rendering, and the lines of those skipped as longer than ``data.max_length`` (logged); a DataError naming
+    ``source`` when none fits."""
+    rendered = [render_pair(tokenizer, p, max_length=data.max_length, too_long=data.too_long,
+                            special_tokens_in_content=data.special_tokens_in_content) for p in pairs]
+    kept = [(p, r) for p, r in zip(pairs, rendered, strict=True) if r is not None]
+    skipped = [p.line for p, r in zip(pairs, rendered, strict=True) if r is None]
+    if skipped:
+        log.warning("%s: %d of %d pairs are longer than data.max_length %d and were skipped (lines %s)%s",
+                    split, len(skipped), len(pairs), data.max_length, format_locations(skipped),
+                    "" if data.too_long == "truncate_left" else "; data.too_long: truncate_left keeps those "
+                    "whose answers fit")
+    if not kept:
+        raise DataError(f"no {split} pair fits data.max_length {data.max_length}", file=source,
+                        hint="raise data.max_length")
+    return kept, skipped
+
+
+def count_pair_problems(pairs: list[RenderedPair], tokenizer: Any) -> dict[str, int]:
+    """How many rendered pairs have each pre-flight problem (:func:`pair_problems`: no EOS at an answer's end
+    ...)."""
+    problems: dict[str, int] = {}
+    eos = end_of_turn_ids(tokenizer)  # once: looking it up scans the vocabulary
+    for pair in pairs:
+        for problem in set(pair_problems(tokenizer, pair, eos)):
+            problems[problem] = problems.get(problem, 0) + 1
+    return problems
+
+
+def pair_features(task: str, split: str, pairs: list[RenderedPair], tokenizer: Any, data: Any
+                  ) -> tuple[FeatureDataset, list[int]]:
+    """The token features of a split's rendered pairs (both answers' ids and labels, the pair's index), from
+    the feature cache when it has them, and each pair's length: its longer side (length grouping, evaluation
+    order, plan)."""
+    seqs = [(p.chosen.input_ids, p.chosen.labels, p.rejected.input_ids, p.rejected.labels) for p in pairs]
+    key = features_cache_key(task, digest_records(seqs), tokenizer, {"max_length": data.max_length, "pairs": True})
+
+    def build() -> dict[str, list[Any]]:
+        return {"chosen_input_ids": [s[0] for s in seqs], "chosen_labels": [s[1] for s in seqs],
+                "rejected_input_ids": [s[2] for s in seqs], "rejected_labels": [s[3] for s in seqs],
+                "index": list(range(len(seqs))), "length": [max(len(s[0]), len(s[2])) for s in seqs]}
+
+    ds, hit = cached_features(key, build, use_cache=data.cache)
+    if hit:
+        log.info("%s pairs read from the feature cache (%s)", split, key[:12])
+    lens = ds.with_format(None)["length"]
+    ds.set_format(columns=[c for c in ds.column_names if c != "length"])
+    return FeatureDataset(ds, lens), lens
+
+
 class PairCollator:
     """Batches of B pairs, in one of two layouts.
 
@@ -260,21 +312,11 @@ class PairTask(ChatTuningTask):
         chosen: dict[str, list[str]] = {}
         rejected: dict[str, list[str]] = {}
         for split, pairs in splits.items():
-            rendered = [render_pair(tokenizer, p, max_length=d.max_length, too_long=d.too_long,
-                                    special_tokens_in_content=d.special_tokens_in_content) for p in pairs]
-            kept = [(p, r) for p, r in zip(pairs, rendered, strict=True) if r is not None]
-            skipped = [p.line for p, r in zip(pairs, rendered, strict=True) if r is None]
-            if skipped:
-                log.warning("%s: %d of %d pairs are longer than data.max_length %d and were skipped (lines %s)%s",
-                            split, len(skipped), len(pairs), d.max_length, format_locations(skipped),
-                            "" if d.too_long == "truncate_left" else "; data.too_long: truncate_left keeps those "
-                            "whose answers fit")
-            if not kept:
-                raise DataError(f"no {split} pair fits data.max_length {d.max_length}",
-                                file=info[split].get("source", d.train), hint="raise data.max_length")
+            kept, skipped = render_split(split, pairs, tokenizer, d, info[split].get("source", d.train))
             if split == "train":
                 info["preflight"] = self.pair_preflight([r for _, r in kept], tokenizer, d.train)
-            features[split], lengths[split] = self._pair_features(split, [r for _, r in kept], tokenizer)
+            features[split], lengths[split] = pair_features(self.info.name, split, [r for _, r in kept], tokenizer,
+                                                            d)
             info[split].update({
                 "pairs": len(kept), "skipped_too_long": len(skipped), "skipped_lines": skipped[:1000],
                 "truncated": sum(r.chosen.truncated_tokens > 0 for _, r in kept),
@@ -292,11 +334,7 @@ class PairTask(ChatTuningTask):
     def pair_preflight(self, pairs: list[RenderedPair], tokenizer: Any, source: str) -> dict[str, int]:
         """Pre-flight checks of the rendered training pairs (no EOS at an answer's end ...): counts per problem;
         a DataError for a problem in every pair or any double BOS, as for SFT."""
-        problems: dict[str, int] = {}
-        eos = end_of_turn_ids(tokenizer)  # once: looking it up scans the vocabulary
-        for pair in pairs:
-            for problem in set(pair_problems(tokenizer, pair, eos)):
-                problems[problem] = problems.get(problem, 0) + 1
+        problems = count_pair_problems(pairs, tokenizer)
         for problem, count in problems.items():
             msg = f"{count} of {len(pairs)} training pairs: {problem}"
             if self.is_definite(problem, count, len(pairs)):
@@ -305,24 +343,6 @@ class PairTask(ChatTuningTask):
                                 "them")
             log.warning("pre-flight: %s", msg)
         return problems
-
-    def _pair_features(self, split: str, pairs: list[RenderedPair], tokenizer: Any
-                       ) -> tuple[FeatureDataset, list[int]]:
-        seqs = [(p.chosen.input_ids, p.chosen.labels, p.rejected.input_ids, p.rejected.labels) for p in pairs]
-        key = features_cache_key(self.info.name, digest_records(seqs), tokenizer,
-                                 {"max_length": self.data_cfg.max_length, "pairs": True})
-
-        def build() -> dict[str, list[Any]]:
-            return {"chosen_input_ids": [s[0] for s in seqs], "chosen_labels": [s[1] for s in seqs],
-                    "rejected_input_ids": [s[2] for s in seqs], "rejected_labels": [s[3] for s in seqs],
-                    "index": list(range(len(seqs))), "length": [max(len(s[0]), len(s[2])) for s in seqs]}
-
-        ds, hit = cached_features(key, build, use_cache=self.data_cfg.cache)
-        if hit:
-            log.info("%s pairs read from the feature cache (%s)", split, key[:12])
-        lens = ds.with_format(None)["length"]
-        ds.set_format(columns=[c for c in ds.column_names if c != "length"])
-        return FeatureDataset(ds, lens), lens
 
     # ------------------------------------------------------------------------------ forward
     def collator(self, tokenizer: Any) -> PairCollator:

@@ -34,17 +34,13 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 from lmtune.config import Config
 from lmtune.config.tasks import TaskInfo
 from lmtune.data.chat import end_of_turn_ids, ensure_chat_template
-from lmtune.data.features import FeatureDataset, cached_features, digest_records, features_cache_key
 from lmtune.data.preference import (
     PreferencePair,
     RenderedPair,
-    pair_problems,
     preference_splits,
     read_preference_pairs,
-    render_pair,
 )
-from lmtune.data.table import format_locations
-from lmtune.errors import ConfigError, DataError, ModelError
+from lmtune.errors import ConfigError, ModelError
 from lmtune.evaluate.plots import figure, note, save_figure
 from lmtune.evaluate.report import Report
 from lmtune.evaluate.step_window import StepWindow
@@ -52,7 +48,7 @@ from lmtune.models.loading import load_pretrained
 from lmtune.models.registry import load_padded_tokenizer, model_path_of
 from lmtune.tasks.base import Task, TaskData
 from lmtune.tasks.decoder import refuse_streaming
-from lmtune.tasks.preference import PairCollator
+from lmtune.tasks.preference import PairCollator, count_pair_problems, pair_features, render_split
 from lmtune.tasks.preference_inspect import inspect_pairs, render_pairs_report
 from lmtune.tasks.reward.info import INFO
 from lmtune.tasks.reward.predict import rewards
@@ -157,21 +153,11 @@ class RewardTask(Task):
         features: dict[str, Any] = {}
         lengths: dict[str, list[int]] = {}
         for split, pairs in splits.items():
-            rendered = [render_pair(tokenizer, p, max_length=d.max_length, too_long=d.too_long,
-                                    special_tokens_in_content=d.special_tokens_in_content) for p in pairs]
-            kept = [r for r in rendered if r is not None]
-            skipped = [p.line for p, r in zip(pairs, rendered, strict=True) if r is None]
-            if skipped:
-                log.warning("%s: %d of %d pairs are longer than data.max_length %d and were skipped (lines %s)%s",
-                            split, len(skipped), len(pairs), d.max_length, format_locations(skipped),
-                            "" if d.too_long == "truncate_left" else "; data.too_long: truncate_left keeps those "
-                            "whose answers fit")
-            if not kept:
-                raise DataError(f"no {split} pair fits data.max_length {d.max_length}",
-                                file=info[split].get("source", d.train), hint="raise data.max_length")
+            kept_pairs, skipped = render_split(split, pairs, tokenizer, d, info[split].get("source", d.train))
+            kept = [r for _, r in kept_pairs]
             if split == "train":
                 info["preflight"] = self._preflight(kept, tokenizer)
-            features[split], lengths[split] = self._features(split, kept, tokenizer)
+            features[split], lengths[split] = pair_features(self.info.name, split, kept, tokenizer, d)
             # Pairs the reader skipped (an empty answer, two identical answers), for the report's data table.
             read_skips = sum(reason["count"] for reason in info[split].get("skipped", {}).values())
             info[split].update({
@@ -187,32 +173,10 @@ class RewardTask(Task):
     def _preflight(pairs: list[RenderedPair], tokenizer: Any) -> dict[str, int]:
         """Counts of each problem of the rendered training pairs, logged. A reward model reads whole answers
         and never generates, so none stops training (``lmtune data inspect`` shows them)."""
-        problems: dict[str, int] = {}
-        eos = end_of_turn_ids(tokenizer)  # once: it reads the whole vocabulary
-        for pair in pairs:
-            for problem in set(pair_problems(tokenizer, pair, eos)):
-                problems[problem] = problems.get(problem, 0) + 1
+        problems = count_pair_problems(pairs, tokenizer)
         for problem, count in problems.items():
             log.warning("pre-flight: %d of %d training pairs: %s", count, len(pairs), problem)
         return problems
-
-    def _features(self, split: str, pairs: list[RenderedPair], tokenizer: Any) -> tuple[FeatureDataset, list[int]]:
-        seqs = [(p.chosen.input_ids, p.chosen.labels, p.rejected.input_ids, p.rejected.labels) for p in pairs]
-        key = features_cache_key(self.info.name, digest_records(seqs), tokenizer,
-                                 {"max_length": self.data_cfg.max_length, "pairs": True})
-
-        def build() -> dict[str, list[Any]]:
-            # `length`: the pair's row width once padded together (length grouping, eval sorting, plan).
-            return {"chosen_input_ids": [s[0] for s in seqs], "chosen_labels": [s[1] for s in seqs],
-                    "rejected_input_ids": [s[2] for s in seqs], "rejected_labels": [s[3] for s in seqs],
-                    "index": list(range(len(seqs))), "length": [max(len(s[0]), len(s[2])) for s in seqs]}
-
-        ds, hit = cached_features(key, build, use_cache=self.data_cfg.cache)
-        if hit:
-            log.info("%s pairs read from the feature cache (%s)", split, key[:12])
-        lens = ds.with_format(None)["length"]
-        ds.set_format(columns=[c for c in ds.column_names if c != "length"])
-        return FeatureDataset(ds, lens), lens
 
     # ------------------------------------------------------------------------------ model
     def build_model(self, model_path: Path | None, data: TaskData, tokenizer: Any) -> torch.nn.Module:
