@@ -190,6 +190,7 @@ class StepLog:
         self.times: list[float] = []
         self.tokens: list[int] = []  # real (non-pad) tokens per step, both rows of every pair
         self.slots: list[int] = []  # tokens the step computed on, padding included
+        self.computed: list[int] = []  # tokens the step computed on, padding excluded
         self.loss_seconds: list[float] = []  # inside the loss call (forward passes + loss) per step
         self.step_hwm_reset = False
         self.step_peak_kib = 0
@@ -207,14 +208,16 @@ class StepLog:
 
             self.profiler = torch_profile(activities=[ProfilerActivity.CPU])
 
-    def batch(self, real: int, slots: int) -> None:
-        """Called once per trained batch (one batch per optimizer step: no gradient accumulation)."""
+    def batch(self, real: int, slots: int, computed: int | None = None) -> None:
+        """Called once per trained batch (one batch per optimizer step: no gradient accumulation); ``computed``:
+        the non-pad tokens the forward ran on, when fewer than ``real`` (lmtune's rows hold the prompt once)."""
         if not self.tokens:
             self.before_steps_peak_kib = vm_kib("VmHWM")
             self.step_start_rss_kib = vm_kib("VmRSS")
             self.step_hwm_reset = reset_vm_hwm()
         self.tokens.append(real)
         self.slots.append(slots)
+        self.computed.append(real if computed is None else computed)
 
     def timed_loss(self, call: Any) -> Any:
         """Run the loss call, adding its seconds to the step's."""
@@ -244,6 +247,7 @@ class StepLog:
                 "tokens_per_second": sum(self.tokens[w:n]) / seconds,
                 "seconds_per_step": seconds / (n - w), "loss_seconds_per_step": statistics.mean(self.loss_seconds[w:n]),
                 "real_tokens": sum(self.tokens[:n]), "slot_tokens": sum(self.slots[:n]),
+                "computed_tokens": sum(self.computed[:n]),
                 "step_tokens": self.tokens[:n], "step_slots": self.slots[:n],
                 "step_seconds": [b - a for a, b in itertools.pairwise(self.times)],
                 "step_peak_kib": self.step_peak_kib if self.step_hwm_reset else None,
@@ -363,7 +367,7 @@ def child_lmtune(workdir: Path, model_dir: Path, variant: str, args: argparse.Na
         # holds them (num_real_tokens), the slots what the forward computed on.
         mask = batch["attention_mask"]
         log.batch(int(batch["num_real_tokens"].sum()) if "num_real_tokens" in batch else int(mask.sum()),
-                  mask.numel())
+                  mask.numel(), int(mask.sum()))
         if log.first_logps is None:  # step 1: the policy is the starting model, whose log-probs are cached
             reference = self.reference["train"][batch["index"].cpu()]  # (B, 2): chosen, rejected
             log.first_logps = [float(x) for x in reference.double().mean(dim=0)]
@@ -468,7 +472,10 @@ def summarise(runs: list[dict[str, Any]], tokens: int) -> dict[str, Any]:
             "tokens_per_second": {"median": statistics.median(tps), "min": min(tps), "max": max(tps)},
             "seconds_per_step": statistics.median(r["seconds_per_step"] for r in rs),
             "loss_seconds_per_step": statistics.median(r["loss_seconds_per_step"] for r in rs),
-            "pad_fraction": statistics.median(1 - r["real_tokens"] / r["slot_tokens"] for r in rs),
+            "pad_fraction": statistics.median(1 - r.get("computed_tokens", r["real_tokens"]) / r["slot_tokens"]
+                                              for r in rs),
+            "computed_tokens_per_step": statistics.median(r.get("computed_tokens", r["real_tokens"]) / r["steps"]
+                                                          for r in rs),
             "real_tokens_per_step": statistics.median(r["real_tokens"] / r["steps"] for r in rs),
             "precompute_seconds": statistics.median(train_precompute(r) for r in rs),
             "peak_rss_gib": statistics.median(r["peak_rss_kib"] / 2**20 for r in rs),

@@ -353,3 +353,30 @@ def test_shared_prompt_rows_score_every_answer_as_separate_rows_do(tmp_path: Pat
     assert tokens.tolist() == [3, 4, 2, 1, 2, 2, 3, 5]
     for got, want in zip(grads, (p.grad for p in model.parameters()), strict=True):
         assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_the_lora_reference_pass_skips_adapters_only_while_they_add_nothing(tiny_chat_llama_dir: Path) -> None:
+    """base_model_only switches a peft model's adapters off while every LoRA B is zero (the standard start: the
+    same outputs, fewer matmuls), and leaves an adapter that changes the model, or a plain model, as it is."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    from lmtune.tasks.preference import base_model_only
+
+    plain = AutoModelForCausalLM.from_pretrained(tiny_chat_llama_dir, dtype=torch.float32).eval()
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_chat_llama_dir, dtype=torch.float32),
+                          LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM")).eval()
+    layers = [m for m in lora.modules() if isinstance(m, LoraLayer)]
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        expected = plain(ids).logits
+        with base_model_only(lora):
+            assert all(layer.disable_adapters for layer in layers)
+            assert torch.allclose(lora(ids).logits, expected, atol=1e-5)
+        assert not any(layer.disable_adapters for layer in layers)
+        with base_model_only(plain):
+            pass
+        next(p for n, p in lora.named_parameters() if "lora_B" in n).fill_(0.5)  # a trained (or non-zero) adapter
+        with base_model_only(lora):
+            assert not any(layer.disable_adapters for layer in layers)
+            assert not torch.allclose(lora(ids).logits, expected, atol=1e-3)

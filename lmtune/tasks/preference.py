@@ -27,6 +27,7 @@ A shared module, not a task folder: the task folders import it, never each other
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import time
@@ -510,7 +511,7 @@ class PairTask(ChatTuningTask):
         was_training = model.training
         model.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), base_model_only(accelerator.unwrap_model(model)):
                 self.reference = {split: self._reference_pass(model, accelerator, ds, data.lengths[split],
                                                               progress, f"reference {split}")
                                   for split, ds in data.splits.items()}
@@ -726,6 +727,20 @@ class PairTask(ChatTuningTask):
         """Print :meth:`inspect`'s report as tables."""
         render_pairs_report(report, console)
         return True
+
+
+def base_model_only(model: torch.nn.Module) -> contextlib.AbstractContextManager[Any]:
+    """A context that runs a peft model with its adapters switched off when that changes nothing but the cost:
+    every LoRA ``B`` matrix is still zero (the standard start), so the adapters add exactly 0 and the
+    reference pass skips their matmuls. Otherwise (full tuning, or an adapter that starts non-zero) a context
+    that does nothing."""
+    disable = getattr(model, "disable_adapter", None)
+    if disable is None:
+        return contextlib.nullcontext()
+    lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
+    if not lora_b or any(bool(p.detach().any()) for p in lora_b):
+        return contextlib.nullcontext()
+    return disable()
 
 
 def wins(margins: torch.Tensor) -> torch.Tensor:
