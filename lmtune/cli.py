@@ -27,7 +27,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Fine-tune a pretrained language model for one job, prove it with evaluation, use it.")
 data_app = typer.Typer(no_args_is_help=True, help="Look at data before training on it.")
 app.add_typer(data_app, name="data")
-embeddings_app = typer.Typer(no_args_is_help=True, help="Word embeddings: train word2vec, look at vectors.")
+embeddings_app = typer.Typer(no_args_is_help=True, help="Word embeddings: train word2vec or GloVe, look at vectors.")
 app.add_typer(embeddings_app, name="embeddings")
 console = Console()
 err_console = Console(stderr=True)
@@ -524,20 +524,29 @@ def embeddings_train(
     source: Path = typer.Argument(..., help="A text file (one sentence per line; .gz ok) or a run config "
                                   "(its data.train text column)."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder for vectors.safetensors + vocab.json."),
-    method: str = typer.Option("cbow", help="cbow or skipgram."),
+    method: str = typer.Option("cbow", help="cbow or skipgram (word2vec, gensim), or glove (co-occurrence "
+                               "counts weighted 1/distance, AdaGrad; saves w + w~)."),
     dim: int = typer.Option(100, min=1, help="Vector size."),
     window: int = typer.Option(5, min=1, help="Context words on each side."),
     min_count: int = typer.Option(2, min=1, help="Ignore words seen fewer times."),
-    epochs: int = typer.Option(5, min=1, help="Passes over the corpus."),
+    max_vocab: int | None = typer.Option(None, min=1, help="glove: keep only the most frequent words "
+                                         "(bounds the co-occurrence table)."),
+    epochs: int | None = typer.Option(None, min=1, help="Passes over the corpus (default: 5 for cbow and "
+                                      "skipgram, 25 for glove)."),
     seed: int = typer.Option(0, help="Random seed (one worker thread: same seed, same vectors)."),
 ) -> None:
-    """Train word2vec (gensim) on a corpus; saved as safetensors + JSON, never pickle."""
-    from lmtune.models.embeddings import train_from_source  # noqa: PLC0415  (model code loads only for the verbs that need it)
+    """Train word vectors on a corpus: word2vec (gensim) or GloVe; saved as safetensors + JSON, never pickle."""
+    from lmtune.models.embeddings import METHODS, train_from_source  # noqa: PLC0415  (model code loads only for the verbs that need it)
 
-    if method not in ("cbow", "skipgram"):
-        raise ConfigError(f"--method must be cbow or skipgram, not '{method}'")
+    if method not in METHODS:
+        raise ConfigError(f"--method must be {', '.join(METHODS[:-1])} or {METHODS[-1]}, not '{method}'")
+
+    def show_epoch(epoch: int, total: int, loss: float) -> None:
+        console.print(f"glove epoch {epoch}/{total}: loss {loss:.5f}", highlight=False)
+
     vectors = train_from_source(source, output, method=method, dim=dim, window=window,  # type: ignore[arg-type]
-                                min_count=min_count, epochs=epochs, seed=seed)
+                                min_count=min_count, max_vocab=max_vocab, epochs=epochs, seed=seed,
+                                on_epoch=show_epoch)
     console.print(f"{len(vectors):,} words x {vectors.dim} dims ({method}, {vectors.info['tokens']:,} tokens, "
                   f"{vectors.info['train_seconds']:.1f} s) -> {output}", highlight=False)
 

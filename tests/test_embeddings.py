@@ -218,4 +218,4 @@ def test_cli_trains_and_queries_vectors(tmp_path: Path, monkeypatch: pytest.Monk
     assert "skipgram" in capsys.readouterr().out
     assert run_cli(["embeddings", "neighbors", str(out), "zebra"], monkeypatch) == 2
     assert "'zebra' has no vector" in capsys.readouterr().err
-    assert run_cli(["embeddings", "train", str(corpus), "--method", "glove", "-o", str(out)], monkeypatch) == 2
+    assert run_cli(["embeddings", "train", str(corpus), "--method", "fasttext", "-o", str(out)], monkeypatch) == 2

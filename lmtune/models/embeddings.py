@@ -6,7 +6,8 @@
   (Chinese, Japanese kana, Thai, Lao, Khmer, Myanmar) as a word of its own. The rules are a
   ``tokenizers`` normalizer + pre-tokenizer, so the saved tokenizer of a baseline model splits text
   exactly as training did.
-* :func:`train_word2vec` trains CBOW or skip-gram vectors with gensim.
+* :func:`train_word2vec` trains CBOW or skip-gram vectors with gensim; :func:`train_from_source` also
+  trains GloVe (``lmtune.models.glove``: co-occurrence counts + AdaGrad), saved the same way.
 * :func:`load_vectors` reads pretrained vectors in word2vec text, word2vec binary and GloVe text format
   (optionally gzip/bz2/xz compressed) with errors that name the file and line; nothing is unpickled.
 * :class:`WordVectors` saves as ``vectors.safetensors`` + ``vocab.json`` + ``embeddings.json`` (never
@@ -39,6 +40,7 @@ from transformers import PreTrainedTokenizerFast
 from lmtune.config import load_config
 from lmtune.data.readers import read_table
 from lmtune.errors import ConfigError, DataError
+from lmtune.models.glove import EpochCallback, train_glove
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,11 @@ _SPACELESS = (
     "\u0e00-\u0e7f\u0e80-\u0eff"  # Thai, Lao
     "\u1780-\u17ff\u1000-\u109f]"  # Khmer, Myanmar
 )
-Method = Literal["cbow", "skipgram"]
+Method = Literal["cbow", "skipgram", "glove"]
+METHODS: tuple[str, ...] = ("cbow", "skipgram", "glove")
+# Passes over the corpus when none are given: gensim's default for word2vec; GloVe's AdaGrad needs more
+# (the paper ran 50-100, the reference demo 15; 25 measured in BENCHMARKS.md).
+DEFAULT_EPOCHS: dict[str, int] = {"cbow": 5, "skipgram": 5, "glove": 25}
 
 
 # ------------------------------------------------------------------------------------------ words
@@ -453,15 +459,31 @@ def embedding_matrix(vectors: WordVectors, vocab: list[str], *, std: float | Non
 
 # ------------------------------------------------------------------------------------------ commands
 def train_from_source(source: str | Path, output: str | Path, *, method: Method = "cbow", dim: int = 100,
-                      window: int = 5, min_count: int = 2, epochs: int = 5, seed: int = 0,
-                      lowercase: bool = True) -> WordVectors:
-    """``lmtune embeddings train``: word2vec on a corpus file or a config's training data, saved to ``output``."""
+                      window: int = 5, min_count: int = 2, epochs: int | None = None, seed: int = 0,
+                      lowercase: bool = True, max_vocab: int | None = None,
+                      on_epoch: EpochCallback | None = None) -> WordVectors:
+    """``lmtune embeddings train``: word2vec or GloVe on a corpus file or a config's training data, saved to ``output``.
+
+    ``epochs`` None: the method's default (:data:`DEFAULT_EPOCHS`). ``max_vocab`` (GloVe only) keeps the
+    most frequent words; ``on_epoch`` (GloVe only) hears each epoch's loss.
+    """
+    if method not in METHODS:
+        raise ConfigError(f"unknown embeddings method '{method}'; choose {', '.join(METHODS)}")
+    if max_vocab is not None and method != "glove":
+        raise ConfigError("max_vocab applies to glove only; word2vec keeps every word seen min_count times",
+                          hint="drop --max-vocab, or raise --min-count to keep fewer words")
     out = Path(output)
     if out.exists() and any(out.iterdir()) and not (out / INFO_FILE).is_file():
         raise DataError("output folder is not empty and holds no word vectors; refusing to overwrite it", file=out)
+    passes = DEFAULT_EPOCHS[method] if epochs is None else epochs
     sentences, source_info = read_corpus(source, lowercase=lowercase)
-    vectors = train_word2vec(sentences, method=method, dim=dim, window=window, min_count=min_count, epochs=epochs,
-                             seed=seed)
+    if method == "glove":
+        fit = train_glove(sentences, dim=dim, window=window, min_count=min_count, max_vocab=max_vocab,
+                          epochs=passes, seed=seed, on_epoch=on_epoch)
+        vectors = WordVectors(words=fit.words, vectors=fit.vectors, info=fit.info, counts=fit.counts)
+    else:
+        vectors = train_word2vec(sentences, method=method, dim=dim, window=window, min_count=min_count,
+                                 epochs=passes, seed=seed)
     vectors.info.update(source_info)
     vectors.save(out)
     return vectors
