@@ -222,6 +222,10 @@ CASES: dict[str, Case] = {
     "causal_lm": Case(
         model="tiny_chat_llama_dir", data=_stories, item="The small cat", predict_rows=PROMPTS,
         data_settings={"max_length": 64}),
+    "masked_lm": Case(
+        model="tiny_bert_nodrop_dir", data=_stories, item="the small [MASK] watched the river",
+        predict_rows=[{"text": "the small [MASK] watched the river"}, {"text": "The old [MASK] found the [MASK]."}],
+        data_settings={"max_length": 64}),
 }
 
 

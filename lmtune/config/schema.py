@@ -201,7 +201,8 @@ class DataConfig(_Section):
     packing: bool | None = Field(
         None,
         description="Pack several examples into each row of max_length tokens, with no attention across "
-        "examples (per-example position ids). Default: on for causal_lm, off for sft.",
+        "examples (per-example position ids). Default: on for causal_lm and masked_lm (whose packed rows "
+        "attend across documents, as BERT's did), off for sft.",
     )
     document_split: Literal["file", "paragraph", "line"] = Field(
         "paragraph",
@@ -310,6 +311,13 @@ class DataConfig(_Section):
         0, ge=0, description="token_classification: add up to this many of the most frequent training words the "
         "tokenizer can only read as its unknown token to its vocabulary (new embeddings start at the mean one; "
         "saved with the model). MiniLM reads about 60% of Chinese characters as [UNK].")
+    # ---- masked_lm
+    mlm_probability: float = Field(
+        0.15, gt=0, lt=1, description="masked_lm: share of each row's tokens the model learns to predict (BERT's "
+        "0.15); of those, 80% are replaced by the mask token, 10% by a random token and 10% left as they are.")
+    whole_word_mask: bool = Field(
+        True, description="masked_lm: choose whole words, every sub-token of a word together (words from the fast "
+        "tokenizer's word_ids; each CJK character is a word); false: sub-tokens are chosen one by one.")
 
     @model_validator(mode="after")
     def _check_sizes(self) -> DataConfig:

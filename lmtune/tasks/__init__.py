@@ -10,6 +10,7 @@ from lmtune.tasks import (  # noqa: F401  (each registers itself)
     dpo,
     grpo,
     kto,
+    masked_lm,
     orpo,
     question_answering,
     reward,

@@ -571,6 +571,12 @@ class _WithIndex(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[int, Any]:
         return i, self.ds[i]
 
+    def set_epoch(self, epoch: int) -> None:
+        """Pass the epoch on to a split whose items change with it (masked_lm's masks); Accelerate's loader calls
+        this at each pass (DataLoaderShard.set_epoch), after the loop has set the epoch."""
+        if hasattr(self.ds, "set_epoch"):
+            self.ds.set_epoch(epoch)
+
     def __getitems__(self, indices: list[int]) -> list[tuple[int, Any]]:
         items = self.ds.__getitems__(indices) if hasattr(self.ds, "__getitems__") else [self.ds[i] for i in indices]
         return list(zip(indices, items, strict=True))

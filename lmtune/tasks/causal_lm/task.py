@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import random
 import shutil
 from pathlib import Path
 from typing import Any, ClassVar
@@ -28,12 +27,11 @@ from transformers import PreTrainedTokenizerFast
 from lmtune.config import Config
 from lmtune.config.tasks import TaskInfo
 from lmtune.data.chat import adds_bos
+from lmtune.data.documents import read_documents, split_documents
 from lmtune.data.features import FeatureDataset, cached_features, digest_records, features_cache_key
 from lmtune.data.packing import pack_stream
-from lmtune.data.readers import detect_format, read_table
-from lmtune.data.splits import first_occurrences, given_splits, hold_out
 from lmtune.data.streaming import open_document_stream
-from lmtune.errors import ConfigError, DataError
+from lmtune.errors import ConfigError
 from lmtune.evaluate.report import Report
 from lmtune.models.registry import load_padded_tokenizer, resolve_model
 from lmtune.paths import cache_dir
@@ -110,44 +108,8 @@ class CausalLMTask(DecoderTask):
 
     # ------------------------------------------------------------------------------ data
     def _read_documents(self, source: str) -> tuple[list[str], dict[str, Any]]:
-        """Documents of one source, and facts about reading it."""
-        d = self.data_cfg
-        table = read_table(source, format=d.format, encoding=d.encoding)
-        fmt: str = d.format
-        if fmt == "auto" and not source.startswith("bundled:"):
-            fmt = detect_format(Path(source))
-        skipped = 0
-        if fmt == "text" and d.document_split != "line":
-            # Lines arrive without the blank ones; a jump in line numbers is a paragraph break.
-            docs: list[str] = []
-            current: list[str] = []
-            last = None
-            for row, line in zip(table.rows, table.lines, strict=True):
-                if last is not None and line != last + 1 and d.document_split == "paragraph":
-                    docs.append("\n".join(current))
-                    current = []
-                elif last is not None and line != last + 1:
-                    current.append("")  # keep the paragraph break inside a whole-file document
-                current.append(row["text"])
-                last = line
-            if current:
-                docs.append("\n".join(current))
-        else:
-            docs = []
-            for value, line in zip(table.column(d.text_column), table.lines, strict=True):
-                if value is None or (isinstance(value, str) and not value.strip()):
-                    if d.empty_text == "error":
-                        raise DataError("empty text", file=source, line=line, field=d.text_column,
-                                        hint="set data.empty_text: skip to drop such rows (they are counted)")
-                    skipped += 1
-                    continue
-                if not isinstance(value, str):
-                    raise DataError(f"expected text, found {type(value).__name__}", file=source, line=line,
-                                    field=d.text_column)
-                docs.append(value)
-        if not docs:
-            raise DataError("no text to train on", file=source)
-        return docs, {"source": source, "rows_read": len(table), "skipped_empty": skipped}
+        """Documents of one source, and facts about reading it (:func:`lmtune.data.documents.read_documents`)."""
+        return read_documents(source, self.data_cfg)
 
     def documents(self, split: str) -> list[str]:
         """The documents of ``split`` after reading, de-duplication and splitting (computed once)."""
@@ -156,33 +118,7 @@ class CausalLMTask(DecoderTask):
         return self._docs[split][0] if split in self._docs else []
 
     def _split_documents(self) -> dict[str, tuple[list[str], dict[str, Any]]]:
-        d = self.data_cfg
-        train, train_info = self._read_documents(d.train)
-        if d.deduplicate:
-            unique = first_occurrences(train, str)
-            train_info["duplicates_removed"] = len(train) - len(unique)
-            train = unique
-        train, held, sources = hold_out(train, d, what="document(s)", kind="text",
-                                        hint="give data.validation (and data.test) files, or "
-                                        "data.document_split: paragraph for a long text file")
-        out: dict[str, tuple[list[str], dict[str, Any]]] = {s: (held[s], {"source": sources[s]}) for s in held}
-        for s, src in given_splits(d).items():
-            out[s] = self._read_documents(src)
-        if d.deduplicate:
-            seen = set(train)
-            for s in ("validation", "test"):
-                if s in out:
-                    docs, info = out[s]
-                    clean = [x for x in first_occurrences(docs, str) if x not in seen]
-                    info["duplicates_removed"] = len(docs) - len(clean)
-                    out[s] = (clean, info)
-        out["train"] = (train, train_info)
-        if d.max_samples:
-            rng = random.Random(d.split_seed)
-            for s, (docs, info) in out.items():
-                if len(docs) > d.max_samples:
-                    out[s] = (rng.sample(docs, d.max_samples), info)
-        return out
+        return split_documents(self.data_cfg)
 
     def prepare(self, tokenizer: Any) -> TaskData:
         """Tokenise every split's documents and pack them into rows (cached)."""
