@@ -205,6 +205,13 @@ def test_fill_mask_predictions(mlm_run: Any, tmp_path: Path) -> None:
     fillers = answer["masks"][0]["fillers"]
     assert len(fillers) == 5 and fillers == sorted(fillers, key=lambda f: -f["score"])
     assert answer["text"] == f"the {fillers[0]['text']} cat watched the river."
+    # the saved folder is a plain transformers fill-mask model, ranking the fillers as lmtune does
+    from transformers import pipeline
+
+    fill = pipeline("fill-mask", model=str(mlm_run.model_dir), top_k=5)
+    theirs = fill("the [MASK] cat watched the river.")
+    assert [t["token_str"].replace(" ", "") for t in theirs] == [f["text"] for f in fillers]
+    assert [t["score"] for t in theirs] == pytest.approx([f["score"] for f in fillers], abs=1e-4)
     predictor = mlm_run.predictor()
     assert predictor.check_item("no mask here") and "[MASK]" in predictor.check_item("no mask here")
     assert predictor.check_item(["a", "list"]) is not None
@@ -342,3 +349,14 @@ def test_bad_input_is_a_clean_error(tiny_bert_nodrop_dir: Path, tmp_path: Path) 
                       ({"mlm_probability": 1.0}, "mlm_probability"), ({"extend_vocabulary": 10}, "extend_vocabulary")):
         with pytest.raises(ConfigError, match=key):
             load_config(_config(tiny_bert_nodrop_dir, text, tmp_path / "d", data=data))
+
+
+def test_plan_counts_the_vocabulary_logits(tmp_path: Path, tiny_bert_nodrop_dir: Path) -> None:
+    """The masked-LM head scores every position over the whole vocabulary: lmtune plan sizes those logits."""
+    from lmtune.workflows.plan import plan
+
+    result = plan(_config(tiny_bert_nodrop_dir, _stories(tmp_path, paragraphs=40), tmp_path / "run"), suggest=False)
+    logits = result.memory["per_device"]["logits"]
+    tokens = result.tokens
+    vocab = len(AutoTokenizer.from_pretrained(tiny_bert_nodrop_dir))
+    assert logits == tokens["batch_size"] * tokens["sequence_length"] * vocab * 4 * 2

@@ -311,8 +311,9 @@ def build_meta_model(task: Task, model_path: Path | None, data: Any, tokenizer: 
     with contextlib.suppress(AttributeError):
         cast(Any, model).tie_weights()
     stacks = _stacks(model)
-    # A task that generates its predictions has a language-model head: logits over the whole vocabulary.
-    lm_head = task.info.generates
+    # A task that generates its predictions, or fills masked tokens, has a language-model head: logits over the
+    # whole vocabulary at every position.
+    lm_head = task.info.generates or task.info.auto_class == "AutoModelForMaskedLM"
     head = task.head_module_names(model)
     build_method = method.model_copy(update={"name": "lora"}) if method.name == "qlora" else method
     with meta_device():
