@@ -582,17 +582,26 @@ class TrainConfig(_Section):
 
 # ---- neural baselines
 class BaselineConfig(_Section):
-    """The neural baselines: `model: baseline:NAME` (cnn_lstm, bilstm, gru, transformer), or NAME listed in
+    """The neural baselines: `model: baseline:NAME` (cnn_lstm, rnn, bilstm, gru, transformer), or NAME listed in
     `baselines` to train it beside the fine-tuned model (a sub-run under RUN/baselines/NAME)."""
 
     embedding_dim: int = Field(100, ge=4, description="Word embedding size (pretrained vectors bring their own).")
-    hidden_size: int = Field(70, ge=1, description="LSTM/GRU units (cnn_lstm: the LSTM after the convolution).")
+    hidden_size: int = Field(70, ge=1, description="RNN/LSTM/GRU units (cnn_lstm: the LSTM after the convolution).")
     conv_filters: int = Field(64, ge=1, description="cnn_lstm: Conv1D filters.")
-    kernel_size: int = Field(5, ge=1, description="cnn_lstm: Conv1D kernel width (odd keeps it centred).")
-    pool_size: int = Field(4, ge=1, description="cnn_lstm: MaxPooling1D size.")
-    rnn_layers: int = Field(1, ge=1, description="Stacked LSTM/GRU layers.")
+    kernel_size: int = Field(5, ge=1, description="cnn_lstm: Conv1D kernel width, padding `same` (odd keeps it "
+                             "centred).")
+    pool_size: int = Field(4, ge=1, description="cnn_lstm: MaxPooling1D size (1: no pooling).")
+    conv_activation: Literal["relu", "linear"] = Field(
+        "relu", description="cnn_lstm: the Conv1D activation (`linear` is Keras's Conv1D default: none).")
+    rnn_layers: int = Field(1, ge=1, description="Stacked RNN/LSTM/GRU layers.")
     transformer_layers: int = Field(2, ge=1, description="transformer: encoder layers.")
     heads: int = Field(4, ge=1, description="transformer: attention heads.")
+    positions: Literal["sinusoidal", "learned"] = Field(
+        "sinusoidal", description="transformer: `sinusoidal` (the fixed positions of \"Attention Is All You "
+        "Need\", embeddings scaled by sqrt(embedding_dim)) or `learned` (a trained position table).")
+    binary_sigmoid_head: bool = Field(
+        False, description="Two labels: end in one logit with a sigmoid and binary cross-entropy (Keras's "
+        "Dense(1, sigmoid)) instead of two logits with softmax cross-entropy.")
     dropout: float = Field(0.2, ge=0, lt=1, description="Dropout on embeddings and before the classifier.")
     vocab_min_count: int = Field(2, ge=1, description="Words seen fewer times in the training split map to [UNK].")
     max_vocab: int = Field(30000, ge=10, description="Most frequent training words kept in the vocabulary.")
@@ -636,7 +645,7 @@ class Config(_Section):
     baselines: list[str] = Field(
         default_factory=lambda: ["majority", "tfidf_logreg"],
         description="Cheap baselines trained and scored on the same split, shown beside the fine-tuned model: "
-        "majority, tfidf_logreg, and the neural cnn_lstm, bilstm, gru, transformer (each a sub-run on the same "
+        "majority, tfidf_logreg, and the neural cnn_lstm, rnn, bilstm, gru, transformer (each a sub-run on the same "
         "training loop, with the `baseline` settings).",
     )
     baseline: BaselineConfig = Field(default_factory=BaselineConfig)

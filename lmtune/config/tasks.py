@@ -19,7 +19,7 @@ from typing import Any
 # Every baseline a task may list, in the order reports show them: cheap ones fitted on the spot, then
 # neural networks trained as sub-runs on the same loop (``models/neural_baselines.py``).
 CLASSIC_BASELINES = ("majority", "tfidf_logreg")
-NEURAL_BASELINES = ("cnn_lstm", "bilstm", "gru", "transformer")
+NEURAL_BASELINES = ("cnn_lstm", "rnn", "bilstm", "gru", "transformer")
 BASELINE_NAMES = CLASSIC_BASELINES + NEURAL_BASELINES
 
 

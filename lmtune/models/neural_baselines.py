@@ -4,17 +4,25 @@
 training texts (:func:`lmtune.models.embeddings.build_word_tokenizer`) and one of these models:
 
 * ``cnn_lstm``    Embedding -> Conv1D(64, 5, relu) -> MaxPooling1D(4) -> LSTM(70) -> Dense: the classic
-                  Keras IMDB example;
+                  Keras IMDB example (``pool_size: 1`` drops the pooling, ``conv_activation: linear``
+                  the relu: the guides' Embedding -> Conv1D(64, 3, same) -> LSTM(64) -> Dense(1, sigmoid));
+* ``rnn``         Embedding -> plain Elman RNN (tanh) -> last state -> Dense;
 * ``bilstm``      Embedding -> bidirectional LSTM -> [last forward state; last backward state] -> Dense;
 * ``gru``         Embedding -> GRU -> last state -> Dense;
-* ``transformer`` Embedding + learned positions -> a small pre-norm Transformer encoder -> masked mean
-                  pool -> Dense.
+* ``transformer`` Embedding * sqrt(d) + sinusoidal positions ("Attention Is All You Need") -> a small
+                  pre-norm Transformer encoder built on lmtune's own multi-head attention
+                  (:func:`scaled_dot_product_attention`) -> masked mean pool -> Dense.
 
 Each is a :class:`~transformers.PreTrainedModel` with its own config (``model_type: lmtune_baseline``),
 registered with ``AutoConfig`` / ``AutoModelForSequenceClassification`` when this module is imported
 (``import lmtune.models.neural_baselines``; the classification task imports it), so the saved folder is
 safetensors + ``config.json`` + ``tokenizer.json`` and ``AutoModelForSequenceClassification.from_pretrained``
 loads it.
+
+With ``binary_sigmoid_head`` a two-label classifier ends in one logit ``z`` (Dense(1, sigmoid)) and
+returns the logits ``[0, z]``: softmax of those is ``[1 - sigmoid(z), sigmoid(z)]`` and their
+cross-entropy is exactly binary cross-entropy on ``sigmoid(z)``, so the task's loss, metrics and
+predictions work unchanged.
 
 Results never depend on how much padding a batch has: recurrent layers run on packed sequences,
 the convolution sees zero vectors past the end exactly as unpadded "same" padding would, and
@@ -26,6 +34,7 @@ pretrained vectors file (word2vec / GloVe / an ``lmtune embeddings`` folder).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter
 from pathlib import Path
@@ -41,7 +50,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from lmtune.config.tasks import NEURAL_BASELINES
-from lmtune.errors import DataError
+from lmtune.errors import ConfigError, DataError
 from lmtune.models.embeddings import (
     build_word_tokenizer,
     embedding_matrix,
@@ -80,6 +89,7 @@ class NeuralBaselineConfig(PretrainedConfig):
         conv_filters: int = 64,
         kernel_size: int = 5,
         pool_size: int = 4,
+        conv_activation: str = "relu",
         rnn_layers: int = 1,
         transformer_layers: int = 2,
         num_heads: int = 4,
@@ -87,6 +97,8 @@ class NeuralBaselineConfig(PretrainedConfig):
         max_position_embeddings: int = 512,
         pad_token_id: int = 0,
         embedding_source: str | None = None,
+        position_encoding: str = "learned",
+        binary_sigmoid_head: bool = False,
         **kwargs: Any,
     ) -> None:
         if architecture not in ARCHITECTURES:
@@ -98,6 +110,7 @@ class NeuralBaselineConfig(PretrainedConfig):
         self.conv_filters = conv_filters
         self.kernel_size = kernel_size
         self.pool_size = pool_size
+        self.conv_activation = conv_activation
         self.rnn_layers = rnn_layers
         self.transformer_layers = transformer_layers
         self.num_heads = num_heads
@@ -105,6 +118,11 @@ class NeuralBaselineConfig(PretrainedConfig):
         self.max_position_embeddings = max_position_embeddings
         # Where the embedding table started from: None (random), "word2vec (trained ...)" or a file.
         self.embedding_source = embedding_source
+        # "sinusoidal" (the paper's fixed positions) for every model built now; the default "learned" is
+        # what a config.json saved before the key existed meant (an nn.Embedding of positions).
+        self.position_encoding = position_encoding
+        # One logit z for two labels (logits [0, z]): Dense(1, sigmoid) with binary cross-entropy.
+        self.binary_sigmoid_head = binary_sigmoid_head
         super().__init__(pad_token_id=pad_token_id, **kwargs)  # type: ignore[call-arg]  # accepted via **kwargs
 
 
@@ -115,12 +133,13 @@ def _lengths(mask: torch.Tensor) -> torch.Tensor:
 
 
 class CnnLstmEncoder(nn.Module):
-    """Conv1D(filters, kernel, relu) -> MaxPool1D(pool) -> LSTM(hidden): (B, T, E) -> (B, H)."""
+    """Conv1D(filters, kernel, relu or linear) -> MaxPool1D(pool) -> LSTM(hidden): (B, T, E) -> (B, H)."""
 
     def __init__(self, cfg: NeuralBaselineConfig) -> None:
         super().__init__()
         self.conv = nn.Conv1d(cfg.embedding_dim, cfg.conv_filters, cfg.kernel_size, padding=cfg.kernel_size // 2)
         self.pool_size = cfg.pool_size
+        self.relu = cfg.conv_activation == "relu"
         self.lstm = nn.LSTM(cfg.conv_filters, cfg.hidden_size, num_layers=cfg.rnn_layers, batch_first=True,
                             dropout=cfg.dropout if cfg.rnn_layers > 1 else 0.0)
         self.out_features = cfg.hidden_size
@@ -128,25 +147,34 @@ class CnnLstmEncoder(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``x`` (B, T, E) with zero rows at padding, ``mask`` (B, T) 1 for real tokens."""
         steps = x.shape[1]
-        h = F.relu(self.conv(x.transpose(1, 2)))[:, :, :steps]  # (B, C, T); "same" padding
-        # Zero past each row's end: after relu every value is >= 0, so a pooling window that
-        # reaches into padding takes the max over its real positions only.
-        h = h * mask[:, None, :].to(h.dtype)
-        h = F.max_pool1d(h, self.pool_size, ceil_mode=True)  # (B, C, ceil(T / pool))
+        h = self.conv(x.transpose(1, 2))[:, :, :steps]  # (B, C, T); "same" padding
+        if self.relu:
+            h = F.relu(h)
+        if self.pool_size > 1:
+            # A pooling window that reaches past a row's end takes the max over its real positions only;
+            # windows wholly past the end (beyond the packed length) become 0, never -inf.
+            h = h.masked_fill(~mask[:, None, :].bool(), float("-inf"))
+            h = F.max_pool1d(h, self.pool_size, ceil_mode=True)  # (B, C, ceil(T / pool))
+            h = h.masked_fill(torch.isneginf(h), 0.0)
         lengths = torch.div(_lengths(mask) + self.pool_size - 1, self.pool_size, rounding_mode="floor")
         packed = pack_padded_sequence(h.transpose(1, 2), lengths, batch_first=True, enforce_sorted=False)
         _, (state, _) = self.lstm(packed)  # state: (layers, B, H)
         return state[-1]
 
 
+# Each takes (input_size, hidden_size, num_layers=, batch_first=, bidirectional=, dropout=).
+RECURRENT_LAYERS: dict[str, type[nn.RNN | nn.LSTM | nn.GRU]] = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
+
+
 class RnnEncoder(nn.Module):
-    """A (bi)LSTM or GRU over packed sequences; the last states: (B, T, E) -> (B, H or 2H)."""
+    """A plain (Elman, tanh) RNN, a (bi)LSTM or a GRU over packed sequences; the last states:
+    (B, T, E) -> (B, H or 2H)."""
 
     def __init__(self, cfg: NeuralBaselineConfig, kind: str, bidirectional: bool) -> None:
         super().__init__()
-        rnn = nn.LSTM if kind == "lstm" else nn.GRU
-        self.rnn = rnn(cfg.embedding_dim, cfg.hidden_size, num_layers=cfg.rnn_layers, batch_first=True,
-                       bidirectional=bidirectional, dropout=cfg.dropout if cfg.rnn_layers > 1 else 0.0)
+        self.rnn = RECURRENT_LAYERS[kind](cfg.embedding_dim, cfg.hidden_size, num_layers=cfg.rnn_layers,
+                                          batch_first=True, bidirectional=bidirectional,
+                                          dropout=cfg.dropout if cfg.rnn_layers > 1 else 0.0)
         self.bidirectional = bidirectional
         self.out_features = cfg.hidden_size * (2 if bidirectional else 1)
 
@@ -160,26 +188,127 @@ class RnnEncoder(nn.Module):
         return h[-1]
 
 
+# ------------------------------------------------------------------------------------------ attention
+def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 key_padding_mask: torch.Tensor | None = None, dropout: float = 0.0,
+                                 training: bool = False) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d) + M) V, written out ("Attention Is All You Need", eq. 1).
+
+    ``q`` (B, H, T, d), ``k`` and ``v`` (B, H, S, d); ``key_padding_mask`` (B, S) True (or 1) for keys
+    that may be attended to: M is 0 there and -inf elsewhere. Every row needs one such key.
+    Returns (B, H, T, d).
+    """
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, T, S)
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(~key_padding_mask.bool()[:, None, None, :], float("-inf"))
+    weights = F.dropout(torch.softmax(scores, dim=-1), dropout, training=training)
+    return weights @ v
+
+
+def sinusoidal_positions(steps: int, dim: int, device: torch.device | None = None) -> torch.Tensor:
+    """The paper's fixed positions (T, D): PE(pos, 2i) = sin(pos / 10000^(2i/D)),
+    PE(pos, 2i+1) = cos(pos / 10000^(2i/D)). Nothing is learned or saved; any length works."""
+    pos = torch.arange(steps, dtype=torch.float32, device=device)[:, None]  # (T, 1)
+    two_i = torch.arange(0, dim, 2, dtype=torch.float32, device=device)  # (ceil(D/2),)
+    angles = pos / torch.pow(10000.0, two_i / dim)  # (T, ceil(D/2))
+    pe = torch.zeros(steps, dim, device=device)
+    pe[:, 0::2] = torch.sin(angles)
+    pe[:, 1::2] = torch.cos(angles[:, : dim // 2])
+    return pe
+
+
+class MultiHeadSelfAttention(nn.Module):
+    """Multi-head self-attention on :func:`scaled_dot_product_attention`: (B, T, E) -> (B, T, E).
+
+    The weights are named as ``torch.nn.MultiheadAttention`` names them (``in_proj_weight`` (3E, E)
+    holding Q, K, V in that order, ``in_proj_bias``, ``out_proj``), so models saved when the baseline
+    used torch's encoder layers load into this one unchanged.
+    """
+
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"embedding size {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.dropout = dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``key_padding_mask`` (B, T): True for real tokens."""
+        batch, steps, dim = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, T, 3E)
+        qkv = qkv.view(batch, steps, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, H, T, d)
+        out = scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], key_padding_mask, self.dropout, self.training)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, steps, dim))  # (B, T, E)
+
+
+class EncoderLayer(nn.Module):
+    """A pre-norm Transformer encoder layer: x + Attn(LN(x)), then x + FFN(LN(x)) with a GELU FFN of 2E.
+
+    Names follow ``torch.nn.TransformerEncoderLayer`` (self_attn, linear1, linear2, norm1, norm2): with
+    the same weights it computes what that layer with ``norm_first=True, activation="gelu"`` computes.
+    """
+
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.self_attn = MultiHeadSelfAttention(dim, heads, dropout)
+        self.linear1 = nn.Linear(dim, 2 * dim)
+        self.linear2 = nn.Linear(2 * dim, dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, T, E), ``keep`` (B, T) True for real tokens."""
+        x = x + self.dropout(self.self_attn(self.norm1(x), keep))
+        return x + self.dropout(self.linear2(self.dropout(F.gelu(self.linear1(self.norm2(x))))))
+
+
+class EncoderStack(nn.Module):
+    """The encoder layers in order (``layers.N``, as ``torch.nn.TransformerEncoder`` names them)."""
+
+    def __init__(self, dim: int, heads: int, dropout: float, depth: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(dim, heads, dropout) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """(B, T, E) -> (B, T, E)."""
+        for layer in self.layers:
+            x = layer(x, keep)
+        return x
+
+
 class TransformerEncoder(nn.Module):
-    """Learned positions + pre-norm Transformer encoder layers + masked mean pooling: (B, T, E) -> (B, E)."""
+    """Positions + pre-norm Transformer encoder layers + masked mean pooling: (B, T, E) -> (B, E).
+
+    Positions are the paper's: the embeddings scaled by sqrt(E) plus :func:`sinusoidal_positions`.
+    ``position_encoding: learned`` (models saved before sinusoidal positions) adds an ``nn.Embedding``
+    of positions to the unscaled embeddings instead.
+    """
 
     def __init__(self, cfg: NeuralBaselineConfig) -> None:
         super().__init__()
-        self.positions = nn.Embedding(cfg.max_position_embeddings, cfg.embedding_dim)
-        layer = nn.TransformerEncoderLayer(cfg.embedding_dim, cfg.num_heads, dim_feedforward=2 * cfg.embedding_dim,
-                                           dropout=cfg.dropout, activation="gelu", batch_first=True, norm_first=True)
-        # No nested-tensor fast path: it changes results with the amount of padding.
-        self.layers = nn.TransformerEncoder(layer, cfg.transformer_layers, enable_nested_tensor=False)
+        self.learned = cfg.position_encoding == "learned"
+        if self.learned:
+            self.positions = nn.Embedding(cfg.max_position_embeddings, cfg.embedding_dim)
+        self.scale = 1.0 if self.learned else math.sqrt(cfg.embedding_dim)
+        self.layers = EncoderStack(cfg.embedding_dim, cfg.num_heads, cfg.dropout, cfg.transformer_layers)
         self.norm = nn.LayerNorm(cfg.embedding_dim)
         self.out_features = cfg.embedding_dim
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean of the encoded real tokens."""
-        steps = x.shape[1]
-        pos = self.positions(torch.arange(steps, device=x.device))  # (T, E)
+        steps, dim = x.shape[1], x.shape[2]
+        if self.learned:
+            pos = self.positions(torch.arange(steps, device=x.device))  # (T, E)
+        else:
+            pos = sinusoidal_positions(steps, dim, x.device).to(x.dtype)  # (T, E)
         keep = mask.bool().clone()
         keep[:, 0] = True  # an all-padding row would give NaN attention
-        h = self.layers(x + pos, src_key_padding_mask=~keep)  # (B, T, E)
+        h = self.layers(x * self.scale + pos, keep)  # (B, T, E)
         h = self.norm(h)
         weights = keep.to(h.dtype)[:, :, None]  # (B, T, 1)
         return (h * weights).sum(1) / weights.sum(1)
@@ -200,6 +329,8 @@ class NeuralBaselineForSequenceClassification(PreTrainedModel):
         self.encoder: nn.Module
         if arch == "cnn_lstm":
             self.encoder = CnnLstmEncoder(config)
+        elif arch == "rnn":
+            self.encoder = RnnEncoder(config, "rnn", bidirectional=False)
         elif arch == "bilstm":
             self.encoder = RnnEncoder(config, "lstm", bidirectional=True)
         elif arch == "gru":
@@ -207,12 +338,16 @@ class NeuralBaselineForSequenceClassification(PreTrainedModel):
         else:
             self.encoder = TransformerEncoder(config)
         self.dropout = nn.Dropout(config.dropout)
-        self.classifier = nn.Linear(int(self.encoder.out_features), int(config.num_labels or 2))
+        # Dense(1, sigmoid) for two labels with binary_sigmoid_head (see the module docstring), else one
+        # logit per label.
+        outputs = 1 if config.binary_sigmoid_head else int(config.num_labels or 2)
+        self.classifier = nn.Linear(int(self.encoder.out_features), outputs)
         self.post_init()
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """Keras-like starts: small uniform embeddings, Xavier weights, zero biases, LSTM forget bias 1.
+        """Keras-like starts: small uniform embeddings, Xavier weights, orthogonal recurrent weights, zero
+        biases, LSTM forget bias 1.
 
         ``transformers.initialization`` skips tensors already loaded from a checkpoint.
         """
@@ -224,9 +359,12 @@ class NeuralBaselineForSequenceClassification(PreTrainedModel):
             init.xavier_uniform_(module.weight)
             if module.bias is not None:
                 init.zeros_(module.bias)
-        elif isinstance(module, (nn.LSTM, nn.GRU)):
+        elif isinstance(module, (nn.RNN, nn.LSTM, nn.GRU)):
             for name, param in module.named_parameters():
-                if "weight" in name:
+                if name.startswith("weight_hh"):
+                    # Keras's recurrent_initializer: orthogonal over all gates at once, (gates * H, H).
+                    init.orthogonal_(param)
+                elif "weight" in name:
                     init.xavier_uniform_(param)
                 else:
                     init.zeros_(param)
@@ -235,8 +373,9 @@ class NeuralBaselineForSequenceClassification(PreTrainedModel):
                         # Gate order i, f, g, o: start with the forget gate open.
                         hidden = param.shape[0] // 4
                         init.ones_(param[hidden : 2 * hidden])
-        elif isinstance(module, nn.MultiheadAttention):
-            module._reset_parameters()
+        elif isinstance(module, MultiHeadSelfAttention):
+            init.xavier_uniform_(module.in_proj_weight)
+            init.zeros_(module.in_proj_bias)
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
@@ -260,7 +399,10 @@ class NeuralBaselineForSequenceClassification(PreTrainedModel):
         mask = attention_mask if attention_mask is not None else (input_ids != self.config.pad_token_id).long()
         x = self.embeddings(input_ids) * mask[:, :, None].to(self.embeddings.weight.dtype)  # (B, T, E)
         features = self.encoder(self.dropout(x), mask)  # (B, F)
-        logits = self.classifier(self.dropout(features))  # (B, L)
+        logits = self.classifier(self.dropout(features))  # (B, L), or (B, 1) with binary_sigmoid_head
+        if logits.shape[-1] == 1 and self.config.num_labels == 2:
+            # [0, z]: softmax gives [1 - sigmoid(z), sigmoid(z)], cross-entropy is BCE on sigmoid(z).
+            logits = torch.cat([torch.zeros_like(logits), logits], dim=-1)  # (B, 2)
         loss = None
         if labels is not None:
             if self.config.problem_type == "multi_label_classification":
@@ -292,6 +434,13 @@ def build_model(
     ``train_texts``; with a path, from those pretrained vectors (their size replaces
     ``embedding_dim``). Pretrained vectors that cover none of the vocabulary are a :class:`DataError`.
     """
+    if settings.binary_sigmoid_head and (multi_label or len(labels) != 2):
+        raise ConfigError(
+            f"baseline.binary_sigmoid_head needs exactly two labels, one per text; this data has {len(labels)} "
+            f"label(s){' and several per text' if multi_label else ''}: {', '.join(map(str, labels[:5]))}",
+            field="baseline.binary_sigmoid_head",
+            hint="set baseline.binary_sigmoid_head: false (one logit per label, softmax cross-entropy)",
+        )
     vocab = _vocabulary(tokenizer)
     matrix, info = _initial_embeddings(settings, vocab, train_texts, seed)
     dim = matrix.shape[1] if matrix is not None else settings.embedding_dim
@@ -304,7 +453,8 @@ def build_model(
     config = NeuralBaselineConfig(
         architecture=architecture, vocab_size=len(vocab), embedding_dim=dim, hidden_size=settings.hidden_size,
         conv_filters=settings.conv_filters, kernel_size=settings.kernel_size, pool_size=settings.pool_size,
-        rnn_layers=settings.rnn_layers, transformer_layers=settings.transformer_layers, num_heads=heads,
+        conv_activation=settings.conv_activation, position_encoding=settings.positions,
+        binary_sigmoid_head=settings.binary_sigmoid_head, rnn_layers=settings.rnn_layers, transformer_layers=settings.transformer_layers, num_heads=heads,
         dropout=settings.dropout, max_position_embeddings=max_length, pad_token_id=tokenizer.pad_token_id,
         embedding_source=info.get("source"), num_labels=len(labels), id2label=dict(enumerate(labels)),
         label2id={name: i for i, name in enumerate(labels)},
@@ -397,12 +547,16 @@ def describe_architecture(name: str, settings: BaselineConfig) -> str:
     s = settings
     init_text = {"random": "random embeddings", "word2vec": f"embeddings from word2vec {s.word2vec_method} on the "
                  "training texts"}.get(s.embeddings, f"embeddings from {Path(s.embeddings).name}")
+    pool = f" -> MaxPool1D({s.pool_size})" if s.pool_size > 1 else ""
+    positions = "sinusoidal positions" if s.positions == "sinusoidal" else "learned positions"
     body = {
-        "cnn_lstm": f"Conv1D({s.conv_filters}, {s.kernel_size}, relu) -> MaxPool1D({s.pool_size}) -> LSTM({s.hidden_size})",
+        "cnn_lstm": f"Conv1D({s.conv_filters}, {s.kernel_size}, {s.conv_activation}){pool} -> LSTM({s.hidden_size})",
+        "rnn": f"RNN({s.hidden_size}, tanh) -> last state",
         "bilstm": f"BiLSTM({s.hidden_size}) -> last states",
         "gru": f"GRU({s.hidden_size}) -> last state",
-        "transformer": f"{s.transformer_layers}-layer Transformer encoder ({s.heads} heads) -> mean pool",
+        "transformer": f"{positions} -> {s.transformer_layers}-layer Transformer encoder ({s.heads} heads) -> mean pool",
     }[name]
-    return (f"word Embedding({s.embedding_dim}) -> {body} -> Dense; {init_text}; "
+    head = "Dense(1, sigmoid)" if s.binary_sigmoid_head else "Dense"
+    return (f"word Embedding({s.embedding_dim}) -> {body} -> {head}; {init_text}; "
             f"{s.epochs:g} epochs, batch {s.batch_size}, lr {s.learning_rate:g}.")
 

@@ -1,6 +1,6 @@
 """Neural baselines as sub-runs of the train workflow, and every model timed on the same inputs.
 
-Neural baselines (``baselines: [cnn_lstm, bilstm, gru, transformer]``) train as sub-runs of the main
+Neural baselines (``baselines: [cnn_lstm, rnn, bilstm, gru, transformer]``) train as sub-runs of the main
 run, through the same workflow and training loop (``RUN/baselines/NAME/`` is a complete run folder
 with its own model/ and report), on the same split: the split is a seeded function of the data and
 ``data.*`` settings, which the sub-run keeps. They start once the main model is saved, so nothing
