@@ -319,7 +319,9 @@ def test_list_datasets(cache: Path) -> None:
     assert {"chatterbot", "chatterbot_spanish", "chatterbot_yoruba", "janeausten"} <= set(rows)
     # rotten_tomatoes, chatterbot x 28 languages, janeausten, chatterbot_en_* x 6 (seq2seq), chatterbot_qa,
     # peoples_daily (NER)
-    assert len(rows) == 1 + 28 + 1 + 6 + 1 + 1 + 2 + 1  # + chatterbot_pairs and chatterbot_kto, arithmetic
+    # + chatterbot_pairs and chatterbot_kto, arithmetic, aclsum (summarization)
+    assert len(rows) == 1 + 28 + 1 + 6 + 1 + 1 + 2 + 1 + 1
+    assert rows["aclsum"]["task"] == "seq2seq" and rows["aclsum"]["columns"][:2] == ["source", "target"]
     assert rows["chatterbot_qa"]["task"] == "question_answering"
     assert rows["chatterbot"]["installed"] and rows["chatterbot"]["path"] is None
     resolve_bundled_data("chatterbot")

@@ -18,5 +18,5 @@ INFO = TaskInfo(
     generates=True,
     endpoints=("/v1/generate",),
     check=check_config,
-    bundled_data=("chatterbot_en_*",),
+    bundled_data=("chatterbot_en_*", "aclsum"),
 )

@@ -23,7 +23,13 @@ Two routes, chosen by the model (``model.seq2seq: auto``) or by that setting:
 
 Checkpoints are chosen by validation loss (generation is slow on a CPU); the final evaluation and the
 starting point also generate for ``generation.eval_examples`` held-out sources and score them, so the
-report shows the starting model against the tuned one, with example outputs side by side.
+report shows the starting model against the tuned one, with example outputs side by side. Summarization also
+scores the lead-1 and lead-3 baselines (the sources' first sentences, :mod:`lmtune.tasks.seq2seq.baselines`)
+on the same sources, beside them.
+
+Long documents: the encoder-decoder route cuts sources at ``data.max_length`` tokens; the decoder route (for
+summarization) cuts each source at the end so that prompt, source and a ``data.max_target_length``-token
+answer fit ``data.max_length``. Both count what they cut (``data.json``, the log and the report).
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ from lmtune.models.registry import load_padded_tokenizer, model_path_of
 from lmtune.tasks.base import Task, TaskData
 from lmtune.tasks.chat_tuning import EXAMPLES_KEPT, ChatTuningTask, cell
 from lmtune.tasks.inspection import collect_warnings
+from lmtune.tasks.seq2seq.baselines import LEAD_NS, lead_scores
 from lmtune.tasks.seq2seq.info import INFO
 from lmtune.tasks.seq2seq.inspect import seq2seq_details, seq2seq_facts
 from lmtune.tasks.seq2seq.metrics import METRICS, seq2seq_metrics
@@ -181,6 +188,10 @@ class Seq2SeqTask(Task):
         """The job's metrics (ROUGE or BLEU/chrF) of generated ``texts``."""
         return seq2seq_metrics(texts, references, self.kind)
 
+    def lead_baselines(self, sources: list[str], references: list[str]) -> dict[str, dict[str, float]]:
+        """Summarization: ROUGE of lead-1 and lead-3 on these held-out sources (``{"lead_1": ...}``); else {}."""
+        return lead_scores(sources, references) if self.kind == "summarization" and sources else {}
+
     def seq2seq_meta(self) -> dict[str, Any]:
         """What the predictor needs, for ``lmtune.json``."""
         d, g = self.config.data, self.config.generation
@@ -208,8 +219,18 @@ class Seq2SeqTask(Task):
             return
         extra = ["mean_generated_words", "mean_reference_words", "empty_predictions", "stopped_fraction", "loss",
                  "perplexity"]
-        report.table(["metric", "starting model", "tuned model"],
-                     [[k, base.get(k), tuned.get(k)] for k in keys + extra if k in tuned])
+        leads = [(f"lead-{n}", tuned.get("lead", {}).get(f"lead_{n}")) for n in LEAD_NS]
+        leads = [(name, scores) for name, scores in leads if scores]
+        report.table(["metric", *(name for name, _ in leads), "starting model", "tuned model"],
+                     [[k, *(scores.get(k, "–") for _, scores in leads), base.get(k), tuned.get(k)]
+                      for k in keys + extra if k in tuned])
+        if leads:
+            report.paragraph("lead-N: the source's first N sentences as its summary, scored with the same ROUGE "
+                             "on the same sources; a model that does not beat lead-3 has learned less than "
+                             "copying the opening.")
+        cut = self.truncation_note(data)
+        if cut:
+            report.paragraph(cut)
         beams = f"beam search ({g.num_beams} beams)" if g.num_beams > 1 else \
             "sampled" if g.do_sample else "greedy"
         report.paragraph(f"{tuned.get('generated_examples')} held-out sources of the {split} split, "
@@ -222,6 +243,22 @@ class Seq2SeqTask(Task):
             report.heading("Example outputs", 3)
             report.table(["source", "reference", "starting model", "tuned model"],
                          [[cell(c) for c in r] for r in rows])
+
+    def truncation_note(self, data: TaskData) -> str:
+        """One sentence on the sources cut to fit (empty when none were): the long-document count."""
+        d = self.config.data
+        train = data.info.get("train", {})
+        if self.route == "decoder":
+            n, total = int(train.get("sources_truncated", 0)), int(train.get("rows_read", 0))
+            budget = train.get("source_token_budget")
+            return (f"{n} of {total} sources were longer than {budget} tokens (data.max_length {d.max_length} less "
+                    f"the prompt and a data.max_target_length {d.max_target_length}-token answer) and were cut at "
+                    "the end." if n else "")
+        cut = {s: int(v.get("truncated", 0)) for s, v in data.info.items() if isinstance(v, dict) and "truncated" in v}
+        if not any(cut.values()):
+            return ""
+        counts = ", ".join(f"{s} {n} of {data.info[s].get('examples')}" for s, n in cut.items())
+        return f"Sources longer than data.max_length {d.max_length} tokens were cut at the end: {counts}."
 
     def inspect_facts(self, data: TaskData) -> dict[str, dict[str, Any]]:
         """Per split, for ``lmtune data inspect`` (:mod:`lmtune.tasks.seq2seq.inspect`): pairs, skipped and duplicate
@@ -513,6 +550,9 @@ class EncoderDecoderSeq2SeqTask(Seq2SeqTask):
         scores: dict[str, Any] = dict(self.text_scores(texts, references))
         scores["stopped_fraction"] = sum(r["finish_reason"] == "stop" for r in results) / len(results)
         scores["generated_examples"] = len(results)
+        lead = self.lead_baselines(sources, references)
+        if lead:
+            scores["lead"] = lead
         scores["examples"] = [{"source": s, "reference": ref, "generated": t}
                               for s, ref, t in list(zip(sources, references, texts, strict=True))[:EXAMPLES_KEPT]]
         return scores
@@ -559,9 +599,38 @@ class PromptSeq2SeqTask(Seq2SeqTask, ChatTuningTask):
     def read_conversations(self, source: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """The pairs of ``source`` as conversations (what SFT reads from a chat file)."""
         pairs, info = self._read_pairs(source)
+        info.update(self._clip_sources(pairs))
         records = [{"messages": self.messages(r["source"], r["target"]), "line": r["line"], "source": r["source"]}
                    for r in pairs]
         return records, {**info, "chat_format": "seq2seq"}
+
+    def _clip_sources(self, pairs: list[dict[str, Any]]) -> dict[str, Any]:
+        """Summarization: cut each source at the end so that the prompt, the source and a
+        ``data.max_target_length``-token answer fit ``data.max_length`` (chat tuning would skip the whole
+        pair, or cut the prompt's start: the lead of the document). Returns the counts for ``data.json``."""
+        tokenizer = getattr(self, "tokenizer", None)
+        if self.kind != "summarization" or tokenizer is None:
+            return {}
+        d = self.data_cfg
+        overhead = len(tokenizer(chat_prompt(tokenizer, self.messages("")), add_special_tokens=False)["input_ids"])
+        budget = d.max_length - d.max_target_length - overhead - 1  # -1: the answer's end-of-turn token
+        if budget < 16:
+            raise ConfigError(f"data.max_length {d.max_length} leaves {budget} tokens for the source after the "
+                              f"prompt ({overhead} tokens) and data.max_target_length {d.max_target_length}",
+                              hint="raise data.max_length or lower data.max_target_length")
+        cut = 0
+        for r in pairs:
+            if len(r["source"]) <= budget:  # a token is at least one character
+                continue
+            enc = tokenizer(r["source"], add_special_tokens=False, return_offsets_mapping=True)
+            if len(enc["input_ids"]) > budget:
+                r["source"] = r["source"][: enc["offset_mapping"][budget - 1][1]].rstrip()
+                cut += 1
+        if cut:
+            log.warning("%d of %d sources are longer than %d tokens (data.max_length %d less the prompt and "
+                        "data.max_target_length %d) and were cut at the end", cut, len(pairs), budget, d.max_length,
+                        d.max_target_length)
+        return {"sources_truncated": cut, "source_token_budget": budget}
 
     def prepare(self, tokenizer: Any) -> TaskData:
         """Chat tuning's preparation of the pair conversations; remembers which source each eval prompt holds."""
@@ -582,6 +651,9 @@ class PromptSeq2SeqTask(Seq2SeqTask, ChatTuningTask):
                           references: list[str]) -> dict[str, Any]:
         """Chat tuning's generation scores (the job's metrics, via ``text_scores``); examples name their source."""
         scores = ChatTuningTask.generation_scores(self, model, accelerator, prompts, references)
+        lead = self.lead_baselines([self._prompt_sources.get(p, p) for p in prompts], references)
+        if lead:
+            scores["lead"] = lead
         scores["examples"] = [{**e, "source": self._prompt_sources.get(e["prompt"], e["prompt"])}
                               for e in scores["examples"]]
         return scores
