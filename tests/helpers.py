@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from transformers import (
     AutoTokenizer,
@@ -162,3 +165,29 @@ def run_cli(args: list[str], monkeypatch: Any) -> int:
     except SystemExit as exc:
         return int(exc.code or 0)
     return 0
+
+
+class Crash(Exception):
+    """What :func:`crash_after_checkpoint` raises: the run dies right after a checkpoint."""
+
+
+@contextlib.contextmanager
+def crash_after_checkpoint(monkeypatch: pytest.MonkeyPatch, step: int) -> Iterator[None]:
+    """Inside the block, a training run saves the checkpoint of ``step`` completely and then dies (as a kill
+    there would leave it); the block must end that way, and saving is back to normal after it."""
+    from lmtune.training import checkpoint as ckpt
+
+    original = ckpt.save_checkpoint
+
+    def save(acc: Any, folder: Path, at: int, state: dict[str, Any]) -> Path:
+        path = original(acc, folder, at, state)
+        if at == step:
+            raise Crash
+        return path
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save)
+    try:
+        with pytest.raises(Crash):
+            yield
+    finally:
+        monkeypatch.setattr(ckpt, "save_checkpoint", original)

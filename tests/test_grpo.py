@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 from accelerate import Accelerator
+from helpers import crash_after_checkpoint
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -61,10 +62,6 @@ def only_named(completions, answer):
 
 NOT_CALLABLE = 3
 '''
-
-
-class _Crash(Exception):
-    pass
 
 
 def steerable_llama(folder: Path, tokenizer_dir: Path, *, stop_gap: float = 0.1, seed: int = 0) -> Path:
@@ -310,18 +307,8 @@ def test_resumed_run_samples_and_ends_as_the_uninterrupted_one(tmp_path: Path, s
         return c
 
     whole = lmtune.train(cfg("whole"), show_progress=False)
-    original = ckpt.save_checkpoint
-
-    def crash_after_step_2(acc: Any, folder: Path, step: int, state: dict) -> Path:
-        path = original(acc, folder, step, state)
-        if step == 2:
-            raise _Crash
-        return path
-
-    monkeypatch.setattr(ckpt, "save_checkpoint", crash_after_step_2)
-    with pytest.raises(_Crash):
+    with crash_after_checkpoint(monkeypatch, 2):
         lmtune.train(cfg("broken"), show_progress=False)
-    monkeypatch.setattr(ckpt, "save_checkpoint", original)
     resumed = lmtune.train(cfg("broken"), resume=True, show_progress=False)
     assert resumed.metrics["summary"]["steps"] == 4
     a, b = load_file(str(whole.model_dir / "model.safetensors")), load_file(str(resumed.model_dir / "model.safetensors"))

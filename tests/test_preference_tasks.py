@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import FILLER, NEGATIVE, POSITIVE
+from helpers import FILLER, NEGATIVE, POSITIVE, crash_after_checkpoint
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -25,7 +25,6 @@ from lmtune.errors import ConfigError
 from lmtune.tasks import get_task
 from lmtune.tasks.preference import PairCollator, separate_rows, shared_prefix
 from lmtune.tasks.preference_losses import dpo_losses
-from lmtune.training import checkpoint as ckpt
 from lmtune.workflows.plan import plan
 
 CAPITALS = {"France": "Paris", "Spain": "Madrid", "Peru": "Lima", "Japan": "Tokyo", "Italy": "Rome", "Egypt": "Cairo"}
@@ -223,10 +222,6 @@ def test_lora_reference_is_the_base_model(tmp_path: Path, tiny_chat_llama_dir: P
     assert run.meta["eos_token_ids"] == [tokenizer.eos_token_id]
 
 
-class _Crash(Exception):
-    pass
-
-
 @pytest.mark.parametrize("task", ["dpo", "kto"])
 def test_resume_equals_uninterrupted(task: str, tmp_path: Path, tiny_chat_llama_dir: Path,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
@@ -234,19 +229,9 @@ def test_resume_equals_uninterrupted(task: str, tmp_path: Path, tiny_chat_llama_
     log-probs are read back, not recomputed from the half-trained model."""
     train = {"max_steps": 14, "save_every": 5, "eval_every": 7, "keep_checkpoints": 5, "log_every": 1}
     whole = lmtune.train(_config(tmp_path, tiny_chat_llama_dir, task, name="whole", train=train), show_progress=False)
-    original = ckpt.save_checkpoint
-
-    def crash_after_step_10(acc: Any, folder: Path, step: int, state: dict[str, Any]) -> Path:
-        path = original(acc, folder, step, state)
-        if step == 10:
-            raise _Crash
-        return path
-
-    monkeypatch.setattr(ckpt, "save_checkpoint", crash_after_step_10)
     cfg = _config(tmp_path, tiny_chat_llama_dir, task, name="broken", train=train)
-    with pytest.raises(_Crash):
+    with crash_after_checkpoint(monkeypatch, 10):
         lmtune.train(cfg, show_progress=False)
-    monkeypatch.setattr(ckpt, "save_checkpoint", original)
     resumed = lmtune.train(cfg, resume=True, show_progress=False)
     assert "read back" in (resumed.path / "train.log").read_text()
     a = load_file(str(whole.path / "model" / "model.safetensors"))

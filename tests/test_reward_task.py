@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import FILLER, NEGATIVE, POSITIVE
+from helpers import FILLER, NEGATIVE, POSITIVE, crash_after_checkpoint
 from serve_helpers import assert_openai_error, post, running
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -323,15 +323,9 @@ def test_the_server_answers_v1_score_as_run_predict(reward_run: Run) -> None:
         assert status == 404 and "/v1/score" in assert_openai_error(body, code="unsupported_endpoint")["message"]
 
 
-class _Crash(Exception):
-    pass
-
-
 def test_a_resumed_reward_run_logs_the_rows_of_the_uninterrupted_one(tmp_path: Path, tiny_chat_llama_dir: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """The training accuracy and margin of the log row after a checkpoint cover the steps before it too."""
-    from lmtune.training import checkpoint as ckpt
-
     def cfg(name: str) -> dict[str, Any]:
         c = reward_config(tmp_path, tiny_chat_llama_dir)
         c["train"].update({"epochs": 1, "max_steps": 4, "save_every": 2, "eval_every": 4, "log_every": 3})
@@ -339,18 +333,8 @@ def test_a_resumed_reward_run_logs_the_rows_of_the_uninterrupted_one(tmp_path: P
         return c
 
     whole = lmtune.train(cfg("whole"), show_progress=False)
-    original = ckpt.save_checkpoint
-
-    def crash_after_step_2(acc: Any, folder: Path, step: int, state: dict[str, Any]) -> Path:
-        path = original(acc, folder, step, state)
-        if step == 2:
-            raise _Crash
-        return path
-
-    monkeypatch.setattr(ckpt, "save_checkpoint", crash_after_step_2)
-    with pytest.raises(_Crash):
+    with crash_after_checkpoint(monkeypatch, 2):
         lmtune.train(cfg("broken"), show_progress=False)
-    monkeypatch.setattr(ckpt, "save_checkpoint", original)
     resumed = lmtune.train(cfg("broken"), resume=True, show_progress=False)
     keys = ("step", "loss", "train_accuracy", "train_margin")
     rows = lambda run: [[r[k] for k in keys] for r in _train_rows(run)]  # noqa: E731
