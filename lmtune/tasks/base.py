@@ -30,6 +30,15 @@ if TYPE_CHECKING:
     from lmtune.evaluate.report import Report
 
 
+# The model inputs an encoder task's batches carry (collators add labels and bookkeeping beside them).
+ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def encoder_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The model inputs of an encoder task's batch (:data:`ENCODER_INPUTS` that it holds)."""
+    return {k: batch[k] for k in ENCODER_INPUTS if k in batch}
+
+
 @dataclass
 class TaskData:
     """Prepared features per split, ready for batching."""

@@ -45,7 +45,7 @@ from lmtune.evaluate.plots import plot_confusion_matrix
 from lmtune.evaluate.report import Report
 from lmtune.models import neural_baselines  # registers the lmtune_baseline model type with transformers
 from lmtune.models.registry import load_padded_tokenizer, model_path_of
-from lmtune.tasks.base import Task, TaskData
+from lmtune.tasks.base import Task, TaskData, encoder_inputs
 from lmtune.tasks.classification.info import INFO
 from lmtune.tasks.classification.labels import MULTI_LABEL_THRESHOLD, is_blank, label_keys, sort_labels
 
@@ -415,13 +415,9 @@ class ClassificationTask(Task):
         """One item per example."""
         return int(batch["labels"].shape[0])
 
-    @staticmethod
-    def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-
     def logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Class logits (B, L) in float32."""
-        return model(**self._inputs(batch)).logits.float()  # (B, L)
+        return model(**encoder_inputs(batch)).logits.float()  # (B, L)
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed cross-entropy (single-label) or summed per-example mean BCE (multi-label)."""

@@ -45,7 +45,7 @@ from lmtune.errors import ConfigError, ModelError
 from lmtune.evaluate.report import Report
 from lmtune.models.loading import load_pretrained
 from lmtune.models.registry import load_padded_tokenizer, model_path_of
-from lmtune.tasks.base import Task, TaskData
+from lmtune.tasks.base import Task, TaskData, encoder_inputs
 from lmtune.tasks.masked_lm.info import INFO
 from lmtune.tasks.masked_lm.inspect import masked_lm_details, masked_lm_facts
 from lmtune.tasks.masked_lm.masking import EVAL_STREAMS, NO_WORD, TRAIN_STREAM, MaskedRows, Masker
@@ -233,19 +233,15 @@ class MaskedLMTask(Task):
         """Chosen (masked) tokens."""
         return int((batch["labels"] != IGNORE_INDEX).sum())
 
-    @staticmethod
-    def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-
     def logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Token logits at every position (compared before and after saving)."""
-        return model(**self._inputs(batch)).logits.float()  # (B, T, vocab)
+        return model(**encoder_inputs(batch)).logits.float()  # (B, T, vocab)
 
     def _token_losses(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Cross-entropy and top-1 hits at the chosen positions ((M,) each, M = chosen tokens of the batch), and
         the row of each."""
-        logits = model(**self._inputs(batch)).logits  # (B, T, vocab)
+        logits = model(**encoder_inputs(batch)).logits  # (B, T, vocab)
         chosen = batch["labels"] != IGNORE_INDEX  # (B, T)
         picked = logits[chosen].float()  # (M, vocab): only the chosen positions are scored
         targets = batch["labels"][chosen]  # (M,)

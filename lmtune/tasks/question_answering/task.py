@@ -43,7 +43,7 @@ from lmtune.errors import ConfigError, DataError, ModelError
 from lmtune.evaluate.report import Report
 from lmtune.evaluate.text_metrics import squad_scores
 from lmtune.models.registry import load_padded_tokenizer, model_path_of
-from lmtune.tasks.base import Task, TaskData
+from lmtune.tasks.base import Task, TaskData, encoder_inputs
 from lmtune.tasks.question_answering.info import INFO
 from lmtune.tasks.question_answering.spans import best_span, tokenize_windows
 
@@ -254,12 +254,8 @@ class QuestionAnsweringTask(Task):
         """One item per window."""
         return int(batch["input_ids"].shape[0])
 
-    @staticmethod
-    def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-
     def _start_end(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        out = model(**self._inputs(batch))
+        out = model(**encoder_inputs(batch))
         mask = batch["attention_mask"] == 0
         # Padding can never be a start or an end: (B, T) each.
         return (out.start_logits.float().masked_fill(mask, _PAD_LOGIT),

@@ -53,7 +53,7 @@ from lmtune.data.table import format_locations
 from lmtune.errors import ConfigError, DataError, ModelError
 from lmtune.evaluate.report import Report
 from lmtune.models.registry import load_padded_tokenizer, model_path_of
-from lmtune.tasks.base import Task, TaskData
+from lmtune.tasks.base import Task, TaskData, encoder_inputs
 from lmtune.tasks.token_classification.info import INFO
 from lmtune.tasks.token_classification.inspect import tagging_details, tagging_facts
 from lmtune.tasks.token_classification.report import plot_entity_f1
@@ -508,13 +508,9 @@ class TokenClassificationTask(Task):
         """Labelled tokens: the loss is a sum over them."""
         return int((batch["labels"] != IGNORE_INDEX).sum())
 
-    @staticmethod
-    def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-
     def logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Tag logits per token (B, T, L) in float32."""
-        return model(**self._inputs(batch)).logits.float()  # (B, T, L)
+        return model(**encoder_inputs(batch)).logits.float()  # (B, T, L)
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Cross-entropy summed over the labelled tokens."""
