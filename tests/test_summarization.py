@@ -141,6 +141,15 @@ def test_decoder_route_summarizes_with_lead_rows_and_cut_sources(tmp_path: Path,
     report = (run.path / "report.md").read_text(encoding="utf-8")
     assert "| metric | lead-1 | lead-3 | starting model | tuned model |" in report
     assert f"{info['sources_truncated']} of 120 sources were longer than" in report
+    # prediction cuts a long source at the same budget as training did (and says so); a short one is whole
+    long_doc = " ".join(f"{WORDS[i % 10]} {WORDS[(3 * i) % 10]}." for i in range(200))
+    budget = info["source_token_budget"]
+    predictor = run.predictor()
+    long_out, short_out = predictor.predict([long_doc, "stone bread."], batch_size=2)
+    assert long_out["source_truncated"] and not short_out["source_truncated"]
+    assert long_out["source_tokens"] <= 96 - 16 < len(predictor.tokenizer(long_doc)["input_ids"])
+    assert long_out["source_tokens"] - short_out["source_tokens"] == budget - len(
+        predictor.tokenizer("stone bread.", add_special_tokens=False)["input_ids"])
 
 
 def test_encoder_decoder_route_reports_lead_rows_and_truncation(tmp_path: Path, tiny_t5_dir: Path) -> None:

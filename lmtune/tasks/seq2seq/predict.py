@@ -18,6 +18,7 @@ from lmtune.errors import DataError
 from lmtune.models.generation import GenerationSettings, chat_prompt, generate
 from lmtune.models.loading import load_saved_model
 from lmtune.models.registry import load_padded_tokenizer
+from lmtune.tasks.seq2seq.routes import clip_source
 
 
 def is_blank(value: Any) -> bool:
@@ -57,7 +58,9 @@ class Seq2SeqPredictor:
 
     def predict(self, items: list[Any], *, batch_size: int = 32, progress: Any = None,
                 settings: GenerationSettings | None = None) -> list[dict[str, Any]]:
-        """``{"text", "finish_reason", "source_tokens", "generated_tokens"}`` per source text, in input order."""
+        """``{"text", "finish_reason", "source_tokens", "generated_tokens", "source_truncated"}`` per source text,
+        in input order. A decoder-route summarizer cuts a long source at the end as its training did
+        (``source_token_budget`` in ``lmtune.json``); ``source_truncated`` says whether it was cut."""
         for i, s in enumerate(items):
             if not isinstance(s, str) or not s.strip():
                 raise DataError(f"source {i + 1} is {'empty' if isinstance(s, str) else type(s).__name__}, "
@@ -68,11 +71,15 @@ class Seq2SeqPredictor:
             out = generate(self.model, self.tokenizer, list(items), settings, progress=progress,
                            max_length=int(self.meta.get("max_length") or 512),
                            eos_token_ids=None if first_eos is None else [int(first_eos)])
+            cut = [False] * len(items)
         else:
-            out = generate(self.model, self.tokenizer, [self._prompt(s) for s in items], settings, progress=progress,
-                           eos_token_ids=self.meta.get("eos_token_ids") or None)
+            budget = self.meta.get("source_token_budget")
+            clipped = [clip_source(self.tokenizer, s, int(budget)) if budget else (s, False) for s in items]
+            cut = [c for _, c in clipped]
+            out = generate(self.model, self.tokenizer, [self._prompt(s) for s, _ in clipped], settings,
+                           progress=progress, eos_token_ids=self.meta.get("eos_token_ids") or None)
         return [{"text": r["text"].strip(), "finish_reason": r["finish_reason"], "source_tokens": r["prompt_tokens"],
-                 "generated_tokens": r["completion_tokens"]} for r in out]
+                 "generated_tokens": r["completion_tokens"], "source_truncated": c} for r, c in zip(out, cut, strict=True)]
 
     def predict_table(self, table: Table, *, columns: dict[str, str | None] | None = None, batch_size: int = 32,
                       progress: Any = None, settings: GenerationSettings | None = None) -> list[dict[str, Any]]:

@@ -4,6 +4,7 @@ an encoder-decoder (or one warm-started from an encoder), or a decoder answering
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from transformers import AutoConfig
 
@@ -45,3 +46,18 @@ def model_route(cfg: Config, model_path: Path) -> str:
         raise ConfigError(f"model.seq2seq decoder: {model_path} is an encoder ({mc.model_type}), not a causal LM",
                           hint="use model.seq2seq: encoder_decoder to warm-start an encoder-decoder from it")
     return "warm_start"
+
+
+def clip_source(tokenizer: Any, source: str, budget: int) -> tuple[str, bool]:
+    """``source`` cut at the end to at most ``budget`` tokens (without special tokens), and whether it was cut.
+
+    The decoder route's long-document rule, the same in training (``PromptSeq2SeqTask``) and prediction
+    (``Seq2SeqPredictor``), so a saved summarizer sees at inference what it saw in training: the
+    document's start, up to the budget its prompt and answer leave. The cut falls at a token boundary of
+    the original text (from the tokenizer's offsets), so the kept text re-tokenises to the same tokens."""
+    if len(source) <= budget:  # a token is at least one character
+        return source, False
+    enc = tokenizer(source, add_special_tokens=False, return_offsets_mapping=True)
+    if len(enc["input_ids"]) <= budget:
+        return source, False
+    return source[: enc["offset_mapping"][budget - 1][1]].rstrip(), True

@@ -70,7 +70,7 @@ from lmtune.tasks.seq2seq.info import INFO
 from lmtune.tasks.seq2seq.inspect import seq2seq_details, seq2seq_facts
 from lmtune.tasks.seq2seq.metrics import METRICS, seq2seq_metrics
 from lmtune.tasks.seq2seq.predict import is_blank
-from lmtune.tasks.seq2seq.routes import DEFAULT_PROMPTS, ROUTE_DESCRIPTIONS, model_route
+from lmtune.tasks.seq2seq.routes import DEFAULT_PROMPTS, ROUTE_DESCRIPTIONS, clip_source, model_route
 
 log = logging.getLogger(__name__)
 
@@ -583,6 +583,7 @@ class PromptSeq2SeqTask(Seq2SeqTask, ChatTuningTask):
         self.route = "decoder"
         self._setup_kind()
         self._prompt_sources: dict[str, str] = {}  # rendered eval prompt -> its source text
+        self.source_token_budget: int | None = None  # summarization: tokens a source may keep (None: uncut)
         self.splits_cache: tuple[dict[str, list[dict[str, Any]]], dict[str, Any]] = ({}, {})
 
     def messages(self, source: str, target: str | None = None) -> list[dict[str, str]]:
@@ -618,14 +619,11 @@ class PromptSeq2SeqTask(Seq2SeqTask, ChatTuningTask):
             raise ConfigError(f"data.max_length {d.max_length} leaves {budget} tokens for the source after the "
                               f"prompt ({overhead} tokens) and data.max_target_length {d.max_target_length}",
                               hint="raise data.max_length or lower data.max_target_length")
+        self.source_token_budget = budget
         cut = 0
         for r in pairs:
-            if len(r["source"]) <= budget:  # a token is at least one character
-                continue
-            enc = tokenizer(r["source"], add_special_tokens=False, return_offsets_mapping=True)
-            if len(enc["input_ids"]) > budget:
-                r["source"] = r["source"][: enc["offset_mapping"][budget - 1][1]].rstrip()
-                cut += 1
+            r["source"], was_cut = clip_source(tokenizer, r["source"], budget)
+            cut += was_cut
         if cut:
             log.warning("%d of %d sources are longer than %d tokens (data.max_length %d less the prompt and "
                         "data.max_target_length %d) and were cut at the end", cut, len(pairs), budget, d.max_length,
@@ -661,7 +659,8 @@ class PromptSeq2SeqTask(Seq2SeqTask, ChatTuningTask):
     def save_model_extras(self, folder: Path, data: TaskData) -> dict[str, Any]:
         """Chat tuning's generation config and chat settings, plus the prompt and the pair columns."""
         return {**ChatTuningTask.save_model_extras(self, folder, data), **self.seq2seq_meta(),
-                "prompt_template": self.prompt_template, "system_prompt": self.data_cfg.system_prompt}
+                "prompt_template": self.prompt_template, "system_prompt": self.data_cfg.system_prompt,
+                "source_token_budget": self.source_token_budget}
 
     def report_sections(self, report: Report, run_dir: Path, metrics: dict[str, Any], data: TaskData) -> None:
         """The seq2seq section."""
