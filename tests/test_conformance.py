@@ -21,6 +21,7 @@ import torch
 import transformers
 from helpers import FILLER, NEGATIVE, POSITIVE, run_cli, story_text, write_csv
 from serve_helpers import get, post, running
+from test_relation_extraction import write_documents
 from transformers import AutoTokenizer
 
 import lmtune
@@ -157,6 +158,11 @@ def steerable_chat_llama_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_t
     return steerable_llama(tmp_path_factory.mktemp("steerable-llama"), smollm2_tokenizer_dir)
 
 
+def _relations(folder: Path) -> Path:
+    """Documents of three entities whose relations the words between them decide (works_for, based_in ...)."""
+    return write_documents(folder / "relations.jsonl", 80)
+
+
 def _stories(folder: Path) -> Path:
     path = folder / "stories.txt"
     path.write_text(story_text(60), encoding="utf-8")
@@ -219,6 +225,18 @@ CASES: dict[str, Case] = {
         model="steerable_chat_llama_dir", data=_questions, item="Question 1: is it red?", predict_rows=PROMPTS,
         data_settings={"max_length": 64}, train_settings={"batch_size": 4},
         config={"grpo": {"rewards": ["stops"]}, "generation": {"temperature": 1.0}}),
+    "relation_extraction": Case(
+        model="tiny_bert_nodrop_dir", data=_relations,
+        item={"text": "Alice works for Acme in Paris .", "head": {"start": 0, "end": 5, "type": "PER"},
+              "tail": {"start": 16, "end": 20, "type": "ORG"}},
+        predict_rows=[{"text": "Alice works for Acme in Paris .",
+                       "entities": [{"start": 0, "end": 5, "type": "PER"}, {"start": 16, "end": 20, "type": "ORG"},
+                                    {"start": 24, "end": 29, "type": "LOC"}]},
+                      {"text": "Bob lives in Kyoto and met Globex .",
+                       "entities": [{"start": 0, "end": 3, "type": "PER"}, {"start": 13, "end": 18, "type": "LOC"},
+                                    {"start": 27, "end": 33, "type": "ORG"}]}],
+        # A sentence head over a random encoder, as classification's.
+        train_settings={"max_steps": 30, "batch_size": 16}),
     "causal_lm": Case(
         model="tiny_chat_llama_dir", data=_stories, item="The small cat", predict_rows=PROMPTS,
         data_settings={"max_length": 64}),

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from test_relation_extraction_example import write_handmade
 
 import lmtune
 
@@ -37,6 +38,8 @@ def test_example_config_runs(path: Path, tmp_path: Path, monkeypatch: pytest.Mon
                                  f"{tags[i % 4]};{tags[(i * 3) % 4]}" for i in range(80)]
         (tmp_path / "tickets.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
         overrides["data.train"] = str(tmp_path / "tickets.csv")
+    if cfg.data.train == "data/relations.jsonl":  # the relation example: the hand-written sentences of its test
+        overrides["data.train"] = str(write_handmade(tmp_path / "relations.jsonl"))
     if cfg.model.init == "scratch":
         overrides["model.vocab_size"] = 500
     if cfg.data.streaming:  # a stream has no length to cut: max_steps alone shortens it

@@ -57,7 +57,7 @@ def test_resolve_minilm(cache: Path, name: str) -> None:
 
 def test_list_models(cache: Path) -> None:
     rows = {row["name"]: row for row in list_models()}
-    assert set(rows) == {"minilm", "smollm2"}
+    assert set(rows) == {"minilm", "smollm2", "gemma3"}
     assert rows["minilm"]["installed"] and rows["minilm"]["path"].endswith("model")
     assert rows["smollm2"]["installed"] and rows["smollm2"]["path"] is None  # not converted in this cache
     assert rows["smollm2"]["architecture"] == "decoder" and rows["smollm2"]["params"] == "134.5M"

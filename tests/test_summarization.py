@@ -12,6 +12,7 @@ import lmtune
 from lmtune.data.aclsum import detokenize
 from lmtune.data.bundled import BUNDLED_DATA, resolve_bundled_data
 from lmtune.data.readers import read_table
+from lmtune.errors import ConfigError
 from lmtune.tasks.seq2seq.baselines import lead_n, lead_scores, split_sentences
 from lmtune.tasks.seq2seq.metrics import seq2seq_metrics
 
@@ -141,6 +142,14 @@ def test_decoder_route_summarizes_with_lead_rows_and_cut_sources(tmp_path: Path,
     report = (run.path / "report.md").read_text(encoding="utf-8")
     assert "| metric | lead-1 | lead-3 | starting model | tuned model |" in report
     assert f"{info['sources_truncated']} of 120 sources were longer than" in report
+    # lead-N are rows of the comparison table too, scored on the same held-out sources as the models
+    rows = {r["name"]: r for r in json.loads((run.path / "comparison.json").read_text(encoding="utf-8"))["rows"]}
+    for n in (1, 3):
+        row = rows[f"baseline: lead_{n}"]
+        assert row["kind"] == "rule" and row["parameters"] == 0
+        assert row["metrics"]["rouge_l"] == pytest.approx(test["lead"][f"lead_{n}"]["rouge_l"])
+    assert rows["baseline: lead_1"]["metrics"]["rouge_l"] == pytest.approx(1.0)
+    assert "baseline: lead_1" in report
     # prediction cuts a long source at the same budget as training did (and says so); a short one is whole
     long_doc = " ".join(f"{WORDS[i % 10]} {WORDS[(3 * i) % 10]}." for i in range(200))
     budget = info["source_token_budget"]
@@ -176,3 +185,15 @@ def test_summarization_example_config_names_the_bundled_corpus() -> None:
     assert cfg.task == "seq2seq" and cfg.data.train == "bundled:aclsum"
     assert cfg.data.seq2seq_task == "summarization" and cfg.model.seq2seq == "decoder"
     assert cfg.data.max_length > cfg.data.max_target_length + 256  # room for a real part of each paper
+
+
+def test_lead_baselines_are_refused_for_translation() -> None:
+    cfg = {"task": "seq2seq", "model": "minilm", "data": {"train": "bundled:chatterbot_en_it",
+           "seq2seq_task": "translation", "source_language": "English", "target_language": "Italian"}}
+    assert lmtune.load_config(cfg).baselines == ["lead_1", "lead_3"]  # the default: the task gives no rows
+    with pytest.raises(ConfigError, match=r"lead-N baselines .* translation"):
+        lmtune.load_config({**cfg, "baselines": ["lead_3"]})
+    summarization = {**cfg, "data": {"train": "bundled:aclsum", "seq2seq_task": "summarization"}}
+    assert lmtune.load_config({**summarization, "baselines": ["lead_3"]}).baselines == ["lead_3"]
+    with pytest.raises(ConfigError, match="do not apply to task 'seq2seq'"):
+        lmtune.load_config({**summarization, "baselines": ["majority"]})

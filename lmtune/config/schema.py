@@ -145,6 +145,10 @@ class DataConfig(_Section):
     label_delimiter: str | None = Field(
         None, description="Split a string label on this delimiter into several labels (implies multi_label)."
     )
+    no_relation_label: str | None = Field(
+        None, description="relation_extraction: the label meaning no relation (default: no_relation for documents, "
+        "else the first of no_relation/Other/NA/None in the labels); left out of the F1 scores."
+    )
     labels: list[str] | None = Field(
         None,
         description="The label set in a fixed order. Default: sorted labels seen in training.",
@@ -582,7 +586,8 @@ class TrainConfig(_Section):
 
 # ---- neural baselines
 class BaselineConfig(_Section):
-    """The neural baselines: `model: baseline:NAME` (cnn_lstm, rnn, bilstm, gru, transformer), or NAME listed in
+    """The neural baselines: `model: baseline:NAME` (cnn_lstm, rnn, bilstm, gru, transformer; for token
+    classification bilstm is a tagger), or NAME listed in
     `baselines` to train it beside the fine-tuned model (a sub-run under RUN/baselines/NAME)."""
 
     embedding_dim: int = Field(100, ge=4, description="Word embedding size (pretrained vectors bring their own).")
@@ -646,7 +651,9 @@ class Config(_Section):
         default_factory=lambda: ["majority", "tfidf_logreg"],
         description="Cheap baselines trained and scored on the same split, shown beside the fine-tuned model: "
         "majority, tfidf_logreg, and the neural cnn_lstm, rnn, bilstm, gru, transformer (each a sub-run on the same "
-        "training loop, with the `baseline` settings).",
+        "training loop, with the `baseline` settings); for token_classification bilstm, the BiLSTM tagger; "
+        "summarization's lead_1, lead_3 (the first sentences). Each task lists those that apply (`lmtune tasks`) "
+        "and runs its own by default.",
     )
     baseline: BaselineConfig = Field(default_factory=BaselineConfig)
     output_dir: str = Field("runs/run", description="The run folder.")

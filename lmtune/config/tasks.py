@@ -20,7 +20,14 @@ from typing import Any
 # neural networks trained as sub-runs on the same loop (``models/neural_baselines.py``).
 CLASSIC_BASELINES = ("majority", "tfidf_logreg")
 NEURAL_BASELINES = ("cnn_lstm", "rnn", "bilstm", "gru", "transformer")
-BASELINE_NAMES = CLASSIC_BASELINES + NEURAL_BASELINES
+# Rules a task scores on its own held-out inputs, with nothing to train (summarization's lead-N: the document's
+# first N sentences as its summary); the task's ``run_baselines`` gives their rows.
+RULE_BASELINES = ("lead_1", "lead_3")
+BASELINE_NAMES = CLASSIC_BASELINES + NEURAL_BASELINES + RULE_BASELINES
+# Neural baselines that also come as per-token taggers: the name says the network, the task the shape (a text
+# classification task builds a sentence classifier, a token classification task a tagger with one output per
+# token: ``models/neural_baselines.py``).
+TAGGER_BASELINES = ("bilstm",)
 
 
 @dataclass(frozen=True)

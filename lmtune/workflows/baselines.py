@@ -25,7 +25,7 @@ from typing import Any
 from rich.logging import RichHandler
 
 from lmtune.config import Config, load_config
-from lmtune.config.tasks import NEURAL_BASELINES
+from lmtune.config.tasks import NEURAL_BASELINES, task_info
 from lmtune.console import log
 from lmtune.errors import LmtuneError
 from lmtune.models.neural_baselines import describe_architecture
@@ -93,9 +93,12 @@ def compare(cfg: Config, timing_items: list[Any], run_dir: Path, metrics: dict[s
     baselines' entries plus ``parameters``, ``run`` (the sub-run folder) and, on failure, ``error``.
     """
     names = [n for n in cfg.baselines if n in NEURAL_BASELINES]
+    # The task's auto class decides the baseline's shape (a sentence classifier, or a tagger per token).
+    auto_class = task_info(cfg.task).auto_class
     results: dict[str, Any] = {}
     for name in names:
-        results[name] = _train_subrun(cfg, name, run_dir, describe_architecture(name, cfg.baseline), train)
+        results[name] = _train_subrun(cfg, name, run_dir, describe_architecture(name, cfg.baseline, auto_class),
+                                      train)
     if metrics is None:
         return results
     batch = cfg.train.eval_batch_size or cfg.train.batch_size
@@ -139,6 +142,7 @@ def _train_subrun(cfg: Config, name: str, run_dir: Path, description: str,
         **({"embeddings": embeddings} if embeddings else {}),
     )
     test = entry["metrics"].get("test") or entry["metrics"].get("validation") or {}
-    log.info("baseline %s: accuracy %.4f, %d steps in %.0f s", name, test.get("accuracy", float("nan")),
+    metric = task_info(cfg.task).comparison_metric
+    log.info("baseline %s: %s %.4f, %d steps in %.0f s", name, metric, test.get(metric, float("nan")),
              entry["steps"] or 0, entry["train_seconds"])
     return entry

@@ -1,6 +1,6 @@
 """What the rest of lmtune knows about the classification task without running it (see ``TaskInfo``)."""
 
-from lmtune.config.tasks import BASELINE_NAMES, CLASSIC_BASELINES, TaskInfo
+from lmtune.config.tasks import CLASSIC_BASELINES, NEURAL_BASELINES, TaskInfo
 
 INFO = TaskInfo(
     name="classification",
@@ -16,7 +16,7 @@ INFO = TaskInfo(
     card_metrics=("accuracy", "macro_f1", "weighted_f1", "loss"),
     exports=("merged", "onnx"),
     endpoints=("/v1/classify",),
-    baselines=BASELINE_NAMES,
+    baselines=CLASSIC_BASELINES + NEURAL_BASELINES,
     default_baselines=CLASSIC_BASELINES,
     bundled_data=("rotten_tomatoes",),
     starting_point_name="before fine-tuning (new head)",

@@ -1,6 +1,6 @@
 """What the rest of lmtune knows about the seq2seq task without running it (see ``TaskInfo``)."""
 
-from lmtune.config.tasks import TaskInfo
+from lmtune.config.tasks import RULE_BASELINES, TaskInfo
 from lmtune.tasks.seq2seq.checks import check_config
 
 INFO = TaskInfo(
@@ -19,4 +19,7 @@ INFO = TaskInfo(
     endpoints=("/v1/generate",),
     check=check_config,
     bundled_data=("chatterbot_en_*", "aclsum"),
+    # Summarization's lead-N rows in the comparison table (translation has none: the task gives no rows).
+    baselines=RULE_BASELINES,
+    default_baselines=RULE_BASELINES,
 )

@@ -25,7 +25,7 @@ Checkpoints are chosen by validation loss (generation is slow on a CPU); the fin
 starting point also generate for ``generation.eval_examples`` held-out sources and score them, so the
 report shows the starting model against the tuned one, with example outputs side by side. Summarization also
 scores the lead-1 and lead-3 baselines (the sources' first sentences, :mod:`lmtune.tasks.seq2seq.baselines`)
-on the same sources, beside them.
+on the same sources, beside them, and gives them as rows of the comparison table (``run_baselines``).
 
 Long documents: the encoder-decoder route cuts sources at ``data.max_length`` tokens; the decoder route (for
 summarization) cuts each source at the end so that prompt, source and a ``data.max_target_length``-token
@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -46,7 +47,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForSeq2SeqLM, EncoderDecoderModel, GenerationConfig
 
 from lmtune.config import Config
-from lmtune.config.tasks import TaskInfo
+from lmtune.config.tasks import RULE_BASELINES, TaskInfo
 from lmtune.data.features import (
     IGNORE_INDEX,
     FeatureDataset,
@@ -65,7 +66,7 @@ from lmtune.models.registry import load_padded_tokenizer, model_path_of
 from lmtune.tasks.base import Task, TaskData
 from lmtune.tasks.chat_tuning import EXAMPLES_KEPT, ChatTuningTask, cell
 from lmtune.tasks.inspection import collect_warnings
-from lmtune.tasks.seq2seq.baselines import LEAD_NS, lead_scores
+from lmtune.tasks.seq2seq.baselines import LEAD_NS, lead_n, lead_scores
 from lmtune.tasks.seq2seq.info import INFO
 from lmtune.tasks.seq2seq.inspect import seq2seq_details, seq2seq_facts
 from lmtune.tasks.seq2seq.metrics import METRICS, seq2seq_metrics
@@ -191,6 +192,37 @@ class Seq2SeqTask(Task):
     def lead_baselines(self, sources: list[str], references: list[str]) -> dict[str, dict[str, float]]:
         """Summarization: ROUGE of lead-1 and lead-3 on these held-out sources (``{"lead_1": ...}``); else {}."""
         return lead_scores(sources, references) if self.kind == "summarization" and sources else {}
+
+    def held_out_sources(self, data: TaskData, split: str) -> list[str]:
+        """The sources of ``split`` that the final evaluation generates for (the first
+        ``generation.eval_examples``)."""
+        return list(data.extra.get("sources", {}).get(split, []))
+
+    def run_baselines(self, data: TaskData) -> dict[str, Any]:
+        """Summarization's lead-N rows of the comparison table (``baselines: [lead_1, lead_3]``, the default):
+        ROUGE of each held-out source's first N sentences on the sources the models generate for, with the
+        time the rule takes per source. Nothing to train, no parameters. Translation: none."""
+        names = [b for b in self.config.baselines if b in RULE_BASELINES]
+        if self.kind != "summarization" or not names:
+            return {}
+        out: dict[str, Any] = {}
+        for name in names:
+            n = int(name.rsplit("_", 1)[1])
+            scores: dict[str, Any] = {}
+            seconds, count = 0.0, 0
+            for split in ("validation", "test"):
+                sources = self.held_out_sources(data, split)
+                if not sources:
+                    continue
+                start = time.perf_counter()
+                summaries = [lead_n(s, n) for s in sources]
+                seconds, count = seconds + time.perf_counter() - start, count + len(sources)
+                scores[split] = seq2seq_metrics(summaries, data.extra["references"][split], "summarization")
+            if scores:
+                out[name] = {"kind": "rule", "description": f"the source's first {n} sentence(s) as its summary",
+                             "metrics": scores, "train_seconds": 0.0, "parameters": 0, "size_bytes": 0,
+                             "predict_ms_per_example": 1000.0 * seconds / count}
+        return out
 
     def seq2seq_meta(self) -> dict[str, Any]:
         """What the predictor needs, for ``lmtune.json``."""
@@ -644,6 +676,10 @@ class PromptSeq2SeqTask(Seq2SeqTask, ChatTuningTask):
         """Chat tuning's splits of the pair conversations, kept for ``lmtune data inspect``."""
         self.splits_cache = ChatTuningTask.conversation_splits(self)
         return self.splits_cache
+
+    def held_out_sources(self, data: TaskData, split: str) -> list[str]:
+        """The sources behind the prompts of ``split`` that the final evaluation answers."""
+        return [self._prompt_sources.get(p, p) for p in data.extra.get("prompts", {}).get(split, [])]
 
     def generation_scores(self, model: Any, accelerator: Any, prompts: list[str],
                           references: list[str]) -> dict[str, Any]:

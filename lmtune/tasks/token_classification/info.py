@@ -1,6 +1,6 @@
 """What the rest of lmtune knows about the token_classification task without running it (see ``TaskInfo``)."""
 
-from lmtune.config.tasks import TaskInfo
+from lmtune.config.tasks import TAGGER_BASELINES, TaskInfo
 
 INFO = TaskInfo(
     name="token_classification",
@@ -15,5 +15,7 @@ INFO = TaskInfo(
     comparison_metric="f1",
     card_metrics=("f1", "precision", "recall", "macro_f1", "token_accuracy", "loss"),
     endpoints=("/v1/ner",),
+    # The BiLSTM tagger (`baselines: [bilstm]` trains it as a sub-run; `model: baseline:bilstm` alone).
+    baselines=TAGGER_BASELINES,
     bundled_data=("peoples_daily",),
 )

@@ -11,6 +11,11 @@ Words are split into sub-tokens by a fast tokenizer (``is_split_into_words``); `
 word's label on its first sub-token, the rest get -100 (or the word's label, ``data.label_all_subtokens``).
 Evaluation reads the first sub-token of every word and scores entities with seqeval (conlleval rules).
 
+A neural baseline (``model: baseline:bilstm``, or ``bilstm`` listed in ``baselines``: a sub-run) is the guides'
+BiLSTM tagger (:class:`lmtune.models.neural_baselines.NeuralBaselineForTokenClassification`) over a word-level
+tokenizer whose vocabulary is the training split's words (``baseline.*`` settings); everything after the
+tokenizer and the model (features, loss, evaluation, saving, the predictor) is this task's path unchanged.
+
 Prediction on raw text cuts it into words the way the training data was cut (``word_split``, saved with
 the model: whitespace, words and punctuation, or characters for Chinese) and returns entities with
 character offsets into the text; long texts are tagged in windows that fit the model, not truncated.
@@ -51,7 +56,9 @@ from lmtune.data.readers import Table, read_table
 from lmtune.data.splits import stratified_split
 from lmtune.data.table import format_locations
 from lmtune.errors import ConfigError, DataError, ModelError
+from lmtune.evaluate.comparison import LATENCY_EXAMPLES
 from lmtune.evaluate.report import Report
+from lmtune.models import neural_baselines  # registers the lmtune_baseline tagger with transformers
 from lmtune.models.registry import load_padded_tokenizer, model_path_of
 from lmtune.tasks.base import Task, TaskData, encoder_inputs
 from lmtune.tasks.token_classification.info import INFO
@@ -96,19 +103,28 @@ class TokenClassificationTask(Task):
 
     info: ClassVar[TaskInfo] = INFO
     peft_task_type: ClassVar[str | None] = "TOKEN_CLS"
+    # The BiLSTM tagger baseline registers its own model type with this auto class too.
     model_class: ClassVar[type] = AutoModelForTokenClassification
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self.data_cfg = config.data
+        # `model: baseline:NAME`: a word-level tagger built from the training data (no folder).
+        self.baseline = neural_baselines.baseline_architecture(config.model.name)
+        self.embedding_info: dict[str, Any] = {}
+        # The records of every split, read once (load_tokenizer needs them for a baseline's vocabulary).
+        self._records: tuple[dict[str, list[dict[str, Any]]], dict[str, Any]] | None = None
         # lmtune.json of a trained model (Run.evaluate sets it): its labels, scheme and word split win.
         self.saved_meta: dict[str, Any] | None = None
         self.word_split: str | None = None
         self.added_tokens: list[str] = []
         self.tokenizer: Any = None
 
-    def model_path(self) -> Path:
-        """The pretrained model's folder (``model.name``: a bundled name or a folder)."""
+    def model_path(self) -> Path | None:
+        """The pretrained model's folder (``model.name``: a bundled name or a folder); None for a neural
+        baseline, which has none."""
+        if self.baseline:
+            return None
         return model_path_of(self.config.model)
 
     def load_model_meta(self, meta: dict[str, Any]) -> None:
@@ -118,8 +134,15 @@ class TokenClassificationTask(Task):
 
     # ------------------------------------------------------------------------------ tokenizer
     def load_tokenizer(self, model_path: Path | None) -> Any:
-        """The model's fast tokenizer (``word_ids()`` needs one), right-padded, with a pad token."""
-        assert model_path is not None  # model_path() always gives one
+        """The model's fast tokenizer (``word_ids()`` needs one), right-padded, with a pad token. A neural
+        baseline gets a word-level tokenizer whose vocabulary is the training split's words (read and split
+        here, reused by ``prepare``)."""
+        if self.baseline or model_path is None:
+            splits, _ = self._split_records()
+            sentences = [" ".join(r["words"]) for r in splits["train"]]
+            tok = neural_baselines.build_tokenizer(sentences, self.config.baseline, self.data_cfg.max_length)
+            self.tokenizer = tok
+            return tok
         tok = load_padded_tokenizer(model_path, trust_remote_code=self.config.model.trust_remote_code)
         if not tok.is_fast:
             raise ModelError("token classification needs a fast (Rust) tokenizer to map sub-tokens to words; "
@@ -301,16 +324,12 @@ class TokenClassificationTask(Task):
             return ["O", *[f"{p}-{t}" for t in d.entity_types for p in prefixes]], "data.entity_types"
         return ["O", "B-ENT", "I-ENT"], "assumed 1 entity type (data not read; set data.entity_types)"
 
-    def prepare(self, tokenizer: Any) -> TaskData:
-        """Read, validate, split, de-duplicate, convert tags to the training scheme and tokenise (cached)."""
+    def _split_records(self) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
+        """The validated records of every split (read, split, de-duplicated, sampled) and facts per split; read
+        once (a baseline's ``load_tokenizer`` reads them before ``prepare``). Sets the word split too."""
+        if self._records is not None:
+            return self._records
         d = self.data_cfg
-        # The tokenizer the features are made with (a saved model's own one, when a run is evaluated).
-        self.tokenizer = tokenizer
-        meta = self.saved_meta or {}
-        limit = tokenizer.model_max_length
-        if limit and limit < 10**6 and d.max_length > limit:
-            raise ConfigError(f"data.max_length {d.max_length} is larger than the model allows ({limit} tokens)",
-                              hint=f"set --data.max_length {limit} or less")
         self.word_split = self._configured_split()
         train_records, train_info = self._read_split(d.train)
         info: dict[str, Any] = {"train": train_info}
@@ -334,8 +353,23 @@ class TokenClassificationTask(Task):
                     splits[split] = sorted(rng.sample(rows, d.max_samples), key=lambda r: r["line"])
         if self.word_split is None:
             self.word_split = tagging.guess_word_split([r["words"] for r in splits["train"]])
+        self._records = splits, info
+        return self._records
+
+    def prepare(self, tokenizer: Any) -> TaskData:
+        """Read, validate, split, de-duplicate, convert tags to the training scheme and tokenise (cached)."""
+        d = self.data_cfg
+        # The tokenizer the features are made with (a saved model's own one, when a run is evaluated).
+        self.tokenizer = tokenizer
+        meta = self.saved_meta or {}
+        limit = tokenizer.model_max_length
+        if limit and limit < 10**6 and d.max_length > limit:
+            raise ConfigError(f"data.max_length {d.max_length} is larger than the model allows ({limit} tokens)",
+                              hint=f"set --data.max_length {limit} or less")
+        splits, info = self._split_records()
+        train_info = info["train"]
         types = self._entity_types(splits, info)
-        if d.extend_vocabulary and not meta:
+        if d.extend_vocabulary and not meta and not self.baseline:  # a baseline's vocabulary is the training words
             self.added_tokens = self._extend_vocabulary(tokenizer, splits["train"])
             info["added_tokens"] = len(self.added_tokens)
         scheme = meta.get("tag_scheme") or (d.tag_scheme if d.tag_scheme != "auto"
@@ -454,9 +488,17 @@ class TokenClassificationTask(Task):
 
     # ------------------------------------------------------------------------------ model
     def build_model(self, model_path: Path | None, data: TaskData, tokenizer: Any) -> torch.nn.Module:
-        """The pretrained body with a new token-classification head (float32)."""
-        assert model_path is not None  # model_path() always gives one
+        """The pretrained body with a new token-classification head (float32); for a neural baseline, the
+        freshly initialised tagger over the word vocabulary."""
         labels = data.info["labels"]
+        if self.baseline:
+            sentences = [" ".join(r["words"]) for r in data.extra["records"]["train"]]
+            model, self.embedding_info = neural_baselines.build_tagger(
+                self.baseline, self.config.baseline, tokenizer, sentences, labels,
+                max_length=self.data_cfg.max_length, seed=self.config.train.seed)
+            self.new_modules = ["classifier"]
+            return model
+        assert model_path is not None  # model_path() gives one unless the model is a baseline
         trust = self.config.model.trust_remote_code
         try:
             cfg = AutoConfig.from_pretrained(model_path, trust_remote_code=trust)
@@ -556,7 +598,18 @@ class TokenClassificationTask(Task):
             "label_all_subtokens": d.label_all_subtokens, "max_length": d.max_length,
             "tokens_column": d.tokens_column, "tags_column": d.tags_column, "text_column": d.text_column,
             "spans_column": d.spans_column,
+            **({"embeddings": self.embedding_info} if self.embedding_info else {}),
         }
+
+    # ------------------------------------------------------------------------------ baselines
+    def timing_items(self, data: TaskData) -> list[Any]:
+        """The first ``LATENCY_EXAMPLES`` sentences of the test split (validation without one) as raw texts, their
+        words joined as the predictor joins a word list (no spaces between characters for ``chars``): the tuned
+        model and the tagger baseline are timed splitting, tokenising and tagging the same texts."""
+        records = data.extra.get("records", {})
+        rows = records.get("test") or records.get("validation") or []
+        split = self.word_split or "whitespace"
+        return [tagging.join_words(r["words"], split)[0] for r in rows[:LATENCY_EXAMPLES]]
 
     def report_sections(self, report: Report, run_dir: Path, metrics: dict[str, Any], data: TaskData) -> None:
         """Per-entity-type scores of the tuned model beside its starting point, as a table and a bar chart."""
