@@ -346,7 +346,7 @@ def test_bad_input_is_a_clean_error(tiny_bert_nodrop_dir: Path, tmp_path: Path) 
     # settings that cannot apply fail at load time, naming the key
     text = _stories(tmp_path)
     for data, key in (({"text_pair_column": "other"}, "data.text_pair_column"),
-                      ({"mlm_probability": 1.0}, "mlm_probability"), ({"extend_vocabulary": 10}, "extend_vocabulary")):
+                      ({"mlm_probability": 1.0}, "mlm_probability")):
         with pytest.raises(ConfigError, match=key):
             load_config(_config(tiny_bert_nodrop_dir, text, tmp_path / "d", data=data))
 

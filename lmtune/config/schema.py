@@ -312,9 +312,10 @@ class DataConfig(_Section):
         False, description="token_classification: give every sub-token of a word its label (B- becomes I- after "
         "the first) instead of the first sub-token only. Evaluation reads first sub-tokens either way.")
     extend_vocabulary: int = Field(
-        0, ge=0, description="token_classification: add up to this many of the most frequent training words the "
-        "tokenizer can only read as its unknown token to its vocabulary (new embeddings start at the mean one; "
-        "saved with the model). MiniLM reads about 60% of Chinese characters as [UNK].")
+        0, ge=0, description="token_classification and masked_lm: add up to this many of the most frequent training "
+        "words the tokenizer can only read as its unknown token to its vocabulary (new embeddings start at the mean "
+        "one; saved with the model). MiniLM reads about 60% of Chinese characters as [UNK]; masked_lm learns to "
+        "predict them, and a tagging run started from its model finds them known.")
     # ---- masked_lm
     mlm_probability: float = Field(
         0.15, gt=0, lt=1, description="masked_lm: share of each row's tokens the model learns to predict (BERT's "

@@ -29,6 +29,7 @@ from transformers import AutoConfig, AutoTokenizer
 from lmtune.errors import LmtuneError, RunError
 from lmtune.models.loading import load_saved_adapter, load_saved_model
 from lmtune.models.registry import check_model_folder
+from lmtune.models.vocabulary import grow_embeddings
 from lmtune.version import __version__
 
 log = logging.getLogger("lmtune")
@@ -227,7 +228,14 @@ def _load_with_adapter(model_class: Any, base_path: Path, adapter_dir: Path, mod
         config.pad_token_id = tokenizer.pad_token_id
     if meta.get("method") == "qlora":
         log.info("QLoRA: the reference is the float32 base + adapter (training saw a 4-bit base)")
-    base = load_model(model_class, base_path, config=config)
+    grown = getattr(config, "vocab_size", None)
+    own = getattr(AutoConfig.from_pretrained(base_path, trust_remote_code=False), "vocab_size", None)
+    if grown and own and grown > own:  # data.extend_vocabulary grew it: load at the base's size, grow as training did
+        config.vocab_size = own
+        base = load_model(model_class, base_path, config=config)
+        grow_embeddings(base, grown)
+    else:
+        base = load_model(model_class, base_path, config=config)
     model = load_saved_adapter(base, adapter_dir, is_trainable=False)
     return model.eval()
 

@@ -97,11 +97,15 @@ def apply_method(
             p.requires_grad_(True)
         return model
     if method.name == "freeze":
-        if new_token_ids:
-            log.warning("method freeze: the %d tokens added to the vocabulary keep their initial embeddings; "
-                        "use method lora or full to train them", len(new_token_ids))
         for name, p in model.named_parameters():
             p.requires_grad_(any(part in head_names for part in name.split(".")))
+        get_embeddings = getattr(model, "get_input_embeddings", None)
+        embeddings = get_embeddings() if callable(get_embeddings) else None
+        if new_token_ids and not (embeddings is not None and embeddings.weight.requires_grad):
+            # A task that grows the vocabulary names the embeddings among its head modules; one that does not
+            # leaves the new rows where they started.
+            log.warning("method freeze: the %d tokens added to the vocabulary keep their initial embeddings; "
+                        "use method lora or full to train them", len(new_token_ids))
         if method.unfrozen_layers:
             blocks = transformer_blocks(model)
             if blocks is None:

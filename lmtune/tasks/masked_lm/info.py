@@ -9,14 +9,13 @@ from lmtune.config.tasks import TaskInfo
 
 def check_masked_lm(config: Any) -> None:
     """Config checks of masked_lm (``TaskInfo.check``): settings of other tasks that cannot apply here are
-    refused by name (a non-default value, so a saved config.yaml, which spells out every default, reloads)."""
+    refused by name (a non-default value, so a saved config.yaml, which spells out every default, reloads).
+    ``data.extend_vocabulary`` applies: frequent training words the tokenizer reads only as its unknown token become
+    tokens the model learns to predict (and a tagging run started from the result finds them known)."""
     d = config.data
     if d.text_pair_column is not None:
         raise ValueError("data.text_pair_column does not apply to task masked_lm: it reads one text per document "
                          "(data.text_column)")
-    if d.extend_vocabulary:
-        raise ValueError("data.extend_vocabulary does not apply to task masked_lm: the model predicts tokens of its "
-                         "own vocabulary (extend it in the token_classification run that starts from this one)")
     if config.method.name == "qlora":
         raise ValueError("method.name qlora is for decoders; a masked-language-model encoder is small: use "
                          "method.name lora or full")

@@ -8,6 +8,7 @@ training masks them (train: its first epoch; validation/test: the one masking ev
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from rich.markup import escape
@@ -39,13 +40,29 @@ def masked_counts(rows: MaskedRows) -> dict[str, int]:
     return {"maskable": maskable, "chosen": chosen}
 
 
-def masked_lm_facts(data: TaskData) -> dict[str, dict[str, Any]]:
-    """Per split: documents, rows, tokens, words, unknown tokens, documents cut across rows, tokens masked."""
+def unknown_counts(tokenizer: Any, docs: list[str]) -> tuple[int, int]:
+    """(unknown tokens, tokens) of ``docs`` tokenised without special tokens."""
+    unk = tokenizer.unk_token_id
+    unknown = tokens = 0
+    for start in range(0, len(docs), 1000):
+        for ids in tokenizer(docs[start:start + 1000], add_special_tokens=False, verbose=False)["input_ids"]:
+            tokens += len(ids)
+            unknown += sum(t == unk for t in ids) if unk is not None else 0
+    return unknown, tokens
+
+
+def masked_lm_facts(data: TaskData, *, tokenizer: Any = None, base_tokenizer: Any = None
+                    ) -> dict[str, dict[str, Any]]:
+    """Per split: documents, rows, tokens, words, unknown tokens, documents cut across rows, tokens masked.
+
+    ``base_tokenizer`` (given when data.extend_vocabulary added words; ``tokenizer`` is then the extended one
+    ``prepare`` used) is the model's own: ``unknown_before_extension`` is the unknown tokens it reads in the split's
+    documents, beside ``unknown_tokens`` (those left after the extension)."""
     out: dict[str, dict[str, Any]] = {}
     for split in sorted(data.splits, key=split_rank):
         info = data.info[split]
         counts = masked_counts(data.splits[split])
-        out[split] = {
+        facts: dict[str, Any] = {
             "source": info.get("source"),
             "documents": info["documents"],
             "rows_read": info.get("rows_read", "(in train)"),
@@ -55,6 +72,17 @@ def masked_lm_facts(data: TaskData) -> dict[str, dict[str, Any]]:
             "tokens": info["tokens"],
             "words": info["words"],
             "unknown_tokens": f"{info['unknown_tokens']} ({_percent(info['unknown_tokens'], info['tokens'])}%)",
+        }
+        if base_tokenizer is not None and tokenizer is not None:
+            # The rows hold every token of the documents plus the frame and separators: the same extra tokens
+            # are added to the model's own count, so both shares are of the tokens a row would hold.
+            docs = data.extra.get("documents", {}).get(split, [])
+            before, before_text = unknown_counts(base_tokenizer, docs)
+            _, after_text = unknown_counts(tokenizer, docs)
+            before_total = before_text + info["tokens"] - after_text
+            facts["unknown_before_extension"] = f"{before} ({_percent(before, before_total)}%)"
+            facts["_unknown_fraction_before_extension"] = before / max(before_total, 1)
+        out[split] = facts | {
             "documents_split_across_rows": info["documents_split_across_rows"],
             "masked_tokens": f"{counts['chosen']} ({_percent(counts['chosen'], counts['maskable'])}% of "
                              f"{counts['maskable']} in words)",
@@ -82,9 +110,9 @@ def _render_row(item: dict[str, list[int]], original: list[int], tokenizer: Any)
 
 
 def masked_lm_details(data: TaskData, facts: dict[str, dict[str, Any]], tokenizer: Any, config: Config, *,
-                      examples: int = 3) -> dict[str, Any]:
-    """The masking settings (``summary``), ``suggestions`` and the first train rows as training masks them in its
-    first epoch (``examples``)."""
+                      examples: int = 3, added_tokens: Sequence[str] = ()) -> dict[str, Any]:
+    """The masking settings and vocabulary extension (``added_tokens``: the words it added) as ``summary``,
+    ``suggestions`` and the first train rows as training masks them in its first epoch (``examples``)."""
     d = config.data
     masking = data.info.get("masking", {})
     summary = {
@@ -96,12 +124,21 @@ def masked_lm_details(data: TaskData, facts: dict[str, dict[str, Any]], tokenize
                  masking.get("packing") else "every document on rows of its own (data.packing: false)"),
         "held-out masking": f"fixed (data.split_seed {d.split_seed}): every evaluation scores the same positions",
     }
+    if d.extend_vocabulary:
+        added = list(added_tokens)
+        summary["vocabulary extension"] = (f"{len(added)} of up to {d.extend_vocabulary} words added"
+                                           + (f" ({' '.join(added[:10])}{' ...' if len(added) > 10 else ''})"
+                                              if added else ""))
     suggestions = []
     unknown = facts.get("train", {}).get("_unknown_fraction", 0.0)
     if unknown > UNKNOWN_WARN_FRACTION:
+        more = (f"--data.extend_vocabulary {max(2 * d.extend_vocabulary, 1000)} adds more of them" if
+                d.extend_vocabulary else
+                "--data.extend_vocabulary 2000 adds the most frequent unknown training words to the vocabulary "
+                "(new embeddings the model learns to predict, handed on to a run started from this one)")
         suggestions.append(f"{100 * unknown:.1f}% of train's tokens are the unknown token {tokenizer.unk_token}: "
-                           "they are never masked, so the model learns nothing about them; a model whose "
-                           "vocabulary covers this text would learn more")
+                           f"they are never masked, so the model learns nothing about them; {more}, or pick a "
+                           "model whose vocabulary covers this text")
     rows: MaskedRows = data.splits["train"]
     shown = []
     for i in range(min(max(examples, 0), len(rows))):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -45,6 +46,12 @@ from lmtune.errors import ConfigError, ModelError
 from lmtune.evaluate.report import Report
 from lmtune.models.loading import load_pretrained
 from lmtune.models.registry import load_padded_tokenizer, model_path_of
+from lmtune.models.vocabulary import (
+    extend_vocabulary,
+    grow_embeddings,
+    input_embedding_paths,
+    pretokenized_words,
+)
 from lmtune.tasks.base import Task, TaskData, encoder_inputs
 from lmtune.tasks.masked_lm.info import INFO
 from lmtune.tasks.masked_lm.inspect import masked_lm_details, masked_lm_facts
@@ -74,6 +81,11 @@ class MaskedLMTask(Task):
         self.tokenizer: Any = None  # set by load_tokenizer / prepare
         self._docs: dict[str, SplitDocuments] = {}
         self.new_modules: list[str] = []
+        # Words data.extend_vocabulary added to the tokenizer, and the tokenizer it added them to.
+        self.added_tokens: list[str] = []
+        self._extended: Any = None
+        # lmtune.json of a trained model being evaluated (Run.evaluate): its tokenizer is extended already.
+        self.saved_meta: dict[str, Any] | None = None
 
     @property
     def packing(self) -> bool:
@@ -104,6 +116,31 @@ class MaskedLMTask(Task):
             self._docs = split_documents(self.data_cfg)
         return self._docs[split][0] if split in self._docs else []
 
+    def load_model_meta(self, meta: dict[str, Any]) -> None:
+        """A saved model is evaluated: its tokenizer already holds the words data.extend_vocabulary added (and
+        its embeddings no more rows), so nothing is added again."""
+        self.saved_meta = meta
+
+    def extend_vocabulary(self, tokenizer: Any) -> list[str]:
+        """``data.extend_vocabulary``: add the most frequent words of the training documents (seen twice or more,
+        words as the tokenizer's normaliser and pre-tokenizer cut them: each CJK character for BERT) that the
+        tokenizer reads as nothing but its unknown token; returns them. Once per tokenizer, and never for a saved
+        model being evaluated."""
+        limit = self.data_cfg.extend_vocabulary
+        if not limit or self.saved_meta is not None or self._extended is tokenizer:
+            return self.added_tokens
+        counts = Counter(pretokenized_words(tokenizer, self.documents("train")))
+        self.added_tokens = extend_vocabulary(tokenizer, counts, limit)
+        self._extended = tokenizer
+        return self.added_tokens
+
+    def new_token_ids(self) -> list[int]:
+        """Ids of the words added to the vocabulary (LoRA trains their embedding rows, and so the tied output rows,
+        as peft trainable tokens)."""
+        if not self.added_tokens or self.tokenizer is None:
+            return []
+        return [int(i) for i in self.tokenizer.convert_tokens_to_ids(self.added_tokens)]
+
     def masker(self, tokenizer: Any) -> Masker:
         """The masking the config asks for, with this tokenizer's ids."""
         d = self.data_cfg
@@ -119,9 +156,13 @@ class MaskedLMTask(Task):
             log.warning("data.whole_word_mask: this tokenizer is not a fast one and gives no word boundaries; "
                         "sub-tokens are masked one by one")
         self.documents("train")
+        # Before the masker, which draws random replacements from the whole vocabulary, new tokens included.
+        added = self.extend_vocabulary(tokenizer)
         masker = self.masker(tokenizer)
         info: dict[str, Any] = {"masking": {"mlm_probability": d.mlm_probability, "whole_words": masker.whole_words,
                                             "mask_token": tokenizer.mask_token, "packing": self.packing}}
+        if d.extend_vocabulary:
+            info["added_tokens"] = len(added)
         splits: dict[str, Any] = {}
         lengths: dict[str, list[int]] = {}
         for split in ("train", "validation", "test"):
@@ -199,8 +240,9 @@ class MaskedLMTask(Task):
         if positions and self.data_cfg.max_length > positions:
             raise ConfigError(f"data.max_length {self.data_cfg.max_length} is larger than the model's {positions} "
                               "positions", hint=f"set --data.max_length {positions} or less")
-        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        # Words added by data.extend_vocabulary: new input rows (the tied output rows with them) around the mean
+        # embedding, the output bias at its mean.
+        grow_embeddings(model, len(tokenizer))
         self.new_modules = new_modules(model, set(loading["missing_keys"]))
         if self.new_modules:
             log.info("new masked-LM head modules (not in the checkpoint): %s", ", ".join(self.new_modules))
@@ -210,10 +252,17 @@ class MaskedLMTask(Task):
 
     def head_module_names(self, model: torch.nn.Module) -> set[str]:
         """Last-level names of the head's modules the checkpoint did not hold (BERT: ``transform``), where such a
-        name picks out that module alone; the output projection, tied to the input embeddings, is never one."""
+        name picks out that module alone; the output projection, tied to the input embeddings, is never one. With
+        words added to the vocabulary and method full or freeze, the input embeddings too (BERT:
+        ``word_embeddings``, and the output projection tied to them): their new rows start from the mean and train
+        at the head's rate, as token_classification's do. LoRA trains those rows as peft trainable tokens instead
+        (:meth:`new_token_ids`): a ``modules_to_save`` copy of the embeddings would untie the output projection."""
         names: set[str] = set()
         every = [n for n, _ in model.named_modules()]
-        for path in self.new_modules:
+        paths = list(self.new_modules)
+        if self.added_tokens and self.config.method.name in ("full", "freeze"):
+            paths += input_embedding_paths(model)
+        for path in paths:
             last = path.rsplit(".", 1)[-1]
             if any(last in other.split(".") and not (other == path or other.startswith(path + "."))
                    for other in every):
@@ -273,7 +322,8 @@ class MaskedLMTask(Task):
         d = self.data_cfg
         return {"max_length": d.max_length, "packing": self.packing, "mlm_probability": d.mlm_probability,
                 "whole_word_mask": d.whole_word_mask, "text_column": d.text_column,
-                "mask_token": self.tokenizer.mask_token, "top_k": TOP_K}
+                "mask_token": self.tokenizer.mask_token, "top_k": TOP_K,
+                **({"added_tokens": len(self.added_tokens)} if self.added_tokens else {})}
 
     def report_sections(self, report: Report, run_dir: Path, metrics: dict[str, Any], data: TaskData) -> None:
         """Masked-token accuracy and perplexity before and after, per split (the same masked positions)."""
@@ -298,13 +348,20 @@ class MaskedLMTask(Task):
 
     # ------------------------------------------------------------------------------ data inspect
     def inspect_facts(self, data: TaskData) -> dict[str, dict[str, Any]] | None:
-        """Per split: documents, rows, tokens, words, unknown tokens, masked tokens (see :mod:`.inspect`)."""
-        return masked_lm_facts(data)
+        """Per split: documents, rows, tokens, words, unknown tokens, masked tokens (see :mod:`.inspect`); with words
+        added by data.extend_vocabulary, the unknown-token share of the text before and after."""
+        base = None
+        if self.added_tokens:
+            # The tokenizer as the model shipped it: what data.extend_vocabulary repaired.
+            m = self.config.model
+            base = load_padded_tokenizer(model_path_of(m), trust_remote_code=m.trust_remote_code)
+        return masked_lm_facts(data, tokenizer=self.tokenizer, base_tokenizer=base)
 
     def inspect_details(self, data: TaskData, facts: dict[str, dict[str, Any]], *, examples: int = 3
                         ) -> dict[str, Any]:
-        """The masking settings, suggestions and masked train rows as training sees them."""
-        return masked_lm_details(data, facts, self.tokenizer, self.config, examples=examples)
+        """The masking settings and vocabulary extension, suggestions and masked train rows as training sees them."""
+        return masked_lm_details(data, facts, self.tokenizer, self.config, examples=examples,
+                                 added_tokens=self.added_tokens)
 
 
 # ------------------------------------------------------------------------------------------ helpers

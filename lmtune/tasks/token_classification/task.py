@@ -29,7 +29,7 @@ import random
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -60,6 +60,7 @@ from lmtune.evaluate.comparison import LATENCY_EXAMPLES
 from lmtune.evaluate.report import Report
 from lmtune.models import neural_baselines  # registers the lmtune_baseline tagger with transformers
 from lmtune.models.registry import load_padded_tokenizer, model_path_of
+from lmtune.models.vocabulary import extend_vocabulary, grow_embeddings, input_embedding_paths
 from lmtune.tasks.base import Task, TaskData, encoder_inputs
 from lmtune.tasks.token_classification.info import INFO
 from lmtune.tasks.token_classification.inspect import tagging_details, tagging_facts
@@ -150,23 +151,6 @@ class TokenClassificationTask(Task):
                              hint="save the model with a tokenizer.json (AutoTokenizer(..., use_fast=True))")
         self.tokenizer = tok
         return tok
-
-    def _extend_vocabulary(self, tokenizer: Any, rows: list[dict[str, Any]]) -> list[str]:
-        """Add the most frequent training words (seen twice or more) that the tokenizer reads as nothing but
-        its unknown token, up to ``data.extend_vocabulary`` of them; returns them."""
-        unk = tokenizer.unk_token_id
-        if unk is None:
-            return []
-        counts = Counter(w for r in rows for w in r["words"])
-        words = [w for w, n in counts.most_common() if n >= 2]
-        ids = tokenizer(words, add_special_tokens=False)["input_ids"] if words else []
-        unknown = [w for w, i in zip(words, ids, strict=True) if i and all(t == unk for t in i)]
-        chosen = unknown[: self.data_cfg.extend_vocabulary]
-        if chosen:
-            tokenizer.add_tokens(chosen)
-            log.info("added %d training words the tokenizer read as %s to its vocabulary (%s ...)", len(chosen),
-                     tokenizer.unk_token, " ".join(chosen[:10]))
-        return chosen
 
     def new_token_ids(self) -> list[int]:
         """Ids of the words added to the vocabulary (LoRA trains their embedding rows)."""
@@ -370,7 +354,8 @@ class TokenClassificationTask(Task):
         train_info = info["train"]
         types = self._entity_types(splits, info)
         if d.extend_vocabulary and not meta and not self.baseline:  # a baseline's vocabulary is the training words
-            self.added_tokens = self._extend_vocabulary(tokenizer, splits["train"])
+            self.added_tokens = extend_vocabulary(
+                tokenizer, Counter(w for r in splits["train"] for w in r["words"]), self.data_cfg.extend_vocabulary)
             info["added_tokens"] = len(self.added_tokens)
         scheme = meta.get("tag_scheme") or (d.tag_scheme if d.tag_scheme != "auto"
                                              else train_info.get("input_scheme", "bio"))
@@ -520,9 +505,7 @@ class TokenClassificationTask(Task):
             raise ModelError(f"this model cannot be loaded for token classification: {exc}", file=model_path) from None
         self.new_modules = sorted({k.rsplit(".", 2)[0] if k.count(".") >= 2 else k.split(".")[0]
                                    for k in loading["missing_keys"]})
-        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-            # Words added by data.extend_vocabulary: new rows start at the mean embedding.
-            model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        grow_embeddings(model, len(tokenizer))  # words added by data.extend_vocabulary: rows around the mean
         if self.config.model.gradient_checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         return model
@@ -535,8 +518,7 @@ class TokenClassificationTask(Task):
         names = {m.split(".")[-1] for m in getattr(self, "new_modules", [])}
         names = names or {n for n, _ in model.named_children() if n != model.base_model_prefix}
         if self.added_tokens and self.config.method.name in ("full", "freeze"):
-            embeddings = cast(Any, model).get_input_embeddings()  # a transformers model
-            names |= {n.split(".")[-1] for n, m in model.named_modules() if m is embeddings}
+            names |= {p.rsplit(".", 1)[-1] for p in input_embedding_paths(model)}
         return names
 
     # ------------------------------------------------------------------------------ batches and loss
