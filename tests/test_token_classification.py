@@ -194,6 +194,9 @@ BAD_FILES = [  # (file name, content, error part, line, extra data settings)
     ("t.jsonl", '{"tokens": ["a", "b"], "tags": ["O", "O"]}\n', "no entities", None, {}),
     ("t.jsonl", '{"tokens": ["a"], "tags": ["B-PER"]}\n', "not listed in data.entity_types", None,
      {"entity_types": ["LOC"]}),
+    # a held-out file that only repeats train: nothing left to score once duplicates go (was a TypeError)
+    ("t.jsonl", '{"tokens": ["Ann"], "tags": ["B-PER"]}\n', "also occurs in the training data", None,
+     {"deduplicate": True}),
 ]
 
 

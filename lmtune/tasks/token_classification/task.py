@@ -318,9 +318,11 @@ class TokenClassificationTask(Task):
         train_records, train_info = self._read_split(d.train)
         info: dict[str, Any] = {"train": train_info}
         given: dict[str, list[dict[str, Any]]] = {}
+        source_of: dict[str, str] = {}
         for split, source in (("validation", d.validation), ("test", d.test)):
             if source is not None:
                 given[split], info[split] = self._read_split(source)
+                source_of[split] = source
         splits = self._split(train_records) if len(given) < 2 else {"train": train_records}
         for split in ("validation", "test"):
             if split in given:
@@ -330,6 +332,12 @@ class TokenClassificationTask(Task):
                 info[split] = {"source": f"{d.train} (split {size:g})"}
         if d.deduplicate:
             self._dedupe(splits, info)
+            for split, rows in given.items():
+                if rows and not splits[split]:
+                    raise DataError(f"every {split} sentence also occurs in the training data, so nothing is left "
+                                    f"to score ({len(rows)} removed as duplicates)", file=source_of[split],
+                                    hint="give held-out sentences that are not in train, or set "
+                                    "data.deduplicate: false to score them anyway")
         if d.max_samples:
             rng = random.Random(d.split_seed)
             for split, rows in splits.items():
