@@ -400,6 +400,39 @@ def test_tiny_gemma_sft_stops_at_end_of_turn(tmp_path: Path, tiny_gemma_folder: 
     assert set(stop if isinstance(stop, list) else [stop]) >= {1, 5}  # <eos> and <end_of_turn>
 
 
+def test_untrained_turn_tokens_train_under_lora(tmp_path: Path, tiny_gemma_folder: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gemma 3 270M base never learned <start_of_turn>/<end_of_turn> (its <end_of_turn> row has a cosine of
+    0.995 with rare tokens'), so LoRA alone learned to end turns with a neighbour and never stopped: chat
+    tuning trains those rows (peft trainable tokens, tied output included) and nothing else of the embeddings."""
+    from lmtune.models.registry import untrained_chat_tokens
+    from lmtune.tasks import chat_tuning
+
+    assert untrained_chat_tokens("gemma3") == ("<start_of_turn>", "<end_of_turn>")
+    assert untrained_chat_tokens("smollm2") == () and untrained_chat_tokens(str(tiny_gemma_folder)) == ()
+    # the tiny model stands in for the bundled one: the same declaration, on its folder
+    monkeypatch.setattr(chat_tuning, "untrained_chat_tokens", lambda name: ("<start_of_turn>", "<end_of_turn>"))
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"the cat {i}", "output": "sat on the mat"}) + "\n"
+                            for i in range(24)))
+    cfg = {
+        "task": "sft", "model": str(tiny_gemma_folder), "data": {"train": str(data), "max_length": 32},
+        "method": {"name": "lora", "r": 4},
+        "train": {"epochs": 2, "batch_size": 8, "learning_rate": 1e-2, "precision": "fp32", "seed": 0},
+        "output_dir": str(tmp_path / "run"),
+    }
+    run = lmtune.train(cfg, show_progress=False)
+    from transformers import AutoModelForCausalLM
+
+    before = AutoModelForCausalLM.from_pretrained(tiny_gemma_folder).get_input_embeddings().weight
+    after = AutoModelForCausalLM.from_pretrained(run.model_dir).get_input_embeddings().weight
+    changed = sorted(int(i) for i in (before - after[: len(before)]).abs().amax(dim=1).nonzero().flatten())
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(run.model_dir)
+    assert changed == sorted(tok.convert_tokens_to_ids(["<start_of_turn>", "<end_of_turn>"]))
+
+
 def test_tiny_gemma_tags_tokens(tmp_path: Path, tiny_gemma_folder: Path) -> None:
     """Gemma 3 as a tagger: transformers has no token-classification class for gemma3_text, lmtune registers
     its generic one (``lmtune.models.heads``); the NER task trains it, entity F1 rises, the folder reloads."""

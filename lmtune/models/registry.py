@@ -117,7 +117,10 @@ class ChatTokens:
     EOS: lmtune masks padding by attention mask, never by id), ``stop`` the tokens generation stops at (the
     saved ``generation_config.eos_token_id``: a chat turn ends with its end-of-turn marker, which need not be
     the EOS) and ``template`` the chat template used when the GGUF carries none (``template_name`` names it
-    in the conversion record).
+    in the conversion record). ``untrained`` are the template's markers the model never learned (a base model's
+    turn tokens): their embedding rows sit among those of unused tokens (Gemma 3 270M's ``<end_of_turn>`` has a
+    cosine of 0.995 with rare cuneiform tokens), so a LoRA run that cannot move them learns to end its turns
+    with a neighbour instead and never stops; chat tuning trains those rows (:func:`untrained_chat_tokens`).
     """
 
     eos: str
@@ -125,6 +128,7 @@ class ChatTokens:
     stop: tuple[str, ...]
     template: str
     template_name: str
+    untrained: tuple[str, ...] = ()
 
 
 # SmolLM2-Instruct is a ChatML chat model: a turn, and generation, ends with <|im_end|>, which also pads.
@@ -132,7 +136,7 @@ CHATML_TOKENS = ChatTokens(eos=IM_END, pad=IM_END, stop=(IM_END,), template=CHAT
 # Gemma 3 base: documents end with <eos>, which a base model also stops at; chat turns end with <end_of_turn>
 # (as google's generation_config.json says: eos_token_id [1, 106]); it has a <pad> of its own.
 GEMMA_TOKENS = ChatTokens(eos="<eos>", pad="<pad>", stop=("<eos>", END_OF_TURN), template=GEMMA_TEMPLATE,
-                          template_name="Gemma")
+                          template_name="Gemma", untrained=("<start_of_turn>", END_OF_TURN))
 
 
 @dataclass(frozen=True)
@@ -226,6 +230,13 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
         ),
     )
 }
+
+
+def untrained_chat_tokens(name: str) -> tuple[str, ...]:
+    """The chat-template markers the bundled model ``name`` never learned (``ChatTokens.untrained``); none for
+    a model folder or a chat model."""
+    bundled = find_bundled(name)
+    return bundled.chat.untrained if bundled is not None and bundled.chat is not None else ()
 
 
 def find_bundled(name: str) -> BundledModel | None:

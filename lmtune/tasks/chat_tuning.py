@@ -53,7 +53,7 @@ from lmtune.data.table import format_locations
 from lmtune.errors import DataError
 from lmtune.evaluate.text_metrics import generation_metrics
 from lmtune.models.generation import GenerationSettings, chat_prompt, generate, generate_across_processes
-from lmtune.models.registry import load_padded_tokenizer
+from lmtune.models.registry import load_padded_tokenizer, untrained_chat_tokens
 from lmtune.tasks.base import TaskData
 from lmtune.tasks.decoder import DecoderTask
 
@@ -91,10 +91,11 @@ class ChatTuningTask(DecoderTask):
         return tok
 
     def new_token_ids(self) -> list[int]:
-        """Ids of tokens added to the vocabulary (their embeddings must be trained)."""
-        if not self.vocab_grew:
-            return []
-        return [int(self.tokenizer.convert_tokens_to_ids(t)) for t in ("<|im_start|>", "<|im_end|>")]
+        """Ids of the template's markers whose embeddings must be trained: tokens added to the vocabulary, and
+        the markers a bundled base model never learned (``untrained_chat_tokens``: LoRA trains their rows)."""
+        names = ["<|im_start|>", "<|im_end|>"] if self.vocab_grew else []
+        names += [t for t in untrained_chat_tokens(self.config.model.name) if t not in names]
+        return [int(self.tokenizer.convert_tokens_to_ids(t)) for t in names]
 
     # ------------------------------------------------------------------------------ data
     def read_conversations(self, source: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
