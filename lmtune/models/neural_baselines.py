@@ -329,12 +329,31 @@ class TransformerEncoder(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------ model
-class NeuralBaselineForSequenceClassification(PreTrainedModel):
-    """Embedding -> encoder (``config.architecture``) -> dropout -> linear classifier."""
+class NeuralBaselineModel(PreTrainedModel):
+    """What the baselines' sentence classifier and tagger share: their config, a word embedding table
+    (``self.embeddings``) and Keras-like weight starts."""
 
     config_class = NeuralBaselineConfig
     base_model_prefix = "encoder"
     main_input_name = "input_ids"
+    embeddings: nn.Embedding
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Keras-like starts (:func:`init_baseline_weights`)."""
+        init_baseline_weights(module)
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The word embedding table (V, E)."""
+        return self.embeddings
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        """Replace the word embedding table."""
+        self.embeddings = value  # type: ignore[assignment]
+
+
+class NeuralBaselineForSequenceClassification(NeuralBaselineModel):
+    """Embedding -> encoder (``config.architecture``) -> dropout -> linear classifier."""
 
     def __init__(self, config: NeuralBaselineConfig) -> None:
         super().__init__(config)
@@ -357,19 +376,6 @@ class NeuralBaselineForSequenceClassification(PreTrainedModel):
         outputs = 1 if config.binary_sigmoid_head else int(config.num_labels or 2)
         self.classifier = nn.Linear(int(self.encoder.out_features), outputs)
         self.post_init()
-
-    @torch.no_grad()
-    def _init_weights(self, module: nn.Module) -> None:
-        """Keras-like starts (:func:`init_baseline_weights`)."""
-        init_baseline_weights(module)
-
-    def get_input_embeddings(self) -> nn.Module:
-        """The word embedding table (V, E)."""
-        return self.embeddings
-
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        """Replace the word embedding table."""
-        self.embeddings = value  # type: ignore[assignment]
 
     def forward(
         self,
@@ -432,7 +438,7 @@ def init_baseline_weights(module: nn.Module) -> None:
         init.zeros_(module.bias)
 
 
-class NeuralBaselineForTokenClassification(PreTrainedModel):
+class NeuralBaselineForTokenClassification(NeuralBaselineModel):
     """The guides' BiLSTM tagger: Embedding -> dropout -> bidirectional LSTM -> dropout -> a linear layer per token.
 
     (B, T) token ids -> (B, T, L) tag logits. The LSTM runs on packed sequences, so a row's outputs do not depend
@@ -440,10 +446,6 @@ class NeuralBaselineForTokenClassification(PreTrainedModel):
     with ``labels`` is the mean cross-entropy over tokens whose label is not -100 (``IGNORE_INDEX``). No CRF:
     each token's tag is its own argmax.
     """
-
-    config_class = NeuralBaselineConfig
-    base_model_prefix = "encoder"
-    main_input_name = "input_ids"
 
     def __init__(self, config: NeuralBaselineConfig) -> None:
         super().__init__(config)
@@ -456,19 +458,6 @@ class NeuralBaselineForTokenClassification(PreTrainedModel):
         self.dropout = nn.Dropout(config.dropout)
         self.classifier = nn.Linear(2 * config.hidden_size, int(config.num_labels or 2))
         self.post_init()
-
-    @torch.no_grad()
-    def _init_weights(self, module: nn.Module) -> None:
-        """Keras-like starts (:func:`init_baseline_weights`)."""
-        init_baseline_weights(module)
-
-    def get_input_embeddings(self) -> nn.Module:
-        """The word embedding table (V, E)."""
-        return self.embeddings
-
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        """Replace the word embedding table."""
-        self.embeddings = value  # type: ignore[assignment]
 
     def forward(
         self,

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer
 
+import lmtune.tasks.relation_extraction.records as rec
 from lmtune.console import quiet_libraries
 from lmtune.data.readers import Table
 from lmtune.errors import DataError, ModelError
 from lmtune.models.loading import load_saved_model
-from lmtune.tasks.relation_extraction import records as rec
 from lmtune.tasks.relation_extraction.encoding import encode_pairs
 from lmtune.tasks.relation_extraction.model import RelationModel
 

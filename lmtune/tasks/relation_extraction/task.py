@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig
 
+import lmtune.tasks.relation_extraction.records as rec
 from lmtune.config import Config
 from lmtune.config.tasks import NEURAL_BASELINES, TaskInfo
 from lmtune.data.features import (
@@ -42,7 +43,6 @@ from lmtune.evaluate.comparison import LATENCY_EXAMPLES
 from lmtune.evaluate.report import Report
 from lmtune.models.registry import load_padded_tokenizer, model_path_of
 from lmtune.tasks.base import Task, TaskData, encoder_inputs
-from lmtune.tasks.relation_extraction import records as rec
 from lmtune.tasks.relation_extraction.encoding import (
     add_marker_tokens,
     encode_pairs,
