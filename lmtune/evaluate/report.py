@@ -144,3 +144,23 @@ class Report:
             Path(tmp).unlink(missing_ok=True)
             raise
         return path
+
+
+
+def per_type_section(report: Report, metrics: dict[str, Any], what: str, column: str
+                     ) -> tuple[str, dict[str, Any], dict[str, Any]] | None:
+    """The first of test and validation whose metrics have ``per_type`` scores (entity or relation types): a
+    heading "Per ``what`` (split)" and a table of support, precision, recall and F1 beside the starting point's
+    F1 (first column ``column``). Returns ``(split, per_type, starting per_type)`` for what a task adds below it;
+    None when no split has them."""
+    for split in ("test", "validation"):
+        m = metrics.get(split)
+        if not m or "per_type" not in m:
+            continue
+        start = metrics.get("starting_point", {}).get(split, {}).get("per_type", {})
+        report.heading(f"Per {what} ({split})", 3)
+        rows = [[kind, s["support"], s["precision"], s["recall"], s["f1"], start.get(kind, {}).get("f1")]
+                for kind, s in m["per_type"].items()]
+        report.table([column, "support", "precision", "recall", "F1", "F1 before fine-tuning"], rows)
+        return split, m["per_type"], start
+    return None

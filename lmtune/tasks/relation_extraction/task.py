@@ -40,7 +40,7 @@ from lmtune.data.splits import stratified_split
 from lmtune.errors import ConfigError, DataError, ModelError
 from lmtune.evaluate.baselines import run_baselines
 from lmtune.evaluate.comparison import LATENCY_EXAMPLES
-from lmtune.evaluate.report import Report
+from lmtune.evaluate.report import Report, per_type_section
 from lmtune.models.registry import load_padded_tokenizer, model_path_of
 from lmtune.tasks.base import Task, TaskData, encoder_inputs
 from lmtune.tasks.relation_extraction.encoding import (
@@ -434,15 +434,9 @@ class RelationExtractionTask(Task):
 
     def report_sections(self, report: Report, run_dir: Path, metrics: dict[str, Any], data: TaskData) -> None:
         """Per relation type: precision, recall, F1 and support, beside the starting point's F1."""
-        for split in ("test", "validation"):
-            m = metrics.get(split)
-            if not m or "per_type" not in m:
-                continue
-            start = metrics.get("starting_point", {}).get(split, {}).get("per_type", {})
-            report.heading(f"Per relation type ({split})", 3)
-            rows = [[kind, s["support"], s["precision"], s["recall"], s["f1"], start.get(kind, {}).get("f1")]
-                    for kind, s in m["per_type"].items()]
-            report.table(["relation", "support", "precision", "recall", "F1", "F1 before fine-tuning"], rows)
+        section = per_type_section(report, metrics, "relation type", "relation")
+        if section is not None:
+            split = section[0]
             info = data.info
             report.bullets([
                 f"scores leave the no-relation class ({info['no_relation_label'] or 'none in the labels'}) out: "
@@ -452,4 +446,3 @@ class RelationExtractionTask(Task):
                 f"pairs skipped because their entities lie further apart than data.max_length allows: "
                 f"{info[split].get('skipped_markers_cut', 0)}",
             ])
-            break

@@ -57,7 +57,7 @@ from lmtune.data.splits import stratified_split
 from lmtune.data.table import format_locations
 from lmtune.errors import ConfigError, DataError, ModelError
 from lmtune.evaluate.comparison import LATENCY_EXAMPLES
-from lmtune.evaluate.report import Report
+from lmtune.evaluate.report import Report, per_type_section
 from lmtune.models import neural_baselines  # registers the lmtune_baseline tagger with transformers
 from lmtune.models.registry import load_padded_tokenizer, model_path_of
 from lmtune.models.vocabulary import extend_vocabulary, grow_embeddings, input_embedding_paths
@@ -603,17 +603,11 @@ class TokenClassificationTask(Task):
 
     def report_sections(self, report: Report, run_dir: Path, metrics: dict[str, Any], data: TaskData) -> None:
         """Per-entity-type scores of the tuned model beside its starting point, as a table and a bar chart."""
-        for split in ("test", "validation"):
-            m = metrics.get(split)
-            if not m or "per_type" not in m:
-                continue
-            start = metrics.get("starting_point", {}).get(split, {}).get("per_type", {})
-            report.heading(f"Per entity type ({split})", 3)
-            rows = [[kind, s["support"], s["precision"], s["recall"], s["f1"], start.get(kind, {}).get("f1")]
-                    for kind, s in m["per_type"].items()]
-            report.table(["entity type", "support", "precision", "recall", "F1", "F1 before fine-tuning"], rows)
+        section = per_type_section(report, metrics, "entity type", "entity type")
+        if section is not None:
+            split, per_type, start = section
             rel = f"plots/entity_f1_{split}.png"
-            plot_entity_f1(m["per_type"], start, run_dir / rel, title=f"Entity F1 per type ({split})")
+            plot_entity_f1(per_type, start, run_dir / rel, title=f"Entity F1 per type ({split})")
             report.image(rel, f"entity F1 per type, {split}")
             info = data.info
             report.bullets([
@@ -624,7 +618,6 @@ class TokenClassificationTask(Task):
                 "entity scores follow conlleval (seqeval): an entity counts when its type and both ends match; "
                 "words cut off by data.max_length are not scored (counted in the data table's `truncated`)",
             ])
-            break
 
 
 # ------------------------------------------------------------------------------------------ helpers
