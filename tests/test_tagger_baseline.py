@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from test_token_classification import synthetic_conll
 
 import lmtune
 from lmtune.errors import ConfigError
@@ -23,31 +24,7 @@ TINY = {"embedding_dim": 16, "hidden_size": 16, "vocab_min_count": 1, "dropout":
 TRAIN = {"epochs": 6, "batch_size": 16, "learning_rate": 2e-2, "precision": "fp32", "log_every": 5}
 
 # ------------------------------------------------------------------------------------------ data
-NAMES = ["Alice", "Okonkwo", "Dmitri", "Eleanor", "Fitzgerald", "Bob"]
-SURNAMES = ["Smith", "Jones", "Nakamura"]
-PLACES = ["Paris", "Zanzibar", "Kyoto", "Lima", "Reykjavik"]
-FILLER = ["the", "went", "to", "met", "in", "and", "saw", "visited", "yesterday", "with", "a", "friend", "from"]
-
-
-def english_conll(n: int, seed: int = 0) -> str:
-    """CoNLL sentences (a word per line) where names (PER, one or two words) and places (LOC) sit among filler."""
-    rng = random.Random(seed)
-    lines = ["-DOCSTART- -X- O", ""]
-    for _ in range(n):
-        for _ in range(rng.randint(3, 9)):
-            r = rng.random()
-            if r < 0.15:
-                lines.append(f"{rng.choice(NAMES)}\tNNP\tB-PER")
-                if rng.random() < 0.5:
-                    lines.append(f"{rng.choice(SURNAMES)}\tNNP\tI-PER")
-            elif r < 0.3:
-                lines.append(f"{rng.choice(PLACES)}\tNNP\tB-LOC")
-            else:
-                lines.append(f"{rng.choice(FILLER)}\tXX\tO")
-        lines.append("")
-    return "\n".join(lines) + "\n"
-
-
+# English sentences: test_token_classification.synthetic_conll (names and places among filler).
 ZH_PEOPLE = ["江泽民", "李鹏", "朱镕基", "乔石"]
 ZH_PLACES = ["北京", "上海", "广州", "香港"]
 ZH_ORGS = ["新华社", "国务院"]
@@ -74,7 +51,7 @@ def chinese_jsonl(n: int, seed: int = 0) -> str:
 
 # (language, file name, data, word split saved with the model, a raw text to tag, the entities in it)
 CASES = [
-    ("english", "train.conll", english_conll(300), "whitespace", "yesterday  Okonkwo Nakamura visited Zanzibar with Alice",
+    ("english", "train.conll", synthetic_conll(300), "whitespace", "yesterday  Okonkwo Nakamura visited Zanzibar with Alice",
      [("PER", "Okonkwo Nakamura"), ("LOC", "Zanzibar"), ("PER", "Alice")]),
     ("chinese", "train.jsonl", chinese_jsonl(300), "chars", "今天江泽民在北京会见了新华社的他们",
      [("PER", "江泽民"), ("LOC", "北京"), ("ORG", "新华社")]),
@@ -229,7 +206,7 @@ def test_tagger_baseline_joins_the_comparison_table(tiny_bert_nodrop_dir: Path, 
     from helpers import run_cli
 
     data = tmp_path / "train.conll"
-    data.write_text(english_conll(200), encoding="utf-8")
+    data.write_text(synthetic_conll(200), encoding="utf-8")
     cfg = _config(data, tmp_path / "run", str(tiny_bert_nodrop_dir),
                   baseline={"epochs": 6, "batch_size": 16, "learning_rate": 2e-2},
                   train={"epochs": 2, "learning_rate": 3e-3})
