@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import lmtune
+from lmtune.errors import RunError
 from lmtune.training import checkpoint as ckpt
 from lmtune.training.loop import TrainingLoop
 
@@ -177,6 +178,59 @@ def test_resume_equals_uninterrupted(method: str, tiny_bert_dir: Path, sentiment
     # the logged training losses after the resume point match the uninterrupted ones exactly
     tail = lambda p: [r["loss"] for r in _jsonl(p / "metrics.jsonl") if r["split"] == "train" and r["step"] > 14]  # noqa: E731
     assert tail(whole.path) == tail(resumed.path)
+
+
+@pytest.mark.parametrize("method", ["lora", "freeze"])
+def test_checkpoints_leave_out_frozen_weights_and_check_them_on_resume(
+        method: str, tiny_bert_dir: Path, sentiment_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A LoRA/freeze checkpoint holds only what trains (plus buffers); resume rebuilds the rest from the base
+    model and refuses a base model that changed since."""
+    import shutil
+
+    from safetensors import safe_open
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_bert_dir, base)
+    cfg = _config(base, sentiment_csv, tmp_path / "run", method={"name": method},
+                  train={"max_steps": 10, "save_every": 4, "eval_every": 4, "batch_size": 32, "keep_checkpoints": 5})
+    cfg["baselines"] = []
+
+    original = ckpt.save_checkpoint
+
+    def crash_after_step_8(acc: Any, folder: Path, step: int, state: dict) -> Path:
+        path = original(acc, folder, step, state)
+        if step == 8:
+            raise _Crash
+        return path
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", crash_after_step_8)
+    with pytest.raises(_Crash):
+        lmtune.train(cfg, show_progress=False)
+    monkeypatch.setattr(ckpt, "save_checkpoint", original)
+
+    step8 = tmp_path / "run" / "checkpoints" / "step-00000008"
+    left_out = json.loads((step8 / ckpt.FROZEN_FILE).read_text())["left_out"]
+    with safe_open(str(step8 / ckpt.MODEL_FILE), framework="pt") as f:
+        saved = set(f.keys())
+    full = load_file(str(base / "model.safetensors"))
+    assert left_out and not saved & set(left_out)
+    # most of the model is frozen: the checkpoint's weights are a fraction of the base model's
+    assert (step8 / ckpt.MODEL_FILE).stat().st_size < 0.5 * (base / "model.safetensors").stat().st_size
+    if method == "lora":
+        assert any("lora_A" in k for k in saved) and not any("lora" in k for k in left_out)
+
+    # a base model changed since the checkpoint: resume names the weight and refuses
+    tampered = dict(full)
+    key = next(k for k in tampered if "encoder.layer.0.attention.self.query.weight" in k)
+    tampered[key] = tampered[key] + 0.01
+    from safetensors.torch import save_file
+    save_file(tampered, str(base / "model.safetensors"))
+    with pytest.raises(RunError, match=r"now differ.*query"):
+        lmtune.train(cfg, resume=True, show_progress=False)
+
+    save_file(full, str(base / "model.safetensors"))  # the original again: the run resumes and finishes
+    resumed = lmtune.train(cfg, resume=True, show_progress=False)
+    assert resumed.metrics["summary"]["steps"] == 10
 
 
 def test_multi_label_text_pairs_and_integer_labels(tiny_bert_dir: Path, tmp_path: Path) -> None:

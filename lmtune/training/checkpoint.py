@@ -11,10 +11,17 @@ by first renaming it out of the ``step-N`` namespace (``.trash-step-N``), so a
 crash halfway through a delete cannot leave a ``step-N`` folder that still holds
 ``loop_state.json`` but has lost its weights. Tested by killing real training
 processes with SIGKILL (tests/test_resume_kill.py).
+
+A LoRA or freeze run's checkpoints leave out the frozen weights (:class:`FrozenWeights`), as
+PEFT's own checkpoints do: they never change, and resume rebuilds them from the base model.
+``frozen_weights.json`` records a SHA-256 of each one left out, and loading checks the rebuilt
+weights against it, so a base model that changed since is an error, never a silently different
+run. For SmolLM2-135M under LoRA a checkpoint shrinks from 568 MB to 30 MB (BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -23,12 +30,17 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors import safe_open
+
 from lmtune.errors import RunError, is_disk_full
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "loop_state.json"
+FROZEN_FILE = "frozen_weights.json"
+MODEL_FILE = "model.safetensors"  # Accelerate's name for the first (our only) model's weights
 # Hidden leftovers of an interrupted write (.tmp-step-N) or delete (.trash-step-N); never read.
 LEFTOVER_GLOBS = (".tmp-step-*", ".trash-step-*")
 
@@ -106,6 +118,87 @@ def save_checkpoint(accelerator: Any, folder: Path, step: int, state: dict[str, 
             shutil.rmtree(trash, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes (about 1.8 GB/s on one core)."""
+    data = tensor.detach().to("cpu").contiguous().reshape(-1)
+    digest = hashlib.sha256(f"{data.dtype}{tuple(tensor.shape)}".encode())
+    digest.update(data.view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+class FrozenWeights:
+    """Leaves a model's frozen parameters out of its checkpoints, and checks them back in on load.
+
+    Registered as an Accelerate save-state hook: the state dict it is handed loses every key of a
+    parameter with ``requires_grad`` False (buffers and trainable weights stay), and
+    ``frozen_weights.json`` lists the keys left out with their SHA-256. Nothing changes for a full
+    fine-tune (no frozen parameter) or under FSDP/DeepSpeed (they write their own shards).
+    Frozen weights never change during training, so their digests are taken once per process.
+    """
+
+    def __init__(self, accelerator: Any, model: torch.nn.Module) -> None:
+        self.accelerator = accelerator
+        self.model = model
+        self._digests: dict[str, str] | None = None
+        accelerator.register_save_state_pre_hook(self._before_save)
+
+    def frozen_names(self) -> list[str]:
+        # Every name of a tied parameter is a key of the state dict; tied to a trainable one, it stays.
+        trainable = {id(p) for p in self.model.parameters() if p.requires_grad}
+        return [name for name, p in self.model.named_parameters(remove_duplicate=False)
+                if not p.requires_grad and id(p) not in trainable]
+
+    def digests(self) -> dict[str, str]:
+        if self._digests is None:
+            params = dict(self.model.named_parameters(remove_duplicate=False))
+            self._digests = {name: tensor_sha256(params[name]) for name in self.frozen_names()}
+        return self._digests
+
+    def _before_save(self, models: list[torch.nn.Module], weights: list[dict[str, Any]], output_dir: str) -> None:
+        if len(weights) != 1 or models[0] is not self.model:
+            return  # FSDP/DeepSpeed save the model themselves; weights is then empty
+        digests = self.digests()
+        if not digests:
+            return
+        state = weights[0]
+        for name in digests:
+            state.pop(name, None)
+        if self.accelerator.is_main_process:
+            Path(output_dir, FROZEN_FILE).write_text(json.dumps({"left_out": digests}, indent=1), encoding="utf-8")
+
+    def load(self, path: Path) -> None:
+        """``accelerator.load_state(path)``, checking the frozen weights the checkpoint left out."""
+        manifest = path / FROZEN_FILE
+        if not manifest.is_file():  # a full fine-tune's checkpoint (or one of lmtune 0.x): all weights
+            self.accelerator.load_state(str(path))
+            return
+        left_out: dict[str, str] = json.loads(manifest.read_text(encoding="utf-8"))["left_out"]
+        self.accelerator.load_state(str(path), strict=False)
+        with safe_open(str(path / MODEL_FILE), framework="pt") as f:
+            saved = set(f.keys())
+        # A tied weight is saved under one of its names (Accelerate drops the other aliases).
+        state = self.model.state_dict()
+        saved_storage = {_storage(state[k]) for k in saved if k in state}
+        missing = [k for k, t in state.items()
+                   if k not in saved and k not in left_out and _storage(t) not in saved_storage]
+        if missing:
+            raise RunError(f"checkpoint {path.name} lacks {len(missing)} weights of the model, "
+                           f"{missing[0]!r} first", file=path,
+                           hint="it was written for another model or method; start again with --overwrite")
+        digests = self.digests()
+        changed = [name for name, digest in left_out.items() if digests.get(name) != digest]
+        if changed:
+            raise RunError(
+                f"checkpoint {path.name} left out {len(left_out)} frozen weights for the run to rebuild from "
+                f"its base model, and {len(changed)} of them now differ ({changed[0]!r} first)", file=path,
+                hint="the base model (or how the run builds it) changed since the checkpoint was written: "
+                     "restore it, or start again with --overwrite")
+
+
+def _storage(tensor: Any) -> int | None:
+    return tensor.untyped_storage().data_ptr() if isinstance(tensor, torch.Tensor) else None
 
 
 def prune_checkpoints(folder: Path, keep: int, protect: set[str]) -> None:

@@ -205,6 +205,7 @@ class TrainingLoop:
             t.schedule, self.optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps
         )
         self.accelerator.register_for_checkpointing(self.scheduler)
+        self.frozen = ckpt.FrozenWeights(self.accelerator, self.model)
 
     def _prepare_stream(self, optimizer: torch.optim.Optimizer, train_loader: DataLoader) -> None:
         """Accelerate for model and optimizer; the stream's loader only placed on the device.
@@ -268,7 +269,7 @@ class TrainingLoop:
         """Restore model, optimizer, schedule, RNG and data position from a checkpoint."""
         if not ckpt.is_complete(path):
             raise TrainingError(f"not a complete checkpoint: {path}")
-        self.accelerator.load_state(str(path))
+        self.frozen.load(path)
         saved = ckpt.read_state(path)
         self.state = LoopState(**saved["loop"])
         self.task.load_step_metrics_state(list(saved.get("task_window") or []), self.accelerator)
@@ -514,7 +515,7 @@ class TrainingLoop:
         path = self.checkpoint_dir / self.state.best_checkpoint
         if self.state.best_step != self.state.step:
             state = self.state
-            self.accelerator.load_state(str(path))
+            self.frozen.load(path)
             self.state = state  # keep the final loop state; only weights (and optimizer) go back
             log.info("restored best checkpoint %s (%s %.4f)", path.name, self.metric, self.state.best_metric)
         return self.state.best_step

@@ -289,6 +289,10 @@ def _train_in(cfg: Config, run_dir: Path, resume_from: Path | None, num_processe
                 data = task.prepare(tokenizer)
             log.info("data: %s", ", ".join(f"{s} {len(d) if hasattr(d, '__len__') else 'streamed'}"
                                            for s, d in data.splits.items()))
+            # Reseeded so the model is built from the same RNG state whether the features were read from
+            # the cache or not: a resumed LoRA/freeze run rebuilds the frozen weights its checkpoints leave
+            # out (mean-resized embedding rows included) bit for bit, and checks that it did.
+            set_seed(cfg.train.seed)
             model, head = build_task_model(task, model_path, data, tokenizer)
             params = describe(model)
             log.info("model %s, method %s: %s of %s parameters trainable", cfg.model.name, cfg.method.name,
