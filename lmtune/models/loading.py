@@ -19,9 +19,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from peft import PeftModel
 from safetensors import SafetensorError
+from transformers import AutoTokenizer
 
+from lmtune.console import quiet_libraries
 from lmtune.errors import ModelError
 from lmtune.models.registry import check_model_folder
 
@@ -55,6 +58,23 @@ def load_saved_model(model_class: Any, model_dir: str | os.PathLike[str], *, err
             f"the file, convert it once in Python: {name}.from_pretrained({folder}, use_safetensors=False)"
             f".save_pretrained({folder}) writes model.safetensors beside it")
     return load_pretrained(model_class, model_dir, error=error, pickle_hint=hint, **kwargs)
+
+
+def load_for_prediction(model_class: Any, model_dir: Path, *, what: str, device: str | None = None
+                        ) -> tuple[Any, Any, torch.device]:
+    """(tokenizer, model, device) of a saved model folder, the model in fp32 on ``device`` in eval mode.
+
+    ``device`` defaults to CUDA where there is one. ``what`` names the model in errors ("the relation model"):
+    a tokenizer or weights transformers cannot read are ModelErrors naming the folder.
+    """
+    quiet_libraries()
+    where = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load the tokenizer of {what}: {exc}", file=Path(model_dir)) from None
+    model = load_saved_model(model_class, model_dir, error=f"cannot load {what}", dtype=torch.float32)
+    return tokenizer, model.to(where).eval(), where
 
 
 def load_saved_adapter(base: Any, adapter_dir: str | os.PathLike[str], *,

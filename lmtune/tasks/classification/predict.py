@@ -8,13 +8,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification
 
 from lmtune.data.features import clip_pairs, clip_text
 from lmtune.data.readers import Table
 from lmtune.errors import DataError
 from lmtune.evaluate.metrics import classification_metrics
-from lmtune.models.loading import load_saved_model
+from lmtune.models.loading import load_for_prediction
 from lmtune.tasks.classification.labels import MULTI_LABEL_THRESHOLD, label_keys
 
 log = logging.getLogger(__name__)
@@ -29,11 +29,8 @@ class ClassificationPredictor:
 
     def __init__(self, model_dir: Path, meta: dict[str, Any], *, device: str | None = None) -> None:
         self.meta = meta
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = load_saved_model(AutoModelForSequenceClassification, model_dir,
-                                      error="cannot load the classification model", dtype=torch.float32)
-        self.model.to(self.device).eval()
+        self.tokenizer, self.model, self.device = load_for_prediction(
+            AutoModelForSequenceClassification, model_dir, what="the classification model", device=device)
         self.labels: list[str] = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
         self.multi_label = bool(meta.get("multi_label"))
         self.threshold = float(meta.get("threshold") or MULTI_LABEL_THRESHOLD)

@@ -7,29 +7,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForMaskedLM, AutoTokenizer
+from transformers import AutoModelForMaskedLM
 
-from lmtune.console import quiet_libraries
 from lmtune.data.features import clip_text
 from lmtune.data.readers import Table
 from lmtune.errors import DataError, ModelError
-from lmtune.models.loading import load_saved_model
+from lmtune.models.loading import load_for_prediction
 
 
 class FillMaskPredictor:
     """Fillers for the mask tokens of texts, with a saved masked-language-model folder."""
 
     def __init__(self, model_dir: Path, meta: dict[str, Any], *, device: str | None = None) -> None:
-        quiet_libraries()
         self.meta = meta
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"cannot load the masked-language-model tokenizer: {exc}", file=model_dir) from None
-        self.model = load_saved_model(AutoModelForMaskedLM, model_dir, error="cannot load the masked language model",
-                                      dtype=torch.float32)
-        self.model.to(self.device).eval()
+        self.tokenizer, self.model, self.device = load_for_prediction(
+            AutoModelForMaskedLM, model_dir, what="the masked language model", device=device)
         if self.tokenizer.mask_token is None:
             raise ModelError("the tokenizer has no mask token", file=model_dir)
         self.mask_token: str = self.tokenizer.mask_token

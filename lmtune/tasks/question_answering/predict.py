@@ -9,12 +9,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+from transformers import AutoModelForQuestionAnswering
 
 from lmtune.data.features import PaddingCollator, clip_text
 from lmtune.data.readers import Table
 from lmtune.errors import DataError
-from lmtune.models.loading import load_saved_model
+from lmtune.models.loading import load_for_prediction
 from lmtune.tasks.question_answering.spans import best_span, tokenize_windows
 from lmtune.tasks.question_answering.task import resolved_stride
 
@@ -29,12 +29,9 @@ class QuestionAnsweringPredictor:
 
     def __init__(self, model_dir: Path, meta: dict[str, Any], *, device: str | None = None) -> None:
         self.meta = meta
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer, self.model, self.device = load_for_prediction(
+            AutoModelForQuestionAnswering, model_dir, what="the question-answering model", device=device)
         self.tokenizer.padding_side = "right"
-        self.model = load_saved_model(AutoModelForQuestionAnswering, model_dir,
-                                      error="cannot load the question-answering model", dtype=torch.float32)
-        self.model.to(self.device).eval()
         self.max_length = int(meta.get("max_length") or 384)
         self.stride = resolved_stride(self.max_length, meta.get("doc_stride"))
         self.max_answer_length = int(meta.get("max_answer_length") or 30)

@@ -14,13 +14,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer
 
 import lmtune.tasks.relation_extraction.records as rec
-from lmtune.console import quiet_libraries
 from lmtune.data.readers import Table
-from lmtune.errors import DataError, ModelError
-from lmtune.models.loading import load_saved_model
+from lmtune.errors import DataError
+from lmtune.models.loading import load_for_prediction
 from lmtune.tasks.relation_extraction.encoding import encode_pairs
 from lmtune.tasks.relation_extraction.model import RelationModel
 
@@ -32,16 +30,9 @@ class RelationPredictor:
     """Relation triples with a saved relation-extraction model folder."""
 
     def __init__(self, model_dir: Path, meta: dict[str, Any], *, device: str | None = None) -> None:
-        quiet_libraries()
         self.meta = meta
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-            self.model = load_saved_model(RelationModel, model_dir, error="cannot load the relation model",
-                                          dtype=torch.float32)
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"cannot load the relation model: {exc}", file=model_dir) from None
-        self.model.to(self.device).eval()
+        self.tokenizer, self.model, self.device = load_for_prediction(RelationModel, model_dir,
+                                                                      what="the relation model", device=device)
         self.labels: list[str] = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
         self.entity_types: list[str] = list(meta.get("entity_types") or [rec.UNTYPED])
         self.no_relation: str | None = meta.get("no_relation_label")

@@ -8,14 +8,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoModelForTokenClassification, AutoTokenizer
+from transformers import AutoModelForTokenClassification
 
-from lmtune.console import quiet_libraries
 from lmtune.data import tagging
 from lmtune.data.features import clip_text
 from lmtune.data.readers import Table
-from lmtune.errors import DataError, ModelError
-from lmtune.models.loading import load_saved_model
+from lmtune.errors import DataError
+from lmtune.models.loading import load_for_prediction
 from lmtune.tasks.token_classification.task import as_word_list, entities_from_tags
 
 log = logging.getLogger(__name__)
@@ -28,16 +27,9 @@ class TokenClassificationPredictor:
     """Entities in raw text (or in given word lists) with a saved token-classification model folder."""
 
     def __init__(self, model_dir: Path, meta: dict[str, Any], *, device: str | None = None) -> None:
-        quiet_libraries()
         self.meta = meta
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-            self.model = load_saved_model(AutoModelForTokenClassification, model_dir,
-                                          error="cannot load the token-classification model", dtype=torch.float32)
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"cannot load the token-classification model: {exc}", file=model_dir) from None
-        self.model.to(self.device).eval()
+        self.tokenizer, self.model, self.device = load_for_prediction(
+            AutoModelForTokenClassification, model_dir, what="the token-classification model", device=device)
         self.labels: list[str] = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
         self.word_split = str(meta.get("word_split") or "whitespace")
         positions = getattr(self.model.config, "max_position_embeddings", None) or 512
