@@ -433,6 +433,50 @@ def test_untrained_turn_tokens_train_under_lora(tmp_path: Path, tiny_gemma_folde
     assert changed == sorted(tok.convert_tokens_to_ids(["<start_of_turn>", "<end_of_turn>"]))
 
 
+def test_tiny_gemma_dpo_lora_learns_the_preference(tmp_path: Path, tiny_gemma_folder: Path) -> None:
+    """DPO under LoRA on Gemma's template: held-out pairs ranked right, from a start at chance."""
+    rng = random.Random(0)
+    filler = ["the", "cat", "sat", "on", "mat", "dog", "film"]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": " ".join(rng.choices(filler, k=3)) + f" {i}",
+                                        "chosen": "is good", "rejected": "is bad"}) + "\n" for i in range(160)))
+    cfg = {
+        "task": "dpo", "model": str(tiny_gemma_folder), "data": {"train": str(data), "max_length": 32},
+        "method": {"name": "lora", "r": 4},
+        "train": {"epochs": 3, "batch_size": 8, "learning_rate": 1e-2, "warmup_ratio": 0.0, "precision": "fp32",
+                  "seed": 0},
+        "generation": {"max_new_tokens": 4, "eval_examples": 4},
+        "output_dir": str(tmp_path / "run"),
+    }
+    run = lmtune.train(cfg, show_progress=False)
+    test, before = run.metrics["test"], run.metrics["starting_point"]["test"]
+    assert before["accuracy"] == 0.5 and before["reward_margin"] == 0.0
+    assert test["loss"] < before["loss"] - 0.05
+    assert test["accuracy"] >= 0.9 and test["reward_margin"] > 0
+    assert (run.path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_tiny_gemma_continued_pretraining_lowers_perplexity(tmp_path: Path, tiny_gemma_folder: Path) -> None:
+    """causal_lm on Gemma: documents packed into rows, held-out perplexity falls twentyfold."""
+    rng = random.Random(0)
+    sentences = ["the cat sat on the mat.", "the dog is good.", "the film is bad."]
+    docs = [" ".join(rng.choices(sentences, k=rng.randint(4, 8))) for _ in range(300)]
+    text = tmp_path / "docs.txt"
+    text.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    cfg = {
+        "task": "causal_lm", "model": str(tiny_gemma_folder), "data": {"train": str(text), "max_length": 64},
+        "method": {"name": "full"},
+        "train": {"epochs": 3, "batch_size": 4, "learning_rate": 1e-2, "warmup_ratio": 0.0, "precision": "fp32",
+                  "seed": 0},
+        "output_dir": str(tmp_path / "run"),
+    }
+    run = lmtune.train(cfg, show_progress=False)
+    m = run.metrics
+    assert m["test"]["perplexity"] < m["starting_point"]["test"]["perplexity"] / 20
+    train = json.loads((run.path / "data.json").read_text())["train"]
+    assert 0 < train["rows"] < train["documents"]  # packed: several documents per row
+
+
 def test_tiny_gemma_tags_tokens(tmp_path: Path, tiny_gemma_folder: Path) -> None:
     """Gemma 3 as a tagger: transformers has no token-classification class for gemma3_text, lmtune registers
     its generic one (``lmtune.models.heads``); the NER task trains it, entity F1 rises, the folder reloads."""
