@@ -132,7 +132,8 @@ class FrozenWeights:
     """Leaves a model's frozen parameters out of its checkpoints, and checks them back in on load.
 
     Registered as an Accelerate save-state hook: the state dict it is handed loses every key of a
-    parameter with ``requires_grad`` False (buffers and trainable weights stay), and
+    parameter with ``requires_grad`` False, with what belongs to it (a 4-bit weight's quantisation state;
+    buffers and trainable weights stay), and
     ``frozen_weights.json`` lists the keys left out with their SHA-256. Nothing changes for a full
     fine-tune (no frozen parameter) or under FSDP/DeepSpeed (they write their own shards).
     Frozen weights never change during training, so their digests are taken once per process.
@@ -163,8 +164,8 @@ class FrozenWeights:
         if not digests:
             return
         state = weights[0]
-        for name in digests:
-            state.pop(name, None)
+        for key in [k for k in state if _left_out(k, digests)]:
+            del state[key]
         if self.accelerator.is_main_process:
             Path(output_dir, FROZEN_FILE).write_text(json.dumps({"left_out": digests}, indent=1), encoding="utf-8")
 
@@ -182,7 +183,7 @@ class FrozenWeights:
         state = self.model.state_dict()
         saved_storage = {_storage(state[k]) for k in saved if k in state}
         missing = [k for k, t in state.items()
-                   if k not in saved and k not in left_out and _storage(t) not in saved_storage]
+                   if k not in saved and not _left_out(k, left_out) and _storage(t) not in saved_storage]
         if missing:
             raise RunError(f"checkpoint {path.name} lacks {len(missing)} weights of the model, "
                            f"{missing[0]!r} first", file=path,
@@ -195,6 +196,17 @@ class FrozenWeights:
                 f"its base model, and {len(changed)} of them now differ ({changed[0]!r} first)", file=path,
                 hint="the base model (or how the run builds it) changed since the checkpoint was written: "
                      "restore it, or start again with --overwrite")
+
+
+def _left_out(key: str, frozen: dict[str, str]) -> bool:
+    """Whether ``key`` is a frozen weight or belongs to one: a 4-bit weight's quantisation state is saved under
+    ``<weight>.absmax``, ``<weight>.quant_map``, ... and is rebuilt with the weight."""
+    while True:
+        if key in frozen:
+            return True
+        if "." not in key:
+            return False
+        key = key.rsplit(".", 1)[0]
 
 
 def _storage(tensor: Any) -> int | None:
