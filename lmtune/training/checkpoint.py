@@ -131,12 +131,12 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
 class FrozenWeights:
     """Leaves a model's frozen parameters out of its checkpoints, and checks them back in on load.
 
-    Registered as an Accelerate save-state hook: the state dict it is handed loses every key of a
-    parameter with ``requires_grad`` False, with what belongs to it (a 4-bit weight's quantisation state;
-    buffers and trainable weights stay), and
-    ``frozen_weights.json`` lists the keys left out with their SHA-256. Nothing changes for a full
-    fine-tune (no frozen parameter) or under FSDP/DeepSpeed (they write their own shards).
-    Frozen weights never change during training, so their digests are taken once per process.
+    Registered as an Accelerate save-state hook: the state dict it is handed loses every parameter
+    with ``requires_grad`` False, with what belongs to it (a 4-bit weight's quantisation state);
+    buffers and trainable weights stay. ``frozen_weights.json`` lists the weights left out with their
+    SHA-256. Nothing changes for a full fine-tune (no frozen parameter) or under FSDP/DeepSpeed (they
+    write their own shards). Frozen weights never change during training, so their digests are taken
+    once per process.
     """
 
     def __init__(self, accelerator: Any, model: torch.nn.Module) -> None:
