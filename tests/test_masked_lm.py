@@ -12,7 +12,16 @@ from typing import Any
 import datasets
 import pytest
 import torch
-from helpers import FILLER, NEGATIVE, POSITIVE, minilm_path, story_text, tiny_llama, write_csv
+from helpers import (
+    FILLER,
+    NEGATIVE,
+    POSITIVE,
+    crash_after_checkpoint,
+    minilm_path,
+    story_text,
+    tiny_llama,
+    write_csv,
+)
 from safetensors.torch import load_file
 from serve_helpers import get, post, running
 from transformers import AutoModelForMaskedLM, AutoTokenizer
@@ -25,7 +34,6 @@ from lmtune.errors import ConfigError, DataError, ModelError
 from lmtune.tasks import get_task
 from lmtune.tasks.masked_lm.masking import NO_WORD, TRAIN_STREAM, MaskedRows, Masker, row_generator
 from lmtune.tasks.masked_lm.task import cut_rows, special_frame, tokenised_words
-from lmtune.training import checkpoint as ckpt
 
 # Words WordPiece cuts into several pieces, so whole-word masking has something to keep together.
 LONG_WORDS = ["unbelievably", "extraordinarily", "counterintuitive", "photosynthesis", "misunderstanding",
@@ -235,10 +243,6 @@ def test_fill_mask_predictions(mlm_run: Any, tmp_path: Path) -> None:
     assert err.value.line == 2 and "[MASK]" in str(err.value)
 
 
-class _Crash(Exception):
-    pass
-
-
 def test_resume_equals_uninterrupted(tiny_bert_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Killed after a checkpoint mid-epoch and resumed: bit-identical weights and log rows (dropout on), whether
     masks are drawn anew every epoch (the loop hands the train split its epoch) or, with that switched off, once."""
@@ -250,18 +254,8 @@ def test_resume_equals_uninterrupted(tiny_bert_dir: Path, tmp_path: Path, monkey
                             show_progress=False)
 
     def crash_after_step_8(path: str) -> None:
-        original = ckpt.save_checkpoint
-
-        def crash(acc: Any, folder: Path, step: int, state: dict[str, Any]) -> Path:
-            out = original(acc, folder, step, state)
-            if step == 8:
-                raise _Crash
-            return out
-
-        monkeypatch.setattr(ckpt, "save_checkpoint", crash)
-        with pytest.raises(_Crash):
+        with crash_after_checkpoint(monkeypatch, 8):
             run(path)
-        monkeypatch.setattr(ckpt, "save_checkpoint", original)
 
     def rows(run_dir: Path) -> list[dict[str, Any]]:
         keep = ("step", "split", "loss", "accuracy")

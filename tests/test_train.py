@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import crash_after_checkpoint
 from safetensors.torch import load_file
 
 import lmtune
@@ -140,10 +141,6 @@ def test_accumulation_equals_bigger_batch(tiny_bert_nodrop_dir: Path, sentiment_
     assert runs[0].metrics["summary"]["steps"] == 12
 
 
-class _Crash(Exception):
-    pass
-
-
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_resume_equals_uninterrupted(method: str, tiny_bert_dir: Path, sentiment_csv: Path, tmp_path: Path,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
@@ -159,18 +156,8 @@ def test_resume_equals_uninterrupted(method: str, tiny_bert_dir: Path, sentiment
 
     whole = lmtune.train(cfg("whole"), show_progress=False)
 
-    original = ckpt.save_checkpoint
-
-    def crash_after_step_14(acc: Any, folder: Path, step: int, state: dict) -> Path:
-        path = original(acc, folder, step, state)
-        if step == 14:
-            raise _Crash
-        return path
-
-    monkeypatch.setattr(ckpt, "save_checkpoint", crash_after_step_14)
-    with pytest.raises(_Crash):
+    with crash_after_checkpoint(monkeypatch, 14):
         lmtune.train(cfg("broken"), show_progress=False)
-    monkeypatch.setattr(ckpt, "save_checkpoint", original)
     assert json.loads((tmp_path / "broken" / "run.json").read_text())["status"] == "failed"
     resumed = lmtune.train(cfg("broken"), resume=True, show_progress=False)
     assert resumed.metrics["summary"]["steps"] == 20
@@ -195,18 +182,8 @@ def test_checkpoints_leave_out_frozen_weights_and_check_them_on_resume(
                   train={"max_steps": 10, "save_every": 4, "eval_every": 4, "batch_size": 32, "keep_checkpoints": 5})
     cfg["baselines"] = []
 
-    original = ckpt.save_checkpoint
-
-    def crash_after_step_8(acc: Any, folder: Path, step: int, state: dict) -> Path:
-        path = original(acc, folder, step, state)
-        if step == 8:
-            raise _Crash
-        return path
-
-    monkeypatch.setattr(ckpt, "save_checkpoint", crash_after_step_8)
-    with pytest.raises(_Crash):
+    with crash_after_checkpoint(monkeypatch, 8):
         lmtune.train(cfg, show_progress=False)
-    monkeypatch.setattr(ckpt, "save_checkpoint", original)
 
     step8 = tmp_path / "run" / "checkpoints" / "step-00000008"
     left_out = json.loads((step8 / ckpt.FROZEN_FILE).read_text())["left_out"]
