@@ -256,12 +256,22 @@ def predict(
     ner: Path | None = typer.Option(None, "--ner", help="A token-classification run: tag the entities of raw texts "
                                     "with it, then label every entity pair of each sentence with RUN (a "
                                     "relation_extraction run)."),
+    explain: bool = typer.Option(False, "--explain", help="Add token attributions to each row (integrated gradients "
+                                 "on the input embeddings): towards the predicted label (classification) or each "
+                                 "entity found (token_classification)."),
+    explain_label: str | None = typer.Option(None, "--explain-label", help="With --explain: the label to explain "
+                                             "instead of the predicted one (classification)."),
+    explain_steps: int | None = typer.Option(None, "--explain-steps", min=1, max=1024, help="With --explain: "
+                                             "integration steps (default 32; each is a forward and backward pass)."),
 ) -> None:
     """Predict a label for every row of a file (classification), or generate an answer (sft, causal_lm;
-    seq2seq takes the generation options too). With --ner: relations in raw text (NER run, then RUN)."""
+    seq2seq takes the generation options too). With --ner: relations in raw text (NER run, then RUN).
+    With --explain: which words each prediction rests on."""
     from lmtune.workflows.run import Run  # noqa: PLC0415  (torch loads only for the verbs that need it)
 
     if ner is not None:
+        if explain:
+            raise ConfigError("--explain does not apply with --ner (relations are not explained)")
         from lmtune.workflows.relation_pipeline import extract_relations_file  # noqa: PLC0415  (torch loads late)
 
         n = extract_relations_file(run, ner, input, output, text_column=text_column, batch_size=batch_size or 32)
@@ -269,6 +279,7 @@ def predict(
         return
     loaded = Run.load(run)
     n = loaded.predict_file(input, output, text_column=text_column, batch_size=batch_size, show_progress=progress,
+                            explain=explain, explain_label=explain_label, explain_steps=explain_steps,
                             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                             do_sample=do_sample, stop=stop, seed=seed)
     console.print(f"wrote {n} {'answers' if loaded.generative else 'predictions'} to {output}")
@@ -404,7 +415,28 @@ def serve(
                                         "it; lowered to what ulimit -n allows)."),
     read_timeout: float = typer.Option(15.0, min=0.001, max=3600, help="Seconds a client has to send a whole "
                                        "request; slower connections are closed."),
+    explain_steps: int = typer.Option(32, min=1, max=1024, help="Integrated-gradient steps of an explanation "
+                                      "(/v1/classify with explain: true) whose request names none."),
+    max_explain_steps: int = typer.Option(128, min=1, max=1024, help="Largest explain_steps a request may ask for "
+                                          "(each step is a forward and backward pass per text)."),
+    max_explain_items: int = typer.Option(8, min=1, help="Most texts one request may ask to explain."),
     model_name: str | None = typer.Option(None, help="Model id in /v1/models (default: the run folder's name)."),
+    guard: Path | None = typer.Option(None, "--guard", help="A classification run that screens requests' texts and "
+                                      "generated answers (see --guard-labels)."),
+    guard_labels: str = typer.Option("", "--guard-labels", help="The guard's labels that block a text, comma-separated "
+                                     "(e.g. toxic,insult); required with --guard."),
+    guard_threshold: float = typer.Option(0.5, "--guard-threshold", help="Block a text when the guard gives a blocked "
+                                          "label this probability or more (0 < t <= 1)."),
+    guard_on: str = typer.Option("both", "--guard-on", help="What the guard reads: input, output (generated answers) "
+                                 "or both."),
+    guard_action: str = typer.Option("refuse", "--guard-action", help="A blocked input: refuse (400, error type "
+                                     "content_filter) or replace (chat/completions answer --guard-message). A blocked "
+                                     "answer is always replaced by --guard-message (finish_reason content_filter)."),
+    guard_message: str | None = typer.Option(None, "--guard-message", help="The text standing in for a blocked "
+                                             "answer (default: \"This answer was withheld by the server's content "
+                                             "filter.\")."),
+    redact_pii: bool = typer.Option(False, "--redact-pii", help="Mask personal data (e-mail addresses, phone numbers, "
+                                    "names ...) in answers and in the server's log; streamed answers then arrive whole."),
 ) -> None:
     """Serve a run's model over HTTP: OpenAI-compatible chat/completions (sft, causal_lm), /v1/classify and
     task endpoints, /metrics, and a web page at /."""
@@ -419,7 +451,12 @@ def serve(
                            max_tokens_limit=max_tokens_limit, max_items=max_items, max_n=max_n,
                            max_body_bytes=max_body_bytes, max_request_tokens=max_request_tokens,
                            max_request_chars=max_request_chars, max_queue=max_queue, max_connections=max_connections,
-                           read_timeout=read_timeout, model_name=model_name)
+                           read_timeout=read_timeout, model_name=model_name, explain_steps=explain_steps,
+                           max_explain_steps=max_explain_steps, max_explain_items=max_explain_items,
+                           guard=str(guard) if guard is not None else None,
+                           guard_labels=tuple(x.strip() for x in guard_labels.split(",")) if guard_labels else (),
+                           guard_threshold=guard_threshold, guard_on=guard_on, guard_action=guard_action,
+                           redact_pii=redact_pii, **({"guard_message": guard_message} if guard_message is not None else {}))
     # Imported once the options hold: a refused key or host costs no torch import.
     from lmtune.serve.app import serve as run_server  # noqa: PLC0415  (the server and torch load only for `serve`)
 
@@ -485,7 +522,7 @@ def tasks(
             "name": i.name, "summary": i.summary, "reads": i.reads, "default": i.default,
             "validation_metric": i.default_metric, "metrics": [key for key, _ in i.headline_metrics],
             "baselines": list(i.baselines), "exports": list(i.exports), "endpoints": list(i.endpoints),
-            "bundled_data": list(i.bundled_data)} for i in infos]))
+            "bundled_data": list(i.bundled_data), "settings": _task_settings(i)} for i in infos]))
         return
     table = Table(title="tasks (task: NAME in a config)", show_lines=True, caption="* the default task")
     table.add_column("task", no_wrap=True, style="bold")
@@ -493,9 +530,18 @@ def tasks(
     table.add_column("metrics", overflow="fold", ratio=1)
     for i in infos:
         metrics = ", ".join(header for _, header in i.headline_metrics)
-        table.add_row(i.name + ("*" if i.default else ""), Text(f"{i.summary}\nreads: {i.reads}"),
+        settings = _task_settings(i)
+        table.add_row(i.name + ("*" if i.default else ""),
+                      Text(f"{i.summary}\nreads: {i.reads}" + (f"\nalso: {', '.join(settings)}" if settings else "")),
                       f"{metrics}\n(best checkpoint by {i.default_metric})")
     console.print(table)
+
+
+def _task_settings(info: Any) -> list[str]:
+    """The optional checks a task takes (privacy, fairness, memorisation), as their config keys."""
+    return [key for key, applies in (("evaluate.slices", info.slices), ("evaluate.counterfactuals", info.slices),
+                                     ("train.privacy", info.privacy), ("evaluate.memorisation", info.memorisation))
+            if applies]
 
 
 @data_app.command("list")
@@ -526,6 +572,27 @@ def data_inspect(
     from lmtune.workflows.inspect import inspect_config  # noqa: PLC0415  (torch loads only for the verbs that need it)
 
     inspect_config(config, console, examples=examples)
+
+
+@data_app.command("scan")
+def data_scan(
+    config: Path = typer.Argument(..., help="A run config (YAML): its data.train, data.validation and data.test."),
+    entities: str | None = typer.Option(None, help="Comma-separated types to look for (default: data.pii_entities, "
+                                        "else all: PERSON, EMAIL_ADDRESS, PHONE_NUMBER, CREDIT_CARD, IBAN_CODE ...)."),
+    score: float | None = typer.Option(None, min=0, max=1, help="Least recognizer score that counts (default: "
+                                       "data.pii_score)."),
+    examples: int = typer.Option(5, min=0, help="Masked examples shown per column."),
+    as_json: bool = typer.Option(False, "--json", help="Print the findings as JSON (per source and column)."),
+) -> None:
+    """Personal data in a config's data, per split and column: counts per type, masked examples at file:line."""
+    from lmtune.workflows.pii_scan import render_scan, scan_data  # noqa: PLC0415  (presidio loads only for this verb)
+
+    overrides = {"data.pii_entities": [e.strip() for e in entities.split(",") if e.strip()]} if entities else None
+    report = scan_data(config, overrides=overrides, score=score)
+    if as_json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        render_scan(report, console, examples=examples)
 
 
 @embeddings_app.command("train")

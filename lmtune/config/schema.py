@@ -115,6 +115,12 @@ class ModelConfig(_Section):
         return self
 
 
+# The personal-data types `data.pii` looks for (presidio's names; lmtune/data/pii.py has a recognizer for each).
+PII_ENTITIES = ("PERSON", "EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE", "IP_ADDRESS", "URL",
+                "STREET_ADDRESS", "CRYPTO", "US_SSN", "UK_NINO", "UK_NHS", "IT_FISCAL_CODE", "ES_NIF", "PL_PESEL",
+                "FI_PERSONAL_IDENTITY_CODE", "IN_AADHAAR")
+
+
 class DataConfig(_Section):
     """Where the data is, which columns mean what, and how it is split and tokenised."""
 
@@ -230,6 +236,38 @@ class DataConfig(_Section):
         32, ge=1, description="streaming sft with packing: rows kept open for first-fit placement of whole "
         "conversations (more: fuller rows).",
     )
+    # ---- personal data (lmtune/data/pii.py)
+    pii: Literal["off", "scan", "redact", "mask", "drop", "error"] = Field(
+        "off", description="Personal data in every split's text, found before tokenisation (`lmtune data scan` "
+        "lists it): `scan` records it (run folder pii.json, report); `redact` replaces each with `<TYPE>`; `mask` "
+        "masks it character for character (offsets stay valid); `drop` leaves out its rows; `error` stops at the "
+        "first, naming file:line. A model trained with redact or mask applies it to `predict` inputs too.",
+    )
+    pii_entities: list[str] | None = Field(
+        None, description="The personal-data types data.pii looks for (default: all): " + ", ".join(PII_ENTITIES)
+        + ".",
+    )
+    pii_score: float = Field(
+        0.4, ge=0, le=1, description="data.pii: the least recognizer score that counts as a finding (checksummed "
+        "numbers score 1.0, a phone number 0.4, a lone first name 0.6).",
+    )
+
+    @field_validator("pii_entities")
+    @classmethod
+    def _check_pii_entities(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            unknown = [e for e in value if e not in PII_ENTITIES]
+            if unknown or not value:
+                raise ValueError(f"unknown type(s) {', '.join(unknown) or '(none given)'}; "
+                                 f"choose from {', '.join(PII_ENTITIES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_pii_streaming(self) -> DataConfig:
+        if self.pii != "off" and self.streaming:
+            raise ValueError(f"data.pii: {self.pii} is not applied to streamed data (data.streaming: true); "
+                             "scan the files with `lmtune data scan`, or read them without streaming")
+        return self
 
     @model_validator(mode="after")
     def _check_streaming_sizes(self) -> DataConfig:
@@ -500,6 +538,30 @@ class DistributedConfig(_Section):
         return self
 
 
+class PrivacyConfig(_Section):
+    """Differentially private training (DP-SGD through Opacus): each example's gradient is clipped, Gaussian noise
+    is added to every step, and the noise is calibrated so that the planned steps spend `epsilon` at `delta`
+    (lmtune/training/privacy.py). Trains in fp32, in one process, one Poisson-sampled batch per step."""
+
+    # Above 100 a guarantee means nothing in practice (and the PRV accountant's search grows slow).
+    epsilon: float = Field(..., gt=0, le=100, description="The privacy budget the whole run may spend: smaller is "
+                           "more private and costs more accuracy (1-8 is the usual range).")
+    delta: float | None = Field(
+        None, gt=0, lt=1, description="The probability with which the epsilon guarantee may fail (default: 1 / (10 N) "
+        "for N training examples; keep it well below 1 / N).",
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="Each example's gradient is clipped to this L2 norm (the "
+                                 "noise is scaled to it too); replaces train.max_grad_norm.")
+    accountant: Literal["rdp", "prv"] = Field(
+        "rdp", description="How the spent epsilon is computed: `rdp` (Renyi DP: fast, slightly loose) or `prv` "
+        "(privacy random variables: tighter, slower; can certify epsilon below ~0.2 where rdp cannot).",
+    )
+    poisson_sampling: bool = Field(
+        True, description="Draw each batch by letting every example in with probability batch_size / N (what the "
+        "accounting assumes; batch sizes vary). false: shuffled batches of batch_size, accounted as if Poisson.",
+    )
+
+
 class TrainConfig(_Section):
     """The training loop's settings."""
 
@@ -575,6 +637,11 @@ class TrainConfig(_Section):
         description="How several processes share the work (data parallel, FSDP, DeepSpeed); see `lmtune train "
         "--num-processes` and README 'Scaling out'.",
     )
+    # ---- differential privacy
+    privacy: PrivacyConfig | None = Field(
+        None, description="Train with differential privacy: {epsilon, delta, max_grad_norm, accountant, "
+        "poisson_sampling} (DP-SGD; see `lmtune tasks` for the tasks that support it).",
+    )
 
     def resolved_metric(self, task_default: str) -> tuple[str, bool]:
         """The metric that selects checkpoints and its direction."""
@@ -636,6 +703,145 @@ class BaselineConfig(_Section):
         return value
 
 
+# The placeholder of `evaluate.memorisation.canary_format` that each canary's random secret fills.
+CANARY_PLACEHOLDER = "{digits}"
+
+
+class MemorisationConfig(_Section):
+    """A memorisation audit of a generative run (`evaluate.memorisation`): random secrets ("canaries") inserted
+    into the training text, their exposure after training (Carlini et al. 2019, "The Secret Sharer"), and an
+    extraction test on training-record prefixes against held-out ones."""
+
+    canaries: int = Field(
+        4, ge=1, le=1000, description="Canaries per repeat count: each is the canary_format filled with its own random "
+        "secret (seeded by train.seed; the run folder's canaries.json lists them). Only the training split gets them."
+    )
+    canary_repeats: list[int] = Field(
+        default_factory=lambda: [1, 4, 16],
+        description="How many times each group of canaries occurs in the training data: with [1, 4, 16] and "
+        "canaries: 4, four canaries once, four 4 times, four 16 times (84 extra training records). The report "
+        "shows the mean exposure per repeat count.",
+    )
+    canary_format: str = Field(
+        "my secret code is {digits}",
+        description="The canary sentence; `{digits}` (exactly once) is replaced by the secret. A causal_lm run "
+        "adds it as a document; a chat run as a conversation answering canary_prompt.",
+    )
+    canary_prompt: str = Field(
+        "What is my secret code?", description="Chat tasks: the user turn the canary sentence answers."
+    )
+    canary_digits: int = Field(
+        6, ge=2, le=18, description="Digits of each secret: the randomness space holds 10^digits secrets, and "
+        "exposure is measured in bits out of log2(10^digits) (about 3.32 bits per digit).",
+    )
+    canary_candidates: int = Field(
+        2000, ge=100, le=1_000_000, description="Random secrets each canary is ranked against (the same ones for "
+        "every canary). When every other secret of the space fits in this many (10^digits minus the canaries), all "
+        "are scored and exposure is exact; otherwise it is estimated from this sample, which can show at most "
+        "log2(candidates + 1) bits (the skew-normal fit, `fitted_exposure`, extrapolates beyond).",
+    )
+    extraction_prompts: int = Field(
+        100, ge=0, le=100_000, description="Training records (and as many held-out ones, the control) whose "
+        "prefixes prompt the extraction test; 0 turns it off.",
+    )
+    extraction_prefix_tokens: int = Field(
+        32, ge=1, description="causal_lm: the prompt is a document's first this many tokens (chat tasks: the "
+        "conversation up to its last answer)."
+    )
+    extraction_suffix_tokens: int = Field(
+        32, ge=1, le=1024, description="Tokens generated greedily after each prompt; a record counts as extracted "
+        "when they equal the record's own next tokens (chat: its answer's first tokens) exactly.",
+    )
+
+    @field_validator("canary_repeats")
+    @classmethod
+    def _repeat_counts(cls, value: list[int]) -> list[int]:
+        if not value:
+            raise ValueError("give at least one repeat count, e.g. [1, 4, 16]")
+        bad = [k for k in value if k < 1 or k > 10_000]
+        if bad:
+            raise ValueError(f"repeat counts must be from 1 to 10000, found {bad}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"repeat counts {value} list one twice; raise canaries for more canaries per count")
+        return sorted(value)
+
+    @field_validator("canary_format")
+    @classmethod
+    def _one_placeholder(cls, value: str) -> str:
+        if value.count(CANARY_PLACEHOLDER) != 1:
+            raise ValueError(f"must hold {CANARY_PLACEHOLDER} exactly once (found it {value.count(CANARY_PLACEHOLDER)} "
+                             "times), e.g. 'my secret code is {digits}'")
+        if not value.replace(CANARY_PLACEHOLDER, "").strip():
+            raise ValueError("needs words around {digits}: a bare secret has no context to be recalled from")
+        return value
+
+    @field_validator("canary_prompt")
+    @classmethod
+    def _prompt_given(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _secrets_enough(self) -> MemorisationConfig:
+        inserted = self.canaries * len(self.canary_repeats)
+        if inserted * 10 > 10**self.canary_digits:
+            raise ValueError(f"{inserted} canaries (canaries x canary_repeats) need more than canary_digits "
+                             f"{self.canary_digits} (10^{self.canary_digits} secrets leave too few to rank them "
+                             "against): raise canary_digits or lower canaries")
+        return self
+
+
+class EvaluateConfig(_Section):
+    """What the final evaluation measures beyond the task's metrics: per-group scores (fairness slices) and a
+    counterfactual check (the task must support them: `lmtune tasks`)."""
+
+    slices: list[str] = Field(
+        default_factory=list,
+        description="Data columns naming a group (e.g. gender, dialect, source): every metric per group on the "
+        "validation and test splits, the largest gap and ratio between groups, and for classifiers the "
+        "demographic-parity and equalized-odds differences (fairlearn), in metrics.json, report.md and the model "
+        "card. The evaluated splits need at least two groups per column.",
+    )
+    counterfactuals: list[list[str]] | str | None = Field(
+        None,
+        description="Identity-term pairs swapped in the test texts, e.g. [[he, she], [his, her]], or a file of "
+        "them (one pair per line: `he,she` in csv/txt, tab-separated in tsv, [\"he\", \"she\"] in jsonl): the "
+        "share of predictions that change when only the term changes, with examples. Whole words, either "
+        "direction, capitalisation kept.",
+    )
+    counterfactual_examples: int = Field(5, ge=0, description="Changed predictions shown in report.md as examples.")
+    memorisation: MemorisationConfig | None = Field(
+        None, description="A memorisation audit of a generative run (causal_lm, sft): canaries inserted into the "
+        "training text and their exposure, and an extraction test; `{}` takes the defaults below. Off when unset.",
+    )
+
+    @field_validator("slices")
+    @classmethod
+    def _slices_named(cls, value: list[str]) -> list[str]:
+        blank = [c for c in value if not c.strip()]
+        if blank:
+            raise ValueError("a slice column must be named (found an empty name)")
+        repeated = sorted({c for c in value if value.count(c) > 1})
+        if repeated:
+            raise ValueError(f"column(s) {repeated} listed twice")
+        return value
+
+    @field_validator("counterfactuals")
+    @classmethod
+    def _counterfactual_pairs(cls, value: list[list[str]] | str | None) -> list[list[str]] | str | None:
+        if isinstance(value, str):
+            if not Path(value).expanduser().is_file():
+                raise ValueError(f"'{value}' is not a file of term pairs")
+            return value
+        for n, pair in enumerate(value or [], 1):
+            if len(pair) != 2 or any(not t.strip() for t in pair) or pair[0].strip().lower() == pair[1].strip().lower():
+                raise ValueError(f"pair {n} {pair!r}: give two different, non-empty terms, e.g. [he, she]")
+        if value is not None and not value:
+            raise ValueError("an empty list: give term pairs, e.g. [[he, she]], or leave it unset")
+        return value
+
+
 class Config(_Section):
     """A whole run: task, model, data, method, training settings and where results go."""
 
@@ -657,6 +863,7 @@ class Config(_Section):
         "and runs its own by default.",
     )
     baseline: BaselineConfig = Field(default_factory=BaselineConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     output_dir: str = Field("runs/run", description="The run folder.")
 
     @field_validator("output_dir", mode="before")
@@ -707,6 +914,12 @@ class Config(_Section):
                              "unfrozen: set method.unfrozen_layers (e.g. 2)")
         if info.check is not None:
             info.check(self)
+        fairness = [k for k in ("slices", "counterfactuals") if getattr(self.evaluate, k)]
+        if fairness and not info.slices:
+            raise ValueError(f"evaluate.{fairness[0]} is for task {_tasks_where(lambda i: i.slices)}, not "
+                             f"'{self.task}' (its evaluation has no per-example labels to compare by group)")
+        if self.evaluate.memorisation is not None:
+            check_memorisation_config(self)
         if self.model.init == "scratch" and not info.scratch:
             raise ValueError(f"model.init: scratch is for task {_tasks_where(lambda i: i.scratch)} (language-model "
                              f"pre-training), not '{self.task}'")
@@ -717,6 +930,13 @@ class Config(_Section):
     def _check_streaming(self) -> Config:
         if self.data.streaming:
             check_streaming_config(self)
+        return self
+
+    # ---- differential privacy
+    @model_validator(mode="after")
+    def _check_privacy(self) -> Config:
+        if self.train.privacy is not None:
+            check_privacy_config(self)
         return self
 
     # ---- neural baselines
@@ -817,6 +1037,23 @@ def check_hold_out_sizes(data: DataConfig) -> None:
                 f"data.{split} file")
 
 
+def check_memorisation_config(config: Config) -> None:
+    """What ``evaluate.memorisation`` needs from the task and the data; ValueError naming the keys."""
+    m = config.evaluate.memorisation
+    assert m is not None
+    if not TASK_INFOS[config.task].memorisation:
+        raise ValueError(f"evaluate.memorisation is for task {_tasks_where(lambda i: i.memorisation)}, not "
+                         f"'{config.task}' (its training text has no place for canaries)")
+    if config.data.streaming:
+        raise ValueError("evaluate.memorisation inserts canaries among the training records, which "
+                         "data.streaming never holds: read the data without streaming")
+    window = m.extraction_prefix_tokens + m.extraction_suffix_tokens
+    if m.extraction_prompts and window > config.data.max_length:
+        raise ValueError(f"evaluate.memorisation.extraction_prefix_tokens + extraction_suffix_tokens ({window}) "
+                         f"must fit in data.max_length ({config.data.max_length}): training never saw a longer "
+                         "stretch of a record in one row")
+
+
 def check_streaming_config(config: Config) -> None:
     """What ``data.streaming`` needs from the rest of the config; ValueError naming the keys."""
     d, t = config.data, config.train
@@ -842,3 +1079,35 @@ def check_streaming_config(config: Config) -> None:
     if t.group_by_length and "group_by_length" in t.model_fields_set:
         raise ValueError("train.group_by_length sorts the whole training split by length; a stream is never "
                          "whole: leave it unset with data.streaming")
+
+
+def check_privacy_config(config: Config) -> None:
+    """What ``train.privacy`` needs from the rest of the config; ValueError naming the keys."""
+    t = config.train
+    if not TASK_INFOS[config.task].privacy:
+        raise ValueError(f"train.privacy is for task {_tasks_where(lambda i: i.privacy)}, not '{config.task}' (its "
+                         "loss is not a sum of per-example losses over whole training records)")
+    if t.precision in ("bf16", "fp16"):
+        raise ValueError(f"train.privacy trains in fp32 (per-example gradients and their clipping in full precision):"
+                         f" set train.precision fp32 or auto, not {t.precision}")
+    if t.gradient_accumulation > 1:
+        raise ValueError("train.privacy: a step's batch is one Poisson draw, so train.gradient_accumulation must be 1 "
+                         "(raise train.batch_size instead)")
+    if config.data.streaming:
+        raise ValueError("train.privacy needs the whole training split (its size sets the sampling rate and the "
+                         "noise): it does not apply to data.streaming")
+    if t.group_by_length and "group_by_length" in t.model_fields_set:
+        raise ValueError("train.group_by_length sorts batches by length; under train.privacy every batch is a random "
+                         "draw (Poisson sampling): leave train.group_by_length unset")
+    if t.max_grad_norm is not None and "max_grad_norm" in t.model_fields_set:
+        raise ValueError("train.max_grad_norm clips the batch's gradient; under train.privacy each example's gradient "
+                         "is clipped to train.privacy.max_grad_norm instead: leave train.max_grad_norm unset")
+    if config.model.name.startswith("baseline:"):
+        raise ValueError(f"train.privacy applies to transformer models, not model.name '{config.model.name}'")
+    if config.model.gradient_checkpointing:
+        raise ValueError("model.gradient_checkpointing recomputes activations in the backward pass, which the "
+                         "per-example gradient hooks of train.privacy would record twice: turn it off")
+    neural = [b for b in config.baselines if b in NEURAL_BASELINES]
+    if neural:
+        raise ValueError(f"baselines {neural} would train networks on the same data without differential privacy "
+                         "(saved in the run folder): leave them out with train.privacy")

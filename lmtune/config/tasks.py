@@ -61,6 +61,16 @@ class TaskInfo:
     # does not say.
     baselines: tuple[str, ...] = ()
     default_baselines: tuple[str, ...] = ()
+    # ``evaluate.slices`` and ``evaluate.counterfactuals`` apply: the task's evaluation keeps each example's
+    # slice columns and reports per-group metrics, and its predictor's outputs carry a ``label`` (or ``labels``)
+    # to compare on term-swapped inputs (``Task.predictor_items``).
+    slices: bool = False
+    # ``train.privacy`` (DP-SGD) applies: the task's loss is a sum of per-example losses, one training record per
+    # row (no packing), and its model's per-example gradients can be computed (lmtune/training/privacy.py).
+    privacy: bool = False
+    # ``evaluate.memorisation`` applies: the task inserts canaries among its training records and hands the
+    # audit its data (``TaskData.extra["memorisation"]``: :class:`lmtune.evaluate.memorisation.AuditData`).
+    memorisation: bool = False
     # ``data.streaming`` and ``model.init: scratch`` apply.
     streaming: bool = False
     scratch: bool = False

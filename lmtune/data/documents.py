@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from lmtune.config import DataConfig
-from lmtune.data.readers import detect_format, read_table
+from lmtune.data.pii import read_data_table
+from lmtune.data.readers import detect_format
 from lmtune.data.splits import first_occurrences, given_splits, hold_out
 from lmtune.errors import DataError
 
@@ -25,7 +26,7 @@ SplitDocuments = tuple[list[str], dict[str, Any]]
 
 def read_documents(source: str, d: DataConfig) -> SplitDocuments:
     """The documents of one source, and facts about reading it; a DataError naming the file if none."""
-    table = read_table(source, format=d.format, encoding=d.encoding)
+    table = read_data_table(source, d)
     fmt: str = d.format
     if fmt == "auto" and not source.startswith("bundled:"):
         fmt = detect_format(Path(source))

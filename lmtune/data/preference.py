@@ -48,7 +48,7 @@ from lmtune.data.chat import (
     end_of_turn_ids,
     render_conversation,
 )
-from lmtune.data.readers import read_table
+from lmtune.data.pii import read_data_table
 from lmtune.data.splits import first_occurrences, given_splits, hold_out
 from lmtune.data.table import Table, column_suggestion, format_locations
 from lmtune.errors import ConfigError, DataError
@@ -127,7 +127,7 @@ def read_preference_pairs(source: str, data: DataConfig) -> tuple[list[Preferenc
     surrounding whitespace; ``empty_answer``: an answer is blank; each ``{"count", "lines"}``).
     """
     columns = _columns(data)
-    table = read_table(source, format=data.format, encoding=data.encoding)
+    table = read_data_table(source, data)
     has_prompt = columns["prompt"] in table.columns
     _require_columns(table, columns, ("chosen", "rejected"), source)
     pairs: list[PreferencePair] = []
@@ -165,7 +165,7 @@ def read_kto_examples(source: str, data: DataConfig) -> tuple[list[KTOExample], 
     ``{"count", "lines"}``).
     """
     columns = _columns(data)
-    table = read_table(source, format=data.format, encoding=data.encoding)
+    table = read_data_table(source, data)
     _require_columns(table, columns, ("prompt", "completion", "label"), source)
     examples: list[KTOExample] = []
     formats: set[str] = set()

@@ -32,9 +32,10 @@ from typing import Any
 import numpy as np
 
 from lmtune.data.files import decode, read_bytes
-from lmtune.data.readers import read_table, resolve_source
+from lmtune.data.pii import read_data_table
+from lmtune.data.readers import resolve_source
 from lmtune.data.table import Table
-from lmtune.errors import DataError
+from lmtune.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -197,8 +198,12 @@ def read_qa_items(source: str, cfg: Any) -> tuple[list[dict[str, Any]], str, str
         except (ValueError, RecursionError):  # JSONDecodeError, a 5000-digit number, [[[[... 100k deep
             document = None  # let the table reader report it (with its line) or read it as JSON Lines
         if is_squad_document(document):
+            if getattr(cfg, "pii", "off") != "off":
+                raise ConfigError("data.pii is not applied to SQuAD-format JSON documents", file=source,
+                                  hint="convert the file to flat rows (JSON Lines of question, context, answers), "
+                                  "or set data.pii: off")
             return read_squad_json(document, text, source), source, "squad"
-    table = read_table(source, format=cfg.format, encoding=cfg.encoding)
+    table = read_data_table(source, cfg)
     return read_flat(table, cfg), table.source, "table"
 
 

@@ -279,3 +279,84 @@ def plot_metric_comparison(rows: list[tuple[str, float]], path: Path, *, metric:
         ax.set_title(metric)
         fig.tight_layout()
         return save_figure(fig, path)
+
+
+# Token attributions: green for evidence for the explained answer, red against it (ColorBrewer RdYlGn ends).
+_FOR_RGB = (0.102, 0.588, 0.255)
+_AGAINST_RGB = (0.843, 0.188, 0.153)
+_MAX_SHOWN_WORDS = 80
+
+
+def attribution_colour(score: float) -> tuple[float, float, float]:
+    """The background of a word with attribution ``score`` in [-1, 1]: white at 0, green (for) or red (against)
+    with strength ``|score|``."""
+    strength = min(1.0, abs(float(score))) * 0.75
+    rgb = _FOR_RGB if score >= 0 else _AGAINST_RGB
+    return (1 - strength * (1 - rgb[0]), 1 - strength * (1 - rgb[1]), 1 - strength * (1 - rgb[2]))
+
+
+def _attribution_pieces(text: str, spans: list[tuple[int, int, float]]) -> list[tuple[str, float | None, bool]]:
+    """``text`` as (piece, score or None, space before) in reading order: the attributed words and any other
+    visible text between them; at most :data:`_MAX_SHOWN_WORDS` words, then an ellipsis."""
+    pieces: list[tuple[str, float | None, bool]] = []
+    at = 0
+    for n, (start, end, score) in enumerate(sorted(spans)):
+        if n == _MAX_SHOWN_WORDS:
+            pieces.append(("…", None, True))
+            return pieces
+        gap = text[at:start] if start > at else ""
+        if gap.strip():
+            pieces.append((gap.strip(), None, gap[:1].isspace()))
+        pieces.append((text[start:end], score, bool(gap) and gap[-1:].isspace()))
+        at = max(at, end)
+    if text[at:].strip():
+        pieces.append((text[at:].strip(), None, text[at:at + 1].isspace()))
+    return pieces
+
+
+def plot_token_attributions(examples: list[tuple[str, str, list[tuple[int, int, float]]]], path: Path, *,
+                            title: str, width: float = 9.0) -> Path:
+    """Texts with each word on a background coloured by its attribution (``explain``'s word scores in [-1, 1]):
+    green for evidence for the explained answer, red against it, white for none. ``examples`` are
+    ``(caption, text, [(start, end, score)])``; lines wrap at ``width`` inches."""
+    fontsize, line = 10.0, 0.26  # points; inches per line
+    with figure(figsize=(width, 1.0)) as (fig, ax):
+        ax.set_axis_off()
+        renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+
+        def inches(s: str, **kw: Any) -> float:
+            probe = fig.text(0, 0, s, fontsize=fontsize, **kw)
+            size = float(probe.get_window_extent(renderer).width) / fig.dpi
+            probe.remove()
+            return size
+
+        space = inches("a b") - inches("ab")
+        # Lay every example out first (x, line, piece), so the figure's height is known before drawing.
+        placed: list[tuple[float, int, str, float | None, bool]] = []
+        row = 0
+        for caption, text, spans in examples:
+            placed.append((0.0, row, caption, None, True))
+            row += 1
+            x = 0.0
+            for piece, score, spaced in _attribution_pieces(text, spans):
+                w = inches(piece)
+                if x > 0 and x + (space if spaced else 0) + w > width - 0.3:
+                    row, x = row + 1, 0.0
+                elif x > 0 and spaced:
+                    x += space
+                placed.append((x, row, piece, score, False))
+                x += w
+            row += 2  # a blank line between examples
+        height = max(1.0, (row + 1) * line)
+        fig.set_size_inches(width, height)
+        for x, r, piece, score, bold in placed:
+            y = height - (r + 1.5) * line
+            kw: dict[str, Any] = {"fontweight": "bold"} if bold else {}
+            if score is not None:
+                kw["bbox"] = {"boxstyle": "square,pad=0.12", "fc": attribution_colour(score), "ec": "none"}
+            fig.text(x / width + 0.01, y / height, piece, fontsize=fontsize, va="baseline",
+                     transform=fig.transFigure, **kw)
+        if not examples:
+            note(ax, "no examples")
+        fig.suptitle(title, x=0.01, ha="left", fontsize=11)
+        return save_figure(fig, path)

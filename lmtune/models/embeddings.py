@@ -38,7 +38,7 @@ from tokenizers import models as tokenizer_models
 from transformers import PreTrainedTokenizerFast
 
 from lmtune.config import load_config
-from lmtune.data.readers import read_table
+from lmtune.data.pii import read_data_table
 from lmtune.errors import ConfigError, DataError
 from lmtune.models.glove import EpochCallback, train_glove
 
@@ -261,7 +261,7 @@ def read_corpus(source: str | Path, *, lowercase: bool = True) -> tuple[list[lis
         raise DataError("corpus file not found", file=path)
     if path.suffix.lower() in (".yaml", ".yml"):
         cfg = load_config(path)
-        table = read_table(cfg.data.train, format=cfg.data.format, encoding=cfg.data.encoding)
+        table = read_data_table(cfg.data.train, cfg.data)
         columns = [c for c in (cfg.data.text_column, cfg.data.text_pair_column) if c]
         texts = [str(v) for c in columns for v in table.column(c) if isinstance(v, str) and v.strip()]
         source_info = {"corpus": str(cfg.data.train), "config": str(path), "columns": columns}

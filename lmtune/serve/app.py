@@ -46,6 +46,7 @@ from lmtune.models.text_generator import validate_prompt_messages
 from lmtune.serve import connections
 from lmtune.serve.engine import Engine
 from lmtune.serve.gate import APIError, Gate, internal_error
+from lmtune.serve.guard import Safeguards
 from lmtune.serve.metrics import RequestMetrics
 from lmtune.serve.options import ServeOptions
 from lmtune.serve.schemas import (
@@ -55,6 +56,7 @@ from lmtune.serve.schemas import (
     CompletionRequest,
     PredictRequest,
 )
+from lmtune.tasks.base import Explainer
 from lmtune.workflows.run import Run
 
 log = logging.getLogger("lmtune")
@@ -82,6 +84,7 @@ def create_app(run: Run | str | Path, options: ServeOptions | None = None) -> Fa
     options = options or ServeOptions()
     if not isinstance(run, Run):
         run = Run.load(run)
+    safeguards = Safeguards(options)  # before the model loads: a bad --guard fails at once
     engine = Engine(run, options)
     metrics = RequestMetrics()
     notes = connections.LogOncePer(log)
@@ -90,9 +93,11 @@ def create_app(run: Run | str | Path, options: ServeOptions | None = None) -> Fa
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         restore = connections.log_accept_errors(asyncio.get_running_loop(), notes)
         await engine.start()
+        safeguards.start(engine.worker)
         try:
             yield
         finally:
+            await safeguards.stop()
             await engine.stop()
             restore()
 
@@ -107,12 +112,15 @@ def create_app(run: Run | str | Path, options: ServeOptions | None = None) -> Fa
     app.state.metrics = metrics
     app.state.options = options
     app.state.notes = notes
+    app.state.safeguards = safeguards
     _install_error_handlers(app)
-    api = _Api(engine, options)
+    api = _Api(engine, options, safeguards)
 
     app.get("/health")(api.health)
-    app.get("/metrics")(lambda: PlainTextResponse(metrics.prometheus(engine.batcher.stats),
-                                                  media_type="text/plain; version=0.0.4"))
+    app.get("/metrics")(lambda: PlainTextResponse(
+        metrics.prometheus(engine.batcher.stats)
+        + safeguards.stats.prometheus(guard=safeguards.guard is not None, pii=safeguards.masker is not None),
+        media_type="text/plain; version=0.0.4"))
     app.get("/v1/models")(api.models)
     app.get("/v1/run")(api.run_view)
     app.get("/v1/run/plots/{name}")(api.plot)
@@ -177,9 +185,10 @@ def _install_error_handlers(app: FastAPI) -> None:
 class _Api:
     """The request handlers (bound to one engine)."""
 
-    def __init__(self, engine: Engine, options: ServeOptions) -> None:
+    def __init__(self, engine: Engine, options: ServeOptions, safeguards: Safeguards) -> None:
         self.engine = engine
         self.options = options
+        self.safeguards = safeguards
         self.run = engine.run
 
     # ------------------------------------------------------------------------------------ info
@@ -223,9 +232,11 @@ class _Api:
             "labels": list(getattr(g, "labels", []) or []),
             "meta": _hide_paths({k: v for k, v in self.run.meta.items() if k not in ("base_model_path",)}),
             "config": config_text, "metrics": _hide_paths(self.run.metrics), "plots": sorted(self._plots()),
+            "explain": isinstance(g, Explainer), **self.safeguards.describe(),
             "limits": {"max_tokens": o.max_tokens_limit, "n": o.max_n, "items": o.max_items,
                        "body_bytes": o.max_body_bytes, "request_tokens": o.max_request_tokens,
-                       "request_chars": o.max_request_chars},
+                       "request_chars": o.max_request_chars, "explain_items": o.max_explain_items,
+                       "explain_steps": o.max_explain_steps},
         }
         return JSONResponse(_finite(view))
 
@@ -326,6 +337,37 @@ class _Api:
         once = await self.engine.generate(rendered, settings)
         return [r for r in once for _ in range(n)]
 
+    async def _screened_answers(self, rendered: list[str], settings: Any, n: int, alone: bool,
+                                withheld: bool) -> list[dict[str, Any]]:
+        """:meth:`_answers` through the safeguards (output guard, personal-data masking); for a ``withheld``
+        input (a blocked input, ``--guard-action replace``) the guard's message in every choice, nothing generated."""
+        if withheld:
+            g = self.engine.loaded
+            return [self.safeguards.withheld(g.count_tokens(r)) for r in rendered for _ in range(n)]
+        return await self.safeguards.screen_answers(await self._answers(rendered, settings, n, alone))
+
+    async def _pieces(self, rendered: str, settings: Any, info: dict[str, Any], withheld: bool) -> AsyncIterator[str]:
+        """The text pieces of a streamed answer; ``info`` gets its finish_reason and token counts. With an output
+        guard or masking, the answer is generated whole and sent screened in one piece (what was sent cannot
+        be taken back), so the first piece comes when generation ends."""
+        if withheld:
+            info.update(self.safeguards.withheld(self.engine.loaded.count_tokens(rendered)))
+            yield info["text"]
+            return
+        if not self.safeguards.buffers_streams:
+            async for piece in self.engine.stream(rendered, settings, info):
+                yield piece
+            return
+        text = "".join([piece async for piece in self.engine.stream(rendered, settings, info)])
+        (screened,) = await self.safeguards.screen_answers([{**info, "text": text}])
+        info.update(screened)
+        if screened["text"]:
+            yield screened["text"]
+
+    def _labels(self) -> list[str]:
+        """The served model's label names (kept as they are when answers are masked)."""
+        return list(getattr(self.engine.loaded, "labels", []) or [])
+
     @staticmethod
     def _usage(results: list[dict[str, Any]], n: int) -> dict[str, int]:
         prompt = sum(r["prompt_tokens"] for r in results[::n])  # the prompt is counted once, not per answer
@@ -354,12 +396,13 @@ class _Api:
         rendered = generation.chat_prompt(self.engine.loaded.tokenizer, conversation)
         self._check_tokens([rendered], settings, body.n)
         ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if body.stream and body.n != 1:
+            raise APIError(400, "stream with n > 1 is not supported", param="n", code="unsupported_parameter")
+        withheld = await self.safeguards.check_input([m["content"] for m in messages], "messages", replaceable=True)
         if body.stream:
-            if body.n != 1:
-                raise APIError(400, "stream with n > 1 is not supported", param="n", code="unsupported_parameter")
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return self._sse(self._chat_chunks(ident, created, rendered, settings, include_usage))
-        results = await self._answers([rendered], settings, body.n, alone)
+            return self._sse(self._chat_chunks(ident, created, rendered, settings, include_usage, withheld))
+        results = await self._screened_answers([rendered], settings, body.n, alone, withheld)
         return {
             "id": ident, "object": "chat.completion", "created": created, "model": self.engine.model_id,
             "system_fingerprint": None,
@@ -369,7 +412,7 @@ class _Api:
         }
 
     async def _chat_chunks(self, ident: str, created: int, rendered: str, settings: Any,
-                           include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+                           include_usage: bool, withheld: bool) -> AsyncIterator[dict[str, Any]]:
         def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
             return {"id": ident, "object": "chat.completion.chunk", "created": created,
                     "model": self.engine.model_id, "system_fingerprint": None,
@@ -377,7 +420,7 @@ class _Api:
 
         info: dict[str, Any] = {}
         yield chunk({"role": "assistant", "content": ""}, None)
-        async for piece in self.engine.stream(rendered, settings, info):
+        async for piece in self._pieces(rendered, settings, info, withheld):
             yield chunk({"content": piece}, None)
         yield chunk({}, info.get("finish_reason", "stop"))
         if include_usage:
@@ -401,13 +444,14 @@ class _Api:
         settings, alone = self._settings(body, body.max_tokens)
         self._check_tokens(prompts, settings, body.n)
         ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if body.stream and (body.n != 1 or len(prompts) != 1):
+            raise APIError(400, "stream needs one prompt and n = 1", param="n" if body.n != 1 else "prompt",
+                           code="unsupported_parameter")
+        withheld = await self.safeguards.check_input(prompts, "prompt", replaceable=True)
         if body.stream:
-            if body.n != 1 or len(prompts) != 1:
-                raise APIError(400, "stream needs one prompt and n = 1", param="n" if body.n != 1 else "prompt",
-                               code="unsupported_parameter")
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return self._sse(self._completion_chunks(ident, created, prompts[0], settings, include_usage))
-        results = await self._answers(prompts, settings, body.n, alone)
+            return self._sse(self._completion_chunks(ident, created, prompts[0], settings, include_usage, withheld))
+        results = await self._screened_answers(prompts, settings, body.n, alone, withheld)
         return {
             "id": ident, "object": "text_completion", "created": created, "model": self.engine.model_id,
             "system_fingerprint": None,
@@ -417,14 +461,14 @@ class _Api:
         }
 
     async def _completion_chunks(self, ident: str, created: int, prompt: str, settings: Any,
-                                 include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+                                 include_usage: bool, withheld: bool) -> AsyncIterator[dict[str, Any]]:
         def chunk(text: str, finish: str | None) -> dict[str, Any]:
             return {"id": ident, "object": "text_completion", "created": created, "model": self.engine.model_id,
                     "system_fingerprint": None,
                     "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
 
         info: dict[str, Any] = {}
-        async for piece in self.engine.stream(prompt, settings, info):
+        async for piece in self._pieces(prompt, settings, info, withheld):
             yield chunk(piece, None)
         yield chunk("", info.get("finish_reason", "stop"))
         if include_usage:
@@ -474,9 +518,40 @@ class _Api:
             if why is not None:
                 raise APIError(400, f"text_pair: {why}", param="text_pair", code="invalid_value")
         self._check_chars([*texts, *(pairs or [])], "input")
-        results = await self.engine.classify(texts, pairs)
+        await self.safeguards.check_input([*texts, *(pairs or [])], "input", replaceable=False)
+        if body.explain:
+            results = await self._explain(body, texts, pairs)
+        else:
+            if body.explain_label is not None or body.explain_steps is not None:
+                raise APIError(400, "explain_label and explain_steps apply with explain: true",
+                               param="explain_label" if body.explain_label is not None else "explain_steps",
+                               code="invalid_value")
+            results = await self.engine.classify(texts, pairs)
+        results = await self.safeguards.mask_results(results, self._labels())
         return {"object": "list", "model": self.engine.model_id,
                 "data": [{"index": i, **r} for i, r in enumerate(results)]}
+
+    async def _explain(self, body: ClassifyRequest, texts: list[str], pairs: list[str] | None) -> list[dict[str, Any]]:
+        """Answers with token attributions, within the explanation limits (texts, steps)."""
+        o = self.options
+        if not isinstance(self.engine.loaded, Explainer):
+            raise APIError(400, f"this '{self.engine.task}' model cannot explain its predictions", param="explain",
+                           code="unsupported_parameter")
+        if len(texts) > o.max_explain_items:
+            raise APIError(400, f"{len(texts)} texts to explain in one request; this server explains at most "
+                           f"{o.max_explain_items} (each costs explain_steps forward and backward passes)",
+                           param="input", code="invalid_value")
+        steps = body.explain_steps or o.explain_steps
+        if steps > o.max_explain_steps:
+            raise APIError(400, f"explain_steps is {steps}; this server allows at most {o.max_explain_steps}",
+                           param="explain_steps", code="invalid_value")
+        labels = list(getattr(self.engine.loaded, "labels", []) or [])
+        if body.explain_label is not None and body.explain_label not in labels:
+            raise APIError(400, f"explain_label '{body.explain_label}' is not one the model knows "
+                           f"({', '.join(labels)})", param="explain_label", code="invalid_value")
+        items: list[Any] = (list(texts) if pairs is None
+                            else [{"text": t, "text_pair": p} for t, p in zip(texts, pairs, strict=True)])
+        return await self.engine.explain(items, body.explain_label, steps)
 
     async def predict(self, body: PredictRequest) -> dict[str, Any]:
         """``POST /v1/predict``: the task's answer per item (labels, entities, answer spans, texts)."""
@@ -484,7 +559,8 @@ class _Api:
         items = self._items(body.input, "input")
         self._check_chars(_strings(items), "input")
         self._check_items(items)
-        results = await self.engine.predict(items)
+        await self.safeguards.check_input(_strings(items), "input", replaceable=False)
+        results = await self.safeguards.mask_results(await self.engine.predict(items), self._labels())
         return {"object": "list", "model": self.engine.model_id, "task": self.engine.task,
                 "data": [{"index": i, **r} for i, r in enumerate(results)]}
 

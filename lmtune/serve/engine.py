@@ -25,6 +25,7 @@ from typing import Any, cast
 from lmtune.models import generation
 from lmtune.serve.batching import Abandoned, Batcher, ModelWorker
 from lmtune.serve.options import ServeOptions
+from lmtune.tasks.base import Explainer
 from lmtune.workflows.run import LabelScorer, Run
 
 log = logging.getLogger("lmtune")
@@ -100,6 +101,11 @@ class Engine:
         items = list(zip(texts, pairs, strict=True)) if pairs is not None else [(t, None) for t in texts]
         return await self.batcher.submit(("classify", pairs is not None), None, items)
 
+    async def explain(self, items: list[Any], label: str | None, n_steps: int) -> list[dict[str, Any]]:
+        """Predictions with token attributions per item (an ``Explainer`` predictor: ``/v1/classify`` with
+        ``explain``), batched with concurrent requests of the same label and steps."""
+        return await self.batcher.submit(("explain", label, n_steps), None, items)
+
     async def predict(self, items: list[Any]) -> list[dict[str, Any]]:
         """The task predictor's answer per item (labels, entities, answer spans, generated texts ...)."""
         return await self.batcher.submit(("predict",), None, items)
@@ -122,6 +128,11 @@ class Engine:
             return list(p.decode(p.probabilities(texts, pairs, batch_size=rows, progress=watch)))
         if kind == "predict":
             return list(self.loaded.predict(items, batch_size=rows, progress=watch))
+        if kind == "explain":
+            label: str | None = key[1]  # type: ignore[index]
+            n_steps: int = key[2]  # type: ignore[index]
+            explainer = cast(Explainer, self.loaded)
+            return list(explainer.explain(items, label=label, n_steps=n_steps, batch_size=rows, progress=watch))
         raise ValueError(f"unknown batch kind {kind!r}")
 
     # ------------------------------------------------------------------------------------ streaming

@@ -7,14 +7,20 @@ limits (``max_connections``, ``read_timeout``) close connections instead, since 
 from __future__ import annotations
 
 import ipaddress
+import math
 import urllib.parse
 from dataclasses import dataclass
+from pathlib import Path
 
 from lmtune.errors import ConfigError
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 # Bind addresses meaning "every interface": no Host name can be derived from them.
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+GUARD_SIDES = ("input", "output", "both")
+GUARD_ACTIONS = ("refuse", "replace")
+GUARD_MESSAGE = "This answer was withheld by the server's content filter."
+MAX_GUARD_MESSAGE = 2000
 API_KEY_HINT = "use letters, digits and punctuation, e.g. python -c \"import secrets; print(secrets.token_urlsafe(24))\""
 
 
@@ -90,6 +96,28 @@ class ServeOptions:
     previous answer ends; slower connections are closed."""
     model_name: str | None = None
     """The model id in /v1/models and answers (default: the run folder's name)."""
+    explain_steps: int = 32
+    """Integration steps of an explanation (``explain: true``) whose request names none."""
+    max_explain_steps: int = 128
+    """Largest ``explain_steps`` a request may ask for (each step is a forward and backward pass per text)."""
+    max_explain_items: int = 8
+    """Most texts one request may ask to explain (an explanation costs ``explain_steps`` passes per text)."""
+    guard: str | None = None
+    """A classification run (its folder) that screens requests' texts and generated answers (``--guard``)."""
+    guard_labels: tuple[str, ...] = ()
+    """The guard's labels that block a text (``--guard-labels toxic,insult``); required with ``guard``."""
+    guard_threshold: float = 0.5
+    """A text is blocked when the guard gives any blocked label this probability or more, in (0, 1]."""
+    guard_on: str = "both"
+    """What the guard reads: ``input`` (requests' texts), ``output`` (generated answers) or ``both``."""
+    guard_action: str = "refuse"
+    """A blocked input: ``refuse`` (400, error type ``content_filter``) or ``replace`` (chat and completions
+    answer ``guard_message`` with ``finish_reason: "content_filter"``; other endpoints refuse). A blocked
+    answer is always replaced by ``guard_message``."""
+    guard_message: str = GUARD_MESSAGE
+    """The text standing in for a blocked answer."""
+    redact_pii: bool = False
+    """Mask personal data (e-mail addresses, phone numbers, names ...) in answers and in the server's log."""
 
     def __post_init__(self) -> None:
         checks = {
@@ -105,13 +133,17 @@ class ServeOptions:
             "max_queue": self.max_queue >= 1,
             "max_connections": self.max_connections >= 1,
             "read_timeout": 0 < self.read_timeout <= 3600,
+            "max_explain_steps": 1 <= self.max_explain_steps <= 1024,
+            "explain_steps": 1 <= self.explain_steps <= self.max_explain_steps,
+            "max_explain_items": self.max_explain_items >= 1,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ConfigError(f"serve option {bad[0]} = {getattr(self, bad[0])!r} is out of range",
                               field=bad[0], hint="port 0-65535, batch_wait_ms 0-1000, max_body_bytes >= 1024, "
-                              "read_timeout 0-3600 s, the other limits >= 1")
+                              "read_timeout 0-3600 s, max_explain_steps 1-1024 and explain_steps up to it, the other limits >= 1")
         self._check_key()
+        self._check_guard()
         for pattern in self.allowed_hosts:
             name = pattern[2:] if pattern.startswith("*.") else pattern
             if pattern != "*" and (address_name(name) is None or "*" in name):
@@ -137,6 +169,38 @@ class ServeOptions:
         if key != key.strip():
             raise ConfigError("the API key starts or ends with spaces: HTTP clients drop them, so it would never "
                               "match", field="api_key", hint=API_KEY_HINT)
+
+    def _check_guard(self) -> None:
+        """The ``--guard*`` flags, each error naming its flag (the guard run itself is checked when it loads)."""
+        if self.guard is None:
+            given = {"guard_labels": bool(self.guard_labels), "guard_threshold": self.guard_threshold != 0.5,
+                     "guard_on": self.guard_on != "both", "guard_action": self.guard_action != "refuse",
+                     "guard_message": self.guard_message != GUARD_MESSAGE}
+            for name, set_ in given.items():
+                if set_:
+                    flag = "--" + name.replace("_", "-")
+                    raise ConfigError(f"{flag} applies with --guard RUN (the classifier that screens texts)",
+                                      field=name, hint=f"add --guard RUN_FOLDER, or drop {flag}")
+            return
+        if not Path(self.guard).is_dir():
+            what = "is not a folder" if Path(self.guard).exists() else "does not exist"
+            raise ConfigError(f"--guard {self.guard} {what}", field="guard",
+                              hint="pass the folder of a classification run (or of its model/)")
+        if any(not label.strip() for label in self.guard_labels):
+            raise ConfigError("--guard-labels holds an empty label", field="guard_labels",
+                              hint="comma-separated label names, e.g. --guard-labels toxic,insult")
+        if not (math.isfinite(self.guard_threshold) and 0 < self.guard_threshold <= 1):
+            raise ConfigError(f"--guard-threshold is {self.guard_threshold}; it must be in (0, 1]",
+                              field="guard_threshold", hint="a probability, e.g. 0.5; 1 blocks only certain texts")
+        if self.guard_on not in GUARD_SIDES:
+            raise ConfigError(f"--guard-on is {self.guard_on!r}; it must be one of {', '.join(GUARD_SIDES)}",
+                              field="guard_on")
+        if self.guard_action not in GUARD_ACTIONS:
+            raise ConfigError(f"--guard-action is {self.guard_action!r}; it must be one of {', '.join(GUARD_ACTIONS)}",
+                              field="guard_action")
+        if len(self.guard_message) > MAX_GUARD_MESSAGE:
+            raise ConfigError(f"--guard-message holds {len(self.guard_message)} characters; at most {MAX_GUARD_MESSAGE}",
+                              field="guard_message")
 
     @property
     def loopback(self) -> bool:

@@ -92,6 +92,9 @@ class ClassifyRequest(_Request):
     input: str | list[str]
     text_pair: str | list[str] | None = None
     model: str | None = None
+    explain: bool = Field(False, description="Add token attributions (integrated gradients) to each answer.")
+    explain_label: str | None = Field(None, description="The label to explain (default: the predicted one).")
+    explain_steps: int | None = Field(None, ge=1, description="Integration steps (default: the server's).")
 
 
 class PredictRequest(_Request):

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from lmtune.config.tasks import TaskInfo, register_task_info, task_info
 
@@ -206,6 +206,12 @@ class Task(Protocol):
         *default*: none (no timing)."""
         return []
 
+    def predictor_items(self, data: TaskData, split: str) -> list[Any]:
+        """Every input of ``split`` in the predictor's item form, in split order: the counterfactual check
+        (``evaluate.counterfactuals``) swaps identity terms in them and predicts both versions. A task whose
+        ``TaskInfo.slices`` is set gives them. *default*: none."""
+        return []
+
     # ---------------------------------------------------------------------------------- saving and report
     def save_model_extras(self, folder: Path, data: TaskData) -> dict[str, Any]:
         """Write task files beside the model (label map ...); return metadata for ``lmtune.json``."""
@@ -265,6 +271,30 @@ class Predictor(Protocol):
                       progress: Any = None) -> list[dict[str, Any]]:
         """The same for the rows of a table, reading the columns named in ``lmtune.json`` (or ``columns``);
         a bad cell raises DataError naming file, line and field."""
+        ...
+
+
+@runtime_checkable
+class Explainer(Protocol):
+    """A :class:`Predictor` that can also say which input tokens its answers rest on (``lmtune predict
+    --explain``, the server's ``explain`` option, the report's highlighted examples): an optional capability,
+    asked with ``isinstance(predictor, Explainer)``.
+
+    The rows are :meth:`Predictor.predict`'s with attribution fields added (token and word attributions with
+    character offsets into the text, the explained target, the convergence figures); the attribution math is
+    :mod:`lmtune.models.explain` (integrated gradients on the input embeddings).
+    """
+
+    def explain(self, items: list[Any], *, label: str | None = None, n_steps: int = 32, batch_size: int = 32,
+                progress: Any = None) -> list[dict[str, Any]]:
+        """Predictions for ``items`` with their attributions; ``label`` names the label to explain where the
+        task has one choice to make (else the predicted one), ``n_steps`` the integration steps. A ``label``
+        the task cannot take is a DataError."""
+        ...
+
+    def explain_table(self, table: Table, *, columns: dict[str, str | None] | None = None, label: str | None = None,
+                      n_steps: int = 32, batch_size: int = 32, progress: Any = None) -> list[dict[str, Any]]:
+        """:meth:`explain` for the rows of a table, read as ``predict_table`` reads them."""
         ...
 
 

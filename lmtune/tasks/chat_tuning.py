@@ -46,11 +46,12 @@ from lmtune.data.features import (
     features_cache_key,
 )
 from lmtune.data.packing import pack_whole
-from lmtune.data.readers import read_table
+from lmtune.data.pii import read_data_table
 from lmtune.data.splits import first_occurrences, given_splits, hold_out
 from lmtune.data.streaming import open_conversation_stream
 from lmtune.data.table import format_locations
 from lmtune.errors import DataError
+from lmtune.evaluate.memorisation import AuditData, canary_texts, make_canaries, sample_extraction_items
 from lmtune.evaluate.text_metrics import generation_metrics
 from lmtune.models.generation import GenerationSettings, chat_prompt, generate, generate_across_processes
 from lmtune.models.registry import load_padded_tokenizer, untrained_chat_tokens
@@ -70,6 +71,9 @@ class ChatTuningTask(DecoderTask):
         super().__init__(config)
         self.chat_template_source = "model"
         self.vocab_grew = False
+        # evaluate.memorisation: the canaries, added to the training conversations (marked ``canary``).
+        self.canaries = make_canaries(config.evaluate.memorisation, config.train.seed) \
+            if config.evaluate.memorisation is not None else []
 
     @property
     def packing(self) -> bool:
@@ -101,7 +105,7 @@ class ChatTuningTask(DecoderTask):
     def read_conversations(self, source: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Validated conversations ``{messages, line}`` of one source, and facts about it."""
         d = self.data_cfg
-        table = read_table(source, format=d.format, encoding=d.encoding)
+        table = read_data_table(source, d)
         fmt = d.chat_format if d.chat_format != "auto" else detect_format(table.rows, d.columns, source)
         records = [
             {"messages": to_messages(row, fmt, d.columns, source=source, line=line), "line": line}
@@ -144,6 +148,16 @@ class ChatTuningTask(DecoderTask):
             for s, rows in splits.items():
                 if len(rows) > d.max_samples:
                     splits[s] = sorted(rng.sample(rows, d.max_samples), key=lambda r: r["line"])
+        if self.canaries:
+            # After de-duplication and sampling, so each canary occurs exactly as often as it should; the
+            # held-out splits never see one. Line 0: no line of the data file.
+            m = self.config.evaluate.memorisation
+            assert m is not None
+            inserted = [{"messages": [{"role": "user", "content": m.canary_prompt},
+                                      {"role": "assistant", "content": text}], "line": 0, "canary": True}
+                        for text in canary_texts(self.canaries)]
+            splits["train"] = splits["train"] + inserted
+            info["train"]["canary_conversations"] = len(inserted)
         return splits, info
 
     def render(self, records: list[dict[str, Any]], tokenizer: Any) -> tuple[list[Any], list[int]]:
@@ -211,9 +225,11 @@ class ChatTuningTask(DecoderTask):
         lengths: dict[str, list[int]] = {}
         prompts: dict[str, list[str]] = {}
         references: dict[str, list[str]] = {}
+        kept_by_split: dict[str, list[tuple[dict[str, Any], Any]]] = {}
         for split, records in splits.items():
             rendered, skipped = self.render(records, tokenizer)
             kept = [(r, ex) for r, ex in zip(records, rendered, strict=True) if ex is not None]
+            kept_by_split[split] = kept
             if skipped:
                 shown = format_locations(skipped)
                 log.warning("%s: %d of %d conversations are longer than data.max_length %d and were skipped "
@@ -242,8 +258,44 @@ class ChatTuningTask(DecoderTask):
                 prompts[split] = [chat_prompt(tokenizer, r["messages"][:-1]) for r, _ in kept[:limit]]
                 references[split] = [r["messages"][-1]["content"] for r, _ in kept[:limit]]
         info["chat_template"] = self.chat_template_source
-        return TaskData(splits=features, lengths=lengths, info=info,
-                        extra={"prompts": prompts, "references": references})
+        extra: dict[str, Any] = {"prompts": prompts, "references": references}
+        if self.config.evaluate.memorisation is not None:
+            extra["memorisation"] = self._audit_data(kept_by_split, tokenizer)
+        return TaskData(splits=features, lengths=lengths, info=info, extra=extra)
+
+    def _audit_data(self, kept: dict[str, list[tuple[dict[str, Any], Any]]], tokenizer: Any) -> AuditData:
+        """The memorisation audit's inputs: the canaries (answers to ``canary_prompt`` in the chat template) and
+        extraction prompts: rendered conversations up to their last answer, whose first tokens are the target,
+        training (canaries left out) and held-out."""
+        m = self.config.evaluate.memorisation
+        assert m is not None
+        inserted = sum(c.repeats for c in self.canaries)
+        trained = sum(1 for r, _ in kept.get("train", []) if r.get("canary"))
+        if trained < inserted:
+            raise DataError(f"evaluate.memorisation: {inserted - trained} of {inserted} canary conversations are "
+                            f"longer than data.max_length {self.data_cfg.max_length}",
+                            hint="shorten evaluate.memorisation.canary_format / canary_prompt or raise data.max_length")
+
+        def items(pairs: list[tuple[dict[str, Any], Any]]) -> list[tuple[list[int], list[int]] | None]:
+            out: list[tuple[list[int], list[int]] | None] = []
+            for record, ex in pairs:
+                prompt = tokenizer(chat_prompt(tokenizer, record["messages"][:-1]), add_special_tokens=False)["input_ids"]
+                ids = list(ex.input_ids)
+                # A conversation cut from the left (data.too_long: truncate_left) does not start with its prompt.
+                fits = ids[: len(prompt)] == list(prompt) and len(ids) > len(prompt)
+                out.append((ids[: len(prompt)], ids[len(prompt) : len(prompt) + m.extraction_suffix_tokens])
+                           if fits else None)
+            return out
+
+        train = [(r, ex) for r, ex in kept.get("train", []) if not r.get("canary")]
+        held = next((s for s in ("validation", "test") if kept.get(s)), None)
+        count, seed = m.extraction_prompts, self.config.train.seed
+        return AuditData(
+            canaries=self.canaries, context=chat_prompt(tokenizer, [{"role": "user", "content": m.canary_prompt}]),
+            bos=[], train_items=sample_extraction_items(train, count, seed, items) if count else [],
+            heldout_items=sample_extraction_items(kept[held], count, seed, items) if count and held else [],
+            heldout_split=held, prompt_description="a conversation up to its last answer, as training rendered it",
+        )
 
     def _features(self, examples: list[Any], tokenizer: Any, *, packed: bool) -> tuple[FeatureDataset, list[int]]:
         seqs = [(ex.input_ids, ex.labels) for ex in examples]

@@ -37,6 +37,7 @@ from lmtune.data.features import LengthGroupedBatchSampler, SortedBatchSampler
 from lmtune.errors import LmtuneError
 from lmtune.tasks.base import Task, TaskData
 from lmtune.training import checkpoint as ckpt
+from lmtune.training import privacy
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,8 @@ class TrainingLoop:
         self.state = LoopState()
         self.checkpoint_dir = run_dir / "checkpoints"
         self.metric, self.greater_is_better = config.train.resolved_metric(task.info.default_metric)
+        # train.privacy: DP-SGD (lmtune/training/privacy.py); set up in `setup`, None without it.
+        self.privacy: privacy.PrivateTraining | None = None
 
     # ----------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -162,6 +165,12 @@ class TrainingLoop:
             seed=t.seed,
             group_by_length=t.group_by_length,
         )
+        train_collate = collate
+        if t.privacy is not None:  # DP: Poisson-sampled batches (possibly empty) instead of length groups
+            self.privacy = privacy.PrivateTraining(t.privacy, train_size=len(self.data.splits["train"]),
+                                                   batch_size=t.batch_size, seed=t.seed)
+            self.train_sampler = self.privacy.batch_sampler(list(self.data.lengths["train"]))
+            train_collate = self.privacy.collator(collate)
         # A private generator: DataLoader iterators otherwise draw from the global RNG,
         # which would shift dropout masks between a resumed and an uninterrupted run.
         # Batches carry the training split's indices of their examples (`example_ids`), so a
@@ -171,7 +180,7 @@ class TrainingLoop:
         ) if self.train_sampler is None else DataLoader(
             _WithIndex(self.data.splits["train"]),
             batch_sampler=VariableSizeBatches(self.train_sampler),
-            collate_fn=_CollateWithIds(collate),
+            collate_fn=_CollateWithIds(train_collate),
             num_workers=t.num_workers,
             generator=torch.Generator().manual_seed(t.seed),
         )
@@ -206,6 +215,10 @@ class TrainingLoop:
         )
         self.accelerator.register_for_checkpointing(self.scheduler)
         self.frozen = ckpt.FrozenWeights(self.accelerator, self.model)
+        if self.privacy is not None:
+            # DP: per-example gradients on the model; the optimizer inside Accelerate's wrapper clips and noises
+            # them, with the noise calibrated to the planned steps (the scheduler shares its param groups).
+            self.optimizer.optimizer = self.privacy.attach(self.model, self.optimizer.optimizer, self.total_steps)
 
     def _prepare_stream(self, optimizer: torch.optim.Optimizer, train_loader: DataLoader) -> None:
         """Accelerate for model and optimizer; the stream's loader only placed on the device.
@@ -272,6 +285,8 @@ class TrainingLoop:
         self.frozen.load(path)
         saved = ckpt.read_state(path)
         self.state = LoopState(**saved["loop"])
+        if self.privacy is not None:  # the accountant's history: the resumed run spends what the whole one does
+            self.privacy.load_state_dict(saved.get("privacy"), path.name)
         self.task.load_step_metrics_state(list(saved.get("task_window") or []), self.accelerator)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.state.step, self.state.epoch,
                  self.state.batch_in_epoch)
@@ -330,30 +345,37 @@ class TrainingLoop:
             while len(micro) < t.gradient_accumulation and not epoch_end:
                 batch, epoch_end = next(stream)
                 micro.append(batch)
-            counts = torch.tensor([float(self.task.num_items(b)) for b in micro], device=acc.device)
+            counts = torch.tensor([0.0 if self.privacy is not None and privacy.is_empty(b) else
+                                   float(self.task.num_items(b)) for b in micro], device=acc.device)
             total_items = acc.reduce(counts.sum(), reduction="sum").item()
-            if total_items == 0:
+            if total_items == 0 and self.privacy is None:  # an empty Poisson draw is a noise-only DP step
                 raise TrainingError(f"step {self.state.step + 1}: no items carry loss in this batch")
             step_loss = torch.zeros((), device=acc.device)
             tokens = 0
             # (B,) indices into the training split, per micro-batch; only read if the step goes wrong.
             example_ids = [b.pop("example_ids", None) for b in micro]
             for i, batch in enumerate(micro):
+                if self.privacy is not None and privacy.is_empty(batch):
+                    continue
                 last = i == len(micro) - 1
                 ctx = acc.no_sync(self.model) if not last else _nullcontext()
                 with ctx:
                     loss_sum = self.task.loss(self.model, batch)
-                    acc.backward(loss_sum * acc.num_processes / total_items)
+                    # DP: each example's gradient of its own loss; the DP optimizer clips, sums, noises and
+                    # divides by the expected batch size, so the item count must not scale it here.
+                    acc.backward(loss_sum if self.privacy is not None else loss_sum * acc.num_processes / total_items)
                 step_loss += loss_sum.detach().float()
                 tokens += _real_tokens(batch)
             step_loss = acc.reduce(step_loss, reduction="sum")
             grad_norm = None
-            if torch.isfinite(step_loss) and t.max_grad_norm is not None:
+            if torch.isfinite(step_loss) and t.max_grad_norm is not None and self.privacy is None:
                 grad_norm = acc.clip_grad_norm_(self.model.parameters(), t.max_grad_norm)
             # Every process sees the same reduced loss and the same global norm, so all agree to skip.
             bad = "loss" if not torch.isfinite(step_loss) else (
                 "gradient norm" if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)) else None)
             if bad is None:
+                if self.privacy is not None:  # DP: check (or, for an empty draw, make) the per-example gradients
+                    self.privacy.before_step(sum(len(ids) for ids in example_ids if ids is not None))
                 self.optimizer.step()
             else:
                 self._nonfinite_step(bad, step_loss if bad == "loss" else grad_norm, example_ids)
@@ -370,7 +392,7 @@ class TrainingLoop:
                 st.window_items += total_items
             st.window_tokens += tokens_all
             if progress is not None:
-                progress.update(task_bar, advance=1, loss=step_loss.item() / total_items,
+                progress.update(task_bar, advance=1, loss=step_loss.item() / max(total_items, 1.0),
                                 lr=self.scheduler.get_last_lr()[0])
             if self.state.step % t.log_every == 0 or self.state.step == self.total_steps:
                 elapsed = time.perf_counter() - window_start
@@ -385,6 +407,8 @@ class TrainingLoop:
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)
                 record.update(self.task.step_metrics())
+                if self.privacy is not None:
+                    record.update(self.privacy.log_figures())  # the epsilon spent so far
                 self.metrics_log.write(record)
                 if progress is not None:
                     progress.update(task_bar, tok_s=record["tokens_per_second"])
@@ -502,6 +526,8 @@ class TrainingLoop:
             self.state.best_checkpoint = name
         payload = {"loop": asdict(self.state), "metric": self.metric, "greater_is_better": self.greater_is_better,
                    "task_window": self.task.step_metrics_state(self.accelerator)}
+        if self.privacy is not None:
+            payload["privacy"] = self.privacy.state_dict()
         ckpt.save_checkpoint(self.accelerator, self.checkpoint_dir, self.state.step, payload)
         if self.accelerator.is_main_process:
             protect = {self.state.best_checkpoint} if self.state.best_checkpoint else set()

@@ -9,6 +9,10 @@ import yaml
 
 from lmtune.config import Config
 from lmtune.config.tasks import task_info
+from lmtune.evaluate.fairness import card_lines
+from lmtune.evaluate.memorisation import card_lines as memorisation_card_lines
+from lmtune.training.privacy import describe_privacy
+from lmtune.workflows.pii_scan import card_lines as pii_card_lines
 
 
 def _fmt(x: Any) -> str:
@@ -22,6 +26,32 @@ def _usage(cfg: Config, name: str) -> list[str]:
     register = ["import lmtune.models.neural_baselines  # registers model_type lmtune_baseline"] \
         if cfg.model.name.startswith("baseline:") else []
     return [*register, *task_info(cfg.task).usage.format(name=name).split("\n")]
+
+
+def _sources(cfg: Config, data_info: dict[str, Any]) -> list[tuple[str, str]]:
+    """Each split and where it came from (a file, or a held-out share of the training file)."""
+    out = []
+    for split in ("train", "validation", "test"):
+        source = data_info.get(split, {}).get("source") or getattr(cfg.data, split)
+        if source is not None:
+            out.append((split, str(source)))
+    return out
+
+
+def _privacy_lines(cfg: Config, meta: dict[str, Any], metrics: dict[str, Any], decoder: bool) -> list[str]:
+    """What was done about personal data, differential privacy and memorisation, saying plainly what was not."""
+    privacy = metrics.get("summary", {}).get("privacy")
+    lines = [*(pii_card_lines(meta) or ["- personal data: not scanned (`data.pii: off`); the training data may hold "
+                                         "personal data, and the model may repeat it."])]
+    lines.append(f"- {describe_privacy(privacy)}" if privacy else
+                 "- differential privacy: none (`train.privacy` unset): no formal bound on what the model reveals "
+                 "about any one training example.")
+    audit = memorisation_card_lines(metrics)
+    if audit:
+        lines += audit
+    elif decoder:
+        lines.append("- memorisation audit: not run (`evaluate.memorisation`).")
+    return lines
 
 
 def write_model_card(folder: Path, cfg: Config, meta: dict[str, Any], metrics: dict[str, Any],
@@ -55,6 +85,11 @@ def write_model_card(folder: Path, cfg: Config, meta: dict[str, Any], metrics: d
         f"A `{meta.get('base_model')}` model fine-tuned with [lmtune](https://github.com/) for **{cfg.task}** "
         f"({cfg.method.name} fine-tuning" + (", LoRA merged into the weights" if meta.get("saved_as") == "merged" else "")
         + ").", "",
+        "## Intended use", "",
+        f"Made for {cfg.task} ({info.summary}) on inputs like its training data (`{cfg.data.train}`)"
+        + (f", answering with one of {len(labels)} labels" if labels else "") + ". Out of scope: inputs unlike "
+        "that data (other domains, languages or formats), and decisions about people without checking the model "
+        "on the groups they belong to (see Bias and fairness).", "",
         "## Results", "",
         f"| metric ({split}) | this model | starting point |", "|---|---|---|",
     ]
@@ -62,10 +97,11 @@ def write_model_card(folder: Path, cfg: Config, meta: dict[str, Any], metrics: d
         if k in test:
             lines.append(f"| {k} | {_fmt(test[k])} | {_fmt(start.get(k, '–'))} |")
     lines += [
-        "", "## Training", "",
-        f"- data: `{cfg.data.train}`; train/validation/test examples: "
-        + ", ".join(str(data_info.get(s, {}).get("examples", "–")) for s in ("train", "validation", "test")),
+        "", "## Training data", "",
+        *[f"- {s}: `{source}` ({data_info.get(s, {}).get('examples', '–')} examples)"
+          for s, source in _sources(cfg, data_info)],
         *([f"- labels ({len(labels)}): " + ", ".join(f"`{x}`" for x in labels[:50])] if labels else []),
+        "", "## Training", "",
         *([f"- chat template: {'the base model' + chr(39) + 's own' if meta.get('chat_template') == 'model' else 'lmtune default (ChatML)'}; "
            f"loss on {meta.get('train_on')} tokens; generation stops at token ids {meta.get('eos_token_ids')}"]
           if info.chat else []),
@@ -77,7 +113,10 @@ def write_model_card(folder: Path, cfg: Config, meta: dict[str, Any], metrics: d
         f"batch {cfg.train.batch_size} x accumulation {cfg.train.gradient_accumulation}, "
         f"learning rate {cfg.train.learning_rate:g} ({cfg.train.schedule}), precision {summary.get('precision', '–')}",
         f"- trainable parameters: {summary.get('trainable_parameters', 0):,} of {summary.get('total_parameters', 0):,}",
-        "", "## Use", "", "```python",
+        "", "## Privacy", "",
+        *_privacy_lines(cfg, meta, metrics, info.decoder),
+        "", *(card_lines(metrics) if info.slices else []),
+        "## Use", "", "```python",
         *_usage(cfg, folder.name if folder.name != ".model.tmp" else "model"), "```", "",
         "or `lmtune predict RUN --input FILE --output predictions.jsonl`"
         + (" and `lmtune chat RUN`" if info.chat else "") + ".", "",

@@ -8,10 +8,20 @@ from pathlib import Path
 from typing import Any
 
 from lmtune.config import Config
+from lmtune.evaluate import fairness, memorisation
 from lmtune.evaluate.comparison import comparison_rows, table_cells, write_comparison
 from lmtune.evaluate.plots import plot_metric_comparison, plot_training_curves
 from lmtune.evaluate.report import Report
 from lmtune.tasks.base import Task, TaskData
+from lmtune.training.privacy import describe_privacy
+from lmtune.workflows import pii_scan
+
+
+def _batching(cfg: Config) -> str:
+    """How training batches were drawn."""
+    if cfg.train.privacy is not None:
+        return "Poisson-sampled" if cfg.train.privacy.poisson_sampling else "random"
+    return "length-grouped" if cfg.train.group_by_length else "random"
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -94,9 +104,10 @@ def write_report(
             f"({100 * summary['trainable_fraction']:.2f}%)",
             f"batch {cfg.train.batch_size} x accumulation {cfg.train.gradient_accumulation}, learning rate "
             f"{cfg.train.learning_rate:g} ({cfg.train.schedule}, warmup {cfg.train.warmup_steps or cfg.train.warmup_ratio}),"
-            f" {'length-grouped' if cfg.train.group_by_length else 'random'} batches, "
+            f" {_batching(cfg)} batches, "
             + ("packed rows (no attention across examples)" if task.packing else "dynamic padding"),
             f"stopped early: {summary['stopped_early']}",
+            *([describe_privacy(summary["privacy"])] if summary.get("privacy") else []),  # train.privacy
             f"saved model: {model_info.get('saved_as')}; reload check: "
             + (
                 f"max logit difference {model_info['reload_check']['max_abs_logit_diff']:.1e} on "
@@ -108,6 +119,9 @@ def write_report(
     )
 
     task.report_sections(r, run_dir, metrics, data)
+    fairness.report_section(r, run_dir, metrics)
+    memorisation.report_section(r, run_dir, metrics)  # evaluate.memorisation: canary exposure, extraction
+    pii_scan.report_section(r, run_dir)  # what data.pii found and did
 
     # --- data
     r.heading("Data")

@@ -29,13 +29,16 @@ from lmtune.config import GenerationConfig, load_config
 from lmtune.config.tasks import TASK_INFOS, TaskInfo, task_info
 from lmtune.console import make_progress, quiet_libraries
 from lmtune.data.features import SortedBatchSampler
+from lmtune.data.pii import apply_saved_policy
 from lmtune.data.readers import read_table
 from lmtune.data.table import Table
 from lmtune.errors import ConfigError, DataError, RunError
 from lmtune.models import generation
+from lmtune.models.explain import DEFAULT_STEPS as DEFAULT_EXPLAIN_STEPS
 from lmtune.models.generation import GenerationSettings
 from lmtune.models.text_generator import ChatSession, TextGenerator, validate_prompt_messages
 from lmtune.tasks import Predictor, get_predictor, get_task
+from lmtune.tasks.base import Explainer
 from lmtune.workflows.predictions import check_output, rename_taken, write_predictions
 from lmtune.workflows.run_folder import lock_holder, read_run_record, run_status
 
@@ -175,6 +178,23 @@ class Run:
             self._predictor = cls(self.model_dir, self.meta)
         return self._predictor
 
+    def explainer(self) -> Explainer:
+        """The run's predictor as an :class:`~lmtune.tasks.base.Explainer` (token attributions), or a RunError
+        saying that this run's task does not explain its predictions."""
+        p = None if self.generative else self.predictor()
+        if not isinstance(p, Explainer):
+            raise RunError(f"a '{self.task}' run cannot explain its predictions: token attributions (--explain) are "
+                           "given by runs that label texts or their words",
+                           hint="predict without --explain")
+        return p
+
+    def explain(self, texts: Any, *, label: str | None = None, n_steps: int = DEFAULT_EXPLAIN_STEPS,
+                batch_size: int = 32) -> list[dict[str, Any]]:
+        """:meth:`predict` with token attributions (see :meth:`predict_file`'s ``explain``); a single input gives a
+        one-element list."""
+        items = [texts] if isinstance(texts, (str, dict)) else list(texts)
+        return self.explainer().explain(items, label=label, n_steps=n_steps, batch_size=batch_size)
+
     def generator(self) -> TextGenerator:
         """The text generator of a decoder run (model + tokenizer), loaded once."""
         if self._generator is None:
@@ -223,6 +243,7 @@ class Run:
     def predict_file(
         self, source: str | Path, output: str | Path, *, text_column: str | None = None,
         pair_column: str | None = None, batch_size: int | None = None, show_progress: bool = True,
+        explain: bool = False, explain_label: str | None = None, explain_steps: int | None = None,
         **generation: Unpack[GenerationOverrides],
     ) -> int:
         """Predict (or generate) for every row of ``source``; write CSV, TSV or JSONL (by ``output``'s
@@ -235,8 +256,16 @@ class Run:
         message), and add ``generated``, ``finish_reason``, ``prompt_tokens`` and ``completion_tokens``.
         ``batch_size`` and the ``generation`` overrides (text-generating tasks only) default to the run's
         ``generation`` settings.
+
+        ``explain``: each row also gets token attributions (``Explainer``: classification towards the predicted
+        label or ``explain_label``, NER per entity; ``explain_steps`` integration steps, default 32); a run
+        whose predictor cannot explain is a RunError.
         """
         quiet_libraries()
+        if not explain and (explain_label is not None or explain_steps is not None):
+            raise RunError("--explain-label and --explain-steps apply with --explain")
+        if explain:
+            self.explainer()  # a run that cannot explain fails before reading anything
         if self.generative:
             return self._generate_file(source, output, text_column=text_column, batch_size=batch_size,
                                        show_progress=show_progress, overrides=generation)
@@ -248,12 +277,16 @@ class Run:
         out = check_output(output)
         p = self.predictor()
         scorer = isinstance(p, LabelScorer)
-        table = read_table(source)
+        table = apply_saved_policy(read_table(source), self.meta)  # a model trained with data.pii redact/mask
         named: dict[str, str | None] = {k: v for k, v in (("text", text_column), ("text_pair", pair_column)) if v}
         columns = named or None
         size = batch_size or (64 if scorer else 32)
         with make_progress(show_progress) as progress:
-            if self.info.generates:
+            if explain:
+                results = self.explainer().explain_table(
+                    table, columns=columns, label=explain_label, n_steps=explain_steps or DEFAULT_EXPLAIN_STEPS,
+                    batch_size=size, progress=progress)
+            elif self.info.generates:
                 generating_predictor = cast(GeneratingPredictor, p)
                 settings = _with_overrides(generating_predictor.settings, dict(generation))
                 results = generating_predictor.predict_table(table, columns=columns, batch_size=size,
@@ -321,7 +354,7 @@ class Run:
     def _generate_file(self, source: str | Path, output: str | Path, *, text_column: str | None,
                        batch_size: int | None, show_progress: bool, overrides: GenerationOverrides) -> int:
         out = check_output(output)
-        table = read_table(source)
+        table = apply_saved_policy(read_table(source), self.meta)  # a model trained with data.pii redact/mask
         g = self.generator()
         settings = self.generation_settings(batch_size=batch_size, **overrides)
         rendered = g.render_table(table, text_column, settings.max_new_tokens)
@@ -440,4 +473,6 @@ def _score_cells(result: dict[str, Any]) -> dict[str, Any]:
     cells: dict[str, Any] = ({"labels": "|".join(result["labels"])} if "labels" in result
                              else {"label": result["label"], "score": f"{result['score']:.6f}"})
     cells.update({f"prob_{name}": f"{p:.6f}" for name, p in result["probabilities"].items()})
+    # Token attributions (--explain) follow as they are: the writer makes JSON text of lists and mappings.
+    cells.update({k: v for k, v in result.items() if k in ("attributions", "word_attributions", "explained")})
     return cells

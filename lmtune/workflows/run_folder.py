@@ -54,7 +54,7 @@ STATUSES = ("running", "complete", "failed", "interrupted")
 # names --overwrite deletes. tests/test_hostile_runs.py checks a real run's folder against them.
 KNOWN_FILES = frozenset({RUN_FILE, "config.yaml", "train.log", "metrics.jsonl", "metrics.json", "data.json",
                          "baselines.json", COMPARISON_FILE, "starting_point.json", "report.md",
-                         "reference_logps.safetensors"})
+                         "reference_logps.safetensors", "canaries.json", "pii.json"})
 # model/ and adapter/ (the saved model), checkpoints/, plots/, baselines/NAME/ (neural baseline sub-runs),
 # lmtune/ (TensorBoard's logs: Accelerate names the folder after the tracker project), and a model
 # folder half written when the run stopped.

@@ -23,10 +23,12 @@ from accelerate.utils import set_seed
 
 from lmtune.config import Config, load_config, save_config
 from lmtune.console import log, make_progress, quiet_libraries, run_logging
+from lmtune.data import pii
 from lmtune.data.features import save_json_atomic
 from lmtune.errors import LmtuneError, RunError, is_disk_full
+from lmtune.evaluate.fairness import load_term_pairs, run_counterfactuals
 from lmtune.models.methods import build_task_model, check_method_supported, describe, save_final_model
-from lmtune.tasks.base import Task, TaskData, get_task
+from lmtune.tasks.base import Task, TaskData, get_predictor, get_task
 from lmtune.training import checkpoint as ckpt
 from lmtune.training.distributed import (
     accelerator_plugins,
@@ -37,7 +39,9 @@ from lmtune.training.distributed import (
 )
 from lmtune.training.loop import MetricsLog, TrainingLoop
 from lmtune.training.precision import resolve_precision
+from lmtune.training.privacy import check_privacy_supported
 from lmtune.version import __version__
+from lmtune.workflows import memorisation
 from lmtune.workflows.baselines import compare
 from lmtune.workflows.card import write_model_card
 from lmtune.workflows.report import write_report
@@ -243,6 +247,7 @@ def train(
     # what the main one tells them to, and never wait on the lock, so they cannot deadlock on it).
     state = PartialState(**process_group_kwargs(cfg))
     check_distributed_supported(cfg, state.num_processes)
+    check_privacy_supported(cfg, state.num_processes)
     with RunLock() as lock:
         run_dir, resume_from = on_main_then_shared(
             state, lambda: prepare_run_dir(cfg, resume=resume, overwrite=overwrite, lock=lock))
@@ -254,7 +259,9 @@ def _train_in(cfg: Config, run_dir: Path, resume_from: Path | None, num_processe
     """The phases of :func:`train` in a prepared (and, on the main process, locked) run folder."""
     started = time.perf_counter()
 
-    precision = resolve_precision(cfg.train.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    # train.privacy trains in fp32 (the schema refuses bf16/fp16 with it; auto means fp32 there).
+    precision = "no" if cfg.train.privacy is not None else resolve_precision(
+        cfg.train.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     # Several runs in one process (notebooks, tests) may differ in precision: Accelerate keeps its
     # settings in a singleton, so clear them (the distributed set-up, PartialState, is kept).
     AcceleratorState._reset_state()
@@ -280,12 +287,15 @@ def _train_in(cfg: Config, run_dir: Path, resume_from: Path | None, num_processe
             log.info("run folder %s; device %s (%d threads); precision %s", run_dir, accelerator.device,
                      torch.get_num_threads(), "fp32" if precision == "no" else precision)
             task = get_task(cfg.task)(cfg)
+            # A term-pair file that does not parse fails now, not after training.
+            term_pairs = load_term_pairs(cfg.evaluate.counterfactuals) if cfg.evaluate.counterfactuals else None
             # The task says where its weights and tokenizer come from (None: nothing pretrained).
             model_path = task.model_path()
             tokenizer = task.load_tokenizer(model_path)
             # Tokenised once per machine: its main process fills the feature cache while the others wait,
             # then they read it (a node-local cache works; a shared one is written atomically).
-            with accelerator.local_main_process_first():
+            # data.pii's findings per source are recorded as the task reads its data (run folder pii.json).
+            with accelerator.local_main_process_first(), pii.recording() as pii_found:
                 data = task.prepare(tokenizer)
             log.info("data: %s", ", ".join(f"{s} {len(d) if hasattr(d, '__len__') else 'streamed'}"
                                            for s, d in data.splits.items()))
@@ -307,6 +317,12 @@ def _train_in(cfg: Config, run_dir: Path, resume_from: Path | None, num_processe
                 task.before_training(loop.model, accelerator, data, run_dir, resuming=resume_from is not None,
                                      progress=progress)
             starting = _starting_point(loop, run_dir, accelerator, resume_from is not None)
+            # evaluate.memorisation: the task's canaries and extraction prompts, scored on the starting model
+            # (always before loop.resume: the model is still the untrained one; it is cheap and deterministic).
+            audit_data = data.extra.get("memorisation")
+            audit_start = _memorisation_audit(loop, tokenizer, audit_data, cfg) if audit_data else None
+            if audit_data and accelerator.is_main_process:
+                memorisation.record_canaries(run_dir, cfg, audit_data)
             if resume_from is not None:
                 loop.resume(resume_from)
                 if accelerator.is_main_process:  # rows logged after the checkpoint come again
@@ -329,6 +345,8 @@ def _train_in(cfg: Config, run_dir: Path, resume_from: Path | None, num_processe
                 t0 = time.perf_counter()
                 final[split] = loop.evaluate(split)
                 eval_seconds[split] = time.perf_counter() - t0
+            audit = memorisation.memorisation_metrics(cfg, audit_data, audit_start, _memorisation_audit(
+                loop, tokenizer, audit_data, cfg)) if audit_data else None
             baselines = task.run_baselines(data) if cfg.baselines else {}
             # Sharded weights (FSDP, ZeRO-3) are gathered by every process together; the main process
             # then saves a plain copy of the model.
@@ -342,14 +360,23 @@ def _train_in(cfg: Config, run_dir: Path, resume_from: Path | None, num_processe
                     "train_tokens_per_second": state.tokens_seen / max(state.train_seconds, 1e-9),
                     "precision": "fp32" if precision == "no" else precision,
                     "num_processes": accelerator.num_processes, **params,
+                    **({"privacy": loop.privacy.summary()} if loop.privacy is not None else {}),
                     "eval_ms_per_example": {s: 1000 * eval_seconds[s] / max(len(data.splits[s]), 1)
                                             for s in eval_seconds},
                 }
-                metrics = {**final, "starting_point": starting, "summary": summary}
+                metrics = {**final, "starting_point": starting, "summary": summary,
+                           **({"memorisation": audit} if audit else {})}
                 save_json_atomic(run_dir / "metrics.json", metrics)
                 save_json_atomic(run_dir / "data.json", data.info)
+                if cfg.data.pii != "off":
+                    save_json_atomic(run_dir / pii.PII_FILE, pii.run_record(cfg.data, pii_found))
                 model_info = _save_model(loop, task, tokenizer, data, cfg, run_dir, metrics, model_path,
                                          saved_model)
+                if term_pairs:
+                    metrics["counterfactuals"] = _counterfactuals(task, data, cfg, run_dir, model_info, term_pairs)
+                    save_json_atomic(run_dir / "metrics.json", metrics)
+                    # The card was written with the model; it now gains the counterfactual figures.
+                    write_model_card(run_dir / "model", cfg, _meta(model_info), metrics, data.info)
             if cfg.baselines:
                 # Neural baselines are sub-runs of this workflow (each resets Accelerate's state), so they
                 # start once this model is saved; then every model is timed on the same inputs.
@@ -407,6 +434,12 @@ def _starting_point(loop: TrainingLoop, run_dir: Path, accelerator: Accelerator,
     return metrics
 
 
+def _memorisation_audit(loop: TrainingLoop, tokenizer: Any, data: Any, cfg: Config) -> dict[str, Any]:
+    """The memorisation audit of the model as it is now (:func:`lmtune.workflows.memorisation.audit`), on every
+    process alike: through the prepared model, so a sharded one gathers its weights as in evaluation."""
+    return memorisation.audit(loop.model, tokenizer, data, cfg, loop.accelerator.device)
+
+
 def _save_model(loop: TrainingLoop, task: Task, tokenizer: Any, data: TaskData, cfg: Config, run_dir: Path,
                 metrics: dict[str, Any], base_path: Path | None,
                 model: torch.nn.Module | None = None) -> dict[str, Any]:
@@ -439,6 +472,7 @@ def _save_model(loop: TrainingLoop, task: Task, tokenizer: Any, data: TaskData, 
         "method": cfg.method.name,
         "saved_as": saved_as,
         **task.save_model_extras(tmp, data),
+        **pii.model_policy(cfg.data, run_dir / pii.PII_FILE),  # predict applies a redact/mask policy too
     }
     save_json_atomic(tmp / "lmtune.json", meta)
     write_model_card(tmp, cfg, meta, metrics, data.info)
@@ -449,6 +483,26 @@ def _save_model(loop: TrainingLoop, task: Task, tokenizer: Any, data: TaskData, 
     if before is not None and probe_batch is not None and saved_as != "adapter":
         check = _verify_saved(final, task, probe_batch, before)
     return {**meta, "reload_check": check}
+
+
+def _meta(model_info: dict[str, Any]) -> dict[str, Any]:
+    """``lmtune.json``'s content: the model info without the reload check."""
+    return {k: v for k, v in model_info.items() if k != "reload_check"}
+
+
+def _counterfactuals(task: Task, data: TaskData, cfg: Config, run_dir: Path, model_info: dict[str, Any],
+                     pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    """``evaluate.counterfactuals``: the saved model predicts the test inputs (validation without a test split)
+    that hold an identity term, before and after swapping it (``evaluate.fairness.run_counterfactuals``)."""
+    split = next((s for s in ("test", "validation") if task.predictor_items(data, s)), None)
+    if split is None:
+        return {}
+    predictor = get_predictor(cfg.task)(run_dir / "model", _meta(model_info))
+    result = run_counterfactuals(task.predictor_items(data, split), pairs, predictor.predict,
+                                 examples=cfg.evaluate.counterfactual_examples)
+    log.info("counterfactual check (%s): %d of %d inputs hold a term; %d change their prediction", split,
+             result["changed"], result["items"], result["flipped"])
+    return {"split": split, **result}
 
 
 def _probe_batch(loop: TrainingLoop) -> dict[str, torch.Tensor] | None:

@@ -132,14 +132,50 @@ async function sendCompletion() {
 }
 
 // ------------------------------------------------------------------------------------------ classify
+// A text with each word's background coloured by its attribution: green for evidence for the explained
+// label, red against it, stronger for larger scores (in [-1, 1]); the score shows on hover.
+function attributedText(text, row) {
+  const box = document.createElement("div");
+  box.className = "attributions";
+  let at = 0;
+  for (const w of row.word_attributions || []) {
+    if (w.segment) continue;  // a second text's words (text-pair models): not shown here
+    if (w.start > at) box.appendChild(document.createTextNode(text.slice(at, w.start)));
+    const span = document.createElement("span");
+    span.className = "word";
+    span.textContent = text.slice(w.start, w.end);
+    const alpha = Math.min(1, Math.abs(w.score)) * 0.75;
+    span.style.background = (w.score >= 0 ? "rgba(26, 150, 65, " : "rgba(215, 48, 39, ") + alpha.toFixed(3) + ")";
+    span.title = w.word + ": " + w.score.toFixed(3);
+    box.appendChild(span);
+    at = Math.max(at, w.end);
+  }
+  if (at < text.length) box.appendChild(document.createTextNode(text.slice(at)));
+  const legend = document.createElement("span");
+  legend.className = "legend";
+  const e = row.explained || {};
+  legend.textContent = "attributions towards " + e.label + " (green: for, red: against); convergence delta " +
+    (typeof e.convergence_delta === "number" ? e.convergence_delta.toExponential(1) : "–") + " of a score change " +
+    (typeof e.score_change === "number" ? e.score_change.toFixed(3) : "–");
+  box.appendChild(legend);
+  return box;
+}
+
 async function sendClassify() {
   const texts = $("classify-input").value.split("\n").map((t) => t.trim()).filter((t) => t);
   if (!texts.length) return;
   const table = $("classify-results");
+  const explain = state.info.explain && $("classify-explain").checked;
+  if (explain && texts.length > state.info.limits.explain_items) {
+    setStatus("this server explains at most " + state.info.limits.explain_items + " texts at once");
+    return;
+  }
   $("classify-send").disabled = true;
   setStatus("");
   try {
-    const result = await postJSON("/v1/classify", { model: state.info.model, input: texts });
+    const body = { model: state.info.model, input: texts };
+    if (explain) body.explain = true;
+    const result = await postJSON("/v1/classify", body);
     table.replaceChildren();
     const head = table.insertRow();
     for (const h of ["text", "label", "probabilities"]) {
@@ -148,7 +184,9 @@ async function sendClassify() {
     for (const row of result.data) {
       const tr = table.insertRow();
       tr.className = "prediction";
-      tr.insertCell().textContent = texts[row.index];
+      const cell = tr.insertCell();
+      if (row.word_attributions) cell.appendChild(attributedText(texts[row.index], row));
+      else cell.textContent = texts[row.index];
       const label = tr.insertCell();
       label.className = "label";
       label.textContent = row.labels ? row.labels.join(", ") : row.label + " (" + row.score.toFixed(3) + ")";
@@ -259,6 +297,7 @@ async function load() {
     // Panels follow the endpoints the model serves (its task's), never the task's name.
     const classify = info.endpoints.includes("/v1/classify");
     $("classify-panel").hidden = !classify;
+    $("classify-explain-box").hidden = !(classify && info.explain);
     const other = !info.generative && !classify;
     $("predict-panel").hidden = !other;
     if (other) {

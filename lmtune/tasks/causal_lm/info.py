@@ -16,6 +16,7 @@ INFO = TaskInfo(
     card_metrics=("perplexity", "loss"),
     decoder=True,
     generates=True,
+    memorisation=True,
     endpoints=("/v1/completions",),
     streaming=True,
     scratch=True,

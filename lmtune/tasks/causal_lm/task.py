@@ -32,6 +32,13 @@ from lmtune.data.features import FeatureDataset, cached_features, digest_records
 from lmtune.data.packing import pack_stream
 from lmtune.data.streaming import open_document_stream
 from lmtune.errors import ConfigError
+from lmtune.evaluate.memorisation import (
+    AuditData,
+    canary_texts,
+    make_canaries,
+    sample_extraction_items,
+    window_item,
+)
 from lmtune.evaluate.report import Report
 from lmtune.models.registry import load_padded_tokenizer, resolve_model
 from lmtune.paths import cache_dir
@@ -57,6 +64,10 @@ class CausalLMTask(DecoderTask):
             raise ConfigError(f"method.name '{config.method.name}': a model trained from scratch has no pretrained "
                               "weights to keep; use method.name: full")
         self._docs: dict[str, tuple[list[str], dict[str, Any]]] = {}
+        # evaluate.memorisation: the canaries, appended to the training documents (the last ``_canary_docs``).
+        self.canaries = make_canaries(config.evaluate.memorisation, config.train.seed) \
+            if config.evaluate.memorisation is not None else []
+        self._canary_docs = 0
 
     @property
     def packing(self) -> bool:
@@ -83,6 +94,9 @@ class CausalLMTask(DecoderTask):
     def _trained_tokenizer(self) -> Any:
         """A byte-level BPE tokenizer trained on the training documents, cached by their hash."""
         docs = self.documents("train")
+        # Not on the canaries (evaluate.memorisation): a vocabulary that learned their secrets as tokens would
+        # score them against other secrets unfairly, before any training.
+        docs = docs[: len(docs) - self._canary_docs]
         vocab = self.config.model.vocab_size
         digest = hashlib.sha256(f"bpe-v1:{vocab}\n{digest_records(docs)}".encode()).hexdigest()[:24]
         folder = cache_dir("tokenizers") / digest
@@ -118,7 +132,15 @@ class CausalLMTask(DecoderTask):
         return self._docs[split][0] if split in self._docs else []
 
     def _split_documents(self) -> dict[str, tuple[list[str], dict[str, Any]]]:
-        return split_documents(self.data_cfg)
+        docs = split_documents(self.data_cfg)
+        if self.canaries:
+            # After de-duplication and sampling, so each canary occurs exactly as often as it should; the
+            # held-out splits never see one.
+            inserted = canary_texts(self.canaries)
+            train, info = docs["train"]
+            docs["train"] = (train + inserted, {**info, "canary_documents": len(inserted)})
+            self._canary_docs = len(inserted)
+        return docs
 
     def prepare(self, tokenizer: Any) -> TaskData:
         """Tokenise every split's documents and pack them into rows (cached)."""
@@ -142,8 +164,35 @@ class CausalLMTask(DecoderTask):
             info[split] = {**split_info, **facts}
         if stream is not None:
             splits["train"], lengths["train"], info["train"] = stream, [], stream_info
-        return TaskData(splits=splits, lengths=lengths, info=info,
-                        extra={"documents": {s: v[0] for s, v in self._docs.items()}})
+        extra: dict[str, Any] = {"documents": {s: v[0] for s, v in self._docs.items()}}
+        if self.config.evaluate.memorisation is not None:
+            extra["memorisation"] = self._audit_data(tokenizer)
+        return TaskData(splits=splits, lengths=lengths, info=info, extra=extra)
+
+    def _audit_data(self, tokenizer: Any) -> AuditData:
+        """The memorisation audit's inputs: the canaries (documents of their own, begun with BOS as training
+        begins them) and extraction prompts from the documents' first tokens, training (canaries left out)
+        and held-out."""
+        m = self.config.evaluate.memorisation
+        assert m is not None
+        bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
+        eos = [tokenizer.eos_token_id]
+
+        def items(docs: list[str]) -> list[tuple[list[int], list[int]] | None]:
+            ids = tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]
+            return [window_item(bos + x + eos, m.extraction_prefix_tokens, m.extraction_suffix_tokens) for x in ids]
+
+        train = self.documents("train")
+        train = train[: len(train) - self._canary_docs]
+        held = next((s for s in ("validation", "test") if self.documents(s)), None)
+        count, seed = m.extraction_prompts, self.config.train.seed
+        return AuditData(
+            canaries=self.canaries, context="", bos=bos,
+            train_items=sample_extraction_items(train, count, seed, items) if count else [],
+            heldout_items=sample_extraction_items(self.documents(held), count, seed, items) if count and held else [],
+            heldout_split=held,
+            prompt_description=f"a document's first {m.extraction_prefix_tokens} tokens",
+        )
 
     def _features(self, docs: list[str], tokenizer: Any) -> tuple[FeatureDataset, dict[str, Any]]:
         d = self.data_cfg

@@ -14,6 +14,7 @@ from lmtune.data.features import clip_pairs, clip_text
 from lmtune.data.readers import Table
 from lmtune.errors import DataError
 from lmtune.evaluate.metrics import classification_metrics
+from lmtune.models import explain as attribution
 from lmtune.models.loading import load_for_prediction
 from lmtune.tasks.classification.labels import MULTI_LABEL_THRESHOLD, label_keys
 
@@ -57,6 +58,11 @@ class ClassificationPredictor:
     def predict(self, items: list[Any], *, batch_size: int = 32, progress: Any = None) -> list[dict[str, Any]]:
         """Label(s), score and the probability map (:meth:`decode`) per item, in input order. An item is a
         text, or ``{"text", "text_pair"}`` for a text-pair model (a bare text then has no second text)."""
+        texts, pairs = self._item_inputs(items)
+        return self.decode(self.probabilities(texts, pairs, batch_size=batch_size, progress=progress))
+
+    def _item_inputs(self, items: list[Any]) -> tuple[list[str], list[str] | None]:
+        """The texts (and second texts) of predictor items; a refused item is a DataError naming it."""
         for n, item in enumerate(items):
             why = self.check_item(item)
             if why is not None:
@@ -67,7 +73,7 @@ class ClassificationPredictor:
             if not all(isinstance(item, dict) for item in items):
                 raise DataError("give every item a text_pair, or none of them", field="texts")
             pairs = [item["text_pair"] for item in items]
-        return self.decode(self.probabilities(texts, pairs, batch_size=batch_size, progress=progress))
+        return texts, pairs
 
     def predict_table(self, table: Table, *, columns: dict[str, str | None] | None = None, batch_size: int = 32,
                       progress: Any = None) -> list[dict[str, Any]]:
@@ -92,6 +98,72 @@ class ClassificationPredictor:
                 if v is None or (isinstance(v, float) and np.isnan(v)):
                     raise DataError("empty text", file=table.source, line=line, field=col)
         return [str(t) for t in texts], [str(t) for t in pairs] if pairs else None
+
+    # -------------------------------------------------------------------------------- explanations
+    def explain(self, items: list[Any], *, label: str | None = None, n_steps: int = attribution.DEFAULT_STEPS,
+                batch_size: int = 32, progress: Any = None) -> list[dict[str, Any]]:
+        """:meth:`predict`'s rows, each with the token attributions (integrated gradients on the input
+        embeddings, :mod:`lmtune.models.explain`) towards one label's log-odds: ``label`` when named, else the
+        predicted label (multi-label: the most probable one).
+
+        Each row gains ``attributions`` (per token: ``token``, ``start``/``end`` character offsets into the
+        text, ``score`` in [-1, 1], positive for evidence for the label; ``segment`` 1 marks a second text's
+        tokens), ``word_attributions`` (the same merged per word) and ``explained`` (``label``,
+        ``score_change``: the label's log-odds on the text minus on the all-padding baseline, which the raw
+        attributions add up to, and ``convergence_delta``: by how much they miss it)."""
+        attribution.check_steps(n_steps)
+        if label is not None and label not in self.labels:
+            raise DataError(f"label '{label}' is not one the model knows ({', '.join(self.labels)})",
+                            field="explain_label")
+        texts, pairs = self._item_inputs(items)
+        probs = self.probabilities(texts, pairs, batch_size=batch_size)
+        rows = self.decode(probs)
+        reference = attribution.reference_token_id(self.tokenizer)
+        bar = progress.add_task("explain", total=len(texts)) if progress is not None else None
+        for i, row in enumerate(rows):
+            k = self.labels.index(label) if label is not None else int(probs[i].argmax())
+            row.update(self._explain_one(texts[i], pairs[i] if pairs else None, k, reference, n_steps))
+            if progress is not None:
+                progress.update(bar, advance=1)
+        return rows
+
+    def explain_table(self, table: Table, *, columns: dict[str, str | None] | None = None,
+                      label: str | None = None, n_steps: int = attribution.DEFAULT_STEPS, batch_size: int = 32,
+                      progress: Any = None) -> list[dict[str, Any]]:
+        """:meth:`explain` for every row of ``table``, read as :meth:`predict_table` reads it."""
+        texts, pairs = self.table_inputs(table, columns)
+        items: list[Any] = ([{"text": t, "text_pair": p} for t, p in zip(texts, pairs, strict=True)] if pairs
+                            else list(texts))
+        return self.explain(items, label=label, n_steps=n_steps, batch_size=batch_size, progress=progress)
+
+    def _explain_one(self, text: str, pair: str | None, k: int, reference: int, n_steps: int) -> dict[str, Any]:
+        """The attribution fields of one text (and second text) towards label index ``k``."""
+        side = self.tokenizer.truncation_side
+        # Clipped as probabilities() clips (same tokens); offsets are moved back onto the whole texts.
+        if pair is not None:
+            (a,), (b,) = clip_pairs(self.tokenizer, [text], [pair], self.max_length)
+        else:
+            a, b = clip_text(text, self.max_length, side=side), None
+        shifts = (len(text) - len(a) if side == "left" else 0,
+                  len(pair) - len(b) if side == "left" and pair is not None and b is not None else 0)
+        enc = self.tokenizer(a, b, truncation=True, max_length=self.max_length, return_tensors="pt",
+                             return_offsets_mapping=True)
+        if not enc.encodings:
+            raise DataError("explanations need a fast tokenizer (character offsets); this model's is a slow one")
+        offsets = enc.pop("offset_mapping")[0].tolist()
+        segments = enc.sequence_ids(0)
+        words = enc.word_ids(0)
+        inputs = {key: value.to(self.device) for key, value in enc.items()}
+        keep = torch.tensor([[s is None for s in segments]], device=self.device)  # special tokens stay
+        result = attribution.integrated_gradients(
+            self.model, inputs, lambda logits: attribution.log_odds(logits, k, multi_label=self.multi_label),
+            keep=keep, reference_id=reference, n_steps=n_steps)
+        spans = [None if s is None or start == end else (s, start + shifts[s], end + shifts[s], w)
+                 for s, (start, end), w in zip(segments, offsets, words, strict=True)]
+        originals = (text, pair or "")
+        tokens, word_rows = attribution.describe(lambda s: originals[s], spans, result.scores)
+        return {"attributions": tokens, "word_attributions": word_rows,
+                "explained": {"label": self.labels[k], **attribution.summary(result)}}
 
     # -------------------------------------------------------------------------------- probabilities and labels
     def probabilities(

@@ -34,12 +34,14 @@ from lmtune.data.features import (
     digest_records,
     features_cache_key,
 )
-from lmtune.data.readers import Table, read_table
+from lmtune.data.pii import read_data_table
+from lmtune.data.readers import Table
 from lmtune.data.splits import stratified_split
 from lmtune.data.table import format_locations
 from lmtune.errors import ConfigError, DataError, ModelError
 from lmtune.evaluate.baselines import run_baselines
 from lmtune.evaluate.comparison import LATENCY_EXAMPLES
+from lmtune.evaluate.fairness import check_slice_groups, group_value, slice_metrics
 from lmtune.evaluate.metrics import classification_metrics
 from lmtune.evaluate.plots import plot_confusion_matrix
 from lmtune.evaluate.report import Report
@@ -48,6 +50,7 @@ from lmtune.models.registry import load_padded_tokenizer, model_path_of
 from lmtune.tasks.base import Task, TaskData, encoder_inputs
 from lmtune.tasks.classification.info import INFO
 from lmtune.tasks.classification.labels import MULTI_LABEL_THRESHOLD, is_blank, label_keys, sort_labels
+from lmtune.tasks.explanations import EXPLAINED_EXAMPLES, Example, explanation_section, word_spans
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +102,12 @@ class ClassificationTask(Task):
         texts = table.column(d.text_column)
         pairs = table.column(d.text_pair_column) if d.text_pair_column else [None] * len(table)
         labels = table.column(d.label_column)
+        # evaluate.slices: each row's group per slice column (a missing column is a DataError listing the real ones).
+        slices = {c: table.column(c) for c in self.config.evaluate.slices}
         kind = table.location_kind
         out: list[dict[str, Any]] = []
         skipped: list[int] = []
-        for text, pair, label, line in zip(texts, pairs, labels, table.lines, strict=True):
+        for row, (text, pair, label, line) in enumerate(zip(texts, pairs, labels, table.lines, strict=True)):
             for field, value in ((d.text_column, text), (d.text_pair_column, pair)):
                 if field is not None and value is not None and not isinstance(value, str):
                     if isinstance(value, (int, float)) and not is_blank(value):
@@ -124,6 +129,7 @@ class ClassificationTask(Task):
                 "pair": None if pair is None else str(pair),
                 "labels": self._parse_labels(label, table.source, line),
                 "line": line,
+                **({"groups": {c: group_value(v[row]) for c, v in slices.items()}} if slices else {}),
             })
         if skipped:
             shown = format_locations(skipped)
@@ -141,7 +147,7 @@ class ClassificationTask(Task):
         return sorted(set(keys)) if d.multi_label else keys
 
     def _read_split(self, source: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        table = read_table(source, format=self.data_cfg.format, encoding=self.data_cfg.encoding)
+        table = read_data_table(source, self.data_cfg)
         records, info = self._records(table, source)
         if not records:
             raise DataError("no usable rows (all had empty text or label)", file=source)
@@ -254,7 +260,11 @@ class ClassificationTask(Task):
         texts: dict[str, list[str]] = {}
         inputs: dict[str, tuple[list[str], list[str] | None]] = {}
         targets: dict[str, np.ndarray] = {}
+        groups: dict[str, dict[str, list[str]]] = {}
         for split, rows in splits.items():
+            if self.config.evaluate.slices and split != "train":
+                groups[split] = {c: [r["groups"][c] for r in rows] for c in self.config.evaluate.slices}
+                check_slice_groups(groups[split], split, str(info[split].get("source", d.train)))
             targets[split] = self._targets(rows, index)
             ds, truncated = self._tokenize(rows, tokenizer, targets[split], label_names)
             features[split] = ds
@@ -274,7 +284,8 @@ class ClassificationTask(Task):
         train_source = str(info.get("train", {}).get("source", d.train))
         source_lines = {"train": [(train_source, r["line"]) for r in splits.get("train", [])]}
         return TaskData(splits=features, lengths=lengths, info=info,
-                        extra={"texts": texts, "inputs": inputs, "targets": targets, "source_lines": source_lines})
+                        extra={"texts": texts, "inputs": inputs, "targets": targets, "source_lines": source_lines,
+                               "groups": groups})
 
     def _label_names(self, splits: dict[str, list[dict[str, Any]]], info: dict[str, Any]) -> list[str]:
         d = self.data_cfg
@@ -430,15 +441,18 @@ class ClassificationTask(Task):
     def evaluate(
         self, model: torch.nn.Module, loader: Any, accelerator: Any, split: str, data: TaskData
     ) -> dict[str, Any]:
-        """Accuracy, F1 (macro/weighted/micro), per-class scores, confusion matrix and loss."""
-        all_logits, all_labels = [], []
+        """Accuracy, F1 (macro/weighted/micro), per-class scores, confusion matrix and loss; with
+        ``evaluate.slices``, every metric per group of each slice column (``slices``)."""
+        all_logits, all_labels, all_index = [], [], []
         for batch in loader:
             logits = self.logits(model, batch)
-            logits, labels = accelerator.gather_for_metrics((logits, batch["labels"]))
+            logits, labels, index = accelerator.gather_for_metrics((logits, batch["labels"], batch["index"]))
             all_logits.append(logits.cpu())
             all_labels.append(labels.cpu())
+            all_index.append(index.cpu())
         logits = torch.cat(all_logits)
         labels = torch.cat(all_labels)
+        index = torch.cat(all_index).numpy()
         names = data.info["labels"]
         if self.data_cfg.multi_label:
             loss = F.binary_cross_entropy_with_logits(logits, labels.float()).item()
@@ -449,8 +463,15 @@ class ClassificationTask(Task):
         else:
             loss = F.cross_entropy(logits, labels).item()
             probs = torch.softmax(logits, -1).numpy()
-            metrics = classification_metrics(labels.numpy(), probs.argmax(-1), names, probs=probs)
+            pred = probs.argmax(-1)
+            metrics = classification_metrics(labels.numpy(), pred, names, probs=probs)
         metrics["loss"] = loss
+        groups = data.extra.get("groups", {}).get(split)
+        if groups:
+            # Batches come length-sorted: each example's group is found by its index in the split.
+            metrics["slices"] = slice_metrics(labels.numpy().astype(np.int64), pred,
+                                              {c: [values[i] for i in index] for c, values in groups.items()},
+                                              names, multi_label=self.data_cfg.multi_label)
         return metrics
 
     # ------------------------------------------------------------------------------ baselines
@@ -465,6 +486,13 @@ class ClassificationTask(Task):
         return run_baselines(names, texts["train"], targets["train"], eval_sets, data.info["labels"],
                              multi_label=self.data_cfg.multi_label, seed=self.config.train.seed,
                              latency_texts=list(texts.get(split, [])[:LATENCY_EXAMPLES]))
+
+    def predictor_items(self, data: TaskData, split: str) -> list[Any]:
+        """Every input of ``split`` as a predictor item: a text, or ``{"text", "text_pair"}`` for text pairs."""
+        texts, pairs = data.extra.get("inputs", {}).get(split, ([], None))
+        if pairs:
+            return [{"text": t, "text_pair": p} for t, p in zip(texts, pairs, strict=True)]
+        return list(texts)
 
     def timing_items(self, data: TaskData) -> list[Any]:
         """The first ``LATENCY_EXAMPLES`` inputs of the test split (validation without one), as predictor
@@ -507,6 +535,26 @@ class ClassificationTask(Task):
                 plot_confusion_matrix(m["confusion_matrix"], names, run_dir / rel, title=f"Confusion matrix ({split})")
                 report.image(rel, f"confusion matrix, {split}")
             break
+        self._explained_examples(report, run_dir, data)
+
+    def _explained_examples(self, report: Report, run_dir: Path, data: TaskData) -> None:
+        """The first held-out texts with their words coloured by attribution towards the predicted label."""
+        split = _timing_split(data)
+        texts, pairs = data.extra.get("inputs", {}).get(split, ([], None))
+        items: list[Any] = ([{"text": t, "text_pair": p} for t, p in zip(texts, pairs, strict=True)] if pairs
+                            else list(texts))
+        names = data.info["labels"]
+        targets = data.extra.get("targets", {}).get(split)
+
+        def example(i: int, row: dict[str, Any]) -> Example:
+            label = row["explained"]["label"]
+            truth = "" if targets is None or self.data_cfg.multi_label else f"true {names[int(targets[i])]}, "
+            predicted = (f"predicted {', '.join(row['labels']) or 'no label'}" if "labels" in row
+                         else f"predicted {row['label']} ({row['score']:.2f})")
+            return f"{truth}{predicted}; explained: {label}", texts[i], word_spans(row)
+
+        explanation_section(report, run_dir, self.info.name, split, items[:EXPLAINED_EXAMPLES], example,
+                            what="the predicted label's log-odds")
 
 
 def _timing_split(data: TaskData) -> str:

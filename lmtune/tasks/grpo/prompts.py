@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmtune.config import DataConfig
+from lmtune.data.pii import read_data_table
 from lmtune.data.preference import preference_splits
-from lmtune.data.readers import read_table
 from lmtune.data.table import column_suggestion
 from lmtune.errors import ConfigError, DataError
 from lmtune.models.text_generator import validate_prompt_messages
@@ -88,7 +88,7 @@ def read_prompts(source: str, data: DataConfig) -> tuple[list[PromptRow], dict[s
     """The prompts of ``source`` and facts about it (``source``, ``rows_read``, ``format``: text, messages or
     mixed, ``columns``: those passed to the reward functions)."""
     names = prompt_columns(data)
-    table = read_table(source, format=data.format, encoding=data.encoding)
+    table = read_data_table(source, data)
     column = names["prompt"]
     if column not in table.columns:
         listed = ", ".join(repr(c) for c in table.columns)

@@ -35,7 +35,8 @@ from lmtune.data.features import (
     digest_records,
     features_cache_key,
 )
-from lmtune.data.readers import Table, read_table
+from lmtune.data.pii import read_data_table
+from lmtune.data.readers import Table
 from lmtune.data.splits import stratified_split
 from lmtune.errors import ConfigError, DataError, ModelError
 from lmtune.evaluate.baselines import run_baselines
@@ -113,7 +114,7 @@ class RelationExtractionTask(Task):
     def _read_split(self, source: str) -> tuple[list[list[dict[str, Any]]], dict[str, Any]]:
         """One file as units (a row's pairs: one for pair rows, every entity pair for a document) and facts."""
         d, cols = self.data_cfg, self.columns
-        table = read_table(source, format=d.format, encoding=d.encoding)
+        table = read_data_table(source, d)
         if d.text_column not in table.columns:
             raise DataError(f"needs a '{d.text_column}' column; the columns are: "
                             f"{', '.join(repr(c) for c in table.columns)}", file=source,

@@ -56,7 +56,7 @@ from lmtune.data.features import (
     digest_records,
     features_cache_key,
 )
-from lmtune.data.readers import read_table
+from lmtune.data.pii import read_data_table
 from lmtune.data.splits import first_occurrences, given_splits, hold_out
 from lmtune.data.table import format_locations
 from lmtune.errors import ConfigError, DataError, ModelError
@@ -120,7 +120,7 @@ class Seq2SeqTask(Task):
         """Validated ``{source, target, line}`` records of one file (first row per distinct source if
         ``data.deduplicate``), and facts about it (rows read, skipped empty rows, duplicates)."""
         d = self.config.data
-        table = read_table(source, format=d.format, encoding=d.encoding)
+        table = read_data_table(source, d)
         sources, targets = table.column(d.source_column), table.column(d.target_column)
         records: list[dict[str, Any]] = []
         skipped: list[int] = []

@@ -17,6 +17,7 @@ INFO = TaskInfo(
     decoder=True,
     chat=True,
     generates=True,
+    memorisation=True,
     endpoints=("/v1/chat/completions", "/v1/completions"),
     streaming=True,
     bundled_data=("chatterbot", "chatterbot_*"),

@@ -14,6 +14,7 @@ from lmtune.data import tagging
 from lmtune.data.features import clip_text
 from lmtune.data.readers import Table
 from lmtune.errors import DataError
+from lmtune.models import explain as attribution
 from lmtune.models.loading import load_for_prediction
 from lmtune.tasks.token_classification.task import as_word_list, entities_from_tags
 
@@ -123,6 +124,10 @@ class TokenClassificationPredictor:
                       progress: Any = None) -> list[dict[str, Any]]:
         """:meth:`predict` for every row of ``table``: a text column (``columns["text"]``, else the training
         text column or ``text``) or a column of word lists (``tokens``; CoNLL files give one)."""
+        return self.predict(self.table_items(table, columns), batch_size=batch_size, progress=progress)
+
+    def table_items(self, table: Table, columns: dict[str, str | None] | None = None) -> list[Any]:
+        """The items (texts or word lists) of ``table``'s rows, read as :meth:`predict_table` reads them."""
         tokens_col = str(self.meta.get("tokens_column") or "tokens")
         text_col = str(self.meta.get("text_column") or "text")
         given = (columns or {}).get("text")
@@ -149,4 +154,75 @@ class TokenClassificationPredictor:
                 if not words:
                     raise DataError("empty sentence (no words)", file=table.source, line=line, field=column)
                 items.append(words)
-        return self.predict(items, batch_size=batch_size, progress=progress)
+        return items
+
+    # -------------------------------------------------------------------------------- explanations
+    def explain(self, items: list[Any], *, label: str | None = None, n_steps: int = attribution.DEFAULT_STEPS,
+                batch_size: int = 32, progress: Any = None) -> list[dict[str, Any]]:
+        """:meth:`predict`'s rows, each entity with the token attributions (integrated gradients on the input
+        embeddings, :mod:`lmtune.models.explain`) towards its predicted tags: the tags' log-odds summed over
+        the entity's words (their first sub-tokens, where the tags are read).
+
+        Each entity gains ``attributions`` (per token of the window the entity was tagged in: ``token``,
+        ``start``/``end`` character offsets into the text, ``score`` in [-1, 1], positive for evidence for the
+        entity), ``word_attributions`` (the same merged per word) and ``explained`` (``tags``,
+        ``score_change``, ``convergence_delta``: see :meth:`ClassificationPredictor.explain`'s twin fields).
+        ``label`` does not apply: every entity found is explained."""
+        attribution.check_steps(n_steps)
+        if label is not None:
+            raise DataError("a token-classification model explains each entity it finds; a label to explain "
+                            "does not apply", field="explain_label")
+        parsed = [self._words(item) for item in items]
+        rows = self.predict(items, batch_size=batch_size)
+        sentences = [[clip_text(w, self.max_length) for w, _, _ in words] for _, words in parsed]
+        windows = self._windows(sentences)
+        reference = attribution.reference_token_id(self.tokenizer)
+        bar = progress.add_task("explain", total=len(items)) if progress is not None else None
+        for s, ((text, words), row) in enumerate(zip(parsed, rows, strict=True)):
+            for entity in row["entities"]:
+                first, last = entity["token_start"], entity["token_end"] - 1
+                start, end = next((i, j) for w, i, j in windows if w == s and i <= first < j)
+                entity.update(self._explain_entity(text, words, sentences[s][start:end], start,
+                                                   row["tags"][first:min(last + 1, end)], first - start,
+                                                   reference, n_steps))
+            if progress is not None:
+                progress.update(bar, advance=1)
+        return rows
+
+    def explain_table(self, table: Table, *, columns: dict[str, str | None] | None = None,
+                      label: str | None = None, n_steps: int = attribution.DEFAULT_STEPS, batch_size: int = 32,
+                      progress: Any = None) -> list[dict[str, Any]]:
+        """:meth:`explain` for every row of ``table``, read as :meth:`predict_table` reads it."""
+        return self.explain(self.table_items(table, columns), label=label, n_steps=n_steps, batch_size=batch_size,
+                            progress=progress)
+
+    def _explain_entity(self, text: str, words: list[tuple[str, int, int]], window: list[str], offset: int,
+                        tags: list[str], first: int, reference: int, n_steps: int) -> dict[str, Any]:
+        """The attribution fields of one entity: ``window`` holds the words ``offset``... of the text, the
+        entity's words start at ``first`` within it and carry ``tags``."""
+        enc = self.tokenizer(window, is_split_into_words=True, truncation=True, max_length=self.max_length,
+                             return_tensors="pt", return_offsets_mapping=True)
+        offsets = enc.pop("offset_mapping")[0].tolist()
+        word_ids = enc.word_ids(0)
+        # The tags are read at each word's first sub-token: the score is theirs, summed over the entity's words.
+        positions, previous = {}, None
+        for pos, wid in enumerate(word_ids):
+            if wid is not None and wid != previous:
+                positions[wid] = pos
+            previous = wid
+        targets = [(positions[first + n], self.labels.index(tag)) for n, tag in enumerate(tags)
+                   if first + n in positions]
+
+        def score(logits: torch.Tensor) -> torch.Tensor:  # (B, T, L) -> (B,)
+            return sum((attribution.log_odds(logits[:, pos], k) for pos, k in targets),
+                       torch.zeros(logits.shape[0], device=logits.device))
+
+        inputs = {key: value.to(self.device) for key, value in enc.items()}
+        keep = torch.tensor([[wid is None for wid in word_ids]], device=self.device)  # special tokens stay
+        result = attribution.integrated_gradients(self.model, inputs, score, keep=keep, reference_id=reference,
+                                                  n_steps=n_steps)
+        spans = [None if wid is None or a == b else (0, words[offset + wid][1] + a, words[offset + wid][1] + b, wid)
+                 for wid, (a, b) in zip(word_ids, offsets, strict=True)]
+        tokens, word_rows = attribution.describe(lambda _: text, spans, result.scores)
+        return {"attributions": tokens, "word_attributions": word_rows,
+                "explained": {"tags": tags, **attribution.summary(result)}}

@@ -52,7 +52,8 @@ from lmtune.data.features import (
     digest_records,
     features_cache_key,
 )
-from lmtune.data.readers import Table, read_table
+from lmtune.data.pii import read_data_table
+from lmtune.data.readers import Table
 from lmtune.data.splits import stratified_split
 from lmtune.data.table import format_locations
 from lmtune.errors import ConfigError, DataError, ModelError
@@ -62,6 +63,7 @@ from lmtune.models import neural_baselines  # registers the lmtune_baseline tagg
 from lmtune.models.registry import load_padded_tokenizer, model_path_of
 from lmtune.models.vocabulary import extend_vocabulary, grow_embeddings, input_embedding_paths
 from lmtune.tasks.base import Task, TaskData, encoder_inputs
+from lmtune.tasks.explanations import EXPLAINED_EXAMPLES, Example, explanation_section, word_spans
 from lmtune.tasks.token_classification.info import INFO
 from lmtune.tasks.token_classification.inspect import tagging_details, tagging_facts
 from lmtune.tasks.token_classification.report import plot_entity_f1
@@ -181,7 +183,7 @@ class TokenClassificationTask(Task):
     def _read_split(self, source: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Validated records ``{words, spans, line}`` of one file, and facts about it."""
         d = self.data_cfg
-        table = read_table(source, format=d.format, encoding=d.encoding)
+        table = read_data_table(source, d)
         firsts, seconds, kind = self._sentences(table)
         info: dict[str, Any] = {"source": source, "rows_read": len(table)}
         if kind == "spans":
@@ -618,6 +620,26 @@ class TokenClassificationTask(Task):
                 "entity scores follow conlleval (seqeval): an entity counts when its type and both ends match; "
                 "words cut off by data.max_length are not scored (counted in the data table's `truncated`)",
             ])
+        self._explained_examples(report, run_dir, data)
+
+    def _explained_examples(self, report: Report, run_dir: Path, data: TaskData) -> None:
+        """The first held-out sentences holding entities, their words coloured by attribution towards the first
+        entity the model finds in each."""
+        records = data.extra.get("records", {})
+        split = "test" if records.get("test") else "validation"
+        rows = [r for r in records.get(split) or [] if r["spans"]][:EXPLAINED_EXAMPLES]
+        texts = [tagging.join_words(r["words"], self.word_split or "whitespace")[0] for r in rows]
+
+        def example(i: int, row: dict[str, Any]) -> Example | None:
+            found = [e for e in row["entities"] if "explained" in e]
+            if not found:
+                return None
+            e = found[0]
+            more = f" (+{len(found) - 1} more)" if len(found) > 1 else ""
+            return f"{e['entity']} '{e['text']}'{more}", texts[i], word_spans(e)
+
+        explanation_section(report, run_dir, self.info.name, split, texts, example,
+                            what="the first entity found in each sentence (its tags' log-odds)")
 
 
 # ------------------------------------------------------------------------------------------ helpers
