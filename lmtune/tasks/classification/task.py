@@ -498,11 +498,7 @@ class ClassificationTask(Task):
         """The first ``LATENCY_EXAMPLES`` inputs of the test split (validation without one), as predictor
         items: texts, or ``{"text", "text_pair"}`` for text pairs. The classic baselines are timed on the
         same rows (their pair joined into one text)."""
-        texts, pairs = data.extra.get("inputs", {}).get(_timing_split(data), ([], None))
-        n = min(LATENCY_EXAMPLES, len(texts))
-        if pairs:
-            return [{"text": t, "text_pair": p} for t, p in zip(texts[:n], pairs[:n], strict=True)]
-        return list(texts[:n])
+        return self.predictor_items(data, _timing_split(data))[:LATENCY_EXAMPLES]
 
     # ------------------------------------------------------------------------------ saving and report
     def save_model_extras(self, folder: Path, data: TaskData) -> dict[str, Any]:
