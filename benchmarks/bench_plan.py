@@ -30,7 +30,7 @@ base = psutil.Process().memory_info().rss
 from lmtune.config import load_config
 from lmtune.models.methods import build_task_model
 from lmtune.tasks import get_task
-from lmtune.training.loop import _adamw, _param_groups
+from lmtune.training.loop import build_optimizer, param_groups
 cfg = load_config(json.loads(sys.argv[1]))
 b, s, steps = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 task = get_task(cfg.task)(cfg)
@@ -39,7 +39,7 @@ tok = task.load_tokenizer(path)
 data = task.prepare(tok)
 model, head = build_task_model(task, path, data, tok)
 model.train()
-opt = _adamw(_param_groups(model, cfg, head), 1e-5)
+opt = build_optimizer(param_groups(model, cfg, head), cfg.train)
 g = torch.Generator().manual_seed(0)
 dtype = {"bf16": torch.bfloat16, "fp32": None}[cfg.train.precision]
 for _ in range(steps):

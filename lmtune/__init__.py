@@ -13,6 +13,7 @@ Python API (the CLI is a thin layer over these):
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 # Registers every built-in task (light: pydantic only; the task classes load when a task runs), so any
@@ -20,6 +21,12 @@ from typing import TYPE_CHECKING, Any
 from lmtune import tasks as _tasks  # noqa: F401
 from lmtune.config.loader import load_config as _load_config
 from lmtune.version import __version__
+
+# transformers imports torchao (installed for quantized exports) with its first model class, before any verb
+# can quiet libraries: torchao then warns that its CUDA-only kernels do not load on a CPU, and torch's pytree
+# that torchao registers enums the old way. Neither concerns a user; set here, the first lmtune code to run.
+logging.getLogger("torchao").setLevel(logging.ERROR)
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 if TYPE_CHECKING:
     from lmtune.config import Config

@@ -354,17 +354,36 @@ def export(
     run: Path = typer.Argument(..., help="A run folder or an lmtune model folder."),
     format: str = typer.Option("merged", "--format", help="merged: one standalone transformers folder "
                                "(a LoRA adapter folded into the weights); onnx: model.onnx + tokenizer "
-                               "(classifiers), checked with onnxruntime."),
+                               "(classifiers), checked with onnxruntime; quantized: a transformers folder "
+                               "with torchao weight-only integer weights (decoders; needs --quantize); gguf: "
+                               "model.gguf + Ollama Modelfile for llama.cpp (decoders; --quantize f16, q8_0 or "
+                               "q4_k_m), checked in llama.cpp."),
     output: Path = typer.Option(..., "--output", "-o", help="The folder to write."),
     tolerance: float | None = typer.Option(None, min=0, help="Largest logit difference allowed between the "
                                            "exported model and the model as trained (default: 1e-3 merged, "
-                                           "1e-4 onnx)."),
+                                           "1e-4 onnx); gguf: the largest mean KL divergence of llama.cpp's "
+                                           "next-token distributions (default by --quantize)."),
     overwrite: bool = typer.Option(False, help="Replace an earlier export at --output."),
+    quantize: str | None = typer.Option(None, "--quantize", help="int8 (--format onnx or quantized) or int4 "
+                                        "(--format quantized): the export is scored against its float32 "
+                                        "version on the run's test split, and its size and latency compared; "
+                                        "gguf: f16, q8_0 or q4_k_m."),
+    max_drop: float | None = typer.Option(None, "--max-drop", help="With --quantize: refuse the export when the "
+                                          "run's main metric gets worse by more than this (absolute, in the "
+                                          "metric's units: 0.01 is one accuracy point)."),
 ) -> None:
     """Export a run's model as a standalone folder, checked against the model as trained."""
-    available = ("merged", "onnx")
+    available = ("merged", "onnx", "quantized", "gguf")
     if format not in available:
         raise RunError(f"unknown export format '{format}'; available formats: {', '.join(available)}")
+    if format == "gguf":
+        _export_gguf(run, output, quantize=quantize or "f16", max_drop=max_drop, tolerance=tolerance,
+                     overwrite=overwrite)
+        return
+    if quantize is not None or format == "quantized" or max_drop is not None:
+        _export_quantized(run, output, format=format, quantize=quantize, max_drop=max_drop, tolerance=tolerance,
+                          overwrite=overwrite)
+        return
     # torch, transformers and onnx load only when a model is exported.
     from lmtune.workflows.export import DEFAULT_TOLERANCE, ONNX_TOLERANCE, export_merged, export_onnx  # noqa: PLC0415
 
@@ -384,6 +403,88 @@ def export(
     console.print(f"max logit difference {result.max_abs_logit_diff:.2e} over {result.prompts} prompts "
                   f"(tolerance {result.tolerance:g}; reference: "
                   f"{'base model + adapter' if result.source == 'adapter' else 'the run model'})", highlight=False)
+
+
+def _export_quantized(run: Path, output: Path, *, format: str, quantize: str | None, max_drop: float | None,
+                      tolerance: float | None, overwrite: bool) -> None:
+    """``lmtune export --quantize``: write the quantized export and print its table (metric, size, latency)."""
+    if quantize is None:
+        raise RunError(f"{'--format quantized' if format == 'quantized' else '--max-drop'} needs --quantize",
+                       hint="--quantize int8 (or int4 with --format quantized)")
+    if tolerance is not None:
+        raise RunError("--tolerance applies to float32 exports; a quantized export is judged by --max-drop")
+    quiet_libraries()
+    # torch, transformers, onnxruntime and torchao load only when a model is exported.
+    from lmtune.workflows.export_quantized import export_quantized  # noqa: PLC0415
+
+    result = export_quantized(run, output, format=format, quantization=quantize, max_drop=max_drop,
+                              overwrite=overwrite)
+    table = Table(title=f"{format} {quantize} export vs float32 ({result.split} split)")
+    for column in ("", "float32", quantize, "change"):
+        table.add_column(column, justify="left" if not column else "right")
+    table.add_row(result.metric, f"{result.before:.4f}", f"{result.after:.4f}",
+                  f"{result.after - result.before:+.4f}")
+    table.add_row("weights on disk", _megabytes(result.bytes_before), _megabytes(result.bytes_after),
+                  f"x{result.size_ratio:.2f}")
+    table.add_row("latency per example", f"{result.latency_ms_before:.2f} ms", f"{result.latency_ms_after:.2f} ms",
+                  f"speed x{result.speedup:.2f}")
+    console.print(table)
+    gate = "" if result.max_drop is None else f" (--max-drop {result.max_drop:g}: passed)"
+    console.print(f"exported to {result.folder}; {result.metric} drop {result.drop:+.4f}{gate}; latency: median of "
+                  f"{result.latency_examples} examples, one per call", highlight=False)
+
+
+def _export_gguf(run: Path, output: Path, *, quantize: str, max_drop: float | None, tolerance: float | None,
+                 overwrite: bool) -> None:
+    """``lmtune export --format gguf``: write model.gguf + Modelfile, checked in llama.cpp, and print the check."""
+    quiet_libraries()
+    # torch, transformers, gguf and llama.cpp load only when a model is exported.
+    from lmtune.workflows.export_gguf import export_gguf  # noqa: PLC0415
+
+    result = export_gguf(run, output, quantization=quantize, tolerance=tolerance, max_drop=max_drop,
+                         overwrite=overwrite)
+    console.print(f"exported to {result.folder / 'model.gguf'} ({quantize}, {_megabytes(result.bytes)}) with an "
+                  f"Ollama Modelfile{'' if result.modelfile_template else ' (no TEMPLATE: Ollama reads the GGUF chat template)'}",
+                  highlight=False)
+    console.print(f"llama.cpp vs the merged model over {result.positions} positions of {result.prompts} prompts: mean KL "
+                  f"{result.mean_kl:.2e} (at most {result.tolerance:g}), top-1 agreement {result.top1_agreement:.3f} "
+                  f"(at least {result.min_top1:g}), max logit difference {result.max_abs_logit_diff:.3f}, greedy "
+                  f"continuations identical {result.greedy_identical}/{result.prompts}", highlight=False)
+    quality = result.quality or {}
+    if "perplexity_gguf" in quality:
+        gate = "" if result.max_drop is None else f" (--max-drop {result.max_drop:g}: passed)"
+        console.print(f"perplexity on {quality['sequences']} {quality.get('split')} sequences ({quality['tokens']} "
+                      f"tokens): {quality['perplexity_merged']:.3f} merged, {quality['perplexity_gguf']:.3f} "
+                      f"{quantize}{gate}", highlight=False)
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+@app.command()
+def push(
+    run: Path = typer.Argument(..., help="A run folder or an lmtune model folder."),
+    repo: str = typer.Option(..., "--repo", help="The Hub repository, org/name (created if missing)."),
+    private: bool = typer.Option(False, "--private", help="Create the repository private (an existing one keeps "
+                                 "its visibility)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List each file (local path -> repository path, size) "
+                                 "and the card's metadata; no network."),
+    adapter: bool = typer.Option(False, "--adapter", help="Upload only the run's LoRA adapter (library_name: peft) "
+                                 "instead of the whole model."),
+) -> None:
+    """Upload a run's model (or its LoRA adapter) and model card to the Hugging Face Hub, as one commit.
+
+    The token comes from HF_TOKEN or `hf auth login`; HF_HUB_OFFLINE=1 refuses at once."""
+    from lmtune.workflows.push import plan_push, push_run  # noqa: PLC0415  (huggingface_hub loads only for this verb)
+
+    if dry_run:
+        for line in plan_push(run, repo, adapter=adapter).describe():
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+        return
+    result = push_run(run, repo, private=private, adapter=adapter)
+    console.print(f"pushed {result['files']} files to {result['url']} (commit {result['commit'][:12]})",
+                  markup=False, highlight=False)
 
 
 @app.command()

@@ -27,11 +27,17 @@ from rich.text import Text
 
 log = logging.getLogger("lmtune")
 
+# Set beside HF_HUB_OFFLINE=1 when lmtune, not the user, set it (and inherited by worker processes), so that an
+# explicit `model.download: true` can tell lmtune's default from the user's own offline switch.
+HUB_OFFLINE_DEFAULT = "LMTUNE_HUB_OFFLINE_DEFAULT"
+
 
 def quiet_libraries() -> None:
     """Silence third-party progress bars and load reports that would bury lmtune's own output."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if "HF_HUB_OFFLINE" not in os.environ:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ[HUB_OFFLINE_DEFAULT] = "1"
     # Imported here, not at the top: `lmtune --help` and the other light verbs must not pay for them.
     import datasets  # noqa: PLC0415  (start-up time: seconds of import for every verb otherwise)
     import transformers  # noqa: PLC0415  (start-up time, as above)

@@ -63,6 +63,10 @@ class RunError(LmtuneError):
     """A run folder is missing, incomplete, or would be overwritten."""
 
 
+class HubError(LmtuneError):
+    """The Hugging Face Hub cannot be reached, refuses the token, or refuses the request."""
+
+
 def is_disk_full(exc: BaseException, folder: str | Path | None = None) -> bool:
     """Whether ``exc``, raised while writing into ``folder``, means the disk (or quota) is full.
 

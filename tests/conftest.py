@@ -75,6 +75,15 @@ def serve_sft_run(tmp_path_factory: pytest.TempPathFactory, tiny_chat_llama_dir:
 
 
 @pytest.fixture(scope="session")
+def serve_tool_run(tmp_path_factory: pytest.TempPathFactory, tiny_chat_llama_dir: Path) -> object:
+    """A tiny sft run trained (60 steps) to answer every question with one fixed get_weather call, and a tool
+    result with a fixed answer, through a short tool template (tests/helpers.py): the server's tool tests."""
+    from helpers import train_tool_run
+
+    return train_tool_run(tmp_path_factory.mktemp("serve-tools"), tiny_chat_llama_dir, steps=60)
+
+
+@pytest.fixture(scope="session")
 def serve_classifier_run(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> object:
     """A tiny BERT classifier run for the server tests, trained once per session."""
     from serve_helpers import train_classifier_run

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -191,3 +192,59 @@ def crash_after_checkpoint(monkeypatch: pytest.MonkeyPatch, step: int) -> Iterat
             yield
     finally:
         monkeypatch.setattr(ckpt, "save_checkpoint", original)
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+WEATHER_CALL = {"name": "get_weather", "arguments": {"city": "Paris"}}
+WEATHER_ANSWER = "Sunny, 21 degrees."
+
+
+def tool_rows(n: int) -> list[dict[str, Any]]:
+    """OpenAI tool-calling records with one fixed call (learnable by a tiny model): every user question is
+    answered by calling get_weather for Paris; every other record also holds the tool's result and the answer."""
+    rows: list[dict[str, Any]] = []
+    for i in range(n):
+        call = {"id": f"call_{i}", "type": "function",
+                "function": {"name": WEATHER_CALL["name"], "arguments": json.dumps(WEATHER_CALL["arguments"])}}
+        messages: list[dict[str, Any]] = [{"role": "user", "content": f"How is the weather? ({i})"},
+                                          {"role": "assistant", "content": None, "tool_calls": [call]}]
+        if i % 2:
+            messages += [{"role": "tool", "tool_call_id": f"call_{i}", "content": '{"sky": "sunny", "celsius": 21}'},
+                         {"role": "assistant", "content": WEATHER_ANSWER}]
+        rows.append({"messages": messages, "tools": [WEATHER_TOOL]})
+    return rows
+
+# A short chat template writing tools and calls in lmtune's built-in call syntax (<tool_call>{json}</tool_call>,
+# what the server parses) with a one-line tool list instead of chatml-tools' long instructions: short rows, so a
+# tiny model learns a fixed call in few steps.
+SHORT_TOOLS_TEMPLATE = (
+    "{%- if tools %}{{ '<|im_start|>system\\ntools:' }}{% for t in tools %}{{ ' ' + t['function']['name'] }}"
+    "{% endfor %}{{ '<|im_end|>\\n' }}{% endif %}"
+    "{%- for m in messages %}"
+    "{%- if m['role'] == 'assistant' and m.get('tool_calls') %}{{ '<|im_start|>assistant\\n' }}"
+    "{%- for c in m['tool_calls'] %}{{ '<tool_call>' }}"
+    "{{ {'name': c['function']['name'], 'arguments': c['function']['arguments']} | tojson }}{{ '</tool_call>' }}"
+    "{%- endfor %}{{ '<|im_end|>\\n' }}"
+    "{%- else %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endif %}"
+    "{%- endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def train_tool_run(root: Path, tiny_chat_llama_dir: Path, *, steps: int, template: str = SHORT_TOOLS_TEMPLATE,
+                   rows: int = 48) -> Any:
+    """An sft run on :func:`tool_rows` through ``template`` (``model.chat_template``), full fine-tuning."""
+    import lmtune
+
+    data = root / "tools.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in tool_rows(rows)), encoding="utf-8")
+    cfg = {
+        "task": "sft", "model": {"name": str(tiny_chat_llama_dir), "chat_template": template},
+        "data": {"train": str(data), "max_length": 384, "validation_size": 0.1, "test_size": 0.1},
+        "train": {"max_steps": steps, "batch_size": 8, "learning_rate": 2e-2, "warmup_ratio": 0.0,
+                  "precision": "fp32", "eval_every": steps},
+        "generation": {"max_new_tokens": 40, "eval_examples": 2},
+        "output_dir": str(root / "run"),
+    }
+    return lmtune.train(cfg, show_progress=False)

@@ -264,7 +264,14 @@ BAD_RECORDS = [
         "openai",
         {},
         "messages",
-        "message 2 (index 1) has the unknown role 'tool'; known roles: system, user, assistant",
+        "message 2 (index 1) is 'tool': a tool message must follow an assistant message with tool_calls",
+    ),
+    (
+        _openai((U, "q"), ("function", "{}")),
+        "openai",
+        {},
+        "messages",
+        "message 2 (index 1) has the unknown role 'function'; known roles: system, user, assistant, tool",
     ),
     (
         {"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "f()"}]},

@@ -510,6 +510,14 @@ _content = st.sampled_from(["hi", "", "  ", "answer"]) | st.lists(st.fixed_dicti
     {"type": st.sampled_from(["text", "image"]), "text": _maybe_text}), max_size=2) | _json
 
 
+# An assistant's tool calls: well-formed, or any JSON (arguments as JSON text, an object or anything else).
+_tool_calls = st.lists(st.fixed_dictionaries(
+    {"type": st.sampled_from(["function", "x"]), "function": st.fixed_dictionaries(
+        {}, optional={"name": st.sampled_from(["f", ""]) | _json,
+                      "arguments": st.sampled_from(['{"a": 1}', "{", "[]", ""]) | _json})},
+    optional={"id": _json}), max_size=2) | _json
+
+
 @st.composite
 def chat_record(draw: st.DrawFn) -> dict[str, Any]:
     fmt = draw(st.sampled_from(chat.FORMATS))
@@ -518,7 +526,9 @@ def chat_record(draw: st.DrawFn) -> dict[str, Any]:
                                                           "output": _maybe_text, "system": _maybe_text}))
     else:
         role_key, content_key = ("from", "value") if fmt == "sharegpt" else ("role", "content")
-        message = st.fixed_dictionaries({}, optional={role_key: _role, content_key: _content, "name": _json}) | _json
+        extra = {"tool_calls": _tool_calls, "tool_call_id": _json} if fmt == "openai" else {}
+        message = st.fixed_dictionaries({}, optional={role_key: _role, content_key: _content, "name": _json,
+                                                      **extra}) | _json
         key = "conversations" if fmt == "sharegpt" else "messages"
         record = {key: draw(st.lists(message, max_size=5) | _json)}
     if draw(st.booleans()):

@@ -74,12 +74,12 @@ def test_weights_gradients_optimizer_equal_the_real_tensors(method: str, tiny_be
     """After one real optimizer step (the loop's own fused AdamW and parameter groups) the bytes held by
     parameters + buffers, gradients and optimizer state are exactly the plan's figures."""
     from lmtune.tasks.base import TaskData
-    from lmtune.training.loop import _adamw, _param_groups
+    from lmtune.training.loop import build_optimizer, param_groups
 
     cfg_dict = _cfg(tiny_bert_dir, sentiment_csv, tmp_path / "run", method={"name": method})
     cfg, task, tok, data, model = _real_model(cfg_dict)
     batch = task.collator(tok)([data.splits["train"][i] for i in range(8)])
-    optimizer = _adamw(_param_groups(model, cfg, task.head_module_names(model)), 1e-3)
+    optimizer = build_optimizer(param_groups(model, cfg, task.head_module_names(model)), cfg.train)
     task.loss(model, batch).backward()
     optimizer.step()
     real_weights = sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())

@@ -101,3 +101,22 @@ def test_bad_conversation_names_line(tmp_path, tiny_chat_llama_dir):
     with pytest.raises(DataError) as err:
         lmtune.train(cfg, show_progress=False)
     assert "bad.jsonl:7" in str(err.value)
+
+
+def test_sft_on_tool_calls_with_chatml_tools_trains(tmp_path, tiny_chat_llama_dir):
+    """A short real run on tool-calling records through the built-in chatml-tools template: loss falls, and the
+    tuned model is saved with that template (so serving renders tools as training did)."""
+    from helpers import tool_rows
+
+    from lmtune.data.chat_tools import CHATML_TOOLS_TEMPLATE
+
+    cfg = _config(tmp_path, tiny_chat_llama_dir, **{"train.max_steps": 6, "train.learning_rate": 3e-2,
+                                                    "data.max_length": 384, "generation.eval_examples": 2})
+    cfg["model"] = {"name": str(tiny_chat_llama_dir), "chat_template": "chatml-tools"}
+    cfg["data"]["train"] = str(write_jsonl(tmp_path / "tools.jsonl", tool_rows(40)))
+    run = lmtune.train(cfg, show_progress=False)
+    assert run.metrics["test"]["loss"] < 0.8 * run.metrics["starting_point"]["test"]["loss"]
+    data = json.loads((run.path / "data.json").read_text())
+    assert data["train"]["tool_conversations"] == data["train"]["rows_read"] == 40
+    assert run.meta["chat_template"] == "chatml-tools"
+    assert AutoTokenizer.from_pretrained(run.model_dir).chat_template == CHATML_TOOLS_TEMPLATE

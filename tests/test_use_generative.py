@@ -223,7 +223,7 @@ def test_predict_file_with_prompts_and_with_messages(sft_run: Run, lm_run: Run, 
         ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
          ["bad.jsonl:2", "end with a user message"]),
         ({"messages": "hello"}, ["bad.jsonl:2", "expected a list of messages"]),
-        ({"messages": [{"role": "tool", "content": "{}"}]}, ["bad.jsonl:2", "unknown role 'tool'"]),
+        ({"messages": [{"role": "robot", "content": "{}"}]}, ["bad.jsonl:2", "unknown role 'robot'"]),
     ],
     ids=["alternation", "ends with assistant", "not a list", "unknown role"],
 )

@@ -22,6 +22,8 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        # A list given as data.train is validated as data.train_mix (config/mix.py): name what the user wrote.
+        key = key.replace("data.train_mix.", "data.train.")
         if e["type"] == "extra_forbidden":
             allowed = _allowed_keys_at(e["loc"][:-1])
             lines.append(f"unknown key '{key}'" + (f"; allowed here: {', '.join(allowed)}" if allowed else ""))

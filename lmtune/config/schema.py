@@ -11,12 +11,14 @@ applied to the raw mapping before validation, so they get the same checks.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lmtune.config.mix import MixSource, check_oversampling, normalise_train, settle_train
 from lmtune.config.tasks import (
     BASELINE_NAMES,
     NEURAL_BASELINES,
@@ -65,8 +67,21 @@ class ModelConfig(_Section):
 
     name: str = Field(
         "minilm",
-        description="A bundled model name (see `lmtune models`) or a local model folder "
-        "(config.json + safetensors weights + tokenizer).",
+        description="A bundled model name (see `lmtune models`), a local model folder "
+        "(config.json + safetensors weights + tokenizer), or a Hugging Face Hub id `org/name` (read from the "
+        "Hugging Face cache; downloaded only with `download: true`). Told apart in that order: a bundled name, "
+        "then an existing folder, then `org/name`.",
+    )
+    revision: str | None = Field(
+        None,
+        description="With a Hub id: the branch, tag or commit to use (default: the default branch). The commit it "
+        "resolves to is recorded in the run folder.",
+    )
+    download: bool = Field(
+        False,
+        description="With a Hub id: download it (safetensors weights, JSON and tokenizer files only) into the "
+        "Hugging Face cache when it is missing or behind. Off: the id resolves from the cache only. "
+        "HF_HUB_OFFLINE=1 set by you wins over it.",
     )
     trust_remote_code: bool = Field(
         False, description="Run Python code shipped with the model folder. Off unless you trust its source."
@@ -98,6 +113,13 @@ class ModelConfig(_Section):
         "(default: `name`), or `train` to train a byte-level BPE tokenizer on the training text.",
     )
     vocab_size: int = Field(8000, ge=300, description="With tokenizer: train, the vocabulary size.")
+    chat_template: str | None = Field(
+        None,
+        description="Chat tasks: the chat template to render conversations with, replacing the model's own (and "
+        "saved with the tuned model): `chatml-tools` (ChatML with tool calling in the Hermes/Qwen2.5 style: "
+        "<tools> in the system turn, <tool_call>{...}</tool_call> in answers; for ChatML models such as "
+        "SmolLM2), a Jinja template, or the path of a file holding one. Default: the model's own.",
+    )
     # ---- seq2seq
     seq2seq: Literal["auto", "encoder_decoder", "decoder"] = Field(
         "auto",
@@ -127,7 +149,20 @@ class DataConfig(_Section):
     train: str = Field(
         ...,
         description="Training data: a file (csv, tsv, json, jsonl, parquet, txt), a folder saved by "
-        "`datasets.save_to_disk`, or a bundled data set such as `bundled:rotten_tomatoes`.",
+        "`datasets.save_to_disk`, or a bundled data set such as `bundled:rotten_tomatoes`. Or a list of sources "
+        "mixed by weight: `[{path: a.jsonl, weight: 3}, {path: b.csv, weight: 1, rename: {review: text}}]` "
+        "(a plain string: weight 1; see data.mix_stopping); it is kept as `train_mix`, `train` becoming its name.",
+    )
+    train_mix: list[MixSource] | None = Field(
+        None, min_length=1, description="The sources of a mixed data.train (set by giving data.train a list).",
+    )
+    mix_stopping: Literal["first_exhausted", "all_exhausted"] = Field(
+        "first_exhausted",
+        description="Mixed data.train: how long an epoch is. `first_exhausted`: until the source with the least "
+        "data for its weight is used up (each of its examples once; the others sampled without repetition); "
+        "`all_exhausted`: until every source is used up (sources short for their weight repeated; needs "
+        "data.deduplicate: false and, unless streaming, data.validation and data.test files, so no copy is "
+        "both trained on and evaluated). Seeded by data.split_seed.",
     )
     validation: str | None = Field(
         None, description="Validation data; when absent, a stratified split of `train` of size `validation_size`."
@@ -262,6 +297,28 @@ class DataConfig(_Section):
                                  f"choose from {', '.join(PII_ENTITIES)}")
         return value
 
+    def sources(self) -> list[str]:
+        """Every source the config reads, once: data.train (each source of a mix), data.validation, data.test."""
+        train = [s.path for s in self.train_mix] if self.train_mix is not None else [self.train]
+        return list(dict.fromkeys(s for s in (*train, self.validation, self.test) if s))
+
+    def source_format(self, source: str) -> str:
+        """The format ``source`` is read as: its own in a mix (``format``), else data.format."""
+        return next((s.format for s in self.train_mix or [] if s.path == source and s.format), self.format)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _train_list_to_mix(cls, value: Any) -> Any:
+        return normalise_train(value)
+
+    @model_validator(mode="after")
+    def _check_mix(self) -> DataConfig:
+        # Written past validation: assigning would re-run every validator (validate_assignment).
+        self.__dict__["train"], self.__dict__["train_mix"] = settle_train(self.train, self.train_mix)
+        if self.train_mix is not None and self.mix_stopping == "all_exhausted":
+            check_oversampling(self)
+        return self
+
     @model_validator(mode="after")
     def _check_pii_streaming(self) -> DataConfig:
         if self.pii != "off" and self.streaming:
@@ -392,6 +449,69 @@ class MethodConfig(_Section):
         "all-linear", description="Module names to adapt (e.g. [query, value]) or `all-linear`."
     )
     merge: bool = Field(True, description="Merge LoRA weights into `model/` at the end (the adapter is kept too).")
+    # ---- LoRA variants (peft LoraConfig; lmtune/models/methods.py)
+    use_dora: bool = Field(False, description="DoRA: split each adapted weight into a magnitude vector (trained) "
+                           "and a direction that LoRA updates (slower per step; merges like LoRA).")
+    use_rslora: bool = Field(False, description="rsLoRA: scale the adapter by alpha / sqrt(r) instead of alpha / r "
+                             "(keeps the update's size stable at high ranks).")
+    init_lora_weights: str = Field(
+        "default", description="How adapters start: `default` (A random, B zero: the model starts unchanged), "
+        "`gaussian`, `pissa` (A, B from the weight's top singular vectors, exact SVD), `pissa_niter_N` (randomised "
+        "SVD with N iterations: fast on big models), `olora` (QR of the weight), `loftq` (LoftQ: adapters that "
+        "absorb the 4-bit quantisation error; needs a CUDA GPU with bitsandbytes). PiSSA and OLoRA move the "
+        "adapter's start out of the base weights; the saved adapter is converted back to a plain LoRA (of rank "
+        "2r) on the original base model.",
+    )
+    loftq_bits: Literal[4, 8] = Field(4, description="With `init_lora_weights: loftq`: bits of the quantisation.")
+    loftq_iter: int = Field(1, ge=1, le=100, description="With `init_lora_weights: loftq`: alternating iterations.")
+    rank_pattern: dict[str, int] = Field(
+        default_factory=dict, description="Per-module ranks: {regex on the module name: rank}, e.g. {'layer\\.0\\..*': "
+        "16}; unmatched modules keep `r`. A pattern that matches no adapted module is an error.")
+    alpha_pattern: dict[str, float] = Field(
+        default_factory=dict, description="Per-module alphas, like `rank_pattern`; unmatched modules keep `alpha`.")
+    loraplus_lr_ratio: float | None = Field(
+        None, ge=1, le=1e4, description="LoRA+: the B matrices learn at train.learning_rate times this "
+        "(the paper suggests 16); A and the head keep their rates. null: off.")
+
+    @model_validator(mode="after")
+    def _check_lora_variants(self) -> MethodConfig:
+        init = self.init_lora_weights
+        if init not in LORA_INITS and not PISSA_NITER.fullmatch(init):
+            raise ValueError(f"method.init_lora_weights '{init}' is not one of {', '.join(LORA_INITS)} or "
+                             "pissa_niter_N (N a whole number)")
+        for key_name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            for key, value in pattern.items():
+                try:
+                    re.compile(key)
+                except re.error as exc:
+                    raise ValueError(f"method.{key_name} '{key}' is not a regular expression ({exc})") from None
+                if value <= 0:
+                    raise ValueError(f"method.{key_name} '{key}': {value} must be positive")
+        defaults = MethodConfig.model_fields
+        set_keys = [k for k in LORA_VARIANT_KEYS
+                    if getattr(self, k) != defaults[k].get_default(call_default_factory=True)]
+        if self.name not in ("lora", "qlora") and set_keys:
+            raise ValueError(f"method.{set_keys[0]} is a LoRA setting; method.name is {self.name}: "
+                             "use method.name lora (or qlora)")
+        moves_base = init.startswith("pissa") or init == "olora"
+        if self.name == "qlora" and (moves_base or init == "loftq"):
+            raise ValueError(f"method.init_lora_weights {init} computes the adapter from full-precision weights; "
+                             "with method.name qlora they are already 4-bit: use method.name lora")
+        if moves_base and self.use_rslora and (self.rank_pattern or self.alpha_pattern):
+            raise ValueError(f"method.init_lora_weights {init} with method.use_rslora and method.rank_pattern/"
+                             "alpha_pattern: peft cannot convert such an adapter back to the original base model "
+                             "(needed to save it); drop use_rslora or the patterns")
+        if init == "loftq" and not self.merge:
+            raise ValueError("method.init_lora_weights loftq replaces the base weights by their quantised round trip, "
+                             "so its adapter alone does not fit the original base model: set method.merge true")
+        return self
+
+
+LORA_INITS = ("default", "gaussian", "pissa", "olora", "loftq")
+PISSA_NITER = re.compile(r"pissa_niter_[1-9][0-9]*")
+# Settings that only mean something for method lora/qlora (refused with full or freeze when changed).
+LORA_VARIANT_KEYS = ("use_dora", "use_rslora", "init_lora_weights", "rank_pattern", "alpha_pattern",
+                     "loraplus_lr_ratio")
 
 
 class GenerationConfig(_Section):
@@ -584,6 +704,11 @@ class TrainConfig(_Section):
         "that starts from random weights learns far slower at the body's rate), else learning_rate.",
     )
     weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled weight decay (not on biases/norms).")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
+        "adamw", description="`adamw`: torch AdamW (fused where available). `adamw_8bit`: AdamW with 8-bit states "
+        "(bitsandbytes; ~4x less optimizer memory). `paged_adamw_8bit`: the same, paged to CPU memory under "
+        "GPU-memory pressure. The 8-bit ones need a CUDA GPU and bitsandbytes.",
+    )
     warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Fraction of steps for linear warmup.")
     warmup_steps: int | None = Field(None, ge=0, description="Warmup steps; overrides warmup_ratio.")
     schedule: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
@@ -923,6 +1048,9 @@ class Config(_Section):
         if self.model.init == "scratch" and not info.scratch:
             raise ValueError(f"model.init: scratch is for task {_tasks_where(lambda i: i.scratch)} (language-model "
                              f"pre-training), not '{self.task}'")
+        if self.model.chat_template is not None and not info.chat_template:
+            raise ValueError(f"model.chat_template is for task {_tasks_where(lambda i: i.chat_template)}, not "
+                             f"'{self.task}' (it does not render its data with a replaceable chat template)")
         return self
 
     # ---- streaming

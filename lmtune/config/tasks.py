@@ -74,6 +74,9 @@ class TaskInfo:
     # ``data.streaming`` and ``model.init: scratch`` apply.
     streaming: bool = False
     scratch: bool = False
+    # ``model.chat_template`` applies: the task renders its conversations with a chat template the user may
+    # replace (``chatml-tools`` for tool calling).
+    chat_template: bool = False
     # The task's own config checks, given the whole ``Config``: raise ValueError naming the keys (shown as
     # a config error). Typed with Any: the schema imports this module, so this one cannot import it back.
     check: Callable[[Any], None] | None = None

@@ -4,11 +4,14 @@ Three record layouts are understood (``FORMATS``):
 
 - ``alpaca``: ``instruction`` and ``output`` (``input`` and ``system`` optional);
 - ``sharegpt``: ``conversations``, a list of ``{"from": ..., "value": ...}``;
-- ``openai``: ``messages``, a list of ``{"role": ..., "content": ...}``.
+- ``openai``: ``messages``, a list of ``{"role": ..., "content": ...}``; with tool calling, a ``tools`` list,
+  assistant messages with ``tool_calls`` and ``tool`` messages (``chat_tools.py``).
 
 Users may name the columns differently (``data.columns``: standard key -> their column name).
 Every record becomes ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``: an optional
-system message, then user/assistant turns alternating, ending with an assistant turn.
+system message, then user/assistant turns alternating, ending with an assistant turn. With tool calling, an
+assistant message may also hold ``tool_calls`` (its content may then be empty) and must be followed by one
+``tool`` message or more (the results), after which the assistant speaks again.
 
 A conversation is rendered with the tokenizer's own chat template (the text the model will see at
 inference) and tokenised once. Which tokens carry loss is decided by characters, not by token ids:
@@ -32,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from rich.text import Text
 
 from lmtune.data.chat_encoding import encode_chat, render_chat
+from lmtune.data.chat_tools import check_tool_support, tool_calls
 from lmtune.data.features import IGNORE_INDEX, char_limit, clip_text
 from lmtune.errors import ConfigError, DataError
 
@@ -39,7 +43,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 FORMATS = ("alpaca", "sharegpt", "openai")
-STANDARD_KEYS = ("messages", "conversations", "instruction", "input", "output", "system")
+STANDARD_KEYS = ("messages", "conversations", "instruction", "input", "output", "system", "tools")
 TRAIN_ON = ("assistant", "last_assistant", "all")
 TOO_LONG = ("skip", "truncate_left")
 # The problems check_rendered reports (fixed sentences, so they can be counted over a data set).
@@ -48,6 +52,8 @@ NO_EOS = "a target does not end with an end-of-turn/EOS token"
 DOUBLE_BOS = "starts with two BOS tokens"
 
 ROLES = ("system", "user", "assistant")
+# The openai layout also has the results of tool calls.
+OPENAI_ROLES = (*ROLES, "tool")
 SHAREGPT_ROLES = {
     "system": "system",
     "human": "user",
@@ -138,13 +144,15 @@ def detect_format(rows: list[dict[str, Any]], columns: dict[str, str], source: s
 
 def to_messages(
     row: dict[str, Any], fmt: str, columns: dict[str, str], *, source: str, line: int
-) -> list[dict[str, str]]:
+) -> list[dict[str, Any]]:
     """One record as validated messages ``[{"role": ..., "content": ...}, ...]``.
 
-    Roles are normalised to system/user/assistant. The result holds an optional system message
-    first, then user and assistant turns alternating, starting with a user turn and ending with a
-    non-blank assistant turn. Any problem is a DataError naming ``source``, ``line`` and the column;
-    messages are counted from 1 ("message 3 (index 2)").
+    Roles are normalised to system/user/assistant (and ``tool`` in the openai layout). The result holds an
+    optional system message first, then user and assistant turns alternating, starting with a user turn and
+    ending with a non-blank assistant turn; an openai assistant message with ``tool_calls`` (validated, their
+    ``arguments`` as objects: :func:`lmtune.data.chat_tools.tool_calls`) is followed by its ``tool`` results.
+    Any problem is a DataError naming ``source``, ``line`` and the column; messages are counted from 1
+    ("message 3 (index 2)").
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown chat format {fmt!r}; expected one of {FORMATS}")
@@ -174,7 +182,10 @@ def to_messages(
         where = f"message {index + 1} (index {index})"
         if not isinstance(item, dict):
             raise fail(f"{where} is {_type_name(item)}, not an object with '{role_key}' and '{content_key}'")
-        missing = [key for key in (role_key, content_key) if key not in item]
+        calls = item.get("tool_calls") if fmt == "openai" else None
+        # A message that only calls tools may leave its content out (OpenAI sends null).
+        required = (role_key,) if calls else (role_key, content_key)
+        missing = [key for key in required if key not in item]
         if missing:
             other = "openai" if fmt == "sharegpt" else "sharegpt"
             hint = None
@@ -188,12 +199,14 @@ def to_messages(
         raw_role = item[role_key]
         role = _normalise_role(raw_role, fmt)
         if role is None:
-            known = ", ".join(SHAREGPT_ROLES if fmt == "sharegpt" else ROLES)
+            known = ", ".join(SHAREGPT_ROLES if fmt == "sharegpt" else OPENAI_ROLES)
             raise fail(
                 f"{where} has the unknown role {raw_role!r}; known roles: {known}",
-                "only plain system/user/assistant conversations are supported (no tool or function turns)",
+                "tool calls are read in the openai layout (tools, tool_calls, role tool)"
+                if fmt == "sharegpt" else None,
             )
-        content = _content_text(item[content_key], fmt)
+        raw_content = item.get(content_key)
+        content = "" if raw_content is None and calls else _content_text(raw_content, fmt)
         if content is None:
             raise fail(
                 f"{where}: '{content_key}' must be a string, found {_type_name(item[content_key])}",
@@ -201,7 +214,14 @@ def to_messages(
                 if fmt == "openai"
                 else None,
             )
-        messages.append({"role": role, "content": content})
+        message: dict[str, Any] = {"role": role, "content": content}
+        if calls is not None and calls != []:
+            if role != "assistant":
+                raise fail(f"{where} is {role!r}: only an assistant message has tool_calls")
+            message["tool_calls"] = tool_calls(calls, where, fail)
+        if role == "tool" and isinstance(item.get("tool_call_id"), str):
+            message["tool_call_id"] = item["tool_call_id"]
+        messages.append(message)
     _check_turns(messages, fail)
     return messages
 
@@ -240,9 +260,11 @@ def _alpaca_messages(
     return messages
 
 
-def _check_turns(messages: list[dict[str, str]], fail: Callable[[str], DataError]) -> None:
-    """System only first, then user/assistant alternating from user, ending with assistant, none blank."""
-    expected = "user"
+def _check_turns(messages: list[dict[str, Any]], fail: Callable[[str], DataError]) -> None:
+    """System only first, then user/assistant alternating from user, ending with assistant, none blank. An
+    assistant message with tool calls (its content may be blank) is followed by one tool message or more (the
+    results), then the assistant again; a conversation may end with the calls (training on the call alone)."""
+    expected = {"user"}
     for index, message in enumerate(messages):
         role = message["role"]
         where = f"message {index + 1} (index {index})"
@@ -250,14 +272,25 @@ def _check_turns(messages: list[dict[str, str]], fail: Callable[[str], DataError
             if index > 0:
                 raise fail(f"{where} is 'system': a system message is only allowed first")
             continue
-        if role != expected:
-            if expected == "user" and (index == 0 or messages[index - 1]["role"] == "system"):
+        if role not in expected:
+            previous = messages[index - 1]["role"] if index else None
+            if "user" in expected and (previous is None or previous == "system"):
                 raise fail(f"{where} is {role!r}: the conversation must start with a user message")
-            previous = messages[index - 1]["role"]
+            if role == "tool":
+                raise fail(f"{where} is 'tool': a tool message must follow an assistant message with tool_calls "
+                           "(or another tool message)")
+            if "tool" in expected:
+                raise fail(f"{where} is {role!r}: the tool calls of message {index} (index {index - 1}) must be "
+                           "answered by tool messages first")
+            if previous == "tool":
+                raise fail(f"{where} is {role!r} after 'tool': the assistant answers the tool results")
             raise fail(f"{where} is {role!r} after {previous!r}: turns must alternate user/assistant")
+        if role == "assistant" and message.get("tool_calls"):
+            expected = {"tool"}
+            continue
         if not message["content"].strip():
             raise fail(f"{where}: the {role} content is empty")
-        expected = "assistant" if role == "user" else "user"
+        expected = {"user": {"assistant"}, "assistant": {"user"}, "tool": {"tool", "assistant"}}[role]
     last = messages[-1]["role"]
     if last != "assistant":
         count = len(messages)
@@ -273,7 +306,7 @@ def _normalise_role(role: Any, fmt: str) -> str | None:
     name = role.strip().lower()
     if fmt == "sharegpt":
         return SHAREGPT_ROLES.get(name)
-    return name if name in ROLES else None
+    return name if name in OPENAI_ROLES else None
 
 
 def _content_text(content: Any, fmt: str) -> str | None:
@@ -334,28 +367,29 @@ def _type_name(value: Any) -> str:
 # Tokenizer set-up
 
 
-def ensure_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
-    """Give a tokenizer without a chat template the ChatML :data:`DEFAULT_CHAT_TEMPLATE`.
+def ensure_chat_template(tokenizer: PreTrainedTokenizerBase, template: str | None = None) -> bool:
+    """Give a tokenizer without a chat template the ChatML :data:`DEFAULT_CHAT_TEMPLATE`, or any tokenizer
+    ``template`` (the user's ``model.chat_template``, which replaces the model's own).
 
-    A tokenizer that has a template is left alone. Otherwise the template is set and, where the
-    vocabulary lacks them, ``<|im_start|>`` and ``<|im_end|>`` are added as special tokens (never
-    split, skipped by ``decode(skip_special_tokens=True)``); a tokenizer without an EOS token gets
-    ``<|im_end|>`` as its EOS, so generation stops at the end of a turn.
+    Without ``template``, a tokenizer that has a template is left alone. Otherwise the template is set and,
+    where the vocabulary lacks them and the template writes them, ``<|im_start|>`` and ``<|im_end|>`` are added
+    as special tokens (never split, skipped by ``decode(skip_special_tokens=True)``); a tokenizer without an
+    EOS token gets ``<|im_end|>`` as its EOS, so generation stops at the end of a turn.
 
     Returns True when tokens were added: the caller MUST then grow the model's embeddings
     (``model.resize_token_embeddings(len(tokenizer))``), or the new ids index past the table.
     """
-    if tokenizer.chat_template:
+    if template is None and tokenizer.chat_template:
         return False
-    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    tokenizer.chat_template = template or DEFAULT_CHAT_TEMPLATE
     vocab = tokenizer.get_vocab()
-    missing = [token for token in (IM_START, IM_END) if token not in vocab]
+    missing = [token for token in (IM_START, IM_END) if token not in vocab and token in tokenizer.chat_template]
     added = 0
     if missing:
         added = tokenizer.add_special_tokens(
             {"extra_special_tokens": missing}, replace_extra_special_tokens=False
         )
-    if tokenizer.eos_token is None:
+    if tokenizer.eos_token is None and IM_END in tokenizer.get_vocab():
         tokenizer.eos_token = IM_END
     return added > 0
 
@@ -394,18 +428,24 @@ def adds_bos(tokenizer: Any) -> bool:
 
 def render_conversation(
     tokenizer: PreTrainedTokenizerBase,
-    messages: Sequence[dict[str, str]],
+    messages: Sequence[dict[str, Any]],
     *,
     train_on: str = "assistant",
     max_length: int,
     too_long: str = "skip",
     special_tokens_in_content: bool = False,
+    tools: Sequence[dict[str, Any]] | None = None,
 ) -> RenderedExample | None:
     """Render ``messages`` with the tokenizer's chat template; token ids plus labels.
 
     ``train_on``: ``"assistant"`` (every assistant turn carries loss), ``"last_assistant"`` (only the
     final one) or ``"all"`` (every token). Each assistant turn's span runs from the end of the
-    generation prompt to the end of the turn as the template writes it, end-of-turn marker included.
+    generation prompt to the end of the turn as the template writes it, end-of-turn marker included: an
+    assistant's tool calls carry loss as its answers do, the tool results (``tool`` messages) never.
+
+    ``tools``: the conversation's tool definitions, given to the template (``apply_chat_template(...,
+    tools=...)``); a conversation with tools or tool calls and a template that cannot write them is a
+    DataError (:func:`lmtune.data.chat_tools.check_tool_support`).
 
     Longer than ``max_length`` tokens: ``too_long="skip"`` returns None; ``"truncate_left"`` drops
     prompt tokens from the start (keeping a leading BOS) so that everything from the first
@@ -425,14 +465,15 @@ def render_conversation(
         raise ValueError(f"train_on must be one of {TRAIN_ON}, not {train_on!r}")
     if too_long not in TOO_LONG:
         raise ValueError(f"too_long must be one of {TOO_LONG}, not {too_long!r}")
+    check_tool_support(tokenizer, messages, tools, source=None, line=None)
     clipped = _clip_messages(list(messages), train_on, max_length, too_long)
     if clipped is None:
         return None
     messages = clipped
-    encoding = encode_chat(tokenizer, messages, special_tokens_in_content=special_tokens_in_content)
+    encoding = encode_chat(tokenizer, messages, special_tokens_in_content=special_tokens_in_content, tools=tools)
     text, input_ids = encoding.text, encoding.input_ids
     offsets = encoding.offsets or []
-    spans = _loss_spans(tokenizer, messages, text, train_on)
+    spans = _loss_spans(tokenizer, messages, text, train_on, tools)
     labels = _labels(input_ids, offsets, spans)
     first_loss = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
     if len(input_ids) <= max_length:
@@ -460,8 +501,8 @@ def render_conversation(
 
 
 def _clip_messages(
-    messages: list[dict[str, str]], train_on: str, max_length: int, too_long: str
-) -> list[dict[str, str]] | None:
+    messages: list[dict[str, Any]], train_on: str, max_length: int, too_long: str
+) -> list[dict[str, Any]] | None:
     """``messages`` with every content longer than ``char_limit(max_length)`` characters (more than
     ``max_length`` tokens) dealt with before anything is tokenised: None when the example cannot fit (``"skip"``,
     or such a message from the first loss-carrying one on), else prompt messages clipped to their end, which
@@ -483,7 +524,8 @@ def _clip_messages(
 
 
 def _loss_spans(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], text: str, train_on: str
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], text: str, train_on: str,
+    tools: Sequence[dict[str, Any]] | None = None,
 ) -> list[tuple[int, int]]:
     """Character spans of ``text`` that carry loss, in order."""
     if train_on == "all":
@@ -493,12 +535,12 @@ def _loss_spans(
         turns = turns[-1:]
     spans = []
     for i in turns:
-        prompt = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
+        prompt = render_chat(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
         # The full render is the render of the whole conversation: reuse it for the last turn.
         turn = (
             text
             if i == len(messages) - 1
-            else render_chat(tokenizer, messages[: i + 1], add_generation_prompt=False)
+            else render_chat(tokenizer, messages[: i + 1], add_generation_prompt=False, tools=tools)
         )
         if not (text.startswith(turn) and turn.startswith(prompt)):
             raise DataError(

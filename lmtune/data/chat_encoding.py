@@ -11,10 +11,11 @@ whose content holds no control-token text is tokenised exactly as its rendered t
 from __future__ import annotations
 
 import functools
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 import jinja2.nodes
@@ -31,17 +32,19 @@ _MARK_START, _MARK_END = "\U000f0000", "\U000f0001"
 
 
 def render_chat(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], *, add_generation_prompt: bool
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], *, add_generation_prompt: bool,
+    tools: Sequence[dict[str, Any]] | None = None,
 ) -> str:
-    """``messages`` rendered with the tokenizer's chat template (a ModelError without one; a DataError when the
-    template refuses them)."""
+    """``messages`` rendered with the tokenizer's chat template, with the tool definitions ``tools`` where given
+    (a ModelError without a template; a DataError when the template refuses them)."""
     if not tokenizer.chat_template:
         raise ModelError(
             "the tokenizer has no chat template", hint="lmtune.data.chat.ensure_chat_template gives it ChatML"
         )
     try:
         text = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            messages, tools=list(tools) if tools else None, tokenize=False,
+            add_generation_prompt=add_generation_prompt,
         )
     except jinja2.TemplateError as exc:
         raise DataError(
@@ -66,11 +69,12 @@ class ChatEncoding:
 
 def encode_chat(
     tokenizer: PreTrainedTokenizerBase,
-    messages: Sequence[dict[str, str]],
+    messages: Sequence[dict[str, Any]],
     *,
     add_generation_prompt: bool = False,
     special_tokens_in_content: bool = False,
     offsets: bool = True,
+    tools: Sequence[dict[str, Any]] | None = None,
 ) -> ChatEncoding:
     """``messages`` rendered with the tokenizer's chat template and tokenised (no special tokens added besides
     those the template writes), with character offsets (a fast tokenizer is needed for those).
@@ -79,15 +83,21 @@ def encode_chat(
     those of transformers' ``apply_chat_template(..., sanitize_control_tokens=True)`` (checked: a tokenizer
     for which they would differ is a DataError); ``special_tokens_in_content`` tokenises it as the control
     tokens instead. A conversation without such text is tokenised exactly as its rendered text always was.
+
+    ``tools`` (tool definitions) go to the template. Control-token text in tool definitions or in an assistant's
+    tool calls is a DataError unless ``special_tokens_in_content`` (only message content is kept as text).
     """
     messages = list(messages)
-    text = render_chat(tokenizer, messages, add_generation_prompt=add_generation_prompt)
+    text = render_chat(tokenizer, messages, add_generation_prompt=add_generation_prompt, tools=tools)
+    if not special_tokens_in_content:
+        _refuse_control_text_in_tools(tokenizer, messages, tools)
     if special_tokens_in_content or not holds_control_text(tokenizer, messages):
         ids, spans = _encode(tokenizer, text, offsets=offsets)
         return ChatEncoding(text, ids, spans)
-    ids, spans = _encode_marked(tokenizer, messages, text, add_generation_prompt, offsets=offsets)
+    ids, spans = _encode_marked(tokenizer, messages, text, add_generation_prompt, offsets=offsets, tools=tools)
     sanitised = tokenizer.apply_chat_template(
         messages,
+        tools=list(tools) if tools else None,
         add_generation_prompt=add_generation_prompt,
         tokenize=True,
         sanitize_control_tokens=True,
@@ -113,7 +123,25 @@ def control_tokens(tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:
     return _control_tokens(template, added, tuple(listed) if listed is not None else None)
 
 
-def holds_control_text(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]) -> bool:
+def _refuse_control_text_in_tools(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None
+) -> None:
+    """A DataError where a tool definition or a tool call spells a control token: those are written by the
+    template as JSON, outside the content that :func:`encode_chat` keeps as text, so they could forge a turn."""
+    calls = [m["tool_calls"] for m in messages if m.get("tool_calls")]
+    if not tools and not calls:
+        return
+    pattern = _control_pattern(control_tokens(tokenizer))
+    found = pattern.search(json.dumps([tools or [], calls], ensure_ascii=False))
+    if found:
+        raise DataError(
+            f"a tool definition or tool call holds the control-token text {found.group(0)!r}",
+            hint="remove that text from the data, or set data.special_tokens_in_content: true to train on it "
+            "as a control token",
+        )
+
+
+def holds_control_text(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, Any]]) -> bool:
     """Whether a message's content spells a control token (:func:`control_tokens`) or holds transformers'
     control-token markers: only then does :func:`encode_chat` tokenise it apart from the rest."""
     pattern = _control_pattern(control_tokens(tokenizer))
@@ -172,11 +200,12 @@ def _encode(
 
 def _encode_marked(
     tokenizer: PreTrainedTokenizerBase,
-    messages: list[dict[str, str]],
+    messages: list[dict[str, Any]],
     text: str,
     add_generation_prompt: bool,
     *,
     offsets: bool,
+    tools: Sequence[dict[str, Any]] | None = None,
 ) -> tuple[list[int], list[tuple[int, int]] | None]:
     """Token ids (and offsets into ``text``) of the conversation with the control-token text of its contents
     tokenised as plain text: as transformers' ``encode_marked_chat`` does it, keeping the offsets.
@@ -203,7 +232,7 @@ def _encode_marked(
         }
         for message in messages
     ]
-    rendered = render_chat(tokenizer, marked, add_generation_prompt=add_generation_prompt)
+    rendered = render_chat(tokenizer, marked, add_generation_prompt=add_generation_prompt, tools=tools)
     markers = re.compile(f"{_MARK_START}({pattern.pattern}){_MARK_END}|[{_MARK_START}{_MARK_END}]")
     pieces = markers.split(rendered)  # [text, marked token or None, text, ...]
     if "".join(piece or "" for piece in pieces) != text:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lmtune.config import DataConfig
+from lmtune.data.mixing import group_text_lines
 from lmtune.data.pii import read_data_table
 from lmtune.data.readers import detect_format
 from lmtune.data.splits import first_occurrences, given_splits, hold_out
@@ -28,24 +29,14 @@ def read_documents(source: str, d: DataConfig) -> SplitDocuments:
     """The documents of one source, and facts about reading it; a DataError naming the file if none."""
     table = read_data_table(source, d)
     fmt: str = d.format
-    if fmt == "auto" and not source.startswith("bundled:"):
+    if d.train_mix is not None and source == d.train:
+        fmt = "mixed"  # read_data_table made each text source's lines documents already
+    elif fmt == "auto" and not source.startswith("bundled:"):
         fmt = detect_format(Path(source))
     skipped = 0
     docs: list[str] = []
     if fmt == "text" and d.document_split != "line":
-        # Lines arrive without the blank ones; a jump in line numbers is a paragraph break.
-        current: list[str] = []
-        last = None
-        for row, line in zip(table.rows, table.lines, strict=True):
-            if last is not None and line != last + 1 and d.document_split == "paragraph":
-                docs.append("\n".join(current))
-                current = []
-            elif last is not None and line != last + 1:
-                current.append("")  # keep the paragraph break inside a whole-file document
-            current.append(row["text"])
-            last = line
-        if current:
-            docs.append("\n".join(current))
+        docs = [row["text"] for row in group_text_lines(table, d.document_split).rows]
     else:
         for value, line in zip(table.column(d.text_column), table.lines, strict=True):
             if value is None or (isinstance(value, str) and not value.strip()):

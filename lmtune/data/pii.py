@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from lmtune.config.schema import PII_ENTITIES, DataConfig
+from lmtune.data.mixing import MIX_COLUMN, mix_tables
 from lmtune.data.pii_engine import Finding, PiiScanner
-from lmtune.data.readers import read_table
+from lmtune.data.readers import detect_format, read_table, resolve_source
 from lmtune.data.table import Table, format_locations
 from lmtune.errors import ConfigError, DataError
 
@@ -146,7 +147,7 @@ def protected_columns(d: DataConfig) -> set[str]:
     """Columns that hold labels, tags, ids or character offsets: never scanned or rewritten."""
     named = {d.columns.get(k, k) for k in ("label", "relation", "head", "tail", "entities", "relations")}
     return {d.label_column, d.tags_column, d.spans_column, d.answers_column, d.answer_text_column,
-            d.answer_start_column, d.id_column, *named}
+            d.answer_start_column, d.id_column, MIX_COLUMN, *named}
 
 
 def _check_offsets(table: Table, d: DataConfig, policy: str) -> None:
@@ -171,7 +172,8 @@ def _check_offsets(table: Table, d: DataConfig, policy: str) -> None:
 
 def split_names(source: str, d: DataConfig) -> list[str]:
     """The splits (train, validation, test) the config reads from ``source``; ``["data"]`` for none."""
-    return [s for s in ("train", "validation", "test") if getattr(d, s) == source] or ["data"]
+    mixed = ["train"] if any(s.path == source for s in d.train_mix or []) else []
+    return mixed + [s for s in ("train", "validation", "test") if getattr(d, s) == source] or ["data"]
 
 
 def apply_pii(table: Table, policy: str, scan: PiiScanner, *, protected: set[str] | frozenset[str] = frozenset(),
@@ -265,14 +267,31 @@ def read_data_table(source: str, d: DataConfig) -> Table:
     """Read ``source`` as :func:`~lmtune.data.readers.read_table` does (``data.format``, ``data.encoding``)
     and apply ``data.pii`` to its text cells (label, tag, id and offset columns left alone).
 
-    The report goes to the active :func:`recording`, if any.
+    ``data.train`` given as a list (``data.train_mix``) is read here, for every task: each source read and
+    treated so, then mixed by weight (:func:`~lmtune.data.mixing.mix_tables`). The report goes to the active
+    :func:`recording`, if any.
     """
-    table = read_table(source, format=d.format, encoding=d.encoding)
+    if d.train_mix is not None and source == d.train:
+        formats = [s.format or d.format for s in d.train_mix]
+        formats = [detect_format(resolve_source(s.path)) if f == "auto" else f
+                   for s, f in zip(d.train_mix, formats, strict=True)]
+        tables = [_read_one(s.path, d, f, ["train"], s.rename) for s, f in zip(d.train_mix, formats, strict=True)]
+        return mix_tables(tables, d, formats)
+    return _read_one(source, d, d.format, split_names(source, d))
+
+
+def _read_one(source: str, d: DataConfig, fmt: str, splits: list[str], rename: dict[str, str] | None = None
+              ) -> Table:
+    """One source read (``fmt``) and put through ``data.pii``; ``rename`` (a mixed source's column names to
+    the config's) says which of its columns are the protected ones."""
+    table = read_table(source, format=fmt, encoding=d.encoding)
     if d.pii == "off":
         return table
     _check_offsets(table, d, d.pii)
     scan = scanner(tuple(d.pii_entities) if d.pii_entities else None, d.pii_score)
-    table, report = apply_pii(table, d.pii, scan, protected=protected_columns(d), splits=split_names(source, d))
+    protected = protected_columns(d)
+    protected |= {theirs for theirs, ours in (rename or {}).items() if ours in protected}
+    table, report = apply_pii(table, d.pii, scan, protected=protected, splits=splits)
     reports = _RECORDING.get()
     if reports is not None:
         reports.append(report)

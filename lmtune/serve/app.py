@@ -56,6 +56,7 @@ from lmtune.serve.schemas import (
     CompletionRequest,
     PredictRequest,
 )
+from lmtune.serve.tools import answer_message, request_tools, tool_call_deltas
 from lmtune.tasks.base import Explainer
 from lmtune.workflows.run import Run
 
@@ -379,40 +380,56 @@ class _Api:
         """``POST /v1/chat/completions``: the assistant's answer(s), rendered with the model's chat template."""
         self._require(CHAT_PATH)
         self._check_supported(body)
-        messages = []
+        messages: list[dict[str, Any]] = []
         for i, m in enumerate(body.messages):
             content = m.content
             if isinstance(content, list):
                 if any(part.type != "text" or part.text is None for part in content):
                     raise APIError(400, "only text content parts are supported", param=f"messages.{i}.content")
                 content = "".join(part.text or "" for part in content)
-            messages.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
-        self._check_chars([m["content"] for m in messages], "messages")
+            message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
+            if m.tool_calls is not None:
+                message["tool_calls"] = m.tool_calls
+            if m.tool_call_id is not None:
+                message["tool_call_id"] = m.tool_call_id
+            if content is None and not m.tool_calls:
+                message["content"] = ""
+            messages.append(message)
+        # Tool definitions and calls are text the model reads too.
+        tool_json = json.dumps([body.tools or [], [m.get("tool_calls") or [] for m in messages]])
+        self._check_chars([*(m["content"] or "" for m in messages), tool_json], "messages")
         try:
             conversation = validate_prompt_messages(messages, source="request", line=None, field="messages")
         except LmtuneError as exc:
             raise APIError(400, exc.message, param="messages", code="invalid_value") from None
+        tools = request_tools(body.tools, body.tool_choice, self.engine.loaded.tokenizer, conversation)
         settings, alone = self._settings(body, body.max_completion_tokens or body.max_tokens)
-        rendered = generation.chat_prompt(self.engine.loaded.tokenizer, conversation)
+        rendered = generation.chat_prompt(self.engine.loaded.tokenizer, conversation, tools=tools)
         self._check_tokens([rendered], settings, body.n)
         ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream and body.n != 1:
             raise APIError(400, "stream with n > 1 is not supported", param="n", code="unsupported_parameter")
-        withheld = await self.safeguards.check_input([m["content"] for m in messages], "messages", replaceable=True)
+        withheld = await self.safeguards.check_input([m["content"] for m in conversation], "messages",
+                                                     replaceable=True)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return self._sse(self._chat_chunks(ident, created, rendered, settings, include_usage, withheld))
+            return self._sse(self._chat_chunks(ident, created, rendered, settings, include_usage, withheld, tools))
         results = await self._screened_answers([rendered], settings, body.n, alone, withheld)
+        choices = []
+        for j, r in enumerate(results):
+            message, finish = answer_message(r["text"], tools, r["finish_reason"])
+            choices.append({"index": j, "message": message, "logprobs": None, "finish_reason": finish})
         return {
             "id": ident, "object": "chat.completion", "created": created, "model": self.engine.model_id,
-            "system_fingerprint": None,
-            "choices": [{"index": j, "message": {"role": "assistant", "content": r["text"]}, "logprobs": None,
-                         "finish_reason": r["finish_reason"]} for j, r in enumerate(results)],
-            "usage": self._usage(results, body.n),
+            "system_fingerprint": None, "choices": choices, "usage": self._usage(results, body.n),
         }
 
     async def _chat_chunks(self, ident: str, created: int, rendered: str, settings: Any,
-                           include_usage: bool, withheld: bool) -> AsyncIterator[dict[str, Any]]:
+                           include_usage: bool, withheld: bool,
+                           tools: list[dict[str, Any]] | None = None) -> AsyncIterator[dict[str, Any]]:
+        """The chunks of a streamed chat answer. With ``tools`` the answer is generated whole before anything is
+        sent (a call cannot be told from text until it ends): then its calls come as one ``delta.tool_calls``
+        chunk (each call whole, with its ``index``) after any text, and finish_reason ``tool_calls``."""
         def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
             return {"id": ident, "object": "chat.completion.chunk", "created": created,
                     "model": self.engine.model_id, "system_fingerprint": None,
@@ -420,9 +437,18 @@ class _Api:
 
         info: dict[str, Any] = {}
         yield chunk({"role": "assistant", "content": ""}, None)
-        async for piece in self._pieces(rendered, settings, info, withheld):
-            yield chunk({"content": piece}, None)
-        yield chunk({}, info.get("finish_reason", "stop"))
+        if tools:
+            text = "".join([piece async for piece in self._pieces(rendered, settings, info, withheld)])
+            message, finish = answer_message(text, tools, info.get("finish_reason", "stop"))
+            if message["content"]:
+                yield chunk({"content": message["content"]}, None)
+            if "tool_calls" in message:
+                yield chunk({"tool_calls": tool_call_deltas(message["tool_calls"])}, None)
+            yield chunk({}, finish)
+        else:
+            async for piece in self._pieces(rendered, settings, info, withheld):
+                yield chunk({"content": piece}, None)
+            yield chunk({}, info.get("finish_reason", "stop"))
         if include_usage:
             yield {"id": ident, "object": "chat.completion.chunk", "created": created, "model": self.engine.model_id,
                    "choices": [], "usage": self._usage([info], 1)}

@@ -1,6 +1,7 @@
 """Request bodies of the server's endpoints: the OpenAI shapes (chat completions, completions) and lmtune's
-task endpoints. Fields OpenAI clients send that lmtune cannot honour (logprobs, penalties, tools ...)
+task endpoints. Fields OpenAI clients send that lmtune cannot honour (logprobs, penalties ...)
 are accepted when left at their defaults and refused with a clear 400 otherwise, never silently ignored.
+``tools`` and ``tool_choice`` are read by ``lmtune.serve.tools``.
 """
 
 from __future__ import annotations
@@ -60,11 +61,14 @@ class ContentPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    """An OpenAI chat message (``developer`` is read as ``system``)."""
+    """An OpenAI chat message (``developer`` is read as ``system``); an assistant's ``tool_calls`` and a ``tool``
+    message's ``tool_call_id`` are checked with the conversation (``lmtune.data.chat``)."""
 
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[Any] | None = None
+    tool_call_id: str | None = None
 
 
 class ChatCompletionRequest(_Sampling):
@@ -112,8 +116,6 @@ UNSUPPORTED: dict[str, Any] = {
     "logprobs": (None, False, 0),
     "top_logprobs": (None, 0),
     "logit_bias": (None, {}),
-    "tools": (None, []),
-    "tool_choice": (None, "none", "auto"),
     "response_format": (None, {"type": "text"}),
     "echo": (False,),
     "suffix": (None, ""),

@@ -6,8 +6,11 @@ messages (role/content, system prompts, several turns), detected from the record
 ``data.chat_format``; ``data.columns`` maps other column names. Every conversation is validated
 (roles alternate, no empty answer, known roles) with errors that name file, line and field.
 
-Conversations are rendered by the model's own chat template (a ChatML default when it has none),
-exactly as inference renders them; the template is saved with the model. Loss falls on assistant
+Conversations are rendered by the model's own chat template (a ChatML default when it has none; the user's
+``model.chat_template``, e.g. ``chatml-tools``, where given), exactly as inference renders them; the
+template is saved with the model. OpenAI records may carry ``tools`` and tool calls (``data/chat_tools.py``):
+they go to the template, which must support them (else a DataError at the first such record's file:line);
+the assistant's calls carry loss like its answers, tool results never. Loss falls on assistant
 tokens only by default, always including the end-of-turn token the model must learn to stop at
 (also when pad and EOS are the same token). Optional packing of whole conversations into rows.
 
@@ -37,6 +40,13 @@ from lmtune.data.chat import (
     format_conversation_for_display,
     render_conversation,
     to_messages,
+)
+from lmtune.data.chat_tools import (
+    CHAT_TEMPLATES,
+    check_tool_support,
+    record_tools,
+    resolve_chat_template,
+    target_text,
 )
 from lmtune.data.features import (
     IGNORE_INDEX,
@@ -82,12 +92,17 @@ class ChatTuningTask(DecoderTask):
 
     # ------------------------------------------------------------------------------ tokenizer
     def load_tokenizer(self, model_path: Path | None) -> Any:
-        """The model's tokenizer with a chat template (ChatML added when the model has none)."""
+        """The model's tokenizer with a chat template: ``model.chat_template`` where set, else the model's own
+        (ChatML added when the model has none)."""
         assert model_path is not None
         tok = load_padded_tokenizer(model_path, trust_remote_code=self.config.model.trust_remote_code)
         had_template = bool(tok.chat_template)
-        self.vocab_grew = ensure_chat_template(tok)
-        if not had_template:
+        chosen = self.config.model.chat_template
+        self.vocab_grew = ensure_chat_template(tok, resolve_chat_template(chosen) if chosen else None)
+        if chosen:
+            # A built-in's name, else "config" (the user's Jinja string or file).
+            self.chat_template_source = chosen if chosen in CHAT_TEMPLATES else "config"
+        elif not had_template:
             self.chat_template_source = "default"
             log.warning("the model has no chat template; using lmtune's ChatML default%s (saved with the model)",
                         " and adding its <|im_start|>/<|im_end|> tokens" if self.vocab_grew else "")
@@ -103,17 +118,27 @@ class ChatTuningTask(DecoderTask):
 
     # ------------------------------------------------------------------------------ data
     def read_conversations(self, source: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """Validated conversations ``{messages, line}`` of one source, and facts about it."""
+        """Validated conversations ``{messages, line}`` of one source (``tools`` too where an openai record has
+        tool definitions), and facts about it. Tools or tool calls with a chat template that cannot write them
+        are a DataError at the first such record."""
         d = self.data_cfg
         table = read_data_table(source, d)
         fmt = d.chat_format if d.chat_format != "auto" else detect_format(table.rows, d.columns, source)
-        records = [
-            {"messages": to_messages(row, fmt, d.columns, source=source, line=line), "line": line}
-            for row, line in zip(table.rows, table.lines, strict=True)
-        ]
+        records = []
+        for row, line in zip(table.rows, table.lines, strict=True):
+            record: dict[str, Any] = {"messages": to_messages(row, fmt, d.columns, source=source, line=line),
+                                      "line": line}
+            tools = record_tools(row, fmt, d.columns, source=source, line=line)
+            if tools:
+                record["tools"] = tools
+            if self.tokenizer is not None:
+                check_tool_support(self.tokenizer, record["messages"], tools, source=source, line=line)
+            records.append(record)
         if not records:
             raise DataError("no conversations", file=source)
-        return records, {"source": source, "rows_read": len(table), "chat_format": fmt}
+        with_tools = sum(1 for r in records if "tools" in r or any(m.get("tool_calls") for m in r["messages"]))
+        facts = {"source": source, "rows_read": len(table), "chat_format": fmt}
+        return records, {**facts, "tool_conversations": with_tools} if with_tools else facts
 
     def conversation_splits(self) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
         """Validated conversations per split (given files, or a seeded hold-out of train; de-duplicated and
@@ -123,7 +148,7 @@ class ChatTuningTask(DecoderTask):
         info: dict[str, Any] = {"train": train_info}
 
         def key(r: dict[str, Any]) -> str:
-            return json.dumps(r["messages"], ensure_ascii=False, sort_keys=True)
+            return json.dumps([r["messages"], r.get("tools")], ensure_ascii=False, sort_keys=True)
 
         if d.deduplicate:
             unique = first_occurrences(train, key)
@@ -167,7 +192,8 @@ class ChatTuningTask(DecoderTask):
         skipped = []
         for r in records:
             ex = render_conversation(tokenizer, r["messages"], train_on=d.train_on, max_length=d.max_length,
-                                     too_long=d.too_long, special_tokens_in_content=d.special_tokens_in_content)
+                                     too_long=d.too_long, special_tokens_in_content=d.special_tokens_in_content,
+                                     tools=r.get("tools"))
             out.append(ex)
             if ex is None:
                 skipped.append(r["line"])
@@ -255,8 +281,9 @@ class ChatTuningTask(DecoderTask):
             })
             if split != "train":
                 limit = self.config.generation.eval_examples or len(kept)
-                prompts[split] = [chat_prompt(tokenizer, r["messages"][:-1]) for r, _ in kept[:limit]]
-                references[split] = [r["messages"][-1]["content"] for r, _ in kept[:limit]]
+                prompts[split] = [chat_prompt(tokenizer, r["messages"][:-1], tools=r.get("tools"))
+                                  for r, _ in kept[:limit]]
+                references[split] = [target_text(tokenizer, r["messages"], r.get("tools")) for r, _ in kept[:limit]]
         info["chat_template"] = self.chat_template_source
         extra: dict[str, Any] = {"prompts": prompts, "references": references}
         if self.config.evaluate.memorisation is not None:
@@ -388,3 +415,4 @@ def chat_example(tokenizer: Any, record: dict[str, Any], ex: RenderedExample) ->
         "targets": targets,
         "markup": format_conversation_for_display(tokenizer, ex).markup,
     }
+

@@ -63,6 +63,7 @@ def pair_task_info(name: str, summary: str) -> TaskInfo:
         decoder=True,
         chat=True,
         generates=True,
+        exports=("merged", "gguf"),
         endpoints=("/v1/chat/completions", "/v1/completions"),
         check=check_pair_task,
         bundled_data=("chatterbot_pairs",),

@@ -17,6 +17,8 @@ equals batch 4 x accumulation 2; tested).
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import logging
 import math
@@ -24,7 +26,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from accelerate.data_loader import prepare_data_loader
@@ -32,9 +34,9 @@ from accelerate.utils import gather_object
 from torch.utils.data import DataLoader, Sampler
 from transformers import get_scheduler
 
-from lmtune.config import Config
+from lmtune.config import Config, TrainConfig
 from lmtune.data.features import LengthGroupedBatchSampler, SortedBatchSampler
-from lmtune.errors import LmtuneError
+from lmtune.errors import ConfigError, LmtuneError
 from lmtune.tasks.base import Task, TaskData
 from lmtune.training import checkpoint as ckpt
 from lmtune.training import privacy
@@ -93,23 +95,52 @@ class MetricsLog:
             self.accelerator.log(scalars, step=record.get("step"))
 
 
-def _param_groups(model: torch.nn.Module, config: Config, head_names: set[str]) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on biases and norms; optional own learning rate for the new head."""
+def param_groups(model: torch.nn.Module, config: Config, head_names: set[str]) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases and norms; optional own learning rate for the new head;
+    with ``method.loraplus_lr_ratio`` (LoRA+), the LoRA B matrices at ``learning_rate`` times the ratio."""
     t = config.train
-    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    ratio = config.method.loraplus_lr_ratio
+    groups: dict[tuple[bool, bool, bool], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         no_decay = p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias")
         is_head = any(part in head_names for part in name.split("."))
-        groups.setdefault((no_decay, is_head), []).append(p)
+        # peft names them <module>.lora_B.<adapter>.weight (lora_embedding_B.<adapter> on embeddings).
+        is_lora_b = ratio is not None and any(part in ("lora_B", "lora_embedding_B") for part in name.split("."))
+        groups.setdefault((no_decay, is_head, is_lora_b), []).append(p)
     out = []
-    for (no_decay, is_head), params in groups.items():
+    for (no_decay, is_head, is_lora_b), params in groups.items():
         lr = t.head_learning_rate if (is_head and t.head_learning_rate) else t.learning_rate
+        if is_lora_b and ratio is not None:
+            lr = t.learning_rate * ratio
         out.append({"params": params, "weight_decay": 0.0 if no_decay else t.weight_decay, "lr": lr})
     if not out:
         raise TrainingError("no trainable parameters: check method.name and method.target_modules")
     return out
+
+
+def check_optimizer_supported(train: TrainConfig) -> None:
+    """Fail before anything loads when ``train.optimizer`` cannot run here (8-bit AdamW without CUDA)."""
+    if train.optimizer == "adamw":
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(f"train.optimizer {train.optimizer} keeps 8-bit optimizer states with bitsandbytes on a "
+                          "CUDA GPU; this machine has none", hint="use train.optimizer: adamw")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"train.optimizer {train.optimizer} needs the bitsandbytes package",
+                          hint="pip install bitsandbytes")
+
+
+def build_optimizer(groups: list[dict[str, Any]], train: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer ``train.optimizer`` names, over ``groups`` (:func:`param_groups`)."""
+    if train.optimizer == "adamw":
+        return _adamw(groups, train.learning_rate)
+    check_optimizer_supported(train)
+    # Imported here: bitsandbytes is optional (CUDA only), and importing it probes the GPU.
+    bnb_optim = importlib.import_module("bitsandbytes.optim")
+    optimizer_class = bnb_optim.PagedAdamW8bit if train.optimizer == "paged_adamw_8bit" else bnb_optim.AdamW8bit
+    return cast(torch.optim.Optimizer, optimizer_class(groups, lr=train.learning_rate))
 
 
 def _adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
@@ -198,7 +229,7 @@ class TrainingLoop:
                 )
                 self.eval_loaders[split] = self.accelerator.prepare_data_loader(loader)
 
-        optimizer = _adamw(_param_groups(self.model, self.config, self.head_names), t.learning_rate)
+        optimizer = build_optimizer(param_groups(self.model, self.config, self.head_names), t)
         if self.streaming:
             self._prepare_stream(optimizer, train_loader)
         else:

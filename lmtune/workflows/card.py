@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
+from huggingface_hub import EvalResult, ModelCardData, metadata_load
 
 from lmtune.config import Config
 from lmtune.config.tasks import task_info
 from lmtune.evaluate.fairness import card_lines
 from lmtune.evaluate.memorisation import card_lines as memorisation_card_lines
+from lmtune.models.registry import find_bundled
 from lmtune.training.privacy import describe_privacy
 from lmtune.workflows.pii_scan import card_lines as pii_card_lines
 
@@ -54,6 +55,59 @@ def _privacy_lines(cfg: Config, meta: dict[str, Any], metrics: dict[str, Any], d
     return lines
 
 
+def hub_base_model(cfg: Config, meta: dict[str, Any]) -> str | None:
+    """The Hub id of the model this one was fine-tuned from, for the card's ``base_model``: a Hub model's id, a
+    bundled model's original id; None for a local folder, a model trained from scratch or a neural baseline
+    (the Hub accepts only ids there)."""
+    if cfg.model.init != "pretrained":
+        return None
+    hub = meta.get("base_model_hub")
+    if isinstance(hub, dict) and hub.get("repo_id"):
+        return str(hub["repo_id"])
+    bundled = find_bundled(str(meta.get("base_model") or ""))
+    return bundled.hf_id if bundled is not None else None
+
+
+def base_model_license(cfg: Config, meta: dict[str, Any]) -> str | None:
+    """The base model's license where it is known (a bundled model's, or the Hub model card's); else None."""
+    if cfg.model.init != "pretrained":
+        return None
+    bundled = find_bundled(str(meta.get("base_model") or ""))
+    if bundled is not None and not meta.get("base_model_hub"):
+        return bundled.license
+    card = Path(str(meta.get("base_model_path") or "")) / "README.md"
+    try:
+        license_ = (metadata_load(card) or {}).get("license") if meta.get("base_model_path") and card.is_file() else None
+    except (OSError, ValueError):  # an unreadable card: no license claimed rather than a wrong one
+        return None
+    return str(license_) if isinstance(license_, str) else None
+
+
+def card_metadata(cfg: Config, meta: dict[str, Any], metrics: dict[str, Any]) -> ModelCardData:
+    """The card's Hub metadata (its YAML front matter): library, task, base model, license, tags and the
+    headline metrics as a ``model-index`` (one EvalResult per metric, on the test split, else validation)."""
+    info = task_info(cfg.task)
+    test = metrics.get("test") or metrics.get("validation") or {}
+    split = "test" if metrics.get("test") else "validation"
+    # The training file's name, not its path: a card is meant to be shared, a path names the user's folders.
+    sources = cfg.data.train if isinstance(cfg.data.train, list | tuple) else [cfg.data.train]
+    dataset = ", ".join(Path(str(source)).name or str(source) for source in sources)
+    results = [EvalResult(task_type=info.pipeline_tag, dataset_type="custom", dataset_name=dataset,
+                          dataset_split=split, metric_type=k, metric_value=float(test[k]), metric_name=f"{split} {k}")
+               for k in info.card_metrics[:3] if isinstance(test.get(k), int | float)]
+    return ModelCardData(
+        library_name="transformers",
+        pipeline_tag=info.pipeline_tag,
+        base_model=hub_base_model(cfg, meta),
+        license=base_model_license(cfg, meta),
+        # lmtune trains from local files: a Hub data set id is known for none of them.
+        datasets=None,
+        tags=["lmtune", cfg.task, cfg.method.name],
+        model_name=Path(cfg.output_dir).name,
+        eval_results=results or None,
+    )
+
+
 def write_model_card(folder: Path, cfg: Config, meta: dict[str, Any], metrics: dict[str, Any],
                      data_info: dict[str, Any]) -> Path:
     """Write ``README.md``: what the model is, how it was trained, how well it does, how to use it."""
@@ -61,26 +115,11 @@ def write_model_card(folder: Path, cfg: Config, meta: dict[str, Any], metrics: d
     test = metrics.get("test") or metrics.get("validation") or {}
     split = "test" if metrics.get("test") else "validation"
     keys = info.card_metrics
-    front = {
-        "library_name": "transformers",
-        "pipeline_tag": info.pipeline_tag,
-        # A neural baseline starts from no pretrained model (the Hub field names one).
-        "base_model": None if str(meta.get("base_model")).startswith("baseline:") else meta.get("base_model"),
-        "tags": ["lmtune", cfg.task, cfg.method.name],
-        "model-index": [{
-            "name": Path(cfg.output_dir).name,
-            "results": [{
-                "task": {"type": info.pipeline_tag},
-                "dataset": {"name": str(cfg.data.train), "type": "custom", "split": split},
-                "metrics": [{"type": k, "value": float(test[k])} for k in keys[:3] if k in test],
-            }],
-        }],
-    }
     summary = metrics.get("summary", {})
     start: dict[str, Any] = next(iter(metrics.get("starting_point", {}).values()), {})
     labels = meta.get("labels") or []
     lines = [
-        "---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).strip(), "---", "",
+        "---", card_metadata(cfg, meta, metrics).to_yaml(), "---", "",
         f"# {Path(cfg.output_dir).name}", "",
         f"A `{meta.get('base_model')}` model fine-tuned with [lmtune](https://github.com/) for **{cfg.task}** "
         f"({cfg.method.name} fine-tuning" + (", LoRA merged into the weights" if meta.get("saved_as") == "merged" else "")

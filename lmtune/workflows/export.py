@@ -32,7 +32,7 @@ def export_merged(run_dir: str | Path, output: str | Path, *, tolerance: float =
     if info is None or "merged" not in info.exports:
         raise RunError(f"cannot export a model for task '{run.meta.get('task')}'",
                        hint="export knows the tasks " + ", ".join(_tasks_exporting("merged")))
-    _load_task_model_code(run.meta)
+    load_task_model_code(run.meta)
     return export_merged_folder(run.path, run.model_dir, run.meta, Path(output), auto_class=auto_class(run.meta, info),
                                 tolerance=tolerance, prompts=prompts, overwrite=overwrite)
 
@@ -47,7 +47,7 @@ def export_onnx(run_dir: str | Path, output: str | Path, *, tolerance: float = O
         raise RunError(f"ONNX export is not implemented for '{run.meta.get('task')}' models, only for "
                        f"{', '.join(_tasks_exporting('onnx'))}",
                        hint="`--format merged` writes a transformers folder for every task")
-    _load_task_model_code(run.meta)
+    load_task_model_code(run.meta)
     return export_onnx_folder(run.path, run.model_dir, run.meta, output, auto_class=auto_class(run.meta, info),
                               tolerance=tolerance, texts=texts, overwrite=overwrite)
 
@@ -59,7 +59,7 @@ def auto_class(meta: dict[str, Any], info: TaskInfo) -> str:
     return str(recorded) if recorded else info.auto_class
 
 
-def _load_task_model_code(meta: dict[str, Any]) -> None:
+def load_task_model_code(meta: dict[str, Any]) -> None:
     """Import the run's task predictor: a task whose model is its own type (relation extraction's
     ``lmtune_relation``) registers it with transformers' auto classes on import, so the folder loads."""
     with contextlib.suppress(KeyError):  # a task without a predictor: its models are plain transformers types

@@ -29,7 +29,9 @@ from rich.text import Text
 from lmtune.config import Config, load_config
 from lmtune.config.schema import describe_learning_rates
 from lmtune.console import quiet_libraries
+from lmtune.data import mixing
 from lmtune.data.features import LengthGroupedBatchSampler
+from lmtune.data.mixing import describe_mix
 from lmtune.tasks import Task, get_task
 from lmtune.tasks.inspection import collect_warnings, length_stats, round_up, split_rank
 
@@ -89,7 +91,16 @@ def _task(config: Config | str | Path | dict[str, Any], overrides: dict[str, Any
 
 
 def _inspect(task: Task, source: str | None, *, examples: int) -> dict[str, Any]:
-    """:func:`inspect_data`'s report for a built task."""
+    """:func:`inspect_data`'s report for a built task; with a mixed data.train, ``mix``: what each source gave
+    (:func:`lmtune.data.mixing.mix_record`)."""
+    with mixing.recording() as mixes:
+        report = _inspect_task(task, source, examples=examples)
+    if mixes:
+        report["mix"] = mixes[-1]
+    return report
+
+
+def _inspect_task(task: Task, source: str | None, *, examples: int) -> dict[str, Any]:
     cfg = task.config
     own = task.inspect(source, examples=examples)  # chat or raw text: the task's whole report
     if own is not None:
@@ -163,6 +174,15 @@ def inspect_config(config_path: Path, console: Console, *, examples: int = 3) ->
     task, source = _task(config_path, None)
     report = _inspect(task, source, examples=examples)
     render(report, console, task)
+    if report.get("mix"):
+        sentence, header, rows = describe_mix(report["mix"])
+        table = Table(title="data mix", title_justify="left")
+        for name in header:
+            table.add_column(name, justify="left" if name == "source" else "right")
+        for row in rows:
+            table.add_row(*map(str, row))
+        console.print(table)
+        console.print(sentence, highlight=False)
     console.print(Text.assemble(("learning rate: ", "bold"), describe_learning_rates(report["learning_rates"])), highlight=False)
     return report
 

@@ -60,8 +60,8 @@ def scan_data(config: Config | str | Path | dict[str, Any], *, overrides: dict[s
     sources: list[dict[str, Any]] = []
     total: dict[str, int] = {}
     rows = 0
-    for source in dict.fromkeys(s for s in (d.train, d.validation, d.test) if s):
-        table = read_table(source, format=d.format, encoding=d.encoding)
+    for source in d.sources():  # a mixed data.train: each of its sources
+        table = read_table(source, format=d.source_format(source), encoding=d.encoding)
         _, report = apply_pii(table, "scan", scan, protected=protected_columns(d), splits=split_names(source, d))
         rows += report.rows
         for entity, count in report.counts.items():

@@ -316,6 +316,8 @@ def build_meta_model(task: Task, model_path: Path | None, data: Any, tokenizer: 
     lm_head = task.info.generates or task.info.auto_class == "AutoModelForMaskedLM"
     head = task.head_module_names(model)
     build_method = method.model_copy(update={"name": "lora"}) if method.name == "qlora" else method
+    # How adapters start changes no shape; PiSSA/OLoRA/LoftQ would decompose weights that meta tensors lack.
+    build_method = build_method.model_copy(update={"init_lora_weights": "default"})
     with meta_device():
         model = apply_task_method(model, task, build_method, head)
     return _facts(model, stacks, head, method, lm_head)
@@ -528,8 +530,8 @@ def _gib(n: float) -> str:
 # ------------------------------------------------------------------------------------------ the plan
 def _data_is_cheap(cfg: Config) -> bool:
     total = 0
-    for source in (cfg.data.train, cfg.data.validation, cfg.data.test):
-        if not source or source.startswith("bundled:"):
+    for source in cfg.data.sources():
+        if source.startswith("bundled:"):
             continue
         path = Path(source).expanduser()
         if path.is_dir():

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lmtune.config import Config
+from lmtune.data.mixing import describe_mix
 from lmtune.evaluate import fairness, memorisation
 from lmtune.evaluate.comparison import comparison_rows, table_cells, write_comparison
 from lmtune.evaluate.plots import plot_metric_comparison, plot_training_curves
@@ -49,8 +50,10 @@ def write_report(
     split = "test" if "test" in metrics else "validation"
     headline = task.headline_metrics
     r = Report(f"lmtune run: {run_dir.name}")
+    hub = model_info.get("base_model_hub")
+    at = f" (Hub commit `{hub['commit']}`)" if hub else ""
     r.paragraph(
-        f"Task **{cfg.task}**; model `{cfg.model.name}` with **{cfg.method.name}** fine-tuning; "
+        f"Task **{cfg.task}**; model `{cfg.model.name}`{at} with **{cfg.method.name}** fine-tuning; "
         f"data `{cfg.data.train}`. {summary['steps']} optimizer steps in {summary['train_seconds']:.0f} s "
         f"({summary['train_tokens_per_second']:,.0f} real tokens/s, precision {summary['precision']}, "
         f"{summary['num_processes']} process(es)); best checkpoint at step {summary['best_step']} by "
@@ -144,6 +147,10 @@ def write_report(
         ["split", "examples", "tokens", "truncated", "skipped (empty or too long)", "duplicates removed", "source"],
         data_rows,
     )
+    if info.get("mix"):  # a mixed data.train: each source's share
+        sentence, header, mix_rows = describe_mix(info["mix"])
+        r.paragraph(sentence)
+        r.table(header, mix_rows)
     counts = info.get("train", {}).get("label_counts", {})
     if counts:
         r.paragraph(

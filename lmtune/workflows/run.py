@@ -25,7 +25,7 @@ from accelerate.state import AcceleratorState, GradientState
 from pydantic import ValidationError
 from torch.utils.data import DataLoader
 
-from lmtune.config import GenerationConfig, load_config
+from lmtune.config import Config, GenerationConfig, load_config
 from lmtune.config.tasks import TASK_INFOS, TaskInfo, task_info
 from lmtune.console import make_progress, quiet_libraries
 from lmtune.data.features import SortedBatchSampler
@@ -37,7 +37,7 @@ from lmtune.models import generation
 from lmtune.models.explain import DEFAULT_STEPS as DEFAULT_EXPLAIN_STEPS
 from lmtune.models.generation import GenerationSettings
 from lmtune.models.text_generator import ChatSession, TextGenerator, validate_prompt_messages
-from lmtune.tasks import Predictor, get_predictor, get_task
+from lmtune.tasks import Predictor, Task, TaskData, get_predictor, get_task
 from lmtune.tasks.base import Explainer
 from lmtune.workflows.predictions import check_output, rename_taken, write_predictions
 from lmtune.workflows.run_folder import lock_holder, read_run_record, run_status
@@ -50,7 +50,7 @@ log = logging.getLogger("lmtune")
 # Columns a generation file's rows gain (predict_file).
 GENERATED_COLUMNS = ("generated", "finish_reason", "prompt_tokens", "completion_tokens")
 
-__all__ = ["GENERATED_COLUMNS", "ChatSession", "GenerationOverrides", "Run", "TextGenerator",
+__all__ = ["GENERATED_COLUMNS", "ChatSession", "EvaluationData", "GenerationOverrides", "Run", "TextGenerator",
            "validate_prompt_messages"]
 
 
@@ -401,6 +401,18 @@ class Run:
     def _evaluate_with_task(self, loaded: Any, data: str | Path | None, batch_size: int | None) -> dict[str, Any]:
         """The task's own evaluation (as at the end of training) of the saved model (``loaded``: its
         predictor or generator), on the run's rebuilt splits or on ``data`` (a file in the training format)."""
+        evaluation = self.evaluation_data(data, tokenizer=loaded.tokenizer, batch_size=batch_size)
+        splits = ["test"] if data is not None else ["validation", "test"]
+        out = {split: evaluation.evaluate(loaded.model, split) for split in splits if evaluation.has(split)}
+        if data is not None:
+            return {"data": str(data), **out["test"]}
+        return out
+
+    def evaluation_data(self, data: str | Path | None = None, *, tokenizer: Any = None,
+                        batch_size: int | None = None) -> EvaluationData:
+        """The run's task set up for its final evaluation, with its rebuilt splits (or ``data``, a file in the
+        training format, as the test split), tokenised with ``tokenizer`` (default: the task's tokenizer for
+        the model folder): what :meth:`evaluate` scores a model on, and a quantized export both its models."""
         config_file = self.path / "config.yaml"
         overrides: dict[str, Any] = {}
         if data is not None:
@@ -418,27 +430,41 @@ class Run:
         # The trained model's own settings (label set, tag scheme, QA's no-answer threshold ...) win over the
         # config's; prepare takes the saved tokenizer (chat template ...).
         task.load_model_meta(self.meta)
-        prepared = task.prepare(loaded.tokenizer)
+        if tokenizer is None:
+            tokenizer = task.load_tokenizer(self.model_dir)
+        prepared = task.prepare(tokenizer)
         task.evaluation_phase("final")  # generation scores too, not only the loss
+        return EvaluationData(cfg, task, prepared, tokenizer,
+                              batch_size or cfg.train.eval_batch_size or cfg.train.batch_size)
+
+
+@dataclasses.dataclass
+class EvaluationData:
+    """A run's task ready to score models on the run's splits (:meth:`Run.evaluation_data`)."""
+
+    config: Config
+    task: Task
+    prepared: TaskData
+    tokenizer: Any
+    batch_size: int
+
+    def has(self, split: str) -> bool:
+        """Whether ``split`` exists and holds examples."""
+        return split in self.prepared.splits and len(self.prepared.splits[split]) > 0
+
+    def evaluate(self, model: Any, split: str) -> dict[str, Any]:
+        """The task's metrics of ``model`` (any module the task's ``evaluate`` can call; one without parameters
+        runs on the CPU) on ``split``, batched by length."""
         # Accelerate keeps its settings in a process-wide singleton (see workflows.train).
         AcceleratorState._reset_state()
         GradientState._reset_state()
-        device = next(loaded.model.parameters()).device
-        accelerator = Accelerator(cpu=device.type != "cuda")
-        size = batch_size or cfg.train.eval_batch_size or cfg.train.batch_size
-        splits = ["test"] if data is not None else ["validation", "test"]
-        out: dict[str, Any] = {}
-        for split in splits:
-            if split not in prepared.splits or not len(prepared.splits[split]):
-                continue
-            loader = DataLoader(prepared.splits[split], collate_fn=task.collator(loaded.tokenizer),
-                                batch_sampler=SortedBatchSampler(prepared.lengths[split], size))
-            with torch.no_grad():
-                out[split] = task.evaluate(loaded.model, accelerator.prepare_data_loader(loader), accelerator, split,
-                                           prepared)
-        if data is not None:
-            return {"data": str(data), **out["test"]}
-        return out
+        parameter = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+        accelerator = Accelerator(cpu=parameter is None or parameter.device.type != "cuda")
+        loader = DataLoader(self.prepared.splits[split], collate_fn=self.task.collator(self.tokenizer),
+                            batch_sampler=SortedBatchSampler(self.prepared.lengths[split], self.batch_size))
+        with torch.no_grad():
+            return self.task.evaluate(model, accelerator.prepare_data_loader(loader), accelerator, split,
+                                      self.prepared)
 
 
 _DAMAGED = "the model folder is damaged: train the run again, or restore model/ from a copy"

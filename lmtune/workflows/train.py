@@ -23,11 +23,18 @@ from accelerate.utils import set_seed
 
 from lmtune.config import Config, load_config, save_config
 from lmtune.console import log, make_progress, quiet_libraries, run_logging
-from lmtune.data import pii
+from lmtune.data import mixing, pii
 from lmtune.data.features import save_json_atomic
 from lmtune.errors import LmtuneError, RunError, is_disk_full
 from lmtune.evaluate.fairness import load_term_pairs, run_counterfactuals
-from lmtune.models.methods import build_task_model, check_method_supported, describe, save_final_model
+from lmtune.models.hub import snapshot_of
+from lmtune.models.methods import (
+    build_task_model,
+    check_method_supported,
+    describe,
+    initial_adapter,
+    save_final_model,
+)
 from lmtune.tasks.base import Task, TaskData, get_predictor, get_task
 from lmtune.training import checkpoint as ckpt
 from lmtune.training.distributed import (
@@ -37,7 +44,7 @@ from lmtune.training.distributed import (
     on_main_then_shared,
     process_group_kwargs,
 )
-from lmtune.training.loop import MetricsLog, TrainingLoop
+from lmtune.training.loop import MetricsLog, TrainingLoop, check_optimizer_supported
 from lmtune.training.precision import resolve_precision
 from lmtune.training.privacy import check_privacy_supported
 from lmtune.version import __version__
@@ -238,6 +245,7 @@ def train(
     if isinstance(config, Config) and overrides:
         cfg = load_config(config.to_dict(), overrides)
     check_method_supported(cfg.method, cfg.task)
+    check_optimizer_supported(cfg.train)
     quiet_libraries()
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
@@ -291,12 +299,19 @@ def _train_in(cfg: Config, run_dir: Path, resume_from: Path | None, num_processe
             term_pairs = load_term_pairs(cfg.evaluate.counterfactuals) if cfg.evaluate.counterfactuals else None
             # The task says where its weights and tokenizer come from (None: nothing pretrained).
             model_path = task.model_path()
+            hub = snapshot_of(model_path, cfg.model.revision)
+            if hub is not None and accelerator.is_main_process:  # the exact commit a Hub id stood at
+                _write_run_file(run_dir, base_model_hub=hub.record())
+                log.info("model %s at commit %s (Hugging Face cache %s)", hub.repo_id, hub.commit, hub.path)
             tokenizer = task.load_tokenizer(model_path)
             # Tokenised once per machine: its main process fills the feature cache while the others wait,
             # then they read it (a node-local cache works; a shared one is written atomically).
             # data.pii's findings per source are recorded as the task reads its data (run folder pii.json).
-            with accelerator.local_main_process_first(), pii.recording() as pii_found:
+            with accelerator.local_main_process_first(), pii.recording() as pii_found, \
+                    mixing.recording() as mixes:
                 data = task.prepare(tokenizer)
+            if mixes:  # a mixed data.train: what each source gave (data.json, report, lmtune.json)
+                data.info["mix"] = mixes[-1]
             log.info("data: %s", ", ".join(f"{s} {len(d) if hasattr(d, '__len__') else 'streamed'}"
                                            for s, d in data.splits.items()))
             # Reseeded so the model is built from the same RNG state whether the features were read from
@@ -304,6 +319,8 @@ def _train_in(cfg: Config, run_dir: Path, resume_from: Path | None, num_processe
             # out (mean-resized embedding rows included) bit for bit, and checks that it did.
             set_seed(cfg.train.seed)
             model, head = build_task_model(task, model_path, data, tokenizer)
+            # PiSSA/OLoRA adapters start from the weights' singular vectors: kept to save a plain LoRA at the end.
+            initial = initial_adapter(model)
             params = describe(model)
             log.info("model %s, method %s: %s of %s parameters trainable", cfg.model.name, cfg.method.name,
                      f"{params['trainable_parameters']:,}", f"{params['total_parameters']:,}")
@@ -371,7 +388,7 @@ def _train_in(cfg: Config, run_dir: Path, resume_from: Path | None, num_processe
                 if cfg.data.pii != "off":
                     save_json_atomic(run_dir / pii.PII_FILE, pii.run_record(cfg.data, pii_found))
                 model_info = _save_model(loop, task, tokenizer, data, cfg, run_dir, metrics, model_path,
-                                         saved_model)
+                                         saved_model, initial=initial)
                 if term_pairs:
                     metrics["counterfactuals"] = _counterfactuals(task, data, cfg, run_dir, model_info, term_pairs)
                     save_json_atomic(run_dir / "metrics.json", metrics)
@@ -442,10 +459,12 @@ def _memorisation_audit(loop: TrainingLoop, tokenizer: Any, data: Any, cfg: Conf
 
 def _save_model(loop: TrainingLoop, task: Task, tokenizer: Any, data: TaskData, cfg: Config, run_dir: Path,
                 metrics: dict[str, Any], base_path: Path | None,
-                model: torch.nn.Module | None = None) -> dict[str, Any]:
+                model: torch.nn.Module | None = None, *,
+                initial: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """Write ``model/`` (safetensors, tokenizer, lmtune.json, model card), check it reloads identically.
 
-    ``model`` is a plain copy of the trained model when the trained one is sharded across processes.
+    ``model`` is a plain copy of the trained model when the trained one is sharded across processes;
+    ``initial`` the starting adapter of a PiSSA/OLoRA run (``models.methods.initial_adapter``).
     """
     # Without Accelerate's autocast wrapper: the reload check compares float32 with float32 (under bf16
     # autocast QA start/end logits of ~10 differ from the float32 reload by ~5e-3, over the tolerance).
@@ -462,17 +481,20 @@ def _save_model(loop: TrainingLoop, task: Task, tokenizer: Any, data: TaskData, 
     with torch.no_grad():
         before = task.logits(model, probe_batch) if probe_batch is not None else None
     saved_as = save_final_model(model, tmp, adapter_dir, cfg.method.merge, base_path=base_path,
-                                quantized=cfg.method.name == "qlora")
+                                quantized=cfg.method.name == "qlora", initial=initial)
     tokenizer.save_pretrained(tmp)
     meta = {
         "lmtune_version": __version__,
         "task": cfg.task,
         "base_model": cfg.model.name,
         "base_model_path": str(base_path) if base_path is not None and cfg.model.init == "pretrained" else None,
+        "base_model_hub": hub.record() if (hub := snapshot_of(base_path, cfg.model.revision)) else None,
         "method": cfg.method.name,
         "saved_as": saved_as,
         **task.save_model_extras(tmp, data),
         **pii.model_policy(cfg.data, run_dir / pii.PII_FILE),  # predict applies a redact/mask policy too
+        # A mixed data.train: which sources, with which weights and how many examples each gave.
+        **({"data_mix": data.info["mix"]} if "mix" in data.info else {}),
     }
     save_json_atomic(tmp / "lmtune.json", meta)
     write_model_card(tmp, cfg, meta, metrics, data.info)

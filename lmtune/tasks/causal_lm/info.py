@@ -17,6 +17,7 @@ INFO = TaskInfo(
     decoder=True,
     generates=True,
     memorisation=True,
+    exports=("merged", "quantized", "gguf"),
     endpoints=("/v1/completions",),
     streaming=True,
     scratch=True,

@@ -40,7 +40,7 @@ from lmtune.evaluate.memorisation import (
     window_item,
 )
 from lmtune.evaluate.report import Report
-from lmtune.models.registry import load_padded_tokenizer, resolve_model
+from lmtune.models.registry import load_padded_tokenizer, model_path_of
 from lmtune.paths import cache_dir
 from lmtune.tasks.base import TaskData
 from lmtune.tasks.causal_lm.info import INFO
@@ -81,7 +81,7 @@ class CausalLMTask(DecoderTask):
         source = m.name if m.init == "pretrained" else (m.tokenizer or m.name)
         if source == "train":
             return None
-        return resolve_model(source, allow_pickle=m.allow_pickle)
+        return model_path_of(m, name=source)
 
     def load_tokenizer(self, model_path: Path | None) -> Any:
         """The model's tokenizer, or one trained on the training documents (init: scratch, tokenizer: train)."""

@@ -22,6 +22,7 @@ INFO = TaskInfo(
     decoder=True,
     chat=True,
     generates=True,
+    exports=("merged", "gguf"),
     endpoints=("/v1/chat/completions", "/v1/completions"),
     check=check_pair_task,
     bundled_data=("chatterbot_kto",),

@@ -95,6 +95,10 @@ def inspect_sft(task: ChatTuningTask, source: str | None, *, examples: int = 3) 
     errors += [error] if error else []
     if task.chat_template_source == "model":
         checks.append(check_row("chat template", OK, "the model's own (as inference renders it)"))
+    elif task.chat_template_source != "default":
+        checks.append(check_row("chat template", OK, f"model.chat_template ({task.chat_template_source}), saved "
+                                "with the tuned model" + (": adds <|im_start|>/<|im_end|> (new embeddings)"
+                                                          if task.vocab_grew else "")))
     else:
         checks.append(check_row("chat template", WARNING, "the model has none: lmtune's ChatML default"
                              + (" adds <|im_start|>/<|im_end|> (new embeddings)" if task.vocab_grew else "")))
@@ -269,9 +273,10 @@ def sft_suggestions(report: dict[str, Any], positions: int | None) -> list[str]:
 def render_sft(report: dict[str, Any], console: Console) -> None:
     """Print an sft report (:func:`inspect_sft`) as tables that fit an 80-column terminal."""
     render_header(report, console, f", data.train_on {report['train_on']}, data.too_long {report['too_long']}")
-    template = ("the model's own" if report["chat_template"] == "model" else "lmtune's ChatML default (the model has "
-                "none)") + (", vocabulary grows (<|im_start|>, <|im_end|> added)" if report["vocab_grew"]
-                            else ", vocabulary unchanged")
+    source = report["chat_template"]
+    template = {"model": "the model's own", "default": "lmtune's ChatML default (the model has none)"}.get(
+        source, f"model.chat_template ({source})") + (
+        ", vocabulary grows (<|im_start|>, <|im_end|> added)" if report["vocab_grew"] else ", vocabulary unchanged")
     eot = ", ".join(report["end_of_turn_tokens"]) or "none"
     console.print(Text(f"chat template: {template}; end of turn: {eot}; pad: {report['pad_token']}"
                        + (" (== eos)" if report["pad_is_eos"] else "")), highlight=False)
