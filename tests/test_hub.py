@@ -246,7 +246,7 @@ def test_push_dry_run_lists_each_file_and_the_card_metadata(hub_run: tuple[Any, 
     assert not no_network
 
 
-def test_the_pushed_card_parses_back_with_the_run_metrics(hub_run: tuple[Any, Path]) -> None:
+def test_the_pushed_card_parses_back_with_the_run_metrics(hub_run: tuple[Any, Path], sentiment_csv: Path) -> None:
     from huggingface_hub import ModelCard, metadata_load
 
     from lmtune.workflows.push import plan_push
@@ -259,6 +259,8 @@ def test_the_pushed_card_parses_back_with_the_run_metrics(hub_run: tuple[Any, Pa
     scores = {r.metric_type: r.metric_value for r in card.data.eval_results}
     assert scores["accuracy"] == pytest.approx(run.metrics["test"]["accuracy"])
     assert {(r.dataset_split, r.dataset_name) for r in card.data.eval_results} == {("test", "sentiment.csv")}
+    # the card names data files, never this machine's folders (the run trained from a file under tmp)
+    assert "- train: `sentiment.csv`" in card.text and str(sentiment_csv.parent) not in card.content
     # the card in the run folder is the same metadata, as the Hub's own parser reads it
     assert metadata_load(run.model_dir / "README.md")["model-index"][0]["results"][0]["metrics"][0]["value"] == \
         pytest.approx(run.metrics["test"]["accuracy"])

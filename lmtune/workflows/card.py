@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +30,24 @@ def _usage(cfg: Config, name: str) -> list[str]:
     return [*register, *task_info(cfg.task).usage.format(name=name).split("\n")]
 
 
+# A path's folders (`/home/me/data/`, `C:\\Users\\me\\`): the card names files only, since `lmtune push` publishes it.
+_FOLDERS = re.compile(r"(?:[A-Za-z]:)?[^\s`(),:]*[/\\]([^\s`(),:/\\]+)")
+
+
+def file_names(text: str) -> str:
+    """``text`` with every path cut to its file name (``held out of /home/me/data/train.csv`` -> ``held out of
+    train.csv``)."""
+    return _FOLDERS.sub(r"\1", text)
+
+
 def _sources(cfg: Config, data_info: dict[str, Any]) -> list[tuple[str, str]]:
-    """Each split and where it came from (a file, or a held-out share of the training file)."""
+    """Each split and where it came from (a file, or a held-out share of the training file), by file name only:
+    the folders of this machine are nobody's business once the card is on the Hub."""
     out = []
     for split in ("train", "validation", "test"):
         source = data_info.get(split, {}).get("source") or getattr(cfg.data, split)
         if source is not None:
-            out.append((split, str(source)))
+            out.append((split, file_names(str(source))))
     return out
 
 
@@ -125,7 +137,7 @@ def write_model_card(folder: Path, cfg: Config, meta: dict[str, Any], metrics: d
         f"({cfg.method.name} fine-tuning" + (", LoRA merged into the weights" if meta.get("saved_as") == "merged" else "")
         + ").", "",
         "## Intended use", "",
-        f"Made for {cfg.task} ({info.summary}) on inputs like its training data (`{cfg.data.train}`)"
+        f"Made for {cfg.task} ({info.summary}) on inputs like its training data (`{file_names(str(cfg.data.train))}`)"
         + (f", answering with one of {len(labels)} labels" if labels else "") + ". Out of scope: inputs unlike "
         "that data (other domains, languages or formats), and decisions about people without checking the model "
         "on the groups they belong to (see Bias and fairness).", "",
