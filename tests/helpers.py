@@ -22,6 +22,8 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
+from lmtune.data.features import IGNORE_INDEX
+
 POSITIVE = ["great", "wonderful", "brilliant", "moving", "delightful", "superb", "charming", "funny", "sharp", "warm"]
 NEGATIVE = ["dull", "awful", "boring", "tedious", "clumsy", "bland", "messy", "lifeless", "stale", "weak"]
 FILLER = ["the", "film", "movie", "plot", "acting", "story", "was", "really", "quite", "and", "its", "cast",
@@ -248,3 +250,17 @@ def train_tool_run(root: Path, tiny_chat_llama_dir: Path, *, steps: int, templat
         "output_dir": str(root / "run"),
     }
     return lmtune.train(cfg, show_progress=False)
+
+
+def loss_runs(tok: Any, example: Any, *, loss: bool = True) -> list[str]:
+    """The decoded text (``example``: a rendered chat example with ``input_ids`` and ``labels``) of each contiguous run of loss-carrying (or, with loss=False, masked) tokens."""
+    runs: list[list[int]] = []
+    previous = None
+    for token, label in zip(example.input_ids, example.labels, strict=True):
+        carries = label != IGNORE_INDEX
+        if carries == loss:
+            if previous != loss:
+                runs.append([])
+            runs[-1].append(token)
+        previous = carries
+    return [tok.decode(run) for run in runs]

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import loss_runs
 from transformers import AutoTokenizer
 
 from lmtune.data.chat import (
@@ -57,20 +58,6 @@ def minilm_chat() -> tuple[Any, bool]:
 
     tok = AutoTokenizer.from_pretrained(minilm_path())
     return tok, ensure_chat_template(tok)
-
-
-def loss_runs(tok: Any, example: RenderedExample, *, loss: bool = True) -> list[str]:
-    """The decoded text of each contiguous run of loss-carrying (or, with loss=False, masked) tokens."""
-    runs: list[list[int]] = []
-    previous = None
-    for token, label in zip(example.input_ids, example.labels, strict=True):
-        carries = label != IGNORE_INDEX
-        if carries == loss:
-            if previous != loss:
-                runs.append([])
-            runs[-1].append(token)
-        previous = carries
-    return [tok.decode(run) for run in runs]
 
 
 # ------------------------------------------------------------------------------------ detection

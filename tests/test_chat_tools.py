@@ -9,13 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import WEATHER_TOOL, tool_rows
+from helpers import WEATHER_TOOL, loss_runs, tool_rows
 from transformers import AutoTokenizer
 
 import lmtune
 from lmtune.data.chat import (
     DEFAULT_CHAT_TEMPLATE,
-    IGNORE_INDEX,
     ensure_chat_template,
     render_conversation,
     to_messages,
@@ -48,17 +47,6 @@ def smol_tools(smollm2_tokenizer_dir: Path) -> Any:
     return tok
 
 
-def _runs(tok: Any, ids: list[int], labels: list[int], *, loss: bool) -> list[str]:
-    runs: list[list[int]] = []
-    previous = None
-    for token, label in zip(ids, labels, strict=True):
-        carries = label != IGNORE_INDEX
-        if carries == loss:
-            if previous != loss:
-                runs.append([])
-            runs[-1].append(token)
-        previous = carries
-    return [tok.decode(run) for run in runs]
 
 
 def test_tools_render_through_the_template_and_loss_covers_calls_and_answers(smol_tools: Any) -> None:
@@ -73,9 +61,9 @@ def test_tools_render_through_the_template_and_loss_covers_calls_and_answers(smo
     assert f"<|im_start|>assistant\n{call}<|im_end|>" in ex.text
     assert '<|im_start|>user\n<tool_response>\n{"sky": "sunny"}\n</tool_response><|im_end|>' in ex.text
     # loss: the call and the final answer, each with its end-of-turn; never the tool result, system or user
-    assert _runs(smol_tools, ex.input_ids, ex.labels, loss=True) == [
+    assert loss_runs(smol_tools, ex, loss=True) == [
         call + "<|im_end|>\n", "It is sunny.<|im_end|>\n"]
-    masked = "".join(_runs(smol_tools, ex.input_ids, ex.labels, loss=False))
+    masked = "".join(loss_runs(smol_tools, ex, loss=False))
     assert "<tool_response>" in masked and "Weather in Paris?" in masked and "# Tools" in masked
     # the same arguments given as an object render the same
     as_object = json.loads(json.dumps(CONVERSATION))
@@ -99,7 +87,7 @@ def test_a_record_may_end_with_its_call(smol_tools: Any) -> None:
     messages = to_messages({"messages": CONVERSATION[:3]}, "openai", {}, source="t", line=1)
     ex = render_conversation(smol_tools, messages, max_length=512, tools=[WEATHER_TOOL])
     assert ex is not None
-    assert _runs(smol_tools, ex.input_ids, ex.labels, loss=True) == [
+    assert loss_runs(smol_tools, ex, loss=True) == [
         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>\n']
 
 

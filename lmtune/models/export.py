@@ -123,10 +123,8 @@ def export_merged_folder(
         result = ExportResult(folder=output, max_abs_logit_diff=diff, tolerance=tolerance,
                               prompts=len(inputs), source=source)
         facts = _export_facts(result, run_dir, adapter_dir, meta)
-        write_json(tmp / "lmtune.json", {**meta, "saved_as": "merged" if source == "adapter"
-                                         else meta.get("saved_as", "full"), "exported": facts})
-        write_json(tmp / EXPORT_FILE, facts)
-        move_into_place(tmp, output, overwrite=overwrite)
+        finish_export(tmp, output, {**meta, "saved_as": "merged" if source == "adapter"
+                                    else meta.get("saved_as", "full")}, facts, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -325,6 +323,14 @@ def _export_facts(result: ExportResult, run_dir: Path, adapter_dir: Path | None,
 def write_json(path: Path, data: Any) -> None:
     """``data`` as indented JSON text (UTF-8, a final newline)."""
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+
+
+def finish_export(tmp: Path, output: Path, meta: dict[str, Any], facts: dict[str, Any], *, overwrite: bool) -> None:
+    """Record ``facts`` in the checked folder ``tmp`` (``lmtune.json``'s ``exported`` and ``export.json``), then
+    move it to ``output``."""
+    write_json(tmp / "lmtune.json", {**meta, "exported": facts})
+    write_json(tmp / EXPORT_FILE, facts)
+    move_into_place(tmp, output, overwrite=overwrite)
 
 
 def move_into_place(tmp: Path, output: Path, *, overwrite: bool) -> None:

@@ -126,9 +126,7 @@ def export_onnx_folder(run_dir: Path, model_dir: Path, meta: dict[str, Any], out
                                   texts=sum(len(b) for b in batches), batch_sizes=[len(b) for b in batches if b],
                                   opset=opset, inputs=input_names)
         facts = _facts(result, run_dir)
-        merged_export.write_json(tmp / "lmtune.json", {**meta, "exported": facts})
-        merged_export.write_json(tmp / merged_export.EXPORT_FILE, facts)
-        merged_export.move_into_place(tmp, output, overwrite=overwrite)
+        merged_export.finish_export(tmp, output, meta, facts, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -149,9 +149,7 @@ def export_quantized(run_dir: str | Path, output: str | Path, *, format: str, qu
                            hint="keep the float32 export, or accept the loss with a larger --max-drop")
         facts = _facts(result, _read_json(reference / merged_export.EXPORT_FILE))
         meta = _read_json(reference / "lmtune.json")
-        merged_export.write_json(tmp / "lmtune.json", {**meta, "exported": facts})
-        merged_export.write_json(tmp / merged_export.EXPORT_FILE, facts)
-        merged_export.move_into_place(tmp, output, overwrite=overwrite)
+        merged_export.finish_export(tmp, output, meta, facts, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
