@@ -54,23 +54,28 @@ def check_method_supported(method: MethodConfig, task: str) -> None:
     """Fail before anything loads when the method cannot run here (QLoRA or LoftQ without a CUDA GPU)."""
     if method.name in ("lora", "qlora") and method.init_lora_weights == "loftq":
         # peft's loftq_init quantises each weight with bitsandbytes on the CUDA device (peft/utils/loftq_utils.py).
-        if not torch.cuda.is_available():
-            raise ConfigError("method.init_lora_weights loftq quantises the weights with bitsandbytes on a CUDA "
-                              "GPU; this machine has none", hint="use method.init_lora_weights pissa (or default)")
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise ConfigError("method.init_lora_weights loftq needs the bitsandbytes package",
-                              hint="pip install bitsandbytes")
+        require_bitsandbytes_on_cuda("method.init_lora_weights loftq",
+                                     "method.init_lora_weights loftq quantises the weights with bitsandbytes on a "
+                                     "CUDA GPU; this machine has none",
+                                     hint="use method.init_lora_weights pissa (or default)")
     if method.name != "qlora":
         return
     if not task_info(task).decoder:
         decoders = ", ".join(name for name in task_names() if task_info(name).decoder)
         raise ConfigError(f"method.name qlora is for decoder tasks ({decoders}), not '{task}'; use lora")
+    require_bitsandbytes_on_cuda("method.name qlora",
+                                 "method.name qlora quantises the base model to 4 bits with bitsandbytes, which needs "
+                                 "a CUDA GPU; this machine has none",
+                                 hint="use method.name: lora (same adapters, base model kept in full precision)")
+
+
+def require_bitsandbytes_on_cuda(setting: str, no_gpu: str, *, hint: str) -> None:
+    """Fail unless bitsandbytes can run here: a CUDA GPU (else ``no_gpu``, with ``hint``) and the package
+    installed (else an error naming ``setting``)."""
     if not torch.cuda.is_available():
-        raise ConfigError("method.name qlora quantises the base model to 4 bits with bitsandbytes, which needs a "
-                          "CUDA GPU; this machine has none", hint="use method.name: lora (same adapters, "
-                          "base model kept in full precision)")
+        raise ConfigError(no_gpu, hint=hint)
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError("method.name qlora needs the bitsandbytes package", hint="pip install bitsandbytes")
+        raise ConfigError(f"{setting} needs the bitsandbytes package", hint="pip install bitsandbytes")
 
 
 def quantization_config(method: MethodConfig) -> Any:

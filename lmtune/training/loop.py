@@ -18,7 +18,6 @@ equals batch 4 x accumulation 2; tested).
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 import logging
 import math
@@ -36,7 +35,8 @@ from transformers import get_scheduler
 
 from lmtune.config import Config, TrainConfig
 from lmtune.data.features import LengthGroupedBatchSampler, SortedBatchSampler
-from lmtune.errors import ConfigError, LmtuneError
+from lmtune.errors import LmtuneError
+from lmtune.models.methods import require_bitsandbytes_on_cuda
 from lmtune.tasks.base import Task, TaskData
 from lmtune.training import checkpoint as ckpt
 from lmtune.training import privacy
@@ -124,12 +124,9 @@ def check_optimizer_supported(train: TrainConfig) -> None:
     """Fail before anything loads when ``train.optimizer`` cannot run here (8-bit AdamW without CUDA)."""
     if train.optimizer == "adamw":
         return
-    if not torch.cuda.is_available():
-        raise ConfigError(f"train.optimizer {train.optimizer} keeps 8-bit optimizer states with bitsandbytes on a "
-                          "CUDA GPU; this machine has none", hint="use train.optimizer: adamw")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError(f"train.optimizer {train.optimizer} needs the bitsandbytes package",
-                          hint="pip install bitsandbytes")
+    require_bitsandbytes_on_cuda(f"train.optimizer {train.optimizer}",
+                                 f"train.optimizer {train.optimizer} keeps 8-bit optimizer states with bitsandbytes "
+                                 "on a CUDA GPU; this machine has none", hint="use train.optimizer: adamw")
 
 
 def build_optimizer(groups: list[dict[str, Any]], train: TrainConfig) -> torch.optim.Optimizer:

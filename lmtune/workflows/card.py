@@ -102,8 +102,7 @@ def card_metadata(cfg: Config, meta: dict[str, Any], metrics: dict[str, Any]) ->
     test = metrics.get("test") or metrics.get("validation") or {}
     split = "test" if metrics.get("test") else "validation"
     # The training file's name, not its path: a card is meant to be shared, a path names the user's folders.
-    sources = cfg.data.train if isinstance(cfg.data.train, list | tuple) else [cfg.data.train]
-    dataset = ", ".join(Path(str(source)).name or str(source) for source in sources)
+    dataset = file_names(cfg.data.train)
     results = [EvalResult(task_type=info.pipeline_tag, dataset_type="custom", dataset_name=dataset,
                           dataset_split=split, metric_type=k, metric_value=float(test[k]), metric_name=f"{split} {k}")
                for k in info.card_metrics[:3] if isinstance(test.get(k), int | float)]
