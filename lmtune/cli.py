@@ -184,7 +184,10 @@ def _print_results(run: Any) -> None:
             for name, b in json.loads(bl_file.read_text(encoding="utf-8")).items():
                 table.add_row(f"baseline: {name}", *cells(b["metrics"].get(split, {})))
     console.print(table)
-    console.print(f"trained {summary.get('steps')} steps in {summary.get('train_seconds', 0):.0f} s; "
+    mfu = summary.get("mfu")
+    speed = (f" ({summary['train_tokens_per_second']:,.0f} real tokens/s, {100 * mfu:.0f}% of the "
+             f"{summary['precision']} matmul peak)" if mfu is not None else "")
+    console.print(f"trained {summary.get('steps')} steps in {summary.get('train_seconds', 0):.0f} s{speed}; "
                   f"report: {run.path / 'report.md'}; model: {run.model_dir}")
 
 
@@ -573,6 +576,43 @@ def serve(
     run_server(run, options, announce)
 
 
+@app.command()
+def studio(
+    workspace: Path = typer.Option(Path("."), "--workspace", help="The folder holding data/, configs/, runs/ and "
+                                   "studies/ (created as needed; default: the current folder)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default; another address "
+                             "needs --api-key or --allowed-host)."),
+    port: int = typer.Option(7861, min=0, max=65535, help="TCP port."),
+    api_key: str | None = typer.Option(None, "--api-key", envvar="LMTUNE_API_KEY", show_envvar=True,
+                                       help="Require 'Authorization: Bearer KEY' on every /api/ endpoint "
+                                       "(printable ASCII; the page asks for it)."),
+    allowed_host: list[str] = typer.Option([], "--allowed-host", help="A Host header name to answer besides the "
+                                           "bound address's own (repeatable). Other names get 400 (DNS rebinding)."),
+) -> None:
+    """A local web app over a workspace: upload and inspect data, build and plan a config, launch, watch,
+    stop and resume runs, compare them, read their reports, try and export them."""
+    from lmtune.studio.app import StudioOptions  # noqa: PLC0415  (the server and torch load only for `studio`)
+    from lmtune.studio.app import studio as run_studio  # noqa: PLC0415  (the server and torch load only for `studio`)
+
+    if api_key is None and "LMTUNE_API_KEY" in os.environ:
+        raise ConfigError("LMTUNE_API_KEY is set but empty, so no key would be required", field="api_key",
+                          hint="set it to a key, or unset it (unset LMTUNE_API_KEY) to run without one")
+    options = StudioOptions(workspace=workspace, host=host, port=port, api_key=api_key,
+                            allowed_hosts=tuple(allowed_host))
+    options.gate_options()  # a refused key or host fails before anything starts
+    if not options.gate_options().loopback and api_key is None:
+        raise ConfigError(f"host {host!r} is reachable from other machines and no API key is set: anyone who can "
+                          "reach it could read the workspace and start processes", field="host",
+                          hint="set an API key (--api-key or LMTUNE_API_KEY), or keep the default 127.0.0.1")
+    quiet_libraries()
+
+    def announce() -> None:
+        console.print(f"lmtune studio on http://{host}:{port}/ (workspace {workspace.resolve()}; "
+                      f"{'API key required' if api_key else 'no API key'})", highlight=False)
+
+    run_studio(options, announce)
+
+
 # ---- plan
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def plan(
@@ -597,6 +637,32 @@ def plan(
         typer.echo(json.dumps(result.to_json(), indent=2))
     else:
         print_plan(result, console)
+
+
+# ---- tune
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def tune(
+    ctx: typer.Context,
+    config: Path = typer.Argument(..., help="The run's YAML config, with a tune.space."),
+    trials: int | None = typer.Option(None, "--trials", min=1, help="Trials in the study, all workers together "
+                                      "(default: tune.trials)."),
+    timeout: float | None = typer.Option(None, "--timeout", min=1, help="Start no trial after this many seconds."),
+    storage: str | None = typer.Option(None, "--storage", help="Optuna storage URL shared by the workers (default: "
+                                       "sqlite:///<study folder>/study.db; postgresql://user:pw@host/db for a cluster)."),
+    study_name: str | None = typer.Option(None, "--study-name", help="The study's name (default: tune.study_name)."),
+    retrain_best: bool | None = typer.Option(None, "--retrain-best/--no-retrain-best", help="Train the best config "
+                                             "again into <study folder>/best and report its test metrics."),
+    progress: bool = typer.Option(False, "--progress/--no-progress", help="Show each trial's progress bar."),
+) -> None:
+    """Search hyper-parameters with Optuna over CONFIG's tune.space; each trial is a full run folder.
+    Overrides as for train: --train.max_steps 200. Several workers: run the same command with the same
+    --storage on several machines."""
+    from lmtune.workflows.tune import print_study  # noqa: PLC0415  (torch loads only for the verbs that need it)
+    from lmtune.workflows.tune import tune as run_tune  # noqa: PLC0415  (torch loads only for the verbs that need it)
+
+    result = run_tune(config, overrides=parse_override_args(list(ctx.args)), trials=trials, timeout=timeout,
+                      storage=storage, study_name=study_name, retrain_best=retrain_best, show_progress=progress)
+    print_study(result, console)
 
 
 @app.command()

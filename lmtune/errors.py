@@ -67,6 +67,10 @@ class HubError(LmtuneError):
     """The Hugging Face Hub cannot be reached, refuses the token, or refuses the request."""
 
 
+class StudyError(LmtuneError):
+    """A hyper-parameter study (``lmtune tune``) cannot be opened, created or read."""
+
+
 def is_disk_full(exc: BaseException, folder: str | Path | None = None) -> bool:
     """Whether ``exc``, raised while writing into ``folder``, means the disk (or quota) is full.
 

@@ -218,3 +218,13 @@ def test_privacy_refuses_several_processes_and_an_unreachable_budget(tiny_bert_d
     with pytest.raises(ConfigError, match=r"train\.privacy\.epsilon 0\.05 cannot be reached"):
         lmtune.train(_config(tiny_bert_dir, sentiment_csv, tmp_path / "tiny", privacy={"epsilon": 0.05}),
                      show_progress=False)
+
+
+def test_importing_opacus_leaves_the_root_logger_alone() -> None:
+    """opacus calls logging.basicConfig() on import: its root handler printed every lmtune line twice."""
+    import subprocess
+    import sys
+
+    code = "import logging, lmtune.workflows.train; print(len(logging.root.handlers))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0", out.stderr

@@ -110,6 +110,23 @@ def test_classify_and_run_view_in_the_browser(browser: Any, clf_server: str) -> 
     page.wait_for_selector("#classify-results tr.prediction")
     labels = page.eval_on_selector_all("#classify-results td.label", "cells => cells.map(c => c.textContent)")
     assert [label.split(" ")[0] for label in labels] == ["pos", "neg"]
+    # attributions: each word of the explained text coloured by the sign and size of its score
+    page.check("#classify-explain")
+    page.fill("#classify-input", "great wonderful brilliant film")
+    page.click("#classify-send")
+    page.wait_for_selector("#classify-results .attributions span.word")
+    words = page.eval_on_selector_all(
+        "#classify-results .attributions span.word",
+        "spans => spans.map(s => [s.textContent, getComputedStyle(s).backgroundColor, s.title])")
+    assert [w for w, _, _ in words] == ["great", "wonderful", "brilliant", "film"]
+    for word, colour, title in words:
+        score = float(title.rsplit(": ", 1)[1])
+        red, green = (int(c) for c in colour[colour.index("(") + 1:].split(",")[:2])
+        assert (green > red) == (score >= 0), (word, colour, score)  # green for evidence, red against
+    # the model learned these words mean "pos": most of the evidence for it sits on them
+    scores = {w: float(t.rsplit(": ", 1)[1]) for w, _, t in words}
+    assert sum(scores[w] for w in ("great", "wonderful", "brilliant")) > abs(scores["film"])
+    assert "attributions towards pos" in page.inner_text("#classify-results .attributions .legend")
     # the run view: metrics table and the report's plots, fetched with the key
     page.click("button[data-tab='run']")
     assert "accuracy" in page.inner_text("#metrics-table")

@@ -53,6 +53,11 @@ def test_full_fine_tuning_learns_and_writes_a_complete_run(tiny_bert_dir: Path, 
     for png in ("plots/training_curves.png", "plots/confusion_test.png", "plots/comparison.png"):
         assert png in report and (run.path / png).stat().st_size > 1000
     assert "baseline: tfidf_logreg" in report and "baseline: majority" in report
+    # model FLOP utilisation (lmtune/training/flops.py): a full fine-tune costs 3x its counted forward
+    s = m["summary"]
+    assert s["model_flops_per_token"] > 0 and s["matmul_peak_gflops"] > 0 and 0 < s["mfu"] < 1
+    assert s["model_gflops_per_second"] == pytest.approx(s["model_flops_per_token"] * s["train_tokens_per_second"] / 1e9)
+    assert "model FLOP utilisation" in report
     # model/ is a plain transformers folder with the label map; weights changed from the start
     model = AutoModelForSequenceClassification.from_pretrained(run.model_dir)
     assert model.config.id2label == {0: "neg", 1: "pos"}

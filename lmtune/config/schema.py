@@ -27,6 +27,7 @@ from lmtune.config.tasks import (
     default_task,
     task_names,
 )
+from lmtune.config.tune import TuneConfig, check_tune_space
 
 # Words that make a metric one where smaller is better (losses, error rates, perplexity), matched against
 # the parts of its name split at "_" (so "eval_loss" and "hamming_loss" are, "has_answer_f1" is not).
@@ -990,6 +991,17 @@ class Config(_Section):
     baseline: BaselineConfig = Field(default_factory=BaselineConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     output_dir: str = Field("runs/run", description="The run folder.")
+    tune: TuneConfig | None = Field(
+        None, description="Hyper-parameter search for `lmtune tune`: {space, trials, timeout, max_tokens, pruner, "
+        "storage, ...} (ignored by `lmtune train`).",
+    )
+
+    # ---- hyper-parameter search (lmtune tune)
+    @model_validator(mode="after")
+    def _check_tune_space(self) -> Config:
+        if self.tune is not None and self.tune.space:
+            check_tune_space(self, self.tune.space)
+        return self
 
     @field_validator("output_dir", mode="before")
     @classmethod

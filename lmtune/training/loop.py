@@ -22,7 +22,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -72,6 +72,8 @@ class LoopState:
     stream_epoch_batches: int | None = None
     # Updates skipped for a non-finite loss/gradient (train.nonfinite: skip); where is in metrics.jsonl.
     skipped_steps: int = 0
+    # The step at which the on_evaluate hook stopped the run (a pruned search trial); None otherwise.
+    stopped_by_hook_at: int | None = None
 
 
 class MetricsLog:
@@ -164,8 +166,13 @@ class TrainingLoop:
         accelerator: Any,
         metrics_log: MetricsLog,
         head_names: set[str] | None = None,
+        on_evaluate: Callable[[int, dict[str, Any]], bool] | None = None,
     ) -> None:
         self.task = task
+        # Called after each validation evaluation with (step, metrics); True stops training there, as early
+        # stopping does (lmtune tune prunes poor trials through it). It must answer alike on every process.
+        self.on_evaluate = on_evaluate
+        self.last_validation: dict[str, Any] = {}
         self.model = model
         self.tokenizer = tokenizer
         self.data = data
@@ -465,6 +472,17 @@ class TrainingLoop:
                     if not saved:
                         self._save()
                     break
+                # Called at the last step too (a search records the final value), but a stop asked there
+                # saves nothing, so the run ends as a whole one, not a pruned one.
+                if self.on_evaluate is not None and self.last_validation \
+                        and self.on_evaluate(self.state.step, self.last_validation) and not last_step:
+                    log.info("stopped at step %d: the on_evaluate hook asked to stop (a pruned trial)",
+                             self.state.step)
+                    self.state.stopped_early = True
+                    self.state.stopped_by_hook_at = self.state.step
+                    if not saved:
+                        self._save()
+                    break
             if due_save and not saved:
                 self._save()
         return self.state
@@ -526,6 +544,7 @@ class TrainingLoop:
              "eval_seconds": time.perf_counter() - start}
         )
         value = metrics.get(self.metric)
+        self.last_validation = scalars
         if value is None:
             raise TrainingError(
                 f"train.metric '{self.metric}' is not computed by task '{self.task.info.name}'; "

@@ -14,13 +14,13 @@ import contextlib
 import functools
 import json
 import logging
-import platform
 import time
 
 import torch
 
 from lmtune.errors import ConfigError
 from lmtune.paths import cache_dir
+from lmtune.training.flops import device_name
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +36,7 @@ def cpu_bf16_speedup() -> float:
     enough to see it is many times slower, and the probe stops there. The answer is
     cached on disk per CPU model and torch version.
     """
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = device_name(torch.device("cpu"))
     key = f"{cpu}|torch {torch.__version__}|threads {torch.get_num_threads()}"
     store = cache_dir() / "bf16_probe.json"
     try:

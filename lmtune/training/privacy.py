@@ -49,6 +49,14 @@ from lmtune.errors import ConfigError, LmtuneError, RunError
 
 log = logging.getLogger(__name__)
 
+# opacus calls logging.basicConfig() when it is imported (opacus/utils/module_utils.py): a root handler on
+# stderr that printed every lmtune message a second time, DEBUG lines included, under the console's own.
+# Configuring logging is the application's job; only that handler (its exact format) is taken away.
+_OPACUS_FORMAT = "%(asctime)s:%(levelname)s:%(message)s"
+for _handler in list(logging.root.handlers):
+    if isinstance(_handler, logging.StreamHandler) and getattr(_handler.formatter, "_fmt", None) == _OPACUS_FORMAT:
+        logging.root.removeHandler(_handler)
+
 # How close the calibrated noise brings the planned run's epsilon to the target (from below).
 EPSILON_TOLERANCE = 0.01
 

@@ -35,6 +35,17 @@ def _dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*.safetensors")) if path.is_dir() else 0
 
 
+def _utilisation(summary: dict[str, Any]) -> str:
+    """The run's model FLOPs/s and MFU as a sentence (empty for runs without them: streams, lmtune 0.x)."""
+    if summary.get("model_gflops_per_second") is None:
+        return ""
+    text = f" Model FLOPs: {summary['model_gflops_per_second']:,.1f} GFLOP/s"
+    if summary.get("mfu") is not None:
+        text += (f", {100 * summary['mfu']:.1f}% of this machine's measured {summary['precision']} matmul peak "
+                 f"({summary['matmul_peak_gflops']:,.0f} GFLOP/s: model FLOP utilisation)")
+    return text + "."
+
+
 def write_report(
     run_dir: Path,
     cfg: Config,
@@ -57,7 +68,7 @@ def write_report(
         f"data `{cfg.data.train}`. {summary['steps']} optimizer steps in {summary['train_seconds']:.0f} s "
         f"({summary['train_tokens_per_second']:,.0f} real tokens/s, precision {summary['precision']}, "
         f"{summary['num_processes']} process(es)); best checkpoint at step {summary['best_step']} by "
-        f"validation {metric}."
+        f"validation {metric}.{_utilisation(summary)}"
     )
 
     # --- the comparison table: the fine-tuned model against its starting point and the baselines

@@ -13,6 +13,7 @@ import os
 import shutil
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from lmtune.models.methods import (
 )
 from lmtune.tasks.base import Task, TaskData, get_predictor, get_task
 from lmtune.training import checkpoint as ckpt
+from lmtune.training import flops
 from lmtune.training.distributed import (
     accelerator_plugins,
     check_distributed_supported,
@@ -234,8 +236,13 @@ def train(
     resume: bool | str | Path = False,
     overwrite: bool = False,
     show_progress: bool = True,
+    on_evaluate: Callable[[int, dict[str, Any]], bool] | None = None,
 ) -> Run:
     """Fine-tune, evaluate and save a model as ``config`` says; returns the finished run.
+
+    ``on_evaluate(step, validation_metrics)`` is called after each validation evaluation; when it returns
+    True training stops there like early stopping (``lmtune tune`` prunes a poor trial so), and the run,
+    still evaluated and saved, records ``pruned_at_step``.
 
     Phases: setup (run folder, data, model, method) -> fit (the training loop) ->
     validate (best checkpoint on validation and test, baselines, starting point) ->
@@ -259,11 +266,11 @@ def train(
     with RunLock() as lock:
         run_dir, resume_from = on_main_then_shared(
             state, lambda: prepare_run_dir(cfg, resume=resume, overwrite=overwrite, lock=lock))
-        return _train_in(cfg, run_dir, resume_from, state.num_processes, show_progress)
+        return _train_in(cfg, run_dir, resume_from, state.num_processes, show_progress, on_evaluate)
 
 
 def _train_in(cfg: Config, run_dir: Path, resume_from: Path | None, num_processes: int,
-              show_progress: bool) -> Run:
+              show_progress: bool, on_evaluate: Callable[[int, dict[str, Any]], bool] | None = None) -> Run:
     """The phases of :func:`train` in a prepared (and, on the main process, locked) run folder."""
     started = time.perf_counter()
 
@@ -328,7 +335,8 @@ def _train_in(cfg: Config, run_dir: Path, resume_from: Path | None, num_processe
                 accelerator.init_trackers("lmtune", config=_flat(cfg.to_dict()))
             loop = TrainingLoop(task=task, model=model, tokenizer=tokenizer, data=data, config=cfg,
                                 run_dir=run_dir, accelerator=accelerator,
-                                metrics_log=MetricsLog(run_dir / "metrics.jsonl", accelerator), head_names=head)
+                                metrics_log=MetricsLog(run_dir / "metrics.jsonl", accelerator), head_names=head,
+                                on_evaluate=on_evaluate)
             loop.setup()
             with make_progress(show_progress and accelerator.is_main_process) as progress:
                 task.before_training(loop.model, accelerator, data, run_dir, resuming=resume_from is not None,
@@ -372,6 +380,7 @@ def _train_in(cfg: Config, run_dir: Path, resume_from: Path | None, num_processe
             if accelerator.is_main_process:
                 summary = {
                     "best_step": best_step, "steps": state.step, "stopped_early": state.stopped_early,
+                    "pruned_at_step": state.stopped_by_hook_at,
                     "skipped_steps": state.skipped_steps,
                     "train_seconds": state.train_seconds, "tokens_seen": state.tokens_seen,
                     "train_tokens_per_second": state.tokens_seen / max(state.train_seconds, 1e-9),
@@ -380,6 +389,7 @@ def _train_in(cfg: Config, run_dir: Path, resume_from: Path | None, num_processe
                     **({"privacy": loop.privacy.summary()} if loop.privacy is not None else {}),
                     "eval_ms_per_example": {s: 1000 * eval_seconds[s] / max(len(data.splits[s]), 1)
                                             for s in eval_seconds},
+                    **_model_flops(loop, task, saved_model, precision, state),
                 }
                 metrics = {**final, "starting_point": starting, "summary": summary,
                            **({"memorisation": audit} if audit else {})}
@@ -405,7 +415,9 @@ def _train_in(cfg: Config, run_dir: Path, resume_from: Path | None, num_processe
                 save_json_atomic(run_dir / "baselines.json", baselines)
                 write_report(run_dir, cfg, task, data, metrics, baselines, model_info)
                 _write_run_file(run_dir, status="complete", finished_at=_now(),
-                                wall_seconds=time.perf_counter() - started)
+                                wall_seconds=time.perf_counter() - started,
+                                **({"pruned_at_step": state.stopped_by_hook_at}
+                                   if state.stopped_by_hook_at is not None else {}))
             accelerator.wait_for_everyone()
             # Not accelerator.end_training(): it also destroys the process group, which neural-baseline
             # sub-runs and later runs in this process still need, and which a DDP model freed after it
@@ -525,6 +537,30 @@ def _counterfactuals(task: Task, data: TaskData, cfg: Config, run_dir: Path, mod
     log.info("counterfactual check (%s): %d of %d inputs hold a term; %d change their prediction", split,
              result["changed"], result["items"], result["flipped"])
     return {"split": split, **result}
+
+
+def _model_flops(loop: TrainingLoop, task: Task, model: torch.nn.Module | None, precision: str,
+                 state: Any) -> dict[str, Any]:
+    """The run's model FLOPs per token and per second and its MFU (lmtune/training/flops.py): one counted
+    forward pass over a validation (or test) batch, in eval mode, with the random state left as it was."""
+    batch = _probe_batch(loop)
+    if batch is None or "input_ids" not in batch or not state.tokens_seen:
+        return {}
+    if model is None:
+        model = loop.accelerator.unwrap_model(loop.model, keep_fp32_wrapper=False)
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            forward = flops.forward_flops(lambda: task.logits(model, batch))
+    finally:
+        model.train(was_training)
+    per_token = forward / batch["input_ids"].numel() * flops.backward_factor(model)
+    peak = flops.matmul_peak("fp32" if precision == "no" else precision, loop.accelerator.device.type)
+    return flops.utilisation(per_token, state.tokens_seen / max(state.train_seconds, 1e-9), peak,
+                             loop.accelerator.num_processes)
 
 
 def _probe_batch(loop: TrainingLoop) -> dict[str, torch.Tensor] | None:
