@@ -8,6 +8,10 @@ request shape (greedy, ``max_tokens`` new tokens, prompts from the bundled chatt
     unbatched       (``--unbatched``) the same concurrent clients (``--unbatched-requests`` requests) against a
                     server started with --max-batch-size 1: concurrency without batching
 
+With ``--batching continuous`` it compares instead a ``--batching window`` server with a ``--batching continuous``
+one (both running, rounds interleaved so a loaded machine slows both alike) at ``--client-levels`` clients
+(``--requests-per-client`` requests each), ``--rounds`` rounds, and reports each figure's median over the rounds.
+
 It reports requests/s, generated tokens/s, p50/p90/p99 latency, errors, and the batch sizes the server
 ran (its /metrics). The load is bounded in count and time: each phase stops after its requests or after
 ``--max-seconds``, whichever comes first. The model is a ~28M-parameter Llama (SmolLM2's tokenizer, as
@@ -15,6 +19,7 @@ ran (its /metrics). The load is bounded in count and time: each phase stops afte
 
     python benchmarks/bench_serve.py --output serve.json                 # the BENCHMARKS.md measurement
     python benchmarks/bench_serve.py --requests 100 --clients 16 --sequential 10   # a quick check
+    python benchmarks/bench_serve.py --model smollm2 --batching continuous --output cb.json   # window vs continuous
 """
 
 from __future__ import annotations
@@ -69,7 +74,8 @@ def prompts() -> list[str]:
 class Server:
     """``lmtune serve RUN`` in a subprocess on a free loopback port."""
 
-    def __init__(self, run_dir: Path, log: Path, *, max_batch_size: int, batch_wait_ms: float) -> None:
+    def __init__(self, run_dir: Path, log: Path, *, max_batch_size: int, batch_wait_ms: float,
+                 batching: str = "window") -> None:
         with socket.socket() as s:
             s.bind((HOST, 0))
             self.port = s.getsockname()[1]
@@ -77,8 +83,11 @@ class Server:
         with log.open("w") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "lmtune", "serve", str(run_dir), "--host", HOST, "--port", str(self.port),
-                 "--max-batch-size", str(max_batch_size), "--batch-wait-ms", str(batch_wait_ms)],
-                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "LMTUNE_API_KEY": ""})
+                 "--max-batch-size", str(max_batch_size), "--batch-wait-ms", str(batch_wait_ms),
+                 "--batching", batching],
+                stdout=out, stderr=subprocess.STDOUT,
+                # no key (an empty LMTUNE_API_KEY is refused by lmtune serve: unset it)
+                env={k: v for k, v in os.environ.items() if k != "LMTUNE_API_KEY"})
         deadline = time.monotonic() + 300
         while True:
             try:
@@ -106,6 +115,38 @@ class Server:
         self.proc.wait(timeout=60)
 
 
+class TransformersServer(Server):
+    """``transformers serve MODEL --continuous-batching`` (its OpenAI-compatible server) on a free loopback
+    port, pinned to the run's model folder (offline: a local path), fp32 on the CPU as lmtune serves it."""
+
+    def __init__(self, model_dir: Path, log: Path) -> None:
+        with socket.socket() as s:
+            s.bind((HOST, 0))
+            self.port = s.getsockname()[1]
+        self.log = log
+        self.model = str(model_dir)
+        exe = Path(sys.executable).with_name("transformers")
+        with log.open("w") as out:
+            self.proc = subprocess.Popen(
+                [str(exe), "serve", self.model, "--continuous-batching", "--host", HOST, "--port", str(self.port),
+                 "--device", "cpu", "--dtype", "float32", "--no-cb-use-cuda-graph"],
+                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if _call(self.port, "GET", "/health", None)[0] == 200:
+                    return
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"transformers serve did not start:\n{log.read_text()}")
+            time.sleep(0.25)
+
+    def metrics(self) -> dict[str, float]:
+        """No lmtune batch counters here."""
+        return {}
+
+
 def _call(port: int, method: str, path: str, body: Any, conn: http.client.HTTPConnection | None = None,
           ) -> tuple[int, bytes]:
     own = conn is None
@@ -121,7 +162,7 @@ def _call(port: int, method: str, path: str, body: Any, conn: http.client.HTTPCo
 
 
 def load(port: int, questions: list[str], *, requests: int, clients: int, max_tokens: int,
-         max_seconds: float) -> dict[str, Any]:
+         max_seconds: float, model: str = "m") -> dict[str, Any]:
     """Send ``requests`` chat requests from ``clients`` threads (each with its own keep-alive connection)."""
     lock = threading.Lock()
     next_index = [0]
@@ -139,7 +180,7 @@ def load(port: int, questions: list[str], *, requests: int, clients: int, max_to
                     if i >= requests or time.monotonic() > deadline:
                         return
                     next_index[0] += 1
-                body = {"model": "m", "messages": [{"role": "user", "content": questions[i % len(questions)]}],
+                body = {"model": model, "messages": [{"role": "user", "content": questions[i % len(questions)]}],
                         "max_tokens": max_tokens, "temperature": 0}
                 started = time.perf_counter()
                 try:
@@ -182,17 +223,53 @@ def load(port: int, questions: list[str], *, requests: int, clients: int, max_to
 def phase(server: Server, name: str, questions: list[str], **kwargs: Any) -> dict[str, Any]:
     """One load phase, with the server's batch counters over it."""
     before = server.metrics()
-    result = load(server.port, questions, **kwargs)
+    result = load(server.port, questions, model=getattr(server, "model", "m"), **kwargs)
     after = server.metrics()
-    batches = after["lmtune_batches_total"] - before["lmtune_batches_total"]
-    batched = after["lmtune_batched_requests_total"] - before["lmtune_batched_requests_total"]
+    batches = after.get("lmtune_batches_total", 0) - before.get("lmtune_batches_total", 0)
+    batched = after.get("lmtune_batched_requests_total", 0) - before.get("lmtune_batched_requests_total", 0)
     result.update(phase=name, batches=batches, mean_batch_requests=batched / batches if batches else None,
-                  max_batch_requests=after["lmtune_batch_requests_max"])
+                  max_batch_requests=after.get("lmtune_batch_requests_max"))
     print(f"{name:>14}: {result['requests']} requests ({result['errors']} errors) in {result['seconds']:.1f} s: "
           f"{result['requests_per_s']:.2f} req/s, {result['tokens_per_s']:.0f} tok/s, p50 "
           f"{result['latency_p50_s']:.3f} s, p99 {result['latency_p99_s']:.3f} s, mean batch "
           f"{result['mean_batch_requests'] or 0:.1f} requests", flush=True)
     return result
+
+
+def compare_batching(run_dir: Path, workdir: Path, questions: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """Window vs continuous batching: both servers up, phases interleaved per round; medians over rounds."""
+    common = {"max_tokens": args.max_tokens, "max_seconds": args.max_seconds}
+    servers = {name: Server(run_dir, workdir / f"serve-{name}.log", max_batch_size=args.max_batch_size,
+                            batch_wait_ms=args.batch_wait_ms, batching=name) for name in ("window", "continuous")}
+    if args.transformers_serve:
+        servers["transformers"] = TransformersServer(run_dir / "model", workdir / "serve-transformers.log")
+    rounds: dict[str, list[dict[str, Any]]] = {}
+    try:
+        for server in servers.values():
+            load(server.port, questions, requests=8, clients=4, model=getattr(server, "model", "m"),
+                 **common)  # warm-up (first calls allocate)
+        for r in range(args.rounds):
+            for clients in args.client_levels:
+                # alternate which variant goes first, so neither always meets the same machine load
+                names = list(servers) if (r + clients) % 2 == 0 else list(reversed(list(servers)))
+                for name in names:
+                    result = phase(servers[name], f"{name} x{clients}", questions,
+                                   requests=clients * args.requests_per_client, clients=clients, **common)
+                    rounds.setdefault(f"{name}_{clients}", []).append(result)
+    finally:
+        for server in servers.values():
+            server.stop()
+    figures = ("requests_per_s", "tokens_per_s", "latency_p50_s", "latency_p99_s")
+    summary: dict[str, Any] = {}
+    print(f"{'variant':>16} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p99 s':>7} errors (medians of {args.rounds})")
+    for key, runs in rounds.items():
+        row = {f: statistics.median(x[f] for x in runs) for f in figures}
+        row["errors"] = sum(x["errors"] for x in runs)
+        row["requests"] = sum(x["requests"] for x in runs)
+        summary[key] = row
+        print(f"{key:>16} {row['requests_per_s']:7.2f} {row['tokens_per_s']:7.0f} {row['latency_p50_s']:7.3f} "
+              f"{row['latency_p99_s']:7.3f} {row['errors']}")
+    return {"rounds": rounds, "medians": summary}
 
 
 def main() -> None:
@@ -207,6 +284,13 @@ def main() -> None:
     p.add_argument("--max-seconds", type=float, default=600, help="Time cap of each phase.")
     p.add_argument("--unbatched", action="store_true", help="Also run the concurrent load with --max-batch-size 1.")
     p.add_argument("--unbatched-requests", type=int, default=100, help="Requests of the unbatched phase.")
+    p.add_argument("--batching", choices=("window", "continuous"), default="window",
+                   help="continuous: compare a --batching window server with a --batching continuous one instead.")
+    p.add_argument("--transformers-serve", action="store_true",
+                   help="With --batching continuous: also `transformers serve --continuous-batching` on the model.")
+    p.add_argument("--client-levels", type=int, nargs="+", default=[1, 8, 32], help="With --batching continuous.")
+    p.add_argument("--requests-per-client", type=int, default=2, help="With --batching continuous.")
+    p.add_argument("--rounds", type=int, default=3, help="With --batching continuous: interleaved rounds.")
     p.add_argument("--model", choices=("small", "smollm2"), default="small")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the server.")
     p.add_argument("--workdir", type=Path, default=None, help="Keep the run and the server logs here.")
@@ -219,6 +303,13 @@ def main() -> None:
     run_dir = train_run(workdir, args.model)
     questions = prompts()
     results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "load_average_start": os.getloadavg()}
+    if args.batching == "continuous":
+        results["load_average_start"] = os.getloadavg()
+        results.update(compare_batching(run_dir, workdir, questions, args))
+        results["load_average_end"] = os.getloadavg()
+        if args.output:
+            args.output.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        return
     common = {"max_tokens": args.max_tokens, "max_seconds": args.max_seconds}
     server = Server(run_dir, workdir / "serve.log", max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms)
     try:

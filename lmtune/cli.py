@@ -505,6 +505,9 @@ def serve(
     max_batch_size: int = typer.Option(16, min=1, help="Most prompts/texts run together on the model."),
     batch_wait_ms: float = typer.Option(5.0, min=0, max=1000, help="How long a request waits for others to "
                                         "batch with."),
+    batching: str = typer.Option("window", help="Generation batching: 'window' (requests arriving together run "
+                                 "as one call) or 'continuous' (a request joins the running batch at the next "
+                                 "decoding step; greedy requests without stop strings)."),
     max_tokens_limit: int = typer.Option(1024, min=1, help="Largest max_tokens a request may ask for."),
     max_items: int = typer.Option(64, min=1, help="Most prompts or texts in one request."),
     max_n: int = typer.Option(8, min=1, help="Largest n (answers per prompt) a request may ask for."),
@@ -551,7 +554,7 @@ def serve(
         raise ConfigError("LMTUNE_API_KEY is set but empty, so no key would be required", field="api_key",
                           hint="set it to a key, or unset it (unset LMTUNE_API_KEY) to serve without one")
     options = ServeOptions(host=host, port=port, api_key=api_key, allowed_hosts=tuple(allowed_host),
-                           max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
+                           max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms, batching=batching,
                            max_tokens_limit=max_tokens_limit, max_items=max_items, max_n=max_n,
                            max_body_bytes=max_body_bytes, max_request_tokens=max_request_tokens,
                            max_request_chars=max_request_chars, max_queue=max_queue, max_connections=max_connections,

@@ -24,6 +24,7 @@ from typing import Any, cast
 
 from lmtune.models import generation
 from lmtune.serve.batching import Abandoned, Batcher, ModelWorker
+from lmtune.serve.continuous import ContinuousGenerator
 from lmtune.serve.options import ServeOptions
 from lmtune.tasks.base import Explainer
 from lmtune.workflows.run import LabelScorer, Run
@@ -73,15 +74,24 @@ class Engine:
         self.batcher = Batcher(self._run_batch, self.worker, max_batch_size=options.max_batch_size,
                                wait_ms=options.batch_wait_ms)
         self._alone = 0  # counter making the batch keys of "alone" requests unique
+        # --batching continuous: greedy decoder requests go to transformers' continuous batching; the rest
+        # (sampling, stop strings, penalties, beams; encoder-decoders) keep the window batcher.
+        decoder = self.generative and not getattr(self.loaded.model.config, "is_encoder_decoder", False)
+        self.continuous = (ContinuousGenerator(self.loaded, max_batch_size=options.max_batch_size)
+                           if options.batching == "continuous" and decoder else None)
 
     async def start(self) -> None:
-        """Start the batcher on the running loop."""
+        """Start the batcher on the running loop (and the continuous batching thread)."""
         self.batcher.start()
+        if self.continuous is not None:
+            self.continuous.start()
 
     async def stop(self) -> None:
         """Stop batching and the worker."""
         await self.batcher.stop()
         self.worker.shutdown()
+        if self.continuous is not None:
+            self.continuous.stop()
 
     # ------------------------------------------------------------------------------------ batched calls
     async def generate(self, rendered: list[str], settings: Any, *, alone: bool = False) -> list[dict[str, Any]]:
@@ -90,6 +100,8 @@ class Engine:
         ``alone``: run in a batch of its own (sampling with a caller's seed: the same request then
         gives the same answers whatever else is being served).
         """
+        if self.continuous is not None and self.continuous.supports(settings):
+            return await self.continuous.generate(rendered, settings)
         key: tuple[Any, ...] = ("generate", json.dumps(dataclasses.asdict(settings), sort_keys=True))
         if alone:
             self._alone += 1
@@ -142,6 +154,14 @@ class Engine:
         ``info`` receives finish_reason and token counts when the answer ends. Closing the iterator
         (a client that went away) stops generation.
         """
+        if self.continuous is not None and self.continuous.supports(settings):
+            pieces = self.continuous.stream(rendered, settings, info)
+            try:
+                async for piece in pieces:
+                    yield piece
+            finally:
+                await pieces.aclose()  # type: ignore[attr-defined]  # cancels the request: its row is freed
+            return
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         cancel = threading.Event()

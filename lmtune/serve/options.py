@@ -73,6 +73,11 @@ class ServeOptions:
     """Most items (prompts x n, texts) run together on the model."""
     batch_wait_ms: float = 5.0
     """How long the first request of a quiet moment waits for others to batch with."""
+    batching: str = "window"
+    """How generation requests share the model: ``window`` (requests arriving within ``batch_wait_ms`` run
+    as one ``generate`` call, until its longest answer ends) or ``continuous`` (transformers' continuous
+    batching: a request joins the running batch at the next decoding step, a finished one leaves it;
+    greedy requests without stop strings or penalties, others run windowed)."""
     max_tokens_limit: int = 1024
     """Largest ``max_tokens`` a request may ask for."""
     max_n: int = 8
@@ -138,6 +143,9 @@ class ServeOptions:
             "max_explain_items": self.max_explain_items >= 1,
         }
         bad = [name for name, ok in checks.items() if not ok]
+        if self.batching not in ("window", "continuous"):
+            raise ConfigError(f"serve option batching = {self.batching!r} is not known", field="batching",
+                              hint="use 'window' or 'continuous'")
         if bad:
             raise ConfigError(f"serve option {bad[0]} = {getattr(self, bad[0])!r} is out of range",
                               field=bad[0], hint="port 0-65535, batch_wait_ms 0-1000, max_body_bytes >= 1024, "
