@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,17 @@ def _split_train_args(args: list[str]) -> tuple[bool | str, bool, bool, dict[str
             rest.append(arg)
         i += 1
     return resume, overwrite, progress, parse_override_args(rest)
+
+
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM ends a training verb the way Ctrl-C does: the run records ``interrupted`` and resumes from its
+    last checkpoint. The studio's Stop sends it, as do schedulers before they preempt a job (SLURM,
+    Kubernetes); SIGINT is no use there, since a process started in the background of a script inherits
+    SIGINT ignored (POSIX shells without job control), and Python then never raises KeyboardInterrupt."""
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 _LAUNCH_OPTIONS = {"--num-processes": int, "--num-machines": int, "--machine-rank": int,
@@ -118,6 +130,7 @@ def train(ctx: typer.Context, config: Path = typer.Argument(..., help="The run's
         return  # the main process printed the results
     from lmtune.workflows.train import train as run_train  # noqa: PLC0415  (torch loads only for the verbs that need it)
 
+    _interrupt_on_sigterm()
     resume, overwrite, progress, overrides = _split_train_args(args)
     run = run_train(config, overrides=overrides, resume=resume, overwrite=overwrite, show_progress=progress)
     from lmtune.training.distributed import end_processes  # noqa: PLC0415  (accelerate loads only when processes are launched)
@@ -662,6 +675,8 @@ def tune(
     --storage on several machines."""
     from lmtune.workflows.tune import print_study  # noqa: PLC0415  (torch loads only for the verbs that need it)
     from lmtune.workflows.tune import tune as run_tune  # noqa: PLC0415  (torch loads only for the verbs that need it)
+
+    _interrupt_on_sigterm()
 
     result = run_tune(config, overrides=parse_override_args(list(ctx.args)), trials=trials, timeout=timeout,
                       storage=storage, study_name=study_name, retrain_best=retrain_best, show_progress=progress)

@@ -5,7 +5,8 @@ A run launched here is the run the CLI would write: the studio writes ``configs/
 ``python -m lmtune train configs/NAME.yaml --no-progress`` in the workspace, and reads the run folder
 the command writes. Its own bookkeeping (``.studio/runs/NAME.json``: pid, command, log; the process's
 output in ``.studio/logs/``) stays outside the run folder, which holds only what ``lmtune train`` writes.
-Stopping sends SIGINT to the process group, as Ctrl-C would: the run saves its state and ends
+Stopping sends SIGTERM to the process group, which ``lmtune train`` takes as Ctrl-C (SIGINT would be
+ignored by a process started in the background of a script): the run ends
 ``interrupted``; resuming runs ``lmtune train CONFIG --resume runs/NAME``. The run's own lock
 (:class:`lmtune.workflows.run_folder.RunLock`) keeps a second writer out even past the studio.
 """
@@ -209,14 +210,14 @@ class Jobs:
             return job
 
     def stop(self, name: str, *, wait: float = STOP_WAIT_SECONDS) -> bool:
-        """Ask the run's process to stop (SIGINT to its process group, as Ctrl-C); wait up to ``wait`` seconds
+        """Ask the run's process to stop (SIGTERM to its process group, taken as Ctrl-C); wait up to ``wait`` seconds
         for it to end. Returns whether a process was signalled. A run started from the command line on this
         machine is signalled by the PID its lock names."""
         job = self.train_jobs.get(name)
         if job is not None and job.alive and job.process is not None:
             job.extra["stopped"] = True
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(job.process.pid, signal.SIGINT)
+                os.killpg(job.process.pid, signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 job.process.wait(timeout=wait)
             job.poll()
@@ -226,7 +227,7 @@ class Jobs:
         if holder is None or holder.pid is None or (holder.host and holder.host != socket.gethostname()):
             return False
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(holder.pid, signal.SIGINT)
+            os.kill(holder.pid, signal.SIGTERM)
         return True
 
     # ------------------------------------------------------------------------------------ export
@@ -284,7 +285,7 @@ class Jobs:
         with log.open("ab" if append else "wb") as out:
             out.write(f"$ lmtune {' '.join(command[3:])}   ({_now()})\n".encode())
             out.flush()
-            # Its own session: SIGINT reaches the whole group (Ctrl-C), and the studio's own Ctrl-C does not.
+            # Its own session: a stop reaches the whole group, and the studio's own Ctrl-C does not.
             process = subprocess.Popen(command, cwd=self.ws.root, stdin=subprocess.DEVNULL, stdout=out,
                                        stderr=subprocess.STDOUT, env=env, start_new_session=True)
         job = Job(id=job_id or uuid.uuid4().hex[:12], kind=kind, name=name, command=command, log=log,
