@@ -71,33 +71,43 @@ def prompts() -> list[str]:
     return out
 
 
+def free_port() -> int:
+    """A free loopback port."""
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(command: list[str], port: int, log: Path, env: dict[str, str], what: str) -> subprocess.Popen[bytes]:
+    """Start ``command`` (a server on ``port``), its output in ``log``; returns it once it answers /health (up to
+    5 minutes), or exits saying ``what`` did not start, with its log."""
+    with log.open("w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            if _call(port, "GET", "/health", None)[0] == 200:
+                return proc
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"{what} did not start:\n{log.read_text()}")
+        time.sleep(0.25)
+
+
 class Server:
     """``lmtune serve RUN`` in a subprocess on a free loopback port."""
 
     def __init__(self, run_dir: Path, log: Path, *, max_batch_size: int, batch_wait_ms: float,
                  batching: str = "window") -> None:
-        with socket.socket() as s:
-            s.bind((HOST, 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.log = log
-        with log.open("w") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "lmtune", "serve", str(run_dir), "--host", HOST, "--port", str(self.port),
-                 "--max-batch-size", str(max_batch_size), "--batch-wait-ms", str(batch_wait_ms),
-                 "--batching", batching],
-                stdout=out, stderr=subprocess.STDOUT,
-                # no key (an empty LMTUNE_API_KEY is refused by lmtune serve: unset it)
-                env={k: v for k, v in os.environ.items() if k != "LMTUNE_API_KEY"})
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if _call(self.port, "GET", "/health", None)[0] == 200:
-                    return
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the server did not start:\n{log.read_text()}")
-            time.sleep(0.25)
+        self.proc = start_server(
+            [sys.executable, "-m", "lmtune", "serve", str(run_dir), "--host", HOST, "--port", str(self.port),
+             "--max-batch-size", str(max_batch_size), "--batch-wait-ms", str(batch_wait_ms), "--batching", batching],
+            self.port, log,
+            # no key (an empty LMTUNE_API_KEY is refused by lmtune serve: unset it)
+            {k: v for k, v in os.environ.items() if k != "LMTUNE_API_KEY"}, "the server")
 
     def metrics(self) -> dict[str, float]:
         """The batching counters of /metrics."""
@@ -120,27 +130,14 @@ class TransformersServer(Server):
     port, pinned to the run's model folder (offline: a local path), fp32 on the CPU as lmtune serves it."""
 
     def __init__(self, model_dir: Path, log: Path) -> None:
-        with socket.socket() as s:
-            s.bind((HOST, 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.log = log
         self.model = str(model_dir)
         exe = Path(sys.executable).with_name("transformers")
-        with log.open("w") as out:
-            self.proc = subprocess.Popen(
-                [str(exe), "serve", self.model, "--continuous-batching", "--host", HOST, "--port", str(self.port),
-                 "--device", "cpu", "--dtype", "float32", "--no-cb-use-cuda-graph"],
-                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if _call(self.port, "GET", "/health", None)[0] == 200:
-                    return
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"transformers serve did not start:\n{log.read_text()}")
-            time.sleep(0.25)
+        self.proc = start_server(
+            [str(exe), "serve", self.model, "--continuous-batching", "--host", HOST, "--port", str(self.port),
+             "--device", "cpu", "--dtype", "float32", "--no-cb-use-cuda-graph"],
+            self.port, log, {**os.environ, "HF_HUB_OFFLINE": "1"}, "transformers serve")
 
     def metrics(self) -> dict[str, float]:
         """No lmtune batch counters here."""

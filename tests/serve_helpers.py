@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -11,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import uvicorn
 from helpers import sentiment_rows, write_csv
@@ -21,6 +28,9 @@ from lmtune.serve.app import server_config
 from lmtune.workflows.run import Run
 
 MAX_NEW = 8  # the sft run's generation.max_new_tokens
+CHROMIUM = os.environ.get("LMTUNE_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 CAPITALS = {"France": "Paris", "Spain": "Madrid", "Peru": "Lima", "Japan": "Tokyo"}
 
 
@@ -85,6 +95,59 @@ def running(app: Any) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@contextmanager
+def chromium(**options: Any) -> Iterator[Any]:
+    """A headless Chromium (Debian's, driven by Playwright) with a fresh profile: yields its browser context
+    (``options`` go to ``launch_persistent_context``, a ``viewport`` say); skips the test without Chromium."""
+    # Imported here: the tests that need no browser load this module without Playwright.
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"Chromium is not installed at {CHROMIUM} (apt-get install chromium; .ci/run does it)")
+    profile = tempfile.mkdtemp(prefix="lmtune-chromium-")
+    with sync_api.sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True,
+                                                        args=CHROMIUM_ARGS, **options)
+        try:
+            yield context
+        finally:
+            context.close()
+            shutil.rmtree(profile, ignore_errors=True)
+
+
+@contextmanager
+def lmtune_server(args: list[str], log: Path, api_key: str) -> Iterator[str]:
+    """``python -m lmtune ARGS --port PORT`` (``lmtune serve RUN`` or ``lmtune studio ...``) in a subprocess on
+    a free loopback port, its API key from ``LMTUNE_API_KEY`` and its output in ``log``; waits until it answers
+    ``/health``, yields its base URL, stops it afterwards."""
+    with socket.socket() as s:  # a free loopback port for the subprocess
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "LMTUNE_API_KEY": api_key, "OMP_NUM_THREADS": "1"}
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "lmtune", *args, "--port", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if get(base, "/health", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"lmtune {args[0]} did not start:\n{log.read_text()}")
+            time.sleep(0.2)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def request(base: str, method: str, path: str, body: Any = None, *, raw: bytes | None = None,

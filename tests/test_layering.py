@@ -56,7 +56,7 @@ def test_every_task_is_registered_on_import() -> None:
 
 
 # ------------------------------------------------------------------------------ lazy imports
-LAZY_IMPORT_FILES = ("lmtune/__init__.py", "lmtune/cli.py", "lmtune/console.py")  # and the task folders' __init__
+LAZY_IMPORT_FILES = ("lmtune/__init__.py", "lmtune/cli.py", "lmtune/cli_serve.py", "lmtune/console.py")  # and the task folders' __init__
 
 
 def lazy_import_problems(path: str, source: str) -> list[str]:

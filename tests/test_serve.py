@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -322,6 +323,9 @@ def test_api_key_is_required_everywhere_but_health(clf_server: str) -> None:
     assert json.loads(get(clf_server, "/health")[1])["status"] == "ok"
     # the page's code is public (it holds no data), everything it shows needs the key
     assert get(clf_server, "/")[0] == 200 and get(clf_server, "/static/app.js")[0] == 200
+    assets = re.findall(r'(?:src|href)="(/static/[^"]+)"', get(clf_server, "/")[1].decode())
+    assert "/static/common/apikey.js" in assets and "/static/common/style.css" in assets  # shared with the studio
+    assert all(get(clf_server, asset)[0] == 200 for asset in assets), assets
 
 
 def test_run_view_and_plots_without_path_traversal(clf_server: str, clf_run: Run, tmp_path: Path) -> None:

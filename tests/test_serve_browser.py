@@ -8,74 +8,32 @@ saying why.
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from serve_helpers import get, running
+from serve_helpers import chromium, lmtune_server, running
 
 from lmtune.serve import ServeOptions
 from lmtune.serve.app import create_app
 from lmtune.workflows.run import Run
 
-CHROMIUM = os.environ.get("LMTUNE_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 KEY = "sk-browser-test"
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    if not Path(CHROMIUM).is_file():
-        pytest.skip(f"Chromium is not installed at {CHROMIUM} (apt-get install chromium; .ci/run does it)")
-    profile = tempfile.mkdtemp(prefix="lmtune-chromium-")
-    with sync_api.sync_playwright() as pw:
-        context = pw.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True,
-                                                        args=CHROMIUM_ARGS)
-        try:
-            yield context
-        finally:
-            context.close()
-            shutil.rmtree(profile, ignore_errors=True)
+    with chromium() as context:
+        yield context
 
 
 @pytest.fixture(scope="module")
 def clf_server(tmp_path_factory: pytest.TempPathFactory, serve_classifier_run: Run) -> Iterator[str]:
-    run = serve_classifier_run
-    with socket.socket() as s:  # a free loopback port for the subprocess
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
-    env = {**os.environ, "LMTUNE_API_KEY": KEY, "OMP_NUM_THREADS": "1"}
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "lmtune", "serve", str(run.path), "--port", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if get(base, "/health", timeout=2)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"lmtune serve did not start:\n{log.read_text()}")
-            time.sleep(0.2)
+    with lmtune_server(["serve", str(serve_classifier_run.path)], log, KEY) as base:
         yield base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_chat_in_the_browser_streams_the_answer(browser: Any, serve_sft_run: Run) -> None:

@@ -3,6 +3,7 @@ real `lmtune train` processes on a tiny BERT (stop, resume, compare, report, try
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from pathlib import Path
@@ -86,6 +87,13 @@ def test_api_key_host_and_paths(workspace: Path) -> None:
     assert client.get("/api/runs", headers=headers).status_code == 200
     assert client.get("/api/runs", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert client.get("/api/runs", headers={**headers, "Host": "evil.example"}).status_code == 400
+    # the page and what it loads need no key; its look and key handling are the serve page's files
+    assets = re.findall(r'(?:src|href)="(/static/[^"]+)"', client.get("/").text)
+    assert "/static/common/apikey.js" in assets and "/static/common/style.css" in assets and "/static/app.js" in assets
+    for asset in assets:
+        assert client.get(asset).status_code == 200, asset
+    shared = client.get("/static/common/apikey.js").content
+    assert shared == (Path(__file__).parents[1] / "lmtune/serve/static/common/apikey.js").read_bytes()
     run = workspace / "runs" / "r"
     run.mkdir(parents=True)
     (run / "run.json").write_text('{"format": "lmtune-run", "status": "complete", "task": "classification"}')

@@ -14,25 +14,16 @@ each step go to ``$LMTUNE_SCREENSHOTS`` (the README's images) or the test's tmp 
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import optuna
 import pytest
-from serve_helpers import get
+from serve_helpers import chromium, lmtune_server
 
 from lmtune.workflows.tune_report import write_trials_table
 
-CHROMIUM = os.environ.get("LMTUNE_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 KEY = "sk-studio-test"
 # Runs are subprocesses that load torch and train on busy CPUs: generous waits, fast when things go well.
 RUN_TIMEOUT_MS = 180_000
@@ -42,17 +33,8 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright pac
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    if not Path(CHROMIUM).is_file():
-        pytest.skip(f"Chromium is not installed at {CHROMIUM} (apt-get install chromium; .ci/run does it)")
-    profile = tempfile.mkdtemp(prefix="lmtune-chromium-")
-    with sync_api.sync_playwright() as pw:
-        context = pw.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True,
-                                                        args=CHROMIUM_ARGS, viewport={"width": 1280, "height": 900})
-        try:
-            yield context
-        finally:
-            context.close()
-            shutil.rmtree(profile, ignore_errors=True)
+    with chromium(viewport={"width": 1280, "height": 900}) as context:
+        yield context
 
 
 @pytest.fixture
@@ -60,34 +42,8 @@ def studio(tmp_path: Path) -> Iterator[str]:
     """``lmtune studio`` on a free loopback port over an empty workspace; yields its base URL."""
     workspace = tmp_path / "workspace"
     workspace.mkdir()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tmp_path / "studio.log"
-    env = {**os.environ, "LMTUNE_API_KEY": KEY, "OMP_NUM_THREADS": "1"}
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "lmtune", "studio", "--workspace", str(workspace),
-                                 "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if get(base, "/health", timeout=2)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"lmtune studio did not start:\n{log.read_text()}")
-            time.sleep(0.2)
+    with lmtune_server(["studio", "--workspace", str(workspace)], tmp_path / "studio.log", KEY) as base:
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def shots_dir(tmp_path: Path) -> Path:

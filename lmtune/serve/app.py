@@ -63,6 +63,8 @@ from lmtune.workflows.run import Run
 log = logging.getLogger("lmtune")
 
 STATIC_DIR = Path(__file__).parent / "static"
+# The page's look and its API-key handling, shared with lmtune studio (which serves this folder too).
+COMMON_STATIC_DIR = STATIC_DIR / "common"
 CHAT_PATH, COMPLETIONS_PATH, CLASSIFY_PATH, PREDICT_PATH = (
     "/v1/chat/completions", "/v1/completions", "/v1/classify", "/v1/predict")
 # Task endpoints (TaskInfo.endpoints) that answer as /v1/predict does, under the task's own name: every

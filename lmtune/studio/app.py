@@ -38,6 +38,7 @@ from lmtune.config.tasks import TASK_INFOS, task_names
 from lmtune.errors import ConfigError, LmtuneError, RunError
 from lmtune.models.registry import list_models
 from lmtune.serve import connections
+from lmtune.serve.app import COMMON_STATIC_DIR
 from lmtune.serve.gate import Gate
 from lmtune.serve.metrics import RequestMetrics
 from lmtune.serve.options import ServeOptions
@@ -153,6 +154,16 @@ def _error(status: int, exc: LmtuneError) -> JSONResponse:
 def _plain(value: Any) -> Any:
     """JSON-safe ``value`` (numpy numbers and arrays as Python ones, NaN as None)."""
     return clean_json(json.loads(json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v))))
+
+
+async def _preflight(key: str, check: Callable[[dict[str, Any]], Any], config: dict[str, Any]) -> dict[str, Any]:
+    """``check(config)`` (data inspect, plan) in a thread: ``{"ok": True, key: its result}``, or the problem it
+    found as ``{"ok": False, "error": {message, hint, field}}``, a 200 (the page shows it by the form)."""
+    try:
+        result = await asyncio.to_thread(check, config)
+    except LmtuneError as exc:
+        return {"ok": False, "error": {"message": str(exc).split("\n  hint: ")[0], "hint": exc.hint, "field": exc.field}}
+    return {"ok": True, key: _plain(result)}
 
 
 def field_errors(raw: dict[str, Any]) -> list[dict[str, str]]:
@@ -296,12 +307,7 @@ def create_studio_app(options: StudioOptions | None = None) -> FastAPI:
 
     @app.post("/api/inspect")
     async def inspect(body: dict[str, Any] = Body(...)) -> dict[str, Any]:
-        config = ws.resolved_config(config_of(body))
-        try:
-            report = await asyncio.to_thread(inspect_data, config)
-        except LmtuneError as exc:
-            return {"ok": False, "error": {"message": str(exc).split("\n  hint: ")[0], "hint": exc.hint, "field": exc.field}}
-        return {"ok": True, "report": _plain(report)}
+        return await _preflight("report", inspect_data, ws.resolved_config(config_of(body)))
 
     @app.get("/api/schema")
     def get_schema() -> dict[str, Any]:
@@ -318,12 +324,8 @@ def create_studio_app(options: StudioOptions | None = None) -> FastAPI:
 
     @app.post("/api/plan")
     async def plan(body: dict[str, Any] = Body(...)) -> dict[str, Any]:
-        config = ws.resolved_config(config_of(body))
-        try:
-            result = await asyncio.to_thread(make_plan, config)
-        except LmtuneError as exc:
-            return {"ok": False, "error": {"message": str(exc).split("\n  hint: ")[0], "hint": exc.hint, "field": exc.field}}
-        return {"ok": True, "plan": _plain(result.to_json())}
+        return await _preflight("plan", lambda config: make_plan(config).to_json(),
+                                ws.resolved_config(config_of(body)))
 
     @app.get("/api/runs")
     def runs() -> dict[str, Any]:
@@ -419,6 +421,8 @@ def create_studio_app(options: StudioOptions | None = None) -> FastAPI:
 
     app.get("/")(lambda: FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"}))
     STATIC_DIR.mkdir(exist_ok=True)
+    # Before /static, which would take these paths too: the serve page's stylesheet and API-key script.
+    app.mount("/static/common", StaticFiles(directory=COMMON_STATIC_DIR), name="common")
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     known = {path for r in app.routes if "{" not in (path := getattr(r, "path", "{"))}
     app.add_middleware(Gate, options=gate_options, metrics=RequestMetrics(), known_paths=known,

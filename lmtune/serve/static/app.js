@@ -1,18 +1,10 @@
 // The lmtune page: a playground for the served model and a view of its run. Plain JS, no dependencies:
-// everything is fetched from this server, with the API key (if the server has one) as a Bearer token.
+// everything is fetched from this server, with the API key (if the server has one) as a Bearer token
+// (common/apikey.js, loaded first: apiKey, headers, ApiError, needsApiKey, rememberApiKey).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const state = { info: null, chat: [] };
-
-function apiKey() { return $("api-key").value.trim(); }
-
-function headers(json) {
-  const h = {};
-  if (json) h["Content-Type"] = "application/json";
-  if (apiKey()) h["Authorization"] = "Bearer " + apiKey();
-  return h;
-}
 
 function setStatus(text) { $("status").textContent = text || ""; }
 
@@ -26,20 +18,20 @@ async function errorText(response) {
 
 async function getJSON(path) {
   const r = await fetch(path, { headers: headers(false) });
-  if (!r.ok) throw new Error(await errorText(r));
+  if (!r.ok) throw new ApiError(await errorText(r), "", r.status);
   return r.json();
 }
 
 async function postJSON(path, body) {
   const r = await fetch(path, { method: "POST", headers: headers(true), body: JSON.stringify(body) });
-  if (!r.ok) throw new Error(await errorText(r));
+  if (!r.ok) throw new ApiError(await errorText(r), "", r.status);
   return r.json();
 }
 
 // Reads a server-sent event stream of OpenAI chunks; calls onChunk(parsed) for each `data:` event.
 async function streamJSON(path, body, onChunk) {
   const r = await fetch(path, { method: "POST", headers: headers(true), body: JSON.stringify(body) });
-  if (!r.ok) throw new Error(await errorText(r));
+  if (!r.ok) throw new ApiError(await errorText(r), "", r.status);
   const reader = r.body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";
@@ -313,16 +305,12 @@ async function load() {
     await showPlots(info.plots || []);
     document.body.dataset.ready = "1";
   } catch (e) {
-    setStatus(e.message.includes("API key") ? "This server needs an API key: enter it above." : "error: " + e.message);
+    setStatus(needsApiKey(e) ? "This server needs an API key: enter it above." : "error: " + e.message);
   }
 }
 
 document.addEventListener("DOMContentLoaded", () => {
-  $("api-key").value = localStorage.getItem("lmtune-api-key") || "";
-  $("api-key").addEventListener("change", () => {
-    localStorage.setItem("lmtune-api-key", apiKey());
-    load();
-  });
+  rememberApiKey(localStorage, "lmtune-api-key", load);
   for (const tab of document.querySelectorAll(".tab")) {
     tab.addEventListener("click", () => {
       for (const t of document.querySelectorAll(".tab")) t.classList.toggle("active", t === tab);

@@ -10,19 +10,8 @@ const NOT_METRICS = new Set(["step", "epoch", "split", "loss", "num_examples", "
 const state = { schema: null, runs: [], studies: [], view: null, timer: null, listTimer: null, chat: [] };
 
 // ------------------------------------------------------------------------------------------ HTTP
-function apiKey() { return $("api-key").value.trim(); }
-
-function headers(json) {
-  const h = {};
-  if (json) h["Content-Type"] = "application/json";
-  if (apiKey()) h["Authorization"] = "Bearer " + apiKey();
-  return h;
-}
-
-// An HTTP error carries the server's message (and hint): the page shows error.message.
-class ApiError extends Error {
-  constructor(message, hint, status) { super(message); this.hint = hint || ""; this.status = status; }
-}
+// The API key's field, headers and ApiError (the page shows error.message) come from lmtune serve's page:
+// /static/common/apikey.js, loaded first.
 
 async function check(r) {
   if (r.ok) return r.json();
@@ -46,7 +35,7 @@ function setStatus(text, hint) {
 }
 
 function showError(e) {
-  if (e instanceof ApiError && e.status === 401) setStatus("This studio needs an API key: enter it above.");
+  if (needsApiKey(e)) setStatus("This studio needs an API key: enter it above.");
   else setStatus("error: " + e.message, e.hint);
 }
 
@@ -675,11 +664,7 @@ async function load() {
 }
 
 document.addEventListener("DOMContentLoaded", () => {
-  $("api-key").value = sessionStorage.getItem(KEY_STORE) || "";
-  $("api-key").addEventListener("change", () => {
-    sessionStorage.setItem(KEY_STORE, apiKey());
-    load();
-  });
+  rememberApiKey(sessionStorage, KEY_STORE, load);
   for (const tab of document.querySelectorAll(".tab")) tab.addEventListener("click", () => showTab(tab.dataset.tab));
   $("task").addEventListener("change", describeTask);
   action($("upload-btn"), upload);
