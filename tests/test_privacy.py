@@ -192,10 +192,14 @@ BAD = [
     ({"train": {"privacy": {"epsilon": 3}, "group_by_length": True}}, "train.group_by_length"),
     ({"train": {"privacy": {"epsilon": 3}, "max_grad_norm": 1.0}}, "train.privacy.max_grad_norm"),
     ({"train": {"privacy": {"epsilon": 3}}, "baselines": ["bilstm"]}, "leave them out with train.privacy"),
-    ({"train": {"privacy": {"epsilon": 3}}, "task": "causal_lm"}, "train.privacy is for task classification"),
+    ({"train": {"privacy": {"epsilon": 3}}, "task": "masked_lm"}, "train.privacy is for task causal_lm, classification"),
+    ({"train": {"privacy": {"epsilon": 3}}, "task": "causal_lm"}, "packs unless told not to"),
+    ({"train": {"privacy": {"epsilon": 3}}, "task": "sft", "data": {"packing": True}},
+     "data.packing puts several records in one row"),
     ({"train": {"privacy": {"epsilon": 3}}, "model": {"name": "minilm", "gradient_checkpointing": True}},
      "model.gradient_checkpointing"),
     ({"train": {"privacy": {"epsilon": 3}}, "model": "baseline:gru"}, "not model.name 'baseline:gru'"),
+    ({"train": {"privacy": {"epsilon": 3}}, "method": {"name": "lora", "use_dora": True}}, "method.use_dora"),
 ]
 
 
@@ -228,3 +232,100 @@ def test_importing_opacus_leaves_the_root_logger_alone() -> None:
     code = "import logging, lmtune.workflows.train; print(len(logging.root.handlers))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "0", out.stderr
+
+
+# ------------------------------------------------------------------------------------------ decoders
+def _token_loss_sum(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Summed next-token loss of the real tokens (the decoder tasks' loss: a sum of per-record losses)."""
+    labels = ids.masked_fill(mask == 0, -100)
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
+                           reduction="sum")
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_decoder_per_example_gradients_are_each_records_own(tiny_chat_llama_dir: Path, method: str) -> None:
+    """A Llama decoder (rotary positions, RMSNorm, tied embeddings), LoRA adapters or every weight: the hooks'
+    gradient of record i of a right-padded batch equals the gradient of record i alone."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_chat_llama_dir)
+    texts = ["the cat sat on the mat", "hello", "my secret code is 123456, keep it", "a b c d"]
+    enc = tok(texts, padding=True, return_tensors="pt")
+    assert tok.padding_side == "right" and int(enc["attention_mask"].sum(1).min()) < enc["input_ids"].shape[1]
+
+    def model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        m = AutoModelForCausalLM.from_pretrained(tiny_chat_llama_dir, attn_implementation="sdpa")
+        if method == "lora":
+            torch.manual_seed(1)
+            m = get_peft_model(m, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+        return m.train()
+
+    alone = []
+    for i in range(len(texts)):
+        m = model()
+        n = int(enc["attention_mask"][i].sum())
+        _token_loss_sum(m, enc["input_ids"][i : i + 1, :n], enc["attention_mask"][i : i + 1, :n]).backward()
+        alone.append({name: p.grad.clone() for name, p in m.named_parameters() if p.requires_grad})
+
+    m = model()
+    dp = PrivateTraining(load_config({"data": {"train": "x.csv"}, "train": {"privacy": {"epsilon": 8}}}).train.privacy,
+                         train_size=400, batch_size=4, seed=0)
+    dp.attach(m, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad]), planned_steps=10)
+    _token_loss_sum(m, enc["input_ids"], enc["attention_mask"]).backward()
+    dp.before_step(len(texts))
+    trainable = [(name, p) for name, p in m.named_parameters() if p.requires_grad]
+    assert trainable and all(alone[0].keys() == {name for name, _ in trainable} for _ in (0,))
+    worst = 0.0
+    for name, p in trainable:
+        assert p.grad_sample.shape == (len(texts), *p.shape), name
+        for i in range(len(texts)):
+            worst = max(worst, float((p.grad_sample[i] - alone[i][name]).abs().max()))
+    assert worst < 1e-4, worst
+
+
+@pytest.fixture(scope="module")
+def decoder_dp_runs(tiny_chat_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A tiny Llama trained on short stories holding canaries (2 inserted once, 2 inserted 24 times), one paragraph
+    per row, without DP and with epsilon 1 (the memorisation audit of each: test_memorisation.py)."""
+    from helpers import story_text
+
+    out = tmp_path_factory.mktemp("dp-decoder")
+    text = out / "stories.txt"
+    text.write_text(story_text(32, seed=3), encoding="utf-8")
+    runs = {}
+    for name, extra in (("none", {}), ("eps1", {"privacy": {"epsilon": 1}})):
+        cfg = {"task": "causal_lm", "model": str(tiny_chat_llama_dir),
+               "data": {"train": str(text), "max_length": 64, "validation_size": 0.25, "test_size": 0.1,
+                        "packing": False},
+               "train": {"batch_size": 8, "max_steps": 60, "eval_every": 60, "learning_rate": 3e-2,
+                         "warmup_ratio": 0.0, "precision": "fp32", "log_every": 5, **extra},
+               "evaluate": {"memorisation": {"canaries": 2, "canary_repeats": [1, 24], "canary_digits": 3,
+                                             "extraction_prompts": 8, "extraction_prefix_tokens": 8,
+                                             "extraction_suffix_tokens": 8}},
+               "output_dir": str(out / name)}
+        runs[name] = lmtune.train(cfg, show_progress=False)
+    return runs
+
+
+def test_dp_decoder_trains_spends_its_epsilon_and_hides_the_repeated_canary(decoder_dp_runs: dict[str, Any]) -> None:
+    """DP-SGD on a causal LM: every weight trains (loss falls), the planned steps spend epsilon 1, and the canary
+    the plain run learns (24 copies: near the top of its 1,000 secrets) stays far less exposed under DP, at a
+    cost in held-out loss."""
+    none, dp = decoder_dp_runs["none"], decoder_dp_runs["eps1"]
+    p = dp.metrics["summary"]["privacy"]
+    assert p["steps"] == p["planned_steps"] == 60 and 1 - 2 * privacy.EPSILON_TOLERANCE <= p["epsilon"] <= 1
+    assert p["train_examples"] == json.loads((dp.path / "data.json").read_text())["train"]["rows"]
+    rows = [r for r in _jsonl(dp.path / "metrics.jsonl") if r["split"] == "train"]
+    first, last = (sum(r["loss"] for r in part) / 3 for part in (rows[:3], rows[-3:]))
+    assert last < first - 0.2, [r["loss"] for r in rows]  # from a random model, under heavy noise: it learns slowly
+
+    def exposure(run: Any) -> dict[int, float]:
+        return {g["repeats"]: g["mean_exposure"] for g in run.metrics["memorisation"]["tuned"]["exposure"]["by_repeats"]}
+
+    assert exposure(none)[24] > 7.0 and exposure(dp)[24] < exposure(none)[24] - 2.0, (exposure(none), exposure(dp))
+    assert dp.metrics["test"]["loss"] > none.metrics["test"]["loss"]  # privacy costs utility
+    report = (dp.path / "report.md").read_text()
+    assert "differential privacy (DP-SGD, Opacus): epsilon" in report and "## Memorisation audit" in report

@@ -1224,9 +1224,14 @@ def check_streaming_config(config: Config) -> None:
 def check_privacy_config(config: Config) -> None:
     """What ``train.privacy`` needs from the rest of the config; ValueError naming the keys."""
     t = config.train
-    if not TASK_INFOS[config.task].privacy:
+    info = TASK_INFOS[config.task]
+    if not info.privacy:
         raise ValueError(f"train.privacy is for task {_tasks_where(lambda i: i.privacy)}, not '{config.task}' (its "
                          "loss is not a sum of per-example losses over whole training records)")
+    if config.data.packing or (config.data.packing is None and info.packing_default):
+        default = f" (task {config.task} packs unless told not to)" if config.data.packing is None else ""
+        raise ValueError(f"train.privacy protects each training record, but data.packing puts several records in one "
+                         f"row{default}, whose gradient would be clipped as one: set data.packing: false")
     if t.precision in ("bf16", "fp16"):
         raise ValueError(f"train.privacy trains in fp32 (per-example gradients and their clipping in full precision):"
                          f" set train.precision fp32 or auto, not {t.precision}")
@@ -1244,6 +1249,9 @@ def check_privacy_config(config: Config) -> None:
                          "is clipped to train.privacy.max_grad_norm instead: leave train.max_grad_norm unset")
     if config.model.name.startswith("baseline:"):
         raise ValueError(f"train.privacy applies to transformer models, not model.name '{config.model.name}'")
+    if config.method.use_dora:
+        raise ValueError("method.use_dora: DoRA's magnitude vectors scale the whole adapted weight, whose per-example "
+                         "gradients Opacus cannot compute under train.privacy: use plain LoRA")
     if config.model.gradient_checkpointing:
         raise ValueError("model.gradient_checkpointing recomputes activations in the backward pass, which the "
                          "per-example gradient hooks of train.privacy would record twice: turn it off")

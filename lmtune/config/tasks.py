@@ -68,6 +68,8 @@ class TaskInfo:
     # ``train.privacy`` (DP-SGD) applies: the task's loss is a sum of per-example losses, one training record per
     # row (no packing), and its model's per-example gradients can be computed (lmtune/training/privacy.py).
     privacy: bool = False
+    # ``data.packing`` is on when the config leaves it unset (several records share a row).
+    packing_default: bool = False
     # ``evaluate.memorisation`` applies: the task inserts canaries among its training records and hands the
     # audit its data (``TaskData.extra["memorisation"]``: :class:`lmtune.evaluate.memorisation.AuditData`).
     memorisation: bool = False

@@ -72,7 +72,7 @@ class CausalLMTask(DecoderTask):
     @property
     def packing(self) -> bool:
         """On unless ``data.packing: false``."""
-        return True if self.data_cfg.packing is None else self.data_cfg.packing
+        return self.info.packing_default if self.data_cfg.packing is None else self.data_cfg.packing
 
     # ------------------------------------------------------------------------------ model source
     def model_path(self) -> Path | None:

@@ -37,6 +37,7 @@ INFO = TaskInfo(
     card_metrics=("accuracy", "perplexity", "loss"),
     endpoints=("/v1/fill-mask",),
     check=check_masked_lm,
+    packing_default=True,
     starting_point_name="before pre-training",
     card_limitation="Masked-language-model pre-training adapts the encoder to the text it read: its vocabulary, "
                     "style and facts. It is a starting point for a classification or tagging run, not a model "

@@ -90,7 +90,7 @@ class MaskedLMTask(Task):
     @property
     def packing(self) -> bool:
         """On unless ``data.packing: false`` (documents share rows; attention spans the row)."""
-        return True if self.data_cfg.packing is None else self.data_cfg.packing
+        return self.info.packing_default if self.data_cfg.packing is None else self.data_cfg.packing
 
     # ------------------------------------------------------------------------------ model source
     def model_path(self) -> Path | None:

@@ -19,6 +19,7 @@ INFO = TaskInfo(
     chat_template=True,
     generates=True,
     memorisation=True,
+    privacy=True,
     exports=("merged", "quantized", "gguf"),
     endpoints=("/v1/chat/completions", "/v1/completions"),
     streaming=True,
