@@ -230,3 +230,88 @@ def test_a_model_trained_with_redact_redacts_its_prediction_inputs(tmp_path: Pat
     with (tmp_path / "out.csv").open(newline="", encoding="utf-8") as f:
         out = list(csv.DictReader(f))
     assert out[0]["text"] == "great film, mail <EMAIL_ADDRESS>" and out[1]["text"] == "dull plot"
+
+
+# ------------------------------------------------------------------------------------------ names from an NER run
+# Names the built-in recognizer misses (outside the census first-name lists); the NER run learns them from context.
+_TRAIN_NAMES = ["Siobhan", "Zbigniew", "Ngozi", "Dmitri", "Aoife", "Kwame", "Tariq", "Saoirse", "Bogdan", "Chidi",
+                "Yusuf", "Niamh", "Radek", "Amara", "Jiri", "Eilidh", "Folake", "Vaclav", "Ciaran", "Emeka"]
+_HELD_OUT_NAMES = ["Oluwaseun", "Przemek", "Grainne", "Babajide", "Tadhg", "Wojtek"]
+_TEMPLATES = ["please call {} tomorrow .", "the report was written by {} .", "{} said the order was late .",
+              "send the invoice to {} today .", "we thanked {} for the help ."]
+_PLAIN = ["the weather was fine on {} .", "the order was late again on {} .", "send the invoice by {} .",
+          "the report was written on {} .", "please call the office on {} ."]
+_DAYS = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
+
+
+@pytest.fixture(scope="module")
+def ner_run(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A tiny NER run (token_classification, B-PER/I-PER) trained on templated sentences with unusual names."""
+    out = tmp_path_factory.mktemp("pii-ner")
+    rows = []
+    for name in _TRAIN_NAMES:
+        for template in _TEMPLATES:
+            words = template.format(name).split()
+            rows.append({"tokens": words, "tags": ["B-PER" if w == name else "O" for w in words]})
+    for template in _PLAIN:
+        for day in _DAYS:
+            words = template.format(day).split()
+            rows.append({"tokens": words, "tags": ["O"] * len(words)})
+    data = out / "names.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    cfg = {"task": "token_classification", "model": str(tiny_bert_dir),
+           "data": {"train": str(data), "max_length": 24, "validation_size": 0.1, "test_size": 0.1},
+           "train": {"epochs": 8, "batch_size": 16, "learning_rate": 1e-2, "precision": "fp32", "warmup_ratio": 0.0},
+           "baselines": [], "output_dir": str(out / "run")}
+    return lmtune.train(cfg, show_progress=False)
+
+
+def test_an_ner_run_finds_names_the_builtin_recognizer_misses(ner_run: Any, tmp_path: Path) -> None:
+    texts = [t.format(n) for n, t in zip(_HELD_OUT_NAMES, _TEMPLATES * 2, strict=False)]
+    plain = PiiScanner(["PERSON"])
+    assert not any(plain.find(t) for t in texts)  # outside the census lists: missed
+    with_ner = pii.config_scanner(load_config({"data": {"train": "x.csv", "pii_ner": str(ner_run.path)}}).data,
+                                  ["PERSON"])
+    assert with_ner.ner is not None and with_ner.ner.labels == ("PER",)
+    assert with_ner.ner.folder == str((ner_run.path / "model").resolve())  # the run folder's model
+    found = [[t[f.start:f.end] for f in with_ner.find(t) if f.entity == "PERSON"] for t in texts]
+    hits = sum(found_names == [name] for found_names, name in zip(found, _HELD_OUT_NAMES, strict=True))
+    assert hits >= len(texts) - 1, found
+    assert not any(with_ner.find(t.format("friday")) for t in _PLAIN)  # no false alarm without names
+    lower = with_ner.find("please call oluwaseun tomorrow .")  # an uncased model: lower-cased names too
+    assert [f.entity for f in lower] == ["PERSON"]
+
+
+def test_data_pii_ner_redacts_training_text_and_is_recorded(ner_run: Any, tmp_path: Path, tiny_bert_dir: Path) -> None:
+    rows = [{"text": t.format(n), "label": "a" if i % 2 else "b"}
+            for i, (n, t) in enumerate(zip(_HELD_OUT_NAMES * 4, _TEMPLATES * 5, strict=False))]
+    train = write_csv(tmp_path / "train.csv", rows)
+    cfg = _cfg(train, tmp_path / "scan", tiny_bert_dir, pii_ner=str(ner_run.path), pii_entities=["PERSON"])
+    report = scan_data(cfg)
+    assert report["ner"] == str((ner_run.path / "model").resolve()) and report["ner_labels"] == ["PER"]
+    found = report["found"].get("PERSON", 0)
+    assert found >= len(rows) // 2, report["found"]  # none without the model (test above)
+    d = load_config({**cfg, "data": {**cfg["data"], "pii": "redact"}}).data
+    texts = [r["text"] for r in pii.read_data_table(str(train), d).rows]
+    redacted = [t for t in texts if "<PERSON>" in t]
+    assert len(redacted) == found and not any(n in t for t in redacted for n in _HELD_OUT_NAMES)
+    saved = pii.model_policy(d)["pii"]
+    assert saved["ner"] == report["ner"] and saved["ner_labels"] == ["PER"]  # predict inputs use the same model
+
+
+@pytest.mark.parametrize(("target", "labels", "message"), [
+    ("nowhere", None, "holds no model"),
+    ("classifier", None, "not a token-classification"),
+    ("ner", ["PERSONA"], "tags PER, not PERSONA"),
+])
+def test_bad_pii_ner_fails_naming_the_key(ner_run: Any, tiny_bert_dir: Path, tmp_path: Path, target: str,
+                                          labels: list[str] | None, message: str) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    folder = {"nowhere": tmp_path / "none", "ner": ner_run.path, "classifier": tmp_path / "clf"}[target]
+    if target == "classifier":
+        AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2).save_pretrained(folder)
+    d = load_config({"data": {"train": "x.csv", "pii_ner": str(folder), "pii_ner_labels": labels}}).data
+    with pytest.raises(ConfigError, match=r"data\.pii_ner") as err:
+        pii.config_scanner(d)
+    assert message in str(err.value)

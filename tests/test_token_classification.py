@@ -211,6 +211,19 @@ def test_bad_input_is_a_data_error_with_its_line(tmp_path: Path, tiny_bert_dir: 
     assert err.value.file is not None and str(err.value.file).endswith(name)
 
 
+def test_held_out_split_emptied_by_deduplication_is_a_data_error(tmp_path: Path, tiny_bert_dir: Path) -> None:
+    """A train file repeating its few sentences: the split-off validation and test sentences all occur in train, so
+    de-duplication leaves nothing to score (this used to crash the tokenizer on an empty split)."""
+    rows = [{"tokens": ["Ann", "came"], "tags": ["B-PER", "O"]}, {"tokens": ["it", "rained"], "tags": ["O", "O"]}] * 20
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    task = TokenClassificationTask(lmtune.load_config({"task": "token_classification", "model": str(tiny_bert_dir),
+                                                       "data": {"train": str(path)}}))
+    with pytest.raises(DataError, match="sentence also occurs in the training data") as err:
+        task.prepare(task.load_tokenizer(tiny_bert_dir))
+    assert "de-duplicate the training file" in (err.value.hint or "") and str(err.value.file).endswith("t.jsonl")
+
+
 def test_empty_sentences_are_skipped_and_counted(tmp_path: Path, tiny_bert_dir: Path) -> None:
     rows = [{"tokens": ["Ann"], "tags": ["B-PER"]}, {"tokens": [], "tags": []}, {"tokens": ["x"], "tags": ["O"]}]
     _, data = _prepare(tmp_path, tiny_bert_dir, "".join(json.dumps(r) + "\n" for r in rows), "t.jsonl")

@@ -287,6 +287,15 @@ class DataConfig(_Section):
         0.4, ge=0, le=1, description="data.pii: the least recognizer score that counts as a finding (checksummed "
         "numbers score 1.0, a phone number 0.4, a lone first name 0.6).",
     )
+    pii_ner: str | None = Field(
+        None, description="data.pii and `lmtune data scan`: also find person names with this token-classification "
+        "model (an lmtune NER run folder, its model/ folder, or any such transformers folder on disk): names the "
+        "built-in recognizer misses (outside its first-name lists, lower-cased) where the model knows them.",
+    )
+    pii_ner_labels: list[str] | None = Field(
+        None, description="data.pii_ner: the model's entity labels (without B-/I-) that are person names "
+        "(default: whichever of PER, PERSON, NAME the model has, in any case).",
+    )
 
     @field_validator("pii_entities")
     @classmethod

@@ -30,7 +30,7 @@ from typing import Any
 
 from lmtune.config.schema import PII_ENTITIES, DataConfig
 from lmtune.data.mixing import MIX_COLUMN, mix_tables
-from lmtune.data.pii_engine import Finding, PiiScanner
+from lmtune.data.pii_engine import Finding, NerNames, PiiScanner, ner_names
 from lmtune.data.readers import detect_format, read_table, resolve_source
 from lmtune.data.table import Table, format_locations
 from lmtune.errors import ConfigError, DataError
@@ -66,9 +66,17 @@ PII_FILE = "pii.json"
 
 
 @functools.cache
-def scanner(entities: tuple[str, ...] | None = None, score: float = 0.4) -> PiiScanner:
+def scanner(entities: tuple[str, ...] | None = None, score: float = 0.4, ner: NerNames | None = None) -> PiiScanner:
     """One scanner per setting, shared by every read in the process (the analyzer is built once)."""
-    return PiiScanner(entities, score)
+    return PiiScanner(entities, score, ner)
+
+
+def config_scanner(d: DataConfig, entities: list[str] | None = None, score: float | None = None) -> PiiScanner:
+    """The scanner ``d``'s settings ask for (``pii_entities``, ``pii_score``, the ``pii_ner`` model), with
+    ``entities`` / ``score`` in their place where given."""
+    ner = ner_names(d.pii_ner, d.pii_ner_labels) if d.pii_ner else None
+    chosen = entities or d.pii_entities
+    return scanner(tuple(chosen) if chosen else None, d.pii_score if score is None else score, ner)
 
 
 def mask_example(value: str) -> str:
@@ -288,7 +296,7 @@ def _read_one(source: str, d: DataConfig, fmt: str, splits: list[str], rename: d
     if d.pii == "off":
         return table
     _check_offsets(table, d, d.pii)
-    scan = scanner(tuple(d.pii_entities) if d.pii_entities else None, d.pii_score)
+    scan = config_scanner(d)
     protected = protected_columns(d)
     protected |= {theirs for theirs, ours in (rename or {}).items() if ours in protected}
     table, report = apply_pii(table, d.pii, scan, protected=protected, splits=splits)
@@ -309,7 +317,7 @@ def run_record(d: DataConfig, reports: list[SourceReport]) -> dict[str, Any]:
     for report in reports:
         found.update(report.counts)
     return {"policy": d.pii, "entities": list(d.pii_entities or PII_ENTITIES), "score": d.pii_score,
-            "found": dict(sorted(found.items())), "rows_with_pii": sum(r.rows_with_pii for r in reports),
+            **_ner_record(d), "found": dict(sorted(found.items())), "rows_with_pii": sum(r.rows_with_pii for r in reports),
             "dropped": sum(len(r.dropped_lines) for r in reports), "sources": [r.to_dict() for r in reports]}
 
 
@@ -323,7 +331,15 @@ def model_policy(d: DataConfig, record_file: Path | None = None) -> dict[str, An
     if record_file is not None and record_file.is_file():
         found = json.loads(record_file.read_text(encoding="utf-8")).get("found", {})
     return {"pii": {"policy": d.pii, "entities": list(d.pii_entities or PII_ENTITIES), "score": d.pii_score,
-                    "found": found}}
+                    **_ner_record(d), "found": found}}
+
+
+def _ner_record(d: DataConfig) -> dict[str, Any]:
+    """The ``pii_ner`` model (resolved folder and name labels) a record keeps, so predictions use it too."""
+    if not d.pii_ner:
+        return {}
+    ner = ner_names(d.pii_ner, d.pii_ner_labels)
+    return {"ner": ner.folder, "ner_labels": list(ner.labels)}
 
 
 def apply_saved_policy(table: Table, meta: dict[str, Any]) -> Table:
@@ -334,7 +350,8 @@ def apply_saved_policy(table: Table, meta: dict[str, Any]) -> Table:
     policy = saved.get("policy")
     if policy not in REWRITING:
         return table
-    scan = scanner(tuple(saved.get("entities") or PII_ENTITIES), float(saved.get("score", 0.4)))
+    ner = NerNames(saved["ner"], tuple(saved.get("ner_labels") or ())) if saved.get("ner") else None
+    scan = scanner(tuple(saved.get("entities") or PII_ENTITIES), float(saved.get("score", 0.4)), ner)
     protected = {c for c in (meta.get("label_column"),) if c}
     rewritten, report = apply_pii(table, policy, scan, protected=protected)
     if report.rows_with_pii:

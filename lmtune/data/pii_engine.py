@@ -25,6 +25,7 @@ second more, once per process (:func:`analyzer_engine`).
 from __future__ import annotations
 
 import functools
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,15 +53,17 @@ from presidio_analyzer.predefined_recognizers import (
     UrlRecognizer,
     UsSsnRecognizer,
 )
+from presidio_analyzer.predefined_recognizers.ner import HuggingFaceNerRecognizer
 from presidio_anonymizer import AnonymizerEngine
 from presidio_anonymizer.entities import OperatorConfig
 from presidio_anonymizer.entities import RecognizerResult as AnonymizerResult
 from spacy.tokens import Doc
 
 from lmtune.config.schema import PII_ENTITIES
+from lmtune.errors import ConfigError
 
-__all__ = ["Finding", "PersonNameRecognizer", "PiiScanner", "StreetAddressRecognizer", "analyzer_engine",
-           "first_names"]
+__all__ = ["Finding", "NerNameRecognizer", "NerNames", "PersonNameRecognizer", "PiiScanner", "StreetAddressRecognizer",
+           "analyzer_engine", "first_names", "ner_names"]
 
 # Masking character of the `mask` policy.
 MASK_CHAR = "*"
@@ -243,6 +246,70 @@ class PersonNameRecognizer(EntityRecognizer):
         return results
 
 
+# Entity labels (without B-/I-) that name people in common NER label sets, compared case-insensitively.
+PERSON_LABELS = ("PER", "PERSON", "NAME")
+_TAG_PREFIX = re.compile(r"^[BIESLU]-")
+
+
+@dataclass(frozen=True)
+class NerNames:
+    """A token-classification model that finds person names (``data.pii_ner``): its folder and the labels of
+    its entity types that are names."""
+
+    folder: str
+    labels: tuple[str, ...]
+
+
+class NerNameRecognizer(HuggingFaceNerRecognizer):
+    """Person names found by a token-classification model on disk (presidio's transformers NER recognizer,
+    offline: a local folder, never a Hub name). A word takes its first sub-token's tag (aggregation "first": what
+    lmtune's NER runs learn unless ``data.label_all_subtokens``). Its other entity types are left out; its score
+    is the model's probability, which ``data.pii_score`` thresholds as any recognizer's."""
+
+    def __init__(self, ner: NerNames) -> None:
+        super().__init__(supported_entities=["PERSON"], name="lmtune NER names", supported_language="en",
+                         model_name=ner.folder, label_mapping=dict.fromkeys(ner.labels, "PERSON"), threshold=0.0,
+                         aggregation_strategy="first", device="cpu")
+
+    def analyze(self, text: str, entities: list[str], nlp_artifacts: NlpArtifacts | None = None
+                ) -> list[AnalyzerResult]:
+        return [r for r in super().analyze(text, entities, nlp_artifacts) if r.entity_type == "PERSON"]
+
+
+def ner_entity_labels(folder: Path) -> list[str]:
+    """The entity types a token-classification model folder tags (its ``id2label`` without B-/I- and O)."""
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    labels = [_TAG_PREFIX.sub("", str(v)) for v in (config.get("id2label") or {}).values()]
+    return sorted({label for label in labels if label and label != "O"})
+
+
+def ner_names(source: str, labels: list[str] | None) -> NerNames:
+    """``data.pii_ner`` resolved: the model folder (a run folder's ``model/``) and its person-name labels;
+    ConfigError naming the key when the folder is not a token-classification model or tags no names."""
+    path = Path(source).expanduser()
+    folder = next((p for p in (path, path / "model") if (p / "config.json").is_file()), None)
+    if folder is None:
+        raise ConfigError(f"data.pii_ner: {source} holds no model (no config.json there or in its model/ folder)",
+                          hint="give an lmtune token_classification run folder, or a transformers token-"
+                          "classification model folder")
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"data.pii_ner: {folder / 'config.json'} cannot be read ({exc})") from None
+    if not any(str(a).endswith("ForTokenClassification") for a in config.get("architectures") or []):
+        raise ConfigError(f"data.pii_ner: {folder} is a {', '.join(config.get('architectures') or ['model'])}, not "
+                          "a token-classification (NER) model", hint="give an lmtune token_classification run")
+    known = ner_entity_labels(folder)
+    wanted = labels or [k for k in known if k.upper() in PERSON_LABELS]
+    missing = [k for k in wanted if k not in known]
+    if missing or not wanted:
+        raise ConfigError(f"data.pii_ner: the model at {folder} tags {', '.join(known) or 'no entity types'}"
+                          + (f", not {', '.join(missing)}" if missing else
+                             f", none of them a person-name label ({', '.join(PERSON_LABELS)})"),
+                          hint="name its person-name labels in data.pii_ner_labels")
+    return NerNames(str(folder.resolve()), tuple(wanted))
+
+
 def _recognizers() -> list[EntityRecognizer]:
     """Every recognizer the scanner runs (each entity of :data:`PII_ENTITIES` has one)."""
     recognizers: list[EntityRecognizer] = [
@@ -258,11 +325,14 @@ def _recognizers() -> list[EntityRecognizer]:
 
 
 @functools.cache
-def analyzer_engine() -> AnalyzerEngine:
-    """The offline presidio analyzer, built once per process (building it takes about a second)."""
+def analyzer_engine(ner: NerNames | None = None) -> AnalyzerEngine:
+    """The offline presidio analyzer (with ``ner``'s model as a name recognizer), built once per process and
+    setting (building it takes about a second, loading a model more)."""
     registry = RecognizerRegistry(supported_languages=["en"])
     for recognizer in _recognizers():
         registry.add_recognizer(recognizer)
+    if ner is not None:
+        registry.add_recognizer(NerNameRecognizer(ner))
     nlp = BlankSpacyEngine()
     nlp.load()
     return AnalyzerEngine(registry=registry, nlp_engine=nlp, supported_languages=["en"])
@@ -292,14 +362,16 @@ _WORTH_SCANNING = re.compile(r"[0-9@A-Z]|www\.|\w\.\w")
 class PiiScanner:
     """Find :data:`PII_ENTITIES` in texts with the offline analyzer, above a score threshold."""
 
-    def __init__(self, entities: list[str] | tuple[str, ...] | None = None, score: float = 0.4) -> None:
+    def __init__(self, entities: list[str] | tuple[str, ...] | None = None, score: float = 0.4,
+                 ner: NerNames | None = None) -> None:
         self.entities = list(entities or PII_ENTITIES)
         self.score = score
-        self.engine = analyzer_engine()
+        self.ner = ner
+        self.engine = analyzer_engine(ner)
 
     def find(self, text: str) -> list[Finding]:
         """Non-overlapping findings in ``text``, in order (an overlap keeps the higher score, then the longer)."""
-        if not text or not _WORTH_SCANNING.search(text):
+        if not text or (self.ner is None and not _WORTH_SCANNING.search(text)):  # a model may find lower-case names
             return []
         results = self.engine.analyze(text, language="en", entities=self.entities, score_threshold=self.score)
         ranked = sorted(results, key=lambda r: (-r.score, -(r.end - r.start), r.start))

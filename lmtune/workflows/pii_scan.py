@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from rich.table import Table as RichTable
 
 from lmtune.config import Config, load_config
-from lmtune.data.pii import PII_ENTITIES, PII_FILE, apply_pii, protected_columns, scanner, split_names
+from lmtune.data.pii import PII_FILE, apply_pii, config_scanner, protected_columns, split_names
 from lmtune.data.readers import read_table
 from lmtune.evaluate.report import Report
 
@@ -53,9 +53,7 @@ def scan_data(config: Config | str | Path | dict[str, Any], *, overrides: dict[s
         cfg = load_config(copy.deepcopy(config) if isinstance(config, dict) else config, overrides)
         name = None if isinstance(config, dict) else str(config)
     d = cfg.data
-    chosen = entities or d.pii_entities or list(PII_ENTITIES)
-    threshold = d.pii_score if score is None else score
-    scan = scanner(tuple(chosen), threshold)
+    scan = config_scanner(d, entities, score)
     started = time.perf_counter()
     sources: list[dict[str, Any]] = []
     total: dict[str, int] = {}
@@ -68,7 +66,8 @@ def scan_data(config: Config | str | Path | dict[str, Any], *, overrides: dict[s
             total[entity] = total.get(entity, 0) + count
         sources.append(report.to_dict())
     seconds = time.perf_counter() - started
-    return {"config": name, "entities": list(chosen), "score": threshold, "rows": rows,
+    return {"config": name, "entities": list(scan.entities), "score": scan.score,
+            **({"ner": scan.ner.folder, "ner_labels": list(scan.ner.labels)} if scan.ner else {}), "rows": rows,
             "seconds": round(seconds, 3), "rows_per_second": round(rows / max(seconds, 1e-9), 1),
             "found": dict(sorted(total.items())), "sources": sources}
 

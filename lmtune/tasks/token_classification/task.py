@@ -334,12 +334,16 @@ class TokenClassificationTask(Task):
                 info[split] = {"source": f"{d.train} (split {size:g})"}
         if d.deduplicate:
             self._dedupe(splits, info)
-            for split, rows in given.items():
-                if rows and not splits[split]:
+            for split in ("validation", "test"):
+                removed = info.get(split, {}).get("duplicates_removed", 0)
+                if split in splits and removed and not splits[split]:
+                    carved = split not in given  # split off a train file that repeats its sentences
                     raise DataError(f"every {split} sentence also occurs in the training data, so nothing is left "
-                                    f"to score ({len(rows)} removed as duplicates)", file=source_of[split],
-                                    hint="give held-out sentences that are not in train, or set "
-                                    "data.deduplicate: false to score them anyway")
+                                    f"to score ({removed} removed as duplicates)",
+                                    file=source_of.get(split, d.train),
+                                    hint="de-duplicate the training file, or set data.deduplicate: false to score "
+                                    "them anyway" if carved else "give held-out sentences that are not in train, or "
+                                    "set data.deduplicate: false to score them anyway")
         if d.max_samples:
             rng = random.Random(d.split_seed)
             for split, rows in splits.items():
