@@ -96,6 +96,8 @@ def serve(
                                              "filter.\")."),
     redact_pii: bool = typer.Option(False, "--redact-pii", help="Mask personal data (e-mail addresses, phone numbers, "
                                     "names ...) in answers and in the server's log; streamed answers then arrive whole."),
+    pii_ner: Path | None = typer.Option(None, "--pii-ner", help="With --redact-pii: an NER run (token_classification) "
+                                        "whose person names are masked too, as data.pii_ner finds them."),
 ) -> None:
     """Serve a run's model over HTTP: OpenAI-compatible chat/completions (sft, causal_lm), /v1/classify and
     task endpoints, /metrics, and a web page at /."""
@@ -112,7 +114,8 @@ def serve(
                            guard=str(guard) if guard is not None else None,
                            guard_labels=tuple(x.strip() for x in guard_labels.split(",")) if guard_labels else (),
                            guard_threshold=guard_threshold, guard_on=guard_on, guard_action=guard_action,
-                           redact_pii=redact_pii, **({"guard_message": guard_message} if guard_message is not None else {}))
+                           redact_pii=redact_pii, pii_ner=str(pii_ner) if pii_ner is not None else None,
+                           **({"guard_message": guard_message} if guard_message is not None else {}))
     # Imported once the options hold: a refused key or host costs no torch import.
     from lmtune.serve.app import serve as run_server  # noqa: PLC0415  (the server and torch load only for `serve`)
 

@@ -315,3 +315,20 @@ def test_bad_pii_ner_fails_naming_the_key(ner_run: Any, tiny_bert_dir: Path, tmp
     with pytest.raises(ConfigError, match=r"data\.pii_ner") as err:
         pii.config_scanner(d)
     assert message in str(err.value)
+
+
+def test_served_answers_mask_the_ner_runs_names(ner_run: Any) -> None:
+    """``lmtune serve --redact-pii --pii-ner RUN``: the server's masker finds names with the NER run too."""
+    from lmtune.serve.guard import PiiMasker, SafeguardStats
+    from lmtune.serve.options import ServeOptions
+
+    answer = "please call Oluwaseun tomorrow . the invoice went to ann.lee@example.org ."
+    plain, counts = PiiMasker(SafeguardStats()).mask(answer)
+    assert "Oluwaseun" in plain and counts == {"EMAIL_ADDRESS": 1}
+    stats = SafeguardStats()
+    masked, counts = PiiMasker(stats, str(ner_run.path)).mask(answer)
+    assert "Oluwaseun" not in masked and "<PERSON>" in masked and counts == {"PERSON": 1, "EMAIL_ADDRESS": 1}
+    with pytest.raises(ConfigError, match="--redact-pii is off"):
+        ServeOptions(pii_ner=str(ner_run.path))
+    with pytest.raises(ConfigError, match=r"data\.pii_ner: .* holds no model"):
+        PiiMasker(stats, str(ner_run.path / "nothing"))

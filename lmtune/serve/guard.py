@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmtune.data.pii_engine import PiiScanner
+from lmtune.data.pii_engine import PiiScanner, ner_names
 from lmtune.errors import ConfigError, LmtuneError
 from lmtune.serve.batching import Batcher, ModelWorker
 from lmtune.serve.engine import StopWhenAbandoned
@@ -179,11 +179,12 @@ class Guard:
 
 # ---------------------------------------------------------------------------------------------- personal data
 class PiiMasker:
-    """Masks personal data in texts as ``<TYPE>`` (every type of :data:`lmtune.data.pii.PII_ENTITIES`), counting
-    what it masked; built once at server start (the analyzer takes seconds to build)."""
+    """Masks personal data in texts as ``<TYPE>`` (every type of :data:`lmtune.data.pii.PII_ENTITIES`; person names
+    also from the ``ner`` model folder, ``--pii-ner``), counting what it masked; built once at server start (the
+    analyzer takes seconds to build)."""
 
-    def __init__(self, stats: SafeguardStats) -> None:
-        self.scanner = PiiScanner()
+    def __init__(self, stats: SafeguardStats, ner: str | None = None) -> None:
+        self.scanner = PiiScanner(ner=ner_names(ner, None) if ner else None)
         self.stats = stats
         self._lock = threading.Lock()  # one analysis at a time: the analyzer is shared by every thread
         self._busy = threading.local()  # inside a masking call on this thread (presidio's own log records)
@@ -310,7 +311,7 @@ class Safeguards:
         self.stats = SafeguardStats()
         # Built before the served model loads: a bad --guard fails fast, and the analyzer's build is paid once.
         self.guard = Guard(options) if options.guard is not None else None
-        self.masker = PiiMasker(self.stats) if options.redact_pii else None
+        self.masker = PiiMasker(self.stats, options.pii_ner) if options.redact_pii else None
         self._restore_log: Callable[[], None] | None = None
 
     @property

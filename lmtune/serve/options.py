@@ -123,6 +123,9 @@ class ServeOptions:
     """The text standing in for a blocked answer."""
     redact_pii: bool = False
     """Mask personal data (e-mail addresses, phone numbers, names ...) in answers and in the server's log."""
+    pii_ner: str | None = None
+    """An NER model (an lmtune token_classification run, or its model folder) whose person names ``redact_pii``
+    masks too (``data.pii_ner``'s recognizer)."""
 
     def __post_init__(self) -> None:
         checks = {
@@ -152,6 +155,9 @@ class ServeOptions:
                               "read_timeout 0-3600 s, max_explain_steps 1-1024 and explain_steps up to it, the other limits >= 1")
         self._check_key()
         self._check_guard()
+        if self.pii_ner is not None and not self.redact_pii:
+            raise ConfigError("--pii-ner names the NER model that --redact-pii masks names with, but --redact-pii is "
+                              "off", field="pii_ner", hint="add --redact-pii, or leave out --pii-ner")
         for pattern in self.allowed_hosts:
             name = pattern[2:] if pattern.startswith("*.") else pattern
             if pattern != "*" and (address_name(name) is None or "*" in name):
