@@ -90,18 +90,24 @@ def matmul_peak(precision: str, device_type: str = "cpu") -> dict[str, Any]:
     device = torch.device(device_type)
     threads = torch.get_num_threads()
     key = f"{device_name(device)}|{precision}|threads {threads}|torch {torch.__version__}"
-    store = cache_dir() / "matmul_peak.json"
+    gflops = cached_measurement("matmul_peak.json", key, lambda: _measure(_DTYPES[precision], device))
+    n = _GPU_SIZE if device.type == "cuda" else _CPU_SIZE
+    return {"gflops": gflops, "precision": precision, "device": device_name(device), "threads": threads, "size": n}
+
+
+def cached_measurement(file: str, key: str, measure: Callable[[], Any]) -> Any:
+    """``measure()``'s answer for ``key``, kept in ``$LMTUNE_CACHE/<file>`` (a JSON object of such answers): a
+    figure of this machine (a matmul rate, bf16's speed-up) is measured once, not at every run."""
+    store = cache_dir() / file
     try:
         known = json.loads(store.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         known = {}
     if key not in known:
-        known[key] = _measure(_DTYPES[precision], device)
+        known[key] = measure()
         with contextlib.suppress(OSError):  # a read-only cache only costs a re-measure next time
             store.write_text(json.dumps(known, indent=1), encoding="utf-8")
-    n = _GPU_SIZE if device.type == "cuda" else _CPU_SIZE
-    return {"gflops": known[key], "precision": precision, "device": device_name(device), "threads": threads,
-            "size": n}
+    return known[key]
 
 
 def _measure(dtype: torch.dtype, device: torch.device) -> float | None:

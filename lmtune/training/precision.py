@@ -10,17 +10,14 @@ speed, not what is stored.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import json
 import logging
 import time
 
 import torch
 
 from lmtune.errors import ConfigError
-from lmtune.paths import cache_dir
-from lmtune.training.flops import device_name
+from lmtune.training.flops import cached_measurement, device_name
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +35,10 @@ def cpu_bf16_speedup() -> float:
     """
     cpu = device_name(torch.device("cpu"))
     key = f"{cpu}|torch {torch.__version__}|threads {torch.get_num_threads()}"
-    store = cache_dir() / "bf16_probe.json"
-    try:
-        known = json.loads(store.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        known = {}
-    if key in known:
-        return float(known[key])
+    return float(cached_measurement("bf16_probe.json", key, _bf16_speedup))
 
+
+def _bf16_speedup() -> float:
     def timed(dtype: torch.dtype, reps: int) -> float:
         a = torch.randn(384, 384).to(dtype)
         b = torch.randn(384, 384).to(dtype)
@@ -62,13 +55,9 @@ def cpu_bf16_speedup() -> float:
         bf16 = timed(torch.bfloat16, 1)
         if bf16 < 3 * fp32:  # plausibly fast: measure properly
             bf16 = min(bf16, timed(torch.bfloat16, 5))
-        speedup = fp32 / bf16
+        return fp32 / bf16
     except RuntimeError:  # no bf16 kernels at all
-        speedup = 0.0
-    known[key] = speedup
-    with contextlib.suppress(OSError):  # a read-only cache only costs a re-measure next time
-        store.write_text(json.dumps(known, indent=1), encoding="utf-8")
-    return speedup
+        return 0.0
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
