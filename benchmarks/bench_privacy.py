@@ -152,7 +152,7 @@ def audit(args: argparse.Namespace) -> list[dict[str, Any]]:
     try:
         for eps in [None, *args.epsilons]:
             overrides: dict[str, Any] = {
-                "data.max_length": 64, "data.packing": False, "data.validation_size": 0.05, "data.test_size": 0.05,
+                "data.max_length": 64, "data.packing": False, "data.validation_size": 0.01, "data.test_size": 0.01,
                 "train.max_steps": None, "train.epochs": args.epochs, "train.batch_size": args.batch_size,
                 "train.precision": "fp32", "train.eval_every": 10**6, "train.log_every": 10,
                 "train.learning_rate": args.learning_rate or 1e-3, "evaluate.memorisation": AUDIT,
