@@ -29,6 +29,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import names as census_names
 import spacy
@@ -276,9 +277,8 @@ class NerNameRecognizer(HuggingFaceNerRecognizer):
         return [r for r in super().analyze(text, entities, nlp_artifacts) if r.entity_type == "PERSON"]
 
 
-def ner_entity_labels(folder: Path) -> list[str]:
-    """The entity types a token-classification model folder tags (its ``id2label`` without B-/I- and O)."""
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+def ner_entity_labels(config: dict[str, Any]) -> list[str]:
+    """The entity types a token-classification model tags (its config's ``id2label`` without B-/I- and O)."""
     labels = [_TAG_PREFIX.sub("", str(v)) for v in (config.get("id2label") or {}).values()]
     return sorted({label for label in labels if label and label != "O"})
 
@@ -299,7 +299,7 @@ def ner_names(source: str, labels: list[str] | None) -> NerNames:
     if not any(str(a).endswith("ForTokenClassification") for a in config.get("architectures") or []):
         raise ConfigError(f"data.pii_ner: {folder} is a {', '.join(config.get('architectures') or ['model'])}, not "
                           "a token-classification (NER) model", hint="give an lmtune token_classification run")
-    known = ner_entity_labels(folder)
+    known = ner_entity_labels(config)
     wanted = labels or [k for k in known if k.upper() in PERSON_LABELS]
     missing = [k for k in wanted if k not in known]
     if missing or not wanted:
