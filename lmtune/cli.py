@@ -209,6 +209,7 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) else "–"
 
 
+
 @app.command("eval")
 def evaluate(
     run: Path = typer.Argument(..., help="A run folder or an lmtune model folder."),
@@ -218,12 +219,15 @@ def evaluate(
     output: Path | None = typer.Option(None, help="Also write the metrics as JSON here."),
     batch_size: int | None = typer.Option(None, min=1, help="Examples per batch (default: 64 for classification, "
                                           "the run's evaluation batch size for generative runs)."),
+    precision: str = typer.Option("fp32", "--precision", help="A generative model's weights: fp32 (the figures the "
+                                  "run's report gives), auto (bf16 where this GPU or CPU runs it faster: quicker, "
+                                  "scores differ by bf16's rounding), bf16 or fp16 (GPU)."),
 ) -> None:
     """Evaluate a trained model on its own splits or on a file."""
     from lmtune.workflows.run import Run  # noqa: PLC0415  (torch loads only for the verbs that need it)
 
     loaded = Run.load(run)
-    metrics = loaded.evaluate(data, batch_size=batch_size)
+    metrics = loaded.evaluate(data, batch_size=batch_size, precision=precision)
     per_split = metrics if data is None else {"data": metrics}
     table = Table(title=f"evaluation of {run}")
     if loaded.generative:
@@ -280,6 +284,7 @@ def predict(
                                              "instead of the predicted one (classification)."),
     explain_steps: int | None = typer.Option(None, "--explain-steps", min=1, max=1024, help="With --explain: "
                                              "integration steps (default 32; each is a forward and backward pass)."),
+    precision: str = cli_serve.PRECISION_OPTION,
 ) -> None:
     """Predict a label for every row of a file (classification), or generate an answer (sft, causal_lm;
     seq2seq takes the generation options too). With --ner: relations in raw text (NER run, then RUN).
@@ -294,7 +299,7 @@ def predict(
         n = extract_relations_file(run, ner, input, output, text_column=text_column, batch_size=batch_size or 32)
         console.print(f"wrote {n} predictions to {output}")
         return
-    loaded = Run.load(run)
+    loaded = Run.load(run, precision=precision)
     n = loaded.predict_file(input, output, text_column=text_column, batch_size=batch_size, show_progress=progress,
                             explain=explain, explain_label=explain_label, explain_steps=explain_steps,
                             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
@@ -313,11 +318,12 @@ def chat(
     temperature: float | None = _TEMPERATURE,
     top_p: float | None = _TOP_P,
     do_sample: bool | None = _SAMPLE,
+    precision: str = cli_serve.PRECISION_OPTION,
 ) -> None:
     """Chat with a chat (sft) model in the terminal; answers stream as they are generated."""
     from lmtune.workflows.run import Run  # noqa: PLC0415  (torch loads only for the verbs that need it)
 
-    session = Run.load(run).chat_session(system=system, max_new_tokens=max_new_tokens, temperature=temperature,
+    session = Run.load(run, precision=precision).chat_session(system=system, max_new_tokens=max_new_tokens, temperature=temperature,
                                          top_p=top_p, do_sample=do_sample)
     console.print(f"chatting with {run}; {_CHAT_HELP}", highlight=False)
     told_about_context = False

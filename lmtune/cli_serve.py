@@ -16,6 +16,11 @@ from lmtune.errors import ConfigError
 console = Console()
 err_console = Console(stderr=True)
 
+# Shared by predict, chat and serve: how a generative model's weights are loaded (evaluate has its own default).
+PRECISION_OPTION = typer.Option("auto", "--precision", help="A generative model's weights: auto (bf16 where this "
+                                "GPU or CPU runs it faster, measured once; else fp32), fp32, bf16 or fp16 (GPU). "
+                                "Label predictors run in fp32.")
+
 
 def _host_option(other: str) -> Any:
     """``--host``: loopback by default; ``other`` says what listening elsewhere means (it needs a key or a host)."""
@@ -60,6 +65,7 @@ def serve(
     batching: str = typer.Option("window", help="Generation batching: 'window' (requests arriving together run "
                                  "as one call) or 'continuous' (a request joins the running batch at the next "
                                  "decoding step; greedy requests without stop strings)."),
+    precision: str = PRECISION_OPTION,
     max_tokens_limit: int = typer.Option(1024, min=1, help="Largest max_tokens a request may ask for."),
     max_items: int = typer.Option(64, min=1, help="Most prompts or texts in one request."),
     max_n: int = typer.Option(8, min=1, help="Largest n (answers per prompt) a request may ask for."),
@@ -105,7 +111,7 @@ def serve(
 
     _refuse_empty_key_variable(api_key, "serve")
     options = ServeOptions(host=host, port=port, api_key=api_key, allowed_hosts=tuple(allowed_host),
-                           max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms, batching=batching,
+                           max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms, batching=batching, precision=precision,
                            max_tokens_limit=max_tokens_limit, max_items=max_items, max_n=max_n,
                            max_body_bytes=max_body_bytes, max_request_tokens=max_request_tokens,
                            max_request_chars=max_request_chars, max_queue=max_queue, max_connections=max_connections,

@@ -342,7 +342,8 @@ def test_export_cli_merged_equals_run_generation(sft_run: Run, tmp_path: Path, m
                                        add_generation_prompt=True)
     ids = tok(rendered, return_tensors="pt", add_special_tokens=False)
     new = model.generate(**ids, max_new_tokens=MAX_NEW, do_sample=False)[0, ids["input_ids"].shape[1]:]
-    expected = sft_run.generate(prompt, do_sample=False)[0]["text"]
+    # the export is float32, as is the run's generation with precision fp32 (auto may round to bf16)
+    expected = Run.load(sft_run.path, precision="fp32").generate(prompt, do_sample=False)[0]["text"]
     assert expected.strip() and tok.decode(new, skip_special_tokens=True) == expected
     # a second export needs --overwrite; ONNX is not there
     code, _, stderr = _run_cli(["export", sft_run.path, "--output", out], monkeypatch, capsys)
@@ -386,3 +387,74 @@ def test_data_list_cli() -> None:
     wide = CliRunner().invoke(app, ["data", "list"], env={"COLUMNS": "200"})
     assert "chatterbot-corpus" in wide.output and "r-cran-janeaustenr" in wide.output
     assert "Jane Austen" in wide.output  # descriptions where there is room
+
+
+# ------------------------------------------------------------------------------------------ precision
+def test_inference_precision_is_measured_or_explicit(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmtune.errors import ConfigError
+    from lmtune.training import precision
+
+    cpu = torch.device("cpu")
+    assert precision.inference_dtype("fp32", cpu) is torch.float32
+    assert precision.inference_dtype("bf16", cpu) is torch.bfloat16
+    # auto follows the CPU's measured bf16 speed, as train.precision does
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: 2.4)
+    assert precision.inference_dtype("auto", cpu) is torch.bfloat16
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: 0.3)  # AVX2 only: bf16 emulated, slow
+    assert precision.inference_dtype("auto", cpu) is torch.float32
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        precision.inference_dtype("fp16", cpu)
+    with pytest.raises(ConfigError, match="must be auto, fp32, bf16 or fp16"):
+        precision.inference_dtype("fp64", cpu)
+
+
+def test_run_generates_with_weights_in_the_precision_asked(sft_run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmtune.errors import ConfigError
+    from lmtune.training import precision
+
+    fp32 = Run.load(sft_run.path, precision="fp32")
+    bf16 = Run.load(sft_run.path, precision="bf16")
+    g32, g16 = fp32.generator(), bf16.generator()
+    assert g32.dtype is torch.float32 and g16.dtype is torch.bfloat16
+    assert {p.dtype for p in g16.model.parameters()} == {torch.bfloat16}
+    # the same weights, rounded: next-token logits of a prompt agree to bf16's precision
+    ids = g32.tokenizer(g32.render("Capital of France?"), return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        a = g32.model(ids).logits[0, -1]
+        b = g16.model(ids).logits[0, -1].float()
+    assert (a - b).abs().max() < 0.05 * (a.max() - a.min())
+    answers = bf16.generate(["Capital of France?", "hello"], max_new_tokens=MAX_NEW, do_sample=False)
+    assert [r["finish_reason"] in ("stop", "length") for r in answers] == [True, True]
+    assert all(0 < r["completion_tokens"] <= MAX_NEW for r in answers)
+    # auto takes bf16 only where the probe says this CPU runs it faster
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: 0.3)
+    assert Run.load(sft_run.path).generator().dtype is torch.float32
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: 2.4)
+    assert Run.load(sft_run.path).generator().dtype is torch.bfloat16
+    # evaluation gives the report's figures in fp32 by default; in bf16 they move by its rounding only
+    loss = sft_run.metrics["test"]["loss"]
+    assert bf16.evaluate()["test"]["loss"] == pytest.approx(loss, rel=1e-4)
+    assert bf16.evaluate(precision="bf16")["test"]["loss"] == pytest.approx(loss, rel=0.05)
+    with pytest.raises(ConfigError, match="precision must be one of"):
+        Run.load(sft_run.path, precision="fp64")
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        fp32.generator("fp16")
+
+
+def test_precision_options_of_predict_and_serve(sft_run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from lmtune.errors import ConfigError
+    from lmtune.serve import ServeOptions
+
+    src = _write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Capital of France?"}])
+    out = tmp_path / "out.jsonl"
+    code, stdout, _ = _run_cli(["predict", sft_run.path, "-i", src, "-o", out, "--precision", "bf16",
+                                "--no-progress"], monkeypatch, capsys)
+    assert code == 0 and "wrote 1 answers" in stdout
+    expected = Run.load(sft_run.path, precision="bf16").generate("Capital of France?")[0]["text"]
+    assert _read_jsonl(out)[0]["generated"] == expected
+    code, _, stderr = _run_cli(["predict", sft_run.path, "-i", src, "-o", tmp_path / "o2.jsonl", "--precision",
+                                "fp64"], monkeypatch, capsys)
+    assert code == 2 and "precision must be one of auto, fp32, bf16, fp16" in _flat(stderr)
+    with pytest.raises(ConfigError, match="precision"):
+        ServeOptions(precision="half")

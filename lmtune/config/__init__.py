@@ -8,6 +8,7 @@ from lmtune.config.loader import (
     save_config,
 )
 from lmtune.config.schema import (
+    PRECISIONS,
     BaselineConfig,
     Config,
     DataConfig,
@@ -21,6 +22,7 @@ from lmtune.config.schema import (
 )
 
 __all__ = [
+    "PRECISIONS",
     "BaselineConfig",
     "Config",
     "DataConfig",

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -48,6 +48,11 @@ LORA_LEARNING_RATE = 2e-4
 SCRATCH_LEARNING_RATE = 1e-3
 NEW_HEAD_LEARNING_RATE = 1e-3
 
+
+
+# A numeric precision: train.precision, and `--precision` where a saved model generates (predict, chat, serve).
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 class _Section(BaseModel):
     """Base for config sections: unknown keys are errors, values are validated on assignment."""
@@ -726,7 +731,7 @@ class TrainConfig(_Section):
     )
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm (null: no clipping).")
     seed: int = Field(42, description="Seed for initialisation, shuffling and dropout.")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+    precision: Precision = Field(
         "auto",
         description="`auto`: bf16 autocast where it is faster and supported (measured once on CPU), "
         "fp16 on GPUs without bf16, else fp32.",

@@ -381,7 +381,8 @@ def generate(
 
     The model is put in eval mode (and back in train mode afterwards if it was). Sampling is seeded with
     ``settings.seed`` on a forked RNG, so the caller's random state is untouched; greedy decoding is
-    deterministic and gives the same answers whatever the batch size. With ``progress`` (a rich
+    deterministic, and with float32 weights gives the same answers whatever the batch size (in bf16 a row's
+    rounding can depend on the batch's shape, enough to flip a near-tied choice). With ``progress`` (a rich
     ``Progress``) a task "generate" advances per prompt, and is told of every decoding step
     (``advance(task, 0)``: an exception raised there stops generation within a step).
     """

@@ -29,8 +29,10 @@ from lmtune.models.loading import load_saved_adapter, load_saved_model
 from lmtune.models.registry import load_padded_tokenizer
 
 
-def load_causal_lm(model_dir: Path, meta: dict[str, Any]) -> Any:
-    """The model folder as a float32 causal LM; an adapter-only folder is applied to its base and merged."""
+def load_causal_lm(model_dir: Path, meta: dict[str, Any], dtype: torch.dtype = torch.float32) -> Any:
+    """The model folder as a causal LM with ``dtype`` weights; an adapter-only folder is applied to its base
+    and merged (in float32, then cast). A quantized folder (``quantization_config``: lmtune's torchao exports)
+    keeps the dtypes it was saved with."""
     error = "cannot load the model for generation"
     if not (model_dir / "config.json").is_file() and (model_dir / "adapter_config.json").is_file():
         base_path = meta.get("base_model_path")
@@ -38,19 +40,32 @@ def load_causal_lm(model_dir: Path, meta: dict[str, Any]) -> Any:
             raise ModelError("the model folder holds only an adapter and lmtune.json names no base model",
                              file=model_dir, field="base_model_path")
         base = load_saved_model(AutoModelForCausalLM, base_path, error=error, dtype=torch.float32)
-        return load_saved_adapter(base, model_dir).merge_and_unload()
-    return load_saved_model(AutoModelForCausalLM, model_dir, error=error, dtype=torch.float32)
+        return load_saved_adapter(base, model_dir).merge_and_unload().to(dtype)
+    if _quantized(model_dir):
+        dtype = torch.float32
+    return load_saved_model(AutoModelForCausalLM, model_dir, error=error, dtype=dtype)
+
+
+def _quantized(model_dir: Path) -> bool:
+    """Whether the folder's config.json records a quantization (its weights' dtypes are the export's)."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # transformers' own loading says what is wrong with it
+    return isinstance(config, dict) and bool(config.get("quantization_config"))
 
 
 class TextGenerator:
-    """A saved causal LM loaded once for generation: float32, eval mode, on CUDA when there is one.
+    """A saved causal LM loaded once for generation: eval mode, on CUDA when there is one, its weights in
+    ``dtype`` (float32 unless the caller resolved another precision: ``Run.load(path, precision=...)``).
 
     Answers end at the model's end-of-turn/EOS tokens: ``lmtune.json``'s ``eos_token_ids`` and, for chat
     models (the task's ``TaskInfo.chat``), every end-of-turn token the vocabulary holds (as the training
     evaluation does).
     """
 
-    def __init__(self, model_dir: Path, meta: dict[str, Any], *, device: str | None = None) -> None:
+    def __init__(self, model_dir: Path, meta: dict[str, Any], *, device: str | torch.device | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
         quiet_libraries()
         self.task = str(meta.get("task"))
         info = TASK_INFOS.get(self.task)
@@ -58,7 +73,8 @@ class TextGenerator:
         self.chat = bool(info and info.chat)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = load_padded_tokenizer(model_dir)
-        self.model = load_causal_lm(model_dir, meta).to(self.device).eval()
+        self.model = load_causal_lm(model_dir, meta, dtype).to(self.device).eval()
+        self.dtype: torch.dtype = next(self.model.parameters()).dtype
         eos = {int(i) for i in meta.get("eos_token_ids") or []}
         if self.chat:
             eos |= end_of_turn_ids(self.tokenizer, getattr(self.model.generation_config, "eos_token_id", None))

@@ -83,10 +83,11 @@ def _from_lmtune(exc: LmtuneError, param: str | None = None) -> APIError:
 
 # ------------------------------------------------------------------------------------------ app
 def create_app(run: Run | str | Path, options: ServeOptions | None = None) -> FastAPI:
-    """The app serving ``run`` (a run folder or an lmtune model folder); the model loads here."""
+    """The app serving ``run`` (a run folder or an lmtune model folder, opened with ``options.precision``;
+    a :class:`Run` keeps its own); the model loads here."""
     options = options or ServeOptions()
     if not isinstance(run, Run):
-        run = Run.load(run)
+        run = Run.load(run, precision=options.precision)
     safeguards = Safeguards(options)  # before the model loads: a bad --guard fails at once
     engine = Engine(run, options)
     metrics = RequestMetrics()

@@ -12,6 +12,7 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmtune.config import PRECISIONS
 from lmtune.errors import ConfigError
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -78,6 +79,9 @@ class ServeOptions:
     as one ``generate`` call, until its longest answer ends) or ``continuous`` (transformers' continuous
     batching: a request joins the running batch at the next decoding step, a finished one leaves it;
     greedy requests without stop strings or penalties, others run windowed)."""
+    precision: str = "auto"
+    """The generative model's weights: ``auto`` (bf16 where this GPU or CPU runs it faster, measured), ``fp32``,
+    ``bf16`` or ``fp16`` (GPU); see ``Run.load``."""
     max_tokens_limit: int = 1024
     """Largest ``max_tokens`` a request may ask for."""
     max_n: int = 8
@@ -149,6 +153,9 @@ class ServeOptions:
         if self.batching not in ("window", "continuous"):
             raise ConfigError(f"serve option batching = {self.batching!r} is not known", field="batching",
                               hint="use 'window' or 'continuous'")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"serve option precision = {self.precision!r} is not known", field="precision",
+                              hint="use " + ", ".join(PRECISIONS))
         if bad:
             raise ConfigError(f"serve option {bad[0]} = {getattr(self, bad[0])!r} is out of range",
                               field=bad[0], hint="port 0-65535, batch_wait_ms 0-1000, max_body_bytes >= 1024, "

@@ -25,7 +25,7 @@ from accelerate.state import AcceleratorState, GradientState
 from pydantic import ValidationError
 from torch.utils.data import DataLoader
 
-from lmtune.config import Config, GenerationConfig, load_config
+from lmtune.config import PRECISIONS, Config, GenerationConfig, load_config
 from lmtune.config.tasks import TASK_INFOS, TaskInfo, task_info
 from lmtune.console import make_progress, quiet_libraries
 from lmtune.data.features import SortedBatchSampler
@@ -39,6 +39,7 @@ from lmtune.models.generation import GenerationSettings
 from lmtune.models.text_generator import ChatSession, TextGenerator, validate_prompt_messages
 from lmtune.tasks import Predictor, Task, TaskData, get_predictor, get_task
 from lmtune.tasks.base import Explainer
+from lmtune.training.precision import inference_dtype
 from lmtune.workflows.predictions import check_output, rename_taken, write_predictions
 from lmtune.workflows.run_folder import lock_holder, read_run_record, run_status
 
@@ -101,23 +102,33 @@ class GenerationOverrides(TypedDict, total=False):
 class Run:
     """A run folder: ``config.yaml``, ``metrics.json``, ``report.md`` and ``model/``."""
 
-    def __init__(self, path: Path, model_dir: Path, meta: dict[str, Any]) -> None:
+    def __init__(self, path: Path, model_dir: Path, meta: dict[str, Any], *, precision: str = "auto") -> None:
         self.path = path
         self.model_dir = model_dir
         self.meta = meta
+        # The precision a generative model's weights are loaded in (training.precision.inference_dtype).
+        self.precision = precision
         self._predictor: Any = None
-        self._generator: TextGenerator | None = None
+        self._generators: dict[torch.dtype, TextGenerator] = {}  # loaded once per precision
 
     @classmethod
-    def load(cls, path: str | Path) -> Run:
-        """Open a run folder, or a model folder written by lmtune (holding ``lmtune.json``)."""
+    def load(cls, path: str | Path, *, precision: str = "auto") -> Run:
+        """Open a run folder, or a model folder written by lmtune (holding ``lmtune.json``).
+
+        ``precision`` (``auto|fp32|bf16|fp16``): the weights' precision when a generative model generates
+        (``auto``: bf16 where this GPU or CPU runs it faster, measured; else fp32). Checked here, used when the
+        model loads. :meth:`evaluate` takes its own (fp32 by default). Label predictors (classification, NER,
+        QA ...) run in float32.
+        """
         path = Path(path)
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         if not path.exists():
             raise RunError("run folder not found", file=path)
         for model_dir in (path / "model", path):
             meta_file = model_dir / "lmtune.json"
             if meta_file.is_file():
-                return cls(path, model_dir, _read_model_meta(meta_file))
+                return cls(path, model_dir, _read_model_meta(meta_file), precision=precision)
         record = read_run_record(path)  # a RunError naming run.json when it is malformed
         status = run_status(path, record)
         if status == "running":
@@ -195,14 +206,22 @@ class Run:
         items = [texts] if isinstance(texts, (str, dict)) else list(texts)
         return self.explainer().explain(items, label=label, n_steps=n_steps, batch_size=batch_size)
 
-    def generator(self) -> TextGenerator:
-        """The text generator of a decoder run (model + tokenizer), loaded once."""
-        if self._generator is None:
-            if not self.generative:
-                raise RunError(f"a '{self.task}' model does not generate text",
-                               hint="use run.predict(texts) or `lmtune predict`")
-            self._generator = TextGenerator(self.model_dir, self.meta)
-        return self._generator
+    def generator(self, precision: str | None = None) -> TextGenerator:
+        """The text generator of a decoder run (model + tokenizer), loaded once per precision (default: the
+        run's, ``Run.load(path, precision=...)``)."""
+        if not self.generative:
+            raise RunError(f"a '{self.task}' model does not generate text",
+                           hint="use run.predict(texts) or `lmtune predict`")
+        precision = precision or self.precision
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = inference_dtype(precision, device)
+        if dtype not in self._generators:
+            self._generators[dtype] = TextGenerator(self.model_dir, self.meta, device=device, dtype=dtype)
+            log.info("generating with %s weights on %s (precision %s)", str(dtype).removeprefix("torch."),
+                     device.type, precision)
+        return self._generators[dtype]
 
     def generation_settings(self, *, batch_size: int | None = None,
                             **overrides: Unpack[GenerationOverrides]) -> GenerationSettings:
@@ -365,8 +384,13 @@ class Run:
         return write_predictions(out, table, generated)
 
     # ------------------------------------------------------------------------------------ evaluate
-    def evaluate(self, data: str | Path | None = None, *, batch_size: int | None = None) -> dict[str, Any]:
+    def evaluate(self, data: str | Path | None = None, *, batch_size: int | None = None,
+                 precision: str = "fp32") -> dict[str, Any]:
         """Metrics of the saved model on a file, or (no file) on the run's own validation and test splits.
+
+        A generative model is evaluated with its weights in ``precision``: fp32 by default, which gives the
+        figures the run's report gives (its final evaluation ran on the float32 weights); ``auto`` decodes
+        faster where bf16 is (``Run.load``), and its scores differ from the report's by bf16's rounding.
 
         Label scorers (classification): accuracy, F1 ... on a labelled file or the test split. Every other
         task evaluates as at the end of training: decoders give loss and perplexity on the target tokens,
@@ -374,7 +398,7 @@ class Run:
         ROUGE-L, chrF, BLEU, stopped_fraction); ``data`` is in the training format.
         """
         quiet_libraries()
-        loaded: Any = self.generator() if self.generative else self.predictor()
+        loaded: Any = self.generator(precision) if self.generative else self.predictor()
         if not isinstance(loaded, LabelScorer):
             return self._evaluate_with_task(loaded, data, batch_size)
         batch_size = batch_size or 64
