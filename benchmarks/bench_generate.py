@@ -9,8 +9,8 @@ change on a shared machine hits every variant alike), medians reported:
 
     transformers           AutoModelForCausalLM as loaded by default (float32), model.generate, dynamic cache
     transformers static    the same with cache_implementation="static" (a preallocated KV cache)
-    lmtune fp32            Run.load(run, precision="fp32").generate: lmtune's own path, same weights
-    lmtune auto            Run.load(run).generate: precision auto (bf16 where this CPU runs it faster)
+    lmtune fp32            Run.load(run).generate: lmtune's own path (the default precision), same weights
+    lmtune auto            Run.load(run, precision="auto").generate: bf16 where this CPU runs it faster
     (--compile) transformers static + torch.compile in the auto precision, prompts left-padded to one width
                 (one graph per batch size; the compile time is reported apart)
 
@@ -93,13 +93,9 @@ class LmtuneRun:
     """lmtune's path: ``Run.generate`` (what ``lmtune predict``, chat and evaluation decode with)."""
 
     def __init__(self, run_dir: Path, precision: str) -> None:
-        import lmtune
+        from lmtune.workflows.run import Run
 
-        self.run = lmtune.load_run(run_dir) if precision == "auto" else None
-        if self.run is None:
-            from lmtune.workflows.run import Run
-
-            self.run = Run.load(run_dir, precision=precision)
+        self.run = Run.load(run_dir, precision=precision)
         generator = self.run.generator()
         self.dtype = str(generator.dtype).removeprefix("torch.")
 
@@ -136,8 +132,8 @@ def main() -> None:
     compile_seconds: dict[int, float] = {}
     if args.compile:
         tok = variants["transformers"].tokenizer
-        width = max(len(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True))
-                    for q in questions)
+        width = max(len(tok(tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                    add_generation_prompt=True))["input_ids"]) for q in questions)
         compiled = PlainTransformers(model_dir, static=True, dtype=auto_dtype, compile_step=True, width=width)
         padded = PlainTransformers(model_dir, static=True, dtype=auto_dtype, width=width)
         for bs in args.batch_sizes:  # the first call of each batch size compiles its graph

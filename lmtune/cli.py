@@ -219,15 +219,13 @@ def evaluate(
     output: Path | None = typer.Option(None, help="Also write the metrics as JSON here."),
     batch_size: int | None = typer.Option(None, min=1, help="Examples per batch (default: 64 for classification, "
                                           "the run's evaluation batch size for generative runs)."),
-    precision: str = typer.Option("fp32", "--precision", help="A generative model's weights: fp32 (the figures the "
-                                  "run's report gives), auto (bf16 where this GPU or CPU runs it faster: quicker, "
-                                  "scores differ by bf16's rounding), bf16 or fp16 (GPU)."),
+    precision: str = cli_serve.PRECISION_OPTION,
 ) -> None:
     """Evaluate a trained model on its own splits or on a file."""
     from lmtune.workflows.run import Run  # noqa: PLC0415  (torch loads only for the verbs that need it)
 
-    loaded = Run.load(run)
-    metrics = loaded.evaluate(data, batch_size=batch_size, precision=precision)
+    loaded = Run.load(run, precision=precision)
+    metrics = loaded.evaluate(data, batch_size=batch_size)
     per_split = metrics if data is None else {"data": metrics}
     table = Table(title=f"evaluation of {run}")
     if loaded.generative:

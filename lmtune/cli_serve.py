@@ -16,9 +16,10 @@ from lmtune.errors import ConfigError
 console = Console()
 err_console = Console(stderr=True)
 
-# Shared by predict, chat and serve: how a generative model's weights are loaded (evaluate has its own default).
-PRECISION_OPTION = typer.Option("auto", "--precision", help="A generative model's weights: auto (bf16 where this "
-                                "GPU or CPU runs it faster, measured once; else fp32), fp32, bf16 or fp16 (GPU). "
+# Shared by predict, chat, eval and serve: how a generative model's weights are loaded.
+PRECISION_OPTION = typer.Option("fp32", "--precision", help="A generative model's weights: fp32 (the answers and "
+                                "figures of the run's report), auto (bf16 where this GPU or CPU runs it faster, "
+                                "measured once: faster decoding, some greedy answers change), bf16 or fp16 (GPU). "
                                 "Label predictors run in fp32.")
 
 

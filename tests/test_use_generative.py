@@ -342,8 +342,7 @@ def test_export_cli_merged_equals_run_generation(sft_run: Run, tmp_path: Path, m
                                        add_generation_prompt=True)
     ids = tok(rendered, return_tensors="pt", add_special_tokens=False)
     new = model.generate(**ids, max_new_tokens=MAX_NEW, do_sample=False)[0, ids["input_ids"].shape[1]:]
-    # the export is float32, as is the run's generation with precision fp32 (auto may round to bf16)
-    expected = Run.load(sft_run.path, precision="fp32").generate(prompt, do_sample=False)[0]["text"]
+    expected = sft_run.generate(prompt, do_sample=False)[0]["text"]
     assert expected.strip() and tok.decode(new, skip_special_tokens=True) == expected
     # a second export needs --overwrite; ONNX is not there
     code, _, stderr = _run_cli(["export", sft_run.path, "--output", out], monkeypatch, capsys)
@@ -426,15 +425,16 @@ def test_run_generates_with_weights_in_the_precision_asked(sft_run: Run, monkeyp
     answers = bf16.generate(["Capital of France?", "hello"], max_new_tokens=MAX_NEW, do_sample=False)
     assert [r["finish_reason"] in ("stop", "length") for r in answers] == [True, True]
     assert all(0 < r["completion_tokens"] <= MAX_NEW for r in answers)
-    # auto takes bf16 only where the probe says this CPU runs it faster
-    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: 0.3)
+    # the default is fp32; auto takes bf16 only where the probe says this CPU runs it faster
     assert Run.load(sft_run.path).generator().dtype is torch.float32
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: 0.3)
+    assert Run.load(sft_run.path, precision="auto").generator().dtype is torch.float32
     monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: 2.4)
-    assert Run.load(sft_run.path).generator().dtype is torch.bfloat16
-    # evaluation gives the report's figures in fp32 by default; in bf16 they move by its rounding only
+    assert Run.load(sft_run.path, precision="auto").generator().dtype is torch.bfloat16
+    # evaluation in fp32 gives the report's figures; in bf16 they move by its rounding only
     loss = sft_run.metrics["test"]["loss"]
-    assert bf16.evaluate()["test"]["loss"] == pytest.approx(loss, rel=1e-4)
-    assert bf16.evaluate(precision="bf16")["test"]["loss"] == pytest.approx(loss, rel=0.05)
+    assert bf16.evaluate(precision="fp32")["test"]["loss"] == pytest.approx(loss, rel=1e-4)
+    assert bf16.evaluate()["test"]["loss"] == pytest.approx(loss, rel=0.05)
     with pytest.raises(ConfigError, match="precision must be one of"):
         Run.load(sft_run.path, precision="fp64")
     with pytest.raises(ConfigError, match="fp16 needs a GPU"):

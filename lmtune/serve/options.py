@@ -79,8 +79,8 @@ class ServeOptions:
     as one ``generate`` call, until its longest answer ends) or ``continuous`` (transformers' continuous
     batching: a request joins the running batch at the next decoding step, a finished one leaves it;
     greedy requests without stop strings or penalties, others run windowed)."""
-    precision: str = "auto"
-    """The generative model's weights: ``auto`` (bf16 where this GPU or CPU runs it faster, measured), ``fp32``,
+    precision: str = "fp32"
+    """The generative model's weights: ``fp32``, ``auto`` (bf16 where this GPU or CPU runs it faster, measured),
     ``bf16`` or ``fp16`` (GPU); see ``Run.load``."""
     max_tokens_limit: int = 1024
     """Largest ``max_tokens`` a request may ask for."""

@@ -65,9 +65,9 @@ def inference_dtype(requested: str, device: torch.device, *, option: str = "--pr
 
     ``auto``: bf16 on a GPU that supports it (else fp16); on a CPU bf16 where the measured probe says this CPU
     runs bf16 matmuls clearly faster (:func:`cpu_bf16_speedup`, as for training), else fp32. Decoding one
-    token reads every weight once, so halving the bytes is where most of the gain is: SmolLM2-135M decodes
-    1.5x (batch 1) to 1.8x (batch 16) as fast in bf16 on an AVX512-BF16 CPU (BENCHMARKS.md). On AVX2-only
-    CPUs bf16 is emulated and slower, and the probe keeps fp32. ``option`` names the setting in errors.
+    token reads every weight once, so halving the bytes is where the gain is (about 1.2-1.3x for a tuned
+    SmolLM2-135M on an AVX512-BF16 CPU, BENCHMARKS.md). On AVX2-only CPUs bf16 is emulated and slower, and
+    the probe keeps fp32. ``option`` names the setting in errors.
     """
     if requested == "fp32":
         return torch.float32

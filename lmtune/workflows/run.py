@@ -102,7 +102,7 @@ class GenerationOverrides(TypedDict, total=False):
 class Run:
     """A run folder: ``config.yaml``, ``metrics.json``, ``report.md`` and ``model/``."""
 
-    def __init__(self, path: Path, model_dir: Path, meta: dict[str, Any], *, precision: str = "auto") -> None:
+    def __init__(self, path: Path, model_dir: Path, meta: dict[str, Any], *, precision: str = "fp32") -> None:
         self.path = path
         self.model_dir = model_dir
         self.meta = meta
@@ -112,13 +112,14 @@ class Run:
         self._generators: dict[torch.dtype, TextGenerator] = {}  # loaded once per precision
 
     @classmethod
-    def load(cls, path: str | Path, *, precision: str = "auto") -> Run:
+    def load(cls, path: str | Path, *, precision: str = "fp32") -> Run:
         """Open a run folder, or a model folder written by lmtune (holding ``lmtune.json``).
 
-        ``precision`` (``auto|fp32|bf16|fp16``): the weights' precision when a generative model generates
-        (``auto``: bf16 where this GPU or CPU runs it faster, measured; else fp32). Checked here, used when the
-        model loads. :meth:`evaluate` takes its own (fp32 by default). Label predictors (classification, NER,
-        QA ...) run in float32.
+        ``precision`` (``fp32|auto|bf16|fp16``): the weights' precision when a generative model generates and is
+        evaluated. ``fp32`` (the default) gives the answers and figures of the run's report; ``auto`` takes bf16
+        where this GPU or CPU runs it faster (measured), which decodes faster but rounds the weights, enough to
+        change some greedy answers (BENCHMARKS.md). Checked here, used when the model loads. Label predictors
+        (classification, NER, QA ...) run in float32.
         """
         path = Path(path)
         if precision not in PRECISIONS:
@@ -385,12 +386,12 @@ class Run:
 
     # ------------------------------------------------------------------------------------ evaluate
     def evaluate(self, data: str | Path | None = None, *, batch_size: int | None = None,
-                 precision: str = "fp32") -> dict[str, Any]:
+                 precision: str | None = None) -> dict[str, Any]:
         """Metrics of the saved model on a file, or (no file) on the run's own validation and test splits.
 
-        A generative model is evaluated with its weights in ``precision``: fp32 by default, which gives the
-        figures the run's report gives (its final evaluation ran on the float32 weights); ``auto`` decodes
-        faster where bf16 is (``Run.load``), and its scores differ from the report's by bf16's rounding.
+        A generative model is evaluated with its weights in ``precision`` (default: the run's, see
+        :meth:`load`): fp32 gives the figures of the run's report (its final evaluation ran on the float32
+        weights); bf16 decodes faster and its scores differ from the report's by bf16's rounding.
 
         Label scorers (classification): accuracy, F1 ... on a labelled file or the test split. Every other
         task evaluates as at the end of training: decoders give loss and perplexity on the target tokens,
