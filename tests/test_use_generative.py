@@ -403,7 +403,7 @@ def test_inference_precision_is_measured_or_explicit(monkeypatch: pytest.MonkeyP
     assert precision.inference_dtype("auto", cpu) is torch.float32
     with pytest.raises(ConfigError, match="fp16 needs a GPU"):
         precision.inference_dtype("fp16", cpu)
-    with pytest.raises(ConfigError, match="must be auto, fp32, bf16 or fp16"):
+    with pytest.raises(ConfigError, match="must be one of auto, fp32, bf16, fp16"):
         precision.inference_dtype("fp64", cpu)
 
 
@@ -439,6 +439,8 @@ def test_run_generates_with_weights_in_the_precision_asked(sft_run: Run, monkeyp
         Run.load(sft_run.path, precision="fp64")
     with pytest.raises(ConfigError, match="fp16 needs a GPU"):
         fp32.generator("fp16")
+    with pytest.raises(ConfigError, match="precision must be one of"):
+        fp32.generator("fp64")
 
 
 def test_precision_options_of_predict_and_serve(sft_run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

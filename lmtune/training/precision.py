@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from lmtune.config import PRECISIONS
 from lmtune.errors import ConfigError
 from lmtune.training.flops import cached_measurement, device_name
 
@@ -60,30 +61,30 @@ def _bf16_speedup() -> float:
         return 0.0
 
 
-def inference_dtype(requested: str, device: torch.device, *, option: str = "--precision") -> torch.dtype:
+def inference_dtype(requested: str, device: torch.device) -> torch.dtype:
     """The dtype a saved model's weights are loaded in to generate and evaluate (``auto|fp32|bf16|fp16``).
 
     ``auto``: bf16 on a GPU that supports it (else fp16); on a CPU bf16 where the measured probe says this CPU
     runs bf16 matmuls clearly faster (:func:`cpu_bf16_speedup`, as for training), else fp32. Decoding one
     token reads every weight once, so halving the bytes is where the gain is (about 1.2-1.3x for a tuned
     SmolLM2-135M on an AVX512-BF16 CPU, BENCHMARKS.md). On AVX2-only CPUs bf16 is emulated and slower, and
-    the probe keeps fp32. ``option`` names the setting in errors.
+    the probe keeps fp32.
     """
     if requested == "fp32":
         return torch.float32
     if device.type == "cuda":
         bf16_ok = torch.cuda.is_bf16_supported()
         if requested == "bf16" and not bf16_ok:
-            raise ConfigError(f"{option} bf16 is not supported by this GPU; use fp16, fp32 or auto")
+            raise ConfigError("precision bf16 is not supported by this GPU; use fp16, fp32 or auto")
         if requested == "fp16" or (requested == "auto" and not bf16_ok):
             return torch.float16
         return torch.bfloat16
     if requested == "fp16":
-        raise ConfigError(f"{option} fp16 needs a GPU; on CPU use bf16, fp32 or auto")
+        raise ConfigError("precision fp16 needs a GPU; on CPU use bf16, fp32 or auto")
     if requested == "bf16":
         return torch.bfloat16
     if requested != "auto":
-        raise ConfigError(f"{option} must be auto, fp32, bf16 or fp16, not {requested!r}")
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, not {requested!r}")
     if device.type == "cpu" and cpu_bf16_speedup() >= _CPU_BF16_MIN_SPEEDUP:
         return torch.bfloat16
     return torch.float32

@@ -214,8 +214,6 @@ class Run:
             raise RunError(f"a '{self.task}' model does not generate text",
                            hint="use run.predict(texts) or `lmtune predict`")
         precision = precision or self.precision
-        if precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = inference_dtype(precision, device)
         if dtype not in self._generators:
