@@ -70,31 +70,17 @@ def inference_dtype(requested: str, device: torch.device) -> torch.dtype:
     SmolLM2-135M on an AVX512-BF16 CPU, BENCHMARKS.md). On AVX2-only CPUs bf16 is emulated and slower, and
     the probe keeps fp32.
     """
-    if requested == "fp32":
-        return torch.float32
-    if device.type == "cuda":
-        bf16_ok = torch.cuda.is_bf16_supported()
-        if requested == "bf16" and not bf16_ok:
-            raise ConfigError("precision bf16 is not supported by this GPU; use fp16, fp32 or auto")
-        if requested == "fp16" or (requested == "auto" and not bf16_ok):
-            return torch.float16
-        return torch.bfloat16
-    if requested == "fp16":
-        raise ConfigError("precision fp16 needs a GPU; on CPU use bf16, fp32 or auto")
-    if requested == "bf16":
-        return torch.bfloat16
-    if requested != "auto":
+    if requested not in PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, not {requested!r}")
-    if device.type == "cpu" and cpu_bf16_speedup() >= _CPU_BF16_MIN_SPEEDUP:
-        return torch.bfloat16
-    return torch.float32
+    choice = resolve_precision(requested, device, setting="precision")
+    return {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
 
 
-def resolve_precision(requested: str, device: torch.device) -> str:
+def resolve_precision(requested: str, device: torch.device, *, setting: str = "train.precision") -> str:
     """Map ``auto|fp32|bf16|fp16`` to Accelerate's ``no|bf16|fp16`` for ``device``.
 
     Explicit choices are honoured when the hardware can run them, otherwise a
-    clear error is raised rather than silently training in something else.
+    clear error (naming ``setting``) is raised rather than silently running in something else.
     """
     if requested == "fp32":
         return "no"
@@ -103,11 +89,11 @@ def resolve_precision(requested: str, device: torch.device) -> str:
         if requested == "auto":
             return "bf16" if bf16_ok else "fp16"
         if requested == "bf16" and not bf16_ok:
-            raise ConfigError("train.precision bf16 is not supported by this GPU; use fp16 or auto")
+            raise ConfigError(f"{setting} bf16 is not supported by this GPU; use fp16, fp32 or auto")
         return requested
     if requested == "fp16":
         if device.type == "cpu":
-            raise ConfigError("train.precision fp16 needs a GPU; on CPU use bf16, fp32 or auto")
+            raise ConfigError(f"{setting} fp16 needs a GPU; on CPU use bf16, fp32 or auto")
         return "fp16"
     if requested == "bf16":
         return "bf16"
