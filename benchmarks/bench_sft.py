@@ -21,6 +21,13 @@ On request (``--variants``), the Trainer with its own samplers, as users run it:
 
     trainer_grouped  train_sampling_strategy="group_by_length" (each mega-batch of 400 walked longest first)
     trainer_random   the default random order
+    trl_sft_padding_free  TRL SFTTrainer with ``padding_free=True`` and no packing: lmtune's batches, each
+                     flattened into one row without padding (position ids restart per conversation)
+
+``--lora`` trains LoRA adapters instead of all weights (lmtune's defaults: rank 8, alpha 16, dropout 0.05, every
+linear layer but the LM head; peft ``get_peft_model`` with the same settings for the Trainer and TRL; learning rate
+2e-4). ``--precision bf16`` trains every variant in bf16 autocast over fp32 weights (Trainer/TRL ``bf16=True``,
+lmtune ``train.precision: bf16``): the faster choice on CPUs with AVX512-BF16 or AMX.
 
 Each variant runs in its own subprocess with the same torch thread count (``--threads``); variants alternate
 across repeats. Timing is taken the same way for every variant, outside the code under test: a timestamp at
@@ -33,6 +40,8 @@ during the timed steps (lmtune's starting-point and final evaluation, export and
     python benchmarks/bench_sft.py --output sft.json            # the full measurement (est. ~25 min, quiet 2 cores)
     python benchmarks/bench_sft.py --quick --threads 1          # checks that every variant runs
     python benchmarks/bench_sft.py --model smollm2 --steps 12 --warmup-steps 2   # the real SmolLM2-135M
+    python benchmarks/bench_sft.py --model smollm2 --lora --precision bf16 \
+        --variants trainer_padded trl_sft_packed trl_sft_padding_free lmtune_packed   # issue 17's LoRA SFT table
 """
 
 from __future__ import annotations
@@ -51,12 +60,15 @@ from pathlib import Path
 from typing import Any
 
 VARIANTS = ("trainer_padded", "trl_sft", "trl_sft_packed", "lmtune_padded", "lmtune_packed")
-EXTRA_VARIANTS = ("trainer_grouped", "trainer_random")
+EXTRA_VARIANTS = ("trainer_grouped", "trainer_random", "trl_sft_padding_free")
 BASELINE = "trainer_padded"
 SEED = 42
 BATCH_SIZE = 8
 MAX_LENGTH = 256
 LEARNING_RATE = 5e-5
+LORA_LEARNING_RATE = 2e-4  # with --lora (adapters start at zero and need a larger step)
+# With --lora: lmtune's method defaults (config/schema.py MethodConfig), given to peft the same way for every variant.
+LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear"}
 WEIGHT_DECAY = 0.01
 WARMUP_RATIO = 0.06
 HELD_OUT = 16  # conversations in lmtune's validation/test file (its evaluation runs outside the timing)
@@ -171,7 +183,8 @@ class StepLog:
                 "train_rss_kib": self.train_rss_kib}
 
 
-def child_hf(workdir: Path, model_dir: Path, variant: str, steps: int, warmup: int, threads: int) -> dict[str, Any]:
+def child_hf(workdir: Path, model_dir: Path, variant: str, steps: int, warmup: int, threads: int, lora: bool,
+             precision: str) -> dict[str, Any]:
     """One Trainer or SFTTrainer run on the pre-tokenised conversations."""
     import torch
     from datasets import Dataset
@@ -191,6 +204,10 @@ def child_hf(workdir: Path, model_dir: Path, variant: str, steps: int, warmup: i
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = "right"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA))
     log = StepLog(steps)
     losses: list[float] = []
 
@@ -203,7 +220,7 @@ def child_hf(workdir: Path, model_dir: Path, variant: str, steps: int, warmup: i
                 losses.append(float(logs["loss"]))
 
     order = None
-    if variant in ("trainer_padded", "trl_sft"):
+    if variant in ("trainer_padded", "trl_sft", "trl_sft_padding_free"):
         from lmtune.data.features import LengthGroupedBatchSampler
 
         # lmtune's batches (epoch 0, same seed and lengths; it reads the same conversations in the same
@@ -225,9 +242,9 @@ def child_hf(workdir: Path, model_dir: Path, variant: str, steps: int, warmup: i
 
     common = dict(
         output_dir=tempfile.mkdtemp(prefix=f"{variant}-", dir=workdir), max_steps=steps,
-        per_device_train_batch_size=BATCH_SIZE, learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY,
-        warmup_steps=round(WARMUP_RATIO * steps), lr_scheduler_type="linear", max_grad_norm=1.0, seed=SEED,
-        bf16=False, eval_strategy="no", save_strategy="no", logging_steps=1, report_to="none",
+        per_device_train_batch_size=BATCH_SIZE, learning_rate=LORA_LEARNING_RATE if lora else LEARNING_RATE,
+        weight_decay=WEIGHT_DECAY, warmup_steps=round(WARMUP_RATIO * steps), lr_scheduler_type="linear",
+        max_grad_norm=1.0, seed=SEED, bf16=precision == "bf16", eval_strategy="no", save_strategy="no", logging_steps=1, report_to="none",
         dataloader_num_workers=0, use_cpu=True, disable_tqdm=True,
         train_sampling_strategy="group_by_length" if variant == "trainer_grouped" else "random",
     )
@@ -246,7 +263,10 @@ def child_hf(workdir: Path, model_dir: Path, variant: str, steps: int, warmup: i
         # dataset; a pre-tokenised one with an assistant_masks column gets the same labels, from lmtune's mask.
         data = Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows],
                                   "assistant_masks": [[int(x != -100) for x in r["labels"]] for r in rows]})
-        args = SFTConfig(**common, max_length=MAX_LENGTH, packing=variant == "trl_sft_packed",
+        # Padding-free without packing refuses a max_length it cannot enforce: the rows already fit MAX_LENGTH.
+        args = SFTConfig(**common, max_length=None if variant == "trl_sft_padding_free" else MAX_LENGTH,
+                         packing=variant == "trl_sft_packed",
+                         padding_free=variant in ("trl_sft_packed", "trl_sft_padding_free"),
                          gradient_checkpointing=False)  # SFTConfig's default is True; lmtune's and Trainer's False
         trainer = counting(SFTTrainer)(model=model, args=args, train_dataset=data, processing_class=tok,
                                        callbacks=[Timing()])
@@ -255,7 +275,8 @@ def child_hf(workdir: Path, model_dir: Path, variant: str, steps: int, warmup: i
             "threads": torch.get_num_threads()}
 
 
-def child_lmtune(workdir: Path, model_dir: Path, variant: str, steps: int, warmup: int, threads: int) -> dict[str, Any]:
+def child_lmtune(workdir: Path, model_dir: Path, variant: str, steps: int, warmup: int, threads: int, lora: bool,
+                 precision: str) -> dict[str, Any]:
     """One ``lmtune.train`` run, task sft, packed or padded; independent timing through two small patches."""
     import torch
 
@@ -290,9 +311,12 @@ def child_lmtune(workdir: Path, model_dir: Path, variant: str, steps: int, warmu
         "task": "sft", "model": str(model_dir),
         "data": {"train": str(workdir / "chat.jsonl"), "validation": held, "test": held, "max_length": MAX_LENGTH,
                  "packing": variant == "lmtune_packed", "deduplicate": False},
-        "train": {"max_steps": steps, "batch_size": BATCH_SIZE, "learning_rate": LEARNING_RATE,
+        **({"method": {"name": "lora", "r": LORA["r"], "alpha": LORA["lora_alpha"], "dropout": LORA["lora_dropout"],
+                       "target_modules": LORA["target_modules"]}} if lora else {}),
+        "train": {"max_steps": steps, "batch_size": BATCH_SIZE,
+                  "learning_rate": LORA_LEARNING_RATE if lora else LEARNING_RATE,
                   "weight_decay": WEIGHT_DECAY, "warmup_ratio": WARMUP_RATIO, "max_grad_norm": 1.0, "seed": SEED,
-                  "precision": "fp32", "num_threads": threads, "log_every": 1,
+                  "precision": precision, "num_threads": threads, "log_every": 1,
                   "eval_every": 10**9, "save_every": 10**9},  # evaluate and save only after the last step
         "generation": {"max_new_tokens": 8, "eval_examples": 4},
         "output_dir": tempfile.mkdtemp(prefix=f"{variant}-", dir=workdir),
@@ -353,6 +377,37 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def loss_curves(runs: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Per variant, the median over repeats of each step's training loss (Trainer/TRL: their logged loss;
+    lmtune: metrics.jsonl), so the curves of variants that trained on the same batches can be compared."""
+    out: dict[str, list[float]] = {}
+    for name in dict.fromkeys(r["variant"] for r in runs):
+        per_run = [r["losses"] for r in runs if r["variant"] == name and r["losses"]]
+        if per_run:
+            out[name] = [statistics.median(step) for step in zip(*per_run, strict=False)]
+    return out
+
+
+def plot_losses(curves: dict[str, list[float]], path: Path, title: str) -> None:
+    """The loss curves as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, losses in curves.items():
+        ax.plot(range(1, len(losses) + 1), losses, marker=".", label=name,
+                linestyle="--" if name.startswith("lmtune") else "-")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (mean over target tokens)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def markdown_table(summary: dict[str, Any]) -> str:
     """The results as a Markdown table."""
     lines = [f"| variant | real tokens/s, median (min-max) | x {BASELINE} | pad fraction | real tokens/step "
@@ -377,11 +432,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch threads in every child (OMP_NUM_THREADS too)")
     p.add_argument("--model", choices=("small", "smollm2"), default="small",
                    help="small: Llama 384x6 built from a config with SmolLM2's tokenizer; smollm2: the real 135M")
+    p.add_argument("--lora", action="store_true", help="train LoRA adapters (lmtune's defaults) instead of all weights")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: autocast over fp32 weights in every variant (fast on AVX512-BF16/AMX CPUs)")
     p.add_argument("--variants", nargs="+", choices=VARIANTS + EXTRA_VARIANTS, default=list(VARIANTS))
     p.add_argument("--data-repeat", type=int, default=None,
                    help="copies of the conversations (default: enough for the packed variants' steps)")
     p.add_argument("--output", type=Path, default=None, help="write the summary and every run as JSON here")
     p.add_argument("--workdir", type=Path, default=None, help="keep data, model, logs and runs here")
+    p.add_argument("--plot", type=Path, default=None, help="draw each variant's training-loss curve as a PNG here")
     p.add_argument("--quick", action="store_true", help="tiny settings (4 steps, 1 repeat): checks every variant runs")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--model-dir", type=Path, default=None, help=argparse.SUPPRESS)
@@ -399,7 +458,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.child is not None:
         child = child_lmtune if args.child.startswith("lmtune") else child_hf
-        result = child(args.workdir, args.model_dir, args.child, args.steps, args.warmup_steps, args.threads)
+        result = child(args.workdir, args.model_dir, args.child, args.steps, args.warmup_steps, args.threads,
+                       args.lora, args.precision)
         args.result.write_text(json.dumps(result), encoding="utf-8")
         return
 
@@ -417,7 +477,8 @@ def main(argv: list[str] | None = None) -> None:
         for variant in args.variants:
             run = run_child([variant, "--workdir", str(workdir), "--model-dir", str(model_dir), "--steps",
                              str(args.steps), "--warmup-steps", str(args.warmup_steps), "--threads",
-                             str(args.threads)], workdir, args.threads)
+                             str(args.threads), *(["--lora"] if args.lora else []), "--precision", args.precision],
+                            workdir, args.threads)
             runs.append({**run, "variant": variant, "repeat": repeat, "load_average": os.getloadavg()[0]})
             print(f"[{time.time() - started:5.0f}s] {repeat} {variant:<15} {run['tokens_per_second']:7,.0f} real "
                   f"tokens/s, pad {1 - run['real_tokens'] / run['slot_tokens']:.2f}, peak RSS "
@@ -430,9 +491,22 @@ def main(argv: list[str] | None = None) -> None:
     for name, s in summary.items():
         if "lmtune_own_tokens_per_second" in s:
             print(f"{name}: lmtune's own metrics.jsonl after warm-up: {s['lmtune_own_tokens_per_second']:,.0f} tokens/s")
-    padded = {summary[v]["first_loss"] for v in ("trainer_padded", "trl_sft", "lmtune_padded") if v in summary}
+    padded = {summary[v]["first_loss"] for v in ("trainer_padded", "trl_sft", "trl_sft_padding_free", "lmtune_padded")
+              if v in summary}
     if len(padded) > 1:  # same weights, same first batch: only float summation order may differ
         print(f"step-1 loss of the padded variants (same batch): spread {max(padded) - min(padded):.2e}")
+    curves = loss_curves(runs)
+    for name, losses in curves.items():
+        print(f"{name} losses by step: " + " ".join(f"{x:.3f}" for x in losses))
+    same = [v for v in ("trainer_padded", "trl_sft", "trl_sft_padding_free", "lmtune_padded") if v in curves]
+    if len(same) > 1:  # the same batches in the same order: the curves should agree up to dropout draws
+        n = min(len(curves[v]) for v in same)
+        gap = max(abs(curves[a][i] - curves[same[0]][i]) for a in same[1:] for i in range(n))
+        print(f"padded variants on the same batches: largest gap between loss curves over {n} steps {gap:.4f}")
+    if args.plot:
+        plot_losses(curves, args.plot, f"{args.model}{' LoRA' if args.lora else ''} {args.precision}, "
+                    f"batch {BATCH_SIZE} x {MAX_LENGTH}")
+        print(f"loss curves drawn to {args.plot}")
     load_after = os.getloadavg()
     print(f"\nload average before {load_before[0]:.2f}, after {load_after[0]:.2f}; total {time.time() - started:.0f}s")
     if args.output:
@@ -442,11 +516,12 @@ def main(argv: list[str] | None = None) -> None:
 
         result = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
                   "settings": {"steps": args.steps, "warmup_steps": args.warmup_steps, "repeats": args.repeats,
-                               "threads": args.threads, "model": args.model, "batch_size": BATCH_SIZE,
+                               "threads": args.threads, "model": args.model, "lora": args.lora,
+                               "precision": args.precision, "batch_size": BATCH_SIZE,
                                "max_length": MAX_LENGTH, "learning_rate": LEARNING_RATE, "seed": SEED, **data},
                   "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                                "trl": trl.__version__},
-                  "load_average": [load_before[0], load_after[0]], "table": table, "summary": summary,
+                  "load_average": [load_before[0], load_after[0]], "table": table, "summary": summary, "loss_curves": curves,
                   "runs": runs}
         args.output.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
         print(f"results written to {args.output}")

@@ -762,6 +762,11 @@ class TrainConfig(_Section):
         None, ge=1, description="CPU threads for torch (default: torch's choice, one per core). Set 1 when "
         "other jobs share the cores: oversubscribed threads run several times slower.",
     )
+    fast_dropout: bool = Field(
+        True, description="On a CPU, dropout layers draw their random masks in bulk with numpy's PCG64 (seeded from "
+        "torch's generator) instead of torch's element-by-element Bernoulli draws: the same distribution, about 3x "
+        "cheaper (LoRA puts a dropout before every adapted layer). `false`: torch's own draws, bit for bit as before.",
+    )
     # ---- non-finite loss
     nonfinite: Literal["stop", "skip"] = Field(
         "stop",

@@ -36,6 +36,7 @@ from transformers import get_scheduler
 from lmtune.config import Config, TrainConfig
 from lmtune.data.features import LengthGroupedBatchSampler, SortedBatchSampler
 from lmtune.errors import LmtuneError
+from lmtune.models.dropout import use_fast_dropout
 from lmtune.models.methods import require_bitsandbytes_on_cuda
 from lmtune.tasks.base import Task, TaskData
 from lmtune.training import checkpoint as ckpt
@@ -233,6 +234,10 @@ class TrainingLoop:
                 )
                 self.eval_loaders[split] = self.accelerator.prepare_data_loader(loader)
 
+        if t.fast_dropout and self.accelerator.device.type == "cpu":
+            changed = use_fast_dropout(self.model)
+            if changed:
+                log.info("train.fast_dropout: %d dropout layers draw their masks with numpy's PCG64", changed)
         optimizer = build_optimizer(param_groups(self.model, self.config, self.head_names), t)
         if self.streaming:
             self._prepare_stream(optimizer, train_loader)

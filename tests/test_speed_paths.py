@@ -1,0 +1,226 @@
+"""The training speed paths of issue 17 give the results of the plain paths.
+
+- Decoder losses run the language-model head on the positions that carry a loss only
+  (``lmtune.models.target_logits``): same loss and gradients as scoring the full logits with the rest ignored.
+- ``train.fast_dropout`` draws CPU dropout masks with numpy's PCG64 (``lmtune.models.dropout``): the same
+  Bernoulli distribution and scaling as torch's dropout, fixed by torch's seed, identity in eval mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+import lmtune
+from lmtune.config import load_config
+from lmtune.data.features import IGNORE_INDEX
+from lmtune.models import dropout as fast
+from lmtune.models.target_logits import Selection, selected_rows
+from lmtune.tasks.base import get_task
+
+
+# ------------------------------------------------------------------------------------------ target logits
+def _batch(vocab: int, *, packed: bool) -> dict[str, torch.Tensor]:
+    """Three rows of 24 tokens with about a third of the labels kept; padded (mask) or packed (positions)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (3, 24), generator=g)
+    labels = ids.clone()
+    labels[torch.rand(3, 24, generator=g) < 0.67] = IGNORE_INDEX
+    labels[2] = IGNORE_INDEX  # a row with no target at all
+    batch = {"input_ids": ids, "labels": labels}
+    if packed:
+        batch["position_ids"] = torch.cat([torch.arange(10), torch.arange(14)]).repeat(3, 1)
+    else:
+        mask = torch.ones(3, 24, dtype=torch.long)
+        mask[1, 18:] = 0
+        labels[1, 18:] = IGNORE_INDEX
+        batch["attention_mask"] = mask
+    return batch
+
+
+def _full_logits_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The plain path: every position's logits, the positions without a target ignored."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False).logits
+    targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
+    per_token = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                reduction="none")
+    return per_token.view(targets.shape).sum(dim=1)
+
+
+@pytest.fixture
+def sft_task(tmp_path, tiny_chat_llama_dir):
+    cfg = load_config({"task": "sft", "model": str(tiny_chat_llama_dir), "data": {"train": "x.jsonl"},
+                       "output_dir": str(tmp_path / "run")})
+    return get_task("sft")(cfg)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_head_on_target_positions_gives_the_full_logits_loss_and_gradients(sft_task, tiny_chat_llama_dir, packed):
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_llama_dir, dtype=torch.float32)
+    batch = _batch(model.config.vocab_size, packed=packed)
+    calls = []
+    layer = model.get_output_embeddings()
+    handle = layer.register_forward_hook(lambda m, args, out: calls.append(tuple(out.shape)))
+    selected = sft_task._row_losses(model, batch)
+    handle.remove()
+    n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    assert calls == [(n, model.config.vocab_size)]  # the head saw the target positions only
+    selected.sum().backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    plain = _full_logits_losses(model, batch)
+    plain.sum().backward()
+    assert selected[2] == 0 and plain[2] == 0
+    torch.testing.assert_close(selected, plain, rtol=1e-5, atol=1e-5)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(grads[k], p.grad, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_a_model_without_an_output_layer_is_scored_on_full_logits(sft_task, tiny_chat_llama_dir, monkeypatch):
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_llama_dir, dtype=torch.float32)
+    batch = _batch(model.config.vocab_size, packed=False)
+    expected = _full_logits_losses(model, batch)
+    monkeypatch.setattr(type(model), "get_output_embeddings", lambda self: None)
+    with selected_rows(model, torch.ones(3, 24, dtype=torch.bool)) as selection:
+        pass
+    assert selection == Selection(applied=False, calls=0)
+    torch.testing.assert_close(sft_task._row_losses(model, batch), expected)
+
+
+def test_masked_lm_scores_the_chosen_positions_only(tmp_path, tiny_bert_dir):
+    from transformers import AutoModelForMaskedLM
+
+    cfg = load_config({"task": "masked_lm", "model": str(tiny_bert_dir), "data": {"train": "x.txt"},
+                       "output_dir": str(tmp_path / "run")})
+    task = get_task("masked_lm")(cfg)
+    torch.manual_seed(0)
+    model = AutoModelForMaskedLM.from_pretrained(tiny_bert_dir, dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, model.config.vocab_size, (4, 20), generator=g)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    chosen = torch.rand(4, 20, generator=g) < 0.15
+    labels[chosen] = ids[chosen]
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    shapes = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, a, out: shapes.append(tuple(out.shape)))
+    losses, hits, rows = task._token_losses(model, batch)
+    handle.remove()
+    assert shapes == [(int(chosen.sum()), model.config.vocab_size)]
+    losses.sum().backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits  # the plain path
+    plain = F.cross_entropy(logits[chosen], labels[chosen], reduction="none")
+    plain.sum().backward()
+    torch.testing.assert_close(losses, plain, rtol=1e-5, atol=1e-5)
+    assert torch.equal(hits, logits[chosen].argmax(-1) == labels[chosen])
+    assert torch.equal(rows, chosen.nonzero()[:, 0])
+    for k, grad in grads.items():
+        torch.testing.assert_close(grad, dict(model.named_parameters())[k].grad, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_sft_lora_run_equals_the_full_logits_run(tmp_path, tiny_chat_llama_dir, monkeypatch):
+    """End to end (LoRA, packed rows, evaluation): every logged loss within 1e-4 of the full-logits path's."""
+    rows = [{"messages": [{"role": "user", "content": f"Say the number {i} in words, please."},
+                          {"role": "assistant", "content": f"It is {i}. " * (1 + i % 3)}]} for i in range(48)]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+    def run(name: str) -> list[dict]:
+        cfg = {"task": "sft", "model": str(tiny_chat_llama_dir), "method": {"name": "lora"},
+               "data": {"train": str(data), "max_length": 64, "packing": True},
+               "train": {"max_steps": 6, "batch_size": 4, "learning_rate": 5e-3, "precision": "fp32",
+                         "log_every": 1, "eval_every": 3},
+               "generation": {"max_new_tokens": 4, "eval_examples": 2}, "output_dir": str(tmp_path / name)}
+        out = lmtune.train(cfg, show_progress=False)
+        return [json.loads(x) for x in (out.path / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+
+    selected = run("selected")
+    monkeypatch.setattr("lmtune.tasks.decoder.selected_rows",
+                        lambda model, keep: contextlib.nullcontext(Selection()))
+    plain = run("plain")
+    losses = [(r["split"], r["step"], r["loss"]) for r in selected if "loss" in r]
+    expected = [(r["split"], r["step"], r["loss"]) for r in plain if "loss" in r]
+    assert len(losses) == len(expected) >= 8
+    for (split, step, loss), (split2, step2, loss2) in zip(losses, expected, strict=True):
+        assert (split, step) == (split2, step2)
+        assert loss == pytest.approx(loss2, rel=1e-4), (split, step)
+
+
+# ------------------------------------------------------------------------------------------ fast dropout
+def test_fast_dropout_keeps_one_minus_p_and_scales_to_the_same_expectation():
+    torch.manual_seed(0)
+    x = torch.ones(1024, 1024)
+    y = fast.fast_dropout(x, 0.1)
+    kept = y != 0
+    threshold = round(0.9 * fast.LEVELS)
+    assert abs(kept.float().mean().item() - 0.9) < 0.002  # 1M draws: the standard error is 3e-4
+    assert torch.all(y[kept] == fast.LEVELS / threshold)  # the inverse of the exact (16-bit) keep probability
+    assert y.double().mean().item() == pytest.approx(1.0, abs=3e-3)
+    # rows and columns alike: no stripes from the 4 x 16-bit split of each 64-bit draw
+    assert kept.float().mean(dim=0).std().item() < 0.02 and kept.float().mean(dim=1).std().item() < 0.02
+    bf16 = fast.fast_dropout(torch.ones(64, 128, dtype=torch.bfloat16), 0.5)
+    assert bf16.dtype == torch.bfloat16 and set(bf16.unique().tolist()) <= {0.0, 2.0}
+
+
+def test_fast_dropout_gradient_is_the_mask_times_the_scale():
+    torch.manual_seed(1)
+    x = torch.randn(64, 96, requires_grad=True)
+    y = fast.fast_dropout(x, 0.25)
+    y.backward(torch.ones_like(y))
+    scale = fast.LEVELS / round(0.75 * fast.LEVELS)
+    torch.testing.assert_close(x.grad, (y != 0).float() * scale)
+    torch.testing.assert_close(y, x.detach() * x.grad)
+
+
+def test_fast_dropout_masks_follow_torch_seed():
+    x = torch.ones(128, 64)
+    torch.manual_seed(7)
+    a, b = fast.fast_dropout(x, 0.3), fast.fast_dropout(x, 0.3)
+    torch.manual_seed(7)
+    a2 = fast.fast_dropout(x, 0.3)
+    assert torch.equal(a, a2) and not torch.equal(a, b)
+
+
+def test_fast_dropout_module_is_nn_dropout_in_eval_and_for_extreme_p():
+    layer = torch.nn.Dropout(0.1)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), layer, torch.nn.Dropout(0.0), torch.nn.Dropout(0.2, inplace=True))
+    assert fast.use_fast_dropout(model) == 2  # p 0 stays as it is; in-place ones keep torch's path at run time
+    assert type(layer) is fast.FastDropout and isinstance(layer, torch.nn.Dropout) and layer.p == 0.1
+    x = torch.randn(128, 64)
+    layer.eval()
+    assert layer(x) is x
+    layer.train()
+    assert fast.keep_mask(x.shape, 1e-9) is None and fast.keep_mask(x.shape, 1 - 1e-9) is None
+    torch.manual_seed(0)
+    y = layer(x)
+    assert 0.05 < (y == 0).float().mean().item() < 0.15
+
+
+def test_fast_dropout_run_trains_like_torch_dropout(tmp_path, tiny_bert_dir, sentiment_csv, caplog):
+    """Classification with dropout 0.1 (tiny BERT): both mask sources train the model to the same place."""
+
+    def run(name: str, fast_dropout: bool) -> dict:
+        cfg = {"task": "classification", "model": str(tiny_bert_dir),
+               "data": {"train": str(sentiment_csv), "max_length": 32},
+               "train": {"epochs": 3, "batch_size": 16, "learning_rate": 2e-3, "precision": "fp32",
+                         "fast_dropout": fast_dropout},
+               "baselines": [], "output_dir": str(tmp_path / name)}
+        return lmtune.train(cfg, show_progress=False).metrics
+
+    with caplog.at_level("INFO", logger="lmtune.training.loop"):
+        fast_run = run("fast", True)
+    assert "dropout layers draw their masks with numpy's PCG64" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="lmtune.training.loop"):
+        torch_run = run("torch", False)
+    assert "PCG64" not in caplog.text
+    for m in (fast_run, torch_run):
+        assert m["test"]["accuracy"] >= 0.9 > m["starting_point"]["test"]["accuracy"]
+    assert fast_run["test"]["loss"] == pytest.approx(torch_run["test"]["loss"], abs=0.15)
