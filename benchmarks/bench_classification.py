@@ -10,12 +10,14 @@ steps, batch 32, max_length 128, learning rate 5e-5, seed 42:
     trainer_grouped   Trainer, dynamic padding + train_sampling_strategy="group_by_length", fp32
     trainer_bf16      Trainer, dynamic padding + group_by_length + bf16 autocast (the issue's "best")
 
-and, on request only (``--variants``), a diagnostic:
+and, on request only (``--variants``), diagnostics:
 
     trainer_same_batches  Trainer, dynamic padding, fp32, fed exactly lmtune's batches in lmtune's order
                           (lmtune's LengthGroupedBatchSampler): isolates the training loop from the
                           sampler, since over a few dozen steps the two samplers pick batches of
                           different average length (HF walks each mega-batch longest first)
+    lmtune_torch_dropout  lmtune with ``train.fast_dropout: false`` (torch's own dropout masks): what
+                          fast dropout gains
 
 Each variant runs in its own subprocess (peak RSS per variant from ``os.wait4``), variants alternate
 across repeats (v1..v5, v1..v5, ...), and the first ``--warmup`` optimizer steps are excluded from timing.
@@ -47,8 +49,8 @@ from pathlib import Path
 from typing import Any
 
 VARIANTS = ("lmtune", "trainer_default", "trainer_dynamic", "trainer_grouped", "trainer_bf16")
-DIAGNOSTIC_VARIANTS = ("trainer_same_batches",)
-TRAINER_VARIANTS = (*VARIANTS[1:], *DIAGNOSTIC_VARIANTS)
+DIAGNOSTIC_VARIANTS = ("trainer_same_batches", "lmtune_torch_dropout")
+TRAINER_VARIANTS = (*VARIANTS[1:], *DIAGNOSTIC_VARIANTS)  # compared with lmtune
 SEED = 42
 BATCH_SIZE = 32
 MAX_LENGTH = 128
@@ -124,8 +126,10 @@ def steady_state(times: list[float], tokens: list[int], warmup: int, start: floa
     return out
 
 
-def child_lmtune(workdir: Path, steps: int, warmup: int, profile: bool) -> dict[str, Any]:
-    """One lmtune run through ``lmtune.workflow.train`` (precision auto, defaults); independent timing."""
+def child_lmtune(workdir: Path, steps: int, warmup: int, profile: bool, fast_dropout: bool = True) -> dict[str, Any]:
+    """One lmtune run through ``lmtune.workflow.train`` (precision auto, defaults); independent timing.
+    ``fast_dropout=False`` (variant ``lmtune_torch_dropout``): torch's own dropout masks, to measure what
+    ``train.fast_dropout`` gains."""
     import importlib
 
     import torch
@@ -198,6 +202,7 @@ def child_lmtune(workdir: Path, steps: int, warmup: int, profile: bool) -> dict[
             "seed": SEED,
             "eval_every": 10**9,  # evaluate only at the end (outside lmtune's train_seconds anyway)
             "log_every": warmup,  # metrics.jsonl windows: the first one is the warm-up
+            **({} if fast_dropout else {"fast_dropout": False}),  # older lmtune versions lack the setting
         },
         "baselines": [],
         "output_dir": str(run_dir / "run"),
@@ -576,7 +581,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="rounds over the variants (alternating)")
     p.add_argument("--examples", type=int, default=4000, help="training sentences (first N of a seeded shuffle)")
     p.add_argument("--variants", nargs="+", choices=VARIANTS + DIAGNOSTIC_VARIANTS, default=list(VARIANTS),
-                   help="trainer_same_batches (diagnostic, not run by default): the Trainer on lmtune's batches")
+                   help="diagnostics, not run by default: trainer_same_batches (the Trainer on lmtune's batches), "
+                   "lmtune_torch_dropout (lmtune with torch's dropout masks)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads in every child (default: torch's, one per core). On a shared 2-core "
                    "machine 1 thread can be faster: an OpenMP barrier waits for a thread that shares a core")
@@ -608,8 +614,8 @@ def main(argv: list[str] | None = None) -> None:
         workdir = args.workdir
         if args.child == "peak":
             result = child_peak()
-        elif args.child == "lmtune":
-            result = child_lmtune(workdir, args.steps, args.warmup, args.profile)
+        elif args.child in ("lmtune", "lmtune_torch_dropout"):
+            result = child_lmtune(workdir, args.steps, args.warmup, args.profile, args.child == "lmtune")
         else:
             result = child_trainer(workdir, args.child, args.steps, args.warmup)
         args.result.write_text(json.dumps(result, indent=1), encoding="utf-8")
