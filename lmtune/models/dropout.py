@@ -6,7 +6,7 @@ precedes. LoRA puts a dropout in front of every adapted layer (7 per SmolLM2 blo
 masks were 24% of a SmolLM2-135M LoRA step in bf16 (profiled; BENCHMARKS.md). :class:`FastDropout` draws the
 same Bernoulli(1 - p) mask from 16 random bits per element, generated in bulk by numpy's PCG64 seeded from
 torch's own generator (so ``torch.manual_seed`` and a resumed run's restored RNG state still fix every mask),
-and applies it in two vectorised passes: about 3x less time per mask.
+and applies it in two vectorised passes: about 3.5x less time per mask (1.7 against 6.2 ms above).
 
 The keep probability is rounded to a multiple of 2^-16 (p = 0.1 keeps 58,982 of 65,536 values: 0.899994) and
 the kept values are scaled by the inverse of that probability, so the output's expectation is the input,
@@ -17,12 +17,8 @@ CPU: CUDA's dropout is one fused kernel already.
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import torch
-
-log = logging.getLogger(__name__)
 
 BITS = 16
 LEVELS = 1 << BITS
