@@ -11,13 +11,13 @@ transformers causal LM calls on the hidden states) for one forward: its input ``
 those rows is the loss of the full logits with the other positions ignored; the gradients are the same (the
 dropped rows had zero gradient). Where the hook cannot apply (no output layer found, or the model called it with
 hidden states of another shape), nothing is cut and the caller gets the full ``(B, T, vocab)`` logits:
-:attr:`Selection.applied` says which happened.
+:attr:`Selection.applied` says which happened. :func:`scored_logits` gives the kept rows' logits either way.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +49,22 @@ def output_layer(model: torch.nn.Module) -> torch.nn.Module | None:
     except (AttributeError, NotImplementedError):
         return None
     return layer if isinstance(layer, torch.nn.Module) else None
+
+
+def scored_logits(model: torch.nn.Module, keep: torch.Tensor, forward: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``(N, vocab)`` logits of the positions where ``keep`` (B, T) is True, in ``keep.nonzero()`` order.
+
+    ``forward()`` runs the model and returns its logits; under :func:`selected_rows` the output layer computes
+    the kept rows only. Where it could not be cut, the kept rows are taken from the full ``(B, T, vocab)`` logits.
+    """
+    with selected_rows(model, keep) as selection:
+        logits = forward()
+    if logits.shape[:-1] == keep.shape:  # not cut
+        return logits[keep]
+    if not selection.applied or logits.shape[0] != int(keep.sum()):
+        raise RuntimeError(f"the model returned logits of shape {tuple(logits.shape)} for a batch of "
+                           f"{tuple(keep.shape)} tokens")
+    return logits
 
 
 @contextlib.contextmanager

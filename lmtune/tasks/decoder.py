@@ -30,7 +30,7 @@ from lmtune.models.generation import GenerationSettings, chat_prompt
 from lmtune.models.loading import load_pretrained
 from lmtune.models.methods import quantization_config
 from lmtune.models.registry import model_path_of
-from lmtune.models.target_logits import selected_rows
+from lmtune.models.target_logits import scored_logits
 from lmtune.models.text_generator import TextGenerator, validate_prompt_messages
 from lmtune.tasks.base import Task, TaskData, get_task
 
@@ -173,22 +173,14 @@ class DecoderTask(Task):
         """(B,) summed next-token cross-entropy of each row's target tokens.
 
         The language-model head runs on the positions that predict a target token only
-        (:func:`~lmtune.models.target_logits.selected_rows`): a chat example's prompt and padding never become
-        logits. Where the model's output layer cannot be cut, the full logits are scored with the others ignored.
+        (:func:`~lmtune.models.target_logits.scored_logits`): a chat example's prompt and padding never become
+        logits. Where the model's output layer cannot be cut, the same rows are taken from the full logits.
         """
         # Position t predicts token t+1: shift the labels, not the logits (slicing the logits would copy
         # the biggest tensor of the step, and its gradient).
         targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
         keep = targets != IGNORE_INDEX
-        with selected_rows(model, keep) as selection:
-            logits = model(**self._inputs(batch), use_cache=False).logits  # (N, vocab), or (B, T, vocab)
-        if logits.shape[:-1] == targets.shape:  # not cut: score every position, the others ignored
-            per_token = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                                        reduction="none")  # (B*T,), 0 where ignored
-            return per_token.view(targets.shape).sum(dim=1)
-        if not selection.applied or logits.shape[0] != int(keep.sum()):
-            raise RuntimeError(f"the model returned logits of shape {tuple(logits.shape)} for a batch of "
-                               f"{tuple(targets.shape)} tokens")
+        logits = scored_logits(model, keep, lambda: model(**self._inputs(batch), use_cache=False).logits)  # (N, V)
         per_token = F.cross_entropy(logits.float(), targets[keep], reduction="none")  # (N,)
         rows = keep.nonzero(as_tuple=True)[0]  # (N,) the row of each kept position
         return torch.zeros(targets.shape[0], dtype=per_token.dtype, device=per_token.device).index_add(

@@ -46,7 +46,7 @@ from lmtune.errors import ConfigError, ModelError
 from lmtune.evaluate.report import Report
 from lmtune.models.loading import load_pretrained
 from lmtune.models.registry import load_padded_tokenizer, model_path_of
-from lmtune.models.target_logits import selected_rows
+from lmtune.models.target_logits import scored_logits
 from lmtune.models.vocabulary import (
     extend_vocabulary,
     grow_embeddings,
@@ -294,14 +294,7 @@ class MaskedLMTask(Task):
         chosen = batch["labels"] != IGNORE_INDEX  # (B, T)
         # The vocabulary projection runs on the chosen positions only (about 15% of the tokens), where the model's
         # output layer can be cut (lmtune.models.target_logits); otherwise the full logits are picked from.
-        with selected_rows(model, chosen):
-            logits = model(**encoder_inputs(batch)).logits  # (M, vocab), or (B, T, vocab)
-        if logits.shape[:-1] == chosen.shape:
-            logits = logits[chosen]
-        elif logits.shape[0] != int(chosen.sum()):
-            raise RuntimeError(f"the model returned logits of shape {tuple(logits.shape)} for a batch of "
-                               f"{tuple(chosen.shape)} tokens")
-        picked = logits.float()  # (M, vocab): only the chosen positions are scored
+        picked = scored_logits(model, chosen, lambda: model(**encoder_inputs(batch)).logits).float()  # (M, vocab)
         targets = batch["labels"][chosen]  # (M,)
         losses = F.cross_entropy(picked, targets, reduction="none")  # (M,)
         return losses, picked.argmax(-1) == targets, chosen.nonzero()[:, 0]
