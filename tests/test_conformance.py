@@ -214,7 +214,9 @@ CASES: dict[str, Case] = {
     **{task: Case(model="tiny_chat_llama_dir", data=_judged_reviews if task == "kto" else _review_pairs,
                   item="Your view?", predict_rows=PROMPTS, data_settings={"max_length": 64},
                   # A preference's gradient starts small (beta / 2 of the log-ratio's): more, larger LoRA steps.
-                  train_settings={"max_steps": 24, "learning_rate": 3e-2})
+                  # KTO's held-out loss moves least (0.5 -> ~0.495): 36 steps, or a seed's dropout draws can leave it
+                  # at 0.5 (measured over seeds 42, 1, 2 with torch's masks and with fast dropout).
+                  train_settings={"max_steps": 36 if task == "kto" else 24, "learning_rate": 3e-2})
        for task in ("dpo", "orpo", "simpo", "kto")},
     "reward": Case(
         model="tiny_chat_llama_dir", data=_review_pairs, item={"prompt": "Your view?", "completion": "warm and sharp"},
