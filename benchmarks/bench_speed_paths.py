@@ -91,7 +91,7 @@ def steps(repeats: int) -> None:
                                        reduction="sum")
         loss.backward()
         model.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     same = (step(torch_model, False, seed=1), step(torch_model, True, seed=1))
     print(f"   summed loss, same seed: plain {same[0]:.4f}, scored {same[1]:.4f} "
