@@ -1,10 +1,12 @@
 """`lmtune tune`: the search space is checked at load, a study on a tiny classifier writes its table,
-plots and best config, pruning stops a useless trial, a bad storage is a clear error, and two workers
-on one SQLite study run exactly the trial budget between them."""
+plots and best config, pruning stops a useless trial, a bad storage is a clear error, workers that open
+a fresh SQLite study at once all succeed, and two workers on one SQLite study run exactly the trial
+budget between them."""
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -157,6 +159,30 @@ def test_the_cli_reports_a_bad_storage_without_a_traceback(tmp_path: Path, capsy
     assert code == 2 and "Traceback" not in err
     assert "cannot open the study storage 'sqlite:////no/such/folder/study.db'" in err.replace("\n", "")
     assert not (tmp_path / "study" / "trials").exists()  # nothing ran
+
+
+def _open_after(barrier: Any, storage: str, results: Any) -> None:
+    barrier.wait()
+    try:
+        open_study(storage, "s", "maximize")
+        results.put("ok")
+    except StudyError as exc:
+        results.put(str(exc))
+
+
+def test_workers_opening_a_fresh_sqlite_study_at_once_all_succeed(tmp_path: Path) -> None:
+    # Optuna's RDBStorage creates the schema unguarded: workers started together lost the race with
+    # "UNIQUE constraint failed: alembic_version.version_num" (a CI run caught it in the test below).
+    ctx = multiprocessing.get_context("fork")
+    for round_ in range(3):
+        storage = f"sqlite:///{tmp_path / f'fresh{round_}.db'}"
+        barrier, results = ctx.Barrier(4), ctx.Queue()
+        procs = [ctx.Process(target=_open_after, args=(barrier, storage, results)) for _ in range(4)]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join(timeout=120)
+        assert [results.get(timeout=5) for _ in procs] == ["ok"] * 4
 
 
 def test_two_workers_share_one_sqlite_study_without_losing_or_repeating_a_trial(

@@ -68,6 +68,7 @@ class TuneResult:
     retrained: Run | None = None
 
 
+_SCHEMA_RETRIES = 5  # a server database's schema race (see open_study)
 _STARTED = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
@@ -94,9 +95,21 @@ def open_study(storage: str, study_name: str, direction: Literal["maximize", "mi
     hint = ("a SQLite file: sqlite:///path/to/study.db (its folder must exist and be writable); a cluster: "
             "postgresql://user:password@host/db with `pip install psycopg2-binary`")
     try:
-        rdb = optuna.storages.RDBStorage(storage, engine_kwargs=engine_kwargs)
-        study = optuna.create_study(storage=rdb, study_name=study_name, direction=direction, sampler=sampler,
-                                    pruner=pruner, load_if_exists=True)
+        # Workers started together race to create the schema: Optuna's RDBStorage creates the tables and
+        # stamps alembic's version row unguarded, and the loser fails on "UNIQUE constraint failed:
+        # alembic_version.version_num". A SQLite study takes the lock file beside it; a server database,
+        # which has no such file, retries once the winner has created the schema.
+        with _budget_lock(storage):
+            for attempt in range(_SCHEMA_RETRIES):
+                try:
+                    rdb = optuna.storages.RDBStorage(storage, engine_kwargs=engine_kwargs)
+                    break
+                except sqlalchemy.exc.IntegrityError:
+                    if attempt == _SCHEMA_RETRIES - 1:
+                        raise
+                    time.sleep(0.5 * (attempt + 1))
+            study = optuna.create_study(storage=rdb, study_name=study_name, direction=direction, sampler=sampler,
+                                        pruner=pruner, load_if_exists=True)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError, OSError) as exc:
         reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
         raise StudyError(f"cannot open the study storage '{public_url(storage)}': {reason}", hint=hint) from None
@@ -157,11 +170,14 @@ def _default_params(cfg: Config, space: dict[str, Any]) -> dict[str, Any] | None
 
 @contextlib.contextmanager
 def _budget_lock(storage: str) -> Iterator[None]:
-    """Held while a worker checks the trial budget and starts a trial. A SQLite study has a file every
-    worker sees, so a file lock beside it makes the check and the start one step; a server database has
-    no such file (there a worker may start one trial past the budget, closed at once, see ``_over_budget``)."""
-    if storage.startswith("sqlite:///") and len(storage) > len("sqlite:///"):
-        with FileLock(storage.removeprefix("sqlite:///") + ".lock", timeout=600):
+    """Held while a worker opens the study (creating its schema), and while it checks the trial budget and
+    starts a trial. A SQLite study has a file every worker sees, so a file lock beside it makes the check and
+    the start one step; a server database has no such file (there a worker may start one trial past the
+    budget, closed at once, see ``_over_budget``). No lock when the file's folder is missing: opening the
+    storage then reports that."""
+    database = Path(storage.removeprefix("sqlite:///"))
+    if storage.startswith("sqlite:///") and len(storage) > len("sqlite:///") and database.parent.is_dir():
+        with FileLock(f"{database}.lock", timeout=600):
             yield
     else:
         yield
