@@ -20,6 +20,10 @@ ran (its /metrics). The load is bounded in count and time: each phase stops afte
     python benchmarks/bench_serve.py --output serve.json                 # the BENCHMARKS.md measurement
     python benchmarks/bench_serve.py --requests 100 --clients 16 --sequential 10   # a quick check
     python benchmarks/bench_serve.py --model smollm2 --batching continuous --output cb.json   # window vs continuous
+    python benchmarks/bench_serve.py --model smollm2 --batching continuous --llama-cpp-server f16 --output ll.json
+
+``--llama-cpp-server f16|q8_0|q4_k_m`` adds llama.cpp's own server on the run's GGUF export; it needs the
+server extras of llama-cpp-python (``pip install 'llama-cpp-python[server]==0.3.36'``).
 """
 
 from __future__ import annotations
@@ -78,15 +82,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(command: list[str], port: int, log: Path, env: dict[str, str], what: str) -> subprocess.Popen[bytes]:
-    """Start ``command`` (a server on ``port``), its output in ``log``; returns it once it answers /health (up to
-    5 minutes), or exits saying ``what`` did not start, with its log."""
+def start_server(command: list[str], port: int, log: Path, env: dict[str, str], what: str,
+                 probe: str = "/health") -> subprocess.Popen[bytes]:
+    """Start ``command`` (a server on ``port``), its output in ``log``; returns it once it answers ``probe`` (up
+    to 5 minutes), or exits saying ``what`` did not start, with its log."""
     with log.open("w") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 300
     while True:
         try:
-            if _call(port, "GET", "/health", None)[0] == 200:
+            if _call(port, "GET", probe, None)[0] == 200:
                 return proc
         except OSError:
             pass
@@ -138,6 +143,32 @@ class TransformersServer(Server):
             [str(exe), "serve", self.model, "--continuous-batching", "--host", HOST, "--port", str(self.port),
              "--device", "cpu", "--dtype", "float32", "--no-cb-use-cuda-graph"],
             self.port, log, {**os.environ, "HF_HUB_OFFLINE": "1"}, "transformers serve")
+
+    def metrics(self) -> dict[str, float]:
+        """No lmtune batch counters here."""
+        return {}
+
+
+class LlamaCppServer(Server):
+    """llama.cpp's own OpenAI-compatible server (``python -m llama_cpp.server``, llama-cpp-python's) on the run
+    exported with ``lmtune export --format gguf --quantize QUANT`` (checked against the trained model there),
+    on a free loopback port with the same thread count. It answers one request at a time (no batching across
+    requests); the chat template is the one the export wrote into the GGUF."""
+
+    def __init__(self, run_dir: Path, workdir: Path, log: Path, *, quantization: str, threads: int) -> None:
+        from lmtune.workflows.export_gguf import export_gguf
+
+        folder = workdir / f"gguf-{quantization}"
+        if not (folder / "model.gguf").is_file():
+            export_gguf(run_dir, folder, quantization=quantization, overwrite=True)
+        self.port = free_port()
+        self.log = log
+        self.model = "model"
+        self.proc = start_server(
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(folder / "model.gguf"), "--model_alias", "model",
+             "--host", HOST, "--port", str(self.port), "--n_threads", str(threads), "--n_threads_batch", str(threads),
+             "--n_ctx", "2048", "--verbose", "False"],
+            self.port, log, dict(os.environ), "llama_cpp.server", probe="/v1/models")
 
     def metrics(self) -> dict[str, float]:
         """No lmtune batch counters here."""
@@ -240,6 +271,10 @@ def compare_batching(run_dir: Path, workdir: Path, questions: list[str], args: a
                             batch_wait_ms=args.batch_wait_ms, batching=name) for name in ("window", "continuous")}
     if args.transformers_serve:
         servers["transformers"] = TransformersServer(run_dir / "model", workdir / "serve-transformers.log")
+    if args.llama_cpp_server:
+        servers[f"llama.cpp {args.llama_cpp_server}"] = LlamaCppServer(
+            run_dir, workdir, workdir / "serve-llama-cpp.log", quantization=args.llama_cpp_server,
+            threads=args.threads or int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
     rounds: dict[str, list[dict[str, Any]]] = {}
     try:
         for server in servers.values():
@@ -285,6 +320,9 @@ def main() -> None:
                    help="continuous: compare a --batching window server with a --batching continuous one instead.")
     p.add_argument("--transformers-serve", action="store_true",
                    help="With --batching continuous: also `transformers serve --continuous-batching` on the model.")
+    p.add_argument("--llama-cpp-server", choices=("f16", "q8_0", "q4_k_m"), default=None,
+                   help="With --batching continuous: also llama.cpp's server (llama_cpp.server) on the run exported "
+                        "to GGUF at this quantization (needs `pip install 'llama-cpp-python[server]==0.3.36'`).")
     p.add_argument("--client-levels", type=int, nargs="+", default=[1, 8, 32], help="With --batching continuous.")
     p.add_argument("--requests-per-client", type=int, default=2, help="With --batching continuous.")
     p.add_argument("--rounds", type=int, default=3, help="With --batching continuous: interleaved rounds.")

@@ -64,3 +64,14 @@ def test_matmul_peak_is_measured_once_and_cached() -> None:
     flops.matmul_peak.cache_clear()
     got = flops.utilisation(1e6, 1000.0, {"gflops": 10.0}, 2)
     assert got["model_gflops_per_second"] == pytest.approx(1.0) and got["mfu"] == pytest.approx(0.05)
+
+
+def test_instruction_set_limits_make_another_cache_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    # ONEDNN_MAX_CPU_ISA=AVX2 turns an AVX512-BF16 CPU's fast bf16 matmuls into emulated ones: the bf16
+    # probe and the peaks measured without it must not be reused under it (BENCHMARKS.md's AVX2 runs).
+    for var in flops._ISA_LIMITS:
+        monkeypatch.delenv(var, raising=False)
+    plain = flops.device_name(torch.device("cpu"))
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert flops.device_name(torch.device("cpu")) == f"{plain} (ONEDNN_MAX_CPU_ISA=AVX2, ATEN_CPU_CAPABILITY=avx2)"

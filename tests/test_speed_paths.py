@@ -4,6 +4,8 @@
   (``lmtune.models.target_logits``): same loss and gradients as scoring the full logits with the rest ignored.
 - ``train.fast_dropout`` draws CPU dropout masks with numpy's PCG64 (``lmtune.models.dropout``): the same
   Bernoulli distribution and scaling as torch's dropout, fixed by torch's seed, identity in eval mode.
+- A BERT-style classifier runs its last encoder layer on position 0 only (``lmtune.models.first_token``):
+  the same logits, loss and gradients as the full layer, and the same logged losses end to end.
 """
 
 from __future__ import annotations
@@ -13,12 +15,22 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    BertConfig,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
 
 import lmtune
 from lmtune.config import load_config
 from lmtune.data.features import IGNORE_INDEX
 from lmtune.models import dropout as fast
+from lmtune.models import first_token
 from lmtune.models.target_logits import Selection, selected_rows
 from lmtune.tasks.base import get_task
 
@@ -222,3 +234,94 @@ def test_fast_dropout_run_trains_like_torch_dropout(tmp_path, tiny_bert_dir, sen
     for m in (fast_run, torch_run):
         assert m["test"]["accuracy"] >= 0.9 > m["starting_point"]["test"]["accuracy"]
     assert fast_run["test"]["loss"] == pytest.approx(torch_run["test"]["loss"], abs=0.15)
+
+
+# ------------------------------------------------------------------------------------------ first token only
+def _tiny_classifier(kind: str, attn: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    common = {"vocab_size": 120, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "intermediate_size": 48, "max_position_embeddings": 64, "num_labels": 3}
+    if kind == "roberta":
+        model = RobertaForSequenceClassification(RobertaConfig(**common, pad_token_id=1))
+    else:
+        model = BertForSequenceClassification(BertConfig(**common))
+    model.config._attn_implementation = attn
+    return model
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_first_token_last_layer_gives_the_full_layers_logits_and_gradients(kind, attn, checkpointing):
+    model = _tiny_classifier(kind, attn).eval()  # eval: no dropout draws, so both paths see the same numbers
+    if checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 120, (4, 20), generator=g)
+    mask = torch.ones(4, 20, dtype=torch.long)
+    mask[1, 7:] = 0
+    mask[3, 15:] = 0
+    labels = torch.tensor([0, 2, 1, 2])
+
+    def step() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        F.cross_entropy(logits, labels, reduction="sum").backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain_logits, plain_grads = step()
+    assert first_token.first_token_last_layer(model)
+    rows: list[int] = []
+    last = model.base_model.encoder.layer[-1]
+    handle = last.intermediate.dense.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[1]))
+    logits, grads = step()
+    handle.remove()
+    assert rows and set(rows) == {1}  # the feed-forward block saw position 0 only
+    torch.testing.assert_close(logits, plain_logits, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == plain_grads.keys()
+    for name, grad in grads.items():  # key biases have zero gradient in exact arithmetic: atol covers their noise
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    first_token.plain_last_layer(model)
+    assert torch.equal(step()[0], plain_logits)  # undone: the class's own forward again
+
+
+def test_first_token_last_layer_leaves_other_heads_alone():
+    torch.manual_seed(0)
+    bert = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=48, max_position_embeddings=64)
+    assert not first_token.first_token_last_layer(BertForTokenClassification(bert))  # reads every position
+    assert not first_token.first_token_last_layer(DistilBertForSequenceClassification(DistilBertConfig(
+        vocab_size=120, dim=32, n_layers=2, n_heads=4, hidden_dim=48, max_position_embeddings=64)))  # unknown layer
+    chunked = BertConfig(**{**bert.to_dict(), "chunk_size_feed_forward": 4})
+    assert not first_token.first_token_last_layer(BertForSequenceClassification(chunked))
+
+
+def test_classification_run_equals_the_full_last_layer_run(tmp_path, tiny_bert_nodrop_dir, sentiment_csv,
+                                                           monkeypatch, caplog):
+    """End to end (no dropout, so both runs draw the same numbers): every logged loss within 1e-4."""
+
+    def run(name: str) -> tuple[list[tuple], dict]:
+        cfg = {"task": "classification", "model": str(tiny_bert_nodrop_dir),
+               "data": {"train": str(sentiment_csv), "max_length": 32},
+               "train": {"max_steps": 12, "batch_size": 16, "learning_rate": 2e-3, "precision": "fp32",
+                         "log_every": 2, "eval_every": 6},
+               "baselines": [], "output_dir": str(tmp_path / name)}
+        out = lmtune.train(cfg, show_progress=False)
+        rows = [json.loads(x) for x in (out.path / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+        return [(r["split"], r["step"], r["loss"]) for r in rows if "loss" in r], out.metrics
+
+    with caplog.at_level("INFO", logger="lmtune.tasks.classification.task"):
+        losses, metrics = run("first")
+    assert "the last encoder layer runs on that position" in caplog.text
+    monkeypatch.setattr(first_token, "first_token_last_layer", lambda model: False)
+    expected, plain_metrics = run("plain")
+    assert len(losses) == len(expected) >= 8
+    for (split, step, loss), (split2, step2, loss2) in zip(losses, expected, strict=True):
+        assert (split, step) == (split2, step2)
+        assert loss == pytest.approx(loss2, rel=1e-4), (split, step)
+    assert metrics["test"]["accuracy"] == plain_metrics["test"]["accuracy"]
+    assert metrics["test"]["loss"] == pytest.approx(plain_metrics["test"]["loss"], rel=1e-4)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -76,7 +77,14 @@ def device_name(device: torch.device) -> str:
     name = platform.processor() or platform.machine()
     with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo", encoding="utf-8") as f:
         name = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    return name
+    # Variables that cap the instruction sets torch uses make the same chip a different machine: with
+    # ONEDNN_MAX_CPU_ISA=AVX2 an AVX512-BF16 CPU runs bf16 matmuls ~400x slower (how BENCHMARKS.md
+    # measures an AVX2-only CPU), so measurements cached under the bare name would be wrong for it.
+    limits = [f"{var}={os.environ[var]}" for var in _ISA_LIMITS if os.environ.get(var)]
+    return f"{name} ({', '.join(limits)})" if limits else name
+
+
+_ISA_LIMITS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
 
 
 @functools.lru_cache(maxsize=8)

@@ -45,7 +45,10 @@ from lmtune.evaluate.fairness import check_slice_groups, group_value, slice_metr
 from lmtune.evaluate.metrics import classification_metrics
 from lmtune.evaluate.plots import plot_confusion_matrix
 from lmtune.evaluate.report import Report
-from lmtune.models import neural_baselines  # registers the lmtune_baseline model type with transformers
+from lmtune.models import (
+    first_token,
+    neural_baselines,  # registers the lmtune_baseline model type with transformers
+)
 from lmtune.models.registry import load_padded_tokenizer, model_path_of
 from lmtune.tasks.base import Task, TaskData, encoder_inputs
 from lmtune.tasks.classification.info import INFO
@@ -405,6 +408,8 @@ class ClassificationTask(Task):
                                    for k in loading["missing_keys"]})
         if self.config.model.gradient_checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if first_token.first_token_last_layer(model):
+            log.info("the head reads position 0 only: the last encoder layer runs on that position")
         return model
 
     def head_module_names(self, model: torch.nn.Module) -> set[str]:
