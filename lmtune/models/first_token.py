@@ -47,7 +47,7 @@ _LAYERS = frozenset({"BertLayer", "RobertaLayer", "XLMRobertaLayer", "CamembertL
 def _last_layer(model: torch.nn.Module) -> torch.nn.Module | None:
     if type(model).__name__ not in _HEADS:
         return None
-    config = model.config
+    config: Any = model.config
     if config.is_decoder or getattr(config, "add_cross_attention", False) or getattr(config, "chunk_size_feed_forward", 0):
         return None
     layers = getattr(getattr(model.base_model, "encoder", None), "layer", None)
@@ -77,7 +77,7 @@ def plain_last_layer(model: torch.nn.Module) -> None:
         del last.forward
 
 
-def _first_position_forward(self: torch.nn.Module, hidden_states: torch.Tensor,
+def _first_position_forward(self: Any, hidden_states: torch.Tensor,
                             attention_mask: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> torch.Tensor:
     """BertLayer.forward for an encoder, with the query, the attention output and the feed-forward block on
     position 0 only: returns (B, 1, H)."""
