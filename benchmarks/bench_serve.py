@@ -104,12 +104,13 @@ class Server:
     """``lmtune serve RUN`` in a subprocess on a free loopback port."""
 
     def __init__(self, run_dir: Path, log: Path, *, max_batch_size: int, batch_wait_ms: float,
-                 batching: str = "window") -> None:
+                 batching: str = "window", precision: str = "fp32") -> None:
         self.port = free_port()
         self.log = log
         self.proc = start_server(
             [sys.executable, "-m", "lmtune", "serve", str(run_dir), "--host", HOST, "--port", str(self.port),
-             "--max-batch-size", str(max_batch_size), "--batch-wait-ms", str(batch_wait_ms), "--batching", batching],
+             "--max-batch-size", str(max_batch_size), "--batch-wait-ms", str(batch_wait_ms), "--batching", batching,
+             "--precision", precision],
             self.port, log,
             # no key (an empty LMTUNE_API_KEY is refused by lmtune serve: unset it)
             {k: v for k, v in os.environ.items() if k != "LMTUNE_API_KEY"}, "the server")
@@ -268,7 +269,8 @@ def compare_batching(run_dir: Path, workdir: Path, questions: list[str], args: a
     """Window vs continuous batching: both servers up, phases interleaved per round; medians over rounds."""
     common = {"max_tokens": args.max_tokens, "max_seconds": args.max_seconds}
     servers = {name: Server(run_dir, workdir / f"serve-{name}.log", max_batch_size=args.max_batch_size,
-                            batch_wait_ms=args.batch_wait_ms, batching=name) for name in ("window", "continuous")}
+                            batch_wait_ms=args.batch_wait_ms, batching=name, precision=args.precision)
+               for name in ("window", "continuous")}
     if args.transformers_serve:
         servers["transformers"] = TransformersServer(run_dir / "model", workdir / "serve-transformers.log")
     if args.llama_cpp_server:
@@ -326,6 +328,9 @@ def main() -> None:
     p.add_argument("--client-levels", type=int, nargs="+", default=[1, 8, 32], help="With --batching continuous.")
     p.add_argument("--requests-per-client", type=int, default=2, help="With --batching continuous.")
     p.add_argument("--rounds", type=int, default=3, help="With --batching continuous: interleaved rounds.")
+    p.add_argument("--precision", choices=("fp32", "auto", "bf16"), default="fp32",
+                   help="lmtune serve --precision (with --batching continuous): the weights' dtype; auto is bf16 "
+                        "on a CPU that runs it faster (16-bit weights, as llama.cpp's f16 GGUF)")
     p.add_argument("--model", choices=("small", "smollm2"), default="small")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the server.")
     p.add_argument("--workdir", type=Path, default=None, help="Keep the run and the server logs here.")

@@ -64,16 +64,16 @@ def train_sft_run(root: Path, tiny_chat_llama_dir: Path) -> Run:
 def train_classifier_run(root: Path, tiny_bert_dir: Path) -> Run:
     """A tiny BERT sentiment classifier (2 epochs on 320 sentences: it learns the sentiment words).
 
-    Trained with torch's own dropout masks (``fast_dropout: false``): at 2 epochs this run learns the words for
-    lucky dropout draws only (measured: seed 42 with torch's masks, not seeds 1 and 2, nor any of the three with
-    fast dropout), and the server, export and page tests were written against the state seed 42's draws give.
-    4 epochs learn for every seed with either mask source, but saturate the model: its attributions then no
-    longer favour the sentiment words, which the page test checks."""
+    Learning rate 6e-3: at 3e-3 two epochs learnt the words for lucky dropout draws only (the last layer's
+    draws changed when it began to run on position 0 only, and the run stopped learning); at 6e-3 seeds 42, 2
+    and 3 reach test accuracy 1.0 at test loss 0.22-0.44 with either path, not saturated (4 epochs saturate
+    the model: its attributions then no longer favour the sentiment words, which the page test checks).
+    Torch's own dropout masks (``fast_dropout: false``) keep the state the tests were written against."""
     data = write_csv(root / "s.csv", sentiment_rows(320))
     cfg = {
         "task": "classification", "model": str(tiny_bert_dir), "baselines": [],
         "data": {"train": str(data), "max_length": 32},
-        "train": {"epochs": 2, "batch_size": 16, "learning_rate": 3e-3, "precision": "fp32", "fast_dropout": False},
+        "train": {"epochs": 2, "batch_size": 16, "learning_rate": 6e-3, "precision": "fp32", "fast_dropout": False},
         "output_dir": str(root / "run"),
     }
     return lmtune.train(cfg, show_progress=False)
