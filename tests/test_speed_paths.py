@@ -16,6 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import (
+    AlbertConfig,
+    AlbertForSequenceClassification,
     AutoModelForCausalLM,
     BertConfig,
     BertForSequenceClassification,
@@ -243,6 +245,9 @@ def _tiny_classifier(kind: str, attn: str) -> torch.nn.Module:
               "intermediate_size": 48, "max_position_embeddings": 64, "num_labels": 3}
     if kind == "roberta":
         model = RobertaForSequenceClassification(RobertaConfig(**common, pad_token_id=1))
+    elif kind == "distilbert":
+        model = DistilBertForSequenceClassification(DistilBertConfig(
+            vocab_size=120, dim=32, n_layers=2, n_heads=4, hidden_dim=48, max_position_embeddings=64, num_labels=3))
     else:
         model = BertForSequenceClassification(BertConfig(**common))
     model.config._attn_implementation = attn
@@ -251,8 +256,9 @@ def _tiny_classifier(kind: str, attn: str) -> torch.nn.Module:
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("kind", ["bert", "roberta"])
+@pytest.mark.parametrize("kind", ["bert", "roberta", "distilbert"])
 def test_first_token_last_layer_gives_the_full_layers_logits_and_gradients(kind, attn, checkpointing):
+    """BERT (MiniLM's layers), RoBERTa and DistilBERT heads read position 0 only; padded rows included."""
     model = _tiny_classifier(kind, attn).eval()  # eval: no dropout draws, so both paths see the same numbers
     if checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -276,8 +282,11 @@ def test_first_token_last_layer_gives_the_full_layers_logits_and_gradients(kind,
     plain_logits, plain_grads = step()
     assert first_token.first_token_last_layer(model)
     rows: list[int] = []
-    last = model.base_model.encoder.layer[-1]
-    handle = last.intermediate.dense.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[1]))
+    if kind == "distilbert":
+        feed_forward = model.base_model.transformer.layer[-1].ffn.lin1
+    else:
+        feed_forward = model.base_model.encoder.layer[-1].intermediate.dense
+    handle = feed_forward.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[1]))
     logits, grads = step()
     handle.remove()
     assert rows and set(rows) == {1}  # the feed-forward block saw position 0 only
@@ -294,8 +303,9 @@ def test_first_token_last_layer_leaves_other_heads_alone():
     bert = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                       intermediate_size=48, max_position_embeddings=64)
     assert not first_token.first_token_last_layer(BertForTokenClassification(bert))  # reads every position
-    assert not first_token.first_token_last_layer(DistilBertForSequenceClassification(DistilBertConfig(
-        vocab_size=120, dim=32, n_layers=2, n_heads=4, hidden_dim=48, max_position_embeddings=64)))  # unknown layer
+    assert not first_token.first_token_last_layer(AlbertForSequenceClassification(AlbertConfig(
+        vocab_size=120, embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=48, max_position_embeddings=64)))  # a head and layer this path does not know
     chunked = BertConfig(**{**bert.to_dict(), "chunk_size_feed_forward": 4})
     assert not first_token.first_token_last_layer(BertForSequenceClassification(chunked))
 

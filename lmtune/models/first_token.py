@@ -1,8 +1,8 @@
 """The last encoder layer on the first position only, for heads that read nothing else.
 
-A BERT-style sequence classifier (BERT, MiniLM, RoBERTa, XLM-R, CamemBERT, ELECTRA, Data2Vec-text) reads
-the last layer's output at position 0 (``[CLS]`` / ``<s>``) and nothing more: the pooler takes
-``hidden[:, 0]``, RoBERTa's head ``features[:, 0, :]``. In that layer the other positions' queries,
+A BERT-style sequence classifier (BERT, MiniLM, RoBERTa, XLM-R, CamemBERT, ELECTRA, Data2Vec-text,
+DistilBERT) reads the last layer's output at position 0 (``[CLS]`` / ``<s>``) and nothing more: the pooler
+takes ``hidden[:, 0]``, RoBERTa's head ``features[:, 0, :]``, DistilBERT's ``hidden_state[:, 0]``. In that layer the other positions' queries,
 attention outputs and feed-forward blocks are computed and thrown away. Keys and values still need every
 position (the first token attends to all of them), so the layer is rerun here with one query row:
 
@@ -10,7 +10,8 @@ position (the first token attends to all of them), so the layer is rerun here wi
     out = feed_forward(attention.output(attn, x[:, :1]))
 
 The same modules, in the same order, on a subset of rows; for a 6-layer model that is about 14% of the
-linear-layer FLOPs of a step (forward and backward: 10 of the last layer's 12 h^2 per token). The logits
+linear-layer FLOPs of a step (forward and backward: 10 of the last layer's 12 h^2 per token), measured as
+4-7% of a MiniLM step in bf16 (BENCHMARKS.md). The logits
 equal the full layer's (float rounding: a matmul on one row may sum in another order), so nothing changes
 but time; ``tests/test_speed_paths.py`` checks the logits, the loss and every gradient against the full
 layer. The patch is an instance attribute (``layer.forward``): parameter names, ``state_dict`` and the saved
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import sys
 import types
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,64 +34,10 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 __all__ = ["first_token_last_layer", "plain_last_layer"]
 
-# Heads whose logits depend on the last hidden state at position 0 only.
-_HEADS = frozenset({
-    "BertForSequenceClassification", "RobertaForSequenceClassification", "XLMRobertaForSequenceClassification",
-    "CamembertForSequenceClassification", "ElectraForSequenceClassification",
-    "Data2VecTextForSequenceClassification",
-})
-# Layers built like transformers' BertLayer (attention.self.query/key/value, attention.output,
-# feed_forward_chunk); the forward below mirrors BertLayer.forward for an encoder.
-_LAYERS = frozenset({"BertLayer", "RobertaLayer", "XLMRobertaLayer", "CamembertLayer", "ElectraLayer",
-                     "Data2VecTextLayer"})
 
-
-def _last_layer(model: torch.nn.Module) -> torch.nn.Module | None:
-    if type(model).__name__ not in _HEADS:
-        return None
-    config: Any = model.config
-    if config.is_decoder or getattr(config, "add_cross_attention", False) or getattr(config, "chunk_size_feed_forward", 0):
-        return None
-    layers = getattr(getattr(model.base_model, "encoder", None), "layer", None)
-    if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
-        return None
-    last = layers[-1]
-    attention = getattr(getattr(last, "attention", None), "self", None)
-    if type(last).__name__ not in _LAYERS or attention is None or not all(
-            hasattr(attention, name) for name in ("query", "key", "value", "attention_head_size", "scaling")):
-        return None
-    return last
-
-
-def first_token_last_layer(model: torch.nn.Module) -> bool:
-    """Run ``model``'s last encoder layer on position 0 only, if its head reads nothing else; True if patched."""
-    last = _last_layer(model)
-    if last is None:
-        return False
-    last.forward = types.MethodType(_first_position_forward, last)
-    return True
-
-
-def plain_last_layer(model: torch.nn.Module) -> None:
-    """Undo :func:`first_token_last_layer` (the class's own forward again)."""
-    last = _last_layer(model)
-    if last is not None and "forward" in vars(last):
-        del last.forward
-
-
-def _first_position_forward(self: Any, hidden_states: torch.Tensor,
-                            attention_mask: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """BertLayer.forward for an encoder, with the query, the attention output and the feed-forward block on
-    position 0 only: returns (B, 1, H)."""
-    kwargs.pop("encoder_attention_mask", None)
-    kwargs.pop("past_key_values", None)
-    attention = self.attention.self
-    batch, length = hidden_states.shape[:2]
-    first = hidden_states[:, :1]
-    head = attention.attention_head_size
-    query = attention.query(first).view(batch, 1, -1, head).transpose(1, 2)
-    key = attention.key(hidden_states).view(batch, length, -1, head).transpose(1, 2)
-    value = attention.value(hidden_states).view(batch, length, -1, head).transpose(1, 2)
+def _attend(attention: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+            attention_mask: torch.Tensor | None, kwargs: dict[str, Any]) -> torch.Tensor:
+    """Position 0's attention over every position, through the model's own attention function: (B, 1, H)."""
     if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-2] != 1:
         attention_mask = attention_mask[:, :, :1, :]  # row 0 of a (B, 1|heads, T, T) mask
     eager = sys.modules[type(attention).__module__].eager_attention_forward
@@ -97,5 +45,83 @@ def _first_position_forward(self: Any, hidden_states: torch.Tensor,
     context, _ = interface(attention, query, key, value, attention_mask,
                            dropout=attention.dropout.p if attention.training else 0.0, scaling=attention.scaling,
                            **kwargs)
-    attention_output = self.attention.output(context.reshape(batch, 1, -1).contiguous(), first)
-    return self.feed_forward_chunk(attention_output)
+    return context.reshape(query.shape[0], 1, -1).contiguous()
+
+
+def _heads(x: torch.Tensor, head: int) -> torch.Tensor:
+    return x.view(x.shape[0], x.shape[1], -1, head).transpose(1, 2)
+
+
+def _bert_layer(self: Any, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args: Any,
+                **kwargs: Any) -> torch.Tensor:
+    """BertLayer.forward for an encoder, with the query, the attention output and the feed-forward block on
+    position 0 only: returns (B, 1, H). (``*args``: the encoder passes ``encoder_hidden_states``, None here.)"""
+    kwargs.pop("encoder_attention_mask", None)
+    kwargs.pop("past_key_values", None)
+    attention = self.attention.self
+    first, head = hidden_states[:, :1], attention.attention_head_size
+    context = _attend(attention, _heads(attention.query(first), head), _heads(attention.key(hidden_states), head),
+                      _heads(attention.value(hidden_states), head), attention_mask, kwargs)
+    return self.feed_forward_chunk(self.attention.output(context, first))
+
+
+def _distilbert_block(self: Any, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      **kwargs: Any) -> torch.Tensor:
+    """DistilBERT's TransformerBlock.forward with the query, the output projection, both layer norms and the
+    feed-forward block on position 0 only: returns (B, 1, H)."""
+    attention = self.attention
+    first, head = hidden_states[:, :1], attention.attention_head_size
+    context = _attend(attention, _heads(attention.q_lin(first), head), _heads(attention.k_lin(hidden_states), head),
+                      _heads(attention.v_lin(hidden_states), head), attention_mask, kwargs)
+    attention_output = self.sa_layer_norm(attention.out_lin(context) + first)
+    return self.output_layer_norm(self.ffn(attention_output) + attention_output)
+
+
+# Head class (its logits read the last hidden state at position 0 only) -> (the stack's attribute on the base
+# model, the layer class it is built of, that layer's forward on position 0).
+_BERT = ("encoder", ("BertLayer", "RobertaLayer", "XLMRobertaLayer", "CamembertLayer", "ElectraLayer",
+                     "Data2VecTextLayer"), _bert_layer)
+_HEADS: dict[str, tuple[str, tuple[str, ...], Callable[..., torch.Tensor]]] = {
+    "BertForSequenceClassification": _BERT, "RobertaForSequenceClassification": _BERT,
+    "XLMRobertaForSequenceClassification": _BERT, "CamembertForSequenceClassification": _BERT,
+    "ElectraForSequenceClassification": _BERT, "Data2VecTextForSequenceClassification": _BERT,
+    "DistilBertForSequenceClassification": ("transformer", ("TransformerBlock",), _distilbert_block),
+}
+# Attributes each layer's forward above reads, checked before patching.
+_NEEDS = {_bert_layer: ("attention", "feed_forward_chunk"), _distilbert_block: ("attention", "sa_layer_norm", "ffn",
+                                                                                 "output_layer_norm")}
+
+
+def _last_layer(model: torch.nn.Module) -> tuple[torch.nn.Module, Callable[..., torch.Tensor]] | None:
+    family = _HEADS.get(type(model).__name__)
+    if family is None:
+        return None
+    stack, layer_classes, forward = family
+    config: Any = model.config
+    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False) or getattr(
+            config, "chunk_size_feed_forward", 0):
+        return None
+    layers = getattr(getattr(model.base_model, stack, None), "layer", None)
+    if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
+        return None
+    last = layers[-1]
+    if type(last).__name__ not in layer_classes or not all(hasattr(last, name) for name in _NEEDS[forward]):
+        return None
+    return last, forward
+
+
+def first_token_last_layer(model: torch.nn.Module) -> bool:
+    """Run ``model``'s last encoder layer on position 0 only, if its head reads nothing else; True if patched."""
+    found = _last_layer(model)
+    if found is None:
+        return False
+    last, forward = found
+    last.forward = types.MethodType(forward, last)
+    return True
+
+
+def plain_last_layer(model: torch.nn.Module) -> None:
+    """Undo :func:`first_token_last_layer` (the class's own forward again)."""
+    found = _last_layer(model)
+    if found is not None and "forward" in vars(found[0]):
+        del found[0].forward
