@@ -2,20 +2,21 @@
 
 A BERT-style sequence classifier (BERT, MiniLM, RoBERTa, XLM-R, CamemBERT, ELECTRA, Data2Vec-text,
 DistilBERT) reads the last layer's output at position 0 (``[CLS]`` / ``<s>``) and nothing more: the pooler
-takes ``hidden[:, 0]``, RoBERTa's head ``features[:, 0, :]``, DistilBERT's ``hidden_state[:, 0]``. In that layer the other positions' queries,
-attention outputs and feed-forward blocks are computed and thrown away. Keys and values still need every
-position (the first token attends to all of them), so the layer is rerun here with one query row:
+takes ``hidden[:, 0]``, RoBERTa's head ``features[:, 0, :]``, DistilBERT's ``hidden_state[:, 0]``. In that
+layer the other positions' queries, attention outputs and feed-forward blocks are computed and thrown away.
+Keys and values still need every position (the first token attends to all of them), so the layer is rerun
+here with one query row:
 
     q = query(x[:, :1]); k = key(x); v = value(x)      attention over the full (padded) mask row 0
     out = feed_forward(attention.output(attn, x[:, :1]))
 
 The same modules, in the same order, on a subset of rows; for a 6-layer model that is about 14% of the
 linear-layer FLOPs of a step (forward and backward: 10 of the last layer's 12 h^2 per token), measured as
-4-7% of a MiniLM step in bf16 (BENCHMARKS.md). The logits
-equal the full layer's (float rounding: a matmul on one row may sum in another order), so nothing changes
-but time; ``tests/test_speed_paths.py`` checks the logits, the loss and every gradient against the full
-layer. The patch is an instance attribute (``layer.forward``): parameter names, ``state_dict`` and the saved
-model are untouched, and a model loaded from disk (``lmtune predict``, the server) runs the plain layer.
+4-7% of a MiniLM step in bf16 (BENCHMARKS.md). The logits equal the full layer's (float rounding: a matmul on
+one row may sum in another order), so nothing changes but time; ``tests/test_speed_paths.py`` checks the
+logits, the loss and every gradient against the full layer. The patch is an instance attribute
+(``layer.forward``): parameter names, ``state_dict`` and the saved model are untouched, and a model loaded
+from disk (``lmtune predict``, the server) runs the plain layer.
 
 Applied only where both the head class and the layer class are known to read / be built this way, the
 model is an encoder without cross-attention, and feed-forward chunking is off; anything else keeps the
@@ -27,6 +28,7 @@ from __future__ import annotations
 import sys
 import types
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -77,37 +79,43 @@ def _distilbert_block(self: Any, hidden_states: torch.Tensor, attention_mask: to
     return self.output_layer_norm(self.ffn(attention_output) + attention_output)
 
 
-# Head class (its logits read the last hidden state at position 0 only) -> (the stack's attribute on the base
-# model, the layer class it is built of, that layer's forward on position 0).
-_BERT = ("encoder", ("BertLayer", "RobertaLayer", "XLMRobertaLayer", "CamembertLayer", "ElectraLayer",
-                     "Data2VecTextLayer"), _bert_layer)
-_HEADS: dict[str, tuple[str, tuple[str, ...], Callable[..., torch.Tensor]]] = {
+@dataclass(frozen=True)
+class _Family:
+    """Where a head's last layer sits and how it runs on position 0."""
+
+    stack: str  # the layer stack's attribute on the base model (its layers in ``.layer``)
+    layers: tuple[str, ...]  # the layer classes it is built of
+    forward: Callable[..., torch.Tensor]  # that layer's forward on position 0
+    needs: tuple[str, ...]  # the layer attributes ``forward`` reads, checked before patching
+
+
+_BERT = _Family("encoder", ("BertLayer", "RobertaLayer", "XLMRobertaLayer", "CamembertLayer", "ElectraLayer",
+                            "Data2VecTextLayer"), _bert_layer, ("attention", "feed_forward_chunk"))
+# Head classes whose logits read the last hidden state at position 0 only.
+_HEADS = {
     "BertForSequenceClassification": _BERT, "RobertaForSequenceClassification": _BERT,
     "XLMRobertaForSequenceClassification": _BERT, "CamembertForSequenceClassification": _BERT,
     "ElectraForSequenceClassification": _BERT, "Data2VecTextForSequenceClassification": _BERT,
-    "DistilBertForSequenceClassification": ("transformer", ("TransformerBlock",), _distilbert_block),
+    "DistilBertForSequenceClassification": _Family("transformer", ("TransformerBlock",), _distilbert_block,
+                                                   ("attention", "sa_layer_norm", "ffn", "output_layer_norm")),
 }
-# Attributes each layer's forward above reads, checked before patching.
-_NEEDS = {_bert_layer: ("attention", "feed_forward_chunk"), _distilbert_block: ("attention", "sa_layer_norm", "ffn",
-                                                                                 "output_layer_norm")}
 
 
-def _last_layer(model: torch.nn.Module) -> tuple[torch.nn.Module, Callable[..., torch.Tensor]] | None:
+def _last_layer(model: torch.nn.Module) -> tuple[torch.nn.Module, _Family] | None:
     family = _HEADS.get(type(model).__name__)
     if family is None:
         return None
-    stack, layer_classes, forward = family
     config: Any = model.config
     if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False) or getattr(
             config, "chunk_size_feed_forward", 0):
         return None
-    layers = getattr(getattr(model.base_model, stack, None), "layer", None)
+    layers = getattr(getattr(model.base_model, family.stack, None), "layer", None)
     if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
         return None
     last = layers[-1]
-    if type(last).__name__ not in layer_classes or not all(hasattr(last, name) for name in _NEEDS[forward]):
+    if type(last).__name__ not in family.layers or not all(hasattr(last, name) for name in family.needs):
         return None
-    return last, forward
+    return last, family
 
 
 def first_token_last_layer(model: torch.nn.Module) -> bool:
@@ -115,8 +123,8 @@ def first_token_last_layer(model: torch.nn.Module) -> bool:
     found = _last_layer(model)
     if found is None:
         return False
-    last, forward = found
-    last.forward = types.MethodType(forward, last)
+    last, family = found
+    last.forward = types.MethodType(family.forward, last)
     return True
 
 

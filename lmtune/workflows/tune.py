@@ -99,7 +99,7 @@ def open_study(storage: str, study_name: str, direction: Literal["maximize", "mi
         # stamps alembic's version row unguarded, and the loser fails on "UNIQUE constraint failed:
         # alembic_version.version_num". A SQLite study takes the lock file beside it; a server database,
         # which has no such file, retries once the winner has created the schema.
-        with _budget_lock(storage):
+        with _study_lock(storage):
             for attempt in range(_SCHEMA_RETRIES):
                 try:
                     rdb = optuna.storages.RDBStorage(storage, engine_kwargs=engine_kwargs)
@@ -169,7 +169,7 @@ def _default_params(cfg: Config, space: dict[str, Any]) -> dict[str, Any] | None
 
 
 @contextlib.contextmanager
-def _budget_lock(storage: str) -> Iterator[None]:
+def _study_lock(storage: str) -> Iterator[None]:
     """Held while a worker opens the study (creating its schema), and while it checks the trial budget and
     starts a trial. A SQLite study has a file every worker sees, so a file lock beside it makes the check and
     the start one step; a server database has no such file (there a worker may start one trial past the
@@ -298,7 +298,7 @@ def tune(
     base = cfg.to_dict()
     base["tune"] = None  # a trial's config.yaml is a plain run config
     save_config(cfg, study_dir / "config.yaml")
-    with _budget_lock(url):
+    with _study_lock(url):
         if tune_cfg.include_default:
             defaults = _default_params(cfg, tune_cfg.space)
             if defaults is None:
@@ -317,7 +317,7 @@ def tune(
             notes.append(f"stopped: the trials trained on {_tokens_used(study):,} tokens, tune.max_tokens is "
                          f"{tune_cfg.max_tokens:,}")
             break
-        with _budget_lock(url):
+        with _study_lock(url):
             # Enqueued trials (WAITING) are not yet spent: ask() takes them first.
             started_before = len(study.get_trials(deepcopy=False, states=_STARTED))
             if started_before >= tune_cfg.trials:
