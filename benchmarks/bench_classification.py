@@ -20,6 +20,9 @@ and, on request only (``--variants``), diagnostics:
                           fast dropout gains
     lmtune_full_last_layer  lmtune with the last encoder layer on every position (not on position 0
                           only, ``lmtune.models.first_token`` turned off): what that path gains
+    lmtune_plain_attention  lmtune with the encoder's own self-attention blocks
+                          (``lmtune.models.encoder_attention`` turned off: three projection matmuls,
+                          torch's masks for the attention probabilities' dropout): what that path gains
 
 Each variant runs in its own subprocess (peak RSS per variant from ``os.wait4``), variants alternate
 across repeats (v1..v5, v1..v5, ...), and the first ``--warmup`` optimizer steps are excluded from timing.
@@ -51,7 +54,8 @@ from pathlib import Path
 from typing import Any
 
 VARIANTS = ("lmtune", "trainer_default", "trainer_dynamic", "trainer_grouped", "trainer_bf16")
-DIAGNOSTIC_VARIANTS = ("trainer_same_batches", "lmtune_torch_dropout", "lmtune_full_last_layer")
+DIAGNOSTIC_VARIANTS = ("trainer_same_batches", "lmtune_torch_dropout", "lmtune_full_last_layer",
+                       "lmtune_plain_attention")
 TRAINER_VARIANTS = (*VARIANTS[1:], *DIAGNOSTIC_VARIANTS)  # compared with lmtune
 SEED = 42
 BATCH_SIZE = 32
@@ -129,17 +133,22 @@ def steady_state(times: list[float], tokens: list[int], warmup: int, start: floa
 
 
 def child_lmtune(workdir: Path, steps: int, warmup: int, profile: bool, fast_dropout: bool = True,
-                 first_token: bool = True) -> dict[str, Any]:
+                 first_token: bool = True, patched_attention: bool = True) -> dict[str, Any]:
     """One lmtune run through ``lmtune.workflow.train`` (precision auto, defaults); independent timing.
     ``fast_dropout=False`` (variant ``lmtune_torch_dropout``): torch's own dropout masks, to measure what
     ``train.fast_dropout`` gains. ``first_token=False`` (``lmtune_full_last_layer``): the last encoder layer
-    on every position."""
+    on every position. ``patched_attention=False`` (``lmtune_plain_attention``): the encoder's own attention
+    blocks."""
     import importlib
 
     if not first_token:
         from lmtune.models import first_token as first_token_module
 
         first_token_module.first_token_last_layer = lambda model: False
+    if not patched_attention:
+        from lmtune.models import encoder_attention
+
+        encoder_attention.patch_attention = lambda model: 0
 
     import torch
 
@@ -592,7 +601,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variants", nargs="+", choices=VARIANTS + DIAGNOSTIC_VARIANTS, default=list(VARIANTS),
                    help="diagnostics, not run by default: trainer_same_batches (the Trainer on lmtune's batches), "
                    "lmtune_torch_dropout (lmtune with torch's dropout masks), lmtune_full_last_layer (lmtune "
-                   "with the last encoder layer on every position)")
+                   "with the last encoder layer on every position), lmtune_plain_attention (lmtune with the "
+                   "encoder's own attention blocks)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads in every child (default: torch's, one per core). On a shared 2-core "
                    "machine 1 thread can be faster: an OpenMP barrier waits for a thread that shares a core")
@@ -624,10 +634,11 @@ def main(argv: list[str] | None = None) -> None:
         workdir = args.workdir
         if args.child == "peak":
             result = child_peak()
-        elif args.child in ("lmtune", "lmtune_torch_dropout", "lmtune_full_last_layer"):
+        elif args.child in ("lmtune", "lmtune_torch_dropout", "lmtune_full_last_layer", "lmtune_plain_attention"):
             result = child_lmtune(workdir, args.steps, args.warmup, args.profile,
                                   fast_dropout=args.child != "lmtune_torch_dropout",
-                                  first_token=args.child != "lmtune_full_last_layer")
+                                  first_token=args.child != "lmtune_full_last_layer",
+                                  patched_attention=args.child != "lmtune_plain_attention")
         else:
             result = child_trainer(workdir, args.child, args.steps, args.warmup)
         args.result.write_text(json.dumps(result, indent=1), encoding="utf-8")

@@ -25,14 +25,14 @@ plain layer.
 
 from __future__ import annotations
 
-import sys
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from lmtune.models.encoder_attention import attend, projections
 
 __all__ = ["first_token_last_layer", "plain_last_layer"]
 
@@ -42,11 +42,7 @@ def _attend(attention: Any, query: torch.Tensor, key: torch.Tensor, value: torch
     """Position 0's attention over every position, through the model's own attention function: (B, 1, H)."""
     if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-2] != 1:
         attention_mask = attention_mask[:, :, :1, :]  # row 0 of a (B, 1|heads, T, T) mask
-    eager = sys.modules[type(attention).__module__].eager_attention_forward
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager)
-    context, _ = interface(attention, query, key, value, attention_mask,
-                           dropout=attention.dropout.p if attention.training else 0.0, scaling=attention.scaling,
-                           **kwargs)
+    context, _ = attend(attention, query, key, value, attention_mask, kwargs)
     return context.reshape(query.shape[0], 1, -1).contiguous()
 
 
@@ -62,8 +58,9 @@ def _bert_layer(self: Any, hidden_states: torch.Tensor, attention_mask: torch.Te
     kwargs.pop("past_key_values", None)
     attention = self.attention.self
     first, head = hidden_states[:, :1], attention.attention_head_size
-    context = _attend(attention, _heads(attention.query(first), head), _heads(attention.key(hidden_states), head),
-                      _heads(attention.value(hidden_states), head), attention_mask, kwargs)
+    key, value = projections(hidden_states, [attention.key, attention.value])
+    context = _attend(attention, _heads(attention.query(first), head), _heads(key, head), _heads(value, head),
+                      attention_mask, kwargs)
     return self.feed_forward_chunk(self.attention.output(context, first))
 
 
@@ -73,8 +70,9 @@ def _distilbert_block(self: Any, hidden_states: torch.Tensor, attention_mask: to
     feed-forward block on position 0 only: returns (B, 1, H)."""
     attention = self.attention
     first, head = hidden_states[:, :1], attention.attention_head_size
-    context = _attend(attention, _heads(attention.q_lin(first), head), _heads(attention.k_lin(hidden_states), head),
-                      _heads(attention.v_lin(hidden_states), head), attention_mask, kwargs)
+    key, value = projections(hidden_states, [attention.k_lin, attention.v_lin])
+    context = _attend(attention, _heads(attention.q_lin(first), head), _heads(key, head), _heads(value, head),
+                      attention_mask, kwargs)
     attention_output = self.sa_layer_norm(attention.out_lin(context) + first)
     return self.output_layer_norm(self.ffn(attention_output) + attention_output)
 

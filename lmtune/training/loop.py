@@ -36,6 +36,7 @@ from transformers import get_scheduler
 from lmtune.config import Config, TrainConfig
 from lmtune.data.features import LengthGroupedBatchSampler, SortedBatchSampler
 from lmtune.errors import LmtuneError
+from lmtune.models import encoder_attention
 from lmtune.models.dropout import use_fast_dropout
 from lmtune.models.methods import require_bitsandbytes_on_cuda
 from lmtune.tasks.base import Task, TaskData
@@ -238,6 +239,10 @@ class TrainingLoop:
             changed = use_fast_dropout(self.model)
             if changed:
                 log.info("train.fast_dropout: %d dropout layers draw their masks with numpy's PCG64", changed)
+        patched = encoder_attention.patch_attention(self.model)
+        if patched:
+            log.info("%d encoder attention blocks: query, key and value as one matmul, fast attention dropout",
+                     patched)
         optimizer = build_optimizer(param_groups(self.model, self.config, self.head_names), t)
         if self.streaming:
             self._prepare_stream(optimizer, train_loader)
