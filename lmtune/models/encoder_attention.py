@@ -1,30 +1,26 @@
-"""An encoder's self-attention at training time: one projection matmul, and dropout masks drawn fast.
+"""An encoder's self-attention in CPU training: the probabilities' dropout with fast masks.
 
-A BERT-style self-attention block (BERT, MiniLM, RoBERTa, XLM-R, CamemBERT, ELECTRA, Data2Vec-text,
-DistilBERT) is run by :func:`patch_attention` with two changes that alter nothing but time:
+In training with attention dropout, torch's SDPA has no fused CPU kernel and runs its math path, drawing the
+probabilities' mask with ``bernoulli_`` one element at a time: about 12 ms of a 30 ms attention (forward and
+backward; (32, 12, 64, 64) probabilities) on the 2-core machines lmtune is measured on. :func:`patch_attention`
+replaces ``forward`` on the instance of every known BERT-style self-attention block (BERT, MiniLM, RoBERTa,
+XLM-R, CamemBERT, ELECTRA, Data2Vec-text, DistilBERT) by the class's own computation with one change: when
+the block's dropout is a :class:`FastDropout` (``train.fast_dropout``, the default on the CPU), p > 0 and the
+model is training on the CPU, the attention is SDPA's math path written out, with the mask drawn by
+:func:`lmtune.models.dropout.keep_mask`: float32 throughout, as SDPA's math path computes bf16 inputs on the
+CPU (scores ``q k^T`` scaled, the padding mask, softmax, the dropped probabilities zeroed, ``probs v``, the
+1 / keep scale applied to that smaller product), the result in the value's dtype. Same distribution as
+torch's dropout, different draws (as for every other fast dropout layer). Without dropout (evaluation,
+``p = 0``) or off the CPU, the model's own attention function (SDPA, eager, ...) runs, so nothing changes.
 
-- **Query, key and value as one matmul.** The block projects the same hidden states three times, with three
-  ``nn.Linear`` of one shape. Their weights are stacked for each call (``torch.cat``, a (3h x h) copy, a few
-  hundred KB) and applied once: ``q, k, v = linear(x, [Wq; Wk; Wv], [bq; bk; bv]).split(h)``. One wide matmul
-  instead of three narrow ones, and under bf16 autocast one cast of ``x`` instead of three (autocast caches
-  the casts of weights, not of activations). The outputs equal the separate projections' (float rounding: a
-  wider matmul may block its sums differently); the gradients land in the three ``nn.Linear`` through
-  ``cat``, whose parameters, names and ``state_dict`` are untouched. Where a projection is not a plain
-  ``nn.Linear`` (LoRA wraps it) or something hooks it (Opacus' per-example gradients, Accelerate's
-  offloading, explainers), the three modules are called as usual.
-- **The attention probabilities' dropout with fast masks.** In training with attention dropout, torch's SDPA
-  has no fused CPU kernel and runs its math path, drawing the mask with ``bernoulli_`` one element at a time:
-  about 12 ms of a 30 ms attention (forward and backward; (32, 12, 64, 64) probabilities in bf16) on the
-  2-core machines lmtune is measured on. When the block's dropout is a :class:`FastDropout`
-  (``train.fast_dropout``, the default on the CPU), the same math runs here with the mask drawn by
-  :func:`lmtune.models.dropout.fast_dropout`: scores ``q k^T * scale`` (bf16 under autocast, as the eager
-  attention), the padding mask added, softmax in float32, the dropout, then ``probs v``. Same distribution as
-  torch's dropout, different draws (as for every other fast dropout layer). Without dropout (evaluation,
-  ``p = 0``) or off the CPU, the model's own attention function (SDPA, eager, ...) runs.
+Measured and not adopted: projecting query, key and value with one (h x 3h) matmul (the three weights
+``torch.cat``-ed per call). It made a MiniLM bf16 step ~4% faster but raised the training peak by ~150 MB: the
+wider matmuls' oneDNN primitives, cached per shape, hold that memory (BENCHMARKS.md). Computing this
+attention's matmuls in bf16 instead of float32 likewise cost ~50 MB for ~1.5%.
 
 The patch is an instance attribute (``attention.forward``), made at training time: a model loaded from disk
 (``lmtune predict``, the server) runs the plain block. ``tests/test_speed_paths.py`` checks outputs and
-gradients against the plain block.
+gradients against the plain block and the fast attention against a by-hand attention with the same mask.
 """
 
 from __future__ import annotations
@@ -39,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from lmtune.models.dropout import MIN_ELEMENTS, FastDropout, fast_dropout
+from lmtune.models.dropout import MIN_ELEMENTS, FastDropout, keep_mask
 
-__all__ = ["attend", "patch_attention", "projections", "unpatch_attention"]
+__all__ = ["attend", "patch_attention", "unpatch_attention"]
 
 
 @dataclass(frozen=True)
@@ -62,42 +58,28 @@ _ATTENTIONS = {
 }
 
 
-def _plain(module: Any) -> bool:
-    """A plain ``nn.Linear`` that nothing hooks."""
-    return (type(module) is torch.nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
-            and not hasattr(module, "_hf_hook"))
-
-
-def _stackable(linears: list[Any]) -> bool:
-    first = linears[0]
-    return all(_plain(m) for m in linears) and all(
-        m.in_features == first.in_features and (m.bias is None) == (first.bias is None)
-        and m.weight.dtype == first.weight.dtype and m.weight.device == first.weight.device for m in linears)
-
-
-def projections(x: torch.Tensor, linears: list[Any]) -> list[torch.Tensor]:
-    """``[m(x) for m in linears]``, as one matmul when the modules are plain linears of one input width."""
-    if len(linears) < 2 or not _stackable(linears):
-        return [m(x) for m in linears]
-    weight = torch.cat([m.weight for m in linears])
-    bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears])
-    return list(F.linear(x, weight, bias).split([m.out_features for m in linears], dim=-1))
-
-
 def _fast_dropout_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             attention_mask: torch.Tensor | None, dropout: float = 0.0,
                             scaling: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """Non-causal attention with the probabilities' dropout mask from :func:`fast_dropout`: (B, T, heads, d)."""
+    """Non-causal attention with the probabilities' dropout mask from :func:`keep_mask`: (B, T, heads, d)."""
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    scores = torch.matmul(query, key.transpose(-1, -2)).float().mul_(scale)
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    dtype = value.dtype
+    with torch.autocast(query.device.type, enabled=False):  # float32 matmuls, as SDPA's math path
+        query, key, value = query.float(), key.float(), value.float()
+        scores = torch.matmul(query, key.transpose(-1, -2)).mul_(scale)  # in place from here: nothing saves it
+        if attention_mask is not None:
+            if attention_mask.dtype == torch.bool:
+                scores.masked_fill_(~attention_mask, torch.finfo(scores.dtype).min)
+            else:
+                scores.add_(attention_mask)
+        probs = scores.softmax(dim=-1)
+        drawn = keep_mask(probs.shape, dropout)
+        if drawn is None:  # p rounds to 0 or 1 at 16 bits: torch's dropout
+            output = torch.matmul(F.dropout(probs, dropout, training=True), value)
         else:
-            scores = scores + attention_mask.float()
-    probs = fast_dropout(scores.softmax(dim=-1), dropout)
-    output = torch.matmul(probs.to(value.dtype), value)
-    return output.transpose(1, 2).contiguous(), None
+            keep, keep_scale = drawn
+            output = torch.matmul(torch.where(keep, probs, 0), value).mul_(keep_scale)  # scale the smaller one
+    return output.transpose(1, 2).contiguous().to(dtype), None
 
 
 def _interface(module: Any, query: torch.Tensor, key: torch.Tensor) -> Callable[..., Any]:
@@ -124,15 +106,14 @@ def attend(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Ten
 
 def _patched_forward(self: Any, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                      past_key_values: Any = None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
-    """The self-attention forward of BERT's and DistilBERT's families, through :func:`projections` and
-    :func:`attend`."""
+    """The self-attention forward of BERT's and DistilBERT's families, through :func:`attend`."""
     if past_key_values is not None:
         return type(self).forward(self, hidden_states, attention_mask, past_key_values=past_key_values, **kwargs)
     names = _ATTENTIONS[type(self).__name__]
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.attention_head_size)
-    linears = [getattr(self, names.query), getattr(self, names.key), getattr(self, names.value)]
-    query, key, value = (p.view(hidden_shape).transpose(1, 2) for p in projections(hidden_states, linears))
+    query, key, value = (getattr(self, name)(hidden_states).view(hidden_shape).transpose(1, 2)
+                         for name in (names.query, names.key, names.value))
     output, weights = attend(self, query, key, value, attention_mask, kwargs)
     output = output.reshape(*input_shape, -1).contiguous()
     if names.output is not None:
@@ -150,9 +131,8 @@ def _attentions(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def patch_attention(model: torch.nn.Module) -> int:
-    """Run every known encoder self-attention block of ``model`` through :func:`projections` (one matmul where
-    the projections are plain linears) and :func:`attend` (fast dropout masks in CPU training); returns how
-    many blocks."""
+    """Run every known encoder self-attention block of ``model`` through :func:`attend` (fast dropout masks in
+    CPU training); returns how many blocks."""
     blocks = _attentions(model)
     for attention in blocks:
         attention.forward = types.MethodType(_patched_forward, attention)

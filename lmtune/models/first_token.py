@@ -32,14 +32,14 @@ from typing import Any
 
 import torch
 
-from lmtune.models.encoder_attention import attend, projections
+from lmtune.models.encoder_attention import attend
 
 __all__ = ["first_token_last_layer", "plain_last_layer"]
 
 
 def _attend(attention: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             attention_mask: torch.Tensor | None, kwargs: dict[str, Any]) -> torch.Tensor:
-    """Position 0's attention over every position, through the model's own attention function: (B, 1, H)."""
+    """Position 0's attention over every position, through :func:`encoder_attention.attend`: (B, 1, H)."""
     if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-2] != 1:
         attention_mask = attention_mask[:, :, :1, :]  # row 0 of a (B, 1|heads, T, T) mask
     context, _ = attend(attention, query, key, value, attention_mask, kwargs)
@@ -58,9 +58,8 @@ def _bert_layer(self: Any, hidden_states: torch.Tensor, attention_mask: torch.Te
     kwargs.pop("past_key_values", None)
     attention = self.attention.self
     first, head = hidden_states[:, :1], attention.attention_head_size
-    key, value = projections(hidden_states, [attention.key, attention.value])
-    context = _attend(attention, _heads(attention.query(first), head), _heads(key, head), _heads(value, head),
-                      attention_mask, kwargs)
+    context = _attend(attention, _heads(attention.query(first), head), _heads(attention.key(hidden_states), head),
+                      _heads(attention.value(hidden_states), head), attention_mask, kwargs)
     return self.feed_forward_chunk(self.attention.output(context, first))
 
 
@@ -70,9 +69,8 @@ def _distilbert_block(self: Any, hidden_states: torch.Tensor, attention_mask: to
     feed-forward block on position 0 only: returns (B, 1, H)."""
     attention = self.attention
     first, head = hidden_states[:, :1], attention.attention_head_size
-    key, value = projections(hidden_states, [attention.k_lin, attention.v_lin])
-    context = _attend(attention, _heads(attention.q_lin(first), head), _heads(key, head), _heads(value, head),
-                      attention_mask, kwargs)
+    context = _attend(attention, _heads(attention.q_lin(first), head), _heads(attention.k_lin(hidden_states), head),
+                      _heads(attention.v_lin(hidden_states), head), attention_mask, kwargs)
     attention_output = self.sa_layer_norm(attention.out_lin(context) + first)
     return self.output_layer_norm(self.ffn(attention_output) + attention_output)
 

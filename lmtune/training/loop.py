@@ -239,10 +239,10 @@ class TrainingLoop:
             changed = use_fast_dropout(self.model)
             if changed:
                 log.info("train.fast_dropout: %d dropout layers draw their masks with numpy's PCG64", changed)
-        patched = encoder_attention.patch_attention(self.model)
-        if patched:
-            log.info("%d encoder attention blocks: query, key and value as one matmul, fast attention dropout",
-                     patched)
+                patched = encoder_attention.patch_attention(self.model)
+                if patched:
+                    log.info("%d encoder attention blocks draw their attention-dropout masks with numpy's PCG64",
+                             patched)
         optimizer = build_optimizer(param_groups(self.model, self.config, self.head_names), t)
         if self.streaming:
             self._prepare_stream(optimizer, train_loader)
