@@ -94,7 +94,7 @@ def hub_run(tiny_bert_dir: Path, sentiment_csv: Path, tmp_path_factory: pytest.T
         run = lmtune.train({
             "task": "classification", "model": REPO, "method": {"name": "lora"},
             "data": {"train": str(sentiment_csv), "max_length": 32},
-            "train": {"epochs": 3, "batch_size": 16, "learning_rate": 1e-2, "precision": "fp32", "log_every": 5},
+            "train": {"epochs": 6, "batch_size": 16, "learning_rate": 5e-3, "precision": "fp32", "log_every": 5},
             "output_dir": str(tmp / "run"),
         }, show_progress=False)
         assert not tried

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 import torch
@@ -345,6 +346,9 @@ def test_classification_run_equals_the_full_last_layer_run(tmp_path, tiny_bert_n
 @pytest.mark.parametrize("kind", ["bert", "roberta", "distilbert"])
 def test_patched_attention_gives_the_plain_blocks_outputs_and_gradients(kind, attn, checkpointing):
     model = _tiny_classifier(kind, attn).eval()
+    fast.use_fast_dropout(model)
+    assert encoder_attention.patch_attention(model) == 2
+    encoder_attention.unpatch_attention(model)
     if checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.train()
@@ -365,13 +369,15 @@ def test_patched_attention_gives_the_plain_blocks_outputs_and_gradients(kind, at
         return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     plain_logits, plain_grads = step()
-    assert encoder_attention.patch_attention(model) == 2
-    assert all("forward" in vars(m) for m in model.modules() if type(m).__name__.endswith("SelfAttention"))
+    blocks = [m for m in model.modules() if type(m).__name__.endswith("SelfAttention")]
+    for block in blocks:  # patched as patch_attention does (it skips blocks without dropout, as these now are)
+        block.forward = types.MethodType(encoder_attention._patched_forward, block)
     logits, grads = step()
     torch.testing.assert_close(logits, plain_logits, rtol=1e-5, atol=1e-6)
     assert grads.keys() == plain_grads.keys()
     for name, grad in grads.items():
         torch.testing.assert_close(grad, plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert len(blocks) == 2 and all("forward" in vars(m) for m in blocks)
     encoder_attention.unpatch_attention(model)
     assert not any("forward" in vars(m) for m in model.modules())
     assert torch.equal(step()[0], plain_logits)  # undone: the class's own forward again
@@ -388,14 +394,18 @@ def test_attention_patch_keeps_adapters_and_leaves_decoders_alone():
             if "lora_B" in name:
                 p.normal_()
     adapted = lora(input_ids=ids).logits.detach()
+    assert encoder_attention.patch_attention(lora) == 0  # torch's dropout: nothing to speed up
+    fast.use_fast_dropout(lora)
     assert encoder_attention.patch_attention(lora) == 2  # the blocks call their (adapted) modules as before
     torch.testing.assert_close(lora(input_ids=ids).logits, adapted, rtol=1e-5, atol=1e-6)
     decoder = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                          intermediate_size=48, max_position_embeddings=64, is_decoder=True)
-    assert encoder_attention.patch_attention(BertForSequenceClassification(decoder)) == 0
-    assert encoder_attention.patch_attention(AlbertForSequenceClassification(AlbertConfig(
+    albert = AlbertForSequenceClassification(AlbertConfig(  # an attention class this path does not know
         vocab_size=120, embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=48, max_position_embeddings=64))) == 0  # an attention class this path does not know
+        intermediate_size=48, max_position_embeddings=64))
+    for other in (BertForSequenceClassification(decoder), albert):
+        assert fast.use_fast_dropout(other) > 0
+        assert encoder_attention.patch_attention(other) == 0
 
 
 def test_classification_run_with_fast_attention_dropout_trains_like_the_plain_attention(tmp_path, tiny_bert_dir,

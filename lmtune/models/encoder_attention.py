@@ -4,7 +4,7 @@ In training with attention dropout, torch's SDPA has no fused CPU kernel and run
 probabilities' mask with ``bernoulli_`` one element at a time: about 12 ms of a 30 ms attention (forward and
 backward; (32, 12, 64, 64) probabilities) on the 2-core machines lmtune is measured on. :func:`patch_attention`
 replaces ``forward`` on the instance of every known BERT-style self-attention block (BERT, MiniLM, RoBERTa,
-XLM-R, CamemBERT, ELECTRA, Data2Vec-text, DistilBERT) by the class's own computation with one change: when
+XLM-R, CamemBERT, ELECTRA, Data2Vec-text, DistilBERT) whose dropout fast dropout has taken over by the class's own computation with one change: when
 the block's dropout is a :class:`FastDropout` (``train.fast_dropout``, the default on the CPU), p > 0 and the
 model is training on the CPU, the attention is SDPA's math path written out, with the mask drawn by
 :func:`lmtune.models.dropout.keep_mask`: float32 throughout, as SDPA's math path computes bf16 inputs on the
@@ -99,9 +99,9 @@ def attend(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Ten
            attention_mask: torch.Tensor | None, kwargs: dict[str, Any]) -> tuple[torch.Tensor, Any]:
     """``module``'s attention of ``query`` over ``key`` and ``value`` ((B, heads, T, d) each): (B, Tq, heads, d)
     and the weights where the function returns them."""
-    return _interface(module, query, key)(module, query, key, value, attention_mask,
-                                     dropout=module.dropout.p if module.training else 0.0, scaling=module.scaling,
-                                     **kwargs)
+    function = _interface(module, query, key)
+    return function(module, query, key, value, attention_mask, dropout=module.dropout.p if module.training else 0.0,
+                    scaling=module.scaling, **kwargs)
 
 
 def _patched_forward(self: Any, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -131,9 +131,9 @@ def _attentions(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def patch_attention(model: torch.nn.Module) -> int:
-    """Run every known encoder self-attention block of ``model`` through :func:`attend` (fast dropout masks in
-    CPU training); returns how many blocks."""
-    blocks = _attentions(model)
+    """Run every known encoder self-attention block of ``model`` whose dropout is a :class:`FastDropout` with
+    p > 0 through :func:`attend` (fast dropout masks in CPU training); returns how many blocks."""
+    blocks = [m for m in _attentions(model) if isinstance(m.dropout, FastDropout) and m.dropout.p > 0]
     for attention in blocks:
         attention.forward = types.MethodType(_patched_forward, attention)
     return len(blocks)
