@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import types
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -257,31 +258,45 @@ def _tiny_classifier(kind: str, attn: str) -> torch.nn.Module:
     return model
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("kind", ["bert", "roberta", "distilbert"])
-def test_first_token_last_layer_gives_the_full_layers_logits_and_gradients(kind, attn, checkpointing):
-    """BERT (MiniLM's layers), RoBERTa and DistilBERT heads read position 0 only; padded rows included."""
-    model = _tiny_classifier(kind, attn).eval()  # eval: no dropout draws, so both paths see the same numbers
+def _without_dropout(model: torch.nn.Module, checkpointing: bool) -> None:
+    """Eval mode; or, with activation checkpointing, train mode with every dropout at p = 0. Either way both
+    paths of a comparison see the same numbers."""
+    model.eval()
     if checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, 120, (4, 20), generator=g)
+
+
+def _stepper(model: torch.nn.Module, seed: int, padded: tuple[tuple[int, int], ...],
+             labels: list[int]) -> Callable[[], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """A forward and backward on 4 rows of 20 tokens (row r padded from position t for each (r, t) in
+    ``padded``): returns the logits and every gradient."""
+    ids = torch.randint(3, 120, (4, 20), generator=torch.Generator().manual_seed(seed))
     mask = torch.ones(4, 20, dtype=torch.long)
-    mask[1, 7:] = 0
-    mask[3, 15:] = 0
-    labels = torch.tensor([0, 2, 1, 2])
+    for row, start in padded:
+        mask[row, start:] = 0
+    targets = torch.tensor(labels)
 
     def step() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         model.zero_grad()
         logits = model(input_ids=ids, attention_mask=mask).logits
-        F.cross_entropy(logits, labels, reduction="sum").backward()
+        F.cross_entropy(logits, targets, reduction="sum").backward()
         return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
+    return step
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("kind", ["bert", "roberta", "distilbert"])
+def test_first_token_last_layer_gives_the_full_layers_logits_and_gradients(kind, attn, checkpointing):
+    """BERT (MiniLM's layers), RoBERTa and DistilBERT heads read position 0 only; padded rows included."""
+    model = _tiny_classifier(kind, attn)
+    _without_dropout(model, checkpointing)
+    step = _stepper(model, 1, ((1, 7), (3, 15)), [0, 2, 1, 2])
     plain_logits, plain_grads = step()
     assert first_token.first_token_last_layer(model)
     rows: list[int] = []
@@ -349,25 +364,8 @@ def test_patched_attention_gives_the_plain_blocks_outputs_and_gradients(kind, at
     fast.use_fast_dropout(model)
     assert encoder_attention.patch_attention(model) == 2
     encoder_attention.unpatch_attention(model)
-    if checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        model.train()
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
-    g = torch.Generator().manual_seed(2)
-    ids = torch.randint(3, 120, (4, 20), generator=g)
-    mask = torch.ones(4, 20, dtype=torch.long)
-    mask[0, 11:] = 0
-    mask[2, 4:] = 0
-    labels = torch.tensor([1, 0, 2, 2])
-
-    def step() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        model.zero_grad()
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        F.cross_entropy(logits, labels, reduction="sum").backward()
-        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
+    _without_dropout(model, checkpointing)
+    step = _stepper(model, 2, ((0, 11), (2, 4)), [1, 0, 2, 2])
     plain_logits, plain_grads = step()
     blocks = [m for m in model.modules() if type(m).__name__.endswith("SelfAttention")]
     for block in blocks:  # patched as patch_attention does (it skips blocks without dropout, as these now are)
