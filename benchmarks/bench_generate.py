@@ -10,7 +10,9 @@ change on a shared machine hits every variant alike), medians reported:
     transformers           AutoModelForCausalLM as loaded by default (float32), model.generate, dynamic cache
     transformers static    the same with cache_implementation="static" (a preallocated KV cache)
     lmtune fp32            Run.load(run).generate: lmtune's own path (the default precision), same weights
-    lmtune auto            Run.load(run, precision="auto").generate: bf16 where this CPU runs it faster
+    lmtune auto            Run.load(run, precision="auto").generate: bf16 where this CPU runs it faster,
+                           one-row decoding steps on ATen's gemv where it measures faster than oneDNN
+    lmtune auto, oneDNN only   (when the route is on) the same weights with every matmul on oneDNN
     (--compile) transformers static + torch.compile in the auto precision, prompts left-padded to one width
                 (one graph per batch size; the compile time is reported apart)
 
@@ -92,12 +94,16 @@ class PlainTransformers:
 class LmtuneRun:
     """lmtune's path: ``Run.generate`` (what ``lmtune predict``, chat and evaluation decode with)."""
 
-    def __init__(self, run_dir: Path, precision: str) -> None:
+    def __init__(self, run_dir: Path, precision: str, *, onednn_only: bool = False) -> None:
         from lmtune.workflows.run import Run
 
         self.run = Run.load(run_dir, precision=precision)
         generator = self.run.generator()
         self.dtype = str(generator.dtype).removeprefix("torch.")
+        self.routed = generator.small_forward_route is not None
+        if onednn_only and generator.small_forward_route is not None:  # diagnostic: every matmul on oneDNN
+            generator.small_forward_route.remove()
+            generator.small_forward_route = None
 
     def generate(self, questions: list[str], batch_size: int, max_new_tokens: int) -> list[tuple[str, int]]:
         """(answer text, tokens generated) per question."""
@@ -129,6 +135,8 @@ def main() -> None:
         "lmtune fp32": LmtuneRun(run_dir, "fp32"),
         f"lmtune auto ({lmtune_auto.dtype})": lmtune_auto,
     }
+    if lmtune_auto.routed:  # what the one-row gemv route buys: the same weights, every matmul on oneDNN
+        variants[f"lmtune auto ({lmtune_auto.dtype}), oneDNN only"] = LmtuneRun(run_dir, "auto", onednn_only=True)
     compile_seconds: dict[int, float] = {}
     if args.compile:
         tok = variants["transformers"].tokenizer
@@ -167,18 +175,26 @@ def main() -> None:
                    "tokens_per_s": round(rate, 1), "vs_transformers": round(rate / base, 2)}
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
-    # Quality: lmtune auto's greedy answers against float32's (batch 16 of both, same padding).
-    bs = args.batch_sizes[-1]
-    ref = [text for text, _ in answers[("lmtune fp32", bs)]]
-    low = [text for text, _ in answers[(f"lmtune auto ({lmtune_auto.dtype})", bs)]]
-    plain = [text for text, _ in answers[("transformers", bs)]]
-    shared = [next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-              for a, b in zip(ref, low, strict=True)]
-    results["agreement"] = {"lmtune_fp32_equals_transformers": sum(a == b for a, b in zip(ref, plain, strict=True)),
-                            "auto_equals_fp32": sum(a == b for a, b in zip(ref, low, strict=True)), "answers": len(ref),
-                            "mean_shared_prefix_chars": round(statistics.mean(shared), 1),
-                            "mean_fp32_chars": round(statistics.mean(len(a) for a in ref), 1)}
-    print(json.dumps(results["agreement"]))
+    # Quality: lmtune auto's greedy answers against float32's, per batch size (batch 1 is where the one-row
+    # route runs; at batch 16 every matmul is oneDNN's), and against the same bf16 weights on oneDNN alone.
+    results["agreement"] = {}
+    auto_name = f"lmtune auto ({lmtune_auto.dtype})"
+    for bs in args.batch_sizes:
+        ref = [text for text, _ in answers[("lmtune fp32", bs)]]
+        low = [text for text, _ in answers[(auto_name, bs)]]
+        plain = [text for text, _ in answers[("transformers", bs)]]
+        shared = [next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+                  for a, b in zip(ref, low, strict=True)]
+        agreement = {"lmtune_fp32_equals_transformers": sum(a == b for a, b in zip(ref, plain, strict=True)),
+                     "auto_equals_fp32": sum(a == b for a, b in zip(ref, low, strict=True)), "answers": len(ref),
+                     "mean_shared_prefix_chars": round(statistics.mean(shared), 1),
+                     "mean_fp32_chars": round(statistics.mean(len(a) for a in ref), 1)}
+        if (f"{auto_name}, oneDNN only", bs) in answers:
+            onednn = [text for text, _ in answers[(f"{auto_name}, oneDNN only", bs)]]
+            agreement["onednn_only_equals_fp32"] = sum(a == b for a, b in zip(ref, onednn, strict=True))
+            agreement["auto_equals_onednn_only"] = sum(a == b for a, b in zip(low, onednn, strict=True))
+        results["agreement"][f"batch {bs}"] = agreement
+        print(json.dumps({"batch_size": bs, **agreement}))
     if args.output:
         args.output.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
 

@@ -8,6 +8,8 @@
   the same logits, loss and gradients as the full layer, and the same logged losses end to end.
 - A BERT-style encoder's attention dropout draws fast masks in CPU training (``lmtune.models.encoder_attention``):
   the math attention with that mask, and otherwise the same outputs, gradients and logged losses as the plain block.
+- A bf16 decoder's one- and two-row forwards run their matmuls on ATen's gemv (``lmtune.models.decode_matmuls``):
+  oneDNN is off during those forwards only, back on after (errors and nesting included), same logits within bf16.
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ from transformers import (
 import lmtune
 from lmtune.config import load_config
 from lmtune.data.features import IGNORE_INDEX
+from lmtune.models import decode_matmuls, encoder_attention, first_token
 from lmtune.models import dropout as fast
-from lmtune.models import encoder_attention, first_token
 from lmtune.models.target_logits import Selection, selected_rows
 from lmtune.tasks.base import get_task
 
@@ -426,3 +428,95 @@ def test_classification_run_with_fast_attention_dropout_trains_like_the_plain_at
     for m in (patched, plain):
         assert m["test"]["accuracy"] >= 0.9 > m["starting_point"]["test"]["accuracy"]
     assert patched["test"]["loss"] == pytest.approx(plain["test"]["loss"], abs=0.15)
+
+
+# ------------------------------------------------------------------------------------------ one-row decoding on gemv
+def _decoder_bf16(model_dir) -> tuple[torch.nn.Module, list[bool]]:
+    """The tiny Llama in bf16 and the list its first layer appends oneDNN's switch to at every forward."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    seen: list[bool] = []
+    model.model.layers[0].register_forward_pre_hook(lambda *_: seen.append(torch._C._get_mkldnn_enabled()))
+    return model, seen
+
+
+def _prefilled(model: torch.nn.Module, ids: torch.Tensor):
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    with torch.inference_mode():
+        model(ids, past_key_values=cache, use_cache=True)
+    return cache
+
+
+def test_one_row_decoding_steps_run_on_aten_gemv_with_the_same_logits(tiny_chat_llama_dir):
+    model, seen = _decoder_bf16(tiny_chat_llama_dir)
+    ids = torch.tensor([[5, 17, 230, 4096, 77, 12]])
+    step = torch.tensor([[901]])
+    plain_cache = _prefilled(model, ids)
+    with torch.inference_mode():
+        plain = model(step, past_key_values=plain_cache, use_cache=True).logits.float()
+    assert seen == [True, True]  # no route: oneDNN stays on
+    route = decode_matmuls.route_small_forwards(model)
+    seen.clear()
+    cache = _prefilled(model, ids)  # a prompt of 6 tokens: oneDNN (far faster for many rows)
+    with torch.inference_mode():
+        routed = model(step, past_key_values=cache, use_cache=True).logits.float()  # one row: gemv
+        model(torch.tensor([[3, 4]]), use_cache=False)  # two rows: gemv
+        model(torch.tensor([[3], [4], [5]]), use_cache=False)  # three rows: oneDNN
+        model(inputs_embeds=model.model.embed_tokens(step), use_cache=False)  # one row given as embeddings
+    assert seen == [True, False, False, True, False]
+    assert torch._C._get_mkldnn_enabled()
+    # the same products accumulated in fp32 in another order: equal to bf16's rounding of the logits
+    assert (routed - plain).abs().max() <= 0.02 * (plain.max() - plain.min())
+    route.remove()
+    seen.clear()
+    with torch.inference_mode():
+        model(step, use_cache=False)
+    assert seen == [True]
+
+
+def test_gemv_route_restores_onednn_after_errors_and_nested_forwards(tiny_chat_llama_dir):
+    outer, outer_seen = _decoder_bf16(tiny_chat_llama_dir)
+    inner, inner_seen = _decoder_bf16(tiny_chat_llama_dir)
+    routes = [decode_matmuls.route_small_forwards(m) for m in (outer, inner)]
+    step = torch.tensor([[901]])
+    after_inner: list[bool] = []
+
+    def run_inner(*_):  # a second routed model decoding while the first one holds oneDNN off
+        with torch.inference_mode():
+            inner(step, use_cache=False)
+        after_inner.append(torch._C._get_mkldnn_enabled())
+
+    hook = outer.model.layers[1].register_forward_pre_hook(run_inner)
+    with torch.inference_mode():
+        outer(step, use_cache=False)
+    assert outer_seen == [False] and inner_seen == [False]
+    assert after_inner == [False]  # the inner step ended, the outer one still holds it off
+    assert torch._C._get_mkldnn_enabled()
+    hook.remove()
+
+    def fail(*_):
+        raise RuntimeError("broken layer")
+
+    hook = outer.model.layers[1].register_forward_pre_hook(fail)
+    with pytest.raises(RuntimeError, match="broken layer"), torch.inference_mode():
+        outer(step, use_cache=False)
+    assert torch._C._get_mkldnn_enabled()  # switched back on although the forward raised
+    hook.remove()
+    for route in routes:
+        route.remove()
+
+
+def test_gemv_route_is_asked_of_the_measured_probe(monkeypatch):
+    from lmtune.training import precision
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(precision, "cpu_bf16_gemv_speedup", lambda: 2.4)
+    assert precision.route_bf16_gemv(torch.bfloat16, cpu)
+    assert not precision.route_bf16_gemv(torch.float32, cpu)  # fp32 matmuls are MKL's, not oneDNN's
+    assert not precision.route_bf16_gemv(torch.bfloat16, torch.device("cuda"))
+    monkeypatch.setattr(precision, "cpu_bf16_gemv_speedup", lambda: 1.05)  # a CPU where oneDNN is as fast
+    assert not precision.route_bf16_gemv(torch.bfloat16, cpu)
+    # the probe itself: a positive ratio, and oneDNN's switch left as it was
+    assert precision._bf16_gemv_speedup() > 0
+    assert torch._C._get_mkldnn_enabled()

@@ -431,6 +431,14 @@ def test_run_generates_with_weights_in_the_precision_asked(sft_run: Run, monkeyp
     assert Run.load(sft_run.path, precision="auto").generator().dtype is torch.float32
     monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: 2.4)
     assert Run.load(sft_run.path, precision="auto").generator().dtype is torch.bfloat16
+    # one-row decoding steps of bf16 weights go to ATen's gemv where the probe measures it faster
+    monkeypatch.setattr(precision, "cpu_bf16_gemv_speedup", lambda: 2.5)
+    routed = Run.load(sft_run.path, precision="bf16")
+    assert routed.generator().small_forward_route is not None and fp32.generator().small_forward_route is None
+    routed_answer = routed.generate(["Capital of France?"], max_new_tokens=MAX_NEW, do_sample=False)[0]
+    assert 0 < routed_answer["completion_tokens"] <= MAX_NEW and torch._C._get_mkldnn_enabled()
+    monkeypatch.setattr(precision, "cpu_bf16_gemv_speedup", lambda: 1.0)
+    assert Run.load(sft_run.path, precision="bf16").generator().small_forward_route is None
     # evaluation in fp32 gives the report's figures; in bf16 they move by its rounding only
     loss = sft_run.metrics["test"]["loss"]
     assert bf16.evaluate(precision="fp32")["test"]["loss"] == pytest.approx(loss, rel=1e-4)

@@ -24,6 +24,7 @@ from lmtune.data.chat import end_of_turn_ids, to_messages
 from lmtune.data.table import Table
 from lmtune.errors import DataError, ModelError
 from lmtune.models import generation
+from lmtune.models.decode_matmuls import SmallForwardRoute, route_small_forwards
 from lmtune.models.generation import GenerationSettings
 from lmtune.models.loading import load_saved_adapter, load_saved_model
 from lmtune.models.registry import load_padded_tokenizer
@@ -58,6 +59,8 @@ def _quantized(model_dir: Path) -> bool:
 class TextGenerator:
     """A saved causal LM loaded once for generation: eval mode, on CUDA when there is one, its weights in
     ``dtype`` (float32 unless the caller resolved another precision: ``Run.load(path, precision=...)``).
+    ``gemv_small_forwards``: decoding steps of one or two rows run their matmuls on ATen's gemv
+    (:mod:`lmtune.models.decode_matmuls`).
 
     Answers end at the model's end-of-turn/EOS tokens: ``lmtune.json``'s ``eos_token_ids`` and, for chat
     models (the task's ``TaskInfo.chat``), every end-of-turn token the vocabulary holds (as the training
@@ -65,7 +68,7 @@ class TextGenerator:
     """
 
     def __init__(self, model_dir: Path, meta: dict[str, Any], *, device: str | torch.device | None = None,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, gemv_small_forwards: bool = False) -> None:
         quiet_libraries()
         self.task = str(meta.get("task"))
         info = TASK_INFOS.get(self.task)
@@ -75,6 +78,10 @@ class TextGenerator:
         self.tokenizer = load_padded_tokenizer(model_dir)
         self.model = load_causal_lm(model_dir, meta, dtype).to(self.device).eval()
         self.dtype: torch.dtype = next(self.model.parameters()).dtype
+        # One- and two-row decoding steps on ATen's gemv (bf16 on a CPU where it measured faster; the caller
+        # decides: lmtune.training.precision.route_bf16_gemv). None: every matmul as torch picks.
+        self.small_forward_route: SmallForwardRoute | None = (
+            route_small_forwards(self.model) if gemv_small_forwards else None)
         eos = {int(i) for i in meta.get("eos_token_ids") or []}
         if self.chat:
             eos |= end_of_turn_ids(self.tokenizer, getattr(self.model.generation_config, "eos_token_id", None))

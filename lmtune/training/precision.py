@@ -61,6 +61,58 @@ def _bf16_speedup() -> float:
         return 0.0
 
 
+# Decoding routes one-row bf16 matmuls to ATen's gemv (lmtune.models.decode_matmuls) only where that is
+# clearly faster than oneDNN on this CPU.
+_CPU_GEMV_MIN_SPEEDUP = 1.2
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_gemv_speedup() -> float:
+    """Measured oneDNN/ATen time ratio of one-row bf16 matrix-vector products on this CPU (>1: ATen's gemv is
+    faster), the products a decoding step of one answer makes. The weights cycled through (64 MB) exceed the
+    caches, as a model's do. Cached on disk per CPU model, torch version and thread count; about 0.1 s."""
+    cpu = device_name(torch.device("cpu"))
+    key = f"{cpu}|torch {torch.__version__}|threads {torch.get_num_threads()}"
+    return float(cached_measurement("bf16_gemv_probe.json", key, _bf16_gemv_speedup))
+
+
+def _bf16_gemv_speedup() -> float:
+    weights = [torch.ones(2048, 1024, dtype=torch.bfloat16) for _ in range(16)]
+    x = torch.ones(1, 1024, dtype=torch.bfloat16)
+
+    def timed() -> float:
+        best = float("inf")
+        with torch.inference_mode():
+            for _ in range(4):  # the first pass warms up (kernel choice, page faults)
+                t = time.perf_counter()
+                for w in weights:
+                    torch.nn.functional.linear(x, w)
+                best = min(best, time.perf_counter() - t)
+        return best
+
+    # torch.backends.mkldnn.flags() would also touch the TF32 switch and warn about it: set only the one.
+    enabled = torch._C._get_mkldnn_enabled()
+    try:
+        onednn = timed()
+        torch._C._set_mkldnn_enabled(False)
+        aten = timed()
+        return onednn / aten
+    except RuntimeError:  # no bf16 kernels at all
+        return 0.0
+    finally:
+        torch._C._set_mkldnn_enabled(enabled)
+
+
+def route_bf16_gemv(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a model decoding with ``dtype`` weights on ``device`` should send its one- and two-row matmuls
+    to ATen's gemv (:mod:`lmtune.models.decode_matmuls`): bf16 weights on a CPU where that measures faster."""
+    if dtype != torch.bfloat16 or device.type != "cpu":
+        return False
+    speedup = cpu_bf16_gemv_speedup()
+    log.debug("bf16 one-row matmuls: ATen's gemv is %.2fx oneDNN on this CPU", speedup)
+    return speedup >= _CPU_GEMV_MIN_SPEEDUP
+
+
 def inference_dtype(requested: str, device: torch.device) -> torch.dtype:
     """The dtype a saved model's weights are loaded in to generate and evaluate (``auto|fp32|bf16|fp16``).
 
