@@ -4,8 +4,8 @@ Decoding one answer (``lmtune chat``, ``predict`` at batch 1, a lone request to 
 single row by every weight matrix, once per token: the step reads all the weights and does almost no
 arithmetic. With bf16 weights torch sends these products to oneDNN, whose kernels are built for many rows;
 for one row they reach about 12 GB/s on an AVX512-BF16 CPU, where ATen's own bf16 gemv (fp32 accumulation,
-what torch runs with oneDNN switched off) reaches about 25 GB/s: 2-2.4x faster per product, the LM head
-included (BENCHMARKS.md, "Generation"). From three rows on oneDNN is as fast or faster, and for a prompt
+what torch runs with oneDNN switched off) is 1.8-3x faster per product, the LM head included
+(``benchmarks/bench_gemv.py``; BENCHMARKS.md, "Generation"). From three rows on oneDNN is as fast or faster, and for a prompt
 (tens of rows) far faster.
 
 :func:`route_small_forwards` hooks a model so that each forward of at most :data:`MAX_ROWS` tokens runs with

@@ -70,7 +70,7 @@ _CPU_GEMV_MIN_SPEEDUP = 1.2
 def cpu_bf16_gemv_speedup() -> float:
     """Measured oneDNN/ATen time ratio of one-row bf16 matrix-vector products on this CPU (>1: ATen's gemv is
     faster), the products a decoding step of one answer makes. The weights cycled through (64 MB) exceed the
-    caches, as a model's do. Cached on disk per CPU model, torch version and thread count; about 0.1 s."""
+    caches, as a model's do. Cached on disk per CPU model, torch version and thread count; about 0.06 s."""
     cpu = device_name(torch.device("cpu"))
     key = f"{cpu}|torch {torch.__version__}|threads {torch.get_num_threads()}"
     return float(cached_measurement("bf16_gemv_probe.json", key, _bf16_gemv_speedup))
