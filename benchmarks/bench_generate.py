@@ -129,14 +129,16 @@ def main() -> None:
 
     lmtune_auto = LmtuneRun(run_dir, "auto")
     auto_dtype = getattr(torch, lmtune_auto.dtype)
+    auto_name = f"lmtune auto ({lmtune_auto.dtype})"
+    onednn_name = f"{auto_name}, oneDNN only"
     variants: dict[str, Any] = {
         "transformers": PlainTransformers(model_dir, static=False),
         "transformers static": PlainTransformers(model_dir, static=True),
         "lmtune fp32": LmtuneRun(run_dir, "fp32"),
-        f"lmtune auto ({lmtune_auto.dtype})": lmtune_auto,
+        auto_name: lmtune_auto,
     }
     if lmtune_auto.routed:  # what the one-row gemv route buys: the same weights, every matmul on oneDNN
-        variants[f"lmtune auto ({lmtune_auto.dtype}), oneDNN only"] = LmtuneRun(run_dir, "auto", onednn_only=True)
+        variants[onednn_name] = LmtuneRun(run_dir, "auto", onednn_only=True)
     compile_seconds: dict[int, float] = {}
     if args.compile:
         tok = variants["transformers"].tokenizer
@@ -178,7 +180,6 @@ def main() -> None:
     # Quality: lmtune auto's greedy answers against float32's, per batch size (batch 1 is where the one-row
     # route runs; at batch 16 every matmul is oneDNN's), and against the same bf16 weights on oneDNN alone.
     results["agreement"] = {}
-    auto_name = f"lmtune auto ({lmtune_auto.dtype})"
     for bs in args.batch_sizes:
         ref = [text for text, _ in answers[("lmtune fp32", bs)]]
         low = [text for text, _ in answers[(auto_name, bs)]]
@@ -189,8 +190,8 @@ def main() -> None:
                      "auto_equals_fp32": sum(a == b for a, b in zip(ref, low, strict=True)), "answers": len(ref),
                      "mean_shared_prefix_chars": round(statistics.mean(shared), 1),
                      "mean_fp32_chars": round(statistics.mean(len(a) for a in ref), 1)}
-        if (f"{auto_name}, oneDNN only", bs) in answers:
-            onednn = [text for text, _ in answers[(f"{auto_name}, oneDNN only", bs)]]
+        if (onednn_name, bs) in answers:
+            onednn = [text for text, _ in answers[(onednn_name, bs)]]
             agreement["onednn_only_equals_fp32"] = sum(a == b for a, b in zip(ref, onednn, strict=True))
             agreement["auto_equals_onednn_only"] = sum(a == b for a, b in zip(low, onednn, strict=True))
         results["agreement"][f"batch {bs}"] = agreement
