@@ -3,7 +3,8 @@
 
 Prompts are already-rendered texts (for chat models, rendered by :func:`chat_prompt`); for an
 encoder-decoder they are the source texts. :func:`generate` sorts them by token length (longest first)
-and runs ``model.generate`` batch by batch with an attention mask and the KV cache. A decoder's batch is
+and runs ``model.generate`` batch by batch with an attention mask and the KV cache (a decoder's batch through
+:func:`lmtune.models.row_dropping.decode`, the same loop dropping each row as its answer ends, where it applies). A decoder's batch is
 left-padded (transformers derives position ids from the mask, ``cumsum(mask) - 1``, so a prompt's
 greedy answer does not depend on the batch it lands in); an encoder-decoder's sources are right-padded
 for the encoder and its decoder starts from the decoder start token. An answer ends at an EOS token, at
@@ -25,6 +26,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 from lmtune.data.chat_encoding import holds_control_text
 from lmtune.data.features import clip_text
 from lmtune.errors import ModelError
+from lmtune.models import row_dropping
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -438,12 +440,16 @@ def generate(
                 criteria: list[StoppingCriteria] = [criterion] if use_criterion else []
                 if progress is not None:
                     criteria.append(_ReportEachStep(progress, task))
-                out = model.generate(
-                    input_ids=input_ids.to(device),
-                    attention_mask=attention_mask.to(device),
-                    stopping_criteria=StoppingCriteriaList(criteria) if criteria else None,
-                    **kwargs,
-                )  # decoder: (B, T + new); encoder-decoder: (B, 1 + new), the start token first
+                # A decoder's batch drops each row as it ends (row_dropping); generate where that cannot apply.
+                out = None if encoder_decoder else row_dropping.decode(
+                    model, input_ids.to(device), attention_mask.to(device), stopping_criteria=criteria, **kwargs)
+                if out is None:
+                    out = model.generate(
+                        input_ids=input_ids.to(device),
+                        attention_mask=attention_mask.to(device),
+                        stopping_criteria=StoppingCriteriaList(criteria) if criteria else None,
+                        **kwargs,
+                    )  # decoder: (B, T + new); encoder-decoder: (B, 1 + new), the start token first
                 for b, i in enumerate(rows):
                     if encoder_decoder:
                         tokens = out[b].tolist()
