@@ -11,8 +11,12 @@ change on a shared machine hits every variant alike), medians reported:
     transformers static    the same with cache_implementation="static" (a preallocated KV cache)
     lmtune fp32            Run.load(run).generate: lmtune's own path (the default precision), same weights
     lmtune auto            Run.load(run, precision="auto").generate: bf16 where this CPU runs it faster,
-                           one-row decoding steps on ATen's gemv where it measures faster than oneDNN
-    lmtune auto, oneDNN only   (when the route is on) the same weights with every matmul on oneDNN
+                           one-row decoding steps on ATen's gemv where it measures faster than oneDNN, the
+                           others on weights packed for oneDNN where that measures faster, finished rows
+                           dropped from a batch
+    lmtune auto, oneDNN only   (when the route is on) the same, every matmul on oneDNN (the route removed)
+    lmtune auto, unpacked      (when packing is on) the same, torch's plain oneDNN path for 3+ rows
+    lmtune auto, generate's loop   the same, each batch through model.generate (finished rows kept)
     (--compile) transformers static + torch.compile in the auto precision, prompts left-padded to one width
                 (one graph per batch size; the compile time is reported apart)
 
@@ -94,20 +98,40 @@ class PlainTransformers:
 class LmtuneRun:
     """lmtune's path: ``Run.generate`` (what ``lmtune predict``, chat and evaluation decode with)."""
 
-    def __init__(self, run_dir: Path, precision: str, *, onednn_only: bool = False) -> None:
+    def __init__(self, run_dir: Path, precision: str, *, onednn_only: bool = False, unpacked: bool = False,
+                 generate_loop: bool = False) -> None:
+        from lmtune.models import decode_matmuls
         from lmtune.workflows.run import Run
 
         self.run = Run.load(run_dir, precision=precision)
         generator = self.run.generator()
         self.dtype = str(generator.dtype).removeprefix("torch.")
         self.routed = generator.small_forward_route is not None
+        self.packed = generator.packed_bytes > 0
+        self.generate_loop = generate_loop
         if onednn_only and generator.small_forward_route is not None:  # diagnostic: every matmul on oneDNN
             generator.small_forward_route.remove()
             generator.small_forward_route = None
+        if unpacked:  # diagnostic: torch's plain oneDNN path (strided weights) for 3+ rows
+            for name, module in list(generator.model.named_modules()):
+                if isinstance(module, decode_matmuls.PackedLinear):
+                    plain = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                            device="meta")
+                    plain.weight, plain.bias = module.weight, module.bias
+                    parent, _, child = name.rpartition(".")
+                    setattr(generator.model.get_submodule(parent), child, plain)
 
     def generate(self, questions: list[str], batch_size: int, max_new_tokens: int) -> list[tuple[str, int]]:
         """(answer text, tokens generated) per question."""
-        results = self.run.generate(questions, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        from lmtune.models import row_dropping
+
+        decode = row_dropping.decode
+        if self.generate_loop:  # diagnostic: every batch through model.generate (finished rows kept)
+            row_dropping.decode = lambda *args, **kwargs: None  # type: ignore[assignment]
+        try:
+            results = self.run.generate(questions, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        finally:
+            row_dropping.decode = decode  # type: ignore[assignment]
         return [(r["text"].strip(), r["completion_tokens"]) for r in results]
 
 
@@ -139,6 +163,10 @@ def main() -> None:
     }
     if lmtune_auto.routed:  # what the one-row gemv route buys: the same weights, every matmul on oneDNN
         variants[onednn_name] = LmtuneRun(run_dir, "auto", onednn_only=True)
+    if lmtune_auto.packed:  # what packing the weights for oneDNN buys
+        variants[f"{auto_name}, unpacked"] = LmtuneRun(run_dir, "auto", unpacked=True)
+    # what dropping finished rows buys (batch 1 has none to drop)
+    variants[f"{auto_name}, generate's loop"] = LmtuneRun(run_dir, "auto", generate_loop=True)
     compile_seconds: dict[int, float] = {}
     if args.compile:
         tok = variants["transformers"].tokenizer

@@ -520,3 +520,58 @@ def test_gemv_route_is_asked_of_the_measured_probe(monkeypatch):
     # the probe itself: a positive ratio, and oneDNN's switch left as it was
     assert precision._bf16_gemv_speedup() > 0
     assert torch._C._get_mkldnn_enabled()
+
+
+# ------------------------------------------------------------------------------- bf16 linears packed for oneDNN
+def test_packed_linears_give_the_same_logits_and_keep_ties_and_state(tiny_chat_llama_dir):
+    model, _ = _decoder_bf16(tiny_chat_llama_dir)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_chat_llama_dir, dtype=torch.bfloat16).eval()
+    linears = sum(type(m) is torch.nn.Linear for m in model.modules())
+    packed_bytes = decode_matmuls.pack_linears(model)
+    packed = [m for m in model.modules() if isinstance(m, decode_matmuls.PackedLinear)]
+    assert len(packed) == linears and packed_bytes == sum(m.weight.numel() * 2 for m in packed)
+    calls = []
+    for m in packed:  # every product of a batch goes through the packed op
+        m.register_forward_hook(lambda mod, args, out: calls.append(torch._C._get_mkldnn_enabled()))
+    if model.config.tie_word_embeddings:
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    ids = torch.tensor([[5, 17, 230, 4096, 77, 12], [3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])
+    with torch.inference_mode():
+        # oneDNN with the weight in its blocked layout does the same products as with the strided one: bitwise
+        assert torch.equal(model(ids).logits, plain(ids).logits)
+        assert torch.equal(model(ids[:, :1]).logits, plain(ids[:, :1]).logits)  # 3 one-token rows (a decode step)
+    assert calls and all(calls)
+    # with oneDNN switched off (the one/two-row gemv route) the plain weight is used, as before packing
+    route = decode_matmuls.route_small_forwards(model)
+    plain_route = decode_matmuls.route_small_forwards(plain)
+    with torch.inference_mode():
+        assert torch.equal(model(ids[:1, :1]).logits, plain(ids[:1, :1]).logits)
+    route.remove()
+    plain_route.remove()
+    # under autograd it is the plain linear too (the packed op has no gradient)
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    assert model.lm_head.weight.grad is not None
+
+
+def test_packing_skips_what_it_cannot_pack_and_respects_the_memory_budget(tiny_chat_llama_dir):
+    fp32 = AutoModelForCausalLM.from_pretrained(tiny_chat_llama_dir).eval()
+    assert decode_matmuls.pack_linears(fp32) == 0  # float32 weights: MKL's matmuls, nothing to pack
+    assert not any(isinstance(m, decode_matmuls.PackedLinear) for m in fp32.modules())
+    model, _ = _decoder_bf16(tiny_chat_llama_dir)
+    assert decode_matmuls.pack_linears(model, max_bytes=1000) == 0  # copies larger than the budget
+    assert not any(isinstance(m, decode_matmuls.PackedLinear) for m in model.modules())
+
+
+def test_packing_is_asked_of_the_measured_probe(monkeypatch):
+    from lmtune.training import precision
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(precision, "cpu_bf16_packed_speedup", lambda: 1.8)
+    assert precision.pack_bf16_linears(torch.bfloat16, cpu)
+    assert not precision.pack_bf16_linears(torch.float32, cpu)
+    assert not precision.pack_bf16_linears(torch.bfloat16, torch.device("cuda"))
+    monkeypatch.setattr(precision, "cpu_bf16_packed_speedup", lambda: 1.1)
+    assert not precision.pack_bf16_linears(torch.bfloat16, cpu)
+    assert precision._bf16_packed_speedup() > 0

@@ -439,6 +439,16 @@ def test_run_generates_with_weights_in_the_precision_asked(sft_run: Run, monkeyp
     assert 0 < routed_answer["completion_tokens"] <= MAX_NEW and torch._C._get_mkldnn_enabled()
     monkeypatch.setattr(precision, "cpu_bf16_gemv_speedup", lambda: 1.0)
     assert Run.load(sft_run.path, precision="bf16").generator().small_forward_route is None
+    # bf16 linears are packed for oneDNN where the probe measures it faster; answers as without
+    monkeypatch.setattr(precision, "cpu_bf16_packed_speedup", lambda: 1.8)
+    packed = Run.load(sft_run.path, precision="bf16")
+    assert packed.generator().packed_bytes > 0 and fp32.generator().packed_bytes == 0
+    monkeypatch.setattr(precision, "cpu_bf16_packed_speedup", lambda: 1.0)
+    unpacked = Run.load(sft_run.path, precision="bf16")
+    assert unpacked.generator().packed_bytes == 0
+    prompts = ["Capital of France?", "hello", "What is 2+2?"]
+    assert (packed.generate(prompts, max_new_tokens=MAX_NEW, do_sample=False)
+            == unpacked.generate(prompts, max_new_tokens=MAX_NEW, do_sample=False))
     # evaluation in fp32 gives the report's figures; in bf16 they move by its rounding only
     loss = sft_run.metrics["test"]["loss"]
     assert bf16.evaluate(precision="fp32")["test"]["loss"] == pytest.approx(loss, rel=1e-4)

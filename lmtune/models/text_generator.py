@@ -24,7 +24,7 @@ from lmtune.data.chat import end_of_turn_ids, to_messages
 from lmtune.data.table import Table
 from lmtune.errors import DataError, ModelError
 from lmtune.models import generation
-from lmtune.models.decode_matmuls import SmallForwardRoute, route_small_forwards
+from lmtune.models.decode_matmuls import SmallForwardRoute, pack_linears, route_small_forwards
 from lmtune.models.generation import GenerationSettings
 from lmtune.models.loading import load_saved_adapter, load_saved_model
 from lmtune.models.registry import load_padded_tokenizer
@@ -59,7 +59,8 @@ def _quantized(model_dir: Path) -> bool:
 class TextGenerator:
     """A saved causal LM loaded once for generation: eval mode, on CUDA when there is one, its weights in
     ``dtype`` (float32 unless the caller resolved another precision: ``Run.load(path, precision=...)``).
-    ``gemv_small_forwards``: decoding steps of one or two rows run their matmuls on ATen's gemv
+    ``gemv_small_forwards``: decoding steps of one or two rows run their matmuls on ATen's gemv;
+    ``pack_for_onednn``: the others multiply bf16 weights packed in oneDNN's layout
     (:mod:`lmtune.models.decode_matmuls`).
 
     Answers end at the model's end-of-turn/EOS tokens: ``lmtune.json``'s ``eos_token_ids`` and, for chat
@@ -68,7 +69,8 @@ class TextGenerator:
     """
 
     def __init__(self, model_dir: Path, meta: dict[str, Any], *, device: str | torch.device | None = None,
-                 dtype: torch.dtype = torch.float32, gemv_small_forwards: bool = False) -> None:
+                 dtype: torch.dtype = torch.float32, gemv_small_forwards: bool = False,
+                 pack_for_onednn: bool = False) -> None:
         quiet_libraries()
         self.task = str(meta.get("task"))
         info = TASK_INFOS.get(self.task)
@@ -78,6 +80,9 @@ class TextGenerator:
         self.tokenizer = load_padded_tokenizer(model_dir)
         self.model = load_causal_lm(model_dir, meta, dtype).to(self.device).eval()
         self.dtype: torch.dtype = next(self.model.parameters()).dtype
+        # Batches of answers and prompts: bf16 linears multiply with weights packed for oneDNN
+        # (lmtune.training.precision.pack_bf16_linears decides); bytes of the packed copies, 0 when none.
+        self.packed_bytes = pack_linears(self.model) if pack_for_onednn else 0
         # One- and two-row decoding steps on ATen's gemv (bf16 on a CPU where it measured faster; the caller
         # decides: lmtune.training.precision.route_bf16_gemv). None: every matmul as torch picks.
         self.small_forward_route: SmallForwardRoute | None = (

@@ -39,7 +39,7 @@ from lmtune.models.generation import GenerationSettings
 from lmtune.models.text_generator import ChatSession, TextGenerator, validate_prompt_messages
 from lmtune.tasks import Predictor, Task, TaskData, get_predictor, get_task
 from lmtune.tasks.base import Explainer
-from lmtune.training.precision import inference_dtype, route_bf16_gemv
+from lmtune.training.precision import inference_dtype, pack_bf16_linears, route_bf16_gemv
 from lmtune.workflows.predictions import check_output, rename_taken, write_predictions
 from lmtune.workflows.run_folder import lock_holder, read_run_record, run_status
 
@@ -217,11 +217,14 @@ class Run:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = inference_dtype(precision, device)
         if dtype not in self._generators:
-            gemv = route_bf16_gemv(dtype, device)
-            self._generators[dtype] = TextGenerator(self.model_dir, self.meta, device=device, dtype=dtype,
-                                                    gemv_small_forwards=gemv)
-            log.info("generating with %s weights on %s (precision %s)%s", str(dtype).removeprefix("torch."),
-                     device.type, precision, "; one-row decoding steps on ATen's bf16 gemv" if gemv else "")
+            gemv, pack = route_bf16_gemv(dtype, device), pack_bf16_linears(dtype, device)
+            generator = TextGenerator(self.model_dir, self.meta, device=device, dtype=dtype,
+                                      gemv_small_forwards=gemv, pack_for_onednn=pack)
+            self._generators[dtype] = generator
+            log.info("generating with %s weights on %s (precision %s)%s%s", str(dtype).removeprefix("torch."),
+                     device.type, precision, "; one-row decoding steps on ATen's bf16 gemv" if gemv else "",
+                     f"; linears packed for oneDNN (+{generator.packed_bytes / 2**20:.0f} MB)"
+                     if generator.packed_bytes else "")
         return self._generators[dtype]
 
     def generation_settings(self, *, batch_size: int | None = None,
