@@ -537,16 +537,25 @@ def test_packed_linears_give_the_same_logits_and_keep_ties_and_state(tiny_chat_l
         assert model.lm_head.weight is model.model.embed_tokens.weight
     assert model.state_dict().keys() == plain.state_dict().keys()
     ids = torch.tensor([[5, 17, 230, 4096, 77, 12], [3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])
+
+    def packed_calls(fn) -> int:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            fn()
+        return sum(e.name == "mkldnn::_linear_pointwise" for e in prof.events())
+
     with torch.inference_mode():
         # oneDNN with the weight in its blocked layout does the same products as with the strided one: bitwise
         assert torch.equal(model(ids).logits, plain(ids).logits)
         assert torch.equal(model(ids[:, :1]).logits, plain(ids[:, :1]).logits)  # 3 one-token rows (a decode step)
+        assert packed_calls(lambda: model(ids)) == len(packed)  # every product on the packed weight
+        assert packed_calls(lambda: plain(ids)) == 0
     assert calls and all(calls)
     # with oneDNN switched off (the one/two-row gemv route) the plain weight is used, as before packing
     route = decode_matmuls.route_small_forwards(model)
     plain_route = decode_matmuls.route_small_forwards(plain)
     with torch.inference_mode():
         assert torch.equal(model(ids[:1, :1]).logits, plain(ids[:1, :1]).logits)
+        assert packed_calls(lambda: model(ids[:1, :1])) == 0
     route.remove()
     plain_route.remove()
     # under autograd it is the plain linear too (the packed op has no gradient)
