@@ -118,8 +118,7 @@ class LmtuneRun:
                     plain = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
                                             device="meta")
                     plain.weight, plain.bias = module.weight, module.bias
-                    parent, _, child = name.rpartition(".")
-                    setattr(generator.model.get_submodule(parent), child, plain)
+                    generator.model.set_submodule(name, plain)
 
     def generate(self, questions: list[str], batch_size: int, max_new_tokens: int) -> list[tuple[str, int]]:
         """(answer text, tokens generated) per question."""

@@ -162,6 +162,5 @@ def pack_linears(model: torch.nn.Module, *, max_bytes: int | None = None) -> int
     if len(packed) != len(found):
         raise RuntimeError("packing the linears for oneDNN failed (see the error above)")
     for name, linear in packed.items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, linear)
+        model.set_submodule(name, linear)
     return needed

@@ -118,7 +118,6 @@ def decode(
     out = torch.full((batch, width + max_new), pad, dtype=input_ids.dtype, device=device)  # (B, T + max_new)
     out[:, :width] = input_ids
     rows = torch.arange(batch, device=device)  # the original row of each running row
-    sequences = input_ids  # (b, T + steps): the running rows' tokens, what the processors read
     mask = attention_mask.to(torch.long)  # (b, T + steps)
     # Positions count real tokens only (left padding sits at 0), as generate derives them.
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # (b, T)
@@ -127,14 +126,15 @@ def decode(
                            use_cache=True, **extra).logits
     steps = 0
     while True:
-        scores = processors(sequences, logits[:, -1].to(dtype=torch.float32, copy=True))  # (b, V)
+        scores = logits[:, -1].to(dtype=torch.float32, copy=True)  # (b, V)
+        if processors:  # they read the running rows' tokens so far, (b, T + steps)
+            scores = processors(out[rows, : width + steps], scores)
         if config.do_sample:
             chosen = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)  # (b,)
         else:
             chosen = scores.argmax(dim=-1)
         out[rows, width + steps] = chosen
         steps += 1
-        sequences = torch.cat([sequences, chosen[:, None]], dim=-1)
         ended = torch.isin(chosen, eos) if eos is not None else torch.zeros_like(chosen, dtype=torch.bool)
         for criterion in stopping_criteria:
             ended |= criterion(out[:, : width + steps], None)[rows].to(device)
@@ -144,8 +144,7 @@ def decode(
             keep = (~ended).nonzero().squeeze(1)
             cache.batch_select_indices(keep)
             _select_rows(processors, keep)
-            rows, sequences, mask, positions, chosen = (
-                rows[keep], sequences[keep], mask[keep], positions[keep], chosen[keep])
+            rows, mask, positions, chosen = rows[keep], mask[keep], positions[keep], chosen[keep]
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
         positions = positions[:, -1:] + 1  # (b, 1)
         logits = forward_model(input_ids=chosen[:, None], attention_mask=mask, position_ids=positions,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,6 +23,24 @@ from lmtune.errors import ConfigError
 from lmtune.training.flops import cached_measurement, device_name
 
 log = logging.getLogger(__name__)
+
+def _probe_key() -> str:
+    """The disk cache key of a CPU probe: the measurement holds for this CPU model, torch version and thread count."""
+    cpu = device_name(torch.device("cpu"))
+    return f"{cpu}|torch {torch.__version__}|threads {torch.get_num_threads()}"
+
+
+def _best_pass(step: Callable[[], Any]) -> float:
+    """Seconds of ``step``'s fastest of 4 passes under inference mode; the first pass warms up (kernel choice,
+    page faults)."""
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(4):
+            t = time.perf_counter()
+            step()
+            best = min(best, time.perf_counter() - t)
+    return best
+
 
 # bf16 must beat fp32 by this factor to be chosen on CPU: below it, the casts cost more than they save.
 _CPU_BF16_MIN_SPEEDUP = 1.25
@@ -35,9 +54,7 @@ def cpu_bf16_speedup() -> float:
     enough to see it is many times slower, and the probe stops there. The answer is
     cached on disk per CPU model and torch version.
     """
-    cpu = device_name(torch.device("cpu"))
-    key = f"{cpu}|torch {torch.__version__}|threads {torch.get_num_threads()}"
-    return float(cached_measurement("bf16_probe.json", key, _bf16_speedup))
+    return float(cached_measurement("bf16_probe.json", _probe_key(), _bf16_speedup))
 
 
 def _bf16_speedup() -> float:
@@ -72,31 +89,23 @@ def cpu_bf16_gemv_speedup() -> float:
     """Measured oneDNN/ATen time ratio of one-row bf16 matrix-vector products on this CPU (>1: ATen's gemv is
     faster), the products a decoding step of one answer makes. The weights cycled through (64 MB) exceed the
     caches, as a model's do. Cached on disk per CPU model, torch version and thread count; about 0.06 s."""
-    cpu = device_name(torch.device("cpu"))
-    key = f"{cpu}|torch {torch.__version__}|threads {torch.get_num_threads()}"
-    return float(cached_measurement("bf16_gemv_probe.json", key, _bf16_gemv_speedup))
+    return float(cached_measurement("bf16_gemv_probe.json", _probe_key(), _bf16_gemv_speedup))
 
 
 def _bf16_gemv_speedup() -> float:
     weights = [torch.ones(2048, 1024, dtype=torch.bfloat16) for _ in range(16)]
     x = torch.ones(1, 1024, dtype=torch.bfloat16)
 
-    def timed() -> float:
-        best = float("inf")
-        with torch.inference_mode():
-            for _ in range(4):  # the first pass warms up (kernel choice, page faults)
-                t = time.perf_counter()
-                for w in weights:
-                    torch.nn.functional.linear(x, w)
-                best = min(best, time.perf_counter() - t)
-        return best
+    def products() -> None:
+        for w in weights:
+            torch.nn.functional.linear(x, w)
 
     # torch.backends.mkldnn.flags() would also touch the TF32 switch and warn about it: set only the one.
     enabled = torch._C._get_mkldnn_enabled()
     try:
-        onednn = timed()
+        onednn = _best_pass(products)
         torch._C._set_mkldnn_enabled(False)
-        aten = timed()
+        aten = _best_pass(products)
         return onednn / aten
     except RuntimeError:  # no bf16 kernels at all
         return 0.0
@@ -115,9 +124,7 @@ def cpu_bf16_packed_speedup() -> float:
     """Measured time ratio of bf16 products of a few rows (8, a batch of answers being decoded) on torch's plain
     oneDNN path over the same products with the weights packed in oneDNN's blocked layout (>1: packing is
     faster). 64 MB of weights, as in :func:`cpu_bf16_gemv_speedup`; cached on disk alike; about 0.1 s."""
-    cpu = device_name(torch.device("cpu"))
-    key = f"{cpu}|torch {torch.__version__}|threads {torch.get_num_threads()}"
-    return float(cached_measurement("bf16_packed_probe.json", key, _bf16_packed_speedup))
+    return float(cached_measurement("bf16_packed_probe.json", _probe_key(), _bf16_packed_speedup))
 
 
 def _bf16_packed_speedup() -> float:
@@ -127,18 +134,8 @@ def _bf16_packed_speedup() -> float:
         weights = [torch.ones(2048, 1024, dtype=torch.bfloat16) for _ in range(16)]
         packed = [torch.ops.mkldnn._reorder_linear_weight(w, _PACKED_PROBE_ROWS) for w in weights]
         x = torch.ones(_PACKED_PROBE_ROWS, 1024, dtype=torch.bfloat16)
-
-        def timed(step: Any) -> float:
-            best = float("inf")
-            with torch.inference_mode():
-                for _ in range(4):  # the first pass warms up (kernel choice, page faults)
-                    t = time.perf_counter()
-                    step()
-                    best = min(best, time.perf_counter() - t)
-            return best
-
-        plain = timed(lambda: [torch.nn.functional.linear(x, w) for w in weights])
-        blocked = timed(lambda: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in packed])
+        plain = _best_pass(lambda: [torch.nn.functional.linear(x, w) for w in weights])
+        blocked = _best_pass(lambda: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in packed])
         return plain / blocked
     except RuntimeError:  # no bf16 kernels in this oneDNN build
         return 0.0
