@@ -169,3 +169,17 @@ def test_falls_back_where_generate_must_run() -> None:
                                                        encoder_ffn_dim=16, decoder_ffn_dim=16)).eval()
         assert row_dropping.decode(bart, ids, mask, **kwargs) is None
         assert row_dropping.decode(model, ids, mask, **kwargs) is not None
+
+
+def test_falls_back_when_weights_are_sharded_across_processes(monkeypatch) -> None:
+    # Under ZeRO-3 or FSDP with several processes every forward is collective: generate's synced_gpus must run.
+    model = _llama()
+    ids, mask = _batch()
+    kwargs = dict(max_new_tokens=4, do_sample=False, eos_token_id=EOS, pad_token_id=0)
+    monkeypatch.setattr(row_dropping, "is_deepspeed_zero3_enabled", lambda: True)
+    with torch.inference_mode():
+        assert row_dropping.decode(model, ids, mask, **kwargs) is not None  # one process: nothing to wait for
+        monkeypatch.setattr(row_dropping, "_get_torch_distributed_world_size", lambda: 2)
+        assert row_dropping.decode(model, ids, mask, **kwargs) is None
+        monkeypatch.setattr(row_dropping, "is_deepspeed_zero3_enabled", lambda: False)
+        assert row_dropping.decode(model, ids, mask, **kwargs) is not None  # DDP: each process holds all weights

@@ -16,7 +16,8 @@ between batch sizes). Sampled answers are seeded and reproducible, but once a ro
 random stream is drawn over fewer rows, so they are not ``generate``'s draws (at one row they are).
 
 :func:`decode` returns ``None`` where it cannot promise ``generate``'s behaviour, and the caller runs
-``generate``: encoder-decoders, beam search, one-row batches (nothing to drop), models whose
+``generate``: encoder-decoders, beam search, one-row batches (nothing to drop), weights sharded across
+processes (FSDP, ZeRO-3: ``generate`` keeps finished processes stepping with their peers), models whose
 ``prepare_inputs_for_generation`` is their own (multimodal and recurrent models feed extra inputs), models
 without a standard dynamic KV cache, prompt-learning adapters, and any logits processor (from the model's
 own generation config too) that keeps state across steps or rows.
@@ -30,7 +31,10 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache, GenerationMixin, StoppingCriteria
+from transformers.distributed.fsdp import is_fsdp_managed_module
+from transformers.distributed.utils import _get_torch_distributed_world_size
 from transformers.generation import logits_process as lp
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 # Processors that read only the rows' token ids and scores at each step (the repetition penalty also each row's
 # padding length, kept by _select_rows), so they run on any subset of rows.
@@ -62,6 +66,10 @@ def _forward_model(model: Any) -> Any | None:
     if type(found).prepare_inputs_for_generation is not GenerationMixin.prepare_inputs_for_generation:
         return None
     if not found._supports_default_dynamic_cache():
+        return None
+    # Weights sharded across processes (FSDP, ZeRO-3): every forward is collective, so generate keeps a process
+    # whose rows all ended stepping until its peers end (synced_gpus, decided this way); this loop does not.
+    if (is_deepspeed_zero3_enabled() or is_fsdp_managed_module(found)) and _get_torch_distributed_world_size() > 1:
         return None
     if not set(inspect.signature(found.forward).parameters) >= _INPUTS:
         return None
