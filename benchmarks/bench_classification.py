@@ -23,6 +23,9 @@ and, on request only (``--variants``), diagnostics:
     lmtune_plain_attention  lmtune with the encoder's own self-attention blocks
                           (``lmtune.models.encoder_attention`` turned off: three projection matmuls,
                           torch's masks for the attention probabilities' dropout): what that path gains
+    lmtune_malloc_defaults  lmtune with glibc malloc's default thresholds
+                          (``lmtune.training.host_memory`` turned off: big tensors mapped and unmapped
+                          every step): what keeping freed pages gains
 
 Each variant runs in its own subprocess (peak RSS per variant from ``os.wait4``), variants alternate
 across repeats (v1..v5, v1..v5, ...), and the first ``--warmup`` optimizer steps are excluded from timing.
@@ -55,7 +58,7 @@ from typing import Any
 
 VARIANTS = ("lmtune", "trainer_default", "trainer_dynamic", "trainer_grouped", "trainer_bf16")
 DIAGNOSTIC_VARIANTS = ("trainer_same_batches", "lmtune_torch_dropout", "lmtune_full_last_layer",
-                       "lmtune_plain_attention")
+                       "lmtune_plain_attention", "lmtune_malloc_defaults")
 TRAINER_VARIANTS = (*VARIANTS[1:], *DIAGNOSTIC_VARIANTS)  # compared with lmtune
 SEED = 42
 BATCH_SIZE = 32
@@ -133,12 +136,13 @@ def steady_state(times: list[float], tokens: list[int], warmup: int, start: floa
 
 
 def child_lmtune(workdir: Path, steps: int, warmup: int, profile: bool, fast_dropout: bool = True,
-                 first_token: bool = True, patched_attention: bool = True) -> dict[str, Any]:
+                 first_token: bool = True, patched_attention: bool = True,
+                 retain_memory: bool = True) -> dict[str, Any]:
     """One lmtune run through ``lmtune.workflow.train`` (precision auto, defaults); independent timing.
     ``fast_dropout=False`` (variant ``lmtune_torch_dropout``): torch's own dropout masks, to measure what
     ``train.fast_dropout`` gains. ``first_token=False`` (``lmtune_full_last_layer``): the last encoder layer
     on every position. ``patched_attention=False`` (``lmtune_plain_attention``): the encoder's own attention
-    blocks."""
+    blocks. ``retain_memory=False`` (``lmtune_malloc_defaults``): glibc's own malloc thresholds."""
     import importlib
 
     if not first_token:
@@ -149,6 +153,10 @@ def child_lmtune(workdir: Path, steps: int, warmup: int, profile: bool, fast_dro
         from lmtune.models import encoder_attention
 
         encoder_attention.patch_attention = lambda model: 0
+    if not retain_memory:
+        from lmtune.training import host_memory
+
+        host_memory.retain_freed_memory = lambda: None
 
     import torch
 
@@ -602,7 +610,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="diagnostics, not run by default: trainer_same_batches (the Trainer on lmtune's batches), "
                    "lmtune_torch_dropout (lmtune with torch's dropout masks), lmtune_full_last_layer (lmtune "
                    "with the last encoder layer on every position), lmtune_plain_attention (lmtune with the "
-                   "encoder's own attention blocks)")
+                   "encoder's own attention blocks), lmtune_malloc_defaults (lmtune with glibc's own malloc "
+                   "thresholds)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads in every child (default: torch's, one per core). On a shared 2-core "
                    "machine 1 thread can be faster: an OpenMP barrier waits for a thread that shares a core")
@@ -634,11 +643,12 @@ def main(argv: list[str] | None = None) -> None:
         workdir = args.workdir
         if args.child == "peak":
             result = child_peak()
-        elif args.child in ("lmtune", "lmtune_torch_dropout", "lmtune_full_last_layer", "lmtune_plain_attention"):
+        elif args.child == "lmtune" or args.child.startswith("lmtune_"):
             result = child_lmtune(workdir, args.steps, args.warmup, args.profile,
                                   fast_dropout=args.child != "lmtune_torch_dropout",
                                   first_token=args.child != "lmtune_full_last_layer",
-                                  patched_attention=args.child != "lmtune_plain_attention")
+                                  patched_attention=args.child != "lmtune_plain_attention",
+                                  retain_memory=args.child != "lmtune_malloc_defaults")
         else:
             result = child_trainer(workdir, args.child, args.steps, args.warmup)
         args.result.write_text(json.dumps(result, indent=1), encoding="utf-8")

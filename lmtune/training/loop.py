@@ -22,14 +22,14 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 from accelerate.data_loader import prepare_data_loader
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedType, gather_object
 from torch.utils.data import DataLoader, Sampler
 from transformers import get_scheduler
 
@@ -41,7 +41,7 @@ from lmtune.models.dropout import use_fast_dropout
 from lmtune.models.methods import require_bitsandbytes_on_cuda
 from lmtune.tasks.base import Task, TaskData
 from lmtune.training import checkpoint as ckpt
-from lmtune.training import privacy
+from lmtune.training import host_memory, privacy
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,23 @@ def build_optimizer(groups: list[dict[str, Any]], train: TrainConfig) -> torch.o
     bnb_optim = importlib.import_module("bitsandbytes.optim")
     optimizer_class = bnb_optim.PagedAdamW8bit if train.optimizer == "paged_adamw_8bit" else bnb_optim.AdamW8bit
     return cast(torch.optim.Optimizer, optimizer_class(groups, lr=train.learning_rate))
+
+
+def clip_grad_norm(accelerator: Any, parameters: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm to ``max_norm`` and return the norm before clipping, as
+    ``accelerator.clip_grad_norm_`` does; on the CPU without sharding, the gradients are left alone when the
+    clip factor would be 1. torch multiplies every gradient by the factor clamped to 1 (on a GPU that saves a
+    host sync), which on the CPU is a pass over all gradients changing nothing: ~3 ms of a ~195 ms MiniLM
+    step, a 47 MB embedding gradient included; most fine-tuning steps stay below the usual max norm of 1.
+    Same tensors bit for bit (the factor is computed as torch computes it)."""
+    plain = accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU)
+    if accelerator.device.type != "cpu" or not plain or accelerator.scaler is not None:
+        return cast(torch.Tensor, accelerator.clip_grad_norm_(parameters, max_norm))
+    with_grads = [p for p in parameters if p.grad is not None]
+    total = torch.nn.utils.get_total_norm([p.grad for p in with_grads if p.grad is not None], 2.0)
+    if bool(max_norm / (total + 1e-6) < 1.0):  # torch's clip factor before its clamp to 1
+        torch.nn.utils.clip_grads_with_norm_(with_grads, max_norm, total)
+    return total
 
 
 def _adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
@@ -375,6 +392,16 @@ class TrainingLoop:
 
     def fit(self, progress: Any = None) -> LoopState:
         """Run optimizer steps until ``total_steps`` or early stopping; returns the final state."""
+        cpu = self.accelerator.device.type == "cpu"
+        if cpu:  # the steps' big tensors reuse their pages (lmtune.training.host_memory; no result changes)
+            host_memory.retain_freed_memory()
+        try:
+            return self._fit(progress)
+        finally:
+            if cpu:
+                host_memory.release_freed_memory()
+
+    def _fit(self, progress: Any) -> LoopState:
         t = self.config.train
         acc = self.accelerator
         self.model.train()
@@ -414,7 +441,7 @@ class TrainingLoop:
             step_loss = acc.reduce(step_loss, reduction="sum")
             grad_norm = None
             if torch.isfinite(step_loss) and t.max_grad_norm is not None and self.privacy is None:
-                grad_norm = acc.clip_grad_norm_(self.model.parameters(), t.max_grad_norm)
+                grad_norm = clip_grad_norm(acc, self.model.parameters(), t.max_grad_norm)
             # Every process sees the same reduced loss and the same global norm, so all agree to skip.
             bad = "loss" if not torch.isfinite(step_loss) else (
                 "gradient norm" if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)) else None)
