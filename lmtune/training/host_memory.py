@@ -26,6 +26,7 @@ something lmtune does) would end each other's retention early, which costs speed
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import platform
 import sys
@@ -77,8 +78,9 @@ def release_freed_memory() -> None:
     _applied = None
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
-    """glibc with ``mallopt`` and ``malloc_trim`` typed, or None elsewhere."""
+    """glibc with ``mallopt`` and ``malloc_trim`` typed (looked up once), or None elsewhere."""
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return None
     try:

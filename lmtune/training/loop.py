@@ -154,10 +154,10 @@ def clip_grad_norm(accelerator: Any, parameters: Iterable[torch.nn.Parameter], m
     plain = accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU)
     if accelerator.device.type != "cpu" or not plain or accelerator.scaler is not None:
         return cast(torch.Tensor, accelerator.clip_grad_norm_(parameters, max_norm))
-    with_grads = [p for p in parameters if p.grad is not None]
-    total = torch.nn.utils.get_total_norm([p.grad for p in with_grads if p.grad is not None], 2.0)
+    params = list(parameters)  # clip_grads_with_norm_ skips those without a gradient, as clip_grad_norm_ does
+    total = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], 2.0)
     if bool(max_norm / (total + 1e-6) < 1.0):  # torch's clip factor before its clamp to 1
-        torch.nn.utils.clip_grads_with_norm_(with_grads, max_norm, total)
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total
 
 

@@ -24,6 +24,7 @@ from lmtune.training.flops import cached_measurement, device_name
 
 log = logging.getLogger(__name__)
 
+
 def _probe_key() -> str:
     """The disk cache key of a CPU probe: the measurement holds for this CPU model, torch version and thread count."""
     cpu = device_name(torch.device("cpu"))
