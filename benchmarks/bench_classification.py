@@ -16,6 +16,8 @@ and, on request only (``--variants``), diagnostics:
                           (lmtune's LengthGroupedBatchSampler): isolates the training loop from the
                           sampler, since over a few dozen steps the two samplers pick batches of
                           different average length (HF walks each mega-batch longest first)
+    trainer_bf16_same_batches  the same in bf16 autocast: lmtune's loss curve step by step beside the
+                          best Trainer's (with ``--no-dropout`` the two differ only by the code)
     lmtune_torch_dropout  lmtune with ``train.fast_dropout: false`` (torch's own dropout masks): what
                           fast dropout gains
     lmtune_full_last_layer  lmtune with the last encoder layer on every position (not on position 0
@@ -26,6 +28,12 @@ and, on request only (``--variants``), diagnostics:
     lmtune_malloc_defaults  lmtune with glibc malloc's default thresholds
                           (``lmtune.training.host_memory`` turned off: big tensors mapped and unmapped
                           every step): what keeping freed pages gains
+
+Every run records its training loss at every step (lmtune: the task's loss; the Trainer: ``compute_loss``);
+the summary gives each variant's median curve and its gap to lmtune's, beside the gap that dropout's draws
+alone make (``lmtune_torch_dropout``: lmtune with other masks), and ``--plot`` draws them. ``--no-dropout``
+sets every dropout probability to 0 in every variant, so runs on the same batches should agree up to bf16
+rounding.
 
 Each variant runs in its own subprocess (peak RSS per variant from ``os.wait4``), variants alternate
 across repeats (v1..v5, v1..v5, ...), and the first ``--warmup`` optimizer steps are excluded from timing.
@@ -38,6 +46,8 @@ summary, ``metrics.jsonl`` windows) are reported beside them as a cross-check.
     python benchmarks/bench_classification.py --steps 60 --repeats 3 --examples 4000 --out results.json
     python benchmarks/bench_classification.py --quick --threads 1   # a ~3.5 minute check that every variant runs
     python benchmarks/bench_classification.py --profile        # one lmtune run under cProfile + torch.profiler
+    python benchmarks/bench_classification.py --variants lmtune trainer_bf16_same_batches lmtune_torch_dropout \
+        --steps 40 --repeats 1 --plot curves.png                 # loss curves, lmtune beside the best Trainer
 """
 
 from __future__ import annotations
@@ -57,8 +67,10 @@ from pathlib import Path
 from typing import Any
 
 VARIANTS = ("lmtune", "trainer_default", "trainer_dynamic", "trainer_grouped", "trainer_bf16")
-DIAGNOSTIC_VARIANTS = ("trainer_same_batches", "lmtune_torch_dropout", "lmtune_full_last_layer",
-                       "lmtune_plain_attention", "lmtune_malloc_defaults")
+DIAGNOSTIC_VARIANTS = ("trainer_same_batches", "trainer_bf16_same_batches", "lmtune_torch_dropout",
+                       "lmtune_full_last_layer", "lmtune_plain_attention", "lmtune_malloc_defaults")
+SAME_BATCHES = ("trainer_same_batches", "trainer_bf16_same_batches")  # the Trainer fed lmtune's batches
+BF16_TRAINERS = ("trainer_bf16", "trainer_bf16_same_batches")
 TRAINER_VARIANTS = (*VARIANTS[1:], *DIAGNOSTIC_VARIANTS)  # compared with lmtune
 SEED = 42
 BATCH_SIZE = 32
@@ -111,11 +123,11 @@ def read_train(workdir: Path) -> tuple[list[str], list[str]]:
 
 
 # ------------------------------------------------------------------------------------------ children
-def peak_rss_so_far_kib() -> int:
-    """VmHWM of this process (KiB): the peak resident set up to now."""
+def peak_rss_so_far_kib(field: str = "VmHWM") -> int:
+    """VmHWM of this process (KiB): the peak resident set up to now (``field="VmRSS"``: the current one)."""
     with open("/proc/self/status", encoding="ascii") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
 
@@ -135,9 +147,20 @@ def steady_state(times: list[float], tokens: list[int], warmup: int, start: floa
     return out
 
 
+def no_dropout(model: Any) -> int:
+    """Every dropout layer of ``model`` at p = 0 (the attention probabilities' too: BERT's attention reads its
+    ``dropout.p``); returns how many."""
+    import torch
+
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    for layer in layers:
+        layer.p = 0.0
+    return len(layers)
+
+
 def child_lmtune(workdir: Path, steps: int, warmup: int, profile: bool, fast_dropout: bool = True,
                  first_token: bool = True, patched_attention: bool = True,
-                 retain_memory: bool = True) -> dict[str, Any]:
+                 retain_memory: bool = True, dropout: bool = True) -> dict[str, Any]:
     """One lmtune run through ``lmtune.workflow.train`` (precision auto, defaults); independent timing.
     ``fast_dropout=False`` (variant ``lmtune_torch_dropout``): torch's own dropout masks, to measure what
     ``train.fast_dropout`` gains. ``first_token=False`` (``lmtune_full_last_layer``): the last encoder layer
@@ -170,6 +193,7 @@ def child_lmtune(workdir: Path, steps: int, warmup: int, profile: bool, fast_dro
     times: list[float] = []
     tokens: list[int] = []
     padded: list[int] = []
+    losses: list[Any] = []
     marks: dict[str, Any] = {}
     prof: dict[str, Any] = {}
 
@@ -181,10 +205,14 @@ def child_lmtune(workdir: Path, steps: int, warmup: int, profile: bool, fast_dro
         mask = batch["attention_mask"]  # (B, T)
         tokens.append(int(mask.sum()))
         padded.append(mask.numel())
-        return original_loss(self, model, batch)
+        out = original_loss(self, model, batch)
+        losses.append(out.detach() / len(batch["labels"]))  # the task's loss is summed; read after the run
+        return out
 
     def setup(self: Any) -> None:
         original_setup(self)
+        if not dropout:
+            no_dropout(self.model)
         zero_grad = self.optimizer.zero_grad
 
         def timed_zero_grad(*args: Any, **kwargs: Any) -> Any:
@@ -204,6 +232,7 @@ def child_lmtune(workdir: Path, steps: int, warmup: int, profile: bool, fast_dro
 
     def fit(self: Any, progress: Any = None) -> Any:
         marks["fit_start"] = time.perf_counter()
+        marks["train_start_rss_kib"] = peak_rss_so_far_kib("VmRSS")
         return original_fit(self, progress)
 
     ClassificationTask.loss = loss  # type: ignore[method-assign]
@@ -271,7 +300,9 @@ def child_lmtune(workdir: Path, steps: int, warmup: int, profile: bool, fast_dro
         "step_padded": padded[: len(times)],
         **steady_state(times, tokens, warmup, marks["fit_start"]),
         "final_loss": train_rows[-1]["loss"],
+        "step_losses": [float(x) for x in losses[: len(times)]],  # training calls come first (then evaluation)
         "train_phase_peak_rss_kib": marks.get("train_phase_peak_rss_kib"),
+        "train_start_rss_kib": marks.get("train_start_rss_kib"),
         "child_wall_seconds": wall,
         "precision": summary["precision"],
         "threads": torch.get_num_threads(),
@@ -281,7 +312,7 @@ def child_lmtune(workdir: Path, steps: int, warmup: int, profile: bool, fast_dro
     return result
 
 
-def child_trainer(workdir: Path, variant: str, steps: int, warmup: int) -> dict[str, Any]:
+def child_trainer(workdir: Path, variant: str, steps: int, warmup: int, dropout: bool = True) -> dict[str, Any]:
     """One Hugging Face Trainer run in the configuration ``variant`` names."""
     import torch
     from datasets import Dataset
@@ -316,6 +347,8 @@ def child_trainer(workdir: Path, variant: str, steps: int, warmup: int) -> dict[
         model_path, num_labels=len(names), id2label=dict(enumerate(names)),
         label2id={n: i for i, n in enumerate(names)}, dtype=torch.float32,
     )
+    if not dropout:
+        no_dropout(model)
 
     tokens: list[int] = []
     padded: list[int] = []
@@ -330,11 +363,13 @@ def child_trainer(workdir: Path, variant: str, steps: int, warmup: int) -> dict[
 
     times: list[float] = []
     losses: list[float] = []
+    step_losses: list[Any] = []
     marks: dict[str, Any] = {}
 
     class Timing(TrainerCallback):
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             marks["start"] = time.perf_counter()
+            marks["train_start_rss_kib"] = peak_rss_so_far_kib("VmRSS")
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             times.append(time.perf_counter())
@@ -345,9 +380,15 @@ def child_trainer(workdir: Path, variant: str, steps: int, warmup: int) -> dict[
             if logs and "loss" in logs:
                 losses.append(float(logs["loss"]))
 
+    class RecordingTrainer(Trainer):
+        def compute_loss(self, *args: Any, **kwargs: Any) -> Any:
+            out = super().compute_loss(*args, **kwargs)
+            step_losses.append((out[0] if isinstance(out, tuple) else out).detach())  # read after the run
+            return out
+
     grouped = variant in ("trainer_grouped", "trainer_bf16")
-    trainer_class = Trainer
-    if variant == "trainer_same_batches":
+    trainer_class: type[Trainer] = RecordingTrainer
+    if variant in SAME_BATCHES:
         from torch.utils.data import Sampler
 
         from lmtune.data.features import LengthGroupedBatchSampler
@@ -364,7 +405,7 @@ def child_trainer(workdir: Path, variant: str, steps: int, warmup: int) -> dict[
             def __len__(self) -> int:
                 return len(order)
 
-        class SameBatchesTrainer(Trainer):
+        class SameBatchesTrainer(RecordingTrainer):
             def _get_train_sampler(self, train_dataset: Any = None) -> Any:
                 return FixedOrder()
 
@@ -378,7 +419,7 @@ def child_trainer(workdir: Path, variant: str, steps: int, warmup: int) -> dict[
         warmup_steps=round(WARMUP_RATIO * steps),
         lr_scheduler_type="linear",
         seed=SEED,
-        bf16=variant == "trainer_bf16",
+        bf16=variant in BF16_TRAINERS,
         train_sampling_strategy="group_by_length" if grouped else "random",
         eval_strategy="no",
         save_strategy="no",
@@ -401,7 +442,9 @@ def child_trainer(workdir: Path, variant: str, steps: int, warmup: int) -> dict[
         "step_padded": padded[: len(times)],
         **steady_state(times, tokens, warmup, marks["start"]),
         "final_loss": losses[-1] if losses else None,
+        "step_losses": [float(x) for x in step_losses[: len(times)]],
         "train_phase_peak_rss_kib": marks.get("train_phase_peak_rss_kib"),
+        "train_start_rss_kib": marks.get("train_start_rss_kib"),
         "trainer_train_seconds": wall,
         "precision": "bf16" if args.bf16 else "fp32",
         "optimizer": str(args.optim),
@@ -581,6 +624,61 @@ def print_table(summary: dict[str, Any]) -> None:
               f"metrics.jsonl after warm-up {steady:,.0f}")
 
 
+def loss_curves(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each variant's median loss per step over its rounds, and its gaps to lmtune's median curve: at step 1,
+    the largest, and the mean over the steps. Variants that saw the same batches in the same order (lmtune's
+    diagnostics, the ``*_same_batches`` Trainers) are comparable step by step; the others see other batches."""
+    by_variant: dict[str, list[list[float]]] = {}
+    for r in runs:
+        if r.get("step_losses"):
+            by_variant.setdefault(r["variant"], []).append(r["step_losses"])
+    median = {name: [statistics.median(step) for step in zip(*curves, strict=False)]
+              for name, curves in by_variant.items()}
+    gaps: dict[str, Any] = {}
+    if "lmtune" in median:
+        ref = median["lmtune"]
+        for name, curve in median.items():
+            n = min(len(ref), len(curve))
+            if name == "lmtune" or n == 0:
+                continue
+            diff = [abs(a - b) for a, b in zip(ref[:n], curve[:n], strict=True)]
+            gaps[name] = {"steps": n, "step_1": diff[0], "max": max(diff), "mean": sum(diff) / n,
+                          "last_10_mean_lmtune": statistics.fmean(ref[max(0, n - 10) : n]),
+                          "last_10_mean": statistics.fmean(curve[max(0, n - 10) : n])}
+    return {"median": median, "gap_to_lmtune": gaps}
+
+
+def print_curves(curves: dict[str, Any]) -> None:
+    """The loss curves' gaps to lmtune's, one line per variant."""
+    gaps = curves["gap_to_lmtune"]
+    if not gaps:
+        return
+    print("\nloss per step against lmtune's (medians over rounds; same batches only where the variant says so):")
+    for name, g in gaps.items():
+        print(f"  {name:<26} {g['steps']:>3} steps: |gap| at step 1 {g['step_1']:.4f}, mean {g['mean']:.4f}, "
+              f"max {g['max']:.4f}; mean of the last 10 steps {g['last_10_mean']:.4f} (lmtune {g['last_10_mean_lmtune']:.4f})")
+
+
+def plot_curves(curves: dict[str, list[float]], path: Path, title: str) -> None:
+    """The median loss curves as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, losses in curves.items():
+        ax.plot(range(1, len(losses) + 1), losses, marker=".", label=name, linewidth=1.2 if name == "lmtune" else 0.9)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def machine_info() -> dict[str, Any]:
     """CPU model, cores, load average and library versions."""
     import torch
@@ -611,7 +709,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "lmtune_torch_dropout (lmtune with torch's dropout masks), lmtune_full_last_layer (lmtune "
                    "with the last encoder layer on every position), lmtune_plain_attention (lmtune with the "
                    "encoder's own attention blocks), lmtune_malloc_defaults (lmtune with glibc's own malloc "
-                   "thresholds)")
+                   "thresholds), trainer_bf16_same_batches (the bf16 Trainer on lmtune's batches)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads in every child (default: torch's, one per core). On a shared 2-core "
                    "machine 1 thread can be faster: an OpenMP barrier waits for a thread that shares a core")
@@ -619,6 +717,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="steps for trainer_bf16 (bf16 matmuls can be ~100x slower than fp32 on AVX2-only CPUs)")
     p.add_argument("--bf16-warmup", type=int, default=None, help="warm-up steps for trainer_bf16")
     p.add_argument("--bf16-repeats", type=int, default=None, help="run trainer_bf16 in only the first N rounds")
+    p.add_argument("--no-dropout", action="store_true",
+                   help="every dropout probability 0 in every variant: runs on the same batches then differ by the "
+                   "code alone (the loss-curve check)")
+    p.add_argument("--plot", type=Path, default=None, help="draw each variant's median training-loss curve as a PNG")
     p.add_argument("--out", type=Path, default=None, help="write all results as JSON here")
     p.add_argument("--workdir", type=Path, default=None, help="keep data, logs and runs here (default: a temp dir)")
     p.add_argument("--quick", action="store_true", help="tiny settings: checks that every variant runs")
@@ -648,9 +750,10 @@ def main(argv: list[str] | None = None) -> None:
                                   fast_dropout=args.child != "lmtune_torch_dropout",
                                   first_token=args.child != "lmtune_full_last_layer",
                                   patched_attention=args.child != "lmtune_plain_attention",
-                                  retain_memory=args.child != "lmtune_malloc_defaults")
+                                  retain_memory=args.child != "lmtune_malloc_defaults",
+                                  dropout=not args.no_dropout)
         else:
-            result = child_trainer(workdir, args.child, args.steps, args.warmup)
+            result = child_trainer(workdir, args.child, args.steps, args.warmup, dropout=not args.no_dropout)
         args.result.write_text(json.dumps(result, indent=1), encoding="utf-8")
         return
 
@@ -672,13 +775,13 @@ def main(argv: list[str] | None = None) -> None:
     runs: list[dict[str, Any]] = []
     for repeat in range(args.repeats):
         for variant in args.variants:
-            bf16 = variant == "trainer_bf16"
+            bf16 = variant in BF16_TRAINERS
             if bf16 and args.bf16_repeats is not None and repeat >= args.bf16_repeats:
                 continue
             steps, warmup = (args.bf16_steps, args.bf16_warmup) if bf16 else (args.steps, args.warmup)
             t = time.time()
-            run = run_child([variant, "--steps", str(steps), "--warmup", str(warmup), "--workdir", str(workdir)],
-                            workdir, args.threads)
+            run = run_child([variant, "--steps", str(steps), "--warmup", str(warmup), "--workdir", str(workdir),
+                             *(["--no-dropout"] if args.no_dropout else [])], workdir, args.threads)
             run.update(variant=variant, repeat=repeat, load_average=os.getloadavg()[0])
             runs.append(run)
             print(f"[{time.time() - started:6.0f}s] repeat {repeat} {variant:<16} {run['tokens_per_second']:8,.0f} "
@@ -688,6 +791,13 @@ def main(argv: list[str] | None = None) -> None:
     peaks.append(run_child(["peak", "--workdir", str(workdir)], workdir, args.threads))
     summary = summarise(runs, peaks)
     print_table(summary)
+    curves = loss_curves(runs)
+    summary["loss_curves"] = {"no_dropout": args.no_dropout, **curves}
+    print_curves(curves)
+    if args.plot:
+        plot_curves(curves["median"], args.plot, f"MiniLM, batch {BATCH_SIZE}, training loss per step"
+                    f"{' (no dropout)' if args.no_dropout else ''}")
+        print(f"loss curves drawn to {args.plot}")
     load_after = os.getloadavg()
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),

@@ -21,11 +21,16 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "lmtune"
 TASKS_DIR = PACKAGE / "tasks"
 HEAVY = ("torch", "transformers", "datasets", "peft", "accelerate")
+# Packages (and lmtune's modules built on them) that one feature needs and every other run or command would
+# pay for at start-up: hundreds of MB of memory and seconds (BENCHMARKS.md, "What an lmtune process loads").
+# An import inside a function may load them where the feature runs, saying why.
+FEATURE_PACKAGES = ("presidio_analyzer", "presidio_anonymizer", "spacy", "opacus", "gensim", "captum", "rdata",
+                    "peft", "lmtune.data.pii_engine")
 
 
-def _loaded_after(code: str) -> list[str]:
-    """The heavy packages in ``sys.modules`` after running ``code`` in a fresh interpreter."""
-    probe = f"{code}\nimport sys\nprint('LOADED:' + ','.join(m for m in {HEAVY!r} if m in sys.modules))"
+def _loaded_after(code: str, packages: tuple[str, ...] = HEAVY) -> list[str]:
+    """Which of ``packages`` are in ``sys.modules`` after running ``code`` in a fresh interpreter."""
+    probe = f"{code}\nimport sys\nprint('LOADED:' + ','.join(m for m in {packages!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     loaded = [line for line in out.stdout.splitlines() if line.startswith("LOADED:")]
@@ -46,6 +51,19 @@ def test_start_up_imports_no_torch_or_transformers(code: str) -> None:
 def test_the_probe_sees_a_heavy_import() -> None:
     # The check above would pass vacuously if the probe could not see an import: it can.
     assert "torch" in _loaded_after("import torch")
+    assert _loaded_after("import lmtune.training.privacy as p; p._opacus()", FEATURE_PACKAGES) == ["opacus"]
+
+
+@pytest.mark.parametrize(("code", "allowed"), [
+    # peft comes with transformers' schedulers (transformers.trainer_utils imports it), as in the Trainer.
+    ("import lmtune.workflows.train", {"peft"}),
+    ("import lmtune.workflows.run", set()),
+    ("import lmtune.serve.app", set()),
+], ids=["train", "predict", "serve"])
+def test_a_run_loads_no_package_of_a_feature_it_does_not_use(code: str, allowed: set[str]) -> None:
+    # Personal-data scanning (presidio, spaCy: ~200 MB), DP-SGD (opacus), word2vec (gensim), explanations
+    # (captum), the Austen corpus (rdata) and LoRA (peft) load where they are used, not with every command.
+    assert set(_loaded_after(code, FEATURE_PACKAGES)) <= allowed
 
 
 def test_every_task_is_registered_on_import() -> None:
@@ -59,9 +77,18 @@ def test_every_task_is_registered_on_import() -> None:
 LAZY_IMPORT_FILES = ("lmtune/__init__.py", "lmtune/cli.py", "lmtune/cli_serve.py", "lmtune/console.py")  # and the task folders' __init__
 
 
+def _imports_a_feature_package(line: str) -> bool:
+    """``line`` imports (``import X`` / ``from X... import``) one of :data:`FEATURE_PACKAGES` or a module in it."""
+    words = line.split()
+    if len(words) < 2 or words[0] not in ("import", "from"):
+        return False
+    return any(words[1] == p or words[1].startswith(p + ".") for p in FEATURE_PACKAGES)
+
+
 def lazy_import_problems(path: str, source: str) -> list[str]:
     """Each ``# noqa: PLC0415`` (an import inside a function) of ``source`` that sits outside the files
-    start-up time allows it in, or says no why: on its line after the code, or in a comment just above."""
+    start-up time allows it in and imports no feature's package, or says no why: on its line after the code,
+    or in a comment just above."""
     allowed = path in LAZY_IMPORT_FILES or (path.startswith("lmtune/tasks/") and path.endswith("/__init__.py")
                                             and path.count("/") == 3)
     lines = source.splitlines()
@@ -69,9 +96,9 @@ def lazy_import_problems(path: str, source: str) -> list[str]:
     for i, line in enumerate(lines):
         if "noqa: PLC0415" not in line:
             continue
-        if not allowed:
+        if not allowed and not _imports_a_feature_package(line):
             problems.append(f"{path}:{i + 1}: an import inside a function outside {', '.join(LAZY_IMPORT_FILES)} "
-                            "and lmtune/tasks/*/__init__.py")
+                            "and lmtune/tasks/*/__init__.py, of no package in FEATURE_PACKAGES")
             continue
         said_here = line.split("noqa: PLC0415", 1)[1].strip(" ,")
         said_above = any(lines[j].strip().startswith("#") for j in range(max(0, i - 3), i))
@@ -86,6 +113,10 @@ def test_the_lazy_import_check_sees_misplaced_and_unexplained_ones() -> None:
     assert lazy_import_problems("lmtune/cli.py", code)  # no reason given
     assert not lazy_import_problems("lmtune/cli.py", code.replace("PLC0415", "PLC0415  (torch loads late)"))
     assert not lazy_import_problems("lmtune/tasks/sft/__init__.py", "def f():\n    # start-up time\n" + code[9:])
+    feature = "def f():\n    from opacus.optimizers import DPOptimizer  # noqa: PLC0415\n"
+    assert lazy_import_problems("lmtune/training/x.py", feature)  # a feature's package, no reason given
+    assert not lazy_import_problems("lmtune/training/x.py", feature.replace("PLC0415", "PLC0415  (only for DP)"))
+    assert lazy_import_problems("lmtune/training/x.py", "def f():\n    import opacusx  # noqa: PLC0415  (why)\n")
 
 
 def test_lazy_imports_only_where_start_up_time_needs_them_and_say_why() -> None:

@@ -18,8 +18,6 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import rdata
-
 from lmtune.data.files import write_jsonl
 from lmtune.errors import DataError
 
@@ -99,6 +97,8 @@ def read_r_lazyload(rdx: Path) -> dict[str, Any]:
     .rdb), ``references`` and ``compressed``. Values are parsed with ``rdata``, which reads R's
     serialization format as data (nothing is executed or unpickled).
     """
+    import rdata  # noqa: PLC0415  (with xarray ~75 MB: loaded only when the Austen novels are unpacked)
+
     rdb = rdx.with_suffix(".rdb")
     try:
         index = rdata.conversion.convert(

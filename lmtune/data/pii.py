@@ -26,14 +26,16 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmtune.config.schema import PII_ENTITIES, DataConfig
 from lmtune.data.mixing import MIX_COLUMN, mix_tables
-from lmtune.data.pii_engine import Finding, NerNames, PiiScanner, ner_names
 from lmtune.data.readers import detect_format, read_table, resolve_source
 from lmtune.data.table import Table, format_locations
 from lmtune.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from lmtune.data.pii_engine import Finding, NerNames, PiiScanner
 
 __all__ = [
     "PII_ENTITIES",
@@ -68,13 +70,22 @@ PII_FILE = "pii.json"
 @functools.cache
 def scanner(entities: tuple[str, ...] | None = None, score: float = 0.4, ner: NerNames | None = None) -> PiiScanner:
     """One scanner per setting, shared by every read in the process (the analyzer is built once)."""
+    from lmtune.data.pii_engine import PiiScanner  # noqa: PLC0415  (presidio and spaCy: ~200 MB and ~3 s, loaded only when personal data is scanned)
+
     return PiiScanner(entities, score, ner)
+
+
+def _ner_names(source: str, labels: list[str] | None) -> NerNames:
+    """:func:`lmtune.data.pii_engine.ner_names`."""
+    from lmtune.data.pii_engine import ner_names  # noqa: PLC0415  (presidio and spaCy: ~200 MB and ~3 s, loaded only when personal data is scanned)
+
+    return ner_names(source, labels)
 
 
 def config_scanner(d: DataConfig, entities: list[str] | None = None, score: float | None = None) -> PiiScanner:
     """The scanner ``d``'s settings ask for (``pii_entities``, ``pii_score``, the ``pii_ner`` model), with
     ``entities`` / ``score`` in their place where given."""
-    ner = ner_names(d.pii_ner, d.pii_ner_labels) if d.pii_ner else None
+    ner = _ner_names(d.pii_ner, d.pii_ner_labels) if d.pii_ner else None
     chosen = entities or d.pii_entities
     return scanner(tuple(chosen) if chosen else None, d.pii_score if score is None else score, ner)
 
@@ -338,7 +349,7 @@ def _ner_record(d: DataConfig) -> dict[str, Any]:
     """The ``pii_ner`` model (resolved folder and name labels) a record keeps, so predictions use it too."""
     if not d.pii_ner:
         return {}
-    ner = ner_names(d.pii_ner, d.pii_ner_labels)
+    ner = _ner_names(d.pii_ner, d.pii_ner_labels)
     return {"ner": ner.folder, "ner_labels": list(ner.labels)}
 
 
@@ -350,6 +361,8 @@ def apply_saved_policy(table: Table, meta: dict[str, Any]) -> Table:
     policy = saved.get("policy")
     if policy not in REWRITING:
         return table
+    from lmtune.data.pii_engine import NerNames  # noqa: PLC0415  (presidio and spaCy: ~200 MB and ~3 s, loaded only when personal data is scanned)
+
     ner = NerNames(saved["ner"], tuple(saved.get("ner_labels") or ())) if saved.get("ner") else None
     scan = scanner(tuple(saved.get("entities") or PII_ENTITIES), float(saved.get("score", 0.4)), ner)
     protected = {c for c in (meta.get("label_column"),) if c}

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 import numpy as np
-from gensim.models import Word2Vec
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, processors
@@ -232,6 +231,8 @@ def train_word2vec(
     tokens = sum(len(s) for s in sentences)
     if not sentences:
         raise DataError("word2vec: the corpus holds no words")
+    from gensim.models import Word2Vec  # noqa: PLC0415  (~70 MB: loaded only when word2vec vectors are trained)
+
     start = time.perf_counter()
     try:
         model = Word2Vec(sentences=sentences, vector_size=dim, window=window, min_count=min_count,

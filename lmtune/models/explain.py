@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from captum.attr import LayerIntegratedGradients
 
 from lmtune.errors import ModelError
 
@@ -114,6 +113,8 @@ def integrated_gradients(
         # Captum repeats the other inputs (attention mask ...) along the batch for the interpolation points.
         logits = model(input_ids=ids, **dict(zip(names, rest, strict=True))).logits
         return score(logits)  # (B,)
+
+    from captum.attr import LayerIntegratedGradients  # noqa: PLC0415  (~30 MB: loaded only when explaining)
 
     baseline = torch.where(keep.bool(), input_ids, torch.full_like(input_ids, reference_id))
     ig = LayerIntegratedGradients(forward, layer)

@@ -13,6 +13,7 @@ It takes plain inputs (the run and model folders, ``lmtune.json``'s contents, th
 from __future__ import annotations
 
 import datetime as dt
+import importlib.metadata
 import json
 import logging
 import os
@@ -21,7 +22,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import peft
 import torch
 import transformers
 from transformers import AutoConfig, AutoTokenizer
@@ -313,7 +313,7 @@ def _export_facts(result: ExportResult, run_dir: Path, adapter_dir: Path | None,
              "adapter": str(adapter_dir) if adapter_dir else None,
              "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
              "dtype": "float32", "lmtune_version": __version__, "torch_version": torch.__version__,
-             "transformers_version": transformers.__version__, "peft_version": peft.__version__}
+             "transformers_version": transformers.__version__, "peft_version": importlib.metadata.version("peft")}
     del facts["folder"]
     if meta.get("method") == "qlora":
         facts["note"] = "checked against the float32 base + adapter; training used a 4-bit base"

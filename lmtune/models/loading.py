@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel
 from safetensors import SafetensorError
 from transformers import AutoTokenizer
 
@@ -93,6 +92,8 @@ def load_saved_adapter(base: Any, adapter_dir: str | os.PathLike[str], *,
                              hint="lmtune saves adapters as safetensors (adapter_model.safetensors), so these "
                              "weights were not written by lmtune")
         raise ModelError("no adapter weights: expected adapter_model.safetensors", file=folder)
+    from peft import PeftModel  # noqa: PLC0415  (peft and the torchao it loads: ~110 MB and ~2 s, loaded only for LoRA)
+
     try:
         return PeftModel.from_pretrained(base, str(folder), **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:

@@ -10,20 +10,12 @@ from __future__ import annotations
 import importlib.util
 import logging
 import re
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
-from peft import (
-    LoftQConfig,
-    LoraConfig,
-    PeftModel,
-    get_peft_model,
-    get_peft_model_state_dict,
-    prepare_model_for_kbit_training,
-)
-from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -31,7 +23,17 @@ from lmtune.config import MethodConfig
 from lmtune.config.tasks import task_info, task_names
 from lmtune.errors import ConfigError
 
+if TYPE_CHECKING:
+    from peft import PeftModel
+
 log = logging.getLogger(__name__)
+
+
+def is_peft_model(model: object) -> bool:
+    """``isinstance(model, peft.PeftModel)`` without importing peft: full and freeze runs never load it (with the
+    torchao it loads, ~110 MB of memory and ~2 s), and no model is a ``PeftModel`` before peft is loaded."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -142,6 +144,8 @@ def apply_method(
                     p.requires_grad_(True)
         return model
     if method.name in ("lora", "qlora"):
+        from peft import LoftQConfig, LoraConfig, get_peft_model, prepare_model_for_kbit_training  # noqa: PLC0415  (peft and the torchao it loads: ~110 MB and ~2 s, loaded only for LoRA)
+
         if method.name == "qlora":
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
@@ -181,6 +185,8 @@ def _peft_init(init: str) -> bool | str:
 def _check_patterns(model: PeftModel, method: MethodConfig) -> None:
     """Every ``rank_pattern``/``alpha_pattern`` key must match an adapted module, as peft matches them
     (``peft.utils.other.get_pattern_key``); peft itself ignores one that matches nothing, silently."""
+    from peft.tuners.lora import LoraLayer  # noqa: PLC0415  (peft and the torchao it loads: ~110 MB and ~2 s, loaded only for LoRA)
+
     base = cast(torch.nn.Module, model.base_model.model)
     adapted = [name for name, module in base.named_modules() if isinstance(module, LoraLayer)]
     for key_name, pattern in (("rank_pattern", method.rank_pattern), ("alpha_pattern", method.alpha_pattern)):
@@ -200,9 +206,9 @@ def moves_base_weights(model: torch.nn.Module) -> bool:
 
 def _adapter_init(model: torch.nn.Module) -> str | None:
     """peft's ``init_lora_weights`` of ``model``'s adapter as a string (``True`` for the default), or None."""
-    if not isinstance(model, PeftModel):
+    if not is_peft_model(model):
         return None
-    return str(getattr(model.peft_config["default"], "init_lora_weights", True))
+    return str(getattr(cast("PeftModel", model).peft_config["default"], "init_lora_weights", True))
 
 
 def initial_adapter(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
@@ -213,6 +219,8 @@ def initial_adapter(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     """
     if not moves_base_weights(model) or _adapter_init(model) == "loftq":
         return None
+    from peft import get_peft_model_state_dict  # noqa: PLC0415  (peft and the torchao it loads: ~110 MB and ~2 s, loaded only for LoRA)
+
     return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
 
 
@@ -227,7 +235,8 @@ def save_final_model(model: torch.nn.Module, folder: Path, adapter_folder: Path 
     only the quantised base it started from, so only the merged model is saved. Returns how it was
     saved: ``full``, ``merged`` or ``adapter``.
     """
-    if isinstance(model, PeftModel):
+    if is_peft_model(model):
+        model = cast("PeftModel", model)
         if moves_base_weights(model) and initial is None:
             adapter_folder = None
             log.info("the adapter is relative to base weights its initialisation changed: only the merged model "
@@ -237,6 +246,8 @@ def save_final_model(model: torch.nn.Module, folder: Path, adapter_folder: Path 
         if merge and quantized:
             assert adapter_folder is not None and base_path is not None
             base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, use_safetensors=True)
+            from peft import PeftModel  # noqa: PLC0415  (peft and the torchao it loads: ~110 MB and ~2 s, loaded only for LoRA)
+
             PeftModel.from_pretrained(base, str(adapter_folder)).merge_and_unload().save_pretrained(
                 folder, safe_serialization=True)
             return "merged"
@@ -270,6 +281,8 @@ def save_adapter(model: PeftModel, folder: Path, initial: dict[str, torch.Tensor
         save_file(initial, str(start / SAFETENSORS_ADAPTER))
         model.save_pretrained(str(folder), safe_serialization=True, path_initial_model_for_weight_conversion=str(start))
     converted = load_file(str(folder / SAFETENSORS_ADAPTER))
+    from peft import get_peft_model_state_dict  # noqa: PLC0415  (peft and the torchao it loads: ~110 MB and ~2 s, loaded only for LoRA)
+
     rest = {k: v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(model).items()
             if k not in converted}
     save_file({**converted, **rest}, str(folder / SAFETENSORS_ADAPTER), metadata={"format": "pt"})

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmtune.data.pii_engine import PiiScanner, ner_names
 from lmtune.errors import ConfigError, LmtuneError
 from lmtune.serve.batching import Batcher, ModelWorker
 from lmtune.serve.engine import StopWhenAbandoned
@@ -184,6 +183,8 @@ class PiiMasker:
     analyzer takes seconds to build)."""
 
     def __init__(self, stats: SafeguardStats, ner: str | None = None) -> None:
+        from lmtune.data.pii_engine import PiiScanner, ner_names  # noqa: PLC0415  (presidio and spaCy: ~200 MB, loaded only by a server that masks personal data)
+
         self.scanner = PiiScanner(ner=ner_names(ner, None) if ner else None)
         self.stats = stats
         self._lock = threading.Lock()  # one analysis at a time: the analyzer is shared by every thread

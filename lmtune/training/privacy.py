@@ -28,24 +28,25 @@ or before anything loads (:func:`check_privacy_supported`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import types
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
-from opacus.grad_sample import GradSampleHooks
-from opacus.optimizers import DPOptimizer
-from opacus.validators import ModuleValidator
 
 from lmtune.config import Config
 from lmtune.config.schema import PrivacyConfig
 from lmtune.data.features import LengthGroupedBatchSampler
 from lmtune.errors import ConfigError, LmtuneError, RunError
+
+if TYPE_CHECKING:
+    from opacus.grad_sample import GradSampleHooks
+    from opacus.optimizers import DPOptimizer
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +54,24 @@ log = logging.getLogger(__name__)
 # stderr that printed every lmtune message a second time, DEBUG lines included, under the console's own.
 # Configuring logging is the application's job; only that handler (its exact format) is taken away.
 _OPACUS_FORMAT = "%(asctime)s:%(levelname)s:%(message)s"
-for _handler in list(logging.root.handlers):
-    if isinstance(_handler, logging.StreamHandler) and getattr(_handler.formatter, "_fmt", None) == _OPACUS_FORMAT:
-        logging.root.removeHandler(_handler)
+
+
+@functools.cache
+def _opacus() -> types.SimpleNamespace:
+    """What lmtune uses of Opacus, imported on first use: a private run's (Opacus and what it loads cost
+    ~110 MB and ~1.4 s, which every other run and command would pay). Drops the root handler Opacus adds."""
+    from opacus.accountants import create_accountant  # noqa: PLC0415  (loaded only for train.privacy)
+    from opacus.accountants.utils import get_noise_multiplier  # noqa: PLC0415  (loaded only for train.privacy)
+    from opacus.grad_sample import GradSampleHooks  # noqa: PLC0415  (loaded only for train.privacy)
+    from opacus.optimizers import DPOptimizer  # noqa: PLC0415  (loaded only for train.privacy)
+    from opacus.validators import ModuleValidator  # noqa: PLC0415  (loaded only for train.privacy)
+
+    for handler in list(logging.root.handlers):
+        if isinstance(handler, logging.StreamHandler) and getattr(handler.formatter, "_fmt", None) == _OPACUS_FORMAT:
+            logging.root.removeHandler(handler)
+    return types.SimpleNamespace(create_accountant=create_accountant, get_noise_multiplier=get_noise_multiplier,
+                                 GradSampleHooks=GradSampleHooks, DPOptimizer=DPOptimizer,
+                                 ModuleValidator=ModuleValidator)
 
 # How close the calibrated noise brings the planned run's epsilon to the target (from below).
 EPSILON_TOLERANCE = 0.01
@@ -137,7 +153,7 @@ class PrivateTraining:
                         "allows one example to be published whole; choose delta well below %g", self.delta,
                         train_size, 1.0 / max(train_size, 1))
         self.sample_rate = min(1.0, batch_size / max(train_size, 1))
-        self.accountant = create_accountant(mechanism=settings.accountant)
+        self.accountant = _opacus().create_accountant(mechanism=settings.accountant)
         self.noise_multiplier: float | None = None
         self.planned_steps: int | None = None
         self.hooks: GradSampleHooks | None = None
@@ -165,7 +181,9 @@ class PrivateTraining:
         with the noise calibrated to spend ``epsilon`` over ``planned_steps``."""
         training = model.training
         model.train()  # the validator checks the training-mode model (and refuses an eval-mode one)
-        problems = ModuleValidator.validate(model, strict=False) + GradSampleHooks.validate(model, strict=False)
+        opacus = _opacus()
+        problems = (opacus.ModuleValidator.validate(model, strict=False)
+                    + opacus.GradSampleHooks.validate(model, strict=False))
         model.train(training)
         if problems:
             raise ConfigError(f"train.privacy: this model has layers whose per-example gradients Opacus cannot "
@@ -177,9 +195,9 @@ class PrivateTraining:
         # token ids); torch warns at every step though the per-example gradients are right.
         warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with "
                                 "respect to module outputs")
-        self.hooks = GradSampleHooks(model, batch_first=True, loss_reduction="sum", strict=True)
+        self.hooks = opacus.GradSampleHooks(model, batch_first=True, loss_reduction="sum", strict=True)
         self._per_example_lookup(model)
-        dp = DPOptimizer(optimizer, noise_multiplier=self.noise_multiplier,
+        dp = opacus.DPOptimizer(optimizer, noise_multiplier=self.noise_multiplier,
                          max_grad_norm=self.settings.max_grad_norm,
                          expected_batch_size=self.sample_rate * self.train_size,  # batch_size (float division)
                          loss_reduction="mean")
@@ -196,7 +214,7 @@ class PrivateTraining:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return float(get_noise_multiplier(target_epsilon=self.settings.epsilon, target_delta=self.delta,
+                return float(_opacus().get_noise_multiplier(target_epsilon=self.settings.epsilon, target_delta=self.delta,
                                                   sample_rate=self.sample_rate, steps=steps,
                                                   accountant=self.settings.accountant,
                                                   epsilon_tolerance=EPSILON_TOLERANCE))
