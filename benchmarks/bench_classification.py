@@ -28,6 +28,8 @@ and, on request only (``--variants``), diagnostics:
     lmtune_malloc_defaults  lmtune with glibc malloc's default thresholds
                           (``lmtune.training.host_memory`` turned off: big tensors mapped and unmapped
                           every step): what keeping freed pages gains
+    lmtune_bound_threads  lmtune with its OpenMP threads pinned one per core (``OMP_PROC_BIND=close``,
+                          ``OMP_PLACES=cores``): what thread affinity gains
 
 Every run records its training loss at every step (lmtune: the task's loss; the Trainer: ``compute_loss``);
 the summary gives each variant's median curve and its gap to lmtune's, beside the gap that dropout's draws
@@ -68,7 +70,10 @@ from typing import Any
 
 VARIANTS = ("lmtune", "trainer_default", "trainer_dynamic", "trainer_grouped", "trainer_bf16")
 DIAGNOSTIC_VARIANTS = ("trainer_same_batches", "trainer_bf16_same_batches", "lmtune_torch_dropout",
-                       "lmtune_full_last_layer", "lmtune_plain_attention", "lmtune_malloc_defaults")
+                       "lmtune_full_last_layer", "lmtune_plain_attention", "lmtune_malloc_defaults",
+                       "lmtune_bound_threads")
+# Environment a variant's child runs with on top of the parent's: OpenMP threads pinned, one per core.
+VARIANT_ENV = {"lmtune_bound_threads": {"OMP_PROC_BIND": "close", "OMP_PLACES": "cores"}}
 SAME_BATCHES = ("trainer_same_batches", "trainer_bf16_same_batches")  # the Trainer fed lmtune's batches
 BF16_TRAINERS = ("trainer_bf16", "trainer_bf16_same_batches")
 TRAINER_VARIANTS = (*VARIANTS[1:], *DIAGNOSTIC_VARIANTS)  # compared with lmtune
@@ -489,11 +494,14 @@ def child_peak() -> dict[str, Any]:
             "total_params": total, "threads": threads}
 
 
-def run_child(argv: list[str], workdir: Path, threads: int | None) -> dict[str, Any]:
-    """Run this script as a child with ``argv``; returns its result plus peak RSS (KiB) and wall time."""
+def run_child(argv: list[str], workdir: Path, threads: int | None,
+              extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run this script as a child with ``argv`` (and ``extra_env``); returns its result plus peak RSS (KiB)
+    and wall time."""
     result_path = Path(tempfile.mkstemp(prefix="result-", suffix=".json", dir=workdir)[1])
     log_path = result_path.with_suffix(".log")
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+           **(extra_env or {})}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op pool; the default is one thread per core
     start = time.perf_counter()
@@ -709,7 +717,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "lmtune_torch_dropout (lmtune with torch's dropout masks), lmtune_full_last_layer (lmtune "
                    "with the last encoder layer on every position), lmtune_plain_attention (lmtune with the "
                    "encoder's own attention blocks), lmtune_malloc_defaults (lmtune with glibc's own malloc "
-                   "thresholds), trainer_bf16_same_batches (the bf16 Trainer on lmtune's batches)")
+                   "thresholds), trainer_bf16_same_batches (the bf16 Trainer on lmtune's batches), "
+                   "lmtune_bound_threads (lmtune with OpenMP threads pinned one per core)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads in every child (default: torch's, one per core). On a shared 2-core "
                    "machine 1 thread can be faster: an OpenMP barrier waits for a thread that shares a core")
@@ -781,7 +790,8 @@ def main(argv: list[str] | None = None) -> None:
             steps, warmup = (args.bf16_steps, args.bf16_warmup) if bf16 else (args.steps, args.warmup)
             t = time.time()
             run = run_child([variant, "--steps", str(steps), "--warmup", str(warmup), "--workdir", str(workdir),
-                             *(["--no-dropout"] if args.no_dropout else [])], workdir, args.threads)
+                             *(["--no-dropout"] if args.no_dropout else [])], workdir, args.threads,
+                            VARIANT_ENV.get(variant))
             run.update(variant=variant, repeat=repeat, load_average=os.getloadavg()[0])
             runs.append(run)
             print(f"[{time.time() - started:6.0f}s] repeat {repeat} {variant:<16} {run['tokens_per_second']:8,.0f} "
