@@ -111,7 +111,8 @@ def test_studio_full_path_in_the_browser(browser: Any, studio: str, tiny_bert_di
     page.set_input_files("#file-input", str(sentiment_csv))
     page.click("#upload-btn")
     page.wait_for_selector("#data-file option[value='data/sentiment.csv']", state="attached")
-    assert page.input_value("#data-file") == "data/sentiment.csv"
+    # the page's periodic refresh may list the new file before upload() has selected it: wait for the selection
+    page.wait_for_function("document.getElementById('data-file').value === 'data/sentiment.csv'", timeout=10_000)
     page.select_option("#task", "classification")
     page.fill("#model", str(tiny_bert_dir))
     page.fill("#label-column", "sentiment")
