@@ -128,8 +128,9 @@ def read_train(workdir: Path) -> tuple[list[str], list[str]]:
 
 
 # ------------------------------------------------------------------------------------------ children
-def peak_rss_so_far_kib(field: str = "VmHWM") -> int:
-    """VmHWM of this process (KiB): the peak resident set up to now (``field="VmRSS"``: the current one)."""
+def status_kib(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (KiB): ``VmHWM``, the peak resident set up to now,
+    or ``VmRSS``, the current one."""
     with open("/proc/self/status", encoding="ascii") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -228,7 +229,7 @@ def child_lmtune(workdir: Path, steps: int, warmup: int, profile: bool, fast_dro
                 prof["torch"] = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
                 prof["torch"].__enter__()
             if len(times) == steps:
-                marks["train_phase_peak_rss_kib"] = peak_rss_so_far_kib()
+                marks["train_phase_peak_rss_kib"] = status_kib("VmHWM")
                 if "torch" in prof:
                     prof["torch"].__exit__(None, None, None)
             return out
@@ -237,7 +238,7 @@ def child_lmtune(workdir: Path, steps: int, warmup: int, profile: bool, fast_dro
 
     def fit(self: Any, progress: Any = None) -> Any:
         marks["fit_start"] = time.perf_counter()
-        marks["train_start_rss_kib"] = peak_rss_so_far_kib("VmRSS")
+        marks["train_start_rss_kib"] = status_kib("VmRSS")
         return original_fit(self, progress)
 
     ClassificationTask.loss = loss  # type: ignore[method-assign]
@@ -374,12 +375,12 @@ def child_trainer(workdir: Path, variant: str, steps: int, warmup: int, dropout:
     class Timing(TrainerCallback):
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             marks["start"] = time.perf_counter()
-            marks["train_start_rss_kib"] = peak_rss_so_far_kib("VmRSS")
+            marks["train_start_rss_kib"] = status_kib("VmRSS")
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             times.append(time.perf_counter())
             if state.global_step == steps:
-                marks["train_phase_peak_rss_kib"] = peak_rss_so_far_kib()
+                marks["train_phase_peak_rss_kib"] = status_kib("VmHWM")
 
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
             if logs and "loss" in logs:
@@ -667,26 +668,6 @@ def print_curves(curves: dict[str, Any]) -> None:
               f"max {g['max']:.4f}; mean of the last 10 steps {g['last_10_mean']:.4f} (lmtune {g['last_10_mean_lmtune']:.4f})")
 
 
-def plot_curves(curves: dict[str, list[float]], path: Path, title: str) -> None:
-    """The median loss curves as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, losses in curves.items():
-        ax.plot(range(1, len(losses) + 1), losses, marker=".", label=name, linewidth=1.2 if name == "lmtune" else 0.9)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def machine_info() -> dict[str, Any]:
     """CPU model, cores, load average and library versions."""
     import torch
@@ -805,8 +786,11 @@ def main(argv: list[str] | None = None) -> None:
     summary["loss_curves"] = {"no_dropout": args.no_dropout, **curves}
     print_curves(curves)
     if args.plot:
-        plot_curves(curves["median"], args.plot, f"MiniLM, batch {BATCH_SIZE}, training loss per step"
-                    f"{' (no dropout)' if args.no_dropout else ''}")
+        sys.path.insert(0, str(Path(__file__).parent))
+        from bench_sft import plot_losses  # the SFT benchmark's loss-curve chart
+
+        plot_losses(curves["median"], args.plot, f"MiniLM, batch {BATCH_SIZE}, training loss per step"
+                    f"{' (no dropout)' if args.no_dropout else ''}", ylabel="training loss (mean over examples)")
         print(f"loss curves drawn to {args.plot}")
     load_after = os.getloadavg()
     result = {

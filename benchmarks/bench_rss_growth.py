@@ -16,20 +16,21 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import sys
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForSequenceClassification
 
 from lmtune.models.registry import resolve_model
 
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_classification import status_kib  # a sibling script, as bench_serve imports bench_sft
+
 
 def rss_mib() -> int:
     """VmRSS of this process in MiB."""
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) // 1024
-    return 0
+    return status_kib("VmRSS") // 1024
 
 
 def main() -> None:

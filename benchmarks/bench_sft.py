@@ -388,8 +388,9 @@ def loss_curves(runs: list[dict[str, Any]]) -> dict[str, list[float]]:
     return out
 
 
-def plot_losses(curves: dict[str, list[float]], path: Path, title: str) -> None:
-    """The loss curves as a PNG."""
+def plot_losses(curves: dict[str, list[float]], path: Path, title: str,
+                ylabel: str = "training loss (mean over target tokens)") -> None:
+    """The loss curves as a PNG (bench_classification.py draws its curves with it too)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -400,7 +401,7 @@ def plot_losses(curves: dict[str, list[float]], path: Path, title: str) -> None:
         ax.plot(range(1, len(losses) + 1), losses, marker=".", label=name,
                 linestyle="--" if name.startswith("lmtune") else "-")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (mean over target tokens)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
