@@ -17,12 +17,14 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
-from transformers import AutoModelForSequenceClassification
 
-from lmtune.models.registry import resolve_model
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_rss_growth import minilm_step  # a sibling script, as bench_rss_growth imports bench_classification
 
 
 def main() -> None:
@@ -34,18 +36,11 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(resolve_model("minilm"), num_labels=2)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    train_step = minilm_step(args.batch)
 
     def step(length: int) -> float:
-        ids = torch.randint(1000, 20000, (args.batch, length))
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                         labels=torch.randint(0, 2, (args.batch,))).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(length)
         return time.perf_counter() - start
 
     warm = args.min_length - 2

@@ -17,6 +17,7 @@ import argparse
 import os
 import random
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,6 +27,23 @@ from lmtune.models.registry import resolve_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_classification import status_kib  # a sibling script, as bench_serve imports bench_sft
+
+
+def minilm_step(batch: int) -> Callable[[int], None]:
+    """A MiniLM classification training step (bf16 autocast, fused AdamW) on random ids of a given padded length;
+    torch's threads and seed are the caller's."""
+    model = AutoModelForSequenceClassification.from_pretrained(resolve_model("minilm"), num_labels=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+
+    def step(length: int) -> None:
+        ids = torch.randint(1000, 20000, (batch, length))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.randint(0, 2, (batch,))).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
 
 
 def rss_mib() -> int:
@@ -44,19 +62,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rng = random.Random(0)
-    model = AutoModelForSequenceClassification.from_pretrained(resolve_model("minilm"), num_labels=2)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    train_step = minilm_step(32)
     seen: set[int] = set()
     marks = []
     for step in range(args.steps):
         length = rng.randint(args.min_length, args.max_length)
         seen.add(length)
-        ids = torch.randint(1000, 20000, (32, length))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.randint(0, 2, (32,))).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(length)
         if step % args.every == 0:
             marks.append(rss_mib())
     settings = {k: os.environ.get(k, "default") for k in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "MALLOC_ARENA_MAX")}
